@@ -1,0 +1,286 @@
+"""Child-process bookkeeping: start, wait for readiness, measure, and always clean up.
+
+Every child (servers *and* short-lived load tools) is started in its own session
+(process group) and registered with a :class:`Supervisor`; ``Supervisor.close``
+sends SIGTERM to each group, then SIGKILL to whatever is left. ``run.main`` uses
+the supervisor as a context manager and turns SIGTERM/SIGHUP into SystemExit, so
+the cleanup runs on normal exit, on errors and on Ctrl-C alike.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.tools import listening_ports, parse_vmrss_kib
+
+# Debian package for each external program the harness drives.
+DEBIAN_PACKAGES = {
+    "nginx": "nginx-light",
+    "haproxy": "haproxy",
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+    "iperf3": "iperf3",
+    "curl": "curl",
+}
+
+NOFILE_WANTED = 65536
+
+
+class StartError(RuntimeError):
+    """A server did not come up (exited, or not ready in time)."""
+
+
+def which(program: str) -> str | None:
+    """Find a program on PATH, plus sbin dirs (haproxy and nginx live there on Debian)."""
+    extra = os.pathsep.join(["/usr/sbin", "/usr/local/sbin", "/sbin"])
+    return shutil.which(program, path=os.environ.get("PATH", "") + os.pathsep + extra)
+
+
+def twistd_path() -> str | None:
+    """twistd of the interpreter running the harness (the venv), else the one on PATH."""
+    local = Path(sys.executable).with_name("twistd")
+    return str(local) if local.exists() else shutil.which("twistd")
+
+
+def missing_programs() -> dict[str, str]:
+    """Programs not found -> the Debian package that provides them."""
+    return {p: pkg for p, pkg in DEBIAN_PACKAGES.items() if which(p) is None}
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port (bind port 0, read it back, release it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile(wanted: int = NOFILE_WANTED) -> int:
+    """Raise RLIMIT_NOFILE as far as allowed (hard limit too when root); return the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for new_hard in (max(hard, wanted), hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, new_hard), new_hard))
+            break
+        except (ValueError, OSError):
+            continue
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _child_preexec() -> None:  # runs in the child between fork and exec
+    raise_nofile()
+
+
+def rss_kib(pid: int) -> int:
+    return parse_vmrss_kib(Path(f"/proc/{pid}/status").read_text())
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    proc: subprocess.Popen[bytes]
+    log_path: Path | None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class ToolRun:
+    argv: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+class Supervisor:
+    """Owns every child process; closing it kills them all (process groups)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.children: list[Child] = []
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, name: str, argv: Sequence[str], cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> Child:
+        """Start a long-running server; its stdout+stderr go to WORKDIR/NAME.log."""
+        log_path = self.workdir / f"{name}.log"
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd or self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_child_preexec,
+            )
+        child = Child(name, list(argv), proc, log_path)
+        self.children.append(child)
+        return child
+
+    def run(self, argv: Sequence[str], timeout: float) -> ToolRun:
+        """Run a load tool to completion (killed after ``timeout`` seconds)."""
+        started = time.monotonic()
+        proc = subprocess.Popen(
+            list(argv),
+            cwd=self.workdir,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+            preexec_fn=_child_preexec,
+        )
+        child = Child(Path(argv[0]).name, list(argv), proc, None)
+        self.children.append(child)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc, grace=0.5)
+            out, err = proc.communicate()
+            err += f"\n[bench] killed after {timeout:.0f}s timeout".encode()
+        finally:
+            if proc.poll() is None:
+                _kill_group(proc, grace=0.5)
+            self.children.remove(child)
+        return ToolRun(list(argv), proc.returncode, out.decode(errors="replace"),
+                       err.decode(errors="replace"), time.monotonic() - started)
+
+    def stop(self, child: Child, grace: float = 3.0) -> None:
+        _kill_group(child.proc, grace)
+        if child in self.children:
+            self.children.remove(child)
+
+    def close(self) -> None:
+        # SIGTERM everybody first, then give them a shared grace period.
+        for child in self.children:
+            _signal_group(child.proc, signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        for child in self.children:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for child in self.children:
+            _signal_group(child.proc, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=1.0)
+        self.children.clear()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    # The child is a session leader, so its pgid is its pid. Signal the group even if the
+    # leader already exited (a forked grandchild may remain); ignore "no such process".
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, sig)
+
+
+def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(proc, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=2.0)
+
+
+def install_exit_signals() -> None:
+    """Make SIGTERM/SIGHUP raise SystemExit so ``finally``/``with`` cleanup runs."""
+
+    def _raise(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise)
+
+
+# ------------------------------------------------------------------ readiness
+
+
+def wait_until(check: Callable[[], bool], child: Child | None, timeout: float,
+               what: str, interval: float = 0.05) -> None:
+    """Poll ``check`` until it is true; raise StartError on timeout or child exit."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if child is not None and not child.alive():
+            raise StartError(
+                f"{child.name} exited with status {child.proc.returncode} before {what}; "
+                f"log tail:\n{child.log_tail()}"
+            )
+        if check():
+            return
+        if time.monotonic() > deadline:
+            tail = child.log_tail() if child is not None else ""
+            raise StartError(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
+        time.sleep(interval)
+
+
+def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (OSError, ValueError):
+        return None
+
+
+def is_listening(port: int) -> bool:
+    """Whether something listens on ``port``, read from /proc/net/tcp (no probe connection,
+    which iperf3 and the relays in front of it would see as a bogus client)."""
+    ports: set[int] = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            ports |= listening_ports(Path(name).read_text())
+    return port in ports
+
+
+def wait_tcp(child: Child, port: int, timeout: float = 15.0) -> None:
+    wait_until(lambda: is_listening(port), child, timeout, f"{child.name} to listen on {port}")
+
+
+def wait_http_ok(child: Child, url: str, timeout: float = 30.0) -> None:
+    wait_until(lambda: http_status(url) == 200, child, timeout, f"200 from {url}",
+               interval=0.1)

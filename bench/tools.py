@@ -1,0 +1,227 @@
+"""Pure parsing of the load tools' output (wrk, h2load, iperf3) and /proc.
+
+Nothing here starts a process or touches the network, so every function can be
+fed captured sample output in a unit test (see tests/test_bench_parsers.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class ParseError(ValueError):
+    """The text does not look like the tool's normal output."""
+
+
+_TIME_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def duration_ms(text: str) -> float:
+    """Convert wrk/h2load durations such as ``140.00us``, ``1.63ms``, ``2.05s`` to ms."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(us|ms|s|m|h)\s*", text)
+    if not m:
+        raise ParseError(f"not a duration: {text!r}")
+    return float(m.group(1)) * _TIME_UNITS_MS[m.group(2)]
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+@dataclass
+class WrkResult:
+    requests_per_sec: float
+    requests: int
+    duration_s: float
+    latency_ms: dict[str, float]  # "50", "75", "90", "99" -> ms
+    non_2xx_3xx: int = 0
+    socket_errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> int:
+        """Socket errors of every kind (connect, read, write, timeout)."""
+        return sum(self.socket_errors.values())
+
+
+def parse_wrk(text: str) -> WrkResult:
+    """Parse ``wrk --latency`` output (wrk 4.x)."""
+    rps = re.search(r"^Requests/sec:\s+([0-9.]+)", text, re.M)
+    total = re.search(r"^\s*([0-9]+) requests in ([0-9.]+\w+),", text, re.M)
+    if not rps or not total:
+        raise ParseError("no 'Requests/sec' / 'N requests in' lines in wrk output")
+    latency: dict[str, float] = {}
+    dist = text.split("Latency Distribution", 1)
+    if len(dist) == 2:
+        for pct, value in re.findall(r"^\s+([0-9.]+)%\s+(\S+)\s*$", dist[1], re.M):
+            latency[pct.removesuffix(".000").removesuffix(".0")] = duration_ms(value)
+    errors: dict[str, int] = {}
+    sock = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    if sock:
+        errors = dict(zip(("connect", "read", "write", "timeout"), map(int, sock.groups()),
+                          strict=True))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    return WrkResult(
+        requests_per_sec=float(rps.group(1)),
+        requests=int(total.group(1)),
+        duration_s=duration_ms(total.group(2)) / 1000.0,
+        latency_ms=latency,
+        non_2xx_3xx=int(non2xx.group(1)) if non2xx else 0,
+        socket_errors=errors,
+    )
+
+
+# ------------------------------------------------------------------------ h2load
+
+
+@dataclass
+class H2loadResult:
+    requests_per_sec: float
+    duration_s: float
+    total: int
+    started: int
+    done: int
+    succeeded: int
+    failed: int
+    errored: int
+    timeout: int
+    status: dict[str, int]  # "2xx", "3xx", "4xx", "5xx" -> count
+    request_time_ms: dict[str, float] = field(default_factory=dict)  # min, max, mean, sd
+
+
+def parse_h2load(text: str) -> H2loadResult:
+    """Parse the summary h2load (nghttp2 1.4x-1.5x) prints at the end of a run."""
+    fin = re.search(r"^finished in ([0-9.]+\w+), ([0-9.]+) req/s", text, re.M)
+    req = re.search(
+        r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, "
+        r"(\d+) failed, (\d+) errored, (\d+) timeout",
+        text,
+        re.M,
+    )
+    if not fin or not req:
+        raise ParseError("no 'finished in' / 'requests:' lines in h2load output")
+    status: dict[str, int] = {}
+    st = re.search(r"^status codes: (.*)$", text, re.M)
+    if st:
+        status = {k: int(v) for v, k in re.findall(r"(\d+) (\dxx)", st.group(1))}
+    times: dict[str, float] = {}
+    tr = re.search(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)", text, re.M)
+    if tr:
+        for key, value in zip(("min", "max", "mean", "sd"), tr.groups(), strict=True):
+            times[key] = duration_ms(value)
+    total, started, done, ok, failed, errored, timeout = map(int, req.groups())
+    return H2loadResult(
+        requests_per_sec=float(fin.group(2)),
+        duration_s=duration_ms(fin.group(1)) / 1000.0,
+        total=total,
+        started=started,
+        done=done,
+        succeeded=ok,
+        failed=failed,
+        errored=errored,
+        timeout=timeout,
+        status=status,
+        request_time_ms=times,
+    )
+
+
+@dataclass
+class RequestLog:
+    durations_ms: list[float]
+    statuses: dict[int, int]
+
+
+def parse_h2load_log(text: str) -> RequestLog:
+    """Parse ``h2load --log-file``: start µs since epoch, status, µs to end of response."""
+    durations: list[float] = []
+    statuses: dict[int, int] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < 3:
+            raise ParseError(f"h2load log line {lineno}: expected 3 tab-separated fields")
+        status = int(parts[1])
+        statuses[status] = statuses.get(status, 0) + 1
+        durations.append(int(parts[2]) / 1000.0)
+    return RequestLog(durations_ms=durations, statuses=statuses)
+
+
+def percentile(values: Sequence[float], pct: float) -> float:
+    """Nearest-rank percentile (pct in 0..100) of an unsorted sequence."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+# ------------------------------------------------------------------------ iperf3
+
+
+@dataclass
+class IperfResult:
+    received_bps: float
+    sent_bps: float
+    retransmits: int | None
+    duration_s: float
+
+    @property
+    def gbits(self) -> float:
+        return self.received_bps / 1e9
+
+
+def parse_iperf3_json(text: str) -> IperfResult:
+    """Parse ``iperf3 -c ... -J``. iperf3 reports failures in an "error" key (exit 0 or 1)."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ParseError(f"iperf3 output is not JSON: {exc}") from exc
+    if doc.get("error"):
+        raise ParseError(f"iperf3: {doc['error']}")
+    end = doc.get("end") or {}
+    try:
+        received = end["sum_received"]
+        sent = end["sum_sent"]
+    except KeyError as exc:
+        raise ParseError(f"iperf3 JSON lacks end.{exc.args[0]}") from exc
+    return IperfResult(
+        received_bps=float(received["bits_per_second"]),
+        sent_bps=float(sent["bits_per_second"]),
+        retransmits=sent.get("retransmits"),
+        duration_s=float(received.get("seconds", 0.0)),
+    )
+
+
+# ------------------------------------------------------------------------- /proc
+
+
+def parse_vmrss_kib(status_text: str) -> int:
+    """The VmRSS line of /proc/PID/status, in KiB."""
+    m = re.search(r"^VmRSS:\s+(\d+) kB", status_text, re.M)
+    if not m:
+        raise ParseError("no VmRSS line (process gone or a kernel thread?)")
+    return int(m.group(1))
+
+
+def listening_ports(proc_net_tcp: str) -> set[int]:
+    """Local ports in LISTEN state (st == 0A) in the text of /proc/net/tcp or tcp6."""
+    ports: set[int] = set()
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 3 and fields[3] == "0A":
+            ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def parse_curl_write_out(text: str) -> dict[str, float]:
+    """Parse ``curl -w '%{http_code} %{size_download} %{speed_download}'``."""
+    parts = text.split()
+    if len(parts) != 3:
+        raise ParseError(f"unexpected curl -w output: {text!r}")
+    code, size, speed = parts
+    return {"http_code": float(code), "bytes": float(size), "bytes_per_s": float(speed)}

@@ -1,0 +1,364 @@
+"""Configuration: a TOML file in, frozen dataclasses out.
+
+Every problem in a file is reported at once, one line each, as
+``FILE: key.path: reason``, so an operator fixes a broken config in one
+round instead of one error per restart. Unknown keys are errors, not silence.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+from twisted.internet.endpoints import serverFromString
+
+DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+PROTOCOLS = ("http1", "h2")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    listen: str = "tcp:4191:interface=127.0.0.1"
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    timeout: float = 10.0
+    peek_limit: int = 8192
+    opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    #: On SIGTERM, how long open connections may go on before they are closed.
+    drain_timeout: float = 30.0
+    #: One structured log line per closed connection.
+    log_connections: bool = True
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    service: str
+    host: str | None = None
+    path_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    listen: str
+    service: str
+    opaque: bool = False
+    routes: tuple[RouteConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    endpoints: tuple[HostPort, ...]
+    opaque: bool = False
+    protocol: str | None = None
+    connect_timeout: float = 5.0
+
+    def is_opaque(self, opaque_ports: frozenset[int]) -> bool:
+        """Opaque by flag, or because every endpoint is on a server-speaks-first port."""
+        if self.opaque:
+            return True
+        return bool(self.endpoints) and all(e.port in opaque_ports for e in self.endpoints)
+
+
+@dataclass(frozen=True)
+class Config:
+    source: str
+    admin: AdminConfig = field(default_factory=AdminConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    listeners: tuple[ListenerConfig, ...] = ()
+    services: dict[str, ServiceConfig] = field(default_factory=dict)
+
+
+def default_config_path() -> str:
+    """The bundled default config (a copy of ``conf/l5dproxy.toml``)."""
+    return str(resources.files("l5dproxy") / "data" / "l5dproxy.toml")
+
+
+def load(path: str) -> Config:
+    """Read and validate a config file, raising ConfigError with every problem."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{path}: invalid TOML: {e}"]) from None
+    return parse(data, path)
+
+
+def parse(data: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate already-decoded TOML; raise ConfigError listing every problem."""
+    errors: list[str] = []
+    root = _Table(data, source, "", errors)
+    admin = _parse_admin(root.table("admin"))
+    detect = _parse_detect(root.table("detect"))
+    proxy = _parse_proxy(root.table("proxy"))
+    services = _parse_services(root.table("service"))
+    listeners = _parse_listeners(root.array("listener"), services)
+    root.finish()
+    if errors:
+        raise ConfigError(errors)
+    return Config(source, admin, detect, proxy, listeners, services)
+
+
+class _Table:
+    """One TOML table being read: typed getters that record errors and
+    remember which keys were used, so the leftovers can be reported."""
+
+    def __init__(self, data: Any, source: str, path: str, errors: list[str]) -> None:
+        self.source = source
+        self.path = path
+        self.errors = errors
+        self.used: set[str] = set()
+        if not isinstance(data, dict):
+            self.error("", f"expected a table, got {_type_name(data)}")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path and key else (self.path or key)
+
+    def error(self, key: str, reason: str) -> None:
+        self.errors.append(f"{self.source}: {self.key_path(key) or '(top level)'}: {reason}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any,
+            check: Callable[[Any], str | None] | None = None) -> Any:
+        """The value of ``key`` if it has the right type and passes ``check``
+        (which returns a reason when the value is wrong), else ``default``."""
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if not _is_kind(value, kind):
+            self.error(key, f"expected {_kind_name(kind)}, got {_type_name(value)}")
+            return default
+        reason = check(value) if check else None
+        if reason:
+            self.error(key, reason)
+            return default
+        return value
+
+    def required(self, key: str, kind: type | tuple[type, ...],
+                 check: Callable[[Any], str | None] | None = None) -> Any:
+        if key not in self.data:
+            self.used.add(key)
+            self.error(key, "required key is missing")
+            return None
+        return self.get(key, kind, None, check)
+
+    def table(self, key: str) -> _Table:
+        self.used.add(key)
+        return _Table(self.data.get(key, {}), self.source, self.key_path(key), self.errors)
+
+    def array(self, key: str) -> list[_Table]:
+        self.used.add(key)
+        items = self.data.get(key, [])
+        if not isinstance(items, list):
+            self.error(key, f"expected an array of tables ([[{key}]]), got {_type_name(items)}")
+            return []
+        return [_Table(item, self.source, f"{self.key_path(key)}[{i}]", self.errors)
+                for i, item in enumerate(items)]
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                self.error(key, "unknown key")
+
+
+def _parse_admin(t: _Table) -> AdminConfig:
+    admin = AdminConfig(listen=t.get("listen", str, AdminConfig.listen, check_endpoint))
+    t.finish()
+    return admin
+
+
+def _parse_detect(t: _Table) -> DetectConfig:
+    detect = DetectConfig(
+        timeout=float(t.get("timeout", (int, float), DetectConfig.timeout, check_duration)),
+        peek_limit=t.get("peek_limit", int, DetectConfig.peek_limit, _check_peek_limit),
+        opaque_ports=frozenset(t.get("opaque_ports", list, DEFAULT_OPAQUE_PORTS, _check_ports)),
+    )
+    t.finish()
+    return detect
+
+
+def _parse_proxy(t: _Table) -> ProxyConfig:
+    proxy = ProxyConfig(
+        drain_timeout=float(
+            t.get("drain_timeout", (int, float), ProxyConfig.drain_timeout, check_duration)),
+        log_connections=t.get("log_connections", bool, ProxyConfig.log_connections),
+    )
+    t.finish()
+    return proxy
+
+
+def _parse_services(t: _Table) -> dict[str, ServiceConfig]:
+    services = {}
+    for name in t.data:
+        s = t.table(name)
+        endpoints = s.required("endpoints", list, _check_endpoints)
+        services[name] = ServiceConfig(
+            name=name,
+            endpoints=tuple(parse_host_port(e) for e in endpoints or ()),
+            opaque=s.get("opaque", bool, False),
+            protocol=s.get("protocol", str, None, _check_protocol),
+            connect_timeout=float(
+                s.get("connect_timeout", (int, float), ServiceConfig.connect_timeout,
+                      check_positive_duration)),
+        )
+        s.finish()
+    t.finish()
+    return services
+
+
+def _parse_listeners(tables: list[_Table], services: dict[str, ServiceConfig],
+                     ) -> tuple[ListenerConfig, ...]:
+    listeners = []
+    seen: set[str] = set()
+
+    def known_service(name: str) -> str | None:
+        return None if name in services else f"no service named {name!r} ([service.{name}])"
+
+    for t in tables:
+        name = t.required("name", str, _check_name)
+        if name in seen:
+            t.error("name", f"duplicate listener name {name!r}")
+        seen.add(name)
+        routes = []
+        for r in t.array("route"):
+            routes.append(RouteConfig(
+                service=r.required("service", str, known_service),
+                host=r.get("host", str, None),
+                path_prefix=r.get("path_prefix", str, None, _check_path_prefix),
+            ))
+            r.finish()
+        listeners.append(ListenerConfig(
+            name=name,
+            listen=t.required("listen", str, check_endpoint),
+            service=t.required("service", str, known_service),
+            opaque=t.get("opaque", bool, False),
+            routes=tuple(routes),
+        ))
+        t.finish()
+    return tuple(listeners)
+
+
+def parse_host_port(text: str) -> HostPort:
+    """``host:port`` or ``[v6addr]:port``; raises ValueError with a reason."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+    else:
+        host, sep, port = text.rpartition(":")
+        if ":" in host:
+            raise ValueError("IPv6 addresses go in brackets, as [::1]:8080")
+    if not sep or not host:
+        raise ValueError("expected host:port")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535")
+    return HostPort(host, int(port))
+
+
+def check_endpoint(text: str) -> str | None:
+    """Why a Twisted server endpoint string cannot be used, or None."""
+    from twisted.internet import reactor
+
+    try:
+        serverFromString(reactor, text)
+    except (KeyError, IndexError):
+        if text.startswith("systemd:"):
+            return None  # the descriptor is looked up when systemd hands it over
+        return f"unparsable endpoint string {text!r}"
+    except (ValueError, TypeError, AttributeError) as e:
+        return f"unparsable endpoint string {text!r}: {e}"
+    return None
+
+
+def check_duration(value: float) -> str | None:
+    return "must be a duration in seconds, not negative" if value < 0 else None
+
+
+def check_positive_duration(value: float) -> str | None:
+    return "must be a duration in seconds, greater than 0" if value <= 0 else None
+
+
+def _check_peek_limit(value: int) -> str | None:
+    return None if 64 <= value <= 1 << 20 else "must be between 64 and 1048576 bytes"
+
+
+def _check_ports(value: list[Any]) -> str | None:
+    bad = [p for p in value if not _is_kind(p, int) or not 0 < p < 65536]
+    return f"not ports: {bad!r}" if bad else None
+
+
+def _check_endpoints(value: list[Any]) -> str | None:
+    reasons = []
+    for item in value:
+        if not isinstance(item, str):
+            reasons.append(f"{item!r} is not a string")
+            continue
+        try:
+            parse_host_port(item)
+        except ValueError as e:
+            reasons.append(f"{item!r}: {e}")
+    return "; ".join(reasons) or None
+
+
+def _check_protocol(value: str) -> str | None:
+    return None if value in PROTOCOLS else f"must be one of {', '.join(PROTOCOLS)}"
+
+
+def _check_name(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _check_path_prefix(value: str) -> str | None:
+    return None if value.startswith("/") else "must start with '/'"
+
+
+def _is_kind(value: Any, kind: type | tuple[type, ...]) -> bool:
+    if isinstance(value, bool):  # bool is an int in Python, never in a config
+        return kind is bool or (isinstance(kind, tuple) and bool in kind)
+    return isinstance(value, kind)
+
+
+_KIND_NAMES = {str: "a string", bool: "true or false", int: "an integer",
+               float: "a number", list: "an array", dict: "a table"}
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if kind == (int, float):
+        return "a number"
+    if isinstance(kind, tuple):
+        return " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kind)
+    return _KIND_NAMES.get(kind, kind.__name__)
+
+
+def _type_name(value: Any) -> str:
+    return _kind_name(type(value))

@@ -1,0 +1,117 @@
+"""One accepted client connection, as the rest of the proxy sees it.
+
+Whichever protocol ends up speaking on a connection (the TCP relay, an HTTP
+server end) shares this record: it carries the src-side metrics, counts the
+bytes, and writes the one log line per closed connection, so every protocol
+is counted and logged the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from twisted.internet import error
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from l5dproxy.listener import Listener
+    from l5dproxy.sniff import Verdict
+    from l5dproxy.telemetry import TcpSideMetrics
+
+log = Logger(namespace="l5dproxy.connection")
+
+#: Twisted's connection errors, as the errno names Linkerd puts in tcp_close_total.
+_ERRNO_NAMES: tuple[tuple[type[BaseException], str], ...] = (
+    (error.ConnectionDone, ""),
+    (error.ConnectionAborted, "ECONNABORTED"),
+    (error.ConnectionRefusedError, "ECONNREFUSED"),
+    (error.TCPTimedOutError, "ETIMEDOUT"),
+    (error.TimeoutError, "ETIMEDOUT"),
+    (error.NoRouteError, "EHOSTUNREACH"),
+    (error.ConnectionLost, "ECONNRESET"),
+)
+
+
+def errno_name(reason: Failure | None) -> str:
+    """The errno label for how a connection ended ("" for a clean close)."""
+    if reason is None:
+        return ""
+    for exc_type, name in _ERRNO_NAMES:
+        if reason.check(exc_type):
+            return name
+    os_errno = getattr(reason.value, "osError", None) or getattr(reason.value, "errno", None)
+    return str(os_errno) if os_errno else "EIO"
+
+
+class InboundConnection:
+    """What is known of one client connection, from accept to close."""
+
+    __slots__ = (
+        "accepted_at", "bytes_read", "bytes_written", "endpoint", "listener", "local",
+        "on_drain", "peer", "protocol", "service", "sni", "src", "transport",
+    )
+
+    def __init__(self, listener: Listener, transport, accepted_at: float) -> None:
+        self.listener = listener
+        self.transport = transport
+        self.accepted_at = accepted_at
+        self.peer = _address(transport.getPeer())
+        self.local = _address(transport.getHost())
+        self.protocol: str | None = None
+        self.sni: str | None = None
+        self.service = listener.config.service
+        self.endpoint = ""
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.src: TcpSideMetrics | None = None
+        #: Set by a protocol that can end gracefully (HTTP: close once idle).
+        self.on_drain: Callable[[], None] | None = None
+
+    def detected(self, verdict: Verdict) -> None:
+        """The protocol is known: the connection counts as open under it."""
+        self.protocol = verdict.protocol
+        self.sni = verdict.sni
+        self.src = self.listener.metrics.tcp_side(
+            "src", self.listener.name, self.service, verdict.protocol, self.local)
+        self.src.opened()
+
+    def drain(self) -> None:
+        """The proxy is stopping: let the protocol wind the connection down."""
+        if self.on_drain is not None:
+            self.on_drain()
+
+    def count_read(self, n: int) -> None:
+        self.bytes_read += n
+        self.src.read_bytes.inc(n)
+
+    def count_written(self, n: int) -> None:
+        self.bytes_written += n
+        self.src.write_bytes.inc(n)
+
+    def closed(self, reason: Failure | None, how: str) -> None:
+        """Record the end of the connection: metrics, then one log line."""
+        self.listener.connections.discard(self)
+        duration = self.listener.clock.seconds() - self.accepted_at
+        errno = errno_name(reason)
+        src = self.src
+        if src is not None:
+            src.closed(errno, duration)
+        if self.listener.log_connections:
+            log.info(
+                "closed listener={listener} peer={peer} protocol={protocol} service={service}"
+                " endpoint={endpoint} bytes_in={bytes_in} bytes_out={bytes_out}"
+                " duration_ms={duration_ms:.1f} end={end}",
+                listener=self.listener.name, peer=self.peer, protocol=self.protocol or "none",
+                service=self.service, endpoint=self.endpoint or "-", sni=self.sni,
+                bytes_in=self.bytes_read, bytes_out=self.bytes_written,
+                duration_ms=duration * 1000.0, end=how + (f" {errno}" if errno else ""),
+            )
+
+
+def _address(addr) -> str:
+    host = getattr(addr, "host", None)
+    if host is None:
+        return str(addr)
+    return f"[{host}]:{addr.port}" if ":" in host else f"{host}:{addr.port}"

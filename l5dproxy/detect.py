@@ -1,0 +1,94 @@
+"""The detect protocol: peek at a client's first bytes, then hand over.
+
+It buffers what the client sends until the sniffer gives a verdict (or the
+detect timeout, the peek limit or the client's EOF forces one), then switches
+the transport to the protocol for that verdict and replays every buffered
+byte to it, exactly once and in order. The switch replaces the transport's
+protocol in place when the transport allows it (plain TCP), so no wrapper
+stays on the per-read path; otherwise this protocol stays as a thin
+forwarder.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from l5dproxy.sniff import Verdict, sniff, timed_out
+
+if TYPE_CHECKING:
+    from l5dproxy.connection import InboundConnection
+
+#: The client half-closed before a verdict: what it sent is all there is.
+EOF_VERDICT = Verdict("opaque", "eof")
+
+
+@implementer(IHalfCloseableProtocol)
+class DetectProtocol(Protocol):
+    """Buffers the first bytes of one connection until its protocol is known."""
+
+    def __init__(self, conn: InboundConnection) -> None:
+        self.conn = conn
+        listener = conn.listener
+        self.peek_limit = listener.detect.peek_limit
+        self.buffer = b""
+        self.next_protocol = None
+        self._timer = listener.clock.callLater(listener.detect.timeout, self._timed_out)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.next_protocol is not None:
+            self.next_protocol.dataReceived(data)
+            return
+        self.buffer += data
+        verdict = sniff(self.buffer, self.peek_limit)
+        if verdict is not None:
+            self._switch(verdict)
+
+    def readConnectionLost(self) -> None:
+        if self.next_protocol is None:
+            self._switch(EOF_VERDICT)
+        half_closeable = IHalfCloseableProtocol(self.next_protocol, None)
+        if half_closeable is not None:
+            half_closeable.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        half_closeable = IHalfCloseableProtocol(self.next_protocol, None)
+        if half_closeable is not None:
+            half_closeable.writeConnectionLost()
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.next_protocol is not None:
+            self.next_protocol.connectionLost(reason)
+            return
+        self._cancel_timer()
+        self.conn.listener.detection_abandoned(self.conn)
+        self.conn.closed(reason, "closed during detection")
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._switch(timed_out(self.buffer))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _switch(self, verdict: Verdict) -> None:
+        """Hand the transport and the buffered bytes to the verdict's protocol."""
+        self._cancel_timer()
+        conn = self.conn
+        protocol = conn.listener.protocol_for(conn, verdict)
+        transport = self.transport
+        buffered, self.buffer = self.buffer, b""
+        if getattr(transport, "protocol", None) is self:
+            transport.protocol = protocol
+        self.next_protocol = protocol
+        protocol.makeConnection(transport)
+        if buffered:
+            protocol.dataReceived(buffered)

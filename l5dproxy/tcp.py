@@ -1,0 +1,225 @@
+"""The opaque TCP relay: bytes both ways, nothing interpreted.
+
+Each side is the other's streaming producer, so a client that stops reading
+makes the proxy stop reading from the server (and the other way round), and
+memory stays flat whatever is transferred. A half-close travels: the
+client's EOF reaches the server as EOF and the server can still answer.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from l5dproxy.connection import errno_name
+
+if TYPE_CHECKING:
+    from l5dproxy.balance import Endpoint
+    from l5dproxy.connection import InboundConnection
+    from l5dproxy.telemetry import TcpSideMetrics
+
+log = Logger(namespace="l5dproxy.tcp")
+
+#: Client bytes held while the upstream connection is being made; past this
+#: the client is paused until the upstream can take them.
+CONNECT_BUFFER_LIMIT = 64 * 1024
+
+
+def relay_handler(conn: InboundConnection) -> RelayProtocol:
+    return RelayProtocol(conn)
+
+
+@implementer(IHalfCloseableProtocol)
+class RelayProtocol(Protocol):
+    """The client side of a relayed connection."""
+
+    def __init__(self, conn: InboundConnection) -> None:
+        self.conn = conn
+        self.upstream: UpstreamProtocol | None = None
+        self.endpoint: Endpoint | None = None
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.client_eof = False
+        self.write_closed = False
+        self.closed = False
+        self.ended_by = "client closed"
+
+    def connectionMade(self) -> None:
+        conn = self.conn
+        upstream = conn.listener.upstream
+        endpoint = upstream.pick()
+        if endpoint is None:
+            conn.listener.metrics.connect_errors_total.labels(
+                upstream.name, "", "no_endpoints").inc()
+            self.ended_by = "no endpoints"
+            self.transport.loseConnection()
+            return
+        endpoint.active += 1
+        self.endpoint = endpoint
+        conn.endpoint = endpoint.label
+        address = endpoint.address
+        conn.listener.reactor.connectTCP(
+            address.host, address.port, _UpstreamFactory(self),
+            timeout=upstream.config.connect_timeout)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.count_read(len(data))
+        if self.upstream is not None:
+            self.upstream.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > CONNECT_BUFFER_LIMIT:
+            self.transport.pauseProducing()
+
+    def readConnectionLost(self) -> None:
+        self.client_eof = True
+        if self.upstream is not None:
+            self.upstream.close_write()
+        if self.write_closed:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
+        if self.client_eof:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed = True
+        if self.upstream is not None:
+            self.upstream.close()
+        self._release_endpoint()
+        self.conn.closed(reason, self.ended_by)
+
+    # -- called by the upstream side --
+
+    def upstream_connected(self, upstream: UpstreamProtocol) -> None:
+        if self.closed:
+            upstream.close()
+            return
+        self.upstream = upstream
+        pending, self.pending, self.pending_size = self.pending, [], 0
+        if pending:
+            upstream.write(b"".join(pending))
+        if self.client_eof:
+            upstream.close_write()
+        # Each side is the other's producer: a full write buffer on one
+        # pauses reading on the other.
+        upstream.transport.registerProducer(self.transport, True)
+        self.transport.registerProducer(upstream.transport, True)
+        self.transport.resumeProducing()
+
+    def upstream_failed(self, reason: Failure) -> None:
+        conn = self.conn
+        upstream = conn.listener.upstream
+        errno = errno_name(reason) or "closed"
+        conn.listener.metrics.connect_errors_total.labels(
+            upstream.name, conn.endpoint, errno).inc()
+        log.info("connect to {endpoint} for {service} failed: {reason}",
+                 endpoint=conn.endpoint, service=upstream.name,
+                 reason=reason.getErrorMessage())
+        self._release_endpoint()
+        if not self.closed:
+            self.ended_by = "connect failed"
+            self.transport.loseConnection()
+
+    def write(self, data: bytes) -> None:
+        self.conn.count_written(len(data))
+        self.transport.write(data)
+
+    def close_write(self) -> None:
+        _close_write(self.transport)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.ended_by = "server closed"
+        _close(self.transport)
+
+    def _release_endpoint(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.active -= 1
+            self.endpoint = None
+
+
+@implementer(IHalfCloseableProtocol)
+class UpstreamProtocol(Protocol):
+    """The server side of a relayed connection."""
+
+    def __init__(self, relay: RelayProtocol) -> None:
+        self.relay = relay
+        self.dst: TcpSideMetrics | None = None
+        self.connected_at = 0.0
+        self.server_eof = False
+        self.write_closed = False
+
+    def connectionMade(self) -> None:
+        conn = self.relay.conn
+        listener = conn.listener
+        self.connected_at = listener.clock.seconds()
+        self.dst = listener.metrics.tcp_side(
+            "dst", listener.name, conn.service, conn.protocol or "opaque", conn.endpoint)
+        self.dst.opened()
+        self.relay.upstream_connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.dst.read_bytes.inc(len(data))
+        self.relay.write(data)
+
+    def readConnectionLost(self) -> None:
+        self.server_eof = True
+        self.relay.close_write()
+        if self.write_closed:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.write_closed = True
+        if self.server_eof:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.dst.closed(errno_name(reason), self.relay.conn.listener.clock.seconds()
+                        - self.connected_at)
+        self.relay.close()
+
+    def write(self, data: bytes) -> None:
+        self.dst.write_bytes.inc(len(data))
+        self.transport.write(data)
+
+    def close_write(self) -> None:
+        _close_write(self.transport)
+
+    def close(self) -> None:
+        _close(self.transport)
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, relay: RelayProtocol) -> None:
+        self.relay = relay
+
+    def buildProtocol(self, addr) -> UpstreamProtocol:
+        return UpstreamProtocol(self.relay)
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.relay.upstream_failed(reason)
+
+
+def _close_write(transport) -> None:
+    """Send EOF once what is buffered is written.
+
+    A registered producer would keep the transport from finishing the
+    half-close (Twisted waits for it to unregister), so it goes first.
+    """
+    transport.unregisterProducer()
+    transport.loseWriteConnection()
+
+
+def _close(transport) -> None:
+    transport.unregisterProducer()
+    transport.loseConnection()
