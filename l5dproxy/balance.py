@@ -25,6 +25,15 @@ class Endpoint:
     def __repr__(self) -> str:
         return f"<Endpoint {self.label} active={self.active}>"
 
+    def begin(self) -> None:
+        """A request or connection to this endpoint starts."""
+        self.active += 1
+
+    def end(self, latency: float | None = None, success: bool = True) -> None:
+        """It ended: ``latency`` in seconds (None when there was no response)
+        and whether it succeeded, for latency-aware balancing and failure accrual."""
+        self.active -= 1
+
 
 class LeastConnections:
     """Pick the endpoint with the fewest active uses; rotate among ties."""

@@ -59,7 +59,7 @@ class RelayProtocol(Protocol):
             self.ended_by = "no endpoints"
             self.transport.loseConnection()
             return
-        endpoint.active += 1
+        endpoint.begin()
         self.endpoint = endpoint
         conn.endpoint = endpoint.label
         address = endpoint.address
@@ -142,7 +142,7 @@ class RelayProtocol(Protocol):
 
     def _release_endpoint(self) -> None:
         if self.endpoint is not None:
-            self.endpoint.active -= 1
+            self.endpoint.end(success=self.upstream is not None)
             self.endpoint = None
 
 
