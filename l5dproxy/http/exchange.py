@@ -1,0 +1,308 @@
+"""The protocol-neutral HTTP exchange: what the h1 and h2 codec ends agree on.
+
+A server end (h1 or h2, facing the client) turns a wire request into a
+``Request``, hands it to the *dispatcher* (routing, balancing, timeouts,
+retries, metrics) and gets a ``Response`` back; a client end (h1 pool or h2
+connection, facing an endpoint) turns a ``Request`` into wire bytes and the
+endpoint's answer into a ``Response``. Nothing in between knows which wire
+protocol is on either side, which is what makes h1->h2 and h2->h1 free.
+
+Bodies stream through a ``Body``: one side writes chunks into it, the other
+consumes them, and backpressure crosses it both ways (the consumer pauses the
+body, the body pauses its source), so no body is ever held whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+
+Headers = list[tuple[bytes, bytes]]
+
+#: Bytes a body holds before its consumer attaches, past which its source is paused.
+BODY_HIGH_WATER = 64 * 1024
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """A request as both protocols can say it.
+
+    ``headers`` are the end-to-end headers in the order received, names as
+    the client wrote them (h2 names are lowercase), without hop-by-hop
+    headers and without ``Host`` (which is ``authority``).
+    """
+
+    method: bytes
+    target: bytes                 # origin-form path and query, "*", or CONNECT's authority
+    authority: bytes              # Host header / :authority ("" when the client sent none)
+    headers: Headers = field(default_factory=list)
+    scheme: bytes = b"http"
+    version: str = "1.1"          # what the client spoke: "1.0", "1.1" or "2"
+
+    def header(self, name: bytes) -> bytes | None:
+        """The first value of a header, by lowercase name."""
+        return _first(self.headers, name)
+
+    @property
+    def is_grpc(self) -> bool:
+        content_type = self.header(b"content-type") or b""
+        return content_type.lower().startswith(b"application/grpc")
+
+
+@dataclass(slots=True)
+class ResponseHead:
+    status: int
+    headers: Headers = field(default_factory=list)
+    reason: bytes = b""
+
+    def header(self, name: bytes) -> bytes | None:
+        return _first(self.headers, name)
+
+
+class BodySink(Protocol):
+    """Where a body's chunks go (a codec end writing them on the wire)."""
+
+    def body_data(self, data: bytes) -> None: ...
+    def body_end(self, trailers: Headers | None) -> None: ...
+    def body_error(self, reason: Exception) -> None: ...
+
+
+class BodySource(Protocol):
+    """Where a body's chunks come from (a codec end reading them off the wire)."""
+
+    def pause_body(self) -> None: ...
+    def resume_body(self) -> None: ...
+    def stop_body(self) -> None: ...
+
+
+class Body:
+    """One message body in flight, from one source to one sink.
+
+    The source side calls ``write``/``finish``/``fail``; the sink side calls
+    ``consume`` once, then ``pause``/``resume`` for flow control and
+    ``cancel`` when it no longer wants the rest. Until a sink is attached,
+    chunks wait here, and past ``BODY_HIGH_WATER`` the source is paused.
+    """
+
+    __slots__ = (
+        "_buffer", "_buffered", "_ended", "_error", "_on_first_data", "_paused", "_sink",
+        "_source", "_source_paused", "_trailers", "length", "received",
+    )
+
+    def __init__(self, length: int | None = None) -> None:
+        self.length = length                   # declared length, when known
+        self.received = 0                      # bytes written so far
+        self._sink: BodySink | None = None
+        self._source: BodySource | None = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._ended = False
+        self._trailers: Headers | None = None
+        self._error: Exception | None = None
+        self._paused = False                   # the sink asked for a pause
+        self._source_paused = False
+        self._on_first_data: Callable[[], None] | None = None
+
+    @classmethod
+    def empty(cls) -> Body:
+        body = cls(length=0)
+        body._ended = True
+        return body
+
+    # -- source side --
+
+    def set_source(self, source: BodySource) -> None:
+        self._source = source
+        if self._source_paused or self._paused:
+            source.pause_body()
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        self.received += len(data)
+        if self._on_first_data is not None:
+            hook, self._on_first_data = self._on_first_data, None
+            hook()
+        sink = self._sink
+        if sink is not None:
+            sink.body_data(data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > BODY_HIGH_WATER and not self._source_paused:
+            self._pause_source()
+
+    def finish(self, trailers: Headers | None = None) -> None:
+        self._ended = True
+        self._trailers = trailers
+        if self._sink is not None:
+            self._sink.body_end(trailers)
+
+    def fail(self, reason: Exception) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._error = reason
+        if self._sink is not None:
+            self._sink.body_error(reason)
+
+    # -- sink side --
+
+    @property
+    def ended(self) -> bool:
+        """Everything has been written (or the body failed)."""
+        return self._ended
+
+    @property
+    def is_empty(self) -> bool:
+        return self._ended and self.received == 0 and self._error is None
+
+    def on_first_data(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` once, when the first byte is written (for latency)."""
+        if self.received:
+            hook()
+        else:
+            self._on_first_data = hook
+
+    def consume(self, sink: BodySink) -> None:
+        """Attach the sink: buffered chunks are delivered at once, the rest as they come."""
+        if self._sink is not None:
+            raise RuntimeError("a body has one consumer")
+        self._sink = sink
+        buffered, self._buffer, self._buffered = self._buffer, [], 0
+        for chunk in buffered:
+            sink.body_data(chunk)
+        if self._error is not None:
+            sink.body_error(self._error)
+        elif self._ended:
+            sink.body_end(self._trailers)
+        elif self._source_paused and not self._paused:
+            self._resume_source()
+
+    def pause(self) -> None:
+        self._paused = True
+        if not self._source_paused:
+            self._pause_source()
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._source_paused:
+            self._resume_source()
+
+    def cancel(self) -> None:
+        """The sink side is gone: stop the source, drop what is buffered."""
+        self._buffer, self._buffered = [], 0
+        if not self._ended:
+            self._ended = True
+            self._error = ConnectionAbortedError("body cancelled")
+            if self._source is not None:
+                self._source.stop_body()
+
+    def _pause_source(self) -> None:
+        self._source_paused = True
+        if self._source is not None:
+            self._source.pause_body()
+
+    def _resume_source(self) -> None:
+        self._source_paused = False
+        if self._source is not None:
+            self._source.resume_body()
+
+
+@dataclass(slots=True)
+class Request:
+    head: RequestHead
+    body: Body
+
+
+@dataclass(slots=True)
+class Response:
+    head: ResponseHead
+    body: Body
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, as Linkerd maps them.
+
+    ``reason`` goes into the ``l5d-proxy-error`` header; gRPC requests get
+    ``grpc_status`` in a trailers-only response instead of an HTTP error.
+    """
+
+    def __init__(self, status: int, reason: str, grpc_status: int) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.grpc_status = grpc_status
+
+    @classmethod
+    def bad_gateway(cls, reason: str) -> ProxyError:
+        return cls(502, reason, GRPC_UNAVAILABLE)
+
+    @classmethod
+    def unavailable(cls, reason: str) -> ProxyError:
+        return cls(503, reason, GRPC_UNAVAILABLE)
+
+    @classmethod
+    def timeout(cls, reason: str) -> ProxyError:
+        return cls(504, reason, GRPC_DEADLINE_EXCEEDED)
+
+    @classmethod
+    def bad_request(cls, reason: str, status: int = 400) -> ProxyError:
+        return cls(status, reason, GRPC_INTERNAL)
+
+
+GRPC_DEADLINE_EXCEEDED = 4
+GRPC_INTERNAL = 13
+GRPC_UNAVAILABLE = 14
+PROXY_ERROR_HEADER = b"l5d-proxy-error"
+
+
+def error_response(error: ProxyError, grpc: bool = False) -> Response:
+    """The response the proxy sends for ``error``: empty, marked, gRPC-aware."""
+    reason = error.reason.encode("ascii", "replace")
+    if grpc:
+        head = ResponseHead(200, [
+            (b"content-type", b"application/grpc"),
+            (b"grpc-status", str(error.grpc_status).encode()),
+            (b"grpc-message", reason),
+            (PROXY_ERROR_HEADER, reason),
+        ])
+    else:
+        head = ResponseHead(error.status, [
+            (b"content-length", b"0"),
+            (PROXY_ERROR_HEADER, reason),
+        ])
+    return Response(head, Body.empty())
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the dispatcher knows of where a request came from."""
+
+    listener: object                # l5dproxy.listener.Listener
+    connection: object              # l5dproxy.connection.InboundConnection
+    protocol: str                   # "http1" or "h2": what the client speaks
+
+
+class Dispatcher(Protocol):
+    """The middle: route, balance, time out, retry, count. Fails the Deferred
+    with ProxyError for errors it answers itself; cancelling the Deferred
+    (the client went away) cancels the upstream request."""
+
+    def dispatch(self, request: Request, context: RequestContext) -> Deferred[Response]: ...
+
+
+class UpstreamClient(Protocol):
+    """A client end: sends requests to one endpoint address over h1 or h2."""
+
+    def request(self, endpoint: object, request: Request) -> Deferred[Response]: ...
+
+
+def _first(headers: Headers, name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
