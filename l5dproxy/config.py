@@ -46,6 +46,12 @@ class DetectConfig:
     timeout: float = 10.0
     peek_limit: int = 8192
     opaque_ports: frozenset[int] = DEFAULT_OPAQUE_PORTS
+    #: Client silence (s) after which the upstream is dialled early, in case
+    #: the server speaks first; 0 turns early connecting off.
+    client_silence: float = 0.025
+    #: How long (s) and how many destinations that spoke first are remembered.
+    learned_ttl: float = 600.0
+    learned_max: int = 1024
 
 
 @dataclass(frozen=True)
@@ -204,6 +210,11 @@ def _parse_detect(t: _Table) -> DetectConfig:
         timeout=float(t.get("timeout", (int, float), DetectConfig.timeout, check_duration)),
         peek_limit=t.get("peek_limit", int, DetectConfig.peek_limit, _check_peek_limit),
         opaque_ports=frozenset(t.get("opaque_ports", list, DEFAULT_OPAQUE_PORTS, _check_ports)),
+        client_silence=float(t.get("client_silence", (int, float), DetectConfig.client_silence,
+                                   check_duration)),
+        learned_ttl=float(t.get("learned_ttl", (int, float), DetectConfig.learned_ttl,
+                                check_duration)),
+        learned_max=t.get("learned_max", int, DetectConfig.learned_max, _check_learned_max),
     )
     t.finish()
     return detect
@@ -223,10 +234,9 @@ def _parse_services(t: _Table) -> dict[str, ServiceConfig]:
     services = {}
     for name in t.data:
         s = t.table(name)
-        endpoints = s.required("endpoints", list, _check_endpoints)
         services[name] = ServiceConfig(
             name=name,
-            endpoints=tuple(parse_host_port(e) for e in endpoints or ()),
+            endpoints=_parse_endpoints(s),
             opaque=s.get("opaque", bool, False),
             protocol=s.get("protocol", str, None, _check_protocol),
             connect_timeout=float(
@@ -248,9 +258,10 @@ def _parse_listeners(tables: list[_Table], services: dict[str, ServiceConfig],
 
     for t in tables:
         name = t.required("name", str, _check_name)
-        if name in seen:
-            t.error("name", f"duplicate listener name {name!r}")
-        seen.add(name)
+        if name is not None:
+            if name in seen:
+                t.error("name", f"duplicate listener name {name!r}")
+            seen.add(name)
         routes = []
         for r in t.array("route"):
             routes.append(RouteConfig(
@@ -290,13 +301,19 @@ def check_endpoint(text: str) -> str | None:
     from twisted.internet import reactor
 
     try:
-        serverFromString(reactor, text)
+        endpoint = serverFromString(reactor, text)
     except (KeyError, IndexError):
         if text.startswith("systemd:"):
             return None  # the descriptor is looked up when systemd hands it over
         return f"unparsable endpoint string {text!r}"
     except (ValueError, TypeError, AttributeError) as e:
         return f"unparsable endpoint string {text!r}: {e}"
+    except OSError as e:  # ssl: reads its certificate files while parsing
+        return f"unusable endpoint string {text!r}: {e.strerror or e}: {e.filename}"
+    # TCP endpoints take any integer as the port; catch it here, not at bind.
+    port = getattr(endpoint, "_port", None)
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        return f"unparsable endpoint string {text!r}: port {port} is not from 0 to 65535"
     return None
 
 
@@ -312,22 +329,28 @@ def _check_peek_limit(value: int) -> str | None:
     return None if 64 <= value <= 1 << 20 else "must be between 64 and 1048576 bytes"
 
 
+def _check_learned_max(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
 def _check_ports(value: list[Any]) -> str | None:
     bad = [p for p in value if not _is_kind(p, int) or not 0 < p < 65536]
     return f"not ports: {bad!r}" if bad else None
 
 
-def _check_endpoints(value: list[Any]) -> str | None:
-    reasons = []
-    for item in value:
+def _parse_endpoints(s: _Table) -> tuple[HostPort, ...]:
+    """``endpoints``, each bad item reported on its own line."""
+    endpoints = []
+    for i, item in enumerate(s.required("endpoints", list) or ()):
+        key = f"endpoints[{i}]"
         if not isinstance(item, str):
-            reasons.append(f"{item!r} is not a string")
+            s.error(key, f'expected a string "host:port", got {_type_name(item)}')
             continue
         try:
-            parse_host_port(item)
+            endpoints.append(parse_host_port(item))
         except ValueError as e:
-            reasons.append(f"{item!r}: {e}")
-    return "; ".join(reasons) or None
+            s.error(key, f"{item!r}: {e}")
+    return tuple(endpoints)
 
 
 def _check_protocol(value: str) -> str | None:
