@@ -88,8 +88,8 @@ class Body:
     """
 
     __slots__ = (
-        "_buffer", "_buffered", "_ended", "_error", "_on_first_data", "_paused", "_sink",
-        "_source", "_source_paused", "_trailers", "length", "received",
+        "_buffer", "_buffered", "_ended", "_error", "_on_end", "_on_first_data", "_paused",
+        "_sink", "_source", "_source_paused", "_trailers", "length", "received",
     )
 
     def __init__(self, length: int | None = None) -> None:
@@ -105,6 +105,7 @@ class Body:
         self._paused = False                   # the sink asked for a pause
         self._source_paused = False
         self._on_first_data: Callable[[], None] | None = None
+        self._on_end: Callable[[Headers | None, Exception | None], None] | None = None
 
     @classmethod
     def empty(cls) -> Body:
@@ -140,6 +141,8 @@ class Body:
         self._trailers = trailers
         if self._sink is not None:
             self._sink.body_end(trailers)
+        if self._on_end is not None:
+            self._fire_end(trailers, None)
 
     def fail(self, reason: Exception) -> None:
         if self._ended:
@@ -148,6 +151,8 @@ class Body:
         self._error = reason
         if self._sink is not None:
             self._sink.body_error(reason)
+        if self._on_end is not None:
+            self._fire_end(None, reason)
 
     # -- sink side --
 
@@ -166,6 +171,19 @@ class Body:
             hook()
         else:
             self._on_first_data = hook
+
+    def on_end(self, hook: Callable[[Headers | None, Exception | None], None]) -> None:
+        """Call ``hook(trailers, error)`` once, when the body has been written
+        whole (error None) or failed or was cancelled (error set); at once if
+        that already happened. For metrics and accounting, not flow."""
+        if self._ended:
+            hook(self._trailers, self._error)
+        else:
+            self._on_end = hook
+
+    def _fire_end(self, trailers: Headers | None, error: Exception | None) -> None:
+        hook, self._on_end = self._on_end, None
+        hook(trailers, error)
 
     def consume(self, sink: BodySink) -> None:
         """Attach the sink: buffered chunks are delivered at once, the rest as they come."""
@@ -200,6 +218,8 @@ class Body:
             self._error = ConnectionAbortedError("body cancelled")
             if self._source is not None:
                 self._source.stop_body()
+            if self._on_end is not None:
+                self._fire_end(None, self._error)
 
     def _pause_source(self) -> None:
         self._source_paused = True
