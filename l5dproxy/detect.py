@@ -38,11 +38,16 @@ class DetectProtocol(Protocol):
         self.buffer = b""
         self.next_protocol = None
         self._timer = listener.clock.callLater(listener.detect.timeout, self._timed_out)
+        # The client-silence window: see l5dproxy.serverfirst.
+        server_first = getattr(listener, "server_first", None)
+        self.early = server_first.watch(self) if server_first is not None else None
 
     def dataReceived(self, data: bytes) -> None:
         if self.next_protocol is not None:
             self.next_protocol.dataReceived(data)
             return
+        if self.early is not None:
+            self.early.client_spoke()
         self.buffer += data
         verdict = sniff(self.buffer, self.peek_limit)
         if verdict is not None:
@@ -67,8 +72,15 @@ class DetectProtocol(Protocol):
             self.next_protocol.connectionLost(reason)
             return
         self._cancel_timer()
+        if self.early is not None:
+            self.early.close()
         self.conn.listener.detection_abandoned(self.conn)
         self.conn.closed(reason, "closed during detection")
+
+    def decide(self, verdict: Verdict) -> None:
+        """A verdict from elsewhere (the server spoke first), unless one is in."""
+        if self.next_protocol is None:
+            self._switch(verdict)
 
     def _timed_out(self) -> None:
         self._timer = None
@@ -84,6 +96,8 @@ class DetectProtocol(Protocol):
         self._cancel_timer()
         conn = self.conn
         protocol = conn.listener.protocol_for(conn, verdict)
+        if self.early is not None:
+            self.early.hand_to(protocol)  # adopted by the protocol, or closed
         transport = self.transport
         buffered, self.buffer = self.buffer, b""
         if getattr(transport, "protocol", None) is self:

@@ -18,6 +18,7 @@ from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, ListenerConfig
 from l5dproxy.connection import InboundConnection
 from l5dproxy.detect import DetectProtocol
+from l5dproxy.serverfirst import ServerFirst
 from l5dproxy.sniff import Verdict
 from l5dproxy.tcp import relay_handler
 from l5dproxy.telemetry import Metrics
@@ -37,7 +38,8 @@ class Listener(Factory):
     def __init__(self, config: ListenerConfig, detect: DetectConfig,
                  upstreams: dict[str, Upstream], metrics: Metrics,
                  reactor: IReactorTime | IReactorTCP, log_connections: bool = True,
-                 handlers: dict[str, Handler] | None = None) -> None:
+                 handlers: dict[str, Handler] | None = None,
+                 server_first: ServerFirst | None = None) -> None:
         self.config = config
         self.name = config.name
         self.detect = detect
@@ -49,6 +51,8 @@ class Listener(Factory):
         self.log_connections = log_connections
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.connections: set[InboundConnection] = set()
+        #: Early connects and learned opaque destinations (l5dproxy.serverfirst).
+        self.server_first = server_first
         self._opaque_verdict = self._skip_detection_verdict()
         self._detect_children: dict[tuple[str, str], tuple] = {}
 
@@ -68,6 +72,10 @@ class Listener(Factory):
         self.connections.add(conn)
         if self._opaque_verdict is not None:
             return self.protocol_for(conn, self._opaque_verdict)
+        if self.server_first is not None:
+            learned = self.server_first.learned_protocol(self, conn)
+            if learned is not None:
+                return learned
         return DetectProtocol(conn)
 
     def protocol_for(self, conn: InboundConnection, verdict: Verdict) -> IProtocol:

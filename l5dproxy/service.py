@@ -19,6 +19,7 @@ from l5dproxy.admin import admin_site
 from l5dproxy.balance import Upstream
 from l5dproxy.config import Config
 from l5dproxy.listener import Listener
+from l5dproxy.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.telemetry import Metrics
 
 log = Logger(namespace="l5dproxy.service")
@@ -44,9 +45,13 @@ class ProxyService(Service):
             name: Upstream(service, config.detect.opaque_ports)
             for name, service in config.services.items()
         }
+        self.server_first = ServerFirst(
+            OpaqueMemory(reactor, config.detect.learned_max, config.detect.learned_ttl),
+            config.detect.client_silence)
         self.listeners = [
             Listener(lc, config.detect, self.upstreams, self.metrics, reactor,
-                     log_connections=config.proxy.log_connections)
+                     log_connections=config.proxy.log_connections,
+                     server_first=self.server_first)
             for lc in config.listeners
         ]
         self.ports: dict[str, IListeningPort] = {}
@@ -72,7 +77,8 @@ class ProxyService(Service):
                 log.info("listener {name} on {address} -> service {service}",
                          name=listener.name, address=_port_address(port),
                          service=listener.config.service)
-            site = admin_site(self.metrics.registry, lambda: self.ready)
+            site = admin_site(self.metrics.registry, lambda: self.ready,
+                              {b"opaque": OpaqueResource(self.server_first)})
             self.admin_port = self._listen("admin", self.config.admin.listen, site)
             log.info("admin on {address}", address=_port_address(self.admin_port))
         except StartupError:

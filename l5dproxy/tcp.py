@@ -48,11 +48,31 @@ class RelayProtocol(Protocol):
         self.write_closed = False
         self.closed = False
         self.ended_by = "client closed"
+        #: An upstream connection made before the relay (adopt_upstream).
+        self.early = None
+        #: The endpoint to dial instead of picking one (use_endpoint).
+        self.chosen: Endpoint | None = None
+
+    def adopt_upstream(self, early) -> None:
+        """Use ``early`` (``l5dproxy.serverfirst.EarlyConnect``: an upstream
+        connection made, or being made, before the relay) instead of dialling."""
+        self.early = early
+
+    def use_endpoint(self, endpoint: Endpoint) -> None:
+        """Dial ``endpoint`` rather than the balancer's pick."""
+        self.chosen = endpoint
 
     def connectionMade(self) -> None:
         conn = self.conn
+        early, self.early = self.early, None
+        if early is not None and early.endpoint is not None:
+            self.endpoint = early.endpoint
+            conn.endpoint = early.endpoint.label
+            if early.attach(self, UpstreamProtocol(self)):
+                return
+            self.endpoint = None
         upstream = conn.listener.upstream
-        endpoint = upstream.pick()
+        endpoint, self.chosen = self.chosen or upstream.pick(), None
         if endpoint is None:
             conn.listener.metrics.connect_errors_total.labels(
                 upstream.name, "", "no_endpoints").inc()

@@ -1,0 +1,415 @@
+"""Server-speaks-first protocols without configuration.
+
+A proxy that waits for the client's first bytes before it connects upstream
+stalls every server-speaks-first protocol (MySQL, SMTP, SSH, FTP, NATS, ...)
+for the whole detect timeout: the client waits for the server's banner, the
+server waits for a connection. Two things here remove the stall:
+
+* ``EarlyConnect``: while the detect protocol waits, a client that has sent
+  nothing for ``[detect] client_silence`` seconds makes the proxy open the
+  upstream connection (the endpoint is picked as the relay picks it). If the
+  server speaks first, the verdict is ``opaque`` (reason ``server_first``)
+  and the TCP relay adopts the open connection, with the server's bytes
+  replayed to the client at once. If the client speaks first after all,
+  detection goes on; the connection is then adopted by the verdict's
+  protocol if it can take one (the TCP relay can), or closed.
+* ``OpaqueMemory``: destinations (service, endpoint) that spoke first are
+  remembered, so later connections to them go straight to the relay with no
+  window at all (reason ``learned_opaque``). Bounded, expiring, and keyed by
+  the service's config so a changed service starts afresh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections import OrderedDict
+from collections.abc import Hashable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.error import NotConnectingError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+
+from l5dproxy.connection import errno_name
+from l5dproxy.sniff import Verdict
+
+if TYPE_CHECKING:
+    from l5dproxy.balance import Endpoint
+    from l5dproxy.connection import InboundConnection
+    from l5dproxy.detect import DetectProtocol
+    from l5dproxy.listener import Listener
+
+log = Logger(namespace="l5dproxy.serverfirst")
+
+SERVER_FIRST = Verdict("opaque", "server_first")
+LEARNED_OPAQUE = Verdict("opaque", "learned_opaque")
+
+
+def pick_for_connection(upstream) -> Endpoint | None:
+    """The endpoint the TCP relay would dial."""
+    pick = getattr(upstream, "pick_connection", None) or upstream.pick
+    return pick()
+
+
+# -- the memory (pure: a clock in, no I/O) --
+
+
+@dataclass(slots=True)
+class _Entry:
+    generation: Hashable
+    learned_at: float
+    expires_at: float
+    hits: int = 0
+
+
+class OpaqueMemory:
+    """Destinations that spoke first, each for ``ttl`` seconds, at most
+    ``max_entries`` of them (the least recently learned goes first).
+
+    A destination is ``(service, endpoint)``; ``generation`` is anything that
+    changes when the service's config changes (the ServiceConfig itself), so
+    a lookup under a new config never trusts what the old one taught.
+    """
+
+    def __init__(self, clock: IReactorTime, max_entries: int = 1024,
+                 ttl: float = 600.0) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.clock = clock
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
+        self._per_service: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def has_service(self, service: str) -> bool:
+        """Whether anything (maybe expired) is remembered for ``service``: the
+        cheap test that keeps services with nothing learned off the slow path."""
+        return service in self._per_service
+
+    def learn(self, service: str, endpoint: str, generation: Hashable = None) -> None:
+        now = self.clock.seconds()
+        key = (service, endpoint)
+        if key in self._entries:
+            self._remove(key)
+        else:
+            self.prune()
+            while len(self._entries) >= self.max_entries:
+                self._remove(next(iter(self._entries)))
+        self._entries[key] = _Entry(generation, now, now + self.ttl)
+        self._per_service[service] = self._per_service.get(service, 0) + 1
+
+    def knows(self, service: str, endpoint: str, generation: Hashable = None) -> bool:
+        """Whether ``endpoint`` of ``service`` (as configured now) spoke first
+        within the last ``ttl`` seconds; counts a hit when it did."""
+        key = (service, endpoint)
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        if entry.expires_at <= self.clock.seconds() or entry.generation != generation:
+            self._remove(key)
+            return False
+        entry.hits += 1
+        return True
+
+    def forget_service(self, service: str) -> None:
+        for key in [k for k in self._entries if k[0] == service]:
+            self._remove(key)
+
+    def retain(self, generations: Mapping[str, Hashable]) -> None:
+        """Keep only services still configured, with the same generation
+        (call it when a new config replaces the old one)."""
+        for key, entry in list(self._entries.items()):
+            if key[0] not in generations or generations[key[0]] != entry.generation:
+                self._remove(key)
+
+    def prune(self) -> None:
+        now = self.clock.seconds()
+        for key in [k for k, e in self._entries.items() if e.expires_at <= now]:
+            self._remove(key)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """What is remembered now, oldest first, for the admin endpoint."""
+        self.prune()
+        now = self.clock.seconds()
+        return [
+            {"service": service, "endpoint": endpoint,
+             "age_seconds": round(now - e.learned_at, 3),
+             "expires_in_seconds": round(e.expires_at - now, 3), "hits": e.hits}
+            for (service, endpoint), e in self._entries.items()
+        ]
+
+    def _remove(self, key: tuple[str, str]) -> None:
+        del self._entries[key]
+        service = key[0]
+        left = self._per_service[service] - 1
+        if left:
+            self._per_service[service] = left
+        else:
+            del self._per_service[service]
+
+
+class OpaqueResource(Resource):
+    """``/opaque`` on the admin server: the learned destinations, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, server_first: ServerFirst) -> None:
+        super().__init__()
+        self.server_first = server_first
+
+    def render_GET(self, request) -> bytes:
+        sf = self.server_first
+        memory = sf.memory
+        body = {
+            "client_silence_seconds": sf.client_silence,
+            "ttl_seconds": memory.ttl,
+            "max_entries": memory.max_entries,
+            "learned": memory.entries(),
+        }
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body, indent=1).encode() + b"\n"
+
+
+# -- the run-time side --
+
+
+class ServerFirst:
+    """What the listeners of one proxy share for server-speaks-first traffic."""
+
+    def __init__(self, memory: OpaqueMemory, client_silence: float) -> None:
+        self.memory = memory
+        #: Seconds of client silence before the upstream is dialled; 0 turns
+        #: early connecting (and so learning) off.
+        self.client_silence = client_silence
+
+    def learned_protocol(self, listener: Listener, conn: InboundConnection):
+        """The relay for a connection whose destination is known to speak
+        first, or None when detection should run."""
+        upstream = listener.upstream
+        if not self.memory.has_service(upstream.name):
+            return None
+        endpoint = pick_for_connection(upstream)
+        if endpoint is None or not self.memory.knows(
+                upstream.name, endpoint.label, upstream.config):
+            return None
+        protocol = listener.protocol_for(conn, LEARNED_OPAQUE)
+        use_endpoint = getattr(protocol, "use_endpoint", None)
+        if use_endpoint is not None:
+            use_endpoint(endpoint)
+        return protocol
+
+    def watch(self, detect: DetectProtocol) -> EarlyConnect | None:
+        """Start the client-silence window for a detect protocol."""
+        if self.client_silence <= 0:
+            return None
+        return EarlyConnect(self, detect)
+
+    def config_changed(self, services: Mapping[str, Hashable]) -> None:
+        """A new config: forget what services that changed or went taught."""
+        self.memory.retain(services)
+
+
+# EarlyConnect states
+_WAITING, _CONNECTING, _CONNECTED, _ATTACHED, _DONE = range(5)
+
+
+class EarlyConnect:
+    """The upstream connection one detect protocol opens while its client is
+    silent, until the detect protocol's verdict gives it to a protocol that
+    adopts it (the TCP relay) or closes it.
+
+    Never leaked: every path ends in ``attach`` (the adopter owns the
+    connection and the endpoint's begin/end from then on) or ``close``.
+    """
+
+    def __init__(self, server_first: ServerFirst, detect: DetectProtocol) -> None:
+        self.server_first = server_first
+        self.detect = detect
+        listener = detect.conn.listener
+        self.listener = listener
+        self.state = _WAITING
+        self.endpoint: Endpoint | None = None
+        self.connector = None
+        self.protocol: _EarlyProtocol | None = None
+        self.server_bytes: list[bytes] = []
+        self.adopter = None
+        self._adopter_protocol: Protocol | None = None
+        self.timer = listener.clock.callLater(server_first.client_silence, self._silence)
+
+    # -- from the detect protocol --
+
+    def client_spoke(self) -> None:
+        """The client sent bytes: no early connection if none is made yet."""
+        if self.state == _WAITING:
+            self._cancel_timer()
+            self.state = _DONE
+
+    def hand_to(self, protocol) -> None:
+        """The verdict is in and ``protocol`` will speak it: let it adopt the
+        connection (``adopt_upstream``) if it can, else close it."""
+        self._cancel_timer()
+        if self.state in (_CONNECTING, _CONNECTED):
+            adopt = getattr(protocol, "adopt_upstream", None)
+            if adopt is not None:
+                adopt(self)
+                return
+        self.close()
+
+    def close(self) -> None:
+        """Give up the early connection (and the endpoint it holds)."""
+        self._cancel_timer()
+        state, self.state = self.state, _DONE
+        if state == _CONNECTING:
+            with contextlib.suppress(NotConnectingError):
+                self.connector.stopConnecting()  # -> _failed, a no-op now
+            self._release(success=False)
+        elif state == _CONNECTED:
+            self.protocol.transport.loseConnection()
+            self._release(success=True)
+
+    # -- from the adopter (the TCP relay) --
+
+    def attach(self, adopter, upstream_protocol: Protocol) -> bool:
+        """Make ``upstream_protocol`` the protocol of the early connection
+        (now, or once it is made), replaying what the server already sent.
+        ``adopter`` gets ``upstream_failed(reason)`` if the connect fails.
+        False when there is no connection to adopt: the adopter dials."""
+        if self.state == _CONNECTED:
+            self.state = _ATTACHED
+            self.endpoint = None  # the adopter owns it now
+            self._switch(upstream_protocol)
+            return True
+        if self.state == _CONNECTING:
+            self.state = _ATTACHED
+            self.endpoint = None
+            self.adopter = adopter
+            self._adopter_protocol = upstream_protocol
+            return True
+        return False
+
+    # -- internals --
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _silence(self) -> None:
+        self.timer = None
+        if self.state != _WAITING:
+            return
+        upstream = self.listener.upstream
+        endpoint = pick_for_connection(upstream)
+        if endpoint is None:
+            self.state = _DONE
+            return
+        endpoint.begin()
+        self.endpoint = endpoint
+        self.state = _CONNECTING
+        address = endpoint.address
+        self.connector = self.listener.reactor.connectTCP(
+            address.host, address.port, _EarlyFactory(self),
+            timeout=upstream.config.connect_timeout)
+
+    def _connected(self, protocol: _EarlyProtocol) -> None:
+        self.protocol = protocol
+        if self.state == _CONNECTING:
+            self.state = _CONNECTED
+        elif self.state == _ATTACHED and self._adopter_protocol is not None:
+            adopter_protocol, self._adopter_protocol = self._adopter_protocol, None
+            self.adopter = None
+            self._switch(adopter_protocol)
+        else:  # closed while the connect was completing
+            protocol.transport.loseConnection()
+
+    def _server_data(self, data: bytes) -> None:
+        """The server spoke before any verdict: it speaks first."""
+        self.server_bytes.append(data)
+        if self.state != _CONNECTED:
+            return
+        detect = self.detect
+        if not detect.buffer:
+            upstream = self.listener.upstream
+            self.server_first.memory.learn(upstream.name, self.endpoint.label, upstream.config)
+            log.info("{service} endpoint {endpoint} speaks first: relaying as opaque TCP",
+                     service=upstream.name, endpoint=self.endpoint.label)
+        detect.decide(SERVER_FIRST)
+
+    def _failed(self, reason: Failure) -> None:
+        state, self.state = self.state, _DONE
+        if state == _ATTACHED and self.adopter is not None:
+            adopter, self.adopter, self._adopter_protocol = self.adopter, None, None
+            adopter.upstream_failed(reason)  # the adopter owns the endpoint now
+            return
+        if state == _CONNECTING:
+            upstream = self.listener.upstream
+            self.listener.metrics.connect_errors_total.labels(
+                upstream.name, self.endpoint.label, errno_name(reason) or "closed").inc()
+            self._release(success=False)
+
+    def _lost(self) -> None:
+        """The server closed before anyone adopted the connection."""
+        if self.state == _CONNECTED:
+            self.state = _DONE
+            self._release(success=True)
+
+    def _switch(self, protocol: Protocol) -> None:
+        early = self.protocol
+        transport = early.transport
+        if getattr(transport, "protocol", None) is early:
+            transport.protocol = protocol
+        early.forward_to = protocol
+        protocol.makeConnection(transport)
+        pending, self.server_bytes = self.server_bytes, []
+        for data in pending:
+            protocol.dataReceived(data)
+
+    def _release(self, success: bool) -> None:
+        if self.endpoint is not None:
+            self.endpoint.end(success=success)
+            self.endpoint = None
+
+
+class _EarlyProtocol(Protocol):
+    """The early connection's protocol until an adopter takes over; where the
+    transport cannot switch protocols it stays as a forwarder."""
+
+    def __init__(self, early: EarlyConnect) -> None:
+        self.early = early
+        self.forward_to: Protocol | None = None
+
+    def connectionMade(self) -> None:
+        self.early._connected(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.forward_to is not None:
+            self.forward_to.dataReceived(data)
+        else:
+            self.early._server_data(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self.forward_to is not None:
+            self.forward_to.connectionLost(reason)
+        else:
+            self.early._lost()
+
+
+class _EarlyFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, early: EarlyConnect) -> None:
+        self.early = early
+
+    def buildProtocol(self, addr) -> _EarlyProtocol:
+        return _EarlyProtocol(self.early)
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.early._failed(reason)

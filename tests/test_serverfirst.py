@@ -1,0 +1,464 @@
+"""Server-speaks-first without configuration: the learned-opaque memory (pure,
+with a Clock) and the early connect of the detect protocol (MemoryReactorClock
+and StringTransport: no sockets)."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.test.requesthelper import DummyRequest
+
+from l5dproxy.balance import Upstream
+from l5dproxy.config import (
+    ConfigError,
+    DetectConfig,
+    ListenerConfig,
+    ServiceConfig,
+    parse,
+    parse_host_port,
+)
+from l5dproxy.detect import DetectProtocol
+from l5dproxy.listener import Listener
+from l5dproxy.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
+from l5dproxy.tcp import RelayProtocol, UpstreamProtocol
+from l5dproxy.telemetry import Metrics
+
+SILENCE = 0.025
+BANNER = b"220 smtp.example ESMTP ready\r\n"
+HTTP_REQUEST = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class OpaqueMemoryTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.memory = OpaqueMemory(self.clock, max_entries=3, ttl=60.0)
+
+    def test_learn_and_know(self) -> None:
+        m = self.memory
+        self.assertFalse(m.knows("db", "10.0.0.1:3307"))
+        self.assertFalse(m.has_service("db"))
+        m.learn("db", "10.0.0.1:3307")
+        self.assertTrue(m.has_service("db"))
+        self.assertTrue(m.knows("db", "10.0.0.1:3307"))
+        self.assertFalse(m.knows("db", "10.0.0.2:3307"))
+        self.assertFalse(m.knows("other", "10.0.0.1:3307"))
+
+    def test_expiry(self) -> None:
+        m = self.memory
+        m.learn("db", "a:1")
+        self.clock.advance(59.9)
+        self.assertTrue(m.knows("db", "a:1"))
+        self.clock.advance(0.1)
+        self.assertFalse(m.knows("db", "a:1"))
+        self.assertEqual(len(m), 0)
+        self.assertFalse(m.has_service("db"))
+
+    def test_relearning_restarts_the_expiry(self) -> None:
+        m = self.memory
+        m.learn("db", "a:1")
+        self.clock.advance(50)
+        m.learn("db", "a:1")
+        self.clock.advance(50)
+        self.assertTrue(m.knows("db", "a:1"))
+        self.assertEqual(len(m), 1)
+
+    def test_hits_do_not_extend_the_expiry(self) -> None:
+        m = self.memory
+        m.learn("db", "a:1")
+        for _ in range(6):
+            self.clock.advance(10)
+            m.knows("db", "a:1")
+        self.assertFalse(m.knows("db", "a:1"))
+
+    def test_size_bound_evicts_the_oldest(self) -> None:
+        m = self.memory
+        for i in range(5):
+            m.learn("db", f"a:{i}")
+            self.clock.advance(1)
+        self.assertEqual(len(m), 3)
+        self.assertEqual([e["endpoint"] for e in m.entries()], ["a:2", "a:3", "a:4"])
+        self.assertFalse(m.knows("db", "a:0"))
+        self.assertTrue(m.knows("db", "a:4"))
+
+    def test_size_bound_prefers_dropping_expired(self) -> None:
+        m = OpaqueMemory(self.clock, max_entries=2, ttl=10.0)
+        m.learn("db", "old:1")
+        self.clock.advance(5)
+        m.learn("db", "young:1")
+        self.clock.advance(6)  # old:1 expired, young:1 still valid
+        m.learn("db", "new:1")
+        self.assertEqual([e["endpoint"] for e in m.entries()], ["young:1", "new:1"])
+
+    def test_generation_change_forgets(self) -> None:
+        m = self.memory
+        m.learn("db", "a:1", generation="v1")
+        self.assertTrue(m.knows("db", "a:1", "v1"))
+        self.assertFalse(m.knows("db", "a:1", "v2"))
+        self.assertFalse(m.knows("db", "a:1", "v1"))  # dropped, not just hidden
+
+    def test_retain_keeps_only_unchanged_services(self) -> None:
+        m = OpaqueMemory(self.clock, max_entries=10)
+        m.learn("db", "a:1", "v1")
+        m.learn("smtp", "b:1", "v1")
+        m.learn("gone", "c:1", "v1")
+        m.retain({"db": "v1", "smtp": "v2"})
+        self.assertEqual([(e["service"], e["endpoint"]) for e in m.entries()], [("db", "a:1")])
+        self.assertFalse(m.has_service("smtp"))
+        self.assertFalse(m.has_service("gone"))
+
+    def test_forget_service(self) -> None:
+        m = self.memory
+        m.learn("db", "a:1")
+        m.learn("db", "a:2")
+        m.learn("smtp", "b:1")
+        m.forget_service("db")
+        self.assertEqual([e["service"] for e in m.entries()], ["smtp"])
+
+    def test_entries(self) -> None:
+        m = self.memory
+        m.learn("db", "a:1")
+        self.clock.advance(2.5)
+        m.knows("db", "a:1")
+        self.assertEqual(m.entries(), [{
+            "service": "db", "endpoint": "a:1", "age_seconds": 2.5,
+            "expires_in_seconds": 57.5, "hits": 1}])
+        self.clock.advance(60)
+        self.assertEqual(m.entries(), [])
+
+    def test_bound_must_be_positive(self) -> None:
+        self.assertRaises(ValueError, OpaqueMemory, self.clock, 0)
+
+
+class ConfigTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        detect = parse({}).detect
+        self.assertEqual(detect.client_silence, DetectConfig.client_silence)
+        self.assertGreater(detect.client_silence, 0)
+        self.assertLess(detect.client_silence, 0.1)
+
+    def test_set(self) -> None:
+        detect = parse({"detect": {"client_silence": 0, "learned_ttl": 30,
+                                   "learned_max": 5}}).detect
+        self.assertEqual((detect.client_silence, detect.learned_ttl, detect.learned_max),
+                         (0.0, 30.0, 5))
+
+    def test_errors(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            parse({"detect": {"client_silence": -1, "learned_max": 0}}, "x.toml")
+        self.assertEqual(sorted(e.exception.errors), [
+            "x.toml: detect.client_silence: must be a duration in seconds, not negative",
+            "x.toml: detect.learned_max: must be at least 1",
+        ])
+
+
+class _Handled(Protocol):
+    """A stand-in for a protocol with its own upstreams (the HTTP server end)."""
+
+    def __init__(self, conn) -> None:
+        self.conn = conn
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+
+class EarlyConnectTests(SynchronousTestCase):
+    """The detect protocol with the client-silence window, on a fake reactor."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.memory = OpaqueMemory(self.reactor, max_entries=16, ttl=60.0)
+        self.listener = self.make_listener()
+
+    def make_listener(self, silence: float = SILENCE, handlers=None,
+                      endpoints=("127.0.0.1:2525",)) -> Listener:
+        service = ServiceConfig("mail", tuple(parse_host_port(e) for e in endpoints))
+        detect = DetectConfig(timeout=10.0, client_silence=silence)
+        self.upstream = Upstream(service, detect.opaque_ports)
+        self.server_first = ServerFirst(self.memory, silence)
+        return Listener(ListenerConfig("in", "tcp:0", "mail"), detect,
+                        {"mail": self.upstream}, Metrics(), self.reactor,
+                        log_connections=False, handlers=handlers,
+                        server_first=self.server_first)
+
+    def accept(self, listener: Listener | None = None) -> StringTransport:
+        listener = listener or self.listener
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol = listener.buildProtocol(transport.getPeer())
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return transport
+
+    def connect_upstream(self, index: int = -1) -> StringTransport:
+        """Complete the connect the proxy asked for."""
+        host, port, factory, _, _ = self.reactor.tcpClients[index]
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, port))
+        protocol = factory.buildProtocol(transport.getPeer())
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return transport
+
+    def detections(self, listener: Listener | None = None) -> dict[tuple[str, str], float]:
+        listener = listener or self.listener
+        out = {}
+        for family in listener.metrics.registry.collect():
+            if family.name == "protocol_detect":
+                for s in family.samples:
+                    if s.name == "protocol_detect_total":
+                        out[(s.labels["protocol"], s.labels["reason"])] = s.value
+        return out
+
+    @property
+    def endpoint(self):
+        endpoints = getattr(self.upstream, "endpoints", None)
+        if endpoints is None:
+            endpoints = self.upstream.balancer.endpoints
+        return endpoints[0]
+
+    def test_no_connect_before_the_window(self) -> None:
+        client = self.accept()
+        self.assertIsInstance(client.protocol, DetectProtocol)
+        self.reactor.advance(SILENCE * 0.9)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_silence_connects_upstream(self) -> None:
+        self.accept()
+        self.reactor.advance(SILENCE)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        host, port, _, timeout, _ = self.reactor.tcpClients[0]
+        self.assertEqual((host, port, timeout), ("127.0.0.1", 2525, 5.0))
+        self.assertEqual(self.endpoint.active, 1)
+
+    def test_client_speaking_first_never_connects_early(self) -> None:
+        client = self.accept()
+        client.protocol.dataReceived(b"GE")
+        self.reactor.advance(1.0)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_server_first_relays_at_once(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        server.protocol.dataReceived(BANNER)
+        self.assertEqual(client.value(), BANNER)
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertIsInstance(server.protocol, UpstreamProtocol)
+        self.assertEqual(self.detections(), {("opaque", "server_first"): 1.0})
+        # From here it is a relay both ways, on the same upstream connection.
+        client.protocol.dataReceived(b"EHLO me\r\n")
+        self.assertEqual(server.value(), b"EHLO me\r\n")
+        server.protocol.dataReceived(b"250 hi\r\n")
+        self.assertEqual(client.value(), BANNER + b"250 hi\r\n")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.listener.metrics.tcp_read_bytes_total.labels(
+            "inbound", "dst", "in", "mail", "opaque", "127.0.0.1:2525")._value.get(),
+            len(BANNER) + 8)
+        # And the destination is learned.
+        self.assertEqual([e["endpoint"] for e in self.memory.entries()], ["127.0.0.1:2525"])
+        # The endpoint is held once, and released when the relay ends.
+        self.assertEqual(self.endpoint.active, 1)
+        client.protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertTrue(server.disconnecting)
+        self.assertEqual(self.endpoint.active, 0)
+
+    def test_detect_timeout_is_cancelled(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        self.connect_upstream().protocol.dataReceived(BANNER)
+        self.reactor.advance(20)
+        self.assertEqual(self.detections(), {("opaque", "server_first"): 1.0})
+        self.assertFalse(client.disconnecting)
+
+    def test_learned_destination_skips_detection(self) -> None:
+        self.accept()
+        self.reactor.advance(SILENCE)
+        self.connect_upstream().protocol.dataReceived(BANNER)
+        client = self.accept()
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(len(self.reactor.tcpClients), 2)  # dialled at once
+        server = self.connect_upstream()
+        server.protocol.dataReceived(BANNER)
+        self.assertEqual(client.value(), BANNER)
+        self.assertEqual(self.detections(), {("opaque", "server_first"): 1.0,
+                                             ("opaque", "learned_opaque"): 1.0})
+        self.assertEqual(self.memory.entries()[0]["hits"], 1)
+
+    def test_learned_destination_expires(self) -> None:
+        self.accept()
+        self.reactor.advance(SILENCE)
+        self.connect_upstream().protocol.dataReceived(BANNER)
+        self.reactor.advance(60)
+        client = self.accept()
+        self.assertIsInstance(client.protocol, DetectProtocol)
+        self.assertEqual(self.memory.entries(), [])
+
+    def test_changed_service_is_not_trusted(self) -> None:
+        self.accept()
+        self.reactor.advance(SILENCE)
+        self.connect_upstream().protocol.dataReceived(BANNER)
+        # A new config for the service (another endpoint added), same memory.
+        listener = self.make_listener(endpoints=("127.0.0.1:2525", "127.0.0.1:2526"))
+        client = self.accept(listener)
+        self.assertIsInstance(client.protocol, DetectProtocol)
+
+    def test_client_first_during_early_connection_relay_adopts(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        client.protocol.dataReceived(HTTP_REQUEST)  # no HTTP handler: the relay
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(server.value(), HTTP_REQUEST)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.detections(), {("http1", "request_line"): 1.0})
+        self.assertEqual(self.memory.entries(), [])
+        self.assertEqual(self.endpoint.active, 1)
+
+    def test_client_first_while_still_connecting_relay_adopts(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        client.protocol.dataReceived(b"\x00\x01binary")  # opaque at once
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        server = self.connect_upstream()
+        self.assertEqual(server.value(), b"\x00\x01binary")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(self.endpoint.active, 1)
+
+    def test_adopted_connect_failure_closes_client(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        client.protocol.dataReceived(b"\x00\x01binary")
+        _, _, factory, _, _ = self.reactor.tcpClients[0]
+        factory.clientConnectionFailed(self.reactor.connectors[0],
+                                       Failure(ConnectionRefusedError()))
+        self.assertTrue(client.disconnecting)
+        client.protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.endpoint.active, 0)
+
+    def test_http_handler_gets_client_and_early_connection_is_closed(self) -> None:
+        listener = self.make_listener(handlers={"http1": _Handled})
+        client = self.accept(listener)
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        client.protocol.dataReceived(HTTP_REQUEST)
+        self.assertIsInstance(client.protocol, _Handled)
+        self.assertEqual(client.protocol.received, HTTP_REQUEST)
+        self.assertTrue(server.disconnecting)
+        self.assertEqual(self.endpoint.active, 0)
+
+    def test_http_handler_while_connecting_stops_the_connect(self) -> None:
+        listener = self.make_listener(handlers={"http1": _Handled})
+        client = self.accept(listener)
+        self.reactor.advance(SILENCE)
+        client.protocol.dataReceived(HTTP_REQUEST)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(self.endpoint.active, 0)
+        # A connect that completes anyway is closed at once.
+        server = self.connect_upstream()
+        self.assertTrue(server.disconnecting)
+        self.assertEqual(self.endpoint.active, 0)
+
+    def test_client_gone_during_detection_closes_early_connection(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        client.protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertTrue(server.disconnecting)
+        self.assertEqual(self.endpoint.active, 0)
+        self.assertEqual(self.detections(), {("none", "closed"): 1.0})
+
+    def test_client_gone_while_connecting_stops_the_connect(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        client.protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(self.endpoint.active, 0)
+
+    def test_server_closing_silently_then_client_speaks_dials_again(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        server.protocol.connectionLost(Failure(ConnectionRefusedError()))
+        self.assertEqual(self.endpoint.active, 0)
+        client.protocol.dataReceived(b"\x00\x01binary")
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        second = self.connect_upstream()
+        self.assertEqual(second.value(), b"\x00\x01binary")
+        self.assertEqual(self.endpoint.active, 1)
+
+    def test_early_connect_failure_lets_detection_go_on(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        _, _, factory, _, _ = self.reactor.tcpClients[0]
+        factory.clientConnectionFailed(self.reactor.connectors[0],
+                                       Failure(ConnectionRefusedError()))
+        self.assertEqual(self.endpoint.active, 0)
+        self.assertFalse(client.disconnecting)
+        client.protocol.dataReceived(HTTP_REQUEST)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_server_speaking_after_partial_client_bytes(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        client.protocol.dataReceived(b"GET /sl")  # could still be HTTP
+        server.protocol.dataReceived(BANNER)
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(client.value(), BANNER)
+        self.assertEqual(server.value(), b"GET /sl")
+        self.assertEqual(self.detections(), {("opaque", "server_first"): 1.0})
+        self.assertEqual(self.memory.entries(), [])  # the client spoke too: not learned
+
+    def test_tls_client_hello_wins_during_early_connection(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        hello = _client_hello()
+        client.protocol.dataReceived(hello)
+        self.assertEqual(self.detections(), {("tls", "client_hello"): 1.0})
+        self.assertEqual(server.value(), hello)
+
+    def test_detect_timeout_after_early_connection_relays_on_it(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        self.reactor.advance(10.0)
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(self.detections(), {("opaque", "timeout"): 1.0})
+        client.protocol.dataReceived(b"late")
+        self.assertEqual(server.value(), b"late")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_zero_silence_turns_it_off(self) -> None:
+        listener = self.make_listener(silence=0)
+        client = self.accept(listener)
+        self.reactor.advance(5.0)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertIsNone(client.protocol.early)
+
+    def test_opaque_resource(self) -> None:
+        self.memory.learn("mail", "127.0.0.1:2525")
+        request = DummyRequest([b""])
+        body = OpaqueResource(self.server_first).render_GET(request)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"),
+                         [b"application/json"])
+        data = json.loads(body)
+        self.assertEqual(data["client_silence_seconds"], SILENCE)
+        self.assertEqual(data["ttl_seconds"], 60.0)
+        self.assertEqual([(e["service"], e["endpoint"]) for e in data["learned"]],
+                         [("mail", "127.0.0.1:2525")])
+
+
+def _client_hello() -> bytes:
+    """A minimal TLS 1.2 ClientHello record with no extensions."""
+    body = (b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x00\x2f" + b"\x01\x00"
+            + b"\x00\x00")
+    handshake = b"\x01" + len(body).to_bytes(3, "big") + body
+    return b"\x16\x03\x01" + len(handshake).to_bytes(2, "big") + handshake
