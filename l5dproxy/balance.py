@@ -1,49 +1,238 @@
-"""Endpoints and the choice among them.
+"""Endpoints, the choice among them, failure accrual and the retry budget.
 
-For now a service's connections go to the endpoint with the fewest open
-connections (ties broken in turn), which is enough to spread TCP connections;
-latency-aware P2C balancing replaces the choice, not the interface.
+Pure logic: nothing here touches a transport. Time comes from an injected
+``IReactorTime`` (``clock.seconds()``), randomness from an injected
+``random.Random``, so every decision can be tested with a ``Clock`` and a seed.
+
+* **Balancing** is power of two choices (P2C): two distinct endpoints drawn at
+  random, the cheaper one wins. For HTTP requests the cost is Linkerd's (and
+  Finagle's) *peak-EWMA*: an exponentially weighted moving average of response
+  latency that jumps at once to any sample above it and decays back over
+  ``decay`` seconds, times the requests outstanding + 1. For TCP connections
+  the cost is just the connections outstanding.
+* **Failure accrual**: after ``consecutive_failures`` failures in a row an
+  endpoint is ejected for a backoff that doubles (with jitter) from
+  ``min_backoff`` to ``max_backoff``; then one request or connection probes
+  it. Success brings it back; failure ejects it again for longer.
+* **Retry budget**: retries may add ``ratio`` of the original requests plus
+  ``min_per_second`` over a ``ttl`` window, so retries never multiply an outage.
+
+Callers: ``endpoint = upstream.pick()`` (None: nothing available, answer 503 at
+once), ``endpoint.begin()`` right away, ``endpoint.end(latency_s, success)``
+when done (``latency_s`` None when there was no response; ``success`` None for
+"no verdict", for example a TCP connection closing after it was established).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from l5dproxy.config import HostPort, ServiceConfig
 
+#: The latency assumed for an endpoint with no data yet (Linkerd: 30 ms).
+DEFAULT_RTT = 0.030
+#: How fast the peak-EWMA forgets (Linkerd: 10 s).
+DEFAULT_DECAY = 10.0
+
+READY = "ready"
+EJECTED = "ejected"
+PROBATION = "probation"
+
+
+@dataclass(frozen=True, slots=True)
+class Accrual:
+    """Failure accrual settings (``consecutive_failures = 0`` turns it off)."""
+
+    consecutive_failures: int = 7
+    min_backoff: float = 1.0
+    max_backoff: float = 60.0
+    jitter: float = 0.5
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """The ejection time after ``attempt`` earlier ejections in a row."""
+        base = min(self.max_backoff, self.min_backoff * (2.0 ** min(attempt, 62)))
+        return min(self.max_backoff, base * (1.0 + self.jitter * rng.random()))
+
 
 class Endpoint:
-    """One address of a service, with what is in flight to it right now."""
+    """One address of a service: what is in flight to it, its latency
+    estimate and its failure-accrual state."""
 
-    __slots__ = ("active", "address", "label")
+    __slots__ = (
+        "accrual", "active", "address", "clock", "decay", "ejected_until", "ejections",
+        "failures", "label", "probe_inflight", "rng", "rtt", "stamp", "state", "streak",
+    )
 
-    def __init__(self, address: HostPort) -> None:
+    def __init__(self, address: HostPort, clock: Any = None, rng: random.Random | None = None,
+                 accrual: Accrual | None = None, default_rtt: float = DEFAULT_RTT,
+                 decay: float = DEFAULT_DECAY) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.address = address
         self.label = str(address)
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.accrual = accrual or Accrual()
+        self.decay = decay
         self.active = 0
+        self.rtt = default_rtt
+        self.stamp = clock.seconds()
+        self.state = READY
+        self.failures = 0          # consecutive failures so far
+        self.streak = 0            # ejections in a row (the backoff exponent)
+        self.ejections = 0         # ejections in all
+        self.ejected_until = 0.0
+        self.probe_inflight = False
 
     def __repr__(self) -> str:
-        return f"<Endpoint {self.label} active={self.active}>"
+        return f"<Endpoint {self.label} {self.state} active={self.active} rtt={self.rtt:.4f}>"
+
+    # -- the caller's side --
 
     def begin(self) -> None:
-        """A request or connection to this endpoint starts."""
+        """A request or connection to this endpoint starts (right after pick)."""
         self.active += 1
+        if self.state == PROBATION:
+            self.probe_inflight = True
 
-    def end(self, latency: float | None = None, success: bool = True) -> None:
+    def end(self, latency: float | None = None, success: bool | None = True) -> None:
         """It ended: ``latency`` in seconds (None when there was no response)
-        and whether it succeeded, for latency-aware balancing and failure accrual."""
+        and whether it succeeded (None: no verdict for failure accrual)."""
         self.active -= 1
+        if latency is not None:
+            self._update(latency, self.clock.seconds())
+        if success is not None:
+            self.report(success)
+
+    def report(self, success: bool) -> None:
+        """A verdict for failure accrual without ending anything (the TCP
+        relay reports success when the connection is established)."""
+        if self.state == EJECTED:
+            return  # the end of something begun before the ejection
+        if success:
+            self.failures = 0
+            if self.state == PROBATION:
+                self.state = READY
+                self.streak = 0
+                self.probe_inflight = False
+            return
+        if self.state == PROBATION:
+            self._eject()
+            return
+        self.failures += 1
+        threshold = self.accrual.consecutive_failures
+        if threshold and self.failures >= threshold:
+            self._eject()
+
+    # -- the balancer's side --
+
+    def available(self, now: float) -> bool:
+        """Whether it may be picked now: not ejected, and not on probation
+        with its one probe already in flight."""
+        state = self.state
+        if state == READY:
+            return True
+        if state == EJECTED:
+            if now < self.ejected_until:
+                return False
+            self.state = PROBATION
+            self.probe_inflight = False
+        return not self.probe_inflight
+
+    def latency(self, now: float) -> float:
+        """The peak-EWMA latency estimate in seconds, decayed to ``now``."""
+        return self._update(0.0, now)
+
+    def peak_ewma_cost(self, now: float) -> float:
+        return self._update(0.0, now) * (self.active + 1)
+
+    def _update(self, sample: float, now: float) -> float:
+        if sample > self.rtt:
+            self.rtt = sample  # pessimistic: a peak counts at once
+        else:
+            elapsed = now - self.stamp
+            if elapsed > 0:
+                w = math.exp(-elapsed / self.decay)
+                self.rtt = self.rtt * w + sample * (1.0 - w)
+        if now > self.stamp:
+            self.stamp = now
+        return self.rtt
+
+    def _eject(self) -> None:
+        now = self.clock.seconds()
+        self.state = EJECTED
+        self.ejected_until = now + self.accrual.backoff(self.streak, self.rng)
+        self.streak += 1
+        self.ejections += 1
+        self.failures = 0
+        self.probe_inflight = False
+
+
+def peak_ewma_cost(endpoint: Endpoint, now: float) -> float:
+    return endpoint.peak_ewma_cost(now)
+
+
+def outstanding_cost(endpoint: Endpoint, now: float) -> float:
+    return endpoint.active
+
+
+class P2C:
+    """Power of two choices: two distinct available endpoints at random, the
+    one with the lower ``cost(endpoint, now)`` wins."""
+
+    def __init__(self, cost: Callable[[Endpoint, float], float], clock: Any,
+                 rng: random.Random) -> None:
+        self.cost = cost
+        self.clock = clock
+        self.rng = rng
+
+    def pick(self, endpoints: Sequence[Endpoint], avoid: Endpoint | None = None,
+             ) -> Endpoint | None:
+        """The endpoint to use next, or None when none is available. ``avoid``
+        (a retry's last endpoint) is only picked when it is the only choice."""
+        n = len(endpoints)
+        if n == 0:
+            return None
+        now = self.clock.seconds()
+        if n >= 2:
+            rng = self.rng
+            i = rng.randrange(n)
+            j = rng.randrange(n - 1)
+            if j >= i:
+                j += 1
+            a, b = endpoints[i], endpoints[j]
+            if (a is not avoid and b is not avoid
+                    and a.available(now) and b.available(now)):
+                return self._cheaper(a, b, now)
+        # Slow path: some are unavailable (or to be avoided); choose among the rest.
+        ready = [e for e in endpoints if e.available(now)]
+        if avoid is not None and len(ready) > 1:
+            ready = [e for e in ready if e is not avoid]
+        if len(ready) <= 1:
+            return ready[0] if ready else None
+        a, b = self.rng.sample(ready, 2)
+        return self._cheaper(a, b, now)
+
+    def _cheaper(self, a: Endpoint, b: Endpoint, now: float) -> Endpoint:
+        return b if self.cost(b, now) < self.cost(a, now) else a
 
 
 class LeastConnections:
-    """Pick the endpoint with the fewest active uses; rotate among ties."""
+    """Pick the endpoint with the fewest active uses; rotate among ties.
+
+    Kept for callers of the first interface; ``Upstream`` uses P2C.
+    """
 
     def __init__(self, addresses: Iterable[HostPort]) -> None:
         self.endpoints = [Endpoint(a) for a in addresses]
         self._turn = 0
 
     def pick(self) -> Endpoint | None:
-        """The endpoint to use next, or None when there is none."""
         endpoints = self.endpoints
         if not endpoints:
             return None
@@ -58,14 +247,151 @@ class LeastConnections:
         return best
 
 
-class Upstream:
-    """A service at run time: its config and the balancer over its endpoints."""
+class RetryBudget:
+    """Linkerd's retry budget: over a sliding ``ttl`` window, retries may be
+    ``ratio`` of the original requests deposited plus ``min_per_second * ttl``.
 
-    def __init__(self, config: ServiceConfig, opaque_ports: frozenset[int]) -> None:
+    ``deposit()`` once per original request; ``try_withdraw()`` before each
+    retry, which may go ahead only when it returns True.
+    """
+
+    SLOTS = 10
+
+    def __init__(self, clock: Any, ratio: float = 0.2, min_per_second: float = 10.0,
+                 ttl: float = 10.0) -> None:
+        self.clock = clock
+        self.ratio = ratio
+        self.min_per_second = min_per_second
+        self.ttl = ttl
+        self._width = ttl / self.SLOTS
+        # (slot index, deposits, withdrawals), oldest first
+        self._slots: deque[list[float]] = deque()
+        self._deposits = 0
+        self._withdrawals = 0
+        self.exhausted = 0  # refused withdrawals, in all
+
+    def _current(self) -> list[float]:
+        index = int(self.clock.seconds() // self._width)
+        slots = self._slots
+        while slots and slots[0][0] <= index - self.SLOTS:
+            _, d, w = slots.popleft()
+            self._deposits -= d
+            self._withdrawals -= w
+        if not slots or slots[-1][0] != index:
+            slots.append([index, 0, 0])
+        return slots[-1]
+
+    def deposit(self) -> None:
+        self._current()[1] += 1
+        self._deposits += 1
+
+    def balance(self) -> float:
+        """How many retries may go now."""
+        self._current()
+        return (self._deposits * self.ratio + self.min_per_second * self.ttl
+                - self._withdrawals)
+
+    def try_withdraw(self) -> bool:
+        slot = self._current()
+        if (self._deposits * self.ratio + self.min_per_second * self.ttl
+                - self._withdrawals) < 1.0:
+            self.exhausted += 1
+            return False
+        slot[2] += 1
+        self._withdrawals += 1
+        return True
+
+
+class Upstream:
+    """A service at run time: its config, its endpoints and their balancers.
+
+    ``pick()`` chooses for an HTTP request (P2C over peak-EWMA),
+    ``pick_connection()`` for a TCP connection (P2C over outstanding).
+    ``set_addresses()`` swaps the endpoint set: an address that stays keeps
+    its ``Endpoint`` (and its statistics); one that leaves is dropped from
+    new picks, while its users keep their reference until they end.
+    """
+
+    def __init__(self, config: ServiceConfig, opaque_ports: frozenset[int],
+                 clock: Any = None, rng: random.Random | None = None) -> None:
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
+        self.rng = rng or random.Random()
         self.name = config.name
         self.config = config
         self.opaque = config.is_opaque(opaque_ports)
-        self.balancer = LeastConnections(config.endpoints)
+        self.accrual = _accrual_of(config)
+        self.endpoints: list[Endpoint] = []
+        self._by_address: dict[HostPort, Endpoint] = {}
+        self._requests = P2C(peak_ewma_cost, clock, self.rng)
+        self._connections = P2C(outstanding_cost, clock, self.rng)
+        self.budget = _budget_of(config, clock)
+        self.retries = 0
+        self.set_addresses(config.endpoints)
 
-    def pick(self) -> Endpoint | None:
-        return self.balancer.pick()
+    def __repr__(self) -> str:
+        return f"<Upstream {self.name} {self.endpoints!r}>"
+
+    def pick(self, avoid: Endpoint | None = None) -> Endpoint | None:
+        """The endpoint for an HTTP request, or None: answer 503 at once."""
+        return self._requests.pick(self.endpoints, avoid)
+
+    def pick_connection(self, avoid: Endpoint | None = None) -> Endpoint | None:
+        """The endpoint for a TCP connection, or None: close the client."""
+        return self._connections.pick(self.endpoints, avoid)
+
+    def set_addresses(self, addresses: Iterable[HostPort]) -> tuple[list[HostPort],
+                                                                    list[HostPort]]:
+        """Make ``addresses`` the endpoint set; return (added, removed)."""
+        old = self._by_address
+        new: dict[HostPort, Endpoint] = {}
+        added = []
+        for address in addresses:
+            if address in new:
+                continue
+            endpoint = old.get(address)
+            if endpoint is None:
+                endpoint = Endpoint(address, self.clock, self.rng, self.accrual)
+                added.append(address)
+            new[address] = endpoint
+        removed = [a for a in old if a not in new]
+        self._by_address = new
+        self.endpoints = list(new.values())  # a new list: nothing iterating is disturbed
+        return added, removed
+
+    def reconfigure(self, config: ServiceConfig, opaque_ports: frozenset[int]) -> None:
+        """A reloaded config for this service: settings change in place."""
+        self.config = config
+        self.opaque = config.is_opaque(opaque_ports)
+        self.accrual = _accrual_of(config)
+        for endpoint in self.endpoints:
+            endpoint.accrual = self.accrual
+        budget = self.budget
+        new = _budget_of(config, self.clock)
+        if (new.ratio, new.min_per_second, new.ttl) != (budget.ratio, budget.min_per_second,
+                                                        budget.ttl):
+            self.budget = new
+
+    def retry_allowed(self) -> bool:
+        """Withdraw from the retry budget for one retry (counted either way)."""
+        if self.budget.try_withdraw():
+            self.retries += 1
+            return True
+        return False
+
+
+def _accrual_of(config: ServiceConfig) -> Accrual:
+    fa = getattr(config, "failure_accrual", None)
+    if fa is None:
+        return Accrual()
+    return Accrual(fa.consecutive_failures, fa.min_backoff, fa.max_backoff, fa.jitter)
+
+
+def _budget_of(config: ServiceConfig, clock: Any) -> RetryBudget:
+    return RetryBudget(
+        clock,
+        ratio=getattr(config, "retry_budget_ratio", 0.2),
+        min_per_second=getattr(config, "retry_budget_min_per_second", 10.0),
+        ttl=getattr(config, "retry_budget_ttl", 10.0),
+    )
