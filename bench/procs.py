@@ -69,7 +69,7 @@ def free_port() -> int:
 
 def raise_nofile(wanted: int = NOFILE_WANTED) -> int:
     """Raise RLIMIT_NOFILE as far as allowed (hard limit too when root); return the soft limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     for new_hard in (max(hard, wanted), hard):
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, new_hard), new_hard))
@@ -209,10 +209,8 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     _signal_group(proc, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
     _signal_group(proc, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=2.0)
@@ -247,14 +245,6 @@ def wait_until(check: Callable[[], bool], child: Child | None, timeout: float,
             tail = child.log_tail() if child is not None else ""
             raise StartError(f"timed out after {timeout:.0f}s waiting for {what}\n{tail}")
         time.sleep(interval)
-
-
-def tcp_accepts(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def http_status(url: str, timeout: float = 1.0) -> int | None:

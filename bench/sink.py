@@ -29,7 +29,7 @@ async def _main(ports: list[int]) -> None:
 
 
 def main() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(_main([int(p) for p in sys.argv[1:]]))
 

@@ -218,6 +218,17 @@ def listening_ports(proc_net_tcp: str) -> set[int]:
     return ports
 
 
+def accept_queue(proc_net_tcp: str, port: int) -> int | None:
+    """Connections waiting in ``port``'s accept queue (rx_queue of its LISTEN socket in
+    /proc/net/tcp), or None if nothing listens there."""
+    for line in proc_net_tcp.splitlines()[1:]:
+        fields = line.split()
+        if (len(fields) > 4 and fields[3] == "0A"
+                and int(fields[1].rsplit(":", 1)[1], 16) == port):
+            return int(fields[4].split(":")[1], 16)
+    return None
+
+
 def parse_curl_write_out(text: str) -> dict[str, float]:
     """Parse ``curl -w '%{http_code} %{size_download} %{speed_download}'``."""
     parts = text.split()

@@ -1,0 +1,1 @@
+"""Benchmark harness for l5dproxy: see bench/README.md."""

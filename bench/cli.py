@@ -1,0 +1,415 @@
+"""The harness's command line: start everything, run the rounds, print and save the report.
+
+    /work/venv/bin/python -m bench [--quick] [--rounds N] [--json PATH] [--only SCENARIO ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import backends
+from bench.backends import Backends, Target, pid_for
+from bench.h2ceiling import h2_round_trips
+from bench.memory import hold_connections, stream_body
+from bench.procs import (
+    StartError,
+    Supervisor,
+    install_exit_signals,
+    missing_programs,
+    raise_nofile,
+    rss_kib,
+    twistd_path,
+    which,
+)
+from bench.report import TARGETS, Report, Section
+from bench.scenarios import SCENARIOS, MetricSpec, Sample, Settings
+
+BENCH_DIR = Path(__file__).resolve().parent
+DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
+EXTRA_SECTIONS = ("memory", "ceiling")
+ALL_SECTIONS = (*SCENARIOS, *EXTRA_SECTIONS)
+MIB = 1024.0
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark l5dproxy against direct, HAProxy and Twisted portforward.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="one short round, scaled-down memory tests (under a minute)")
+    p.add_argument("--rounds", type=int, help="rounds of every load scenario (default 3)")
+    p.add_argument("--duration", type=int, help="seconds per load-tool run (default 10)")
+    p.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                   help=f"where to write the JSON results (default {DEFAULT_JSON})")
+    p.add_argument("--only", nargs="+", choices=ALL_SECTIONS, metavar="SCENARIO",
+                   help=f"run only these: {', '.join(ALL_SECTIONS)}")
+    p.add_argument("--skip-target", nargs="+", default=[], choices=TARGETS[1:],
+                   metavar="TARGET", help="do not start these proxies")
+    p.add_argument("--hold", type=int, help="idle connections for the memory test "
+                   "(default 10000; --quick 1000)")
+    p.add_argument("--big-mib", type=int, help="size of the streamed body in MiB "
+                   "(default 1024; --quick 64)")
+    p.add_argument("--ready-timeout", type=float, default=30.0,
+                   help="seconds to wait for l5dproxy's /ready")
+    p.add_argument("--keep-tmp", action="store_true",
+                   help="keep the temp dir (configs and server logs) and print its path")
+    return p.parse_args(argv)
+
+
+def make_settings(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        s = Settings(rounds=1, duration=2, warmup=0, iperf_seconds=1, latency_seconds=1,
+                     latency_warmup=0.5,
+                     hold_connections=1000, big_bytes=64 << 20, slow_seconds=1.0,
+                     ceiling_seconds=1.0)
+    else:
+        s = Settings()
+    if args.rounds is not None:
+        s.rounds = max(1, args.rounds)
+    if args.duration is not None:
+        s.duration = max(1, args.duration)
+        s.iperf_seconds = max(1, args.duration // 2)
+    if args.hold is not None:
+        s.hold_connections = max(1, args.hold)
+    if args.big_mib is not None:
+        s.big_bytes = max(1, args.big_mib) << 20
+    return s
+
+
+# --------------------------------------------------------------------- metadata
+
+
+def _first_line(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"? ({exc})"
+    text = (out.stdout.strip() or out.stderr.strip()).splitlines()
+    return text[0].strip() if text else "?"
+
+
+def collect_meta() -> dict[str, Any]:
+    versions: dict[str, str] = {}
+    for prog, flag in (("nginx", "-v"), ("haproxy", "-v"), ("wrk", "-v"),
+                       ("h2load", "--version"), ("iperf3", "--version"), ("curl", "--version")):
+        path = which(prog)
+        versions[prog] = _first_line([path, flag]) if path else "missing"
+    meta: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": platform.python_version(),
+        "loadavg_start": os.getloadavg(),
+        "tools": versions,
+    }
+    for mod in ("twisted", "h2", "l5dproxy"):
+        with contextlib.suppress(Exception):
+            from importlib.metadata import version
+
+            meta[f"{mod}_version"] = version(mod if mod != "twisted" else "Twisted")
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        repo = BENCH_DIR.parent
+        meta["git_head"] = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True,
+                                          timeout=10).stdout.strip()
+    return meta
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+# ------------------------------------------------------------------- sections
+
+
+def memory_metrics(s: Settings) -> tuple[MetricSpec, ...]:
+    big = f"{s.big_bytes / (1 << 30):g} GiB" if s.big_bytes >= 1 << 30 else \
+        f"{s.big_bytes >> 20} MiB"
+    low = {"higher_is_better": False}
+    return (
+        MetricSpec("rss_start_mib", "RSS at start MiB", "{:.1f}", **low),
+        MetricSpec("rss_idle_mib", "RSS idle after load MiB", "{:.1f}", **low),
+        MetricSpec("hold_conns", "idle conns held", ratio=False),
+        MetricSpec("hold_rss_mib", "RSS with idle conns MiB", "{:.1f}", **low),
+        MetricSpec("hold_per_conn_kib", "KiB per idle conn", "{:.1f}", **low),
+        MetricSpec("hold_closed", "idle conns dropped", ratio=False, **low),
+        MetricSpec("dl_mbps", f"{big} download MB/s", "{:,.0f}"),
+        MetricSpec("dl_peak_mib", f"peak RSS, {big} download MiB", "{:.1f}", **low),
+        MetricSpec("dl_growth_mib", "RSS growth, download MiB", "{:.1f}", **low),
+        MetricSpec("slow_peak_mib", f"peak RSS, slow reader {s.slow_rate}B/s MiB", "{:.1f}",
+                   **low),
+        MetricSpec("slow_growth_mib", "RSS growth, slow reader MiB", "{:.1f}", **low),
+    )
+
+
+# ----------------------------------------------------------------------- run
+
+
+class Harness:
+    def __init__(self, sup: Supervisor, settings: Settings, selected: list[str],
+                 skip_targets: list[str], ready_timeout: float) -> None:
+        self.sup = sup
+        self.s = settings
+        self.selected = selected
+        self.skip_targets = skip_targets
+        self.ready_timeout = ready_timeout
+        self.targets: dict[str, Target] = {}
+        self.rss_start: dict[str, int] = {}
+        self.b: Backends | None = None
+        self.sections = [Section(name, sc.title, sc.metrics)
+                         for name, sc in SCENARIOS.items() if name in selected]
+        if "memory" in selected:
+            self.sections.append(Section("memory", "proxy memory (VmRSS)",
+                                         memory_metrics(settings)))
+        self.ceiling: dict[str, list[float]] = {}
+
+    # -- startup -------------------------------------------------------------
+
+    def start(self) -> None:
+        sup = self.sup
+        b = Backends(h1=0, h2c=0, iperf=0, big_bytes=self.s.big_bytes)
+        direct = Target("direct")
+        try:
+            _, b.h1, b.h2c = backends.start_nginx(sup, self.s.big_bytes)
+            direct.h1, direct.h2c = b.h1, b.h2c
+            log(f"nginx up: h1 :{b.h1}, h2c :{b.h2c}")
+        except StartError as exc:
+            log(f"nginx failed, no HTTP scenarios: {exc}")
+        try:
+            _, b.iperf = backends.start_iperf_server(sup)
+            direct.tcp = b.iperf
+            log(f"iperf3 -s up on :{b.iperf}")
+        except StartError as exc:
+            log(f"iperf3 server failed, no TCP scenario: {exc}")
+        _, b.sink = backends.start_sink(sup, ["l5dproxy", "haproxy", "portforward"])
+        self.b = b
+        self.targets["direct"] = direct
+        starters = {
+            "l5dproxy": lambda: backends.start_l5dproxy(sup, b, self.ready_timeout),
+            "haproxy": lambda: backends.start_haproxy(sup, b),
+            "portforward": lambda: backends.start_portforward(sup, b),
+        }
+        for name, start in starters.items():
+            if name in self.skip_targets:
+                self.targets[name] = Target(name, error="skipped (--skip-target)")
+                continue
+            target = start()
+            self.targets[name] = target
+            if target.available:
+                log(f"{name} up: h1 :{target.h1}, h2c :{target.h2c}, tcp :{target.tcp}, "
+                    f"hold :{target.hold} (pid {target.pid})")
+            else:
+                log(f"{name} NOT available: {target.why_unavailable()}")
+        time.sleep(0.5)
+        for name, t in self.targets.items():
+            pid = pid_for(t, "h1")
+            if t.available and pid is not None:
+                with contextlib.suppress(OSError, ValueError):
+                    self.rss_start[name] = rss_kib(pid)
+
+    # -- rounds ----------------------------------------------------------------
+
+    def _order(self, round_index: int) -> list[Target]:
+        names = list(TARGETS)
+        k = round_index % len(names)
+        return [self.targets[n] for n in names[k:] + names[:k] if n in self.targets]
+
+    def _port(self, target: Target, kind: str) -> int | None:
+        return getattr(target, kind)
+
+    def warmup(self) -> None:
+        if self.s.warmup <= 0:
+            return
+        short = dataclasses.replace(self.s, duration=max(1, round(self.s.warmup)))
+        for t in self._order(0):
+            for name, kind in (("h1", "h1"), ("h2c", "h2c")):
+                port = self._port(t, kind)
+                sc = SCENARIOS[name]
+                if t.available and port and all(which(p) for p in sc.needs):
+                    sc.run(self.sup, port, short)
+        log("warm-up done")
+
+    def run_rounds(self) -> None:
+        for r in range(self.s.rounds):
+            for sec in self.sections:
+                if sec.name in SCENARIOS:
+                    self._run_scenario(sec, r)
+            if "ceiling" in self.selected:
+                self._run_ceiling(r)
+
+    def _run_scenario(self, sec: Section, r: int) -> None:
+        sc = SCENARIOS[sec.name]
+        missing = [p for p in sc.needs if which(p) is None]
+        for t in self._order(r):
+            port = self._port(t, sc.kind)
+            if missing:
+                sec.skipped[t.name] = f"missing {', '.join(missing)}"
+                continue
+            if not t.available or not port:
+                sec.skipped[t.name] = t.why_unavailable() if not t.available else "no listener"
+                continue
+            sample = sc.run(self.sup, port, self.s)
+            if not t.available:
+                sample.notes.append(f"{t.name} died during the run: {t.why_unavailable()}")
+            sec.add(t.name, sample)
+            shown = ", ".join(f"{k}={v:,.3f}" for k, v in sample.metrics.items())
+            log(f"round {r + 1}/{self.s.rounds} {sec.name:<11} {t.name:<11} "
+                f"{shown or 'ERROR: ' + str(sample.error)}")
+
+    def _run_ceiling(self, r: int) -> None:
+        try:
+            for m in (10, 1):
+                rate = h2_round_trips(self.s.ceiling_seconds, inflight=m)
+                self.ceiling.setdefault(f"m{m}", []).append(rate)
+            log(f"round {r + 1}/{self.s.rounds} h2 ceiling: {self.ceiling['m10'][-1]:,.0f} "
+                f"rt/s (m=10), {self.ceiling['m1'][-1]:,.0f} (m=1)")
+        except ImportError as exc:
+            log(f"h2 ceiling skipped: {exc}")
+
+    # -- memory ----------------------------------------------------------------
+
+    def run_memory(self) -> None:
+        sec = next((s for s in self.sections if s.name == "memory"), None)
+        if sec is None:
+            return
+        s = self.s
+        for t in self._order(0):
+            if not t.available:
+                sec.skipped[t.name] = t.why_unavailable()
+                continue
+            sample = Sample()
+            m = sample.metrics
+            if t.name != "direct":
+                if t.name in self.rss_start:
+                    m["rss_start_mib"] = self.rss_start[t.name] / MIB
+                pid = pid_for(t, "hold")
+                if pid is not None and t.hold:
+                    m["rss_idle_mib"] = rss_kib(pid) / MIB
+                    n = min(s.hold_connections, max(1, (raise_nofile() - 512) // 2))
+                    log(f"memory {t.name}: opening {n} idle connections ...")
+                    h = hold_connections(pid, t.hold, n)
+                    m["hold_conns"] = float(h.opened)
+                    m["hold_rss_mib"] = h.rss_with_kib / MIB
+                    m["rss_idle_mib"] = h.rss_before_kib / MIB
+                    m["hold_per_conn_kib"] = h.per_conn_kib
+                    m["hold_closed"] = float(h.closed_by_peer)
+                    if h.errors:
+                        sample.notes.append(f"hold: {h.errors[0]} (and {len(h.errors) - 1} more)")
+                    if h.opened < n:
+                        sample.notes.append(f"hold: only {h.opened} of {n} connections opened")
+                    if h.closed_by_peer:
+                        sample.notes.append(f"hold: {h.closed_by_peer} idle connections were "
+                                            "closed by the proxy")
+                    log(f"memory {t.name}: {h.opened} conns, {h.per_conn_kib:.1f} KiB/conn, "
+                        f"fds {h.fds_before}->{h.fds_with}")
+            if t.h1:
+                pid = pid_for(t, "h1")
+                url = f"http://127.0.0.1:{t.h1}/big"
+                dl = stream_body(self.sup, pid, url)
+                if dl.error:
+                    sample.notes.append(f"download: {dl.error}")
+                if dl.bytes:
+                    m["dl_mbps"] = dl.bytes_per_s / 1e6
+                if dl.bytes < s.big_bytes:
+                    sample.notes.append(f"download: got {dl.bytes:.0f} of {s.big_bytes} bytes")
+                if pid is not None:
+                    m["dl_peak_mib"] = dl.peak_kib / MIB
+                    m["dl_growth_mib"] = dl.delta_kib / MIB
+                    slow = stream_body(self.sup, pid, url, limit_rate=s.slow_rate,
+                                       max_time=s.slow_seconds)
+                    m["slow_peak_mib"] = slow.peak_kib / MIB
+                    m["slow_growth_mib"] = slow.delta_kib / MIB
+                    if slow.error:
+                        sample.notes.append(f"slow reader: {slow.error}")
+                log(f"memory {t.name}: download {m.get('dl_mbps', 0):,.0f} MB/s, peak RSS "
+                    f"{m.get('dl_peak_mib', 0):.1f} MiB, slow-reader peak "
+                    f"{m.get('slow_peak_mib', 0):.1f} MiB")
+            if not t.available:
+                sample.notes.append(f"{t.name} died during the memory test: "
+                                    f"{t.why_unavailable()}")
+            sec.add(t.name, sample)
+
+    # -- report ----------------------------------------------------------------
+
+    def report(self, meta: dict[str, Any]) -> Report:
+        meta["loadavg_end"] = os.getloadavg()
+        targets = {
+            name: {"available": t.available, "error": t.error if t.error else
+                   (None if t.available else t.why_unavailable()),
+                   "ports": {"h1": t.h1, "h2c": t.h2c, "tcp": t.tcp, "hold": t.hold}}
+            for name, t in self.targets.items()
+        }
+        return Report(meta=meta, settings=dataclasses.asdict(self.s), targets=targets,
+                      sections=self.sections, ceiling=self.ceiling)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = make_settings(args)
+    selected = list(args.only or ALL_SECTIONS)
+    install_exit_signals()
+    nofile = raise_nofile()
+
+    missing = missing_programs()
+    if missing:
+        log("missing programs: " + ", ".join(missing) + "\n    install them with: "
+            "apt-get install -y " + " ".join(sorted(set(missing.values()))))
+    if twistd_path() is None:
+        log("twistd not found: run the harness with the venv's python (Twisted installed)")
+    log(f"RLIMIT_NOFILE {nofile}; settings: {settings}")
+
+    workdir = Path(tempfile.mkdtemp(prefix="l5dbench-"))
+    workdir.chmod(0o755)  # nginx workers (nobody) read the big file from here
+    meta = collect_meta()
+    interrupted = False
+    try:
+        with Supervisor(workdir) as sup:
+            h = Harness(sup, settings, selected, args.skip_target, args.ready_timeout)
+            try:
+                h.start()
+                h.warmup()
+                h.run_rounds()
+                h.run_memory()
+            except KeyboardInterrupt:
+                interrupted = True
+                log("interrupted: stopping children, reporting what was measured")
+            report = h.report(meta)
+            report.meta["interrupted"] = interrupted
+            report.meta["workdir"] = str(workdir) if args.keep_tmp else None
+    finally:
+        if args.keep_tmp:
+            log(f"configs and logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    print(report.table())
+    footer = report.footer()
+    if footer:
+        print()
+        print(footer)
+    report.write_json(args.json)
+    log(f"JSON written to {args.json}")
+    return 130 if interrupted else 0
