@@ -60,6 +60,34 @@ class ProxyConfig:
     drain_timeout: float = 30.0
     #: One structured log line per closed connection.
     log_connections: bool = True
+    #: Reload the config when its file changes (as on SIGHUP).
+    watch_config: bool = False
+    #: How often (s) the file is checked when watch_config is on.
+    watch_interval: float = 2.0
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    #: DNS servers ("host:port") for dns/srv services and static names;
+    #: empty means the system's (/etc/resolv.conf), /etc/hosts first either way.
+    resolvers: tuple[HostPort, ...] = ()
+    #: A record's TTL is clamped to [min_ttl, max_ttl] to schedule the next lookup.
+    min_ttl: float = 5.0
+    max_ttl: float = 300.0
+    #: A failed lookup keeps the last good set and is tried again after this.
+    retry_interval: float = 5.0
+    #: How long one lookup may take.
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class FailureAccrualConfig:
+    #: Failures in a row that eject an endpoint (0: never eject).
+    consecutive_failures: int = 7
+    #: Ejection backoff: min_backoff * 2^n, up to max_backoff, times 1 + jitter * random.
+    min_backoff: float = 1.0
+    max_backoff: float = 60.0
+    jitter: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -85,11 +113,32 @@ class ServiceConfig:
     opaque: bool = False
     protocol: str | None = None
     connect_timeout: float = 5.0
+    #: DNS A/AAAA discovery: "name:port" (instead of endpoints).
+    dns: HostPort | None = None
+    #: DNS SRV discovery: "_service._proto.name" (instead of endpoints).
+    srv: str | None = None
+    #: Request sent to response headers received; None: no limit.
+    response_timeout: float | None = None
+    #: How long a pooled upstream connection may stay idle before it is closed.
+    idle_timeout: float = 60.0
+    failure_accrual: FailureAccrualConfig = field(default_factory=FailureAccrualConfig)
+    #: Response statuses that make a retryable request be retried.
+    retry_statuses: tuple[int, ...] = (502, 503, 504)
+    #: Retries per request at most (the budget caps them across requests).
+    retry_limit: int = 2
+    #: Request bodies up to this size are kept so the request can be retried.
+    retry_max_body: int = 65536
+    #: Retry budget: ratio of original requests + min_per_second over ttl seconds.
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_second: float = 10.0
+    retry_budget_ttl: float = 10.0
 
     def is_opaque(self, opaque_ports: frozenset[int]) -> bool:
         """Opaque by flag, or because every endpoint is on a server-speaks-first port."""
         if self.opaque:
             return True
+        if self.dns is not None:
+            return self.dns.port in opaque_ports
         return bool(self.endpoints) and all(e.port in opaque_ports for e in self.endpoints)
 
 
@@ -101,6 +150,7 @@ class Config:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     services: dict[str, ServiceConfig] = field(default_factory=dict)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
 
 def default_config_path() -> str:
@@ -129,10 +179,11 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     proxy = _parse_proxy(root.table("proxy"))
     services = _parse_services(root.table("service"))
     listeners = _parse_listeners(root.array("listener"), services)
+    discovery = _parse_discovery(root.table("discovery"))
     root.finish()
     if errors:
         raise ConfigError(errors)
-    return Config(source, admin, detect, proxy, listeners, services)
+    return Config(source, admin, detect, proxy, listeners, services, discovery)
 
 
 class _Table:
@@ -225,6 +276,9 @@ def _parse_proxy(t: _Table) -> ProxyConfig:
         drain_timeout=float(
             t.get("drain_timeout", (int, float), ProxyConfig.drain_timeout, check_duration)),
         log_connections=t.get("log_connections", bool, ProxyConfig.log_connections),
+        watch_config=t.get("watch_config", bool, ProxyConfig.watch_config),
+        watch_interval=float(t.get("watch_interval", (int, float), ProxyConfig.watch_interval,
+                                   check_positive_duration)),
     )
     t.finish()
     return proxy
@@ -234,18 +288,111 @@ def _parse_services(t: _Table) -> dict[str, ServiceConfig]:
     services = {}
     for name in t.data:
         s = t.table(name)
+        sources = [k for k in ("endpoints", "dns", "srv") if k in s.data]
+        if len(sources) > 1:
+            s.error("", f"exactly one of endpoints, dns or srv, not {' and '.join(sources)}")
+        dns = s.get("dns", str, None, _check_host_port)
+        response_timeout = s.get("response_timeout", (int, float), None,
+                                 check_positive_duration)
+        D = ServiceConfig
         services[name] = ServiceConfig(
             name=name,
-            endpoints=_parse_endpoints(s),
+            endpoints=_parse_endpoints(s) if not sources or "endpoints" in s.data else (),
             opaque=s.get("opaque", bool, False),
             protocol=s.get("protocol", str, None, _check_protocol),
             connect_timeout=float(
                 s.get("connect_timeout", (int, float), ServiceConfig.connect_timeout,
                       check_positive_duration)),
+            dns=parse_host_port(dns) if dns is not None else None,
+            srv=s.get("srv", str, None, _check_srv),
+            response_timeout=None if response_timeout is None else float(response_timeout),
+            idle_timeout=float(s.get("idle_timeout", (int, float), D.idle_timeout,
+                                     check_positive_duration)),
+            failure_accrual=_parse_failure_accrual(s.table("failure_accrual")),
+            retry_statuses=tuple(s.get("retry_statuses", list, D.retry_statuses,
+                                       _check_statuses)),
+            retry_limit=s.get("retry_limit", int, D.retry_limit, _check_count),
+            retry_max_body=s.get("retry_max_body", int, D.retry_max_body, _check_count),
+            retry_budget_ratio=float(s.get("retry_budget_ratio", (int, float),
+                                           D.retry_budget_ratio, _check_ratio)),
+            retry_budget_min_per_second=float(s.get(
+                "retry_budget_min_per_second", (int, float), D.retry_budget_min_per_second,
+                check_duration)),
+            retry_budget_ttl=float(s.get("retry_budget_ttl", (int, float), D.retry_budget_ttl,
+                                         check_positive_duration)),
         )
         s.finish()
     t.finish()
     return services
+
+
+def _parse_failure_accrual(t: _Table) -> FailureAccrualConfig:
+    D = FailureAccrualConfig
+    fa = FailureAccrualConfig(
+        consecutive_failures=t.get("consecutive_failures", int, D.consecutive_failures,
+                                   _check_count),
+        min_backoff=float(t.get("min_backoff", (int, float), D.min_backoff,
+                                check_positive_duration)),
+        max_backoff=float(t.get("max_backoff", (int, float), D.max_backoff,
+                                check_positive_duration)),
+        jitter=float(t.get("jitter", (int, float), D.jitter, _check_ratio)),
+    )
+    if fa.max_backoff < fa.min_backoff:
+        t.error("max_backoff", "must not be less than min_backoff")
+    t.finish()
+    return fa
+
+
+def _parse_discovery(t: _Table) -> DiscoveryConfig:
+    D = DiscoveryConfig
+    resolvers = []
+    for i, item in enumerate(t.get("resolvers", list, [])):
+        try:
+            if not isinstance(item, str):
+                raise ValueError(f'expected a string "host:port", got {_type_name(item)}')
+            resolvers.append(parse_host_port(item))
+        except ValueError as e:
+            t.error(f"resolvers[{i}]", f"{item!r}: {e}" if isinstance(item, str) else str(e))
+    discovery = DiscoveryConfig(
+        resolvers=tuple(resolvers),
+        min_ttl=float(t.get("min_ttl", (int, float), D.min_ttl, check_positive_duration)),
+        max_ttl=float(t.get("max_ttl", (int, float), D.max_ttl, check_positive_duration)),
+        retry_interval=float(t.get("retry_interval", (int, float), D.retry_interval,
+                                   check_positive_duration)),
+        timeout=float(t.get("timeout", (int, float), D.timeout, check_positive_duration)),
+    )
+    if discovery.max_ttl < discovery.min_ttl:
+        t.error("max_ttl", "must not be less than min_ttl")
+    t.finish()
+    return discovery
+
+
+def _check_host_port(value: str) -> str | None:
+    try:
+        parse_host_port(value)
+    except ValueError as e:
+        return f"{value!r}: {e}"
+    return None
+
+
+def _check_srv(value: str) -> str | None:
+    labels = value.rstrip(".").split(".")
+    if len(labels) < 3 or not labels[0].startswith("_") or not labels[1].startswith("_"):
+        return f"{value!r}: expected an SRV name such as _http._tcp.example.com"
+    return None
+
+
+def _check_statuses(value: list[Any]) -> str | None:
+    bad = [v for v in value if not _is_kind(v, int) or not 100 <= v <= 599]
+    return f"not HTTP status codes: {bad!r}" if bad else None
+
+
+def _check_count(value: int) -> str | None:
+    return "must not be negative" if value < 0 else None
+
+
+def _check_ratio(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be between 0 and 1"
 
 
 def _parse_listeners(tables: list[_Table], services: dict[str, ServiceConfig],
