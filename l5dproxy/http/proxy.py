@@ -1,0 +1,377 @@
+"""The middle of the HTTP pipeline: route, balance, time out, count.
+
+``HttpProxy`` is the ``exchange.Dispatcher`` both codec ends hand their
+requests to. For each request it picks the target service (the listener's
+``service``, or the first ``[[listener.route]]`` whose ``host`` and/or
+``path_prefix`` match), an endpoint of that service, and the client end that
+speaks the service's ``protocol`` (by default the protocol the client
+spoke), and maps whatever goes wrong to the error Linkerd would answer:
+
+* no endpoint to pick: 503 ``no endpoints``
+* the client end cannot connect or loses the connection: 502
+* connect timeout or ``response_timeout`` (request head to response head): 504
+
+Metrics are counted as Linkerd counts them: ``request_total`` when the
+request head arrives; ``response_total`` (``status_code``, ``grpc_status``,
+``classification``, ``error``) when the response body has ended, so a
+response that dies half-way counts as a failure; ``response_latency_ms``
+from the request head to the first byte of the response body (or its end,
+when it has none). Labelled children are looked up once per
+(listener, service, authority, protocol) and kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from twisted.internet import defer, error
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from l5dproxy.http.exchange import Headers, ProxyError, Request, RequestContext, Response
+from l5dproxy.telemetry import DIRECTION
+
+if TYPE_CHECKING:
+    from l5dproxy.balance import Endpoint, Upstream
+    from l5dproxy.config import HostPort, ServiceConfig
+    from l5dproxy.http.exchange import UpstreamClient
+    from l5dproxy.telemetry import Metrics
+
+log = Logger(namespace="l5dproxy.http")
+access_log = Logger(namespace="l5dproxy.access")
+
+#: Distinct label sets kept per proxy before the cache starts over (a client
+#: sending random Host headers must not grow memory without bound).
+MAX_CACHED_LABEL_SETS = 10_000
+
+
+class HttpProxy:
+    """Route, balance, time out and count every HTTP request."""
+
+    def __init__(self, upstreams: dict[str, Upstream], metrics: Metrics, reactor,
+                 clients: dict[str, UpstreamClient] | None = None) -> None:
+        self.upstreams = upstreams
+        self.metrics = metrics
+        self.reactor = reactor
+        #: Client ends by protocol name ("http1", "h2"); codecs register theirs.
+        self.clients: dict[str, UpstreamClient] = dict(clients or {})
+        #: The service config of every endpoint address requests went to, so
+        #: client ends can find its connect timeout and name (see target_of).
+        self.targets: dict[HostPort, ServiceConfig] = {}
+        self._routes: dict[object, _RouteTable] = {}
+        self._labels: dict[tuple[str, str, bytes, str], _Labels] = {}
+
+    # -- what client ends may ask --
+
+    def target_of(self, endpoint: Endpoint) -> ServiceConfig | None:
+        """The service config of the last request sent to ``endpoint``'s address."""
+        return self.targets.get(endpoint.address)
+
+    def connect_timeout_of(self, endpoint: Endpoint) -> float:
+        config = self.targets.get(endpoint.address)
+        return config.connect_timeout if config is not None else 5.0
+
+    # -- the dispatcher --
+
+    def dispatch(self, request: Request, context: RequestContext) -> defer.Deferred[Response]:
+        return _Exchange(self, request, context).start()
+
+    def route(self, listener, authority: bytes, target: bytes) -> str:
+        """The service a request goes to."""
+        table = self._routes.get(listener)
+        if table is None:
+            table = self._routes[listener] = _RouteTable(listener.config)
+        return table.match(authority, target)
+
+    def labels(self, listener: str, service: str, authority: bytes, protocol: str) -> _Labels:
+        key = (listener, service, authority, protocol)
+        labels = self._labels.get(key)
+        if labels is None:
+            if len(self._labels) >= MAX_CACHED_LABEL_SETS:
+                self._labels.clear()
+            labels = self._labels[key] = _Labels(
+                self.metrics, (DIRECTION, listener, service,
+                               authority.decode("latin-1"), protocol))
+        return labels
+
+
+class _RouteTable:
+    """A listener's routes, compiled: (host, path prefix, service), first match wins."""
+
+    __slots__ = ("default", "routes")
+
+    def __init__(self, config) -> None:
+        self.default: str = config.service
+        self.routes: list[tuple[bytes | None, bytes | None, str]] = [
+            (route.host.lower().encode("idna") if route.host else None,
+             route.path_prefix.encode() if route.path_prefix else None,
+             route.service)
+            for route in getattr(config, "routes", ())
+        ]
+
+    def match(self, authority: bytes, target: bytes) -> str:
+        if not self.routes:
+            return self.default
+        authority = authority.lower()
+        host = _host_of(authority)
+        for want_host, prefix, service in self.routes:
+            if want_host is not None and want_host != host and want_host != authority:
+                continue
+            if prefix is not None and not target.startswith(prefix):
+                continue
+            return service
+        return self.default
+
+
+def _host_of(authority: bytes) -> bytes:
+    """``host`` of ``host:port`` / ``[v6]:port``."""
+    if authority.startswith(b"["):
+        end = authority.find(b"]")
+        return authority[:end + 1] if end > 0 else authority
+    host, _, _ = authority.partition(b":")
+    return host
+
+
+class _Labels:
+    """The labelled metric children of one (listener, service, authority, protocol)."""
+
+    __slots__ = ("_latency", "_responses", "labels", "metrics", "requests")
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
+        self.metrics = metrics
+        self.labels = labels
+        self.requests = metrics.request_total.labels(*labels)
+        self._responses: dict[tuple[int, str, str, str], object] = {}
+        self._latency: dict[int, object] = {}
+
+    def response(self, status: int, grpc_status: str, classification: str, error: str):
+        key = (status, grpc_status, classification, error)
+        child = self._responses.get(key)
+        if child is None:
+            child = self._responses[key] = self.metrics.response_total.labels(
+                *self.labels, str(status), grpc_status, classification, error)
+        return child
+
+    def latency(self, status: int):
+        child = self._latency.get(status)
+        if child is None:
+            child = self._latency[status] = self.metrics.response_latency_ms.labels(
+                *self.labels, str(status))
+        return child
+
+
+class _Exchange:
+    """One request through the middle, from its head to the end of its response."""
+
+    __slots__ = (
+        "context", "endpoint", "head_latency", "labels", "latency_seen", "proxy", "request",
+        "response", "result", "settled", "started", "status", "timer", "upstream", "upstream_d",
+    )
+
+    def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.context = context
+        self.started = proxy.reactor.seconds()
+        self.endpoint: Endpoint | None = None
+        self.upstream: Upstream | None = None
+        self.upstream_d: defer.Deferred | None = None
+        self.response: Response | None = None
+        self.timer = None
+        self.status = 0
+        self.head_latency: float | None = None
+        self.latency_seen = False
+        self.settled = False  # the result has fired or was cancelled
+        self.result: defer.Deferred[Response] = defer.Deferred(self._cancel)
+
+    def start(self) -> defer.Deferred[Response]:
+        proxy = self.proxy
+        head = self.request.head
+        context = self.context
+        listener = context.listener
+        service = proxy.route(listener, head.authority, head.target)
+        self.labels = proxy.labels(listener.name, service, head.authority, context.protocol)
+        self.labels.requests.inc()
+        upstream = self.upstream = proxy.upstreams.get(service)
+        if upstream is None:  # pragma: no cover - config validation names every service
+            self._fail(ProxyError.unavailable("unknown service"))
+            return self.result
+        endpoint = upstream.pick()
+        if endpoint is None:
+            self._fail(ProxyError.unavailable("no endpoints"))
+            return self.result
+        config = upstream.config
+        protocol = config.protocol or context.protocol
+        if getattr(self.request, "upgrade", None) is not None and config.protocol != "h2":
+            protocol = "http1"  # Upgrade and CONNECT tunnels are HTTP/1 only
+        client = proxy.clients.get(protocol)
+        if client is None:
+            self._fail(ProxyError.bad_gateway(f"no {protocol} client"))
+            return self.result
+        address = endpoint.address
+        if proxy.targets.get(address) is not config:
+            proxy.targets[address] = config
+        self.endpoint = endpoint
+        endpoint.begin()
+        connection = context.connection
+        if connection is not None:
+            connection.endpoint = endpoint.label
+        timeout = getattr(config, "response_timeout", None)
+        if timeout:
+            self.timer = proxy.reactor.callLater(timeout, self._timed_out)
+        try:
+            d = client.request(endpoint, self.request)
+        except Exception as e:  # a client end bug must not hang the request
+            log.failure("client end failed", Failure(e))
+            self._upstream_failed(Failure(e))
+            return self.result
+        self.upstream_d = d
+        d.addCallbacks(self._responded, self._upstream_failed)
+        return self.result
+
+    # -- outcomes --
+
+    def _responded(self, response: Response) -> None:
+        self.upstream_d = None
+        self._cancel_timer()
+        if self.settled:  # timed out or cancelled meanwhile
+            response.body.cancel()
+            return
+        self.settled = True
+        now = self.proxy.reactor.seconds()
+        self.head_latency = now - self.started
+        self.response = response
+        self.status = response.head.status
+        body = response.body
+        body.on_first_data(self._first_byte)
+        self.result.callback(response)
+        body.on_end(self._ended)
+
+    def _first_byte(self) -> None:
+        if not self.latency_seen:
+            self.latency_seen = True
+            elapsed = self.proxy.reactor.seconds() - self.started
+            self.labels.latency(self.status).observe(elapsed * 1000.0)
+
+    def _ended(self, trailers: Headers | None, reason: Exception | None) -> None:
+        self._first_byte()
+        response = self.response
+        status = self.status
+        grpc_status = _grpc_status(trailers, response.head.headers)
+        if reason is not None:
+            error = "cancelled" if isinstance(reason, ConnectionAbortedError) else "stream"
+            failed = True
+            endpoint_ok = error == "cancelled" and status < 500
+        else:
+            error = ""
+            failed = status >= 500 or (grpc_status not in ("", "0"))
+            endpoint_ok = status < 500
+        self.labels.response(status, grpc_status, "failure" if failed else "success",
+                             error).inc()
+        self._release(self.head_latency, endpoint_ok)
+        if getattr(self.context.listener.config, "access_log", False):
+            self._log_access(status)
+
+    def _upstream_failed(self, failure: Failure) -> None:
+        self.upstream_d = None
+        if self.settled:  # we timed out or were cancelled: already answered
+            return
+        self._fail(as_proxy_error(failure))
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.settled:
+            return
+        self._fail(ProxyError.timeout("response timeout"))
+        d, self.upstream_d = self.upstream_d, None
+        if d is not None:
+            d.cancel()
+
+    def _fail(self, err: ProxyError) -> None:
+        """Answer ``err`` (the server end writes it) and count it."""
+        self.settled = True
+        self._cancel_timer()
+        self.status = err.status
+        self._first_byte()
+        self.labels.response(err.status, "", "failure", err.reason).inc()
+        self._release(None, False)
+        if getattr(self.context.listener.config, "access_log", False):
+            self._log_access(err.status, err.reason)
+        self.result.errback(Failure(err))
+
+    def _cancel(self, result: defer.Deferred) -> None:
+        """The client went away before the response head."""
+        self.settled = True
+        self._cancel_timer()
+        d, self.upstream_d = self.upstream_d, None
+        if d is not None:
+            d.cancel()
+        self._release(None, True)
+
+    def _release(self, latency: float | None, success: bool) -> None:
+        endpoint, self.endpoint = self.endpoint, None
+        if endpoint is not None:
+            endpoint.end(latency, success)
+
+    def _cancel_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _log_access(self, status: int, error: str = "") -> None:
+        head = self.request.head
+        response = self.response
+        access_log.info(
+            "{method} {authority} {path} {status} req_bytes={req_bytes} resp_bytes={resp_bytes}"
+            " duration_ms={duration_ms:.1f} endpoint={endpoint}{error}",
+            listener=self.context.listener.name,
+            method=head.method.decode("latin-1"), authority=head.authority.decode("latin-1")
+            or "-", path=head.target.decode("latin-1"), status=status,
+            req_bytes=self.request.body.received,
+            resp_bytes=response.body.received if response is not None else 0,
+            duration_ms=(self.proxy.reactor.seconds() - self.started) * 1000.0,
+            endpoint=getattr(self.context.connection, "endpoint", "") or "-",
+            error=f" error={error!r}" if error else "",
+        )
+
+
+def _grpc_status(trailers: Headers | None, headers: Headers) -> str:
+    for source in (trailers, headers):
+        if source:
+            for name, value in source:
+                if name.lower() == b"grpc-status":
+                    return value.decode("latin-1")
+    return ""
+
+
+def as_proxy_error(failure: Failure) -> ProxyError:
+    """What the client sees for an upstream failure, as Linkerd maps them."""
+    exc = failure.value
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, error.TimeoutError | error.TCPTimedOutError):
+        return ProxyError.timeout("connect timeout")
+    if isinstance(exc, error.ConnectionRefusedError):
+        return ProxyError.bad_gateway("connection refused")
+    if isinstance(exc, error.DNSLookupError):
+        return ProxyError.bad_gateway("dns lookup failed")
+    if isinstance(exc, error.ConnectError):
+        return ProxyError.bad_gateway("connect failed")
+    if isinstance(exc, error.ConnectionDone | error.ConnectionLost | ConnectionError):
+        return ProxyError.bad_gateway("connection closed by upstream")
+    if isinstance(exc, defer.CancelledError):
+        return ProxyError.bad_gateway("cancelled")
+    log.failure("unexpected upstream error", failure)
+    return ProxyError.bad_gateway("upstream error")
+
+
+def reason_phrase(status: int) -> bytes:
+    return _REASONS.get(status, b"Unknown")
+
+
+_REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+#: A callable a client end is given to find an endpoint's service config.
+TargetOf = Callable[["Endpoint"], "ServiceConfig | None"]

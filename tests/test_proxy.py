@@ -1,0 +1,211 @@
+"""The HTTP dispatcher: routing, endpoint choice, error mapping, metrics, timeouts."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+from twisted.internet import defer, error
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from l5dproxy.balance import Upstream
+from l5dproxy.config import HostPort, ListenerConfig, RouteConfig, ServiceConfig
+from l5dproxy.http.exchange import (
+    Body,
+    ProxyError,
+    Request,
+    RequestContext,
+    RequestHead,
+    Response,
+    ResponseHead,
+)
+from l5dproxy.http.proxy import HttpProxy, as_proxy_error
+from l5dproxy.telemetry import Metrics
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, Request, defer.Deferred]] = []
+        self.cancelled = 0
+
+    def request(self, endpoint, request):
+        def cancel(d):
+            self.cancelled += 1
+        d = defer.Deferred(cancel)
+        self.calls.append((endpoint, request, d))
+        return d
+
+
+class FakeListener:
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.name = config.name
+
+
+class FakeConnection:
+    endpoint = ""
+
+
+def sample(registry: CollectorRegistry, name: str, **labels) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def service(name, *endpoints, **kw) -> ServiceConfig:
+    return ServiceConfig(name, tuple(HostPort("127.0.0.1", p) for p in endpoints), **kw)
+
+
+class DispatcherTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.metrics = Metrics()
+        self.services = {
+            "app": service("app", 8080),
+            "api": service("api", 9090, protocol="h2"),
+            "empty": service("empty"),
+            "slow": service("slow", 7070, response_timeout=2.0)
+            if "response_timeout" in ServiceConfig.__dataclass_fields__ else service("slow", 7070),
+        }
+        self.upstreams = {n: Upstream(c, frozenset()) for n, c in self.services.items()}
+        self.h1 = FakeClient()
+        self.h2 = FakeClient()
+        self.proxy = HttpProxy(self.upstreams, self.metrics, self.clock,
+                               {"http1": self.h1, "h2": self.h2})
+        self.listener = FakeListener(ListenerConfig(
+            "in", "tcp:0", "app", routes=(
+                RouteConfig("api", host="api.example"),
+                RouteConfig("empty", path_prefix="/empty"),
+                RouteConfig("slow", host="slow.example", path_prefix="/s"),
+            )))
+
+    def dispatch(self, authority=b"web.example", target=b"/", method=b"GET"):
+        request = Request(RequestHead(method, target, authority), Body.empty())
+        context = RequestContext(self.listener, FakeConnection(), "http1")
+        return request, self.proxy.dispatch(request, context)
+
+    def value(self, name, **labels):
+        base = {"direction": "inbound", "listener": "in", "protocol": "http1"}
+        return sample(self.metrics.registry, name, **{**base, **labels})
+
+    def test_default_service(self) -> None:
+        request, _d = self.dispatch()
+        [(endpoint, sent, _)] = self.h1.calls
+        self.assertIs(sent, request)
+        self.assertEqual(endpoint.address, HostPort("127.0.0.1", 8080))
+        self.assertEqual(endpoint.active, 1)
+
+    def test_route_by_host_ignores_port_and_case(self) -> None:
+        self.dispatch(authority=b"API.example:80")
+        self.assertEqual(len(self.h2.calls), 1)  # service "api" speaks h2
+        self.assertEqual(self.h2.calls[0][0].address.port, 9090)
+
+    def test_route_by_host_and_prefix(self) -> None:
+        self.dispatch(authority=b"slow.example", target=b"/other")
+        self.dispatch(authority=b"slow.example", target=b"/s/1")
+        self.assertEqual([c[0].address.port for c in self.h1.calls], [8080, 7070])
+
+    def test_no_endpoints_is_503(self) -> None:
+        _, d = self.dispatch(target=b"/empty/x")
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason), (503, "no endpoints"))
+        self.assertEqual(self.value("response_total", service="empty", authority="web.example",
+                                    status_code="503", grpc_status="",
+                                    classification="failure", error="no endpoints"), 1)
+
+    def test_connect_errors_are_mapped(self) -> None:
+        cases = [
+            (error.ConnectionRefusedError(), 502),
+            (error.TimeoutError(), 504),
+            (error.ConnectionLost(), 502),
+            (ProxyError.timeout("x"), 504),
+        ]
+        for exc, status in cases:
+            _, d = self.dispatch()
+            self.h1.calls[-1][2].errback(exc)
+            self.assertEqual(self.failureResultOf(d, ProxyError).value.status, status)
+        endpoint = self.h1.calls[0][0]
+        self.assertEqual(endpoint.active, 0)
+
+    def test_metrics_and_latency(self) -> None:
+        _, d = self.dispatch()
+        self.clock.advance(0.0035)
+        body = Body()
+        self.h1.calls[0][2].callback(Response(ResponseHead(200), body))
+        response = self.successResultOf(d)
+        self.assertIs(response.body, body)
+        self.clock.advance(0.010)
+        body.write(b"hello")        # first byte: 13.5 ms
+        self.clock.advance(1.0)
+        body.finish()
+        labels = {"service": "app", "authority": "web.example"}
+        self.assertEqual(self.value("request_total", **labels), 1)
+        self.assertEqual(self.value("response_total", **labels, status_code="200",
+                                    grpc_status="", classification="success", error=""), 1)
+        self.assertEqual(self.value("response_latency_ms_bucket", **labels, status_code="200",
+                                    le="20.0"), 1)
+        self.assertEqual(self.value("response_latency_ms_bucket", **labels, status_code="200",
+                                    le="10.0"), 0)
+        self.assertEqual(self.h1.calls[0][0].active, 0)
+
+    def test_bodiless_latency_is_at_head(self) -> None:
+        _, d = self.dispatch()
+        self.clock.advance(0.002)
+        self.h1.calls[0][2].callback(Response(ResponseHead(503), Body.empty()))
+        self.successResultOf(d)
+        labels = {"service": "app", "authority": "web.example", "status_code": "503"}
+        self.assertEqual(self.value("response_latency_ms_bucket", **labels, le="2.0"), 1)
+        self.assertEqual(self.value("response_total", **labels, grpc_status="",
+                                    classification="failure", error=""), 1)
+
+    def test_body_dies_midway_counts_failure(self) -> None:
+        _, _d = self.dispatch()
+        body = Body()
+        self.h1.calls[0][2].callback(Response(ResponseHead(200), body))
+        body.write(b"x")
+        body.fail(ConnectionResetError())
+        self.assertEqual(self.value("response_total", service="app", authority="web.example",
+                                    status_code="200", grpc_status="",
+                                    classification="failure", error="stream"), 1)
+
+    def test_grpc_status_in_trailers(self) -> None:
+        _, _d = self.dispatch()
+        body = Body()
+        self.h1.calls[0][2].callback(Response(ResponseHead(200), body))
+        body.finish([(b"grpc-status", b"14")])
+        self.assertEqual(self.value("response_total", service="app", authority="web.example",
+                                    status_code="200", grpc_status="14",
+                                    classification="failure", error=""), 1)
+
+    def test_cancel_cancels_upstream(self) -> None:
+        _, d = self.dispatch()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.h1.cancelled, 1)
+        self.assertEqual(self.h1.calls[0][0].active, 0)
+
+    def test_response_timeout(self) -> None:
+        if "response_timeout" not in ServiceConfig.__dataclass_fields__:
+            raise self.skipTest("no response_timeout in ServiceConfig")
+        _, d = self.dispatch(authority=b"slow.example", target=b"/s")
+        self.clock.advance(1.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason), (504, "response timeout"))
+        self.assertEqual(self.h1.cancelled, 1)
+        self.assertEqual(self.h1.calls[0][0].active, 0)
+
+    def test_missing_client_is_502(self) -> None:
+        del self.proxy.clients["h2"]
+        _, d = self.dispatch(authority=b"api.example")
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
+
+    def test_connect_timeout_of(self) -> None:
+        self.dispatch()
+        endpoint = self.h1.calls[0][0]
+        self.assertEqual(self.proxy.connect_timeout_of(endpoint), 5.0)
+        self.assertIs(self.proxy.target_of(endpoint), self.services["app"])
+
+    def test_unknown_exception_is_502(self) -> None:
+        from twisted.python.failure import Failure
+        err = as_proxy_error(Failure(RuntimeError("boom")))
+        self.assertEqual(err.status, 502)
+        self.flushLoggedErrors(RuntimeError)
