@@ -1,0 +1,1047 @@
+"""The HTTP/2 codec ends: a server end facing clients, a client end facing endpoints.
+
+Both sit on ``h2.connection.H2Connection`` and translate streams to and from
+the protocol-neutral exchange (``l5dproxy.http.exchange``), so routing,
+balancing and metrics never see HTTP/2.
+
+Flow control runs end to end. Received DATA is acknowledged (its
+``flow_controlled_length``, padding included) only once the body it went
+into is not paused: a slow consumer on the far side holds the acks back,
+the peer's window closes, and the proxy's memory stays flat. Sending
+respects the peer's windows and frame size, slicing memoryviews (never
+re-slicing a large buffer per frame), and stops while the transport's write
+buffer is full (the protocol is the transport's streaming producer). What
+waits to be sent on a stream pauses the body feeding it past
+``OUT_HIGH_WATER``.
+
+One h2 quirk is worked around on purpose: h2 moves the whole connection to
+CLOSED when a GOAWAY is sent or received, after which it refuses even the
+frames of streams the GOAWAY lets finish. So the graceful GOAWAY on drain is
+written as a raw frame, and a received GOAWAY puts h2's state machine back
+to open while the streams it spares finish.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+from h2.config import H2Configuration
+from h2.connection import ConnectionState, H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from l5dproxy.connection import errno_name
+from l5dproxy.http.exchange import (
+    Body,
+    Headers,
+    ProxyError,
+    Request,
+    RequestContext,
+    RequestHead,
+    Response,
+    ResponseHead,
+    error_response,
+)
+
+if TYPE_CHECKING:
+    from l5dproxy.connection import InboundConnection
+    from l5dproxy.http.exchange import Dispatcher
+
+log = Logger(namespace="l5dproxy.h2")
+
+#: Bytes queued for sending on one stream past which its body is paused.
+OUT_HIGH_WATER = 64 * 1024
+OUT_LOW_WATER = 16 * 1024
+#: h2's largest stream id; the first GOAWAY of a graceful drain names it.
+_MAX_STREAM_ID = 2**31 - 1
+
+#: Headers that mean something to one HTTP/1 connection only: never in h2.
+CONNECTION_HEADERS = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
+    b"upgrade", b"host", b"http2-settings",
+})
+
+
+@dataclass(frozen=True)
+class H2Settings:
+    """The limits and windows of the h2 ends (``[h2]`` in the config)."""
+
+    #: Streams a client may have open at once; more are refused (REFUSED_STREAM).
+    max_concurrent_streams: int = 256
+    #: Largest request header list (RFC 9113 size: name + value + 32 each);
+    #: a larger one is answered 431 (gRPC: INTERNAL).
+    max_header_list_size: int = 64 * 1024
+    #: Receive window of each stream, and of each connection as a whole.
+    initial_window_size: int = 1024 * 1024
+    connection_window_size: int = 4 * 1024 * 1024
+
+
+class StreamResetError(Exception):
+    """The peer reset an HTTP/2 stream (a body fails with this)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = _code(code)
+        super().__init__(f"stream reset: {code_name(self.code)}")
+
+
+def code_name(code: int) -> str:
+    return code.name if isinstance(code, ErrorCodes) else str(code)
+
+
+def _code(code: int) -> ErrorCodes | int:
+    try:
+        return ErrorCodes(code)
+    except ValueError:
+        return code
+
+
+# -- translation between h2 header blocks and the neutral heads --
+
+def request_head_from_h2(headers: Headers) -> RequestHead:
+    """A RequestHead from a request header block; ValueError if it is unusable.
+
+    Cookie crumbs are joined back into one header (RFC 9113 8.2.3), ``host``
+    becomes the authority when ``:authority`` is missing.
+    """
+    method = path = authority = None
+    scheme = b"http"
+    regular: Headers = []
+    cookies: list[bytes] = []
+    host = None
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":scheme":
+                scheme = value
+            continue
+        if name == b"cookie":
+            cookies.append(value)
+        elif name == b"host":
+            host = value
+        elif name not in CONNECTION_HEADERS:
+            regular.append((name, value))
+    if method is None:
+        raise ValueError("no :method")
+    if method == b"CONNECT":
+        path = authority or b""
+    elif not path:
+        raise ValueError("no :path")
+    if cookies:
+        regular.append((b"cookie", b"; ".join(cookies)))
+    return RequestHead(method=method, target=path, authority=authority or host or b"",
+                       headers=regular, scheme=scheme, version="2")
+
+
+def h2_request_headers(head: RequestHead) -> Headers:
+    """The request header block for a neutral head (lowercase, no hop-by-hop)."""
+    out: Headers = [(b":method", head.method)]
+    if head.method != b"CONNECT":
+        out.append((b":scheme", head.scheme or b"http"))
+        out.append((b":path", head.target or b"/"))
+    if head.authority:
+        out.append((b":authority", head.authority))
+    has_te = False
+    for name, value in head.headers:
+        name = name.lower()
+        if name in CONNECTION_HEADERS:
+            continue
+        if name == b"te":
+            if value.strip().lower() != b"trailers":
+                continue
+            has_te = True
+            value = b"trailers"
+        out.append((name, value))
+    if head.is_grpc and not has_te:
+        out.append((b"te", b"trailers"))
+    return out
+
+
+def response_head_from_h2(headers: Headers) -> ResponseHead:
+    status = None
+    regular: Headers = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            regular.append((name, value))
+    if status is None:
+        raise ValueError("no :status")
+    return ResponseHead(status, regular)
+
+
+def h2_response_headers(head: ResponseHead) -> Headers:
+    out: Headers = [(b":status", str(head.status).encode())]
+    out.extend(_regular(head.headers))
+    return out
+
+
+def h2_trailers(trailers: Headers) -> Headers:
+    return list(_regular(trailers))
+
+
+def _regular(headers: Headers):
+    for name, value in headers:
+        name = name.lower()
+        if name[:1] == b":" or name in CONNECTION_HEADERS or name == b"te":
+            continue
+        yield name, value
+
+
+def header_list_size(headers: Headers) -> int:
+    """The RFC 9113 size of a header list: name + value + 32 per field."""
+    return sum(len(n) + len(v) + 32 for n, v in headers)
+
+
+# -- one stream, either side --
+
+class _Stream:
+    """One h2 stream: the body coming in (we are its source) and the body
+    going out (we are its sink), plus what the side needs to finish it."""
+
+    __slots__ = (
+        "conn", "deferred", "grpc", "held", "in_body", "in_discard", "in_done", "in_paused",
+        "in_trailers", "out_body", "out_done", "out_end", "out_headers", "out_paused",
+        "out_queue", "out_queued", "out_trailers", "pending", "reset", "sid",
+    )
+
+    def __init__(self, conn: _H2Protocol, sid: int) -> None:
+        self.conn = conn
+        self.sid = sid
+        self.in_body: Body | None = None
+        self.in_done = False          # the peer ended its side (or we gave up on it)
+        self.in_paused = False
+        self.in_discard = False       # the consumer is gone: ack and drop
+        self.in_trailers: Headers | None = None
+        self.held = 0                 # flow-controlled bytes received, not yet acked
+        self.out_body: Body | None = None
+        self.out_headers: tuple[Headers, bool] | None = None  # not yet sent
+        self.out_queue: deque[memoryview] = deque()
+        self.out_queued = 0
+        self.out_end = False          # body_end seen
+        self.out_trailers: Headers | None = None
+        self.out_done = False         # END_STREAM sent
+        self.out_paused = False
+        self.reset = False
+        self.deferred: defer.Deferred | None = None   # server: dispatch; client: response
+        self.grpc = False
+        self.pending: _Pending | None = None          # client: the request it carries
+
+    # BodySource: the inbound body's consumer speaks
+
+    def pause_body(self) -> None:
+        self.in_paused = True
+
+    def resume_body(self) -> None:
+        self.in_paused = False
+        if self.held:
+            held, self.held = self.held, 0
+            self.conn._ack(self.sid, held)
+
+    def stop_body(self) -> None:
+        self.in_discard = True
+        self.resume_body()
+        self.conn._inbound_stopped(self)
+
+    # BodySink: the outbound body speaks
+
+    def body_data(self, data: bytes) -> None:
+        if self.reset or self.out_done:
+            return
+        self.out_queue.append(memoryview(data))
+        self.out_queued += len(data)
+        self.conn._send_stream(self)
+        if self.out_queued > OUT_HIGH_WATER and not self.out_paused and not self.reset:
+            self.out_paused = True
+            self.out_body.pause()
+
+    def body_end(self, trailers: Headers | None) -> None:
+        if self.reset or self.out_done:
+            return
+        self.out_end = True
+        self.out_trailers = trailers or None
+        self.conn._send_stream(self)
+
+    def body_error(self, reason: Exception) -> None:
+        if self.reset or self.out_done:
+            return
+        code = reason.code if isinstance(reason, StreamResetError) else ErrorCodes.CANCEL
+        if code == ErrorCodes.NO_ERROR:
+            code = ErrorCodes.CANCEL
+        self.conn._reset(self, code)
+
+
+@implementer(IPushProducer)
+class _H2Protocol(Protocol):
+    """What the server and client ends share: the h2 connection, writing,
+    sending bodies within the windows, acknowledging what was consumed."""
+
+    h2: H2Connection
+
+    def __init__(self) -> None:
+        self.streams: dict[int, _Stream] = {}
+        self._blocked: dict[int, _Stream] = {}   # streams with data waiting for a window
+        self._write_paused = False
+        self._lost = False
+
+    # -- writing --
+
+    def _write(self) -> None:
+        data = self.h2.data_to_send()
+        if data and not self._lost:
+            self._count_written(len(data))
+            self.transport.write(data)
+
+    def _count_written(self, n: int) -> None:
+        pass
+
+    def pauseProducing(self) -> None:
+        self._write_paused = True
+
+    def resumeProducing(self) -> None:
+        self._write_paused = False
+        self._send_blocked()
+
+    def stopProducing(self) -> None:
+        self._write_paused = True
+
+    # -- sending bodies --
+
+    def _send_stream(self, stream: _Stream) -> None:
+        """Send what the stream has queued, as far as windows and the
+        transport allow; then its end (trailers or END_STREAM) once empty."""
+        if stream.reset or self._lost:
+            return
+        h2 = self.h2
+        sid = stream.sid
+        if stream.out_headers is not None and (stream.out_queue or not stream.out_end
+                                               or stream.out_trailers):
+            headers, _ = stream.out_headers
+            stream.out_headers = None
+            h2.send_headers(sid, headers)
+        queue = stream.out_queue
+        while queue:
+            if self._write_paused:
+                self._blocked[sid] = stream
+                break
+            window = min(h2.local_flow_control_window(sid), h2.max_outbound_frame_size)
+            if window <= 0:
+                self._blocked[sid] = stream
+                break
+            chunk = queue[0]
+            if len(chunk) <= window:
+                queue.popleft()
+                n = len(chunk)
+            else:
+                queue[0] = chunk[window:]
+                chunk = chunk[:window]
+                n = window
+            stream.out_queued -= n
+            h2.send_data(sid, chunk)
+            self._write()
+        else:
+            self._blocked.pop(sid, None)
+            if stream.out_end and not stream.out_done:
+                stream.out_done = True
+                if stream.out_headers is not None:
+                    headers, _ = stream.out_headers
+                    stream.out_headers = None
+                    h2.send_headers(sid, headers, end_stream=True)
+                elif stream.out_trailers:
+                    h2.send_headers(sid, h2_trailers(stream.out_trailers), end_stream=True)
+                else:
+                    h2.end_stream(sid)
+                self._write()
+                self._outbound_done(stream)
+                return
+        if stream.out_paused and stream.out_queued < OUT_LOW_WATER:
+            stream.out_paused = False
+            stream.out_body.resume()
+
+    def _send_blocked(self) -> None:
+        for stream in list(self._blocked.values()):
+            if self._write_paused:
+                return
+            self._send_stream(stream)
+
+    def _start_outbound(self, stream: _Stream, headers: Headers, body: Body) -> None:
+        """Send ``headers`` and then ``body`` on the stream. The headers wait
+        for the body's first event, so an empty body ends on HEADERS."""
+        stream.out_headers = (headers, True)
+        stream.out_body = body
+        body.consume(stream)
+        if stream.out_headers is not None and not stream.reset and not self._lost:
+            stream.out_headers = None
+            self.h2.send_headers(stream.sid, headers)
+            self._write()
+
+    # -- receiving --
+
+    def _ack(self, sid: int, n: int) -> None:
+        if self._lost:
+            return
+        self.h2.acknowledge_received_data(n, sid)
+        self._write()
+
+    def _on_data(self, event: DataReceived) -> None:
+        stream = self.streams.get(event.stream_id)
+        n = event.flow_controlled_length
+        if stream is None or stream.in_body is None or stream.in_discard or stream.in_done:
+            if n:
+                self.h2.acknowledge_received_data(n, event.stream_id)
+            return
+        if event.data:
+            stream.in_body.write(event.data)
+        if not n:
+            return
+        if stream.in_paused and not stream.in_discard:
+            stream.held += n
+        else:
+            self.h2.acknowledge_received_data(n, event.stream_id)
+
+    def _on_end(self, stream: _Stream) -> None:
+        if stream.in_done:
+            return
+        stream.in_done = True
+        body = stream.in_body
+        if body is not None and not body.ended:
+            body.finish(stream.in_trailers)
+        self._maybe_forget(stream)
+
+    def _reset(self, stream: _Stream, code: int) -> None:
+        """Reset the stream (our decision), and let go of both bodies."""
+        if stream.reset:
+            return
+        stream.reset = True
+        if not self._lost and not (stream.out_done and stream.in_done):
+            with suppress(ProtocolError):   # already closed in h2's view
+                self.h2.reset_stream(stream.sid, code)
+            self._write()
+        self._release(stream, StreamResetError(code))
+
+    def _release(self, stream: _Stream, reason: Exception) -> None:
+        """The stream is over, one way or another: fail or cancel what is left."""
+        stream.reset = True
+        self._blocked.pop(stream.sid, None)
+        stream.out_queue.clear()
+        stream.out_queued = 0
+        if stream.held:
+            held, stream.held = stream.held, 0
+            self._ack(stream.sid, held)
+        if stream.out_body is not None and not stream.out_done:
+            stream.out_body.cancel()
+        body = stream.in_body
+        if body is not None and not stream.in_done:
+            stream.in_done = True
+            body.fail(reason)
+        self.streams.pop(stream.sid, None)
+        self._stream_gone(stream)
+
+    def _maybe_forget(self, stream: _Stream) -> None:
+        if stream.in_done and stream.out_done and self.streams.get(stream.sid) is stream:
+            del self.streams[stream.sid]
+            self._stream_gone(stream)
+
+    def _handle(self, events) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is DataReceived:
+                self._on_data(event)
+            elif kind is WindowUpdated:
+                if event.stream_id:
+                    stream = self._blocked.get(event.stream_id)
+                    if stream is not None:
+                        self._send_stream(stream)
+                else:
+                    self._send_blocked()
+            elif kind is StreamEnded:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    self._on_end(stream)
+            elif kind is TrailersReceived:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    stream.in_trailers = list(event.headers)
+            elif kind is StreamReset:
+                stream = self.streams.get(event.stream_id)
+                if stream is not None:
+                    self._peer_reset(stream, event.error_code)
+            elif kind is RemoteSettingsChanged:
+                self._settings_changed(event)
+                self._send_blocked()
+            elif kind is ConnectionTerminated:
+                self._goaway(event)
+            else:
+                self._other_event(event)
+        self._write()
+
+    def _receive(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError as e:
+            log.info("h2 protocol error from {peer}: {error}", peer=self._peer(), error=e)
+            self._write()    # h2 queued the GOAWAY with the error's code
+            self.transport.loseConnection()
+            self._lost = True
+            self._fail_all(ProxyError.bad_gateway("h2 protocol error"))
+            return
+        self._handle(events)
+
+    def _fail_all(self, reason: Exception) -> None:
+        for stream in list(self.streams.values()):
+            self._connection_failed_stream(stream, reason)
+        self._blocked.clear()
+
+    # -- hooks for the two sides --
+
+    def _peer(self) -> str:
+        return ""
+
+    def _settings_changed(self, event: RemoteSettingsChanged) -> None:
+        pass
+
+    def _other_event(self, event) -> None:
+        pass
+
+    def _goaway(self, event: ConnectionTerminated) -> None:
+        pass
+
+    def _peer_reset(self, stream: _Stream, code: int) -> None:
+        raise NotImplementedError
+
+    def _inbound_stopped(self, stream: _Stream) -> None:
+        pass
+
+    def _outbound_done(self, stream: _Stream) -> None:
+        self._maybe_forget(stream)
+
+    def _stream_gone(self, stream: _Stream) -> None:
+        pass
+
+    def _connection_failed_stream(self, stream: _Stream, reason: Exception) -> None:
+        raise NotImplementedError
+
+
+# -- the server end --
+
+def h2_handler(dispatcher: Dispatcher, settings: H2Settings | None = None,
+               ) -> Callable[[InboundConnection], H2ServerProtocol]:
+    """The listener handler for the ``h2`` verdict."""
+    settings = settings or H2Settings()
+
+    def handler(conn: InboundConnection) -> H2ServerProtocol:
+        return H2ServerProtocol(conn, dispatcher, settings)
+
+    return handler
+
+
+class H2ServerProtocol(_H2Protocol):
+    """Speaks HTTP/2 to one client: each stream becomes a dispatched Request."""
+
+    def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
+                 settings: H2Settings) -> None:
+        super().__init__()
+        self.conn = conn
+        self.dispatcher = dispatcher
+        self.settings = settings
+        self.context = RequestContext(conn.listener, conn, "h2")
+        self.draining = False
+        self._last_stream_id = 0
+        self._how = "client closed"
+
+    def connectionMade(self) -> None:
+        s = self.settings
+        h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        advertised = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+            SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
+        }
+        h2.local_settings = Settings(client=False, initial_values=advertised)
+        h2.initiate_connection()
+        if s.connection_window_size > 65535:
+            h2.increment_flow_control_window(s.connection_window_size - 65535)
+        # h2 would answer a stream over the limit with a connection-killing
+        # GOAWAY; we answer REFUSED_STREAM ourselves, so its own check gets
+        # a ceiling it never reaches. Headers past the advertised size get
+        # a 431 rather than a GOAWAY, up to a hard cap.
+        h2.local_settings = Settings(client=False, initial_values={
+            **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAM_ID})
+        h2.decoder.max_header_list_size = max(4 * s.max_header_list_size, 256 * 1024)
+        self.h2 = h2
+        self.transport.registerProducer(self, True)
+        self.conn.on_drain = self.drain
+        self._write()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.count_read(len(data))
+        self._receive(data)
+        if self.draining and not self.streams:
+            self._close()
+
+    def _count_written(self, n: int) -> None:
+        self.conn.count_written(n)
+
+    def _peer(self) -> str:
+        return self.conn.peer
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
+        for stream in list(self.streams.values()):
+            self._abandon(stream, ConnectionAbortedError("client connection lost"))
+        self.conn.on_drain = None
+        self.conn.closed(reason, self._how)
+
+    # -- streams --
+
+    def _other_event(self, event) -> None:
+        if type(event) is RequestReceived:
+            self._on_request(event)
+
+    def _on_request(self, event: RequestReceived) -> None:
+        sid = event.stream_id
+        self._last_stream_id = max(self._last_stream_id, sid)
+        h2 = self.h2
+        if self.draining or len(self.streams) >= self.settings.max_concurrent_streams:
+            h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            return
+        headers = event.headers
+        ended = event.stream_ended is not None
+        try:
+            head = request_head_from_h2(headers)
+        except ValueError:
+            h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            return
+        stream = _Stream(self, sid)
+        stream.grpc = head.is_grpc
+        self.streams[sid] = stream
+        if ended:
+            body = Body.empty()
+            stream.in_done = True
+        else:
+            length = head.header(b"content-length")
+            body = Body(int(length) if length and length.isdigit() else None)
+            body.set_source(stream)
+        stream.in_body = body
+        if header_list_size(headers) > self.settings.max_header_list_size:
+            stream.in_discard = True
+            self._respond(stream, error_response(
+                ProxyError.bad_request("request header list too large", 431), stream.grpc))
+            return
+        d = self.dispatcher.dispatch(Request(head, body), self.context)
+        stream.deferred = d
+        d.addCallbacks(partial(self._respond, stream), partial(self._dispatch_failed, stream))
+
+    def _respond(self, stream: _Stream, response: Response) -> None:
+        stream.deferred = None
+        if stream.reset or self._lost:
+            response.body.cancel()
+            return
+        self._start_outbound(stream, h2_response_headers(response.head), response.body)
+
+    def _dispatch_failed(self, stream: _Stream, failure: Failure) -> None:
+        stream.deferred = None
+        if stream.reset or self._lost:
+            return
+        if failure.check(ProxyError):
+            error = failure.value
+        else:
+            log.failure("dispatch failed", failure)
+            error = ProxyError.bad_gateway("internal proxy error")
+        self._respond(stream, error_response(error, stream.grpc))
+
+    def _peer_reset(self, stream: _Stream, code: int) -> None:
+        self._abandon(stream, StreamResetError(code))
+
+    def _abandon(self, stream: _Stream, reason: Exception) -> None:
+        stream.reset = True
+        d, stream.deferred = stream.deferred, None
+        if d is not None:
+            d.cancel()
+        self._release(stream, reason)
+
+    def _connection_failed_stream(self, stream: _Stream, reason: Exception) -> None:
+        self._abandon(stream, reason)
+
+    def _inbound_stopped(self, stream: _Stream) -> None:
+        # Nobody wants the rest of the request: once the response is out,
+        # end the stream (RST_STREAM NO_ERROR, RFC 9113 8.1).
+        if stream.out_done and not stream.in_done:
+            self._reset_finished(stream)
+
+    def _outbound_done(self, stream: _Stream) -> None:
+        if not stream.in_done and stream.in_discard:
+            self._reset_finished(stream)
+        self._maybe_forget(stream)
+
+    def _reset_finished(self, stream: _Stream) -> None:
+        stream.in_done = True
+        if not self._lost:
+            self.h2.reset_stream(stream.sid, ErrorCodes.NO_ERROR)
+            self._write()
+        self._release(stream, ConnectionAbortedError("request body not needed"))
+
+    def _stream_gone(self, stream: _Stream) -> None:
+        if self.draining and not self.streams and not self._lost:
+            self.conn.listener.reactor.callLater(0, self._close)
+
+    # -- ending the connection --
+
+    def drain(self) -> None:
+        """Shutdown: GOAWAY now, let in-flight streams finish, then close."""
+        if self.draining or self._lost:
+            return
+        self.draining = True
+        self._how = "drained"
+        if not self.streams:
+            self._close()
+            return
+        frame = GoAwayFrame(0, last_stream_id=self._last_stream_id,
+                            error_code=ErrorCodes.NO_ERROR)
+        self._write()
+        data = frame.serialize()
+        self._count_written(len(data))
+        self.transport.write(data)
+
+    def _close(self) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        try:
+            self.h2.close_connection(last_stream_id=self._last_stream_id)
+            data = self.h2.data_to_send()
+            self._count_written(len(data))
+            self.transport.write(data)
+        except ProtocolError:
+            pass
+        self.transport.loseConnection()
+
+
+# -- the client end --
+
+class _Pending:
+    """A request waiting for, or carried by, an upstream stream."""
+
+    __slots__ = ("deferred", "request", "stream")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.deferred: defer.Deferred = defer.Deferred(self._cancel)
+        self.stream: _Stream | None = None
+
+    def _cancel(self, d) -> None:
+        # The dispatcher gave up (the client reset its stream, a deadline
+        # passed): the upstream stream is reset with CANCEL.
+        stream = self.stream
+        if stream is not None and not stream.reset:
+            stream.deferred = None
+            stream.conn._reset(stream, ErrorCodes.CANCEL)
+
+
+class H2Client:
+    """The ``h2`` upstream client: per endpoint address, connections that
+    each carry streams up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS;
+    another connection opens when they are all full."""
+
+    def __init__(self, reactor, connect_timeout: float = 5.0,
+                 settings: H2Settings | None = None, metrics=None,
+                 labels: tuple[str, str] = ("", "")) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.settings = settings or H2Settings()
+        self.metrics = metrics
+        self.labels = labels          # (listener, service) for dst metrics
+        self.pools: dict[str, _EndpointPool] = {}
+
+    def request(self, endpoint, request: Request) -> defer.Deferred:
+        address = endpoint.address
+        key = str(address)
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = _EndpointPool(self, address, key)
+        pending = _Pending(request)
+        pool.submit(pending)
+        return pending.deferred
+
+    def close(self) -> None:
+        for pool in self.pools.values():
+            pool.close()
+
+
+class _EndpointPool:
+    def __init__(self, client: H2Client, address, label: str) -> None:
+        self.client = client
+        self.address = address
+        self.label = label
+        self.connections: list[H2ClientProtocol] = []
+        self.connecting = 0
+        self.waiting: deque[_Pending] = deque()
+
+    def submit(self, pending: _Pending) -> None:
+        for conn in self.connections:
+            if conn.capacity() > 0:
+                conn.start(pending)
+                return
+        self.waiting.append(pending)
+        self._maybe_connect()
+
+    def _maybe_connect(self) -> None:
+        if self.waiting and self.connecting == 0:
+            self.connecting += 1
+            self.client.reactor.connectTCP(
+                self.address.host, self.address.port, _ClientFactory(self),
+                timeout=self.client.connect_timeout)
+
+    def ready(self, conn: H2ClientProtocol) -> None:
+        """A connection has the peer's settings, or a stream slot came free."""
+        waiting = self.waiting
+        while waiting and conn.capacity() > 0:
+            pending = waiting.popleft()
+            if pending.deferred.called:
+                continue
+            conn.start(pending)
+        self._maybe_connect()
+
+    def connected(self, conn: H2ClientProtocol) -> None:
+        self.connecting -= 1
+        self.connections.append(conn)
+
+    def connect_failed(self, reason: Failure) -> None:
+        self.connecting -= 1
+        client = self.client
+        if client.metrics is not None:
+            client.metrics.connect_errors_total.labels(
+                client.labels[1], self.label, errno_name(reason) or "closed").inc()
+        error = ProxyError.bad_gateway(
+            f"connect to {self.label} failed: {reason.getErrorMessage()}")
+        waiting, self.waiting = self.waiting, deque()
+        for pending in waiting:
+            if not pending.deferred.called:
+                pending.deferred.errback(error)
+
+    def lost(self, conn: H2ClientProtocol) -> None:
+        if conn in self.connections:
+            self.connections.remove(conn)
+        self._maybe_connect()
+
+    def retire(self, conn: H2ClientProtocol) -> None:
+        """The peer sent GOAWAY: no new streams on ``conn``."""
+        if conn in self.connections:
+            self.connections.remove(conn)
+        self._maybe_connect()
+
+    def close(self) -> None:
+        for conn in list(self.connections):
+            conn.transport.loseConnection()
+
+
+class _ClientFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: _EndpointPool) -> None:
+        self.pool = pool
+
+    def buildProtocol(self, addr) -> H2ClientProtocol:
+        return H2ClientProtocol(self.pool)
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        self.pool.connect_failed(reason)
+
+
+class H2ClientProtocol(_H2Protocol):
+    """One HTTP/2 connection to an endpoint, carrying many streams."""
+
+    def __init__(self, pool: _EndpointPool) -> None:
+        super().__init__()
+        self.pool = pool
+        self.settings_received = False
+        self.goaway = False
+        self.dst = None
+        self.connected_at = 0.0
+
+    def connectionMade(self) -> None:
+        s = self.pool.client.settings
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        h2.local_settings = Settings(client=True, initial_values={
+            SettingCodes.ENABLE_PUSH: 0,
+            SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: max(s.max_header_list_size, 64 * 1024),
+        })
+        h2.initiate_connection()
+        if s.connection_window_size > 65535:
+            h2.increment_flow_control_window(s.connection_window_size - 65535)
+        self.h2 = h2
+        client = self.pool.client
+        if client.metrics is not None:
+            listener, service = client.labels
+            self.dst = client.metrics.tcp_side("dst", listener, service, "h2", self.pool.label)
+            self.dst.opened()
+        self.connected_at = client.reactor.seconds()
+        self.transport.registerProducer(self, True)
+        self.pool.connected(self)
+        self._write()
+
+    def _count_written(self, n: int) -> None:
+        if self.dst is not None:
+            self.dst.write_bytes.inc(n)
+
+    def _peer(self) -> str:
+        return self.pool.label
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.dst is not None:
+            self.dst.read_bytes.inc(len(data))
+        self._receive(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
+        self._fail_all(ProxyError.bad_gateway(f"connection to {self.pool.label} lost"))
+        if self.dst is not None:
+            self.dst.closed(errno_name(reason),
+                            self.pool.client.reactor.seconds() - self.connected_at)
+            self.dst = None
+        self.pool.lost(self)
+
+    def capacity(self) -> int:
+        if not self.settings_received or self.goaway or self._lost:
+            return 0
+        return self.h2.remote_settings.max_concurrent_streams - len(self.streams)
+
+    def _settings_changed(self, event: RemoteSettingsChanged) -> None:
+        if not self.settings_received:
+            self.settings_received = True
+        self.pool.ready(self)
+
+    def start(self, pending: _Pending) -> None:
+        request = pending.request
+        sid = self.h2.get_next_available_stream_id()
+        stream = _Stream(self, sid)
+        stream.pending = pending
+        stream.deferred = pending.deferred
+        stream.grpc = request.head.is_grpc
+        pending.stream = stream
+        self.streams[sid] = stream
+        self._start_outbound(stream, h2_request_headers(request.head), request.body)
+
+    def _other_event(self, event) -> None:
+        if type(event) is ResponseReceived:
+            stream = self.streams.get(event.stream_id)
+            if stream is None:
+                return
+            try:
+                head = response_head_from_h2(event.headers)
+            except ValueError:
+                self._reset(stream, ErrorCodes.PROTOCOL_ERROR)
+                return
+            if event.stream_ended is not None:
+                body = Body.empty()
+                stream.in_done = True
+            else:
+                length = head.header(b"content-length")
+                body = Body(int(length) if length and length.isdigit() else None)
+                body.set_source(stream)
+            stream.in_body = body
+            d, stream.deferred = stream.deferred, None
+            if d is not None and not d.called:
+                d.callback(Response(head, body))
+            if stream.in_done:
+                self._maybe_forget(stream)
+
+    def _on_end(self, stream: _Stream) -> None:
+        super()._on_end(stream)
+
+    def _peer_reset(self, stream: _Stream, code: int) -> None:
+        stream.reset = True
+        d, stream.deferred = stream.deferred, None
+        if d is not None and not d.called:
+            code = _code(code)
+            name = code_name(code)
+            if code == ErrorCodes.REFUSED_STREAM:
+                error = ProxyError.unavailable(f"upstream refused stream ({name})")
+            else:
+                error = ProxyError.bad_gateway(f"upstream reset stream ({name})")
+            d.errback(error)
+        self._release(stream, StreamResetError(code))
+
+    def _reset(self, stream: _Stream, code: int) -> None:
+        d, stream.deferred = stream.deferred, None
+        super()._reset(stream, code)
+        if d is not None and not d.called:
+            d.errback(ProxyError.bad_gateway("request abandoned"))
+
+    def _inbound_stopped(self, stream: _Stream) -> None:
+        # The response body's consumer is gone: cancel the upstream stream.
+        if not stream.in_done:
+            self._reset(stream, ErrorCodes.CANCEL)
+
+    def _connection_failed_stream(self, stream: _Stream, reason: Exception) -> None:
+        stream.reset = True
+        d, stream.deferred = stream.deferred, None
+        if d is not None and not d.called:
+            d.errback(reason if isinstance(reason, ProxyError)
+                      else ProxyError.bad_gateway(str(reason)))
+        self._release(stream, ConnectionAbortedError(str(reason)))
+
+    def _stream_gone(self, stream: _Stream) -> None:
+        if self._lost:
+            return
+        if self.goaway:
+            if not self.streams:
+                self.transport.loseConnection()
+        else:
+            self.pool.ready(self)
+
+    def _goaway(self, event: ConnectionTerminated) -> None:
+        self.goaway = True
+        self.pool.retire(self)
+        last = event.last_stream_id if event.last_stream_id is not None else _MAX_STREAM_ID
+        # h2 went CLOSED on the GOAWAY; the streams it spares still need
+        # their frames, so put the state machine back to open.
+        self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
+        for sid, stream in list(self.streams.items()):
+            if sid <= last:
+                continue
+            pending = stream.pending
+            stream.reset = True
+            d, stream.deferred = stream.deferred, None
+            self._release(stream, ConnectionAbortedError("upstream GOAWAY"))
+            if d is not None and not d.called:
+                request = pending.request
+                if request.body.is_empty:
+                    # Never processed (the GOAWAY says so) and nothing to
+                    # replay: send it again, elsewhere.
+                    pending.request = Request(request.head, Body.empty())
+                    pending.stream = None
+                    self.pool.submit(pending)
+                else:
+                    d.errback(ProxyError.unavailable("upstream GOAWAY before the request"))
+        if not self.streams:
+            self.transport.loseConnection()

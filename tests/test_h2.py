@@ -1,0 +1,757 @@
+"""The HTTP/2 codec ends, frame by frame.
+
+In the style of Twisted's test_http2: a real h2 ``H2Connection`` plays the
+peer (it builds the frames and parses what comes out), the end under test
+sits on a ``StringTransport``, and a fake dispatcher or a fake upstream
+stands in for the rest of the proxy. Raw hyperframe frames cover what a
+well-behaved peer would never send.
+"""
+
+from __future__ import annotations
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, WindowUpdateFrame
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from l5dproxy.balance import Upstream
+from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.connection import InboundConnection
+from l5dproxy.http import grpc
+from l5dproxy.http.exchange import (
+    Body,
+    ProxyError,
+    Request,
+    RequestHead,
+    Response,
+    ResponseHead,
+)
+from l5dproxy.http.h2 import (
+    H2Client,
+    H2ServerProtocol,
+    H2Settings,
+    StreamResetError,
+    h2_request_headers,
+    h2_response_headers,
+    request_head_from_h2,
+    response_head_from_h2,
+)
+from l5dproxy.listener import Listener
+from l5dproxy.sniff import Verdict
+from l5dproxy.telemetry import Metrics
+
+GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a?b=1"),
+       (b":authority", b"svc.test")]
+POST = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/upload"),
+        (b":authority", b"svc.test")]
+GRPC = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/pkg.Svc/Call"),
+        (b":authority", b"svc.test"), (b"content-type", b"application/grpc"),
+        (b"te", b"trailers")]
+
+
+# -- doubles ------------------------------------------------------------------
+
+class FakeDispatcher:
+    """Records what it is asked; the test answers through the Deferreds."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Request, object, defer.Deferred]] = []
+        self.cancelled: list[Request] = []
+
+    def dispatch(self, request: Request, context) -> defer.Deferred:
+        d = defer.Deferred(lambda _: self.cancelled.append(request))
+        self.calls.append((request, context, d))
+        return d
+
+
+class Sink:
+    """A BodySink that records, and can pause its body."""
+
+    def __init__(self, body: Body, paused: bool = False) -> None:
+        self.body = body
+        self.data: list[bytes] = []
+        self.trailers = None
+        self.ended = False
+        self.error: Exception | None = None
+        if paused:
+            body.pause()
+        body.consume(self)
+
+    def body_data(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def body_end(self, trailers) -> None:
+        self.ended = True
+        self.trailers = trailers
+
+    def body_error(self, reason: Exception) -> None:
+        self.error = reason
+
+    @property
+    def bytes(self) -> bytes:
+        return b"".join(self.data)
+
+
+class Source:
+    """A BodySource that records what its consumer asks of it."""
+
+    def __init__(self, body: Body) -> None:
+        self.paused = 0
+        self.resumed = 0
+        self.stopped = 0
+        body.set_source(self)
+
+    def pause_body(self) -> None:
+        self.paused += 1
+
+    def resume_body(self) -> None:
+        self.resumed += 1
+
+    def stop_body(self) -> None:
+        self.stopped += 1
+
+
+class Transport(StringTransport):
+    def __init__(self) -> None:
+        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
+                         hostAddress=IPv4Address("TCP", "127.0.0.1", 4143))
+
+    def take(self) -> bytes:
+        data = self.value()
+        self.clear()
+        return data
+
+
+def send_chunks(conn: H2Connection, sid: int, data: bytes, end: bool = False) -> None:
+    """Send ``data`` in frames of the largest allowed size."""
+    size = conn.max_outbound_frame_size
+    for i in range(0, len(data), size):
+        conn.send_data(sid, data[i:i + size], end_stream=end and i + size >= len(data))
+
+
+def raw_frames(data: bytes) -> list[Frame]:
+    """Parse frames with hyperframe (no h2 state), for exact assertions."""
+    frames = []
+    view = memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        frame.parse_body(view[9:9 + length])
+        frames.append(frame)
+        view = view[9 + length:]
+    return frames
+
+
+def make_listener(clock) -> Listener:
+    service = ServiceConfig("app", (HostPort("127.0.0.1", 8080),))
+    detect = DetectConfig()
+    upstreams = {"app": Upstream(service, detect.opaque_ports, clock=clock)}
+    config = ListenerConfig("inbound", "tcp:0", "app")
+    return Listener(config, detect, upstreams, Metrics(), clock, log_connections=False)
+
+
+# -- the server end -----------------------------------------------------------
+
+class ServerTests(SynchronousTestCase):
+    settings = H2Settings(max_concurrent_streams=4, max_header_list_size=4096,
+                          initial_window_size=65535, connection_window_size=65535)
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = make_listener(self.clock)
+        self.dispatcher = FakeDispatcher()
+        self.transport = Transport()
+        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn.detected(Verdict("h2", "preface"))
+        self.conn = conn
+        self.server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+        self.server.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.events = []
+        self.flush()
+
+    def flush(self):
+        """Exchange bytes both ways until both sides are quiet; the client's events."""
+        events = []
+        for _ in range(20):
+            out = self.client.data_to_send()
+            if out:
+                self.server.dataReceived(out)
+            back = self.transport.take()
+            if back:
+                events.extend(self.client.receive_data(back))
+            if not out and not back:
+                break
+        self.events.extend(events)
+        return events
+
+    def send_raw(self, data: bytes) -> list[Frame]:
+        """Feed raw bytes to the server; the frames it writes back."""
+        self.flush()
+        self.server.dataReceived(data)
+        return raw_frames(self.transport.take())
+
+    def request(self, headers=GET, end=True) -> int:
+        sid = self.client.get_next_available_stream_id()
+        self.client.send_headers(sid, headers, end_stream=end)
+        self.flush()
+        return sid
+
+    def respond(self, index: int, status: int = 200, headers=(), body: Body | None = None):
+        body = body if body is not None else Body.empty()
+        self.dispatcher.calls[index][2].callback(
+            Response(ResponseHead(status, list(headers)), body))
+        return body
+
+    def of(self, kind, events=None):
+        return [e for e in (self.events if events is None else events) if isinstance(e, kind)]
+
+    def test_settings_advertised(self) -> None:
+        """The server's SETTINGS carry the configured limits."""
+        changed = self.of(RemoteSettingsChanged)[0].changed_settings
+        self.assertEqual(changed[SettingCodes.MAX_CONCURRENT_STREAMS].new_value, 4)
+        self.assertEqual(changed[SettingCodes.MAX_HEADER_LIST_SIZE].new_value, 4096)
+
+    def test_request_and_response_with_trailers(self) -> None:
+        sid = self.request([*GET, (b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"x-thing", b"1")])
+        [(request, context, _)] = self.dispatcher.calls
+        head = request.head
+        self.assertEqual((head.method, head.target, head.authority, head.scheme, head.version),
+                         (b"GET", b"/a?b=1", b"svc.test", b"http", "2"))
+        self.assertEqual(head.headers, [(b"x-thing", b"1"), (b"cookie", b"a=1; b=2")])
+        self.assertTrue(request.body.is_empty)
+        self.assertEqual(context.protocol, "h2")
+        body = Body()
+        self.respond(0, 200, [(b"Content-Type", b"text/plain"), (b"Connection", b"close")],
+                     body)
+        body.write(b"hello ")
+        body.write(b"world")
+        body.finish([(b"x-checksum", b"42")])
+        events = self.flush()
+        [response] = self.of(ResponseReceived, events)
+        self.assertEqual(response.headers, [(b":status", b"200"),
+                                            (b"content-type", b"text/plain")])
+        self.assertEqual(b"".join(e.data for e in self.of(DataReceived, events)),
+                         b"hello world")
+        [trailers] = self.of(TrailersReceived, events)
+        self.assertEqual(trailers.headers, [(b"x-checksum", b"42")])
+        self.assertEqual([e.stream_id for e in self.of(StreamEnded, events)], [sid])
+        self.assertEqual(self.server.streams, {})
+
+    def test_empty_response_ends_on_headers(self) -> None:
+        self.request()
+        self.respond(0, 204)
+        frames = raw_frames(self.transport.value())
+        self.flush()
+        [headers] = [f for f in frames if f.type == 0x1]
+        self.assertIn("END_STREAM", headers.flags)
+        self.assertFalse([f for f in frames if isinstance(f, DataFrame)])
+
+    def test_concurrent_streams_answered_out_of_order(self) -> None:
+        sids = [self.request() for _ in range(3)]
+        self.assertEqual(len(self.dispatcher.calls), 3)
+        for index in (2, 0, 1):
+            body = Body()
+            self.respond(index, 200, [], body)
+            body.write(f"stream {sids[index]}".encode())
+            body.finish()
+        events = self.flush()
+        by_stream: dict[int, bytes] = {}
+        for e in self.of(DataReceived, events):
+            by_stream[e.stream_id] = by_stream.get(e.stream_id, b"") + e.data
+        self.assertEqual(by_stream, {sid: f"stream {sid}".encode() for sid in sids})
+
+    def test_request_body_acked_only_when_consumed(self) -> None:
+        """A paused consumer holds the acks: no WINDOW_UPDATE until it resumes."""
+        sid = self.request(POST, end=False)
+        [(request, _, _)] = self.dispatcher.calls
+        sink = Sink(request.body, paused=True)
+        send_chunks(self.client, sid, b"x" * 40000)
+        events = self.flush()
+        self.assertEqual(len(sink.bytes), 40000)
+        self.assertEqual(self.of(WindowUpdated, events), [])
+        self.assertEqual(self.client.local_flow_control_window(sid), 65535 - 40000)
+        request.body.resume()
+        events = self.flush()
+        updated = {e.stream_id: e.delta for e in self.of(WindowUpdated, events)}
+        self.assertEqual(updated, {0: 40000, sid: 40000})
+        self.client.end_stream(sid)
+        self.flush()
+        self.assertTrue(sink.ended)
+
+    def test_padding_counts_in_flow_control(self) -> None:
+        sid = self.request(POST, end=False)
+        [(request, _, _)] = self.dispatcher.calls
+        sink = Sink(request.body)
+        for _ in range(3):
+            self.client.send_data(sid, b"y" * 12000, pad_length=255)
+        events = self.flush()
+        self.assertEqual(len(sink.bytes), 36000)
+        updated = {e.stream_id: e.delta for e in self.of(WindowUpdated, events)}
+        self.assertEqual(updated[sid], 36000 + 3 * 256)
+
+    def test_send_respects_window_and_frame_size(self) -> None:
+        self.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        self.flush()
+        sid = self.request()
+        body = Body()
+        source = Source(body)
+        self.respond(0, 200, [], body)
+        body.write(b"a" * 5000)
+        frames = raw_frames(self.transport.value())
+        events = self.flush()
+        self.assertEqual(sum(len(f.data) for f in frames if isinstance(f, DataFrame)), 1000)
+        self.assertEqual(sum(len(e.data) for e in self.of(DataReceived, events)), 1000)
+        # The peer opens the window: the rest goes, in frames no larger than allowed.
+        self.client.increment_flow_control_window(100000, stream_id=sid)
+        self.client.acknowledge_received_data(1000, sid)
+        out = self.client.data_to_send()
+        self.server.dataReceived(out)
+        frames = raw_frames(self.transport.value())
+        self.flush()
+        data_frames = [f for f in frames if isinstance(f, DataFrame)]
+        self.assertEqual(sum(len(f.data) for f in data_frames), 4000)
+        body.write(b"b" * 40000)
+        frames = raw_frames(self.transport.value())
+        self.flush()
+        sizes = [len(f.data) for f in frames if isinstance(f, DataFrame)]
+        self.assertEqual(sum(sizes), 40000)
+        self.assertLessEqual(max(sizes), 16384)
+        self.assertEqual(source.paused, 0)
+
+    def test_closed_window_pauses_the_response_body(self) -> None:
+        self.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        self.flush()
+        sid = self.request()
+        body = Body()
+        source = Source(body)
+        self.respond(0, 200, [], body)
+        for _ in range(5):
+            body.write(b"z" * 16384)
+        self.assertEqual(source.paused, 1)
+        self.client.increment_flow_control_window(200000, stream_id=sid)
+        self.client.increment_flow_control_window(200000)
+        self.flush()
+        self.assertEqual(source.resumed, 1)
+
+    def test_transport_backpressure_stops_sending(self) -> None:
+        self.request()
+        body = Body()
+        self.respond(0, 200, [], body)
+        self.flush()
+        self.server.pauseProducing()
+        body.write(b"q" * 1000)
+        self.assertEqual(raw_frames(self.transport.value()), [])
+        self.server.resumeProducing()
+        frames = raw_frames(self.transport.value())
+        self.assertEqual([len(f.data) for f in frames if isinstance(f, DataFrame)], [1000])
+
+    def test_client_reset_cancels_dispatch(self) -> None:
+        sid = self.request()
+        self.client.reset_stream(sid, ErrorCodes.CANCEL)
+        self.flush()
+        self.assertEqual(len(self.dispatcher.cancelled), 1)
+        self.assertEqual(self.server.streams, {})
+
+    def test_client_reset_cancels_response_and_request_bodies(self) -> None:
+        sid = self.request(POST, end=False)
+        [(request, _, _)] = self.dispatcher.calls
+        sink = Sink(request.body)
+        body = Body()
+        source = Source(body)
+        self.respond(0, 200, [], body)
+        body.write(b"partial")
+        self.flush()
+        self.client.reset_stream(sid, ErrorCodes.CANCEL)
+        self.flush()
+        self.assertEqual(source.stopped, 1)
+        self.assertIsInstance(sink.error, StreamResetError)
+        self.assertEqual(sink.error.code, ErrorCodes.CANCEL)
+
+    def test_upstream_reset_resets_client_stream(self) -> None:
+        sid = self.request()
+        body = Body()
+        self.respond(0, 200, [], body)
+        body.write(b"partial")
+        body.fail(StreamResetError(ErrorCodes.INTERNAL_ERROR))
+        events = self.flush()
+        [reset] = self.of(StreamReset, events)
+        self.assertEqual((reset.stream_id, reset.error_code), (sid, ErrorCodes.INTERNAL_ERROR))
+
+    def test_streams_over_the_limit_are_refused(self) -> None:
+        for _ in range(4):
+            self.request()
+        # A client that has not seen (or ignores) the limit opens a fifth.
+        self.client.remote_settings = Settings(client=False)
+        sid = self.request()
+        [reset] = self.of(StreamReset)
+        self.assertEqual((reset.stream_id, reset.error_code), (sid, ErrorCodes.REFUSED_STREAM))
+        self.assertEqual(len(self.dispatcher.calls), 4)
+        # The connection lives on: a slot frees, a new stream is served.
+        self.respond(0)
+        self.flush()
+        self.request()
+        self.assertEqual(len(self.dispatcher.calls), 5)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_oversized_header_list_gets_431(self) -> None:
+        self.request([*GET, (b"x-big", b"v" * 5000)])
+        self.assertEqual(self.dispatcher.calls, [])
+        [response] = self.of(ResponseReceived)
+        headers = dict(response.headers)
+        self.assertEqual(headers[b":status"], b"431")
+        self.assertIn(b"l5d-proxy-error", headers)
+
+    def test_grpc_proxy_error_is_trailers_only(self) -> None:
+        sid = self.request(GRPC, end=False)
+        self.dispatcher.calls[0][2].errback(ProxyError.unavailable("no endpoints"))
+        events = self.flush()
+        [response] = self.of(ResponseReceived, events)
+        headers = dict(response.headers)
+        self.assertEqual(headers[b":status"], b"200")
+        self.assertEqual(headers[b"grpc-status"], b"14")
+        self.assertEqual(headers[b"l5d-proxy-error"], b"no endpoints")
+        self.assertEqual(response.stream_ended.stream_id, sid)
+        self.assertEqual(self.of(DataReceived, events), [])
+
+    def test_unexpected_dispatch_error_is_502(self) -> None:
+        self.request()
+        self.dispatcher.calls[0][2].errback(RuntimeError("bug"))
+        [response] = self.of(ResponseReceived, self.flush())
+        self.assertEqual(dict(response.headers)[b":status"], b"502")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_protocol_error_goaway(self) -> None:
+        """DATA on stream 0 is a connection error: GOAWAY PROTOCOL_ERROR, then close."""
+        frame = DataFrame(1, data=b"x")
+        frame.stream_id = 0
+        # hyperframe refuses to serialize stream 0 DATA; build the bytes by hand.
+        body = b"x"
+        raw = len(body).to_bytes(3, "big") + b"\x00\x00" + (0).to_bytes(4, "big") + body
+        frames = self.send_raw(raw)
+        goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual([g.error_code for g in goaways], [ErrorCodes.PROTOCOL_ERROR])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_oversized_frame_goaway(self) -> None:
+        self.request(POST, end=False)
+        header = (20000).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big")
+        frames = self.send_raw(header + b"\x00" * 20000)
+        goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual([g.error_code for g in goaways], [ErrorCodes.FRAME_SIZE_ERROR])
+        self.assertEqual(len(self.dispatcher.cancelled), 1)
+
+    def test_window_update_overflow_goaway(self) -> None:
+        frame = WindowUpdateFrame(0, window_increment=2**31 - 1)
+        frames = self.send_raw(frame.serialize())
+        goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual([g.error_code for g in goaways], [ErrorCodes.FLOW_CONTROL_ERROR])
+
+    def test_drain_sends_goaway_and_finishes_in_flight(self) -> None:
+        sid = self.request()
+        self.conn.drain()
+        frames = raw_frames(self.transport.value())
+        events = self.flush()
+        [goaway] = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual((goaway.error_code, goaway.last_stream_id), (0, sid))
+        self.assertEqual(len(self.of(ConnectionTerminated, events)), 1)
+        self.assertFalse(self.transport.disconnecting)
+        # The in-flight stream still gets its answer, then the connection closes.
+        body = Body()
+        self.respond(0, 200, [], body)
+        body.write(b"done")
+        body.finish()
+        out = self.transport.take()
+        self.clock.advance(0)
+        self.assertIn(b"done", out)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_drain_idle_closes_at_once(self) -> None:
+        self.conn.drain()
+        frames = raw_frames(self.transport.value())
+        self.assertEqual([f.error_code for f in frames if isinstance(f, GoAwayFrame)], [0])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_connection_lost_cancels_everything(self) -> None:
+        self.request()
+        self.request(POST, end=False)
+        sink = Sink(self.dispatcher.calls[1][0].body)
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(self.dispatcher.cancelled), 2)
+        self.assertIsNotNone(sink.error)
+        self.assertNotIn(self.conn, self.listener.connections)
+
+    def test_bytes_counted(self) -> None:
+        self.request()
+        self.respond(0)
+        self.flush()
+        self.assertGreater(self.conn.bytes_read, 24)
+        self.assertGreater(self.conn.bytes_written, 0)
+
+
+# -- the client end -----------------------------------------------------------
+
+class Endpoint:
+    def __init__(self, port: int = 9000) -> None:
+        self.address = HostPort("127.0.0.1", port)
+
+
+class ClientTests(SynchronousTestCase):
+    settings = H2Settings(initial_window_size=65535, connection_window_size=65535)
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.client = H2Client(self.reactor, settings=self.settings)
+        self.servers: list[tuple[H2Connection, Transport, object]] = []
+        self.seen: list[list] = []
+
+    def connect(self, max_streams: int = 100):
+        """Complete the newest pending connectTCP with a fake h2 server."""
+        _host, _port, factory, _timeout, _ = self.reactor.tcpClients[len(self.servers)]
+        protocol = factory.buildProtocol(None)
+        transport = Transport()
+        protocol.makeConnection(transport)
+        server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        server.local_settings.max_concurrent_streams = max_streams
+        server.local_settings.acknowledge()
+        server.initiate_connection()
+        self.servers.append((server, transport, protocol))
+        self.seen.append([])
+        self.pump(len(self.servers) - 1)
+        return server, transport, protocol
+
+    def pump(self, index: int = 0):
+        server, transport, protocol = self.servers[index]
+        events = []
+        for _ in range(20):
+            out = transport.take()
+            if out:
+                events.extend(server.receive_data(out))
+            back = server.data_to_send()
+            if back:
+                protocol.dataReceived(back)
+            if not out and not back:
+                break
+        self.seen[index].extend(events)
+        return events
+
+    def send(self, head=None, body=None) -> defer.Deferred:
+        head = head or RequestHead(b"GET", b"/x", b"svc.test",
+                                   [(b"accept", b"*/*"), (b"connection", b"keep-alive")])
+        return self.client.request(Endpoint(), Request(head, body or Body.empty()))
+
+    def test_streams_multiplex_up_to_the_peer_limit(self) -> None:
+        ds = [self.send() for _ in range(3)]
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        _server, _, _ = self.connect(max_streams=2)
+        self.pump()
+        events = [e for e in self.seen[0] if isinstance(e, RequestReceived)]
+        self.assertEqual([e.stream_id for e in events], [1, 3])
+        self.assertEqual(dict(events[0].headers)[b":path"], b"/x")
+        self.assertNotIn(b"connection", dict(events[0].headers))
+        # The third waits for room: a second connection opens for it.
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.connect(max_streams=2)
+        events = [e for e in self.seen[1] if isinstance(e, RequestReceived)]
+        self.assertEqual([e.stream_id for e in events], [1])
+        self.assertFalse(any(d.called for d in ds))
+
+    def test_response_body_and_trailers(self) -> None:
+        d = self.send()
+        server, _, _ = self.connect()
+        self.pump()
+        server.send_headers(1, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        server.send_data(1, b"abc")
+        server.send_headers(1, [(b"grpc-status", b"0")], end_stream=True)
+        self.pump()
+        response = self.successResultOf(d)
+        self.assertEqual(response.head.status, 200)
+        sink = Sink(response.body)
+        self.assertEqual((sink.bytes, sink.ended, sink.trailers),
+                         (b"abc", True, [(b"grpc-status", b"0")]))
+
+    def test_request_body_and_trailers_sent(self) -> None:
+        body = Body()
+        head = RequestHead(b"POST", b"/pkg.Svc/Call", b"svc.test",
+                           [(b"content-type", b"application/grpc")])
+        self.send(head, body)
+        _server, _, _ = self.connect()
+        body.write(b"payload")
+        body.finish([(b"x-trailer", b"1")])
+        self.pump()
+        events = self.seen[0]
+        [request] = [e for e in events if isinstance(e, RequestReceived)]
+        self.assertEqual(dict(request.headers)[b"te"], b"trailers")
+        self.assertEqual(b"".join(e.data for e in events if isinstance(e, DataReceived)),
+                         b"payload")
+        [trailers] = [e for e in events if isinstance(e, TrailersReceived)]
+        self.assertEqual(trailers.headers, [(b"x-trailer", b"1")])
+
+    def test_cancel_resets_upstream_stream(self) -> None:
+        d = self.send()
+        self.connect()
+        self.pump()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        [reset] = [e for e in self.pump() if isinstance(e, StreamReset)]
+        self.assertEqual(reset.error_code, ErrorCodes.CANCEL)
+
+    def test_response_body_cancel_resets_upstream_stream(self) -> None:
+        d = self.send()
+        server, _, _ = self.connect()
+        self.pump()
+        server.send_headers(1, [(b":status", b"200")])
+        self.pump()
+        response = self.successResultOf(d)
+        response.body.cancel()
+        [reset] = [e for e in self.pump() if isinstance(e, StreamReset)]
+        self.assertEqual(reset.error_code, ErrorCodes.CANCEL)
+
+    def test_upstream_reset_before_response_fails_request(self) -> None:
+        d = self.send()
+        server, _, _ = self.connect()
+        self.pump()
+        server.reset_stream(1, ErrorCodes.INTERNAL_ERROR)
+        self.pump()
+        failure = self.failureResultOf(d, ProxyError)
+        self.assertEqual(failure.value.status, 502)
+
+    def test_upstream_reset_after_response_fails_body(self) -> None:
+        d = self.send()
+        server, _, _ = self.connect()
+        self.pump()
+        server.send_headers(1, [(b":status", b"200")])
+        self.pump()
+        sink = Sink(self.successResultOf(d).body)
+        server.reset_stream(1, ErrorCodes.INTERNAL_ERROR)
+        self.pump()
+        self.assertIsInstance(sink.error, StreamResetError)
+        self.assertEqual(sink.error.code, ErrorCodes.INTERNAL_ERROR)
+
+    def test_response_acked_only_when_consumed(self) -> None:
+        d = self.send()
+        server, _, _ = self.connect()
+        self.pump()
+        server.send_headers(1, [(b":status", b"200")])
+        self.pump()
+        sink = Sink(self.successResultOf(d).body, paused=True)
+        send_chunks(server, 1, b"d" * 40000)
+        events = self.pump()
+        self.assertEqual(len(sink.bytes), 40000)
+        self.assertEqual([e for e in events if isinstance(e, WindowUpdated)], [])
+        sink.body.resume()
+        events = self.pump()
+        updated = {e.stream_id: e.delta for e in events if isinstance(e, WindowUpdated)}
+        self.assertEqual(updated, {0: 40000, 1: 40000})
+
+    def test_goaway_lets_in_flight_finish_and_retries_the_rest(self) -> None:
+        d1, d2 = self.send(), self.send()
+        server, transport, _protocol = self.connect()
+        self.pump()
+        server.close_connection(last_stream_id=1)
+        self.pump()
+        # Stream 3 was never processed: it goes to a new connection.
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.connect()
+        events = [e for e in self.seen[1] if isinstance(e, RequestReceived)]
+        self.assertEqual(len(events), 1)
+        # Stream 1 still completes on the old connection (raw frames: the
+        # h2 server object went CLOSED when it sent the GOAWAY).
+        server.state_machine.state = type(server.state_machine.state).SERVER_OPEN
+        server.send_headers(1, [(b":status", b"200")])
+        server.send_data(1, b"late", end_stream=True)
+        self.pump()
+        sink = Sink(self.successResultOf(d1).body)
+        self.assertEqual((sink.bytes, sink.ended), (b"late", True))
+        self.assertTrue(transport.disconnecting)
+        self.assertFalse(d2.called)
+
+    def test_connect_failure_fails_waiting_requests(self) -> None:
+        d = self.send()
+        _, _, factory, _, _ = self.reactor.tcpClients[0]
+        from twisted.internet.error import ConnectionRefusedError
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        failure = self.failureResultOf(d, ProxyError)
+        self.assertEqual(failure.value.grpc_status, 14)
+
+    def test_connection_lost_fails_streams(self) -> None:
+        d1, d2 = self.send(), self.send()
+        server, _, protocol = self.connect()
+        self.pump()
+        server.send_headers(1, [(b":status", b"200")])
+        self.pump()
+        sink = Sink(self.successResultOf(d1).body)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(sink.error)
+        self.assertEqual(self.failureResultOf(d2, ProxyError).value.status, 502)
+        # A new request opens a new connection.
+        self.send()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+
+# -- translation and gRPC helpers -----------------------------------------------
+
+class TranslationTests(SynchronousTestCase):
+    def test_request_head_from_h2(self) -> None:
+        head = request_head_from_h2([(b":method", b"GET"), (b":path", b"/"),
+                                     (b":scheme", b"https"), (b"host", b"h.test"),
+                                     (b"te", b"trailers")])
+        self.assertEqual((head.authority, head.scheme, head.headers),
+                         (b"h.test", b"https", [(b"te", b"trailers")]))
+        self.assertRaises(ValueError, request_head_from_h2, [(b":path", b"/")])
+
+    def test_h1_head_to_h2(self) -> None:
+        head = RequestHead(b"POST", b"/p", b"h.test", [
+            (b"Content-Type", b"application/grpc"), (b"Connection", b"keep-alive"),
+            (b"Keep-Alive", b"5"), (b"Transfer-Encoding", b"chunked"), (b"TE", b"gzip"),
+            (b"Upgrade", b"h2c"), (b"X-A", b"1")], scheme=b"http", version="1.1")
+        self.assertEqual(h2_request_headers(head), [
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/p"),
+            (b":authority", b"h.test"), (b"content-type", b"application/grpc"),
+            (b"x-a", b"1"), (b"te", b"trailers")])
+
+    def test_response_translation(self) -> None:
+        head = ResponseHead(200, [(b"Connection", b"close"), (b"Transfer-Encoding", b"chunked"),
+                                  (b"X-B", b"2")])
+        headers = h2_response_headers(head)
+        self.assertEqual(headers, [(b":status", b"200"), (b"x-b", b"2")])
+        back = response_head_from_h2(headers)
+        self.assertEqual((back.status, back.headers), (200, [(b"x-b", b"2")]))
+
+
+class GrpcTests(SynchronousTestCase):
+    def test_parse_timeout(self) -> None:
+        self.assertEqual(grpc.parse_timeout(b"1S"), 1.0)
+        self.assertEqual(grpc.parse_timeout(b"250m"), 0.25)
+        self.assertEqual(grpc.parse_timeout(b"2M"), 120.0)
+        self.assertAlmostEqual(grpc.parse_timeout(b"100u"), 1e-4)
+        for bad in (None, b"", b"S", b"1x", b"123456789S", b"-1S"):
+            self.assertIsNone(grpc.parse_timeout(bad), bad)
+
+    def test_status_and_classification(self) -> None:
+        self.assertEqual(grpc.status_of([(b"grpc-status", b"7")]), 7)
+        self.assertIsNone(grpc.status_of([]))
+        self.assertEqual(grpc.classify(200, 0, True), "success")
+        self.assertEqual(grpc.classify(200, 5, True), "success")
+        for status in (2, 4, 7, 13, 14, 15, None):
+            self.assertEqual(grpc.classify(200, status, True), "failure", status)
+        self.assertEqual(grpc.classify(503, None, False), "failure")
+        self.assertEqual(grpc.classify(404, None, False), "success")
