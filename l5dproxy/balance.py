@@ -66,6 +66,7 @@ class Endpoint:
     __slots__ = (
         "accrual", "active", "address", "clock", "decay", "ejected_until", "ejections",
         "failures", "label", "probe_inflight", "rng", "rtt", "stamp", "state", "streak",
+        "weight",
     )
 
     def __init__(self, address: HostPort, clock: Any = None, rng: random.Random | None = None,
@@ -88,6 +89,8 @@ class Endpoint:
         self.ejections = 0         # ejections in all
         self.ejected_until = 0.0
         self.probe_inflight = False
+        #: Relative weight (DNS SRV): the balancer's cost is divided by it.
+        self.weight = 1.0
 
     def __repr__(self) -> str:
         return f"<Endpoint {self.label} {self.state} active={self.active} rtt={self.rtt:.4f}>"
@@ -149,7 +152,7 @@ class Endpoint:
         return self._update(0.0, now)
 
     def peak_ewma_cost(self, now: float) -> float:
-        return self._update(0.0, now) * (self.active + 1)
+        return self._update(0.0, now) * (self.active + 1) / self.weight
 
     def _update(self, sample: float, now: float) -> float:
         if sample > self.rtt:
@@ -178,7 +181,7 @@ def peak_ewma_cost(endpoint: Endpoint, now: float) -> float:
 
 
 def outstanding_cost(endpoint: Endpoint, now: float) -> float:
-    return endpoint.active
+    return (endpoint.active + 1) / endpoint.weight
 
 
 class P2C:
@@ -341,9 +344,11 @@ class Upstream:
         """The endpoint for a TCP connection, or None: close the client."""
         return self._connections.pick(self.endpoints, avoid)
 
-    def set_addresses(self, addresses: Iterable[HostPort]) -> tuple[list[HostPort],
-                                                                    list[HostPort]]:
-        """Make ``addresses`` the endpoint set; return (added, removed)."""
+    def set_addresses(self, addresses: Iterable[HostPort],
+                      weights: dict[HostPort, float] | None = None,
+                      ) -> tuple[list[HostPort], list[HostPort]]:
+        """Make ``addresses`` the endpoint set (with relative ``weights``, 1
+        by default); return (added, removed)."""
         old = self._by_address
         new: dict[HostPort, Endpoint] = {}
         added = []
@@ -354,6 +359,7 @@ class Upstream:
             if endpoint is None:
                 endpoint = Endpoint(address, self.clock, self.rng, self.accrual)
                 added.append(address)
+            endpoint.weight = weights.get(address, 1.0) if weights else 1.0
             new[address] = endpoint
         removed = [a for a in old if a not in new]
         self._by_address = new

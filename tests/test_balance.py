@@ -145,7 +145,7 @@ class P2CTests(SynchronousTestCase):
         e = Endpoint(hp(0), Clock())
         e.begin()
         e.begin()
-        self.assertEqual(outstanding_cost(e, 0.0), 2)
+        self.assertEqual(outstanding_cost(e, 0.0), 3)
 
     def test_least_connections_kept(self):
         lc = LeastConnections([hp(0), hp(1)])
