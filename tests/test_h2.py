@@ -40,6 +40,7 @@ from l5dproxy.http.exchange import (
     Body,
     ProxyError,
     Request,
+    RequestContext,
     RequestHead,
     Response,
     ResponseHead,
@@ -755,3 +756,60 @@ class GrpcTests(SynchronousTestCase):
             self.assertEqual(grpc.classify(200, status, True), "failure", status)
         self.assertEqual(grpc.classify(503, None, False), "failure")
         self.assertEqual(grpc.classify(404, None, False), "success")
+
+
+class DispatcherGrpcTests(SynchronousTestCase):
+    """gRPC in the dispatcher: the failure set, a missing status, grpc-timeout."""
+
+    def setUp(self) -> None:
+        from l5dproxy.http.proxy import HttpProxy
+        from tests.test_proxy import FakeClient, FakeConnection, FakeListener
+        self.clock = MemoryReactorClock()
+        self.metrics = Metrics()
+        config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="h2")
+        self.h2 = FakeClient()
+        self.proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=self.clock)},
+                               self.metrics, self.clock, {"h2": self.h2})
+        self.listener = FakeListener(ListenerConfig("in", "tcp:0", "app"))
+        self.connection = FakeConnection()
+
+    def call(self, headers=()):
+        head = RequestHead(b"POST", b"/pkg.Svc/M", b"svc", [
+            (b"content-type", b"application/grpc"), *headers], version="2")
+        context = RequestContext(self.listener, self.connection, "h2")
+        return self.proxy.dispatch(Request(head, Body.empty()), context)
+
+    def answered(self, trailers, head_headers=()):
+        self.call()
+        body = Body()
+        self.h2.calls[-1][2].callback(Response(ResponseHead(200, list(head_headers)), body))
+        body.finish(trailers)
+
+    def count(self, grpc_status: str, classification: str, status_code: str = "200",
+              error: str = "") -> float | None:
+        return self.metrics.registry.get_sample_value("response_total", {
+            "direction": "inbound", "listener": "in", "service": "app", "authority": "svc",
+            "protocol": "h2", "status_code": status_code, "grpc_status": grpc_status,
+            "classification": classification, "error": error})
+
+    def test_failure_set(self) -> None:
+        self.answered([(b"grpc-status", b"0")])
+        self.answered([(b"grpc-status", b"5")])       # NOT_FOUND: not a failure
+        self.answered([(b"grpc-status", b"13")])
+        self.answered(None, [(b"grpc-status", b"7")])  # trailers-only
+        self.answered(None)                            # no status at all: UNKNOWN
+        self.assertEqual(self.count("0", "success"), 1)
+        self.assertEqual(self.count("5", "success"), 1)
+        self.assertEqual(self.count("13", "failure"), 1)
+        self.assertEqual(self.count("7", "failure"), 1)
+        self.assertEqual(self.count("", "failure"), 1)
+
+    def test_grpc_timeout_bounds_the_request(self) -> None:
+        d = self.call([(b"grpc-timeout", b"200m")])
+        self.clock.advance(0.19)
+        self.assertNoResult(d)
+        self.clock.advance(0.02)
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual(err.grpc_status, 4)
+        self.assertEqual(self.h2.cancelled, 1)
+        self.assertEqual(self.count("4", "failure", error="response timeout"), 1)

@@ -30,6 +30,7 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from l5dproxy.http import grpc
 from l5dproxy.http.exchange import Headers, ProxyError, Request, RequestContext, Response
 from l5dproxy.telemetry import DIRECTION
 
@@ -219,6 +220,10 @@ class _Exchange:
         if connection is not None:
             connection.endpoint = endpoint.label
         timeout = getattr(config, "response_timeout", None)
+        if head.is_grpc:  # a gRPC deadline bounds the request too
+            deadline = grpc.parse_timeout(head.header(b"grpc-timeout"))
+            if deadline is not None and (not timeout or deadline < timeout):
+                timeout = deadline
         if timeout:
             self.timer = proxy.reactor.callLater(timeout, self._timed_out)
         try:
@@ -266,7 +271,9 @@ class _Exchange:
             endpoint_ok = error == "cancelled" and status < 500
         else:
             error = ""
-            failed = status >= 500 or (grpc_status not in ("", "0"))
+            # Linkerd's gRPC failure set; a gRPC stream with no status is UNKNOWN.
+            failed = grpc.classify(status, _int_or_unknown(grpc_status),
+                                   self.request.head.is_grpc or bool(grpc_status)) == "failure"
             endpoint_ok = status < 500
         self.labels.response(status, grpc_status, "failure" if failed else "success",
                              error).inc()
@@ -295,7 +302,11 @@ class _Exchange:
         self._cancel_timer()
         self.status = err.status
         self._first_byte()
-        self.labels.response(err.status, "", "failure", err.reason).inc()
+        # A gRPC request is answered with a trailers-only gRPC error.
+        if self.request.head.is_grpc:
+            self.labels.response(200, str(err.grpc_status), "failure", err.reason).inc()
+        else:
+            self.labels.response(err.status, "", "failure", err.reason).inc()
         self._release(None, False)
         if getattr(self.context.listener.config, "access_log", False):
             self._log_access(err.status, err.reason)
@@ -344,6 +355,12 @@ def _grpc_status(trailers: Headers | None, headers: Headers) -> str:
                 if name.lower() == b"grpc-status":
                     return value.decode("latin-1")
     return ""
+
+
+def _int_or_unknown(grpc_status: str) -> int | None:
+    if not grpc_status:
+        return None
+    return int(grpc_status) if grpc_status.isdigit() else grpc.GRPC_UNKNOWN
 
 
 def as_proxy_error(failure: Failure) -> ProxyError:
