@@ -50,12 +50,6 @@ SERVER_FIRST = Verdict("opaque", "server_first")
 LEARNED_OPAQUE = Verdict("opaque", "learned_opaque")
 
 
-def pick_for_connection(upstream) -> Endpoint | None:
-    """The endpoint the TCP relay would dial."""
-    pick = getattr(upstream, "pick_connection", None) or upstream.pick
-    return pick()
-
-
 # -- the memory (pure: a clock in, no I/O) --
 
 
@@ -196,7 +190,7 @@ class ServerFirst:
         upstream = listener.upstream
         if not self.memory.has_service(upstream.name):
             return None
-        endpoint = pick_for_connection(upstream)
+        endpoint = upstream.pick_connection()
         if endpoint is None or not self.memory.knows(
                 upstream.name, endpoint.label, upstream.config):
             return None
@@ -270,10 +264,10 @@ class EarlyConnect:
         if state == _CONNECTING:
             with contextlib.suppress(NotConnectingError):
                 self.connector.stopConnecting()  # -> _failed, a no-op now
-            self._release(success=False)
+            self._release(success=None)  # given up, not failed: no accrual verdict
         elif state == _CONNECTED:
             self.protocol.transport.loseConnection()
-            self._release(success=True)
+            self._release(success=True)  # the endpoint did answer
 
     # -- from the adopter (the TCP relay) --
 
@@ -307,7 +301,7 @@ class EarlyConnect:
         if self.state != _WAITING:
             return
         upstream = self.listener.upstream
-        endpoint = pick_for_connection(upstream)
+        endpoint = upstream.pick_connection()
         if endpoint is None:
             self.state = _DONE
             return
@@ -372,7 +366,7 @@ class EarlyConnect:
         for data in pending:
             protocol.dataReceived(data)
 
-    def _release(self, success: bool) -> None:
+    def _release(self, success: bool | None) -> None:
         if self.endpoint is not None:
             self.endpoint.end(success=success)
             self.endpoint = None

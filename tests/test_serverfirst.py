@@ -217,10 +217,7 @@ class EarlyConnectTests(SynchronousTestCase):
 
     @property
     def endpoint(self):
-        endpoints = getattr(self.upstream, "endpoints", None)
-        if endpoints is None:
-            endpoints = self.upstream.balancer.endpoints
-        return endpoints[0]
+        return self.upstream.endpoints[0]
 
     def test_no_connect_before_the_window(self) -> None:
         client = self.accept()
