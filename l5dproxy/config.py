@@ -151,6 +151,20 @@ class Config:
     listeners: tuple[ListenerConfig, ...] = ()
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    h2: H2Config = field(default_factory=lambda: H2Config())
+
+
+@dataclass(frozen=True)
+class H2Config:
+    """``[h2]``: limits and windows of the HTTP/2 ends."""
+
+    #: Streams one client connection may have open; more get REFUSED_STREAM.
+    max_concurrent_streams: int = 256
+    #: Largest request header list (name + value + 32 per field); larger: 431.
+    max_header_list_size: int = 65536
+    #: Receive window of each stream, and of each connection as a whole.
+    initial_window_size: int = 1048576
+    connection_window_size: int = 4194304
 
 
 def default_config_path() -> str:
@@ -180,10 +194,11 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     services = _parse_services(root.table("service"))
     listeners = _parse_listeners(root.array("listener"), services)
     discovery = _parse_discovery(root.table("discovery"))
+    h2 = _parse_h2(root.table("h2"))
     root.finish()
     if errors:
         raise ConfigError(errors)
-    return Config(source, admin, detect, proxy, listeners, services, discovery)
+    return Config(source, admin, detect, proxy, listeners, services, discovery, h2)
 
 
 class _Table:
@@ -282,6 +297,25 @@ def _parse_proxy(t: _Table) -> ProxyConfig:
     )
     t.finish()
     return proxy
+
+
+def _parse_h2(t: _Table) -> H2Config:
+    def between(low: int, high: int) -> Callable[[int], str | None]:
+        return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+    h2 = H2Config(
+        max_concurrent_streams=t.get("max_concurrent_streams", int,
+                                     H2Config.max_concurrent_streams, between(1, 2**31 - 1)),
+        max_header_list_size=t.get("max_header_list_size", int,
+                                   H2Config.max_header_list_size, between(1024, 2**24)),
+        initial_window_size=t.get("initial_window_size", int,
+                                  H2Config.initial_window_size, between(65535, 2**31 - 1)),
+        connection_window_size=t.get("connection_window_size", int,
+                                     H2Config.connection_window_size,
+                                     between(65535, 2**31 - 1)),
+    )
+    t.finish()
+    return h2
 
 
 def _parse_services(t: _Table) -> dict[str, ServiceConfig]:

@@ -8,6 +8,8 @@ connections finish for ``drain_timeout`` and then closes what is left.
 
 from __future__ import annotations
 
+import dataclasses
+
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
@@ -18,6 +20,8 @@ from twisted.logger import Logger
 from l5dproxy.admin import admin_site
 from l5dproxy.balance import Upstream
 from l5dproxy.config import Config
+from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
+from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.listener import Listener
 from l5dproxy.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.telemetry import Metrics
@@ -48,10 +52,16 @@ class ProxyService(Service):
         self.server_first = ServerFirst(
             OpaqueMemory(reactor, config.detect.learned_max, config.detect.learned_ttl),
             config.detect.client_silence)
+        # HTTP: one dispatcher for every listener; codec ends register here.
+        self.http = HttpProxy(self.upstreams, self.metrics, reactor)
+        h2_settings = H2Settings(**dataclasses.asdict(config.h2))
+        self.http.clients["h2"] = H2Client(reactor, settings=h2_settings, metrics=self.metrics,
+                                           target_of=self.http.target_of)
+        self.handlers = {"h2": h2_handler(self.http, h2_settings)}
         self.listeners = [
             Listener(lc, config.detect, self.upstreams, self.metrics, reactor,
                      log_connections=config.proxy.log_connections,
-                     server_first=self.server_first)
+                     server_first=self.server_first, handlers=self.handlers)
             for lc in config.listeners
         ]
         self.ports: dict[str, IListeningPort] = {}

@@ -66,6 +66,7 @@ from l5dproxy.http.exchange import (
     ResponseHead,
     error_response,
 )
+from l5dproxy.http.proxy import as_proxy_error
 
 if TYPE_CHECKING:
     from l5dproxy.connection import InboundConnection
@@ -773,12 +774,14 @@ class H2Client:
 
     def __init__(self, reactor, connect_timeout: float = 5.0,
                  settings: H2Settings | None = None, metrics=None,
-                 labels: tuple[str, str] = ("", "")) -> None:
+                 target_of: Callable | None = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.settings = settings or H2Settings()
         self.metrics = metrics
-        self.labels = labels          # (listener, service) for dst metrics
+        #: endpoint -> its ServiceConfig (HttpProxy.target_of): connect
+        #: timeout and the service label of the dst metrics.
+        self.target_of = target_of
         self.pools: dict[str, _EndpointPool] = {}
 
     def request(self, endpoint, request: Request) -> defer.Deferred:
@@ -787,6 +790,11 @@ class H2Client:
         pool = self.pools.get(key)
         if pool is None:
             pool = self.pools[key] = _EndpointPool(self, address, key)
+        if self.target_of is not None:
+            config = self.target_of(endpoint)
+            if config is not None:
+                pool.service = config.name
+                pool.connect_timeout = config.connect_timeout
         pending = _Pending(request)
         pool.submit(pending)
         return pending.deferred
@@ -804,6 +812,8 @@ class _EndpointPool:
         self.connections: list[H2ClientProtocol] = []
         self.connecting = 0
         self.waiting: deque[_Pending] = deque()
+        self.service = ""
+        self.connect_timeout = client.connect_timeout
 
     def submit(self, pending: _Pending) -> None:
         for conn in self.connections:
@@ -818,7 +828,7 @@ class _EndpointPool:
             self.connecting += 1
             self.client.reactor.connectTCP(
                 self.address.host, self.address.port, _ClientFactory(self),
-                timeout=self.client.connect_timeout)
+                timeout=self.connect_timeout)
 
     def ready(self, conn: H2ClientProtocol) -> None:
         """A connection has the peer's settings, or a stream slot came free."""
@@ -839,9 +849,10 @@ class _EndpointPool:
         client = self.client
         if client.metrics is not None:
             client.metrics.connect_errors_total.labels(
-                client.labels[1], self.label, errno_name(reason) or "closed").inc()
-        error = ProxyError.bad_gateway(
-            f"connect to {self.label} failed: {reason.getErrorMessage()}")
+                self.service, self.label, errno_name(reason) or "closed").inc()
+        log.info("h2 connect to {endpoint} failed: {reason}", endpoint=self.label,
+                 reason=reason.getErrorMessage())
+        error = as_proxy_error(reason)   # refused: 502, timeout: 504 (gRPC: 14, 4)
         waiting, self.waiting = self.waiting, deque()
         for pending in waiting:
             if not pending.deferred.called:
@@ -901,8 +912,9 @@ class H2ClientProtocol(_H2Protocol):
         self.h2 = h2
         client = self.pool.client
         if client.metrics is not None:
-            listener, service = client.labels
-            self.dst = client.metrics.tcp_side("dst", listener, service, "h2", self.pool.label)
+            # Shared by every listener that routes here: no listener label.
+            self.dst = client.metrics.tcp_side("dst", "", self.pool.service, "h2",
+                                               self.pool.label)
             self.dst.opened()
         self.connected_at = client.reactor.seconds()
         self.transport.registerProducer(self, True)

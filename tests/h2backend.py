@@ -1,0 +1,166 @@
+"""A small HTTP/2 (prior knowledge) server for the end-to-end tests.
+
+Run as ``python -m tests.h2backend PORTFILE``: it binds 127.0.0.1:0, writes
+the port to PORTFILE and serves until killed. asyncio and h2, nothing of the
+proxy, so it checks the proxy against an independent peer. Paths:
+
+* ``/bytes/N``: N bytes of body, sent as the client's windows allow;
+* ``/echo``: the request body back, and a ``x-echo-trailer`` trailer;
+* ``/hang``: headers, then nothing until the client resets the stream;
+* anything else: ``ok``.
+
+Every stream reset by the client is printed as ``RESET <stream> <code>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+
+CHUNK = 16384
+ZEROS = b"\0" * (1 << 20)
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.requests: dict[int, dict] = {}
+        self.window_open = asyncio.Event()
+
+    async def run(self) -> None:
+        self.h2.initiate_connection()
+        await self.flush()
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                for event in self.h2.receive_data(data):
+                    self.handle(event)
+                await self.flush()
+        except (ConnectionError, Exception) as e:  # noqa: BLE001 - a test peer
+            if not isinstance(e, ConnectionError):
+                print(f"ERROR {e!r}", flush=True)
+        finally:
+            self.writer.close()
+
+    async def flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    def handle(self, event) -> None:
+        if isinstance(event, RequestReceived):
+            headers = dict(event.headers)
+            self.requests[event.stream_id] = {"headers": headers, "body": bytearray()}
+            if event.stream_ended is not None:
+                self.respond(event.stream_id)
+        elif isinstance(event, DataReceived):
+            request = self.requests.get(event.stream_id)
+            if request is not None:
+                request["body"] += event.data
+            self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        elif isinstance(event, StreamEnded):
+            if event.stream_id in self.requests and "answered" not in self.requests[
+                    event.stream_id]:
+                self.respond(event.stream_id)
+        elif isinstance(event, StreamReset):
+            print(f"RESET {event.stream_id} {int(event.error_code)}", flush=True)
+            self.requests.pop(event.stream_id, None)
+            self.window_open.set()
+        elif isinstance(event, WindowUpdated):
+            self.window_open.set()
+        elif isinstance(event, ConnectionTerminated):
+            self.window_open.set()
+
+    def respond(self, sid: int) -> None:
+        request = self.requests[sid]
+        request["answered"] = True
+        path = request["headers"].get(b":path", b"/")
+        if path.startswith(b"/bytes/"):
+            size = int(path[len(b"/bytes/"):])
+            self.h2.send_headers(sid, [(b":status", b"200"),
+                                       (b"content-length", str(size).encode())])
+            asyncio.ensure_future(self.stream_bytes(sid, size))
+        elif path == b"/echo":
+            body = bytes(request["body"])
+            self.h2.send_headers(sid, [(b":status", b"200")])
+            asyncio.ensure_future(self.stream_data(sid, body, [(b"x-echo-trailer", b"yes")]))
+        elif path == b"/hang":
+            self.h2.send_headers(sid, [(b":status", b"200")])
+            print(f"HANG {sid}", flush=True)
+        else:
+            self.h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"3")])
+            self.h2.send_data(sid, b"ok\n", end_stream=True)
+            self.requests.pop(sid, None)
+
+    async def wait_window(self, sid: int) -> int:
+        while True:
+            if sid not in self.requests:
+                return 0
+            try:
+                window = self.h2.local_flow_control_window(sid)
+            except Exception:  # noqa: BLE001 - the stream is gone
+                return 0
+            if window > 0:
+                return window
+            self.window_open.clear()
+            await self.window_open.wait()
+
+    async def stream_bytes(self, sid: int, size: int) -> None:
+        sent = 0
+        while sent < size:
+            window = await self.wait_window(sid)
+            if not window:
+                return
+            n = min(window, CHUNK, size - sent, self.h2.max_outbound_frame_size)
+            self.h2.send_data(sid, ZEROS[:n], end_stream=sent + n == size)
+            sent += n
+            await self.flush()
+        self.requests.pop(sid, None)
+
+    async def stream_data(self, sid: int, body: bytes, trailers) -> None:
+        view = memoryview(body)
+        while view:
+            window = await self.wait_window(sid)
+            if not window:
+                return
+            n = min(window, CHUNK, len(view), self.h2.max_outbound_frame_size)
+            self.h2.send_data(sid, bytes(view[:n]))
+            view = view[n:]
+            await self.flush()
+        self.h2.send_headers(sid, trailers, end_stream=True)
+        self.requests.pop(sid, None)
+        await self.flush()
+
+
+async def main(portfile: str) -> None:
+    async def serve(reader, writer) -> None:
+        await Connection(reader, writer).run()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    with open(portfile + ".tmp", "w") as f:
+        f.write(str(port))
+    import os
+    os.replace(portfile + ".tmp", portfile)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1]))
