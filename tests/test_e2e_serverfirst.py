@@ -37,6 +37,7 @@ from tests.support import (
     ProxyProcess,
     ThreadedServer,
     recv_exactly,
+    recv_until_eof,
     require_tool,
     wait_for,
 )
@@ -271,6 +272,17 @@ class MysqlBannerTests(ServerFirstChecks, SynchronousTestCase):
         self.assertBannerTimes(proxy, "db", server.port, 4)
         self.assertLearned(proxy, "db", "db", server.address, later=1 + BANNER_CONNECTIONS)
         self.assertEqual(server.errors, [])
+
+    def test_banner_then_close(self) -> None:
+        """A server that only speaks ("too many connections") and hangs up."""
+        busy = b"\x17\x00\x00\x00\xff\x10\x04Too many connections"
+        server = ThreadedServer(self, lambda conn: conn.sendall(busy))
+        proxy = start_proxy(self, {"db": server.address})
+        for _ in range(3):  # learning, then learned
+            start = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", proxy.port("db")), timeout=10) as s:
+                self.assertEqual(recv_until_eof(s), busy)
+            self.assertLess(time.perf_counter() - start, FIRST_BANNER_S)
 
     def test_learned_destination_expires(self) -> None:
         server = ThreadedServer(self, mysql_banner_server)

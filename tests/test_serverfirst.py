@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -264,6 +264,18 @@ class EarlyConnectTests(SynchronousTestCase):
         client.protocol.connectionLost(Failure(ConnectionRefusedError()))
         self.assertTrue(server.disconnecting)
         self.assertEqual(self.endpoint.active, 0)
+
+    def test_server_first_then_close(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        server.protocol.dataReceived(b"421 too busy\r\n")
+        server.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(client.value(), b"421 too busy\r\n")
+        self.assertTrue(client.disconnecting)
+        client.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.endpoint.active, 0)
+        self.assertEqual(self.listener.connections, set())
 
     def test_detect_timeout_is_cancelled(self) -> None:
         client = self.accept()
