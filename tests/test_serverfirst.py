@@ -317,6 +317,17 @@ class EarlyConnectTests(SynchronousTestCase):
         client = self.accept(listener)
         self.assertIsInstance(client.protocol, DetectProtocol)
 
+    def test_reloaded_service_config_is_not_trusted(self) -> None:
+        self.accept()
+        self.reactor.advance(SILENCE)
+        self.connect_upstream().protocol.dataReceived(BANNER)
+        self.assertIsInstance(self.accept().protocol, RelayProtocol)
+        # A reload changes the service in place (Upstream.reconfigure).
+        changed = ServiceConfig("mail", self.upstream.config.endpoints, connect_timeout=2.0)
+        self.upstream.reconfigure(changed, DetectConfig().opaque_ports)
+        self.assertIsInstance(self.accept().protocol, DetectProtocol)
+        self.assertEqual(self.memory.entries(), [])
+
     def test_client_first_during_early_connection_relay_adopts(self) -> None:
         client = self.accept()
         self.reactor.advance(SILENCE)
