@@ -17,6 +17,15 @@ server waits for a connection. Two things here remove the stall:
   remembered, so later connections to them go straight to the relay with no
   window at all (reason ``learned_opaque``). Bounded, expiring, and keyed by
   the service's config so a changed service starts afresh.
+
+The default window (25 ms, ``DetectConfig.client_silence``) comes from
+measurement: from accept to a client-speaks-first client's first bytes (curl,
+python http.client, openssl s_client) took at most 0.3 ms on an idle
+loopback and at most 17 ms (p99 12 ms) with the 2-core machine three times
+oversubscribed; 25 ms stays above that, and a server-speaks-first banner
+still arrives ~26 ms after connect, against the 250 ms budget and the 10 s
+detect timeout. A client merely slower than the window costs an upstream
+connection made early (used by the relay, or closed), never a delay.
 """
 
 from __future__ import annotations
