@@ -104,6 +104,10 @@ class ListenerConfig:
     service: str
     opaque: bool = False
     routes: tuple[RouteConfig, ...] = ()
+    #: One log line per HTTP request (method, authority, path, status, bytes, time, endpoint).
+    access_log: bool = False
+    #: HTTP/1 CONNECT is forwarded (and tunnelled on 2xx) instead of refused with 405.
+    allow_connect: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,19 @@ class Config:
     services: dict[str, ServiceConfig] = field(default_factory=dict)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     h2: H2Config = field(default_factory=lambda: H2Config())
+    http: HttpConfig = field(default_factory=lambda: HttpConfig())
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: limits of the HTTP/1 server end and the upstream pools."""
+
+    #: Longest request target; longer: 414.
+    max_request_line: int = 8192
+    #: Largest request header block; larger: 431.
+    max_header_bytes: int = 65536
+    #: Idle keep-alive connections kept per endpoint.
+    pool_max_idle: int = 32
 
 
 @dataclass(frozen=True)
@@ -195,10 +212,11 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     listeners = _parse_listeners(root.array("listener"), services)
     discovery = _parse_discovery(root.table("discovery"))
     h2 = _parse_h2(root.table("h2"))
+    http = _parse_http(root.table("http"))
     root.finish()
     if errors:
         raise ConfigError(errors)
-    return Config(source, admin, detect, proxy, listeners, services, discovery, h2)
+    return Config(source, admin, detect, proxy, listeners, services, discovery, h2, http)
 
 
 class _Table:
@@ -316,6 +334,21 @@ def _parse_h2(t: _Table) -> H2Config:
     )
     t.finish()
     return h2
+
+
+def _parse_http(t: _Table) -> HttpConfig:
+    def between(low: int, high: int) -> Callable[[int], str | None]:
+        return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
+
+    http = HttpConfig(
+        max_request_line=t.get("max_request_line", int, HttpConfig.max_request_line,
+                               between(256, 2**20)),
+        max_header_bytes=t.get("max_header_bytes", int, HttpConfig.max_header_bytes,
+                               between(1024, 2**24)),
+        pool_max_idle=t.get("pool_max_idle", int, HttpConfig.pool_max_idle, between(0, 10000)),
+    )
+    t.finish()
+    return http
 
 
 def _parse_services(t: _Table) -> dict[str, ServiceConfig]:
@@ -457,6 +490,8 @@ def _parse_listeners(tables: list[_Table], services: dict[str, ServiceConfig],
             service=t.required("service", str, known_service),
             opaque=t.get("opaque", bool, False),
             routes=tuple(routes),
+            access_log=t.get("access_log", bool, False),
+            allow_connect=t.get("allow_connect", bool, False),
         ))
         t.finish()
     return tuple(listeners)

@@ -20,6 +20,8 @@ from twisted.logger import Logger
 from l5dproxy.admin import admin_site
 from l5dproxy.balance import Upstream
 from l5dproxy.config import Config
+from l5dproxy.http.h1 import h1_handler
+from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
 from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.listener import Listener
@@ -58,6 +60,10 @@ class ProxyService(Service):
         self.http.clients["h2"] = H2Client(reactor, settings=h2_settings, metrics=self.metrics,
                                            target_of=self.http.target_of)
         self.handlers = {"h2": h2_handler(self.http, h2_settings)}
+        self.http.clients["http1"] = H1Client(reactor, self.metrics, self.http.target_of,
+                                              max_idle=config.http.pool_max_idle)
+        self.handlers["http1"] = h1_handler(self.http, config.http.max_request_line,
+                                            config.http.max_header_bytes)
         self.listeners = [
             Listener(lc, config.detect, self.upstreams, self.metrics, reactor,
                      log_connections=config.proxy.log_connections,

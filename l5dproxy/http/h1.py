@@ -1,0 +1,789 @@
+"""The HTTP/1.1 server end: wire requests in, exchanges out, responses back.
+
+One ``H1Server`` speaks HTTP/1 on one client connection once detection says
+``http1``. The parser is llhttp (through ``httptools``): it is strict where
+request smuggling lives (obs-fold, ``Content-Length`` with
+``Transfer-Encoding``, duplicate lengths, bad chunk sizes, header bytes) and
+parses a small request in well under a microsecond; what it lets through
+that a proxy must not (HTTP/0.9 and HTTP/2.0 request lines, a second
+``Host``, ``Transfer-Encoding`` on HTTP/1.0 or with codings other than
+``chunked``, oversized heads) is checked here.
+
+Requests are handed to the dispatcher one at a time, in order; pipelined
+requests wait their turn (their bodies buffer up to ``BODY_HIGH_WATER``, then
+reading stops). Bodies stream both ways: the request body's source is this
+connection (a full upstream pauses reading from the client) and the
+response body is paused while the client's socket buffer is full. After a
+``101 Switching Protocols`` (or a 2xx to an allowed ``CONNECT``) the client
+connection and the upstream connection become a byte relay.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpRequestParser,
+)
+from twisted.internet import defer
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from l5dproxy.http.exchange import (
+    PROXY_ERROR_HEADER,
+    Body,
+    Headers,
+    ProxyError,
+    Request,
+    RequestContext,
+    RequestHead,
+    Response,
+)
+from l5dproxy.http.proxy import reason_phrase
+
+if TYPE_CHECKING:
+    from l5dproxy.connection import InboundConnection
+    from l5dproxy.http.exchange import Dispatcher
+
+log = Logger(namespace="l5dproxy.http")
+
+#: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade",
+})
+#: Request headers the server end looks at as it reads them.
+_SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
+
+#: Pipelined requests read ahead of the one being answered before reading stops.
+PIPELINE_DEPTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class H1Limits:
+    """Per-listener limits of the HTTP/1 server end."""
+
+    max_request_line: int = 8192      # request target bytes, else 414
+    max_header_bytes: int = 65536     # header block bytes, else 431
+    allow_connect: bool = False       # CONNECT is refused with 405 unless set
+
+
+class UpgradeRequest(Request):
+    """A request asking to leave HTTP/1 (``Upgrade``) or to tunnel (``CONNECT``).
+
+    ``upgrade`` is the ``Upgrade`` header's value (``b"CONNECT"`` for a
+    CONNECT); the HTTP/1 client end forwards it and, on ``101`` (2xx for
+    CONNECT), answers with a ``TunnelResponse``.
+    """
+
+    __slots__ = ("upgrade",)
+
+    def __init__(self, head: RequestHead, body: Body, upgrade: bytes) -> None:
+        super().__init__(head, body)
+        self.upgrade = upgrade
+
+
+class TunnelResponse(Response):
+    """A response after which its connection carries raw bytes: ``tunnel``
+    is the upstream end (``tunnel_write``, ``tunnel_close_write``,
+    ``tunnel_close``, ``tunnel_attach``)."""
+
+    __slots__ = ("tunnel",)
+
+    def __init__(self, head, body, tunnel) -> None:
+        super().__init__(head, body)
+        self.tunnel = tunnel
+
+
+class _ContinueBody(Body):
+    """A body behind ``Expect: 100-continue``: the first consumer sends the 100."""
+
+    __slots__ = ("_hook",)
+
+    def __init__(self, length: int | None, hook) -> None:
+        super().__init__(length)
+        self._hook = hook
+
+    def consume(self, sink) -> None:
+        hook, self._hook = self._hook, None
+        if hook is not None:
+            hook()
+        super().consume(sink)
+
+
+class _RejectError(Exception):
+    """Malformed or refused input: answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _HaltError(Exception):
+    """Stop parsing: nothing after a ``Connection: close`` request is read."""
+
+
+class _Message:
+    """One request on the connection, from its head to the end of its response."""
+
+    __slots__ = (
+        "body_done", "close_after", "continue_sent", "d", "error", "keep_alive", "leftover",
+        "method", "request", "response", "source", "version",
+    )
+
+    def __init__(self) -> None:
+        self.request: Request | None = None
+        self.method = b""
+        self.version = "1.1"
+        self.keep_alive = True
+        self.body_done = False
+        self.close_after = False
+        self.continue_sent = False
+        self.d: defer.Deferred | None = None
+        self.error: ProxyError | None = None      # answered without dispatching
+        self.response: Response | None = None
+        self.leftover = b""                       # bytes after an Upgrade/CONNECT head
+        self.source: _RequestBodySource | None = None
+
+
+class _RequestBodySource:
+    """A request body's flow control, tied to the message it belongs to."""
+
+    __slots__ = ("msg", "server")
+
+    def __init__(self, server: H1Server, msg: _Message) -> None:
+        self.server = server
+        self.msg = msg
+
+    def pause_body(self) -> None:
+        if self.server._reading is self.msg:
+            self.server._pause_reading("body")
+
+    def resume_body(self) -> None:
+        if self.server._reading is self.msg:
+            self.server._resume_reading("body")
+
+    def stop_body(self) -> None:
+        """The upstream does not want the rest: discard it, close afterwards."""
+        self.msg.close_after = True
+        if self.server._reading is self.msg:
+            self.server._discarding = True
+            self.server._resume_reading("body")
+
+
+def h1_handler(dispatcher: Dispatcher, max_request_line: int = H1Limits.max_request_line,
+               max_header_bytes: int = H1Limits.max_header_bytes):
+    """A listener handler for the ``http1`` verdict (limits per listener)."""
+    limits_of: dict[object, H1Limits] = {}
+
+    def build(conn: InboundConnection) -> H1Server:
+        listener = conn.listener
+        limits = limits_of.get(listener)
+        if limits is None:
+            limits = limits_of[listener] = H1Limits(
+                max_request_line, max_header_bytes,
+                bool(getattr(listener.config, "allow_connect", False)))
+        return H1Server(conn, dispatcher, limits)
+    return build
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class H1Server(Protocol):
+    """HTTP/1 on one client connection."""
+
+    def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
+                 limits: H1Limits = H1Limits()) -> None:
+        self.conn = conn
+        self.dispatcher = dispatcher
+        self.limits = limits
+        self.context = RequestContext(conn.listener, conn, "http1")
+        self.parser: HttpRequestParser | None = None
+        self.queue: deque[_Message] = deque()   # answered in order; [0] is current
+        self._reading: _Message | None = None    # the message whose body is being read
+        self._url: list[bytes] = []
+        self._url_len = 0
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._in_head = False
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._reject: _RejectError | None = None
+        self._discarding = False
+        self._pauses: set[str] = set()
+        self._out_paused = False
+        self._out_chunked = False
+        self._out_body: Body | None = None
+        self._stopped = False         # no more input is read
+        self._last = False            # no request after the current one is read
+        self._client_eof = False
+        self._draining = False
+        self._closed = False
+        self._ended_by = "client closed"
+        self.tunnel = None
+
+    # -- connection --
+
+    def connectionMade(self) -> None:
+        self.parser = HttpRequestParser(self)
+        self.transport.registerProducer(self, True)
+        self.conn.on_drain = self.drain
+
+    def dataReceived(self, data: bytes) -> None:
+        self.conn.count_read(len(data))
+        if self.tunnel is not None:
+            self.tunnel.tunnel_write(data)
+            return
+        parser = self.parser
+        if parser is None or self._stopped:
+            return
+        was_in_head = self._in_head
+        before = self._head_bytes
+        try:
+            parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            self._upgrade_read(data[upgrade.args[0]:])
+            return
+        except HttpParserCallbackError as e:
+            if self._reject is not None:
+                self._bad_input(self._reject)
+            elif not (self._stopped or self._last):   # input after a close is ignored
+                log.failure("HTTP/1 server callback failed", Failure(e.__context__ or e))
+                self._bad_input(_RejectError(400, "bad request"))
+            return
+        except HttpParserError as e:
+            if not self._stopped and not (self._last and self._reading is None):
+                self._bad_input(_RejectError(400, _parser_reason(e)))
+            return
+        if self._in_head and was_in_head and self._head_bytes == before:
+            # A whole read inside one header line, which httptools holds
+            # until it ends: count it, so a never-ending header is bounded.
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._bad_input(_RejectError(431, "request header fields too large"))
+
+    def readConnectionLost(self) -> None:
+        self._client_eof = True
+        reading = self._reading
+        if reading is not None and not reading.body_done:
+            reading.request.body.fail(ConnectionLost("client closed mid-body"))
+            reading.body_done = True
+            reading.close_after = True
+            self._reading = None
+        if self.tunnel is not None:
+            self.tunnel.tunnel_close_write()
+            return
+        self._stopped = True
+        if not self.queue:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self.tunnel is None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._closed = True
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.tunnel_close()
+            self._ended_by = "tunnel closed"
+        for msg in self.queue:
+            if msg.d is not None:
+                d, msg.d = msg.d, None
+                d.cancel()
+            if msg.request is not None and not msg.body_done:
+                msg.request.body.fail(ConnectionLost("client gone"))
+                msg.body_done = True
+        self.queue.clear()
+        body, self._out_body = self._out_body, None
+        if body is not None:
+            body.cancel()
+            self._ended_by = "client closed mid-response"
+        self.conn.on_drain = None
+        self.conn.closed(reason, self._ended_by)
+
+    def drain(self) -> None:
+        """The proxy is stopping: close now if idle, else after this response."""
+        self._draining = True
+        if not self.queue and not self._in_head and self.tunnel is None:
+            self._ended_by = "drained"
+            self.transport.loseConnection()
+
+    # -- reading: httptools callbacks --
+
+    def on_message_begin(self) -> None:
+        if self._last or self._stopped:
+            raise _HaltError()
+        self._in_head = True
+        self._url = []
+        self._url_len = 0
+        self._headers = []
+        self._head_bytes = 0
+        self._trailers = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._url_len += len(url)
+        if self._url_len > self.limits.max_request_line:
+            raise self._rejecting(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers is not None:
+            self._trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise self._rejecting(431, "request header fields too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._head_bytes = 0
+        try:
+            msg = self._read_head()
+        except _RejectError as e:
+            raise self._rejecting(e.status, e.reason) from None
+        self._trailers = []
+        if not msg.keep_alive:
+            self._last = True   # no request after this one is read
+        self.queue.append(msg)
+        if len(self.queue) == 1:
+            self._dispatch(msg)
+        elif len(self.queue) > PIPELINE_DEPTH:
+            self._pause_reading("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        msg = self._reading
+        if msg is not None and not self._discarding:
+            msg.request.body.write(data)
+
+    def on_message_complete(self) -> None:
+        msg = self._reading
+        if msg is None:
+            return
+        self._reading = None
+        trailers, self._trailers = self._trailers, None
+        if not msg.body_done:
+            msg.body_done = True
+            if not self._discarding:
+                msg.request.body.finish(trailers or None)
+        self._discarding = False
+        self._resume_reading("body")
+
+    def _rejecting(self, status: int, reason: str) -> _RejectError:
+        self._reject = _RejectError(status, reason)
+        return self._reject
+
+    def _read_head(self) -> _Message:
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise _RejectError(505 if version.startswith("2") else 400,
+                          f"unsupported HTTP version {version}")
+        method = parser.get_method()
+        url = b"".join(self._url) if len(self._url) != 1 else self._url[0]
+        headers: Headers = []
+        authority: bytes | None = None
+        named: list[bytes] | None = None
+        length: int | None = None
+        chunked = False
+        expect = False
+        upgrade: bytes | None = None
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname not in _SPECIAL:
+                if lname == b"content-length":
+                    length = int(value)   # llhttp allows digits only, and one
+                headers.append((name, value))
+            elif lname == b"host":
+                if authority is not None:
+                    raise _RejectError(400, "more than one Host header")
+                authority = value.strip()
+            elif lname == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise _RejectError(501, "unsupported transfer-encoding")
+                chunked = True
+            elif lname == b"connection":
+                for token in value.lower().split(b","):
+                    token = token.strip()
+                    if token and token not in (b"close", b"keep-alive", b"upgrade"):
+                        named = named or []
+                        named.append(token)
+            elif lname == b"expect":
+                if value.strip().lower() == b"100-continue":
+                    expect = True
+                else:
+                    headers.append((name, value))
+            elif lname == b"upgrade":
+                upgrade = value
+        if chunked and version == "1.0":
+            raise _RejectError(400, "transfer-encoding in an HTTP/1.0 request")
+        if named:
+            headers = [(n, v) for n, v in headers if n.lower() not in named]
+        target = url
+        if url[:1] != b"/":
+            lowered = url[:8].lower()
+            if lowered.startswith((b"http://", b"https://")):
+                rest = url[url.index(b"//") + 2:]
+                cut = len(rest)
+                for sep in (b"/", b"?"):
+                    at = rest.find(sep)
+                    if 0 <= at < cut:
+                        cut = at
+                authority, target = rest[:cut], rest[cut:] or b"/"
+                if target[:1] == b"?":
+                    target = b"/" + target
+                if not authority:
+                    raise _RejectError(400, "bad request target")
+            elif method == b"CONNECT":
+                if authority is None:
+                    authority = url
+            elif not (url == b"*" and method == b"OPTIONS"):
+                raise _RejectError(400, "bad request target")
+        if authority is None:
+            if version == "1.1":
+                raise _RejectError(400, "missing Host header")
+            authority = b""
+        is_upgrade = parser.should_upgrade()
+        if method == b"CONNECT":
+            if not self.limits.allow_connect:
+                raise _RejectError(405, "CONNECT not allowed")
+            upgrade = b"CONNECT"
+        elif not is_upgrade:
+            upgrade = None
+        msg = _Message()
+        msg.method = method
+        msg.version = version
+        msg.keep_alive = parser.should_keep_alive()
+        if chunked or length:
+            if expect:
+                body = _ContinueBody(length, lambda: self._send_continue(msg))
+            else:
+                body = Body(length)
+            source = msg.source = _RequestBodySource(self, msg)
+            body.set_source(source)
+            self._reading = msg
+        else:
+            body = Body.empty()
+            msg.body_done = True
+        head = RequestHead(method, target, authority, headers, b"http", version)
+        if upgrade is not None:
+            msg.request = UpgradeRequest(head, body, upgrade)
+        else:
+            msg.request = Request(head, body)
+        return msg
+
+    def _upgrade_read(self, leftover: bytes) -> None:
+        """The parser stopped after an Upgrade or CONNECT head: hold what follows."""
+        self._stopped = True
+        self._pause_reading("upgrade")
+        msg = self.queue[-1] if self.queue else None
+        if msg is not None and isinstance(msg.request, UpgradeRequest):
+            msg.leftover += leftover
+
+    def _bad_input(self, reject: _RejectError) -> None:
+        """Malformed input: answer it in turn, read nothing more, then close."""
+        self._reject = None
+        self._stopped = True
+        self._in_head = False
+        self.parser = None
+        listener = self.conn.listener
+        listener.metrics.http_errors_total.labels(
+            "inbound", listener.name, reject.reason).inc()
+        error = ProxyError.bad_request(reject.reason, reject.status)
+        reading = self._reading
+        if reading is not None and not reading.body_done:
+            # The request already went on: fail its body, and answer the
+            # error instead of its response if that has not begun.
+            self._reading = None
+            reading.body_done = True
+            reading.close_after = True
+            reading.error = error
+            reading.request.body.fail(ValueError(reject.reason))
+            return
+        msg = _Message()
+        msg.error = error
+        msg.keep_alive = False
+        msg.body_done = True
+        self.queue.append(msg)
+        if len(self.queue) == 1:
+            self._dispatch(msg)
+
+    # -- flow control of reading --
+
+    def _pause_reading(self, why: str) -> None:
+        if not self._pauses and not self._closed:
+            self.transport.pauseProducing()
+        self._pauses.add(why)
+
+    def _resume_reading(self, why: str) -> None:
+        if why in self._pauses:
+            self._pauses.discard(why)
+            if not self._pauses and not self._closed:
+                self.transport.resumeProducing()
+
+    # -- answering --
+
+    def _dispatch(self, msg: _Message) -> None:
+        if msg.error is not None:
+            self._write_error(msg, msg.error)
+            return
+        try:
+            d = self.dispatcher.dispatch(msg.request, self.context)
+        except Exception:
+            log.failure("dispatcher failed")
+            self._write_error(msg, ProxyError.bad_gateway("proxy error"))
+            return
+        msg.d = d
+        d.addCallbacks(self._respond, self._dispatch_failed, (msg,), None, (msg,))
+
+    def _dispatch_failed(self, failure: Failure, msg: _Message) -> None:
+        msg.d = None
+        if self._closed:
+            return
+        if failure.check(ProxyError):
+            error = failure.value
+        elif failure.check(defer.CancelledError):
+            return
+        else:
+            log.failure("dispatch failed", failure)
+            error = ProxyError.bad_gateway("proxy error")
+        self._write_error(msg, msg.error or error)
+
+    def _write_error(self, msg: _Message, error: ProxyError) -> None:
+        reason = error.reason.encode("ascii", "replace")
+        close = not msg.keep_alive or not msg.body_done or msg.close_after or \
+            self._draining or error.status in (400, 414, 431, 505, 501, 405)
+        msg.close_after = close
+        parts = [b"HTTP/1.1 ", str(error.status).encode(), b" ", reason_phrase(error.status),
+                 b"\r\ncontent-length: 0\r\n", PROXY_ERROR_HEADER, b": ", reason, b"\r\n"]
+        if close:
+            parts.append(b"connection: close\r\n")
+        elif msg.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self._write(b"".join(parts))
+        self._answered(msg)
+
+    def _respond(self, response: Response, msg: _Message) -> None:
+        msg.d = None
+        if self._closed:
+            response.body.cancel()
+            return
+        if msg.error is not None:   # the client's request turned out malformed
+            response.body.cancel()
+            self._write_error(msg, msg.error)
+            return
+        msg.response = response
+        head = response.head
+        status = head.status
+        body = response.body
+        tunnel = getattr(response, "tunnel", None)
+        if tunnel is not None and isinstance(msg.request, UpgradeRequest):
+            self._write_head(msg, head, status, b"", tunnel=True)
+            self._start_tunnel(msg, tunnel)
+            return
+        if status == 101 or tunnel is not None:
+            response.body.cancel()
+            if tunnel is not None:
+                tunnel.tunnel_close()
+            self._write_error(msg, ProxyError.bad_gateway("unexpected 101 response"))
+            return
+        if msg.method == b"HEAD" or status in (204, 304) or status < 200:
+            framing = b""            # no body, whatever the headers say
+            bodyless = True
+        else:
+            framing = None
+            bodyless = False
+        self._write_head(msg, head, status, framing, bodyless=bodyless)
+        if bodyless:
+            if not body.ended:
+                body.cancel()
+            self._answered(msg)
+            return
+        self._out_body = body
+        if self._out_paused:
+            body.pause()
+        body.consume(self)
+
+    def _write_head(self, msg: _Message, head, status: int, framing: bytes | None,
+                    bodyless: bool = False, tunnel: bool = False) -> None:
+        parts = [b"HTTP/1.1 ", str(status).encode(), b" ", head.reason or reason_phrase(status),
+                 b"\r\n"]
+        has_length = False
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                continue
+            if lname == b"content-length":
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+        self._out_chunked = False
+        if tunnel:
+            upgrade = msg.request.upgrade
+            if upgrade != b"CONNECT":
+                parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
+            parts.append(b"\r\n")
+            self._write(b"".join(parts))
+            return
+        close = not msg.keep_alive or msg.close_after or self._draining or self._client_eof
+        if not bodyless and not has_length:
+            body = msg.response.body
+            if body.length is not None:
+                parts += (b"content-length: ", str(body.length).encode(), b"\r\n")
+            elif body.is_empty:
+                parts.append(b"content-length: 0\r\n")
+            elif msg.version == "1.1":
+                parts.append(b"transfer-encoding: chunked\r\n")
+                self._out_chunked = True
+            else:
+                close = True   # an HTTP/1.0 client: the end of the body is the close
+        if close:
+            msg.close_after = True
+            parts.append(b"connection: close\r\n")
+        elif msg.version == "1.0":
+            parts.append(b"connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self._write(b"".join(parts))
+
+    def _send_continue(self, msg: _Message) -> None:
+        if self.queue and self.queue[0] is msg and msg.response is None and not self._closed:
+            msg.continue_sent = True
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # -- the response body (this protocol is its sink) --
+
+    def body_data(self, data: bytes) -> None:
+        n = len(data)
+        if not self._out_chunked:
+            self.conn.count_written(n)
+            self.transport.write(data)
+        elif n < 16384:   # one small write beats a sequence
+            out = b"%x\r\n%b\r\n" % (n, data)
+            self.conn.count_written(len(out))
+            self.transport.write(out)
+        else:             # a large chunk is not copied
+            size = b"%x\r\n" % n
+            self.conn.count_written(len(size) + n + 2)
+            self.transport.writeSequence((size, data, b"\r\n"))
+
+    def body_end(self, trailers: Headers | None) -> None:
+        self._out_body = None
+        if self._out_chunked:
+            if trailers:
+                parts = [b"0\r\n"]
+                for name, value in trailers:
+                    if name.lower() not in HOP_BY_HOP:
+                        parts += (name, b": ", value, b"\r\n")
+                parts.append(b"\r\n")
+                self._write(b"".join(parts))
+            else:
+                self._write(b"0\r\n\r\n")
+        if self.queue:
+            self._answered(self.queue[0])
+
+    def body_error(self, reason: Exception) -> None:
+        """The upstream died mid-response: the status is sent, so the client
+        connection is all that can tell."""
+        self._out_body = None
+        self._ended_by = "upstream failed mid-response"
+        if not self._closed:
+            self.transport.abortConnection()
+
+    def _write(self, data: bytes) -> None:
+        self.conn.count_written(len(data))
+        self.transport.write(data)
+
+    def _answered(self, msg: _Message) -> None:
+        """``msg``'s response is complete: go on with the next, or close."""
+        if self.queue and self.queue[0] is msg:
+            self.queue.popleft()
+        if self._closed:
+            return
+        if msg.close_after or not msg.keep_alive or not msg.body_done:
+            if not msg.body_done and msg.request is not None:
+                msg.request.body.cancel()
+            self._stopped = True
+            self._ended_by = "closed after response"
+            self.transport.loseConnection()
+            return
+        if self._draining and not self.queue:
+            self._ended_by = "drained"
+            self.transport.loseConnection()
+            return
+        if len(self.queue) <= PIPELINE_DEPTH:
+            self._resume_reading("pipeline")
+        if self.queue:
+            self._dispatch(self.queue[0])
+        elif self._client_eof:
+            self.transport.loseConnection()
+
+    # -- IPushProducer: the client's socket buffer pauses the response body --
+
+    def pauseProducing(self) -> None:
+        self._out_paused = True
+        if self._out_body is not None:
+            self._out_body.pause()
+        if self.tunnel is not None:
+            self.tunnel.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._out_paused = False
+        if self._out_body is not None:
+            self._out_body.resume()
+        if self.tunnel is not None:
+            self.tunnel.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- tunnels (after 101 or a CONNECT's 2xx) --
+
+    def _start_tunnel(self, msg: _Message, upstream) -> None:
+        """From the next byte on, both connections are one byte relay."""
+        self.queue.clear()
+        self.tunnel = upstream
+        self._ended_by = "tunnel closed"
+        self.conn.protocol = f"{self.conn.protocol}+tunnel" if self.conn.protocol else "tunnel"
+        upstream.tunnel_attach(self)
+        if msg.leftover:
+            upstream.tunnel_write(msg.leftover)
+            msg.leftover = b""
+        self._pauses.clear()
+        self._stopped = False
+        self.parser = None
+        self.transport.resumeProducing()
+        if self._client_eof:
+            upstream.tunnel_close_write()
+
+    def tunnel_write(self, data: bytes) -> None:
+        self.conn.count_written(len(data))
+        self.transport.write(data)
+
+    def tunnel_close_write(self) -> None:
+        if not self._closed:
+            self.transport.loseWriteConnection()
+
+    def tunnel_close(self) -> None:
+        if not self._closed:
+            self.tunnel = None
+            self.transport.loseConnection()
+
+
+def _parser_reason(e: HttpParserError) -> str:
+    text = str(e).strip() or "malformed request"
+    return text[:80]
+
+
+__all__ = [
+    "HOP_BY_HOP", "H1Limits", "H1Server", "TunnelResponse", "UpgradeRequest", "h1_handler",
+]
+

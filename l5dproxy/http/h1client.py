@@ -1,0 +1,626 @@
+"""The HTTP/1.1 client end: exchanges out to endpoints over pooled connections.
+
+``H1Client`` keeps one pool of keep-alive connections per endpoint address,
+shared by every client connection of the proxy. A request takes the most
+recently used idle connection (or opens one), writes its head, streams its
+body (paused while the endpoint's socket buffer is full), and turns the
+endpoint's answer into a ``Response`` whose body pauses the endpoint's
+connection while the client is slow. When the response and the request are
+both complete and the endpoint allows it, the connection goes back to the
+pool; idle connections beyond ``max_idle`` or older than ``idle_timeout``
+are closed.
+
+A pooled connection the endpoint closed while idle leaves the pool as soon as
+its close is read. If the close crosses a request on the way, the request is
+sent again on a new connection only when that is safe: the connection had
+served earlier requests, not a byte of response came back, and the request
+had no body (so nothing but its head, which is kept, was lost).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from l5dproxy.connection import errno_name
+from l5dproxy.http.exchange import Body, Headers, ProxyError, Request, Response, ResponseHead
+from l5dproxy.http.h1 import HOP_BY_HOP, TunnelResponse
+
+if TYPE_CHECKING:
+    from l5dproxy.balance import Endpoint
+    from l5dproxy.config import ServiceConfig
+    from l5dproxy.telemetry import Metrics, TcpSideMetrics
+
+log = Logger(namespace="l5dproxy.http")
+
+#: Methods whose request carries ``content-length: 0`` when it has no body.
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+class H1Client:
+    """Sends requests to endpoints over pooled HTTP/1.1 connections."""
+
+    def __init__(self, reactor, metrics: Metrics,
+                 target_of: Callable[[Endpoint], ServiceConfig | None] | None = None,
+                 max_idle: int = 32) -> None:
+        self.reactor = reactor
+        self.metrics = metrics
+        #: The service config of an endpoint (connect and idle timeouts, name).
+        self.target_of = target_of or (lambda endpoint: None)
+        self.max_idle = max_idle
+        self.pools: dict[object, _Pool] = {}
+
+    def request(self, endpoint: Endpoint, request: Request) -> defer.Deferred[Response]:
+        pool = self.pools.get(endpoint.address)
+        if pool is None:
+            pool = self.pools[endpoint.address] = _Pool(self, endpoint)
+        return _Call(pool, request).start()
+
+    def close_idle(self) -> None:
+        for pool in self.pools.values():
+            pool.close_idle()
+
+
+class _Pool:
+    """The keep-alive connections to one endpoint address."""
+
+    __slots__ = ("address", "client", "connect_timeout", "endpoint", "idle", "idle_timeout",
+                 "label", "service", "sweep")
+
+    def __init__(self, client: H1Client, endpoint: Endpoint) -> None:
+        self.client = client
+        self.endpoint = endpoint
+        self.address = endpoint.address
+        self.label = endpoint.label
+        config = client.target_of(endpoint)
+        self.service = config.name if config is not None else ""
+        self.connect_timeout = config.connect_timeout if config is not None else 5.0
+        self.idle_timeout = getattr(config, "idle_timeout", 60.0)
+        self.idle: list[H1ClientConnection] = []   # most recently used last
+        self.sweep = None
+
+    def take(self) -> H1ClientConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            if conn.reusable():
+                return conn
+        return None
+
+    def connect(self, call: _Call) -> None:
+        client = self.client
+        factory = _Factory(self, call)
+        call.connector = client.reactor.connectTCP(
+            self.address.host, self.address.port, factory,
+            timeout=self.connect_timeout)
+
+    def release(self, conn: H1ClientConnection) -> None:
+        if len(self.idle) >= self.client.max_idle:
+            conn.close()
+            return
+        conn.idle_since = self.client.reactor.seconds()
+        self.idle.append(conn)
+        if self.sweep is None:
+            self.sweep = self.client.reactor.callLater(self.idle_timeout, self._sweep)
+
+    def forget(self, conn: H1ClientConnection) -> None:
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def close_idle(self) -> None:
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
+
+    def _sweep(self) -> None:
+        self.sweep = None
+        now = self.client.reactor.seconds()
+        deadline = now - self.idle_timeout
+        keep = []
+        for conn in self.idle:
+            if conn.idle_since <= deadline:
+                conn.close()
+            else:
+                keep.append(conn)
+        self.idle = keep
+        if keep:
+            wait = keep[0].idle_since + self.idle_timeout - now
+            self.sweep = self.client.reactor.callLater(max(wait, 0.01), self._sweep)
+
+
+class _Call:
+    """One request's way to a response: a connection, maybe a second try."""
+
+    __slots__ = ("conn", "connector", "d", "done", "pool", "request", "retried")
+
+    def __init__(self, pool: _Pool, request: Request) -> None:
+        self.pool = pool
+        self.request = request
+        self.conn: H1ClientConnection | None = None
+        self.connector = None
+        self.retried = False
+        self.done = False
+        self.d: defer.Deferred[Response] = defer.Deferred(self._cancel)
+
+    def start(self) -> defer.Deferred[Response]:
+        conn = self.pool.take()
+        if conn is not None:
+            conn.send(self)
+        else:
+            self.pool.connect(self)
+        return self.d
+
+    def connected(self, conn: H1ClientConnection) -> None:
+        self.connector = None
+        if self.done:
+            self.pool.release(conn)
+            return
+        conn.send(self)
+
+    def connect_failed(self, reason: Failure) -> None:
+        self.connector = None
+        pool = self.pool
+        pool.client.metrics.connect_errors_total.labels(
+            pool.service, pool.label, errno_name(reason) or "closed").inc()
+        self.fail(reason)
+
+    def lost_before_response(self, conn: H1ClientConnection, reason: Failure) -> None:
+        """The connection closed before any response byte: retry if safe."""
+        self.conn = None
+        if (not self.done and not self.retried and conn.requests > 1
+                and self.request.body.is_empty):
+            self.retried = True
+            self.pool.connect(self)
+            return
+        self.fail(reason)
+
+    def responded(self, response: Response) -> None:
+        if not self.done:
+            self.done = True
+            self.d.callback(response)
+        else:
+            response.body.cancel()
+
+    def fail(self, reason: Failure | Exception) -> None:
+        if not self.done:
+            self.done = True
+            self.d.errback(reason)
+
+    def _cancel(self, d: defer.Deferred) -> None:
+        """Timed out or the client went away before the response head."""
+        self.done = True
+        connector, self.connector = self.connector, None
+        if connector is not None:
+            connector.stopConnecting()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.abort()
+
+
+class _Factory(ClientFactory):
+    noisy = False
+
+    def __init__(self, pool: _Pool, call: _Call) -> None:
+        self.pool = pool
+        self.call = call
+
+    def buildProtocol(self, addr) -> H1ClientConnection:
+        return H1ClientConnection(self.pool, self.call)
+
+    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+        if not self.call.done:
+            self.call.connect_failed(reason)
+
+
+@implementer(IHalfCloseableProtocol, IPushProducer)
+class H1ClientConnection(Protocol):
+    """One HTTP/1.1 connection to an endpoint: one request at a time."""
+
+    def __init__(self, pool: _Pool, first: _Call) -> None:
+        self.pool = pool
+        self._first: _Call | None = first
+        self.call: _Call | None = None
+        self.parser = HttpResponseParser(self)
+        self.dst: TcpSideMetrics | None = None
+        self.connected_at = 0.0
+        self.idle_since = 0.0
+        self.requests = 0
+        self.closed = False
+        self.eof = False
+        self.tunnel = None
+        self._leftover = b""
+        # per request
+        self._method = b""
+        self._upgrade: bytes | None = None
+        self._chunked = False
+        self._request_done = True
+        self._paused = False
+        # per response
+        self._reason: list[bytes] = []
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._trailers: list[tuple[bytes, bytes]] | None = None
+        self._body: Body | None = None
+        self._response_started = False
+        self._response_done = True
+        self._until_close = False
+        self._keep_alive = True
+        self._interim = False
+        self._tunnel_pending = False
+
+    # -- connection --
+
+    def connectionMade(self) -> None:
+        pool = self.pool
+        client = pool.client
+        self.connected_at = client.reactor.seconds()
+        self.dst = client.metrics.tcp_side("dst", "", pool.service, "http1", pool.label)
+        self.dst.opened()
+        self.transport.registerProducer(self, True)
+        first, self._first = self._first, None
+        first.connected(self)
+
+    def reusable(self) -> bool:
+        return not self.closed and not self.eof and self.transport.connected
+
+    def send(self, call: _Call) -> None:
+        """Write ``call``'s request and stream its body."""
+        self.call = call
+        call.conn = self
+        self.requests += 1
+        request = call.request
+        head = request.head
+        body = request.body
+        method = head.method
+        self._method = method
+        self._upgrade = getattr(request, "upgrade", None)
+        self._response_started = False
+        self._response_done = False
+        self._interim = False
+        self._reason = []
+        self._headers = []
+        self._trailers = None
+        parts = [method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.authority, b"\r\n"]
+        has_length = False
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP or lname == b"host":
+                continue
+            if lname == b"content-length":
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+        self._chunked = False
+        if has_length:
+            pass
+        elif body.length is not None:
+            if body.length or method in _BODY_METHODS:
+                parts += (b"content-length: ", str(body.length).encode(), b"\r\n")
+        elif body.is_empty:
+            if method in _BODY_METHODS:
+                parts.append(b"content-length: 0\r\n")
+        else:
+            parts.append(b"transfer-encoding: chunked\r\n")
+            self._chunked = True
+        upgrade = self._upgrade
+        if upgrade is not None and upgrade != b"CONNECT":
+            parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
+        parts.append(b"\r\n")
+        self._write(b"".join(parts))
+        if body.is_empty:
+            self._request_done = True
+        else:
+            self._request_done = False
+            if self._paused:
+                body.pause()
+            body.consume(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.dst.read_bytes.inc(len(data))
+        if self.tunnel is not None:
+            self.tunnel.tunnel_write(data)
+            return
+        if self._tunnel_pending:
+            self._leftover += data
+            return
+        if self.call is None and self._response_done:
+            # Bytes nobody asked for: this connection cannot be trusted.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            self._leftover += data[upgrade.args[0]:]
+        except HttpParserError as e:
+            self._protocol_error(f"invalid response: {e}")
+
+    def readConnectionLost(self) -> None:
+        self.eof = True
+        if self.tunnel is not None:
+            self.tunnel.tunnel_close_write()
+            return
+        self.pool.forget(self)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        if self.tunnel is None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if self.dst is not None:
+            self.dst.closed(errno_name(reason), self.pool.client.reactor.seconds()
+                            - self.connected_at)
+        if self.tunnel is not None:
+            tunnel, self.tunnel = self.tunnel, None
+            tunnel.tunnel_close()
+            return
+        if self._first is not None:  # pragma: no cover - connectionMade always runs first
+            return
+        call, self.call = self.call, None
+        request_body_open = not self._request_done
+        if call is not None and not self._response_started:
+            if request_body_open:
+                call.request.body.cancel()
+            call.lost_before_response(self, reason)
+            return
+        body, self._body = self._body, None
+        if body is not None and not self._response_done:
+            self._response_done = True
+            if self._until_close and reason.check(ConnectionDone):
+                body.finish(self._trailers or None)
+            else:
+                body.fail(ConnectionLost("upstream closed mid-response"))
+        if call is not None and request_body_open:
+            call.request.body.cancel()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        """The request was given up: the connection is in an unknown state."""
+        self.call = None
+        body, self._body = self._body, None
+        if body is not None and not self._response_done:
+            self._response_done = True
+            body.fail(ConnectionAbortedError("request abandoned"))
+        if not self.closed:
+            self.closed = True
+            self.transport.abortConnection()
+
+    # -- the request body (this connection is its sink) --
+
+    def body_data(self, data: bytes) -> None:
+        if self._chunked:
+            n = len(data)
+            if n < 16384:
+                self._write(b"%x\r\n%b\r\n" % (n, data))
+            else:
+                size = b"%x\r\n" % n
+                self.dst.write_bytes.inc(len(size) + n + 2)
+                self.transport.writeSequence((size, data, b"\r\n"))
+        else:
+            self._write(data)
+
+    def body_end(self, trailers: Headers | None) -> None:
+        if self._chunked:
+            if trailers:
+                parts = [b"0\r\n"]
+                for name, value in trailers:
+                    parts += (name, b": ", value, b"\r\n")
+                parts.append(b"\r\n")
+                self._write(b"".join(parts))
+            else:
+                self._write(b"0\r\n\r\n")
+        self._request_done = True
+        if self._response_done and self.call is not None:
+            self._finished()
+
+    def body_error(self, reason: Exception) -> None:
+        """The client's request body broke off: the endpoint must not see a
+        truncated request as whole, so the connection goes."""
+        self._request_done = True
+        call = self.call
+        if call is not None and not self._response_started:
+            self.call = None
+            call.fail(ProxyError.bad_request(str(reason) or "request body failed"))
+        self.abort()
+
+    def _write(self, data: bytes) -> None:
+        self.dst.write_bytes.inc(len(data))
+        self.transport.write(data)
+
+    # -- the response: httptools callbacks --
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason.append(reason)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers is not None:
+            self._trailers.append((name, value))
+        else:
+            self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        status = parser.get_status_code()
+        call = self.call
+        if call is None:
+            raise ValueError("response without a request")
+        if status < 200 and status != 101:
+            self._interim = True        # 100 Continue, 103 Early Hints: not forwarded
+            self._headers = []
+            self._reason = []
+            return
+        self._response_started = True
+        self._keep_alive = parser.should_keep_alive()
+        headers: Headers = []
+        named: list[bytes] | None = None
+        length: int | None = None
+        chunked = False
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                if lname == b"connection":
+                    for token in value.lower().split(b","):
+                        token = token.strip()
+                        if token and token not in (b"close", b"keep-alive", b"upgrade"):
+                            named = named or []
+                            named.append(token)
+                elif lname == b"transfer-encoding":
+                    chunked = True
+                continue
+            if lname == b"content-length":
+                length = int(value)
+            headers.append((name, value))
+        if named:
+            headers = [(n, v) for n, v in headers if n.lower() not in named]
+        self._headers = []
+        head = ResponseHead(status, headers, b"".join(self._reason))
+        self._trailers = []
+        upgrade = self._upgrade
+        tunnel = (upgrade is not None and
+                  (status == 101 if upgrade != b"CONNECT" else 200 <= status < 300))
+        if tunnel:
+            self._tunnel_pending = True
+            self._response_done = True
+            self._keep_alive = False
+            self.call = None
+            call.responded(TunnelResponse(head, Body.empty(), self))
+            return
+        if self._method == b"HEAD" or status in (204, 304) or status == 101:
+            # llhttp reads no body for 204/304 itself; for HEAD it would
+            # wait for content-length bytes, so a HEAD with a length is the
+            # last use of this connection.
+            if self._method == b"HEAD" and (length or chunked):
+                self._keep_alive = False
+            body = Body.empty()
+            self._response_done = True
+            self._body = None
+            call.responded(Response(head, body))
+            if self.call is call:
+                self._finished()
+            return
+        if length == 0:
+            body = Body.empty()
+            self._body = None
+        else:
+            body = Body(length)
+            body.set_source(self)
+            self._body = body
+        self._until_close = length is None and not chunked
+        call.responded(Response(head, body))
+
+    def on_body(self, data: bytes) -> None:
+        body = self._body
+        if body is not None:
+            body.write(data)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self._response_done:   # bodiless, handled at the head
+            return
+        self._response_done = True
+        body, self._body = self._body, None
+        trailers, self._trailers = self._trailers, None
+        if body is not None:
+            body.finish(trailers or None)
+        if self.call is not None and self._request_done:
+            self._finished()
+        elif self.call is not None:
+            # The endpoint answered before reading the whole request: the
+            # rest of the body will not be sent, so the connection goes.
+            self._keep_alive = False
+            call, self.call = self.call, None
+            call.request.body.cancel()
+            self.close()
+
+    def _finished(self) -> None:
+        """Request and response are complete: back to the pool, or closed."""
+        self.call = None
+        if self._keep_alive and not self.closed and not self.eof:
+            self.pool.release(self)
+        else:
+            self.close()
+
+    def _protocol_error(self, reason: str) -> None:
+        call, self.call = self.call, None
+        if call is not None and not self._response_started:
+            call.fail(ProxyError.bad_gateway("invalid response"))
+        body, self._body = self._body, None
+        if body is not None and not self._response_done:
+            self._response_done = True
+            body.fail(ConnectionLost(reason))
+        self.abort()
+
+    # -- the response body's source --
+
+    def pause_body(self) -> None:
+        if not self.closed:
+            self.transport.pauseProducing()
+
+    def resume_body(self) -> None:
+        if not self.closed:
+            self.transport.resumeProducing()
+
+    def stop_body(self) -> None:
+        """The client does not want the rest of the response."""
+        self._body = None
+        self._response_done = True
+        self.call = None
+        self.abort()
+
+    # -- IPushProducer: the endpoint's socket buffer pauses the request body --
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        if self.tunnel is not None:
+            self.tunnel.transport.pauseProducing()
+        elif self.call is not None and not self._request_done:
+            self.call.request.body.pause()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        if self.tunnel is not None:
+            self.tunnel.transport.resumeProducing()
+        elif self.call is not None and not self._request_done:
+            self.call.request.body.resume()
+
+    def stopProducing(self) -> None:
+        pass
+
+    # -- tunnel end (the server end drives it after a 101) --
+
+    def tunnel_attach(self, server) -> None:
+        self.tunnel = server
+        self._tunnel_pending = False
+        leftover, self._leftover = self._leftover, b""
+        if leftover:
+            server.tunnel_write(leftover)
+        if self.eof:
+            server.tunnel_close_write()
+        elif self.closed:
+            server.tunnel_close()
+
+    def tunnel_write(self, data: bytes) -> None:
+        self._write(data)
+
+    def tunnel_close_write(self) -> None:
+        if not self.closed:
+            self.transport.loseWriteConnection()
+
+    def tunnel_close(self) -> None:
+        self.tunnel = None
+        self.close()
