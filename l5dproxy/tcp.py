@@ -126,12 +126,16 @@ class RelayProtocol(Protocol):
         pending, self.pending, self.pending_size = self.pending, [], 0
         if pending:
             upstream.write(b"".join(pending))
-        if self.client_eof:
-            upstream.close_write()
         # Each side is the other's producer: a full write buffer on one
         # pauses reading on the other.
-        upstream.transport.registerProducer(self.transport, True)
         self.transport.registerProducer(upstream.transport, True)
+        if self.client_eof:
+            # The client is done sending: nothing to read from it (resuming
+            # it would only read its EOF again), and no producer on the
+            # upstream transport, or its half-close would wait for one.
+            upstream.close_write()
+            return
+        upstream.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
 
     def upstream_failed(self, reason: Failure) -> None:
