@@ -72,7 +72,7 @@ class RelayProtocol(Protocol):
                 return
             self.endpoint = None
         upstream = conn.listener.upstream
-        endpoint, self.chosen = self.chosen or upstream.pick(), None
+        endpoint, self.chosen = self.chosen or upstream.pick_connection(), None
         if endpoint is None:
             conn.listener.metrics.connect_errors_total.labels(
                 upstream.name, "", "no_endpoints").inc()
@@ -123,6 +123,8 @@ class RelayProtocol(Protocol):
             upstream.close()
             return
         self.upstream = upstream
+        if self.endpoint is not None:
+            self.endpoint.report(True)  # failure accrual: the endpoint answered
         pending, self.pending, self.pending_size = self.pending, [], 0
         if pending:
             upstream.write(b"".join(pending))
@@ -147,7 +149,7 @@ class RelayProtocol(Protocol):
         log.info("connect to {endpoint} for {service} failed: {reason}",
                  endpoint=conn.endpoint, service=upstream.name,
                  reason=reason.getErrorMessage())
-        self._release_endpoint()
+        self._release_endpoint(success=False)
         if not self.closed:
             self.ended_by = "connect failed"
             self.transport.loseConnection()
@@ -164,9 +166,12 @@ class RelayProtocol(Protocol):
             self.ended_by = "server closed"
         _close(self.transport)
 
-    def _release_endpoint(self) -> None:
+    def _release_endpoint(self, success: bool | None = None) -> None:
+        """Done with the endpoint; ``success`` is the failure-accrual verdict
+        (None: none, as when the client leaves first or after the connect,
+        whose success was reported when it happened)."""
         if self.endpoint is not None:
-            self.endpoint.end(success=self.upstream is not None)
+            self.endpoint.end(success=success)
             self.endpoint = None
 
 
