@@ -137,7 +137,8 @@ class _Message:
     """One request on the connection, from its head to the end of its response."""
 
     __slots__ = (
-        "body_done", "close_after", "continue_sent", "d", "error", "keep_alive", "leftover",
+        "body_done", "close_after", "continue_sent", "d", "dispatched", "error", "keep_alive",
+        "leftover",
         "method", "request", "response", "source", "version",
     )
 
@@ -149,6 +150,7 @@ class _Message:
         self.body_done = False
         self.close_after = False
         self.continue_sent = False
+        self.dispatched = False
         self.d: defer.Deferred | None = None
         self.error: ProxyError | None = None      # answered without dispatching
         self.response: Response | None = None
@@ -251,24 +253,23 @@ class H1Server(Protocol):
             parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
             self._upgrade_read(data[upgrade.args[0]:])
-            return
         except HttpParserCallbackError as e:
             if self._reject is not None:
                 self._bad_input(self._reject)
             elif not (self._stopped or self._last):   # input after a close is ignored
                 log.failure("HTTP/1 server callback failed", Failure(e.__context__ or e))
                 self._bad_input(_RejectError(400, "bad request"))
-            return
         except HttpParserError as e:
             if not self._stopped and not (self._last and self._reading is None):
                 self._bad_input(_RejectError(400, _parser_reason(e)))
-            return
-        if self._in_head and was_in_head and self._head_bytes == before:
-            # A whole read inside one header line, which httptools holds
-            # until it ends: count it, so a never-ending header is bounded.
-            self._head_bytes += len(data)
-            if self._head_bytes > self.limits.max_header_bytes:
-                self._bad_input(_RejectError(431, "request header fields too large"))
+        else:
+            if self._in_head and was_in_head and self._head_bytes == before:
+                # A whole read inside one header line, which httptools holds
+                # until it ends: count it, so a never-ending header is bounded.
+                self._head_bytes += len(data)
+                if self._head_bytes > self.limits.max_header_bytes:
+                    self._bad_input(_RejectError(431, "request header fields too large"))
+        self._kick()
 
     def readConnectionLost(self) -> None:
         self._client_eof = True
@@ -354,10 +355,8 @@ class H1Server(Protocol):
         self._trailers = []
         if not msg.keep_alive:
             self._last = True   # no request after this one is read
-        self.queue.append(msg)
-        if len(self.queue) == 1:
-            self._dispatch(msg)
-        elif len(self.queue) > PIPELINE_DEPTH:
+        self.queue.append(msg)   # dispatched once this read is parsed (see _kick)
+        if len(self.queue) > PIPELINE_DEPTH:
             self._pause_reading("pipeline")
 
     def on_body(self, data: bytes) -> None:
@@ -409,7 +408,7 @@ class H1Server(Protocol):
                 authority = value.strip()
             elif lname == b"transfer-encoding":
                 if value.strip().lower() != b"chunked":
-                    raise _RejectError(501, "unsupported transfer-encoding")
+                    raise _RejectError(400, "unsupported transfer-encoding")
                 chunked = True
             elif lname == b"connection":
                 for token in value.lower().split(b","):
@@ -501,8 +500,8 @@ class H1Server(Protocol):
         error = ProxyError.bad_request(reject.reason, reject.status)
         reading = self._reading
         if reading is not None and not reading.body_done:
-            # The request already went on: fail its body, and answer the
-            # error instead of its response if that has not begun.
+            # Fail the request's body; answer the error instead of its
+            # response (a request not yet dispatched never goes upstream).
             self._reading = None
             reading.body_done = True
             reading.close_after = True
@@ -514,8 +513,6 @@ class H1Server(Protocol):
         msg.keep_alive = False
         msg.body_done = True
         self.queue.append(msg)
-        if len(self.queue) == 1:
-            self._dispatch(msg)
 
     # -- flow control of reading --
 
@@ -532,7 +529,14 @@ class H1Server(Protocol):
 
     # -- answering --
 
+    def _kick(self) -> None:
+        """Dispatch the request at the head of the queue, if not yet done."""
+        queue = self.queue
+        if queue and not queue[0].dispatched and not self._closed:
+            self._dispatch(queue[0])
+
     def _dispatch(self, msg: _Message) -> None:
+        msg.dispatched = True
         if msg.error is not None:
             self._write_error(msg, msg.error)
             return
@@ -722,7 +726,7 @@ class H1Server(Protocol):
         if len(self.queue) <= PIPELINE_DEPTH:
             self._resume_reading("pipeline")
         if self.queue:
-            self._dispatch(self.queue[0])
+            self._kick()
         elif self._client_eof:
             self.transport.loseConnection()
 

@@ -1,0 +1,502 @@
+"""The HTTP/1 codec ends against StringTransport: framing, hop-by-hop headers,
+pipelining, streaming and backpressure, smuggling vectors, the pool."""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from l5dproxy.balance import Endpoint
+from l5dproxy.config import HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.connection import InboundConnection
+from l5dproxy.http.exchange import (
+    Body,
+    ProxyError,
+    Request,
+    RequestHead,
+    Response,
+    ResponseHead,
+)
+from l5dproxy.http.h1 import H1Limits, H1Server
+from l5dproxy.http.h1client import H1Client
+from l5dproxy.sniff import Verdict
+from l5dproxy.telemetry import Metrics
+
+
+class FakeListener:
+    def __init__(self, clock) -> None:
+        self.config = ListenerConfig("in", "tcp:0", "app")
+        self.name = "in"
+        self.metrics = Metrics()
+        self.clock = clock
+        self.connections: set = set()
+        self.log_connections = False
+
+
+class FakeDispatcher:
+    def __init__(self) -> None:
+        self.requests: list[tuple[Request, defer.Deferred]] = []
+
+    def dispatch(self, request, context):
+        d = defer.Deferred()
+        self.requests.append((request, d))
+        return d
+
+
+class Collect:
+    """A body sink that keeps what it gets."""
+
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.trailers = None
+        self.ended = False
+        self.error = None
+
+    def body_data(self, data):
+        self.data.append(data)
+
+    def body_end(self, trailers):
+        self.ended = True
+        self.trailers = trailers
+
+    def body_error(self, reason):
+        self.error = reason
+
+
+def ok(body: bytes = b"hi", headers=None) -> Response:
+    b = Body(len(body))
+    if body:
+        b.write(body)
+    b.finish()
+    return Response(ResponseHead(200, headers or [(b"Content-Length", str(len(body)).encode())]),
+                    b)
+
+
+class ServerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = FakeListener(self.clock)
+        self.dispatcher = FakeDispatcher()
+        self.server, self.transport = self.connect()
+
+    def connect(self, limits: H1Limits | None = None):
+        transport = StringTransport(peerAddress=None)
+        conn = InboundConnection(self.listener, transport, 0.0)
+        conn.detected(Verdict("http1", "request_line"))
+        server = H1Server(conn, self.dispatcher, limits or H1Limits())
+        server.makeConnection(transport)
+        return server, transport
+
+    def feed(self, data: bytes) -> None:
+        self.server.dataReceived(data)
+
+    def out(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def test_get_keeps_headers_strips_hop_by_hop(self) -> None:
+        self.feed(b"GET /a?b HTTP/1.1\r\nHost: example.com\r\nX-A: 1\r\nConnection: x-gone\r\n"
+                  b"X-Gone: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nProxy-Connection: k\r\n"
+                  b"x-a: 2\r\nUpgrade: foo\r\nAccept: */*\r\n\r\n")
+        [(request, d)] = self.dispatcher.requests
+        head = request.head
+        self.assertEqual((head.method, head.target, head.authority, head.version),
+                         (b"GET", b"/a?b", b"example.com", "1.1"))
+        self.assertEqual(head.headers, [(b"X-A", b"1"), (b"x-a", b"2"), (b"Accept", b"*/*")])
+        self.assertTrue(request.body.is_empty)
+        d.callback(ok(b"hello", [(b"Content-Length", b"5"), (b"Connection", b"x-r"),
+                                 (b"X-R", b"1"), (b"Set-Cookie", b"a"), (b"Set-Cookie", b"b")]))
+        self.assertEqual(self.out(), b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-R: 1\r\n"
+                                     b"Set-Cookie: a\r\nSet-Cookie: b\r\n\r\nhello")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_absolute_form_sets_authority(self) -> None:
+        self.feed(b"GET http://api.example:81/p?q HTTP/1.1\r\nHost: other\r\n\r\n")
+        head = self.dispatcher.requests[0][0].head
+        self.assertEqual((head.authority, head.target), (b"api.example:81", b"/p?q"))
+
+    def test_pipelined_requests_answered_in_order(self) -> None:
+        self.feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(len(self.dispatcher.requests), 1)
+        self.dispatcher.requests[0][1].callback(ok(b"one"))
+        self.assertEqual(len(self.dispatcher.requests), 2)
+        self.assertEqual(self.dispatcher.requests[1][0].head.target, b"/2")
+        self.dispatcher.requests[1][1].callback(ok(b"two"))
+        out = self.out()
+        self.assertLess(out.index(b"one"), out.index(b"two"))
+
+    def test_chunked_request_streams_with_trailers(self) -> None:
+        self.feed(b"POST /u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                  b"3\r\nabc\r\n")
+        request, _d = self.dispatcher.requests[0]
+        self.assertIsNone(request.body.length)
+        sink = Collect()
+        request.body.consume(sink)
+        self.assertEqual(sink.data, [b"abc"])
+        self.feed(b"2\r\nde\r\n0\r\nX-Sum: 5\r\n\r\n")
+        self.assertEqual(sink.data, [b"abc", b"de"])
+        self.assertTrue(sink.ended)
+        self.assertEqual(sink.trailers, [(b"X-Sum", b"5")])
+
+    def test_chunked_response_and_trailers(self) -> None:
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        body = Body()
+        self.dispatcher.requests[0][1].callback(Response(ResponseHead(200, []), body))
+        body.write(b"hello")
+        body.finish([(b"grpc-status", b"0")])
+        self.assertEqual(self.out(), b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                     b"5\r\nhello\r\n0\r\ngrpc-status: 0\r\n\r\n")
+
+    def test_http10_unknown_length_is_close_delimited(self) -> None:
+        self.feed(b"GET / HTTP/1.0\r\n\r\n")
+        body = Body()
+        self.dispatcher.requests[0][1].callback(Response(ResponseHead(200, []), body))
+        body.write(b"x")
+        body.finish()
+        self.assertEqual(self.out(), b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nx")
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_http10_keep_alive(self) -> None:
+        self.feed(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        self.dispatcher.requests[0][1].callback(ok(b"x"))
+        self.assertIn(b"connection: keep-alive\r\n", self.out())
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_connection_close(self) -> None:
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+                  b"GET /never HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.dispatcher.requests[0][1].callback(ok(b"x"))
+        self.assertIn(b"connection: close\r\n", self.out())
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(self.dispatcher.requests), 1)
+
+    def test_head_and_204_have_no_body(self) -> None:
+        self.feed(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.dispatcher.requests[0][1].callback(
+            Response(ResponseHead(200, [(b"Content-Length", b"100")]), Body.empty()))
+        self.assertEqual(self.out(), b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        self.feed(b"DELETE / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.dispatcher.requests[1][1].callback(Response(ResponseHead(204, []), Body.empty()))
+        self.assertEqual(self.out(), b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_expect_100_continue_when_body_is_consumed(self) -> None:
+        self.feed(b"PUT / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: 3\r\n\r\n")
+        request, _d = self.dispatcher.requests[0]
+        self.assertEqual(request.head.headers, [(b"Content-Length", b"3")])
+        self.assertEqual(self.out(), b"")
+        sink = Collect()
+        request.body.consume(sink)
+        self.assertEqual(self.out(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.feed(b"abc")
+        self.assertEqual(sink.data, [b"abc"])
+
+    def test_proxy_error_response(self) -> None:
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.dispatcher.requests[0][1].errback(ProxyError.unavailable("no endpoints"))
+        self.assertEqual(self.out(), b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n"
+                                     b"l5d-proxy-error: no endpoints\r\n\r\n")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_error_with_unread_body_closes(self) -> None:
+        self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        self.dispatcher.requests[0][1].errback(ProxyError.bad_gateway("connection refused"))
+        self.assertIn(b"connection: close", self.out())
+        self.assertTrue(self.transport.disconnecting)
+
+    SMUGGLING = {
+        "bad request line": b"GET / HTTP/1.1 x\r\nHost: a\r\n\r\n",
+        "header without colon": b"GET / HTTP/1.1\r\nHost: a\r\nFoo\r\n\r\n",
+        "obs-fold": b"GET / HTTP/1.1\r\nHost: a\r\nFoo: a\r\n b\r\n\r\n",
+        "CL and TE": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "TE and CL": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Length: 3\r\n\r\n0\r\n\r\n",
+        "two lengths": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n"
+                       b"Content-Length: 4\r\n\r\nabcd",
+        "bad chunk size": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                          b"zz\r\nabc\r\n0\r\n\r\n",
+        "TE not chunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\nabc",
+        "TE chunked not last": b"POST / HTTP/1.1\r\nHost: a\r\n"
+                               b"Transfer-Encoding: chunked, gzip\r\n\r\n",
+        "TE twice": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                    b"Transfer-Encoding: identity\r\n\r\n",
+        "space before colon": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+        "TE on HTTP/1.0": b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "two hosts": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        "no host": b"GET / HTTP/1.1\r\n\r\n",
+        "HTTP/0.9": b"GET /\r\n\r\n",
+        "bare LF": b"GET / HTTP/1.1\nHost: a\n\n",
+        "NUL in value": b"GET / HTTP/1.1\r\nHost: a\x00b\r\n\r\n",
+    }
+
+    def test_smuggling_vectors_get_400_and_close(self) -> None:
+        for name, data in self.SMUGGLING.items():
+            self.dispatcher.requests.clear()
+            self.server, self.transport = self.connect()
+            self.feed(data)
+            out = self.out()
+            self.assertTrue(out.startswith(b"HTTP/1.1 400 "), f"{name}: {out!r}")
+            self.assertIn(b"l5d-proxy-error: ", out, name)
+            self.assertIn(b"connection: close", out, name)
+            self.assertTrue(self.transport.disconnecting, name)
+            self.assertEqual(self.dispatcher.requests, [], name)
+
+    def test_bad_chunk_after_dispatch_answers_400(self) -> None:
+        self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        request, d = self.dispatcher.requests[0]
+        sink = Collect()
+        request.body.consume(sink)
+        self.feed(b"zz\r\n")
+        self.assertIsNotNone(sink.error)   # the upstream never sees a whole request
+        d.errback(ProxyError.bad_gateway("x"))
+        self.assertTrue(self.out().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_limits_414_431(self) -> None:
+        limits = H1Limits(max_request_line=300, max_header_bytes=1024)
+        self.server, self.transport = self.connect(limits)
+        self.feed(b"GET /" + b"a" * 400 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertTrue(self.out().startswith(b"HTTP/1.1 414 "))
+        self.server, self.transport = self.connect(limits)
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X-Big: " + b"b" * 600 + b"\r\n"
+                  + b"X-Big2: " + b"b" * 600 + b"\r\n\r\n")
+        self.assertTrue(self.out().startswith(b"HTTP/1.1 431 "))
+        # one header that never ends, a read at a time
+        self.server, self.transport = self.connect(limits)
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: ")
+        for _ in range(5):
+            self.feed(b"c" * 500)
+        self.assertTrue(self.out().startswith(b"HTTP/1.1 431 "))
+        self.assertEqual(self.dispatcher.requests, [])
+
+    def test_connect_refused_405(self) -> None:
+        self.feed(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n")
+        out = self.out()
+        self.assertTrue(out.startswith(b"HTTP/1.1 405 "))
+        self.assertIn(b"l5d-proxy-error: CONNECT not allowed", out)
+        self.assertEqual(self.dispatcher.requests, [])
+
+    def test_version_2_is_505(self) -> None:
+        self.feed(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
+        self.assertTrue(self.out().startswith(b"HTTP/1.1 505 "))
+
+    def test_response_body_paused_by_slow_client(self) -> None:
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        events = []
+
+        class Source:
+            def pause_body(self):
+                events.append("pause")
+
+            def resume_body(self):
+                events.append("resume")
+
+            def stop_body(self):
+                events.append("stop")
+
+        body = Body()
+        body.set_source(Source())
+        self.dispatcher.requests[0][1].callback(Response(ResponseHead(200, []), body))
+        self.server.pauseProducing()    # the transport's buffer is full
+        self.server.resumeProducing()
+        self.assertEqual(events, ["pause", "resume"])
+        self.server.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(events[-1], "stop")
+
+    def test_request_body_backpressure_pauses_reading(self) -> None:
+        self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n")
+        request, _ = self.dispatcher.requests[0]
+        self.feed(b"x" * 70000)   # past the body's high water with no consumer
+        self.assertEqual(self.transport.producerState, "paused")
+        request.body.consume(Collect())
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_upstream_dies_mid_response_aborts(self) -> None:
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        body = Body(10)
+        self.dispatcher.requests[0][1].callback(
+            Response(ResponseHead(200, [(b"Content-Length", b"10")]), body))
+        body.write(b"abc")
+        body.fail(ConnectionLost())
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_drain_closes_idle(self) -> None:
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.server.conn.drain()
+        self.assertFalse(self.transport.disconnecting)
+        self.dispatcher.requests[0][1].callback(ok(b"x"))
+        self.assertIn(b"connection: close", self.out())
+        self.assertTrue(self.transport.disconnecting)
+
+
+class ClientTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.metrics = Metrics()
+        self.config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), idle_timeout=30.0)
+        self.client = H1Client(self.reactor, self.metrics, lambda ep: self.config, max_idle=2)
+        self.endpoint = Endpoint(HostPort("127.0.0.1", 8080))
+
+    def request(self, method=b"GET", body=None, headers=None):
+        request = Request(RequestHead(method, b"/x", b"example.com", headers or []),
+                          body if body is not None else Body.empty())
+        return self.client.request(self.endpoint, request)
+
+    def accept(self, index=-1):
+        _host, _port, factory, timeout, _ = self.reactor.tcpClients[index]
+        self.assertEqual(timeout, 5.0)
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_get_reuses_connection(self) -> None:
+        d = self.request(headers=[(b"Accept", b"*/*")])
+        proto, transport = self.accept()
+        self.assertEqual(transport.value(),
+                         b"GET /x HTTP/1.1\r\nHost: example.com\r\nAccept: */*\r\n\r\n")
+        transport.clear()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n"
+                           b"Keep-Alive: timeout=5\r\nX-A: 1\r\n\r\nhi")
+        response = self.successResultOf(d)
+        self.assertEqual(response.head.status, 200)
+        self.assertEqual(response.head.reason, b"OK")
+        self.assertEqual(response.head.headers, [(b"Content-Length", b"2"), (b"X-A", b"1")])
+        sink = Collect()
+        response.body.consume(sink)
+        self.assertEqual((sink.data, sink.ended), ([b"hi"], True))
+        d2 = self.request(method=b"POST", body=Body.empty())
+        self.assertEqual(len(self.reactor.tcpClients), 1)   # pooled
+        self.assertEqual(transport.value(),
+                         b"POST /x HTTP/1.1\r\nHost: example.com\r\ncontent-length: 0\r\n\r\n")
+        proto.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
+        self.assertEqual(self.successResultOf(d2).head.status, 204)
+
+    def test_chunked_request_and_response(self) -> None:
+        body = Body()
+        d = self.request(method=b"POST", body=body)
+        proto, transport = self.accept()
+        body.write(b"abc")
+        body.finish([(b"x-t", b"1")])
+        self.assertTrue(transport.value().endswith(
+            b"transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"))
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
+        response = self.successResultOf(d)
+        sink = Collect()
+        response.body.consume(sink)
+        proto.dataReceived(b"0\r\nT: 2\r\n\r\n")
+        self.assertEqual((sink.data, sink.trailers), ([b"hi"], [(b"T", b"2")]))
+        self.assertEqual(self.client.pools[self.endpoint.address].idle, [proto])
+
+    def test_close_delimited_response(self) -> None:
+        d = self.request()
+        proto, _transport = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
+        sink = Collect()
+        self.successResultOf(d).body.consume(sink)
+        proto.dataReceived(b"more")
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual((sink.data, sink.ended), ([b"some", b"more"], True))
+
+    def test_dies_mid_response(self) -> None:
+        d = self.request()
+        proto, _transport = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        sink = Collect()
+        self.successResultOf(d).body.consume(sink)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNotNone(sink.error)
+
+    def test_head_response(self) -> None:
+        d = self.request(method=b"HEAD")
+        proto, _transport = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        response = self.successResultOf(d)
+        self.assertTrue(response.body.is_empty)
+        self.assertEqual(response.head.headers, [(b"Content-Length", b"10")])
+
+    def test_interim_responses_skipped(self) -> None:
+        d = self.request()
+        proto, _ = self.accept()
+        proto.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\n")
+        self.assertNoResult(d)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    def test_stale_pooled_connection_is_retried_when_safe(self) -> None:
+        d = self.request()
+        proto, _ = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.successResultOf(d)
+        d2 = self.request()   # goes out on the pooled connection...
+        proto.connectionLost(Failure(ConnectionDone()))   # ...which the server had closed
+        self.assertNoResult(d2)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        proto2, _ = self.accept()
+        proto2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d2).head.status, 200)
+
+    def test_request_with_body_is_not_replayed(self) -> None:
+        d = self.request()
+        proto, _ = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.successResultOf(d)
+        body = Body(3)
+        d2 = self.request(method=b"POST", body=body)
+        body.write(b"abc")
+        body.finish()
+        proto.connectionLost(Failure(ConnectionLost()))
+        self.failureResultOf(d2, ConnectionLost)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_server_closed_idle_connection_leaves_pool(self) -> None:
+        d = self.request()
+        proto, _ = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.successResultOf(d)
+        proto.readConnectionLost()
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_idle_timeout_and_limit(self) -> None:
+        ds = [self.request() for _ in range(3)]
+        conns = [self.accept(i) for i in range(3)]
+        for proto, _ in conns:
+            proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        for d in ds:
+            self.successResultOf(d)
+        pool = self.client.pools[self.endpoint.address]
+        self.assertEqual(len(pool.idle), 2)   # max_idle
+        self.assertTrue(conns[2][1].disconnecting)
+        self.reactor.advance(31)
+        self.assertEqual(pool.idle, [])
+        self.assertTrue(all(t.disconnecting for _, t in conns))
+
+    def test_early_response_closes_connection(self) -> None:
+        body = Body(100)
+        d = self.request(method=b"POST", body=body)
+        proto, transport = self.accept()
+        body.write(b"x" * 10)
+        proto.dataReceived(b"HTTP/1.1 413 Too Large\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).head.status, 413)
+        self.assertTrue(transport.disconnecting)
+
+    def test_cancel_aborts(self) -> None:
+        d = self.request()
+        _proto, transport = self.accept()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertTrue(transport.disconnecting)
+
+    def test_invalid_response_is_502(self) -> None:
+        d = self.request()
+        proto, _ = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
