@@ -185,6 +185,21 @@ class SmtpTests(ServerFirstChecks, SynchronousTestCase):
         learned = json.loads(self.proxy.admin_get("/opaque")[1])["learned"]
         self.assertNotIn("web", [e["service"] for e in learned])
 
+    def test_slow_http_client_still_detected(self) -> None:
+        """A client that says nothing for longer than the window: the early
+        connection is made, then the request line wins and HTTP is proxied."""
+        port = self.proxy.port("web")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            time.sleep(0.2)
+            s.sendall(b"GET /hello HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n")
+            response = recv_until_eof(s)
+        self.assertTrue(response.startswith(b"HTTP/1.1 200"), response[:100])
+        self.assertTrue(response.endswith(HttpServer.body), response[-100:])
+        self.assertEqual(self.proxy.metric_value("protocol_detect_total", listener="web",
+                                                 protocol="http1"), 1)
+        self.assertEqual(self.proxy.metric_value("protocol_detect_total", listener="web",
+                                                 protocol="opaque"), 0)
+
 
 # -- MySQL protocol ---------------------------------------------------------------
 
