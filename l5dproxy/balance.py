@@ -330,7 +330,8 @@ class Upstream:
         self._requests = P2C(peak_ewma_cost, clock, self.rng)
         self._connections = P2C(outstanding_cost, clock, self.rng)
         self.budget = _budget_of(config, clock)
-        self.retries = 0
+        self.retries = 0          # retries allowed by the budget, in all
+        self.retry_overflows = 0  # retries the budget refused, in all
         self.set_addresses(config.endpoints)
 
     def __repr__(self) -> str:
@@ -379,11 +380,16 @@ class Upstream:
                                                         budget.ttl):
             self.budget = new
 
+    def deposit(self) -> None:
+        """One original (not retried) request: it earns the retry budget."""
+        self.budget.deposit()
+
     def retry_allowed(self) -> bool:
         """Withdraw from the retry budget for one retry (counted either way)."""
         if self.budget.try_withdraw():
             self.retries += 1
             return True
+        self.retry_overflows += 1
         return False
 
 

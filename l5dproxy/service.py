@@ -8,18 +8,24 @@ connections finish for ``drain_timeout`` and then closes what is left.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 
 from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from l5dproxy.admin import admin_site
 from l5dproxy.balance import Upstream
-from l5dproxy.config import Config
+from l5dproxy.config import Config, ConfigError, load
+from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
 from l5dproxy.http.h1 import h1_handler
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
@@ -48,7 +54,7 @@ class ProxyService(Service):
         self.reactor = reactor
         self.metrics = Metrics()
         self.upstreams = {
-            name: Upstream(service, config.detect.opaque_ports)
+            name: Upstream(service, config.detect.opaque_ports, clock=reactor)
             for name, service in config.services.items()
         }
         self.server_first = ServerFirst(
@@ -73,6 +79,15 @@ class ProxyService(Service):
         self.ports: dict[str, IListeningPort] = {}
         self.admin_port: IListeningPort | None = None
         self.ready = False
+        #: Listeners taken out by a reload, kept until their connections end.
+        self.retired: list[Listener] = []
+        self.resolver = None
+        self.discoveries: dict[str, Discovery] = {}
+        self._previous_sighup = None
+        self._watch: LoopingCall | None = None
+        self._watched: tuple | None = None
+        self.metrics.watch_services(lambda: list(self.upstreams.values()),
+                                    lambda: self.discoveries)
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -82,6 +97,171 @@ class ProxyService(Service):
         if not self.ports and self.listeners:
             self.bind()
         super().startService()
+        self.resolver = make_resolver(self.config.discovery, self.reactor)
+        for name in self.upstreams:
+            self._start_discovery(name)
+        self._install_sighup()
+        self._set_watch(self.config)
+
+    # -- discovery --
+
+    def _start_discovery(self, name: str) -> None:
+        discovery = Discovery(self.upstreams[name], self.config.discovery, self.resolver,
+                              self.reactor)
+        self.discoveries[name] = discovery
+        discovery.start()
+
+    def _stop_discovery(self) -> None:
+        for discovery in self.discoveries.values():
+            discovery.stop()
+        self.discoveries.clear()
+        if self.resolver is not None:
+            stop_resolver(self.resolver)
+            self.resolver = None
+
+    # -- live reload --
+
+    def _install_sighup(self) -> None:
+        def on_sighup(signum, frame) -> None:
+            self.reactor.callFromThread(self.reload)
+
+        try:
+            self._previous_sighup = signal.signal(signal.SIGHUP, on_sighup)
+        except ValueError:  # not the main thread (tests): no signal handling
+            self._previous_sighup = None
+
+    def _uninstall_sighup(self) -> None:
+        if self._previous_sighup is not None:
+            with contextlib.suppress(ValueError):
+                signal.signal(signal.SIGHUP, self._previous_sighup)
+            self._previous_sighup = None
+
+    def _file_state(self) -> tuple | None:
+        try:
+            st = os.stat(self.config.source)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _set_watch(self, config: Config) -> None:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self._watch = None
+        if not config.proxy.watch_config:
+            return
+        self._watched = self._file_state()
+
+        def check() -> None:
+            state = self._file_state()
+            if state is not None and state != self._watched:
+                self._watched = state
+                log.info("config file {path} changed", path=self.config.source)
+                self.reload()
+
+        self._watch = LoopingCall(check)
+        self._watch.clock = self.reactor
+        self._watch.start(config.proxy.watch_interval, now=False)
+
+    def reload(self, path: str | None = None) -> bool:
+        """Re-read the config (SIGHUP, a file change): apply a valid one
+        without dropping connections, keep the old one when it is not."""
+        path = path or self.config.source
+        log.info("reloading config from {path}", path=path)
+        try:
+            new = load(path)
+        except ConfigError as e:
+            for line in e.errors:
+                log.error("{line}", line=line)
+            log.error("config reload failed: keeping the running config")
+            self.metrics.config_reload_total.labels("failure").inc()
+            return False
+        try:
+            self._apply(new)
+        except StartupError as e:
+            log.error("config reload failed: {reason}; keeping the running config",
+                      reason=str(e.code))
+            self.metrics.config_reload_total.labels("failure").inc()
+            return False
+        self.metrics.config_reload_total.labels("success").inc()
+        log.info("config reloaded: {n} listeners, {m} services",
+                 n=len(new.listeners), m=len(new.services))
+        return True
+
+    def _apply(self, new: Config) -> None:
+        old = self.config
+        opaque_ports = new.detect.opaque_ports
+        # 1. New ports first: a port that cannot be bound fails the reload
+        #    before anything has changed.
+        current = {listener.name: listener for listener in self.listeners}
+        to_bind = [lc for lc in new.listeners
+                   if lc.name not in current or current[lc.name].config.listen != lc.listen]
+        bound: dict[str, IListeningPort] = {}
+        upstreams = dict(self.upstreams)
+        for name, service in new.services.items():
+            if name not in upstreams:
+                upstreams[name] = Upstream(service, opaque_ports, clock=self.reactor)
+        try:
+            for lc in to_bind:
+                bound[lc.name] = self._listen(f"listener {lc.name!r}", lc.listen, _Deferred())
+        except StartupError:
+            for port in bound.values():
+                port.stopListening()
+            raise
+        # 2. Services: updated in place, added, removed.
+        resolvers_changed = new.discovery != old.discovery
+        self.config = new
+        for name, service in new.services.items():
+            upstream = upstreams[name]
+            if name in self.upstreams:
+                source_changed = (upstream.config.endpoints, upstream.config.dns,
+                                  upstream.config.srv) != (service.endpoints, service.dns,
+                                                           service.srv)
+                upstream.reconfigure(service, opaque_ports)
+                if source_changed and not (service.dns or service.srv):
+                    upstream.set_addresses(service.endpoints)
+                if (source_changed or resolvers_changed) and name in self.discoveries:
+                    self.discoveries[name].stop()
+                    del self.discoveries[name]
+            self.upstreams[name] = upstream
+        if resolvers_changed and self.resolver is not None:
+            stop_resolver(self.resolver)
+            self.resolver = make_resolver(new.discovery, self.reactor)
+        for name in [n for n in self.upstreams if n not in new.services]:
+            del self.upstreams[name]  # its listeners go below; connections keep their own
+            discovery = self.discoveries.pop(name, None)
+            if discovery is not None:
+                discovery.stop()
+        if self.running:
+            for name in new.services:
+                if name not in self.discoveries:
+                    self._start_discovery(name)
+        # 3. Listeners: each rebuilt on the new config; ports kept or swapped.
+        listeners = []
+        for lc in new.listeners:
+            listener = Listener(lc, new.detect, self.upstreams, self.metrics, self.reactor,
+                                log_connections=new.proxy.log_connections,
+                                server_first=self.server_first, handlers=self.handlers)
+            listeners.append(listener)
+            if lc.name in bound:
+                port = bound[lc.name]
+                old_port = self.ports.pop(lc.name, None)
+                if old_port is not None:
+                    old_port.stopListening()
+                self.ports[lc.name] = port
+                log.info("listener {name} on {address} -> service {service}",
+                         name=lc.name, address=_port_address(port), service=lc.service)
+            else:
+                port = self.ports[lc.name]
+            _swap_factory(port, listener)
+        for name in [n for n in self.ports if n not in {lc.name for lc in new.listeners}]:
+            log.info("listener {name} removed", name=name)
+            self.ports.pop(name).stopListening()
+        self.retired = [listener for listener in [*self.retired, *self.listeners]
+                        if listener.connections]
+        self.listeners = listeners
+        self._set_watch(new)
+        if new.admin != old.admin:
+            log.warn("admin.listen changed: it takes effect at the next restart")
 
     def bind(self) -> None:
         """Bind every listener and the admin server, or none of them."""
@@ -130,15 +310,23 @@ class ProxyService(Service):
     def port_of(self, listener_name: str) -> int:
         return self.ports[listener_name].getHost().port
 
+    def _all_listeners(self) -> list[Listener]:
+        return [*self.listeners, *self.retired]
+
     @defer.inlineCallbacks
     def stopService(self):
         """Stop accepting, drain open connections, then close the rest."""
         super().stopService()
         self.ready = False
+        self._uninstall_sighup()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self._stop_discovery()
         yield defer.gatherResults(
             [defer.maybeDeferred(p.stopListening) for p in self.ports.values()])
         self.ports.clear()
-        open_connections = [c for listener in self.listeners for c in listener.connections]
+        open_connections = [c for listener in self._all_listeners()
+                            for c in listener.connections]
         if open_connections:
             log.info("draining {n} connections for up to {timeout} s",
                      n=len(open_connections), timeout=self.config.proxy.drain_timeout)
@@ -153,7 +341,7 @@ class ProxyService(Service):
         deadline = self.reactor.seconds() + timeout
 
         def check() -> None:
-            remaining = [c for listener in self.listeners for c in listener.connections]
+            remaining = [c for listener in self._all_listeners() for c in listener.connections]
             if not remaining:
                 done.callback(None)
             elif self.reactor.seconds() >= deadline:
@@ -165,7 +353,7 @@ class ProxyService(Service):
             else:
                 self.reactor.callLater(min(0.05, timeout), check)
 
-        for conn in [c for listener in self.listeners for c in listener.connections]:
+        for conn in [c for listener in self._all_listeners() for c in listener.connections]:
             conn.drain()
         check()
         return done
@@ -175,3 +363,31 @@ def _port_address(port: IListeningPort) -> str:
     address = port.getHost()
     host = getattr(address, "host", None)
     return f"{host}:{address.port}" if host is not None else str(address)
+
+
+class _Deferred(Factory):
+    """Stands in as a newly bound port's factory until the reload swaps in
+    its listener (nothing is accepted in between: the reactor is ours)."""
+
+    noisy = False
+
+    def buildProtocol(self, addr):  # pragma: no cover - never reached
+        return None
+
+
+def _swap_factory(port: IListeningPort, listener: Listener) -> None:
+    """Make ``listener`` accept the port's next connections; the previous
+    one keeps serving the connections it has."""
+    holder = port
+    wrapped = getattr(port.factory, "wrappedFactory", None)  # TLS endpoints wrap it
+    if wrapped is not None:
+        holder = port.factory
+    previous = holder.wrappedFactory if wrapped is not None else port.factory
+    if previous is listener:
+        return
+    listener.doStart()
+    if wrapped is not None:
+        holder.wrappedFactory = listener
+    else:
+        port.factory = listener
+    previous.doStop()

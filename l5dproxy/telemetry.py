@@ -9,6 +9,7 @@ per request would be the most expensive thing on the hot path.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -75,6 +76,14 @@ class Metrics:
         self.http_errors_total = Counter(
             "http_errors", "Requests refused or failed by the proxy itself",
             ("direction", "listener", "reason"), registry=r)
+        self.config_reload_total = Counter(
+            "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
+
+    def watch_services(self, upstreams: Callable[[], Iterable], discoveries:
+                       Callable[[], dict] | None = None) -> None:
+        """Export per-service and per-endpoint state (balancer, accrual,
+        retries, discovery), read from the live objects at scrape time."""
+        self.registry.register(ServicesCollector(upstreams, discoveries))
 
     def tcp_side(self, peer: str, listener: str, service: str, protocol: str,
                  target_addr: str) -> TcpSideMetrics:
@@ -111,3 +120,66 @@ class TcpSideMetrics:
         self.open_connections.dec()
         self.close_total.labels(*self.labels, errno).inc()
         self.duration_ms.observe(duration_s * 1000.0)
+
+
+class ServicesCollector:
+    """Balancer, failure-accrual, retry and discovery state at scrape time.
+
+    ``balancer_endpoints{service, state}`` (ready, ejected, probation);
+    per endpoint (``service``, ``target_addr``): ``endpoint_outstanding``,
+    ``endpoint_latency_ewma_ms`` (the peak-EWMA the balancer uses),
+    ``endpoint_weight``, ``endpoint_ejections_total``; per service:
+    ``retry_requests_total``, ``retry_overflow_total`` (retries refused by the
+    budget), ``retry_budget_balance``, ``discovery_lookups_total{result}``.
+    """
+
+    def __init__(self, upstreams: Callable[[], Iterable],
+                 discoveries: Callable[[], dict] | None = None) -> None:
+        self.upstreams = upstreams
+        self.discoveries = discoveries
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        ep = ("service", "target_addr")
+        endpoints = GaugeMetricFamily(
+            "balancer_endpoints", "Endpoints of a service by state", labels=("service", "state"))
+        outstanding = GaugeMetricFamily(
+            "endpoint_outstanding", "Requests and connections in flight", labels=ep)
+        ewma = GaugeMetricFamily(
+            "endpoint_latency_ewma_ms", "Peak-EWMA response latency estimate", labels=ep)
+        weight = GaugeMetricFamily("endpoint_weight", "Balancer weight (DNS SRV)", labels=ep)
+        ejections = CounterMetricFamily(
+            "endpoint_ejections", "Ejections by failure accrual", labels=ep)
+        retries = CounterMetricFamily(
+            "retry_requests", "Retries sent", labels=("service",))
+        overflow = CounterMetricFamily(
+            "retry_overflow", "Retries refused because the budget was exhausted",
+            labels=("service",))
+        balance = GaugeMetricFamily(
+            "retry_budget_balance", "Retries the budget allows now", labels=("service",))
+        lookups = CounterMetricFamily(
+            "discovery_lookups", "Endpoint lookups", labels=("service", "result"))
+        for upstream in self.upstreams():
+            name = upstream.name
+            now = upstream.clock.seconds()
+            states = {"ready": 0, "ejected": 0, "probation": 0}
+            for e in upstream.endpoints:
+                e.available(now)
+                states[e.state] = states.get(e.state, 0) + 1
+                labels = (name, e.label)
+                outstanding.add_metric(labels, e.active)
+                ewma.add_metric(labels, e.latency(now) * 1000.0)
+                weight.add_metric(labels, e.weight)
+                ejections.add_metric(labels, e.ejections)
+            for state, n in states.items():
+                endpoints.add_metric((name, state), n)
+            retries.add_metric((name,), upstream.retries)
+            overflow.add_metric((name,), upstream.retry_overflows)
+            balance.add_metric((name,), upstream.budget.balance())
+        if self.discoveries is not None:
+            for name, discovery in self.discoveries().items():
+                for result, n in discovery.lookups.items():
+                    lookups.add_metric((name, result), n)
+        return [endpoints, outstanding, ewma, weight, ejections, retries, overflow, balance,
+                lookups]
