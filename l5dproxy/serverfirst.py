@@ -216,7 +216,8 @@ class ServerFirst:
         return EarlyConnect(self, detect)
 
     def config_changed(self, services: Mapping[str, Hashable]) -> None:
-        """A new config: forget what services that changed or went taught."""
+        """A new config: forget what was learned for services that changed
+        or are gone (a lookup under a changed config forgets it anyway)."""
         self.memory.retain(services)
 
 
