@@ -80,6 +80,12 @@ OUT_LOW_WATER = 16 * 1024
 #: h2's largest stream id; the first GOAWAY of a graceful drain names it.
 _MAX_STREAM_ID = 2**31 - 1
 
+#: Header blocks the proxy sends are built by the functions below (names
+#: lowercased, connection headers dropped) from heads a codec end has
+#: already validated, so h2's per-field outbound checks, the largest cost
+#: per stream after HPACK, are skipped. Inbound validation stays on.
+_OUTBOUND_AS_IS = {"validate_outbound_headers": False, "normalize_outbound_headers": False}
+
 #: Headers that mean something to one HTTP/1 connection only: never in h2.
 CONNECTION_HEADERS = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
@@ -580,7 +586,8 @@ class H2ServerProtocol(_H2Protocol):
 
     def connectionMade(self) -> None:
         s = self.settings
-        h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        h2 = H2Connection(H2Configuration(
+            client_side=False, header_encoding=None, **_OUTBOUND_AS_IS))
         advertised = {
             SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
             SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
@@ -900,7 +907,8 @@ class H2ClientProtocol(_H2Protocol):
 
     def connectionMade(self) -> None:
         s = self.pool.client.settings
-        h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        h2 = H2Connection(H2Configuration(
+            client_side=True, header_encoding=None, **_OUTBOUND_AS_IS))
         h2.local_settings = Settings(client=True, initial_values={
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
