@@ -48,6 +48,8 @@ class RelayProtocol(Protocol):
         self.write_closed = False
         self.closed = False
         self.ended_by = "client closed"
+        #: Connects retried on another endpoint after a connect failure.
+        self.connect_retries = 0
         #: An upstream connection made before the relay (adopt_upstream).
         self.early = None
         #: The endpoint to dial instead of picking one (use_endpoint).
@@ -79,13 +81,18 @@ class RelayProtocol(Protocol):
             self.ended_by = "no endpoints"
             self.transport.loseConnection()
             return
+        upstream.deposit()  # an original connection earns the retry budget
+        self._dial(endpoint)
+
+    def _dial(self, endpoint: Endpoint) -> None:
+        conn = self.conn
         endpoint.begin()
         self.endpoint = endpoint
         conn.endpoint = endpoint.label
         address = endpoint.address
         conn.listener.reactor.connectTCP(
             address.host, address.port, _UpstreamFactory(self),
-            timeout=upstream.config.connect_timeout)
+            timeout=conn.listener.upstream.config.connect_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.count_read(len(data))
@@ -149,10 +156,22 @@ class RelayProtocol(Protocol):
         log.info("connect to {endpoint} for {service} failed: {reason}",
                  endpoint=conn.endpoint, service=upstream.name,
                  reason=reason.getErrorMessage())
+        failed = self.endpoint
         self._release_endpoint(success=False)
-        if not self.closed:
-            self.ended_by = "connect failed"
-            self.transport.loseConnection()
+        if self.closed:
+            return
+        # Nothing has reached the client yet: another endpoint may serve it,
+        # within the service's retry limit and budget.
+        if self.connect_retries < upstream.config.retry_limit:
+            retry = upstream.pick_connection(avoid=failed)
+            if retry is not None and retry is not failed and upstream.retry_allowed():
+                self.connect_retries += 1
+                log.info("retrying the connect for {service} on {endpoint}",
+                         service=upstream.name, endpoint=retry.label)
+                self._dial(retry)
+                return
+        self.ended_by = "connect failed"
+        self.transport.loseConnection()
 
     def write(self, data: bytes) -> None:
         self.conn.count_written(len(data))

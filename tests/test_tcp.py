@@ -297,9 +297,19 @@ class SpreadTests(RelayTestsMixin, SynchronousTestCase):
         self.assertEqual([e.active for e in self.listener.upstream.endpoints], [2, 2])
 
     def test_failed_connects_release_the_endpoint(self) -> None:
-        self.accept()
+        transport, _ = self.accept()
         self.fail_upstream(error.ConnectionRefusedError())
+        # Nothing reached the client: the connect is retried on the other
+        # endpoint (up to the service's retry_limit, 2), each failure released.
+        ports = self.ports_connected()
+        self.assertEqual(len(ports), 2)
+        self.assertNotEqual(ports[0], ports[1])
+        self.assertEqual(sorted(e.active for e in self.listener.upstream.endpoints), [0, 1])
+        self.fail_upstream(error.ConnectionRefusedError())
+        self.fail_upstream(error.ConnectionRefusedError())
+        self.assertEqual(len(self.ports_connected()), 3)
         self.assertEqual([e.active for e in self.listener.upstream.endpoints], [0, 0])
+        self.assertTrue(transport.disconnecting)
 
 
 # -- real sockets ---------------------------------------------------------------------
