@@ -507,6 +507,18 @@ class ServerTests(SynchronousTestCase):
         self.assertGreater(self.conn.bytes_read, 24)
         self.assertGreater(self.conn.bytes_written, 0)
 
+    def test_error_before_request_body_ends_resets_no_error(self) -> None:
+        sid = self.request(POST, end=False)
+        send_chunks(self.client, sid, b"x" * 20000)
+        self.flush()
+        self.dispatcher.calls[0][2].errback(ProxyError.unavailable("no endpoints"))
+        events = self.flush()
+        [response] = self.of(ResponseReceived, events)
+        self.assertEqual(dict(response.headers)[b":status"], b"503")
+        [reset] = self.of(StreamReset, events)
+        self.assertEqual((reset.stream_id, reset.error_code), (sid, ErrorCodes.NO_ERROR))
+        self.assertEqual(self.server.streams, {})
+
 
 # -- the client end -----------------------------------------------------------
 
@@ -813,3 +825,4 @@ class DispatcherGrpcTests(SynchronousTestCase):
         self.assertEqual(err.grpc_status, 4)
         self.assertEqual(self.h2.cancelled, 1)
         self.assertEqual(self.count("4", "failure", error="response timeout"), 1)
+

@@ -706,7 +706,10 @@ class H2ServerProtocol(_H2Protocol):
             self._reset_finished(stream)
 
     def _outbound_done(self, stream: _Stream) -> None:
-        if not stream.in_done and stream.in_discard:
+        # The response is complete and the request is not: nothing more of
+        # it can matter (RFC 9113 8.1), and holding it would hold its
+        # flow-control credit forever.
+        if not stream.in_done:
             self._reset_finished(stream)
         self._maybe_forget(stream)
 
