@@ -30,6 +30,7 @@ from bench.procs import (
 )
 
 BODY = "hello\n"
+_READ_BUF = bytearray(1 << 20)
 HOST = "127.0.0.1"
 
 
@@ -126,6 +127,11 @@ def start_nginx(sup: Supervisor, big_bytes: int) -> tuple[Child, int, int]:
     big = sup.workdir / "big.bin"
     with open(big, "wb") as f:  # sparse: no disk space used, reads as zeros
         f.truncate(big_bytes)
+    # Read it once so its (zero) pages are in the page cache: otherwise whichever target
+    # downloads first pays for filling it (seen: 0.4 instead of 2 GB/s direct).
+    with open(big, "rb") as f:
+        while f.readinto(_READ_BUF):
+            pass
     h1, h2c = free_port(), free_port()
     conf = sup.workdir / "nginx.conf"
     conf.write_text(nginx_config(sup.workdir, h1, h2c, big))
@@ -150,14 +156,13 @@ def start_iperf_server(sup: Supervisor) -> tuple[Child, int]:
     return child, port
 
 
-def start_sink(sup: Supervisor, names: list[str]) -> tuple[Child, dict[str, int]]:
-    """One asyncio process holding idle connections, one port per proxy."""
-    ports = {name: free_port() for name in names}
+def start_sink(sup: Supervisor, ports: dict[str, int]) -> Child:
+    """One asyncio process holding idle connections, one port per proxy (``ports``)."""
     script = Path(__file__).with_name("sink.py")
     child = sup.start("sink", [sys.executable, str(script), *map(str, ports.values())])
     for port in ports.values():
         wait_tcp(child, port)
-    return child, ports
+    return child
 
 
 # -------------------------------------------------------------------- l5dproxy

@@ -26,6 +26,7 @@ from bench.memory import hold_connections, stream_body
 from bench.procs import (
     StartError,
     Supervisor,
+    free_port,
     install_exit_signals,
     missing_programs,
     raise_nofile,
@@ -151,17 +152,18 @@ def memory_metrics(s: Settings) -> tuple[MetricSpec, ...]:
     low = {"higher_is_better": False}
     return (
         MetricSpec("rss_start_mib", "RSS at start MiB", "{:.1f}", **low),
+        MetricSpec("dl_mbps", f"{big} download MB/s", "{:,.0f}"),
+        MetricSpec("dl_peak_mib", f"peak RSS, {big} download MiB", "{:.1f}", **low),
+        MetricSpec("dl_growth_mib", "RSS growth, download MiB", "{:.1f}", ratio=False, **low),
+        MetricSpec("slow_peak_mib", f"peak RSS, slow reader {s.slow_rate}B/s MiB", "{:.1f}",
+                   **low),
+        MetricSpec("slow_growth_mib", "RSS growth, slow reader MiB", "{:.1f}", ratio=False,
+                   **low),
         MetricSpec("rss_idle_mib", "RSS idle after load MiB", "{:.1f}", **low),
         MetricSpec("hold_conns", "idle conns held", ratio=False),
         MetricSpec("hold_rss_mib", "RSS with idle conns MiB", "{:.1f}", **low),
         MetricSpec("hold_per_conn_kib", "KiB per idle conn", "{:.1f}", **low),
         MetricSpec("hold_closed", "idle conns dropped", ratio=False, **low),
-        MetricSpec("dl_mbps", f"{big} download MB/s", "{:,.0f}"),
-        MetricSpec("dl_peak_mib", f"peak RSS, {big} download MiB", "{:.1f}", **low),
-        MetricSpec("dl_growth_mib", "RSS growth, download MiB", "{:.1f}", **low),
-        MetricSpec("slow_peak_mib", f"peak RSS, slow reader {s.slow_rate}B/s MiB", "{:.1f}",
-                   **low),
-        MetricSpec("slow_growth_mib", "RSS growth, slow reader MiB", "{:.1f}", **low),
     )
 
 
@@ -204,7 +206,12 @@ class Harness:
             log(f"iperf3 -s up on :{b.iperf}")
         except StartError as exc:
             log(f"iperf3 server failed, no TCP scenario: {exc}")
-        _, b.sink = backends.start_sink(sup, ["l5dproxy", "haproxy", "portforward"])
+        # Sink ports are picked even if the sink fails, so the proxies' configs stay valid.
+        b.sink = {name: free_port() for name in ("l5dproxy", "haproxy", "portforward")}
+        try:
+            backends.start_sink(sup, b.sink)
+        except StartError as exc:
+            log(f"connection sink failed, the idle-connection test will fail: {exc}")
         self.b = b
         self.targets["direct"] = direct
         starters = {
@@ -271,7 +278,10 @@ class Harness:
             if not t.available or not port:
                 sec.skipped[t.name] = t.why_unavailable() if not t.available else "no listener"
                 continue
-            sample = sc.run(self.sup, port, self.s)
+            try:
+                sample = sc.run(self.sup, port, self.s)
+            except Exception as exc:  # a harness bug must not lose the other targets
+                sample = Sample(error=f"{type(exc).__name__}: {exc}")
             if not t.available:
                 sample.notes.append(f"{t.name} died during the run: {t.why_unavailable()}")
             sec.add(t.name, sample)
@@ -295,62 +305,68 @@ class Harness:
         sec = next((s for s in self.sections if s.name == "memory"), None)
         if sec is None:
             return
-        s = self.s
         for t in self._order(0):
             if not t.available:
                 sec.skipped[t.name] = t.why_unavailable()
                 continue
             sample = Sample()
-            m = sample.metrics
-            if t.name != "direct":
-                if t.name in self.rss_start:
-                    m["rss_start_mib"] = self.rss_start[t.name] / MIB
-                pid = pid_for(t, "hold")
-                if pid is not None and t.hold:
-                    m["rss_idle_mib"] = rss_kib(pid) / MIB
-                    n = min(s.hold_connections, max(1, (raise_nofile() - 512) // 2))
-                    log(f"memory {t.name}: opening {n} idle connections ...")
-                    h = hold_connections(pid, t.hold, n)
-                    m["hold_conns"] = float(h.opened)
-                    m["hold_rss_mib"] = h.rss_with_kib / MIB
-                    m["rss_idle_mib"] = h.rss_before_kib / MIB
-                    m["hold_per_conn_kib"] = h.per_conn_kib
-                    m["hold_closed"] = float(h.closed_by_peer)
-                    if h.errors:
-                        sample.notes.append(f"hold: {h.errors[0]} (and {len(h.errors) - 1} more)")
-                    if h.opened < n:
-                        sample.notes.append(f"hold: only {h.opened} of {n} connections opened")
-                    if h.closed_by_peer:
-                        sample.notes.append(f"hold: {h.closed_by_peer} idle connections were "
-                                            "closed by the proxy")
-                    log(f"memory {t.name}: {h.opened} conns, {h.per_conn_kib:.1f} KiB/conn, "
-                        f"fds {h.fds_before}->{h.fds_with}")
-            if t.h1:
-                pid = pid_for(t, "h1")
-                url = f"http://127.0.0.1:{t.h1}/big"
-                dl = stream_body(self.sup, pid, url)
-                if dl.error:
-                    sample.notes.append(f"download: {dl.error}")
-                if dl.bytes:
-                    m["dl_mbps"] = dl.bytes_per_s / 1e6
-                if dl.bytes < s.big_bytes:
-                    sample.notes.append(f"download: got {dl.bytes:.0f} of {s.big_bytes} bytes")
-                if pid is not None:
-                    m["dl_peak_mib"] = dl.peak_kib / MIB
-                    m["dl_growth_mib"] = dl.delta_kib / MIB
-                    slow = stream_body(self.sup, pid, url, limit_rate=s.slow_rate,
-                                       max_time=s.slow_seconds)
-                    m["slow_peak_mib"] = slow.peak_kib / MIB
-                    m["slow_growth_mib"] = slow.delta_kib / MIB
-                    if slow.error:
-                        sample.notes.append(f"slow reader: {slow.error}")
-                log(f"memory {t.name}: download {m.get('dl_mbps', 0):,.0f} MB/s, peak RSS "
-                    f"{m.get('dl_peak_mib', 0):.1f} MiB, slow-reader peak "
-                    f"{m.get('slow_peak_mib', 0):.1f} MiB")
+            try:
+                self._memory_target(t, sample)
+            except Exception as exc:  # e.g. the proxy died: /proc/PID is gone
+                sample.error = f"{type(exc).__name__}: {exc}"
             if not t.available:
                 sample.notes.append(f"{t.name} died during the memory test: "
                                     f"{t.why_unavailable()}")
             sec.add(t.name, sample)
+
+    def _memory_target(self, t: Target, sample: Sample) -> None:
+        s = self.s
+        m = sample.metrics
+        if t.h1:
+            pid = pid_for(t, "h1")
+            url = f"http://127.0.0.1:{t.h1}/big"
+            dl = stream_body(self.sup, pid, url)
+            if dl.error:
+                sample.notes.append(f"download: {dl.error}")
+            if dl.bytes:
+                m["dl_mbps"] = dl.bytes_per_s / 1e6
+            if dl.bytes < s.big_bytes:
+                sample.notes.append(f"download: got {dl.bytes:.0f} of {s.big_bytes} bytes")
+            if pid is not None:
+                m["dl_peak_mib"] = dl.peak_kib / MIB
+                m["dl_growth_mib"] = dl.delta_kib / MIB
+                slow = stream_body(self.sup, pid, url, limit_rate=s.slow_rate,
+                                   max_time=s.slow_seconds)
+                m["slow_peak_mib"] = slow.peak_kib / MIB
+                m["slow_growth_mib"] = slow.delta_kib / MIB
+                if slow.error:
+                    sample.notes.append(f"slow reader: {slow.error}")
+            log(f"memory {t.name}: download {m.get('dl_mbps', 0):,.0f} MB/s, peak RSS "
+                f"{m.get('dl_peak_mib', 0):.1f} MiB, slow-reader peak "
+                f"{m.get('slow_peak_mib', 0):.1f} MiB")
+        if t.name != "direct":
+            if t.name in self.rss_start:
+                m["rss_start_mib"] = self.rss_start[t.name] / MIB
+            pid = pid_for(t, "hold")
+            if pid is not None and t.hold:
+                m["rss_idle_mib"] = rss_kib(pid) / MIB
+                n = min(s.hold_connections, max(1, (raise_nofile() - 512) // 2))
+                log(f"memory {t.name}: opening {n} idle connections ...")
+                h = hold_connections(pid, t.hold, n)
+                m["hold_conns"] = float(h.opened)
+                m["hold_rss_mib"] = h.rss_with_kib / MIB
+                m["rss_idle_mib"] = h.rss_before_kib / MIB
+                m["hold_per_conn_kib"] = h.per_conn_kib
+                m["hold_closed"] = float(h.closed_by_peer)
+                if h.errors:
+                    sample.notes.append(f"hold: {h.errors[0]} (and {len(h.errors) - 1} more)")
+                if h.opened < n:
+                    sample.notes.append(f"hold: only {h.opened} of {n} connections opened")
+                if h.closed_by_peer:
+                    sample.notes.append(f"hold: {h.closed_by_peer} idle connections were "
+                                        "closed by the proxy")
+                log(f"memory {t.name}: {h.opened} conns, {h.per_conn_kib:.1f} KiB/conn, "
+                    f"fds {h.fds_before}->{h.fds_with}")
 
     # -- report ----------------------------------------------------------------
 

@@ -63,14 +63,19 @@ class HoldResult:
         return (self.rss_with_kib - self.rss_before_kib) / self.opened if self.opened else 0.0
 
 
-def _wait_accepted(port: int, timeout: float) -> None:
-    """Wait until the listener on ``port`` has accepted everything queued."""
+def _wait_accepted(pid: int, port: int, relayed_fds: int, timeout: float) -> None:
+    """Wait until the listener on ``port`` has accepted everything queued: either ``pid``
+    has ``relayed_fds`` open (a relay holds 2 per connection) or, checked more rarely
+    because /proc/net/tcp gets long, the listener's accept queue is empty."""
     deadline = time.monotonic() + timeout
+    tries = 0
     while time.monotonic() < deadline:
-        queued = accept_queue(Path("/proc/net/tcp").read_text(), port)
-        if not queued:
+        if fd_count(pid) >= relayed_fds:
             return
-        time.sleep(0.005)
+        tries += 1
+        if tries % 10 == 0 and not accept_queue(Path("/proc/net/tcp").read_text(), port):
+            return
+        time.sleep(0.002)
 
 
 def _wait_stable_fds(pid: int, target: int, timeout: float, quiet: float = 1.0) -> int:
@@ -114,7 +119,7 @@ def hold_connections(pid: int, port: int, n: int, batch: int = 32) -> HoldResult
                 socks.append(s)
             if res.errors:
                 break
-            _wait_accepted(port, timeout=10.0)
+            _wait_accepted(pid, port, res.fds_before + 2 * len(socks), timeout=10.0)
         res.opened = len(socks)
         # Relays open one upstream connection per client: expect about 2 fds per connection.
         res.fds_with = _wait_stable_fds(pid, res.fds_before + 2 * len(socks), timeout=30.0)
