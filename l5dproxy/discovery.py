@@ -20,12 +20,14 @@ the balancer while whatever is in flight to them holds its own reference.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.names import client, dns, hosts, resolve
 from twisted.names.error import DNSNameError
@@ -43,13 +45,34 @@ class NoAnswerError(Exception):
     """A lookup that gave no answer (as opposed to an answer of none)."""
 
 
+class _QuietProtocol(dns.DNSDatagramProtocol):
+    noisy = False
+
+
+class _QuietResolver(client.Resolver):
+    """A DNS client whose per-query protocols (one per query, on a random
+    port, as twisted.names does) do not log their start and stop."""
+
+    def _connectedProtocol(self, interface=""):
+        proto = _QuietProtocol(self, reactor=self._reactor)
+        for attempt in range(1000):
+            try:
+                self._reactor.listenUDP(dns.randomSource(), proto, interface=interface)
+            except CannotListenError as e:
+                if getattr(e.socketError, "errno", None) == errno.EMFILE or attempt == 999:
+                    raise
+            else:
+                return proto
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
 def make_resolver(config: DiscoveryConfig, reactor: Any):
     """/etc/hosts, then the configured DNS servers (or the system's)."""
     servers = [(r.host, r.port) for r in config.resolvers]
     if servers:
-        dns_resolver = client.Resolver(servers=servers, reactor=reactor)
+        dns_resolver = _QuietResolver(servers=servers, reactor=reactor)
     else:
-        dns_resolver = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
+        dns_resolver = _QuietResolver(resolv="/etc/resolv.conf", reactor=reactor)
     return resolve.ResolverChain([hosts.Resolver(), dns_resolver])
 
 
