@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -102,7 +103,7 @@ class H2SocketClient:
 
 
 def read_data_frames(sock: socket.socket, sid: int, stall_every: int, first_stall: float,
-                     stall: float) -> int:
+                     stall: float, kinds: set[int] | None = None) -> int:
     """Read raw frames until END_STREAM on ``sid``; the DATA bytes received.
 
     The reader sleeps ``first_stall`` before reading anything and ``stall``
@@ -126,6 +127,8 @@ def read_data_frames(sock: socket.socket, sid: int, stall_every: int, first_stal
             if len(buffer) - offset < 9 + length:
                 break
             kind, flags = buffer[offset + 3], buffer[offset + 4]
+            if kinds is not None:
+                kinds.add(kind)
             stream = int.from_bytes(buffer[offset + 5:offset + 9], "big") & 0x7FFFFFFF
             if kind == 0x3 and stream == sid:  # RST_STREAM
                 raise AssertionError(f"stream reset after {received} bytes")
@@ -212,6 +215,21 @@ class H2EndToEndTests(TestCase):
             with open(self.backend_log) as f:
                 return re.search(r"RESET \d+ 8", f.read())
         wait_for(reset_seen, 10, "the backend to see RST_STREAM(CANCEL)")
+
+    def test_sigterm_drains_with_goaway(self) -> None:
+        """SIGTERM: GOAWAY to the client, the in-flight stream still completes."""
+        client = H2SocketClient(self.port, window=16 * MIB)
+        self.addCleanup(client.close)
+        sid = client.get(b"/bytes/20000000")
+        wait_for(lambda: self.proxy.metric_value("request_total", protocol="h2"), 10,
+                 "the request to reach the proxy")
+        self.proxy.send_signal()
+        kinds: set[int] = set()
+        received = read_data_frames(client.sock, sid, stall_every=1 << 40, first_stall=0.5,
+                                    stall=0, kinds=kinds)
+        self.assertEqual(received, 20_000_000)
+        self.assertIn(0x7, kinds)  # GOAWAY
+        self.assertIn(self.proxy.wait_exit(), (0, -signal.SIGTERM))
 
     def test_slow_reader_memory_stays_flat(self) -> None:
         """1 GiB to a reader that stalls: the proxy's RSS stays within 32 MiB of idle."""
