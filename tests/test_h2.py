@@ -520,6 +520,31 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual(self.server.streams, {})
 
 
+    def test_garbage_never_raises(self) -> None:
+        """Random frames after a valid start: GOAWAY or nothing, never an exception."""
+        import random
+        rng = random.Random(4)
+        goaways = 0
+        for _ in range(300):
+            transport = Transport()
+            conn = InboundConnection(self.listener, transport, 0.0)
+            conn.detected(Verdict("h2", "preface"))
+            server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+            server.makeConnection(transport)
+            client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+            client.initiate_connection()
+            client.send_headers(1, POST)
+            server.dataReceived(client.data_to_send())
+            kind = rng.choice([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, rng.randrange(256)])
+            length = rng.choice([0, 1, 4, 8, rng.randrange(64)])
+            frame = (length.to_bytes(3, "big") + bytes([kind, rng.randrange(256)])
+                     + rng.choice([0, 1, 2, 3, 2**31 - 1]).to_bytes(4, "big")
+                     + rng.randbytes(length))
+            server.dataReceived(frame)
+            goaways += transport.disconnecting
+            server.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(0 < goaways < 300, goaways)
+
 # -- the client end -----------------------------------------------------------
 
 class Endpoint:
