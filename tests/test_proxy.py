@@ -50,6 +50,7 @@ def sample(registry: CollectorRegistry, name: str, **labels) -> float | None:
 
 
 def service(name, *endpoints, **kw) -> ServiceConfig:
+    kw.setdefault("retry_limit", 0)  # retries: tests/test_retry.py
     return ServiceConfig(name, tuple(HostPort("127.0.0.1", p) for p in endpoints), **kw)
 
 

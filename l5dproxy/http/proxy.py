@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 
 from l5dproxy.http import grpc
 from l5dproxy.http.exchange import Headers, ProxyError, Request, RequestContext, Response
+from l5dproxy.http.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:
@@ -167,8 +168,9 @@ class _Exchange:
     """One request through the middle, from its head to the end of its response."""
 
     __slots__ = (
-        "context", "endpoint", "head_latency", "labels", "latency_seen", "proxy", "request",
-        "response", "result", "settled", "started", "status", "timer", "upstream", "upstream_d",
+        "client", "context", "endpoint", "head_latency", "labels", "latency_seen", "proxy",
+        "replay", "request", "response", "result", "retries", "settled", "started", "status",
+        "timer", "upstream", "upstream_d",
     )
 
     def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext) -> None:
@@ -186,6 +188,10 @@ class _Exchange:
         self.latency_seen = False
         self.settled = False  # the result has fired or was cancelled
         self.result: defer.Deferred[Response] = defer.Deferred(self._cancel)
+        self.client: UpstreamClient | None = None
+        #: The request body's tee when the request may be retried (retry.py).
+        self.replay: Replay | EmptyReplay | None = None
+        self.retries = 0
 
     def start(self) -> defer.Deferred[Response]:
         proxy = self.proxy
@@ -207,18 +213,13 @@ class _Exchange:
         protocol = config.protocol or context.protocol
         if getattr(self.request, "upgrade", None) is not None and config.protocol != "h2":
             protocol = "http1"  # Upgrade and CONNECT tunnels are HTTP/1 only
-        client = proxy.clients.get(protocol)
+        client = self.client = proxy.clients.get(protocol)
         if client is None:
             self._fail(ProxyError.bad_gateway(f"no {protocol} client"))
             return self.result
-        address = endpoint.address
-        if proxy.targets.get(address) is not config:
-            proxy.targets[address] = config
-        self.endpoint = endpoint
-        endpoint.begin()
-        connection = context.connection
-        if connection is not None:
-            connection.endpoint = endpoint.label
+        upstream.deposit()  # an original request earns the retry budget
+        if config.retry_limit and retryable(self.request, config.retry_max_body):
+            self.replay = replay_for(self.request, config.retry_max_body)
         timeout = getattr(config, "response_timeout", None)
         if head.is_grpc:  # a gRPC deadline bounds the request too
             deadline = grpc.parse_timeout(head.header(b"grpc-timeout"))
@@ -226,24 +227,68 @@ class _Exchange:
                 timeout = deadline
         if timeout:
             self.timer = proxy.reactor.callLater(timeout, self._timed_out)
+        self._send(endpoint)
+        return self.result
+
+    def _send(self, endpoint: Endpoint) -> None:
+        """One attempt (the first, or a retry) to ``endpoint``."""
+        proxy = self.proxy
+        config = self.upstream.config
+        address = endpoint.address
+        if proxy.targets.get(address) is not config:
+            proxy.targets[address] = config
+        self.endpoint = endpoint
+        endpoint.begin()
+        connection = self.context.connection
+        if connection is not None:
+            connection.endpoint = endpoint.label
+        request = self.request
+        if self.replay is not None:
+            request = self.replay.request_for_attempt(request)
         try:
-            d = client.request(endpoint, self.request)
+            d = self.client.request(endpoint, request)
         except Exception as e:  # a client end bug must not hang the request
             log.failure("client end failed", Failure(e))
             self._upstream_failed(Failure(e))
-            return self.result
+            return
         self.upstream_d = d
         d.addCallbacks(self._responded, self._upstream_failed)
-        return self.result
+
+    def _retry(self, latency: float | None) -> bool:
+        """Retry on another endpoint if the request, the service's retry
+        limit and its budget allow; the failed attempt's endpoint is released."""
+        replay = self.replay
+        upstream = self.upstream
+        if (replay is None or not replay.replayable or self.settled
+                or self.retries >= upstream.config.retry_limit):
+            return False
+        failed = self.endpoint
+        endpoint = upstream.pick(avoid=failed)
+        if endpoint is None or not upstream.retry_allowed():
+            return False
+        self.retries += 1
+        self._release(latency, False)
+        log.debug("retry {n} of {method} {path} on {endpoint}", n=self.retries,
+                  method=self.request.head.method, path=self.request.head.target,
+                  endpoint=endpoint.label)
+        self._send(endpoint)
+        return True
 
     # -- outcomes --
 
     def _responded(self, response: Response) -> None:
         self.upstream_d = None
-        self._cancel_timer()
         if self.settled:  # timed out or cancelled meanwhile
+            self._cancel_timer()
             response.body.cancel()
             return
+        if (response.head.status in self.upstream.config.retry_statuses
+                and self._retry(self.proxy.reactor.seconds() - self.started)):
+            response.body.cancel()
+            return
+        self._cancel_timer()
+        if self.replay is not None:
+            self.replay.release()
         self.settled = True
         now = self.proxy.reactor.seconds()
         self.head_latency = now - self.started
@@ -284,6 +329,11 @@ class _Exchange:
     def _upstream_failed(self, failure: Failure) -> None:
         self.upstream_d = None
         if self.settled:  # we timed out or were cancelled: already answered
+            return
+        # No response head yet: a connect failure or a reset. Another
+        # endpoint may serve it, if the request can be sent again.
+        request_fault = failure.check(ProxyError) and failure.value.status < 500
+        if not request_fault and self._retry(None):
             return
         self._fail(as_proxy_error(failure))
 

@@ -1,0 +1,226 @@
+"""HTTP retries in the middle: which requests, on what, where, within the budget."""
+
+from __future__ import annotations
+
+import random
+
+from twisted.internet import defer, error
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from l5dproxy.balance import Upstream
+from l5dproxy.config import FailureAccrualConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.http.exchange import (
+    Body,
+    ProxyError,
+    Request,
+    RequestContext,
+    RequestHead,
+    Response,
+    ResponseHead,
+)
+from l5dproxy.http.proxy import HttpProxy
+from l5dproxy.http.retry import Replay, retryable
+from l5dproxy.telemetry import Metrics
+
+
+class Sink:
+    def __init__(self, body: Body) -> None:
+        self.data = b""
+        self.ended = False
+        self.error = None
+        body.consume(self)
+
+    def body_data(self, data):
+        self.data += data
+
+    def body_end(self, trailers):
+        self.ended = True
+
+    def body_error(self, reason):
+        self.error = reason
+
+
+class FakeClient:
+    """Records each attempt; the test answers it. Consumes request bodies."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[object, Request, defer.Deferred, Sink]] = []
+
+    def request(self, endpoint, request):
+        d = defer.Deferred()
+        self.calls.append((endpoint, request, d, Sink(request.body)))
+        return d
+
+
+class FakeListener:
+    def __init__(self) -> None:
+        self.config = ListenerConfig("in", "tcp:0", "app")
+        self.name = "in"
+
+
+class FakeConnection:
+    endpoint = ""
+
+
+class RetryTests(SynchronousTestCase):
+
+    def make(self, n: int = 2, **kw) -> None:
+        self.clock = Clock()
+        config = ServiceConfig("app", tuple(HostPort("127.0.0.1", 8000 + i) for i in range(n)),
+                               **kw)
+        self.upstream = Upstream(config, frozenset(), clock=self.clock, rng=random.Random(0))
+        self.client = FakeClient()
+        self.proxy = HttpProxy({"app": self.upstream}, Metrics(), self.clock,
+                               {"http1": self.client})
+
+    def setUp(self) -> None:
+        self.make()
+
+    def dispatch(self, method=b"GET", body: Body | None = None):
+        request = Request(RequestHead(method, b"/", b"app"), body or Body.empty())
+        return self.proxy.dispatch(request, RequestContext(FakeListener(), FakeConnection(),
+                                                           "http1"))
+
+    def answer(self, index: int, status: int) -> Body:
+        body = Body()
+        self.client.calls[index][2].callback(Response(ResponseHead(status), body))
+        return body
+
+    def test_connect_refused_retried_on_the_other_endpoint(self):
+        d = self.dispatch()
+        self.client.calls[0][2].errback(error.ConnectionRefusedError())
+        self.assertEqual(len(self.client.calls), 2)
+        first, second = self.client.calls[0][0], self.client.calls[1][0]
+        self.assertIsNot(first, second)
+        self.answer(1, 200).finish()
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+        self.assertEqual((first.active, second.active), (0, 0))
+        self.assertEqual(first.failures, 1)
+        self.assertEqual(self.upstream.retries, 1)
+
+    def test_reset_before_headers_retried(self):
+        d = self.dispatch()
+        self.client.calls[0][2].errback(error.ConnectionLost())
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    def test_retry_status(self):
+        d = self.dispatch()
+        first = self.answer(0, 503)
+        self.assertTrue(first.ended)  # cancelled: nobody reads a retried response
+        self.assertNoResult(d)
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    def test_status_not_in_the_list_is_answered(self):
+        d = self.dispatch()
+        self.answer(0, 500)
+        self.assertEqual(self.successResultOf(d).head.status, 500)
+        self.assertEqual(len(self.client.calls), 1)
+
+    def test_post_is_not_retried(self):
+        d = self.dispatch(method=b"POST")
+        self.client.calls[0][2].errback(error.ConnectionRefusedError())
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
+        self.assertEqual(len(self.client.calls), 1)
+
+    def test_retry_limit(self):
+        self.make(n=3, retry_limit=2)
+        d = self.dispatch()
+        for i in range(3):
+            self.client.calls[i][2].errback(error.ConnectionRefusedError())
+        self.assertEqual(len(self.client.calls), 3)
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
+
+    def test_single_endpoint_retried_on_itself(self):
+        self.make(n=1)
+        d = self.dispatch()
+        self.answer(0, 502)
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    def test_streamed_body_replayed(self):
+        self.make(n=2, retry_max_body=10)
+        body = Body()
+        d = self.dispatch(method=b"PUT", body=body)
+        body.write(b"ab")
+        self.assertEqual(self.client.calls[0][3].data, b"ab")
+        self.client.calls[0][2].errback(error.ConnectionLost())
+        # The retry gets what was sent so far, then the rest as it comes.
+        retry = self.client.calls[1][3]
+        self.assertEqual(retry.data, b"ab")
+        body.write(b"cd")
+        body.finish()
+        self.assertEqual(retry.data, b"abcd")
+        self.assertTrue(retry.ended)
+        self.assertEqual(self.client.calls[0][3].data, b"ab")  # the failed attempt: no more
+        self.answer(1, 200)
+        self.successResultOf(d)
+
+    def test_body_over_the_limit_is_not_retried(self):
+        self.make(n=2, retry_max_body=10)
+        body = Body()
+        d = self.dispatch(method=b"PUT", body=body)
+        body.write(b"x" * 11)
+        self.client.calls[0][2].errback(error.ConnectionLost())
+        self.assertEqual(len(self.client.calls), 1)
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
+
+    def test_declared_length_over_the_limit(self):
+        request = Request(RequestHead(b"PUT", b"/", b"a"), Body(length=100))
+        self.assertFalse(retryable(request, 64))
+        self.assertTrue(retryable(request, 100))
+
+    def test_replay_flow_control_reaches_the_original(self):
+        original = Body()
+        paused = []
+
+        class Source:
+            def pause_body(self):
+                paused.append(True)
+
+            def resume_body(self):
+                paused.append(False)
+
+            def stop_body(self):
+                paused.append("stop")
+
+        original.set_source(Source())
+        replay = Replay(original, 100)
+        first = replay.body_for_attempt()
+        first.pause()
+        first.resume()
+        second = replay.body_for_attempt()  # the first is stale from now on
+        self.assertEqual(paused, [True, False])
+        first.pause()
+        self.assertEqual(paused, [True, False])
+        second.cancel()
+        self.assertEqual(paused, [True, False, "stop"])
+
+    def test_budget_caps_retries_when_every_endpoint_fails(self):
+        """Every endpoint fails: retries stop at the budget (ratio 0.2, no floor)."""
+        self.make(n=3, retry_budget_ratio=0.2, retry_budget_min_per_second=0, retry_limit=2,
+                  failure_accrual=FailureAccrualConfig(consecutive_failures=0))
+        results = []
+        for _ in range(100):
+            d = self.dispatch()
+            results.append(d)
+            while self.client.calls:
+                _, _, attempt, _ = self.client.calls.pop(0)
+                attempt.errback(error.ConnectionRefusedError())
+            self.clock.advance(0.01)
+        for d in results:
+            self.failureResultOf(d, ProxyError)
+        print(f"\n100 requests, every endpoint failing: {self.upstream.retries} retries, "
+              f"{self.upstream.retry_overflows} refused by the budget")
+        self.assertEqual(self.upstream.retries, 20)  # 0.2 of 100 requests, not 200
+        self.assertGreaterEqual(self.upstream.retry_overflows, 80)
+
+    def test_response_timeout_spans_the_retries(self):
+        self.make(n=2, response_timeout=1.0)
+        d = self.dispatch()
+        self.clock.advance(0.6)
+        self.client.calls[0][2].errback(error.ConnectionRefusedError())
+        self.clock.advance(0.5)
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 504)
