@@ -228,6 +228,15 @@ def header_list_size(headers: Headers) -> int:
     return sum(len(n) + len(v) + 32 for n, v in headers)
 
 
+def _no_delay(transport) -> None:
+    """Frames are written whole and small ones matter (HEADERS, WINDOW_UPDATE,
+    SETTINGS ACK): Nagle would hold them for the peer's delayed ACK."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        with suppress(OSError):
+            set_no_delay(True)
+
+
 # -- one stream, either side --
 
 class _Stream:
@@ -605,6 +614,7 @@ class H2ServerProtocol(_H2Protocol):
             **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAM_ID})
         h2.decoder.max_header_list_size = max(4 * s.max_header_list_size, 256 * 1024)
         self.h2 = h2
+        _no_delay(self.transport)
         self.transport.registerProducer(self, True)
         self.conn.on_drain = self.drain
         self._write()
@@ -928,6 +938,7 @@ class H2ClientProtocol(_H2Protocol):
                                                self.pool.label)
             self.dst.opened()
         self.connected_at = client.reactor.seconds()
+        _no_delay(self.transport)
         self.transport.registerProducer(self, True)
         self.pool.connected(self)
         self._write()
