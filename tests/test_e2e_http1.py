@@ -1,0 +1,422 @@
+"""HTTP/1.1 proxying end to end: the real ``twistd l5dproxy``, real clients
+(curl, wrk, raw sockets) and a real backend (h11, one thread per connection)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import socket
+import subprocess
+import threading
+import time
+
+import h11
+from twisted.trial.unittest import TestCase
+
+from tests.support import (
+    ProxyProcess,
+    ThreadedServer,
+    connect,
+    recv_until_eof,
+    refused_port,
+    require_tool,
+)
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class Backend:
+    """An HTTP/1.1 origin that records what reaches it.
+
+    ``/hello``: 200 ``hello``; ``/echo``: the request body back (chunked when
+    the request was); ``/chunked``: a chunked body of 3 parts; ``/slow``:
+    never answers; ``/ws``: a WebSocket echo; ``/sink``: reads the body slowly
+    for ``slow_start`` seconds, then fast, answers its length.
+    """
+
+    def __init__(self, testcase, slow_start: float = 1.0) -> None:
+        self.requests: list[tuple[bytes, bytes, list]] = []
+        self.slow_start = slow_start
+        self.server = ThreadedServer(testcase, self.serve)
+        self.address = self.server.address
+
+    @property
+    def connections(self) -> int:
+        return self.server.accepted
+
+    def serve(self, sock: socket.socket) -> None:
+        conn = h11.Connection(h11.SERVER)
+        while True:
+            event = self._next(conn, sock)
+            if event is None or isinstance(event, h11.ConnectionClosed):
+                return
+            assert isinstance(event, h11.Request), event
+            target = event.target
+            self.requests.append((event.method, target, list(event.headers)))
+            if target == b"/ws":
+                self._websocket(conn, sock, event)
+                return
+            if target == b"/sink":
+                self._sink(conn, sock)
+            elif target == b"/slow":
+                time.sleep(30)
+                return
+            else:
+                body = b""
+                while True:
+                    e = self._next(conn, sock)
+                    if isinstance(e, h11.Data):
+                        body += e.data
+                    elif isinstance(e, h11.EndOfMessage):
+                        break
+                    else:
+                        return
+                if target == b"/echo":
+                    chunked = any(n == b"transfer-encoding" for n, _ in event.headers)
+                    headers = [] if chunked else [("content-length", str(len(body)))]
+                    sock.sendall(conn.send(h11.Response(status_code=200, headers=headers)))
+                    sock.sendall(conn.send(h11.Data(data=body)))
+                    sock.sendall(conn.send(h11.EndOfMessage(
+                        headers=[("x-echo-length", str(len(body)))] if chunked else [])))
+                elif target == b"/chunked":
+                    sock.sendall(conn.send(h11.Response(status_code=200, headers=[])))
+                    for part in (b"one,", b"two,", b"three"):
+                        sock.sendall(conn.send(h11.Data(data=part)))
+                    sock.sendall(conn.send(h11.EndOfMessage()))
+                else:
+                    data = b"hello"
+                    sock.sendall(conn.send(h11.Response(status_code=200, headers=[
+                        ("content-length", str(len(data))), ("x-backend", "1"),
+                        ("set-cookie", "a=1"), ("set-cookie", "b=2")])))
+                    sock.sendall(conn.send(h11.Data(data=data)))
+                    sock.sendall(conn.send(h11.EndOfMessage()))
+            if conn.our_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+    def _next(self, conn: h11.Connection, sock: socket.socket):
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = sock.recv(65536)
+                conn.receive_data(data)
+                continue
+            return event
+
+    def _sink(self, conn: h11.Connection, sock: socket.socket) -> None:
+        time.sleep(self.slow_start)   # a slow reader, at first
+        total = 0
+        trailing, _ = conn.trailing_data
+        if trailing:
+            total = len(trailing)
+        # Past the head, read raw bytes fast (counting, not parsing).
+        length = int(dict(self.requests[-1][2])[b"content-length"])
+        buffer = bytearray(1 << 20)
+        while total < length:
+            n = sock.recv_into(buffer)
+            if not n:
+                return
+            total += n
+        answer = b"%d" % total
+        sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s"
+                     % (len(answer), answer))
+
+    def _websocket(self, conn, sock, request) -> None:
+        key = dict(request.headers)[b"sec-websocket-key"]
+        accept = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+        sock.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        buffered, _ = conn.trailing_data
+        buffered = bytes(buffered)
+        while True:
+            frame, buffered = _read_frame(sock, buffered)
+            if frame is None:
+                return
+            opcode, payload = frame
+            if opcode == 8:   # close
+                sock.sendall(_frame(8, payload))
+                return
+            sock.sendall(_frame(opcode, payload))
+
+
+def _frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    head = bytes([0x80 | opcode])
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        head += mask
+    return head + payload
+
+
+def _read_frame(sock: socket.socket, buffered: bytes):
+    def need(n: int) -> bool:
+        nonlocal buffered
+        while len(buffered) < n:
+            data = sock.recv(65536)
+            if not data:
+                return False
+            buffered += data
+        return True
+
+    if not need(2):
+        return None, buffered
+    opcode = buffered[0] & 0x0F
+    masked = buffered[1] & 0x80
+    n = buffered[1] & 0x7F
+    at = 2
+    if n == 126:
+        need(4)
+        n, at = int.from_bytes(buffered[2:4], "big"), 4
+    elif n == 127:
+        need(10)
+        n, at = int.from_bytes(buffered[2:10], "big"), 10
+    mask = b""
+    if masked:
+        need(at + 4)
+        mask, at = buffered[at:at + 4], at + 4
+    need(at + n)
+    payload, buffered = buffered[at:at + n], buffered[at + n:]
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return (opcode, payload), buffered
+
+
+def vm_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def http_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, read until the proxy closes."""
+    with connect(port, timeout=timeout) as sock:
+        sock.sendall(data)
+        return recv_until_eof(sock)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One response with a content-length body, from a keep-alive socket."""
+    buffered = b""
+    while b"\r\n\r\n" not in buffered:
+        data = sock.recv(65536)
+        if not data:
+            raise AssertionError(f"EOF in head: {buffered!r}")
+        buffered += data
+    head, _, rest = buffered.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get(b"content-length", b"0"))
+    while len(rest) < length:
+        rest += sock.recv(65536)
+    return status, headers, rest
+
+
+class Http1EndToEnd(TestCase):
+    timeout = 120
+
+    def setUp(self) -> None:
+        self.backend = Backend(self)
+        self.proxy = ProxyProcess(
+            self,
+            listeners=[{"name": "in", "service": "app", "access_log": True}],
+            services={
+                "app": {"endpoints": [self.backend.address], "response_timeout": 1.0},
+                "down": {"endpoints": [f"127.0.0.1:{refused_port()}"]},
+            },
+            proxy={"log_connections": False},
+        )
+        self.port = self.proxy.port("in")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def curl(self, *args: str) -> subprocess.CompletedProcess:
+        curl = require_tool("curl")
+        return subprocess.run([curl, "-sS", *args], capture_output=True, timeout=60)
+
+    def test_curl_keep_alive_one_upstream_connection(self) -> None:
+        n = 20
+        result = self.curl(*[f"{self.url}/hello"] * n)
+        self.assertEqual(result.stdout, b"hello" * n, result.stderr)
+        self.assertEqual(len(self.backend.requests), n)
+        self.assertEqual(self.backend.connections, 1)
+        # the Host header is preserved, repeated headers kept in order
+        result = self.curl("-i", "-H", "Host: app.example", f"{self.url}/hello")
+        self.assertIn(b"set-cookie: a=1\r\nset-cookie: b=2\r\n", result.stdout.lower())
+        headers = dict(self.backend.requests[-1][2])
+        self.assertEqual(headers[b"host"], b"app.example")
+        self.assertEqual(self.backend.connections, 1)   # pooled across client connections
+
+    def test_chunked_upload_and_download(self) -> None:
+        payload = os.urandom(300_000)
+        curl = require_tool("curl")
+        result = subprocess.run(
+            [curl, "-sS", "-D", "/dev/stderr", "-H", "Transfer-Encoding: chunked",
+             "--data-binary", "@-", f"{self.url}/echo"],
+            input=payload, capture_output=True, timeout=60)
+        self.assertEqual(result.stdout, payload)
+        self.assertIn(b"transfer-encoding: chunked", result.stderr.lower())
+        headers = self.backend.requests[-1][2]
+        self.assertIn((b"transfer-encoding", b"chunked"), headers)
+        result = self.curl(f"{self.url}/chunked")
+        self.assertEqual(result.stdout, b"one,two,three")
+
+    def test_trailers_pass_through(self) -> None:
+        with connect(self.port) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                         b"Connection: close\r\n\r\n3\r\nabc\r\n0\r\nX-Client-T: 1\r\n\r\n")
+            out = recv_until_eof(sock)
+        self.assertIn(b"\r\n3\r\nabc\r\n0\r\nx-echo-length: 3\r\n\r\n", out)
+
+    def test_websocket_echo(self) -> None:
+        with connect(self.port) as sock:
+            key = base64.b64encode(os.urandom(16))
+            sock.sendall(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n"
+                         b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                         b"Sec-WebSocket-Key: " + key + b"\r\n\r\n")
+            buffered = b""
+            while b"\r\n\r\n" not in buffered:
+                buffered += sock.recv(4096)
+            head, _, rest = buffered.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 101 "), head)
+            expected = base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+            self.assertIn(b"sec-websocket-accept: " + expected, head.lower().replace(
+                expected.lower(), expected))
+            for message in (b"hello", os.urandom(70_000)):
+                sock.sendall(_frame(2, message, mask=os.urandom(4)))
+                frame, rest = _read_frame(sock, rest)
+                self.assertEqual(frame, (2, message))
+            sock.sendall(_frame(8, b"", mask=os.urandom(4)))
+            frame, rest = _read_frame(sock, rest)
+            self.assertEqual(frame[0], 8)
+
+    def test_smuggling_vectors_are_400_and_never_upstream(self) -> None:
+        from tests.test_h1 import ServerTests
+        good = b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n"
+        for name, data in ServerTests.SMUGGLING.items():
+            # After a good request, so the connection is HTTP whatever the
+            # vector does to detection (a bad first line is opaque TCP).
+            with connect(self.port) as sock:
+                sock.sendall(good)
+                self.assertEqual(read_response(sock)[0], 200)
+                sock.sendall(data)
+                out = recv_until_eof(sock)
+            self.assertTrue(out.startswith(b"HTTP/1.1 400 "), f"{name}: {out!r}")
+            self.assertIn(b"l5d-proxy-error: ", out)
+        self.assertEqual({target for _, target, _ in self.backend.requests}, {b"/hello"})
+        self.assertEqual(len(self.backend.requests), len(ServerTests.SMUGGLING))
+
+    def test_proxy_errors(self) -> None:
+        config = self.proxy.config_text
+        self.assertIn("response_timeout", config)
+        # 504: the backend never answers within response_timeout
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, body = read_response(sock)
+            self.assertEqual((status, headers[b"l5d-proxy-error"], body),
+                             (504, b"response timeout", b""))
+            self.assertEqual(headers[b"content-length"], b"0")
+            # the client connection is kept
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.assertEqual(read_response(sock)[2], b"hello")
+
+    def test_502_and_503(self) -> None:
+        down = ProxyProcess(
+            self,
+            listeners=[{"name": "down", "service": "down"},
+                       {"name": "none", "service": "none"}],
+            services={"down": {"endpoints": [f"127.0.0.1:{refused_port()}"]},
+                      "none": {"endpoints": []}},
+        )
+        with connect(down.port("down")) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            self.assertEqual((status, headers[b"l5d-proxy-error"]), (502, b"connection refused"))
+        with connect(down.port("none")) as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            status, headers, _ = read_response(sock)
+            self.assertEqual((status, headers[b"l5d-proxy-error"]), (503, b"no endpoints"))
+
+    def test_metrics_after_known_sequence(self) -> None:
+        with connect(self.port) as sock:
+            for target in (b"/hello", b"/hello", b"/hello", b"/slow"):
+                sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: m.example\r\n\r\n")
+                read_response(sock)
+        labels = {"direction": "inbound", "listener": "in", "service": "app",
+                  "authority": "m.example", "protocol": "http1"}
+        self.assertEqual(self.proxy.metric_value("request_total", **labels), 4)
+        self.assertEqual(self.proxy.metric_value(
+            "response_total", **labels, status_code="200", classification="success"), 3)
+        self.assertEqual(self.proxy.metric_value(
+            "response_total", **labels, status_code="504", classification="failure",
+            error="response timeout"), 1)
+        self.assertEqual(self.proxy.metric_value(
+            "response_latency_ms_count", **labels, status_code="200"), 3)
+        self.assertEqual(self.proxy.metric_value(
+            "response_latency_ms_bucket", **labels, status_code="504", le="500.0"), 0)
+        self.assertEqual(self.proxy.metric_value(
+            "response_latency_ms_bucket", **labels, status_code="504", le="2000.0"), 1)
+        self.assertGreater(self.proxy.metric_value(
+            "tcp_open_total", peer="src", listener="in", protocol="http1"), 0)
+        self.proxy.wait_log(r"GET m\.example /hello 200")
+
+    def test_wrk_no_errors(self) -> None:
+        wrk = require_tool("wrk")
+        result = subprocess.run([wrk, "-t1", "-c8", "-d2s", f"{self.url}/hello"],
+                                capture_output=True, text=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("Non-2xx", result.stdout)
+        self.assertNotIn("Socket errors", result.stdout)
+        self.assertIn("Requests/sec", result.stdout)
+
+
+class Http1Memory(TestCase):
+    timeout = 300
+
+    def test_1gib_upload_to_slow_reader_keeps_rss_flat(self) -> None:
+        backend = Backend(self, slow_start=1.5)
+        proxy = ProxyProcess(self, listeners=[{"name": "in", "service": "app"}],
+                             services={"app": {"endpoints": [backend.address]}},
+                             proxy={"log_connections": False})
+        pid = proxy.process.pid
+        # warm up the paths the transfer uses, then take the idle figure
+        with connect(proxy.port("in")) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc")
+            read_response(sock)
+        idle = vm_rss_kib(pid)
+        size = 1 << 30
+        block = b"\0" * (1 << 20)
+        peak = [idle]
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], vm_rss_kib(pid))
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        with connect(proxy.port("in"), timeout=120) as sock:
+            sock.sendall(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+            for _ in range(size // len(block)):
+                sock.sendall(block)
+            status, _, body = read_response(sock)
+        done.set()
+        sampler.join()
+        self.assertEqual((status, body), (200, b"%d" % size))
+        grown_mib = (peak[0] - idle) / 1024
+        print(f"\nRSS idle {idle / 1024:.1f} MiB, peak {peak[0] / 1024:.1f} MiB during a "
+              f"1 GiB upload (+{grown_mib:.1f} MiB)")
+        self.assertLess(grown_mib, 32)
