@@ -500,3 +500,42 @@ class ClientTests(SynchronousTestCase):
         proto, _ = self.accept()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
         self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
+
+
+class UpgradeTests(SynchronousTestCase):
+    def test_h2c_upgrade_keeps_named_headers(self) -> None:
+        clock = MemoryReactorClock()
+        listener = FakeListener(clock)
+        dispatcher = FakeDispatcher()
+        transport = StringTransport()
+        conn = InboundConnection(listener, transport, 0.0)
+        conn.detected(Verdict("http1", "request_line"))
+        server = H1Server(conn, dispatcher, H1Limits())
+        server.makeConnection(transport)
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+        [(request, _)] = dispatcher.requests
+        self.assertEqual(request.upgrade, b"h2c")
+        self.assertEqual(request.connection, (b"http2-settings",))
+        self.assertEqual(request.head.headers, [(b"HTTP2-Settings", b"AAMAAABkAAQAAP__")])
+        reactor = MemoryReactorClock()
+        client = H1Client(reactor, Metrics(), lambda ep: None)
+        d = client.request(Endpoint(HostPort("127.0.0.1", 1)), request)
+        proto = reactor.tcpClients[0][2].buildProtocol(None)
+        upstream = StringTransport()
+        proto.makeConnection(upstream)
+        self.assertEqual(upstream.value(), b"GET / HTTP/1.1\r\nHost: a\r\nHTTP2-Settings: "
+                         b"AAMAAABkAAQAAP__\r\nconnection: upgrade, http2-settings\r\n"
+                         b"upgrade: h2c\r\n\r\n")
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
+                           b"Connection: Upgrade\r\n\r\nPRI-from-server")
+        response = self.successResultOf(d)
+        self.assertEqual(response.head.status, 101)
+        self.assertIs(response.tunnel, proto)
+        transport.clear()
+        d_server = dispatcher.requests[0][1]
+        d_server.callback(response)
+        self.assertEqual(transport.value(), b"HTTP/1.1 101 Switching Protocols\r\n"
+                         b"connection: upgrade\r\nupgrade: h2c\r\n\r\nPRI-from-server")
+        server.dataReceived(b"client bytes")
+        self.assertTrue(upstream.value().endswith(b"client bytes"))

@@ -82,14 +82,19 @@ class UpgradeRequest(Request):
 
     ``upgrade`` is the ``Upgrade`` header's value (``b"CONNECT"`` for a
     CONNECT); the HTTP/1 client end forwards it and, on ``101`` (2xx for
-    CONNECT), answers with a ``TunnelResponse``.
+    CONNECT), answers with a ``TunnelResponse``. Headers the client's
+    ``Connection`` named stay in ``head.headers`` and in ``connection``.
     """
 
-    __slots__ = ("upgrade",)
+    __slots__ = ("connection", "upgrade")
 
-    def __init__(self, head: RequestHead, body: Body, upgrade: bytes) -> None:
+    def __init__(self, head: RequestHead, body: Body, upgrade: bytes,
+                 connection: tuple[bytes, ...] = ()) -> None:
         super().__init__(head, body)
         self.upgrade = upgrade
+        #: Headers the client's Connection named (kept for the upgrade, as
+        #: h2c's HTTP2-Settings): named again in the forwarded Connection.
+        self.connection = connection
 
 
 class TunnelResponse(Response):
@@ -425,7 +430,8 @@ class H1Server(Protocol):
                 upgrade = value
         if chunked and version == "1.0":
             raise _RejectError(400, "transfer-encoding in an HTTP/1.0 request")
-        if named:
+        is_upgrade = parser.should_upgrade() and method != b"CONNECT"
+        if named and not is_upgrade:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
         target = url
         if url[:1] != b"/":
@@ -451,7 +457,6 @@ class H1Server(Protocol):
             if version == "1.1":
                 raise _RejectError(400, "missing Host header")
             authority = b""
-        is_upgrade = parser.should_upgrade()
         if method == b"CONNECT":
             if not self.limits.allow_connect:
                 raise _RejectError(405, "CONNECT not allowed")
@@ -475,7 +480,7 @@ class H1Server(Protocol):
             msg.body_done = True
         head = RequestHead(method, target, authority, headers, b"http", version)
         if upgrade is not None:
-            msg.request = UpgradeRequest(head, body, upgrade)
+            msg.request = UpgradeRequest(head, body, upgrade, tuple(named or ()))
         else:
             msg.request = Request(head, body)
         return msg

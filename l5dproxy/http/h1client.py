@@ -311,7 +311,8 @@ class H1ClientConnection(Protocol):
             self._chunked = True
         upgrade = self._upgrade
         if upgrade is not None and upgrade != b"CONNECT":
-            parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
+            tokens = b"".join(b", " + t for t in getattr(request, "connection", ()))
+            parts += (b"connection: upgrade", tokens, b"\r\nupgrade: ", upgrade, b"\r\n")
         parts.append(b"\r\n")
         self._write(b"".join(parts))
         if body.is_empty:
