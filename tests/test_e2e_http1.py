@@ -29,6 +29,7 @@ WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 class Backend:
     """An HTTP/1.1 origin that records what reaches it.
 
+    ``/source/N``: N bytes, as fast as they are taken.
     ``/hello``: 200 ``hello``; ``/echo``: the request body back (chunked when
     the request was); ``/chunked``: a chunked body of 3 parts; ``/slow``:
     never answers; ``/ws``: a WebSocket echo; ``/sink``: reads the body slowly
@@ -59,6 +60,15 @@ class Backend:
                 return
             if target == b"/sink":
                 self._sink(conn, sock)
+            elif target.startswith(b"/source/"):
+                size = int(target.rsplit(b"/", 1)[1])
+                sock.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+                block = memoryview(b"\xab" * (1 << 20))
+                sent = 0
+                while sent < size:
+                    n = min(len(block), size - sent)
+                    sock.sendall(block[:n])
+                    sent += n
             elif target == b"/slow":
                 time.sleep(30)
                 return
@@ -419,4 +429,35 @@ class Http1Memory(TestCase):
         grown_mib = (peak[0] - idle) / 1024
         print(f"\nRSS idle {idle / 1024:.1f} MiB, peak {peak[0] / 1024:.1f} MiB during a "
               f"1 GiB upload (+{grown_mib:.1f} MiB)")
+        self.assertLess(grown_mib, 32)
+
+    def test_1gib_download_to_slow_client_keeps_rss_flat(self) -> None:
+        backend = Backend(self)
+        proxy = ProxyProcess(self, listeners=[{"name": "in", "service": "app"}],
+                             services={"app": {"endpoints": [backend.address]}},
+                             proxy={"log_connections": False})
+        pid = proxy.process.pid
+        with connect(proxy.port("in")) as sock:
+            sock.sendall(b"GET /source/10 HTTP/1.1\r\nHost: a\r\n\r\n")
+            read_response(sock)
+        idle = vm_rss_kib(pid)
+        size = 1 << 30
+        with connect(proxy.port("in"), timeout=120) as sock:
+            sock.sendall(b"GET /source/%d HTTP/1.1\r\nHost: a\r\n\r\n" % size)
+            time.sleep(1.5)          # a slow reader, at first
+            stalled = vm_rss_kib(pid)
+            buffer = bytearray(1 << 20)
+            got = 0
+            peak = stalled
+            while got < size + 40:   # the head, then the body
+                n = sock.recv_into(buffer)
+                if not n:
+                    break
+                got += n
+                if got & ((64 << 20) - 1) < n:
+                    peak = max(peak, vm_rss_kib(pid))
+        self.assertGreaterEqual(got, size)
+        grown_mib = (max(peak, stalled) - idle) / 1024
+        print(f"\nRSS idle {idle / 1024:.1f} MiB, stalled reader {stalled / 1024:.1f} MiB, "
+              f"peak {peak / 1024:.1f} MiB during a 1 GiB download (+{grown_mib:.1f} MiB)")
         self.assertLess(grown_mib, 32)
