@@ -9,6 +9,7 @@ is counted and logged the same way.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from twisted.internet import error
@@ -108,6 +109,16 @@ class InboundConnection:
                 bytes_in=self.bytes_read, bytes_out=self.bytes_written,
                 duration_ms=duration * 1000.0, end=how + (f" {errno}" if errno else ""),
             )
+
+
+def set_no_delay(transport) -> None:
+    """Turn Nagle off: a proxy writes what it has as soon as it has it, and
+    small writes (a response head, an h2 SETTINGS ACK) must not wait for the
+    peer's delayed ACK (40 ms on Linux)."""
+    set_option = getattr(transport, "setTcpNoDelay", None)
+    if set_option is not None:
+        with suppress(OSError):
+            set_option(True)
 
 
 def _address(addr) -> str:

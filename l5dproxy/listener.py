@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, ListenerConfig
-from l5dproxy.connection import InboundConnection
+from l5dproxy.connection import InboundConnection, set_no_delay
 from l5dproxy.detect import DetectProtocol
 from l5dproxy.serverfirst import ServerFirst
 from l5dproxy.sniff import Verdict
@@ -70,6 +70,7 @@ class Listener(Factory):
         """A new connection: skip detection on opaque targets, else detect."""
         conn = InboundConnection(self, transport, self.clock.seconds())
         self.connections.add(conn)
+        set_no_delay(transport)
         if self._opaque_verdict is not None:
             return self.protocol_for(conn, self._opaque_verdict)
         if self.server_first is not None:

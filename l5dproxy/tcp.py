@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.connection import errno_name
+from l5dproxy.connection import errno_name, set_no_delay
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint
@@ -208,6 +208,7 @@ class UpstreamProtocol(Protocol):
     def connectionMade(self) -> None:
         conn = self.relay.conn
         listener = conn.listener
+        set_no_delay(self.transport)
         self.connected_at = listener.clock.seconds()
         self.dst = listener.metrics.tcp_side(
             "dst", listener.name, conn.service, conn.protocol or "opaque", conn.endpoint)

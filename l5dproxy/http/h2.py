@@ -54,7 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.connection import errno_name
+from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.exchange import (
     Body,
     Headers,
@@ -226,15 +226,6 @@ def _regular(headers: Headers):
 def header_list_size(headers: Headers) -> int:
     """The RFC 9113 size of a header list: name + value + 32 per field."""
     return sum(len(n) + len(v) + 32 for n, v in headers)
-
-
-def _no_delay(transport) -> None:
-    """Frames are written whole and small ones matter (HEADERS, WINDOW_UPDATE,
-    SETTINGS ACK): Nagle would hold them for the peer's delayed ACK."""
-    set_no_delay = getattr(transport, "setTcpNoDelay", None)
-    if set_no_delay is not None:
-        with suppress(OSError):
-            set_no_delay(True)
 
 
 # -- one stream, either side --
@@ -614,7 +605,7 @@ class H2ServerProtocol(_H2Protocol):
             **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAM_ID})
         h2.decoder.max_header_list_size = max(4 * s.max_header_list_size, 256 * 1024)
         self.h2 = h2
-        _no_delay(self.transport)
+        set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
         self.conn.on_drain = self.drain
         self._write()
@@ -938,7 +929,7 @@ class H2ClientProtocol(_H2Protocol):
                                                self.pool.label)
             self.dst.opened()
         self.connected_at = client.reactor.seconds()
-        _no_delay(self.transport)
+        set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
         self.pool.connected(self)
         self._write()
