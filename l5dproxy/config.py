@@ -95,6 +95,11 @@ class RouteConfig:
     service: str
     host: str | None = None
     path_prefix: str | None = None
+    #: Request timeout for this route (to response headers); overrides the
+    #: service's response_timeout.
+    timeout: float | None = None
+    #: Retry this route's requests whatever their method (they are safe to repeat).
+    retryable: bool = False
 
 
 @dataclass(frozen=True)
@@ -434,6 +439,10 @@ def _parse_discovery(t: _Table) -> DiscoveryConfig:
     return discovery
 
 
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
+
+
 def _check_host_port(value: str) -> str | None:
     try:
         parse_host_port(value)
@@ -482,6 +491,9 @@ def _parse_listeners(tables: list[_Table], services: dict[str, ServiceConfig],
                 service=r.required("service", str, known_service),
                 host=r.get("host", str, None),
                 path_prefix=r.get("path_prefix", str, None, _check_path_prefix),
+                timeout=_optional_float(r.get("timeout", (int, float), None,
+                                              check_positive_duration)),
+                retryable=r.get("retryable", bool, False),
             ))
             r.finish()
         listeners.append(ListenerConfig(

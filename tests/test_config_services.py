@@ -132,3 +132,40 @@ class ServiceKeysTests(SynchronousTestCase):
             " _http._tcp.example.com",
             "f.toml: service.none.endpoints: required key is missing",
         ]))
+
+
+class RouteKeysTests(SynchronousTestCase):
+
+    def test_route_timeout_and_retryable(self):
+        with self.assertRaises(ConfigError) as cm:
+            parse_text('''
+                [service.app]
+                endpoints = ["127.0.0.1:1"]
+                [[listener]]
+                name = "in"
+                listen = "tcp:0"
+                service = "app"
+                [[listener.route]]
+                service = "app"
+                path_prefix = "/a"
+                timeout = 1.5
+                retryable = true
+                [[listener.route]]
+                service = "app"
+                timeout = 0
+            ''')
+        self.assertEqual(cm.exception.errors, [
+            "f.toml: listener[0].route[1].timeout: must be a duration in seconds, greater than 0"])
+        route = parse_text('''
+            [service.app]
+            endpoints = ["127.0.0.1:1"]
+            [[listener]]
+            name = "in"
+            listen = "tcp:0"
+            service = "app"
+            [[listener.route]]
+            service = "app"
+            timeout = 1.5
+            retryable = true
+        ''').listeners[0].routes[0]
+        self.assertEqual((route.timeout, route.retryable), (1.5, True))

@@ -9,7 +9,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance import Upstream
-from l5dproxy.config import FailureAccrualConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config import (
+    FailureAccrualConfig,
+    HostPort,
+    ListenerConfig,
+    RouteConfig,
+    ServiceConfig,
+)
 from l5dproxy.http.exchange import (
     Body,
     ProxyError,
@@ -54,8 +60,8 @@ class FakeClient:
 
 
 class FakeListener:
-    def __init__(self) -> None:
-        self.config = ListenerConfig("in", "tcp:0", "app")
+    def __init__(self, routes=()) -> None:
+        self.config = ListenerConfig("in", "tcp:0", "app", routes=tuple(routes))
         self.name = "in"
 
 
@@ -77,10 +83,10 @@ class RetryTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.make()
 
-    def dispatch(self, method=b"GET", body: Body | None = None):
-        request = Request(RequestHead(method, b"/", b"app"), body or Body.empty())
-        return self.proxy.dispatch(request, RequestContext(FakeListener(), FakeConnection(),
-                                                           "http1"))
+    def dispatch(self, method=b"GET", body: Body | None = None, target=b"/", listener=None):
+        request = Request(RequestHead(method, target, b"app"), body or Body.empty())
+        return self.proxy.dispatch(request, RequestContext(listener or FakeListener(),
+                                                           FakeConnection(), "http1"))
 
     def answer(self, index: int, status: int) -> Body:
         body = Body()
@@ -224,3 +230,24 @@ class RetryTests(SynchronousTestCase):
         self.client.calls[0][2].errback(error.ConnectionRefusedError())
         self.clock.advance(0.5)
         self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 504)
+
+    def test_route_marked_retryable_retries_post(self):
+        listener = FakeListener([RouteConfig("app", path_prefix="/idem", retryable=True)])
+        d = self.dispatch(method=b"POST", target=b"/idem/x", listener=listener)
+        self.client.calls[0][2].errback(error.ConnectionRefusedError())
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+        d = self.dispatch(method=b"POST", target=b"/other", listener=listener)
+        self.client.calls[2][2].errback(error.ConnectionRefusedError())
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
+
+    def test_route_timeout_overrides_the_service(self):
+        self.make(n=1, response_timeout=10.0)
+        listener = FakeListener([RouteConfig("app", path_prefix="/fast", timeout=0.5)])
+        d = self.dispatch(target=b"/fast", listener=listener)
+        other = self.dispatch(target=b"/slow", listener=listener)
+        self.clock.advance(0.6)
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 504)
+        self.assertNoResult(other)
+        self.clock.advance(10)
+        self.assertEqual(self.failureResultOf(other, ProxyError).value.status, 504)

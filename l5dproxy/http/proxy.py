@@ -37,7 +37,7 @@ from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint, Upstream
-    from l5dproxy.config import HostPort, ServiceConfig
+    from l5dproxy.config import HostPort, RouteConfig, ServiceConfig
     from l5dproxy.http.exchange import UpstreamClient
     from l5dproxy.telemetry import Metrics
 
@@ -82,10 +82,15 @@ class HttpProxy:
 
     def route(self, listener, authority: bytes, target: bytes) -> str:
         """The service a request goes to."""
+        return self.route_of(listener, authority, target)[0]
+
+    def route_of(self, listener, authority: bytes, target: bytes,
+                 ) -> tuple[str, RouteConfig | None]:
+        """The service a request goes to, and the route that matched (None: the default)."""
         table = self._routes.get(listener)
         if table is None:
             table = self._routes[listener] = _RouteTable(listener.config)
-        return table.match(authority, target)
+        return table.match_route(authority, target)
 
     def labels(self, listener: str, service: str, authority: bytes, protocol: str) -> _Labels:
         key = (listener, service, authority, protocol)
@@ -106,25 +111,28 @@ class _RouteTable:
 
     def __init__(self, config) -> None:
         self.default: str = config.service
-        self.routes: list[tuple[bytes | None, bytes | None, str]] = [
+        self.routes: list[tuple[bytes | None, bytes | None, str, RouteConfig]] = [
             (route.host.lower().encode("idna") if route.host else None,
              route.path_prefix.encode() if route.path_prefix else None,
-             route.service)
+             route.service, route)
             for route in getattr(config, "routes", ())
         ]
 
     def match(self, authority: bytes, target: bytes) -> str:
+        return self.match_route(authority, target)[0]
+
+    def match_route(self, authority: bytes, target: bytes) -> tuple[str, RouteConfig | None]:
         if not self.routes:
-            return self.default
+            return self.default, None
         authority = authority.lower()
         host = _host_of(authority)
-        for want_host, prefix, service in self.routes:
+        for want_host, prefix, service, route in self.routes:
             if want_host is not None and want_host != host and want_host != authority:
                 continue
             if prefix is not None and not target.startswith(prefix):
                 continue
-            return service
-        return self.default
+            return service, route
+        return self.default, None
 
 
 def _host_of(authority: bytes) -> bytes:
@@ -198,7 +206,7 @@ class _Exchange:
         head = self.request.head
         context = self.context
         listener = context.listener
-        service = proxy.route(listener, head.authority, head.target)
+        service, route = proxy.route_of(listener, head.authority, head.target)
         self.labels = proxy.labels(listener.name, service, head.authority, context.protocol)
         self.labels.requests.inc()
         upstream = self.upstream = proxy.upstreams.get(service)
@@ -218,9 +226,12 @@ class _Exchange:
             self._fail(ProxyError.bad_gateway(f"no {protocol} client"))
             return self.result
         upstream.deposit()  # an original request earns the retry budget
-        if config.retry_limit and retryable(self.request, config.retry_max_body):
+        if config.retry_limit and retryable(self.request, config.retry_max_body,
+                                            route is not None and route.retryable):
             self.replay = replay_for(self.request, config.retry_max_body)
         timeout = getattr(config, "response_timeout", None)
+        if route is not None and route.timeout is not None:
+            timeout = route.timeout  # a route's request timeout overrides the service's
         if head.is_grpc:  # a gRPC deadline bounds the request too
             deadline = grpc.parse_timeout(head.header(b"grpc-timeout"))
             if deadline is not None and (not timeout or deadline < timeout):

@@ -19,10 +19,11 @@ from l5dproxy.http.exchange import Body, Headers, Request
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
-def retryable(request: Request, max_body: int) -> bool:
-    """Whether ``request`` may be sent again, as far as the request goes."""
+def retryable(request: Request, max_body: int, route_retryable: bool = False) -> bool:
+    """Whether ``request`` may be sent again, as far as the request goes:
+    an idempotent method, or any method on a route marked ``retryable``."""
     head = request.head
-    if head.method not in IDEMPOTENT_METHODS:
+    if head.method not in IDEMPOTENT_METHODS and not route_retryable:
         return False
     if getattr(request, "upgrade", None) is not None:
         return False
