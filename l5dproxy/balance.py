@@ -111,6 +111,8 @@ class Endpoint:
             self._update(latency, self.clock.seconds())
         if success is not None:
             self.report(success)
+        elif self.state == PROBATION:
+            self.probe_inflight = False  # the probe gave no verdict: another may go
 
     def report(self, success: bool) -> None:
         """A verdict for failure accrual without ending anything (the TCP

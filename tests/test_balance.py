@@ -254,6 +254,19 @@ class AccrualTests(SynchronousTestCase):
         self.assertEqual(e.failures, 1)
         self.assertEqual(e.active, 0)
 
+    def test_probe_without_verdict_lets_another_probe(self):
+        """The client left before the probe connected: probe again."""
+        clock = Clock()
+        e = Endpoint(hp(0), clock, random.Random(0), Accrual(consecutive_failures=1))
+        self.fail(e, 1)
+        clock.advance(2)
+        self.assertTrue(e.available(clock.seconds()))
+        e.begin()
+        self.assertFalse(e.available(clock.seconds()))
+        e.end(None, None)
+        self.assertTrue(e.available(clock.seconds()))
+        self.assertEqual(e.state, PROBATION)
+
     def test_late_results_while_ejected_are_ignored(self):
         clock = Clock()
         e = Endpoint(hp(0), clock, random.Random(0), Accrual(consecutive_failures=2))
