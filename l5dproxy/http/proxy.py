@@ -22,6 +22,7 @@ when it has none). Labelled children are looked up once per
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
@@ -62,7 +63,8 @@ class HttpProxy:
         #: The service config of every endpoint address requests went to, so
         #: client ends can find its connect timeout and name (see target_of).
         self.targets: dict[HostPort, ServiceConfig] = {}
-        self._routes: dict[object, _RouteTable] = {}
+        #: Compiled routes by listener; weak, so listeners a reload replaced go.
+        self._routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._labels: dict[tuple[str, str, bytes, str], _Labels] = {}
 
     # -- what client ends may ask --
