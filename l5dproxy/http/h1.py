@@ -229,6 +229,7 @@ class H1Server(Protocol):
         self._out_paused = False
         self._out_chunked = False
         self._out_body: Body | None = None
+        self._batch: list[bytes] | None = None   # response bytes held for one write
         self._stopped = False         # no more input is read
         self._last = False            # no request after the current one is read
         self._client_eof = False
@@ -597,7 +598,7 @@ class H1Server(Protocol):
         body = response.body
         tunnel = getattr(response, "tunnel", None)
         if tunnel is not None and isinstance(msg.request, UpgradeRequest):
-            self._write_head(msg, head, status, b"", tunnel=True)
+            self._write(self._response_head(msg, head, status, tunnel=True))
             self._start_tunnel(msg, tunnel)
             return
         if status == 101 or tunnel is not None:
@@ -606,14 +607,9 @@ class H1Server(Protocol):
                 tunnel.tunnel_close()
             self._write_error(msg, ProxyError.bad_gateway("unexpected 101 response"))
             return
+        # HEAD, 1xx, 204 and 304 have no body, whatever the headers say.
         if msg.method == b"HEAD" or status in (204, 304) or status < 200:
-            framing = b""            # no body, whatever the headers say
-            bodyless = True
-        else:
-            framing = None
-            bodyless = False
-        self._write_head(msg, head, status, framing, bodyless=bodyless)
-        if bodyless:
+            self._write(self._response_head(msg, head, status, bodyless=True))
             if not body.ended:
                 body.cancel()
             self._answered(msg)
@@ -621,10 +617,18 @@ class H1Server(Protocol):
         self._out_body = body
         if self._out_paused:
             body.pause()
+        # What the body has already is written with the head, in one write.
+        self._batch = [self._response_head(msg, head, status)]
         body.consume(self)
+        self._flush_batch()
 
-    def _write_head(self, msg: _Message, head, status: int, framing: bytes | None,
-                    bodyless: bool = False, tunnel: bool = False) -> None:
+    def _flush_batch(self) -> None:
+        batch, self._batch = self._batch, None
+        if batch:
+            self._write(batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _response_head(self, msg: _Message, head, status: int, bodyless: bool = False,
+                    tunnel: bool = False) -> bytes:
         parts = [b"HTTP/1.1 ", str(status).encode(), b" ", head.reason or reason_phrase(status),
                  b"\r\n"]
         has_length = False
@@ -641,8 +645,7 @@ class H1Server(Protocol):
             if upgrade != b"CONNECT":
                 parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
             parts.append(b"\r\n")
-            self._write(b"".join(parts))
-            return
+            return b"".join(parts)
         close = not msg.keep_alive or msg.close_after or self._draining or self._client_eof
         if not bodyless and not has_length:
             body = msg.response.body
@@ -661,7 +664,7 @@ class H1Server(Protocol):
         elif msg.version == "1.0":
             parts.append(b"connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self._write(b"".join(parts))
+        return b"".join(parts)
 
     def _send_continue(self, msg: _Message) -> None:
         if self.queue and self.queue[0] is msg and msg.response is None and not self._closed:
@@ -672,6 +675,13 @@ class H1Server(Protocol):
 
     def body_data(self, data: bytes) -> None:
         n = len(data)
+        batch = self._batch
+        if batch is not None:
+            if self._out_chunked:
+                batch += (b"%x\r\n" % n, data, b"\r\n")
+            else:
+                batch.append(data)
+            return
         if not self._out_chunked:
             self.conn.count_written(n)
             self.transport.write(data)
@@ -693,9 +703,14 @@ class H1Server(Protocol):
                     if name.lower() not in HOP_BY_HOP:
                         parts += (name, b": ", value, b"\r\n")
                 parts.append(b"\r\n")
-                self._write(b"".join(parts))
+                end = b"".join(parts)
             else:
-                self._write(b"0\r\n\r\n")
+                end = b"0\r\n\r\n"
+            if self._batch is not None:
+                self._batch.append(end)
+            else:
+                self._write(end)
+        self._flush_batch()
         if self.queue:
             self._answered(self.queue[0])
 
@@ -703,6 +718,7 @@ class H1Server(Protocol):
         """The upstream died mid-response: the status is sent, so the client
         connection is all that can tell."""
         self._out_body = None
+        self._flush_batch()   # the head: the client sees a response cut short
         self._ended_by = "upstream failed mid-response"
         if not self._closed:
             self.transport.abortConnection()

@@ -255,6 +255,7 @@ class H1ClientConnection(Protocol):
         self._keep_alive = True
         self._interim = False
         self._tunnel_pending = False
+        self._pending: tuple[_Call, Response] | None = None
 
     # -- connection --
 
@@ -341,6 +342,10 @@ class H1ClientConnection(Protocol):
             self._leftover += data[upgrade.args[0]:]
         except HttpParserError as e:
             self._protocol_error(f"invalid response: {e}")
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            pending[0].responded(pending[1])
 
     def readConnectionLost(self) -> None:
         self.eof = True
@@ -497,7 +502,7 @@ class H1ClientConnection(Protocol):
             self._response_done = True
             self._keep_alive = False
             self.call = None
-            call.responded(TunnelResponse(head, Body.empty(), self))
+            self._pending = (call, TunnelResponse(head, Body.empty(), self))
             return
         if self._method == b"HEAD" or status in (204, 304) or status == 101:
             # llhttp reads no body for 204/304 itself; for HEAD it would
@@ -508,7 +513,7 @@ class H1ClientConnection(Protocol):
             body = Body.empty()
             self._response_done = True
             self._body = None
-            call.responded(Response(head, body))
+            self._pending = (call, Response(head, body))
             if self.call is call:
                 self._finished()
             return
@@ -520,7 +525,9 @@ class H1ClientConnection(Protocol):
             body.set_source(self)
             self._body = body
         self._until_close = length is None and not chunked
-        call.responded(Response(head, body))
+        # Handed on once this read is parsed: a small body is in it by then,
+        # and the server end writes head and body at once.
+        self._pending = (call, Response(head, body))
 
     def on_body(self, data: bytes) -> None:
         body = self._body
