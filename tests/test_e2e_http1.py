@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -101,8 +102,8 @@ class Backend:
                         ("set-cookie", "a=1"), ("set-cookie", "b=2")])))
                     sock.sendall(conn.send(h11.Data(data=data)))
                     sock.sendall(conn.send(h11.EndOfMessage()))
-            if conn.our_state is h11.MUST_CLOSE:
-                return
+            if conn.our_state is h11.MUST_CLOSE or target == b"/hello-then-close":
+                return   # /hello-then-close: a keep-alive answer, then a silent close
             conn.start_next_cycle()
 
     def _next(self, conn: h11.Connection, sock: socket.socket):
@@ -381,6 +382,54 @@ class Http1EndToEnd(TestCase):
         self.assertGreater(self.proxy.metric_value(
             "tcp_open_total", peer="src", listener="in", protocol="http1"), 0)
         self.proxy.wait_log(r"GET m\.example /hello 200")
+
+    def test_pipelined_and_http10(self) -> None:
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n"
+                         b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nping"
+                         b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            bodies = [read_response(sock)[2] for _ in range(3)]
+        self.assertEqual(bodies, [b"hello", b"ping", b"hello"])
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /chunked HTTP/1.0\r\n\r\n")
+            out = recv_until_eof(sock)   # unknown length to 1.0: ends with the close
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
+        self.assertTrue(out.endswith(b"\r\n\r\none,two,three"), out)
+
+    def test_expect_100_continue(self) -> None:
+        payload = os.urandom(2_000_000)
+        curl = require_tool("curl")
+        started = time.monotonic()
+        result = subprocess.run(
+            [curl, "-sS", "-H", "Expect: 100-continue", "--data-binary", "@-",
+             f"{self.url}/echo"], input=payload, capture_output=True, timeout=60)
+        self.assertEqual(result.stdout, payload)
+        self.assertLess(time.monotonic() - started, 0.9)   # curl waits 1 s without a 100
+        self.assertNotIn(b"expect", {n for n, _ in self.backend.requests[-1][2]})
+
+    def test_endpoint_closing_pooled_connections(self) -> None:
+        # The backend answers keep-alive, then closes the connection: the
+        # pool must never fail a request on such a connection.
+        with connect(self.port) as sock:
+            for i in range(30):
+                sock.sendall(b"GET /hello-then-close HTTP/1.1\r\nHost: a\r\n\r\n")
+                status, headers, body = read_response(sock)
+                self.assertEqual((status, body), (200, b"hello"), (i, headers))
+                if i % 2:
+                    time.sleep(0.05)   # half of them after the close is read
+        self.assertEqual(len(self.backend.requests), 30)
+
+    def test_sigterm_closes_idle_keep_alive(self) -> None:
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            read_response(sock)
+            started = time.monotonic()
+            self.proxy.send_signal()
+            self.assertEqual(recv_until_eof(sock), b"")
+            self.assertLess(time.monotonic() - started, 5)
+        # twistd re-raises SIGTERM once stopped: 0 or -SIGTERM are both clean
+        self.assertIn(self.proxy.wait_exit(), (0, -signal.SIGTERM))
+        self.assertLess(time.monotonic() - started, 5)   # not the 30 s drain_timeout
 
     def test_wrk_no_errors(self) -> None:
         wrk = require_tool("wrk")
