@@ -281,8 +281,8 @@ class Http1EndToEnd(TestCase):
         self.assertIn(b"transfer-encoding: chunked", result.stderr.lower())
         headers = self.backend.requests[-1][2]
         self.assertIn((b"transfer-encoding", b"chunked"), headers)
-        result = self.curl(f"{self.url}/chunked")
-        self.assertEqual(result.stdout, b"one,two,three")
+        result = self.curl("-v", f"{self.url}/chunked")
+        self.assertEqual(result.stdout, b"one,two,three", result.stderr)
 
     def test_trailers_pass_through(self) -> None:
         with connect(self.port) as sock:

@@ -394,6 +394,25 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual((sink.data, sink.trailers), ([b"hi"], [(b"T", b"2")]))
         self.assertEqual(self.client.pools[self.endpoint.address].idle, [proto])
 
+    def test_paused_reader_then_end_resumes_reading_for_the_pool(self) -> None:
+        d = self.request()
+        proto, transport = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+        body = self.successResultOf(d).body
+        sink = Collect()
+        body.consume(sink)
+        body.pause()                      # a slow client
+        self.assertEqual(transport.producerState, "paused")
+        proto.dataReceived(b"cd")          # already read: the body ends
+        self.assertTrue(sink.ended)
+        self.assertEqual(transport.producerState, "producing")
+        body.pause()                       # a stale pause does not stop the next response
+        body.resume()
+        d2 = self.request()
+        self.assertEqual(transport.producerState, "producing")
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d2).head.status, 200)
+
     def test_close_delimited_response(self) -> None:
         d = self.request()
         proto, _transport = self.accept()

@@ -206,6 +206,30 @@ class _Call:
             conn.abort()
 
 
+class _ResponseSource:
+    """A response body's flow control: only while it is the connection's
+    current response (a reader that pauses an ended body must not stop the
+    connection for whatever comes next)."""
+
+    __slots__ = ("body", "conn")
+
+    def __init__(self, conn: H1ClientConnection, body: Body) -> None:
+        self.conn = conn
+        self.body = body
+
+    def pause_body(self) -> None:
+        if self.conn._body is self.body:
+            self.conn.pause_body()
+
+    def resume_body(self) -> None:
+        if self.conn._body is self.body:
+            self.conn.resume_body()
+
+    def stop_body(self) -> None:
+        if self.conn._body is self.body:
+            self.conn.stop_body()
+
+
 class _Factory(ClientFactory):
     noisy = False
 
@@ -256,6 +280,7 @@ class H1ClientConnection(Protocol):
         self._interim = False
         self._tunnel_pending = False
         self._pending: tuple[_Call, Response] | None = None
+        self._read_paused = False   # reading stopped for the response body's reader
 
     # -- connection --
 
@@ -522,7 +547,7 @@ class H1ClientConnection(Protocol):
             self._body = None
         else:
             body = Body(length)
-            body.set_source(self)
+            body.set_source(_ResponseSource(self, body))
             self._body = body
         self._until_close = length is None and not chunked
         # Handed on once this read is parsed: a small body is in it by then,
@@ -558,6 +583,10 @@ class H1ClientConnection(Protocol):
     def _finished(self) -> None:
         """Request and response are complete: back to the pool, or closed."""
         self.call = None
+        if self._read_paused and not self.closed:
+            # The response's reader paused it and then the body ended.
+            self._read_paused = False
+            self.transport.resumeProducing()
         if self._keep_alive and not self.closed and not self.eof:
             self.pool.release(self)
         else:
@@ -576,11 +605,13 @@ class H1ClientConnection(Protocol):
     # -- the response body's source --
 
     def pause_body(self) -> None:
-        if not self.closed:
+        if not self.closed and not self._read_paused:
+            self._read_paused = True
             self.transport.pauseProducing()
 
     def resume_body(self) -> None:
-        if not self.closed:
+        if not self.closed and self._read_paused:
+            self._read_paused = False
             self.transport.resumeProducing()
 
     def stop_body(self) -> None:
