@@ -282,6 +282,15 @@ class ServerTests(SynchronousTestCase):
         self.assertIn(b"l5d-proxy-error: CONNECT not allowed", out)
         self.assertEqual(self.dispatcher.requests, [])
 
+    def test_upgrade_refused_closes_after_response(self) -> None:
+        self.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\n"
+                  b"Upgrade: websocket\r\n\r\n")
+        request, d = self.dispatcher.requests[0]
+        self.assertEqual(request.upgrade, b"websocket")
+        d.callback(ok(b"no"))
+        self.assertIn(b"connection: close\r\n", self.out())
+        self.assertTrue(self.transport.disconnecting)
+
     def test_version_2_is_505(self) -> None:
         self.feed(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n")
         self.assertTrue(self.out().startswith(b"HTTP/1.1 505 "))

@@ -493,6 +493,8 @@ class H1Server(Protocol):
         msg = self.queue[-1] if self.queue else None
         if msg is not None and isinstance(msg.request, UpgradeRequest):
             msg.leftover += leftover
+            # Without a 101 what follows cannot be told from HTTP: close after.
+            msg.close_after = True
 
     def _bad_input(self, reject: _RejectError) -> None:
         """Malformed input: answer it in turn, read nothing more, then close."""
