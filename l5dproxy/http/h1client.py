@@ -31,7 +31,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.connection import errno_name
+from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.exchange import Body, Headers, ProxyError, Request, Response, ResponseHead
 from l5dproxy.http.h1 import HOP_BY_HOP, TunnelResponse
 
@@ -290,6 +290,7 @@ class H1ClientConnection(Protocol):
         self.connected_at = client.reactor.seconds()
         self.dst = client.metrics.tcp_side("dst", "", pool.service, "http1", pool.label)
         self.dst.opened()
+        set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
         first, self._first = self._first, None
         first.connected(self)
