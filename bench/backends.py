@@ -55,6 +55,7 @@ class Target:
     h2c: int | None = None
     tcp: int | None = None  # relays to iperf3
     hold: int | None = None  # relays to the connection sink (memory test)
+    admin: int | None = None  # l5dproxy's admin port (/metrics, /ready)
     children: list[Child] = field(default_factory=list)
     pid: int | None = None  # process whose RSS is measured
     error: str | None = None
@@ -250,6 +251,7 @@ def start_l5dproxy(sup: Supervisor, b: Backends, ready_timeout: float = 30.0) ->
         sup.stop(child)
         return target
     target.h1, target.h2c, target.tcp, target.hold = http, h2c, tcp, hold
+    target.admin = admin
     return target
 
 

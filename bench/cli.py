@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,15 @@ from bench.procs import (
 )
 from bench.report import TARGETS, Report, Section
 from bench.scenarios import SCENARIOS, MetricSpec, Sample, Settings
+from bench.tools import log_exceptions, prometheus_samples
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
 EXTRA_SECTIONS = ("memory", "ceiling")
 ALL_SECTIONS = (*SCENARIOS, *EXTRA_SECTIONS)
 MIB = 1024.0
+# l5dproxy metric families looked at after the run (non-zero samples are reported).
+HEALTH_METRICS = ("http_errors_total", "endpoint_connect_errors_total", "tcp_open_connections")
 
 
 def log(msg: str) -> None:
@@ -187,6 +191,7 @@ class Harness:
             self.sections.append(Section("memory", "proxy memory (VmRSS)",
                                          memory_metrics(settings)))
         self.ceiling: dict[str, list[float]] = {}
+        self.health: dict[str, dict[str, Any]] = {}
 
     # -- startup -------------------------------------------------------------
 
@@ -325,7 +330,8 @@ class Harness:
         if t.h1:
             pid = pid_for(t, "h1")
             url = f"http://127.0.0.1:{t.h1}/big"
-            dl = stream_body(self.sup, pid, url)
+            # A generous deadline (>= 50 MB/s): a stuck proxy must not stall the run.
+            dl = stream_body(self.sup, pid, url, max_time=10 + s.big_bytes / 50e6)
             if dl.error:
                 sample.notes.append(f"download: {dl.error}")
             if dl.bytes:
@@ -337,8 +343,9 @@ class Harness:
                 m["dl_growth_mib"] = dl.delta_kib / MIB
                 slow = stream_body(self.sup, pid, url, limit_rate=s.slow_rate,
                                    max_time=s.slow_seconds)
-                m["slow_peak_mib"] = slow.peak_kib / MIB
-                m["slow_growth_mib"] = slow.delta_kib / MIB
+                if slow.bytes:
+                    m["slow_peak_mib"] = slow.peak_kib / MIB
+                    m["slow_growth_mib"] = slow.delta_kib / MIB
                 if slow.error:
                     sample.notes.append(f"slow reader: {slow.error}")
             log(f"memory {t.name}: download {m.get('dl_mbps', 0):,.0f} MB/s, peak RSS "
@@ -368,6 +375,37 @@ class Harness:
                 log(f"memory {t.name}: {h.opened} conns, {h.per_conn_kib:.1f} KiB/conn, "
                     f"fds {h.fds_before}->{h.fds_with}")
 
+    # -- proxy health ------------------------------------------------------------
+
+    def collect_health(self) -> None:
+        """What l5dproxy itself says after the run: error counters and still-open
+        connections from /metrics, and the exceptions in its log."""
+        t = self.targets.get("l5dproxy")
+        if t is None or not t.children:
+            return
+        health: dict[str, Any] = {}
+        child = t.children[0]
+        if t.admin and child.alive():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{t.admin}/metrics",
+                                            timeout=5) as resp:
+                    text = resp.read().decode(errors="replace")
+                # Upstream (peer="dst") connections stay open in the keep-alive pool; a
+                # client (peer="src") connection open after every client is gone is stuck.
+                health["metrics"] = {
+                    k: v for k, v in prometheus_samples(text, HEALTH_METRICS).items()
+                    if 'peer="dst"' not in k
+                }
+                health["failed_responses"] = {
+                    k: v for k, v in prometheus_samples(text, ("response_total",)).items()
+                    if 'classification="failure"' in k or 'status_code="5' in k
+                }
+            except OSError as exc:
+                health["metrics_error"] = str(exc)
+        if child.log_path is not None and child.log_path.exists():
+            health["log_exceptions"] = log_exceptions(child.log_path.read_text(errors="replace"))
+        self.health["l5dproxy"] = health
+
     # -- report ----------------------------------------------------------------
 
     def report(self, meta: dict[str, Any]) -> Report:
@@ -379,7 +417,7 @@ class Harness:
             for name, t in self.targets.items()
         }
         return Report(meta=meta, settings=dataclasses.asdict(self.s), targets=targets,
-                      sections=self.sections, ceiling=self.ceiling)
+                      sections=self.sections, ceiling=self.ceiling, health=self.health)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -409,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                 h.warmup()
                 h.run_rounds()
                 h.run_memory()
+                h.collect_health()
             except KeyboardInterrupt:
                 interrupted = True
                 log("interrupted: stopping children, reporting what was measured")

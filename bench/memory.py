@@ -194,8 +194,8 @@ def stream_body(sup: Supervisor, pid: int | None, url: str, limit_rate: str | No
         return res
     res.bytes, res.bytes_per_s = parsed["bytes"], parsed["bytes_per_s"]
     res.http_code = int(parsed["http_code"])
-    # Exit 28 is the intended --max-time stop of the slow reader.
-    if run.returncode not in (0, 28) or (run.returncode == 28 and not max_time):
+    # Exit 28 (--max-time) is the intended stop of the slow (rate-limited) reader only.
+    if run.returncode != 0 and not (run.returncode == 28 and limit_rate):
         res.error = f"curl exit {run.returncode}: {run.stderr.strip()}"
     elif res.http_code != 200:
         res.error = f"HTTP status {res.http_code}"

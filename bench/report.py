@@ -59,6 +59,7 @@ class Report:
     targets: dict[str, dict[str, Any]]
     sections: list[Section]
     ceiling: dict[str, list[float]] = field(default_factory=dict)  # "m10" -> samples
+    health: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> findings
 
     def ceiling_median(self, key: str = "m10") -> float | None:
         values = self.ceiling.get(key)
@@ -146,6 +147,13 @@ class Report:
         for name, info in self.targets.items():
             if not info.get("available", True):
                 out.append(f"{name}: NOT MEASURED -- {info.get('error')}")
+        for name, h in self.health.items():
+            for key, v in sorted(h.get("metrics", {}).items()):
+                out.append(f"{name} /metrics after the run: {key} = {v:g}")
+            for key, v in sorted(h.get("failed_responses", {}).items()):
+                out.append(f"{name} /metrics after the run: {key} = {v:g}")
+            for exc, n in sorted(h.get("log_exceptions", {}).items(), key=lambda kv: -kv[1]):
+                out.append(f"{name} log: {n} x {_short(exc, 200)}")
         for sec in self.sections:
             for t in TARGETS:
                 if t in sec.skipped:
@@ -179,6 +187,7 @@ class Report:
             "targets": self.targets,
             "ceiling": {k: {"median": self.ceiling_median(k), "samples": v}
                         for k, v in self.ceiling.items()},
+            "health": self.health,
             "scenarios": sections,
             "table": [
                 {"scenario": r.section, "metric": r.key, "label": r.label,

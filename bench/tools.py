@@ -6,6 +6,7 @@ fed captured sample output in a unit test (see tests/test_bench_parsers.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -227,6 +228,39 @@ def accept_queue(proc_net_tcp: str, port: int) -> int | None:
                 and int(fields[1].rsplit(":", 1)[1], 16) == port):
             return int(fields[4].split(":")[1], 16)
     return None
+
+
+_EXC_LINE = re.compile(r"^\s+([A-Za-z_][\w.]*(?:Error|Exception|Failure)\b.*)$")
+
+
+def log_exceptions(log_text: str) -> dict[str, int]:
+    """Exception lines of the tracebacks in a twistd log -> how often each occurred.
+
+    Twisted logs a traceback as indented lines after "Unhandled error in Deferred:" or
+    "Unhandled Error"; the last one, ``pkg.ExcType: message``, names the exception.
+    """
+    counts: dict[str, int] = {}
+    for line in log_text.splitlines():
+        m = _EXC_LINE.match(line)
+        if m and not m.group(1).startswith(("File ", "Traceback")):
+            counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
+
+
+def prometheus_samples(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Non-zero samples of the metric families ``names`` from a Prometheus text page,
+    keyed by the sample line's name and labels as written."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key.split("{", 1)[0] in names:
+            with contextlib.suppress(ValueError):
+                v = float(value)
+                if v:
+                    found[key] = v
+    return found
 
 
 def parse_curl_write_out(text: str) -> dict[str, float]:

@@ -12,6 +12,7 @@ from bench.tools import (
     accept_queue,
     duration_ms,
     listening_ports,
+    log_exceptions,
     parse_curl_write_out,
     parse_h2load,
     parse_h2load_log,
@@ -19,6 +20,7 @@ from bench.tools import (
     parse_vmrss_kib,
     parse_wrk,
     percentile,
+    prometheus_samples,
 )
 
 WRK_OK = """\
@@ -229,3 +231,47 @@ class ProcTests(SynchronousTestCase):
         self.assertEqual(parse_curl_write_out("200 1073741824 912345678"),
                          {"http_code": 200.0, "bytes": 1073741824.0, "bytes_per_s": 912345678.0})
         self.assertRaises(ParseError, parse_curl_write_out, "")
+
+
+TWISTD_LOG = """\
+2026-11-25T03:08:33+0000 [twisted.internet.defer#critical] Unhandled error in Deferred:
+2026-11-25T03:08:33+0000 [twisted.internet.defer#critical]
+\tTraceback (most recent call last):
+\t  File "/work/main/l5dproxy/http/h2.py", line 384, in _send_stream
+\t    h2.send_headers(sid, headers, end_stream=True)
+\t  File "/work/venv/lib/python3.11/site-packages/h2/connection.py", line 267, in process_input
+\t    raise ProtocolError(msg) from e
+\th2.exceptions.ProtocolError: Invalid input ConnectionInputs.SEND_HEADERS in state \
+ConnectionState.CLOSED
+\t
+2026-11-25T03:08:34+0000 [l5dproxy.connection#info] closed listener=h2c end=client closed
+2026-11-25T03:08:35+0000 [H2ClientProtocol,client] Unhandled Error
+\tTraceback (most recent call last):
+\t    raise ProtocolError(msg) from e
+\th2.exceptions.ProtocolError: Invalid input ConnectionInputs.SEND_HEADERS in state \
+ConnectionState.CLOSED
+"""
+
+METRICS = """\
+# HELP http_errors_total Requests refused or failed by the proxy itself
+# TYPE http_errors_total counter
+http_errors_total{direction="inbound",listener="h2c",reason="reset"} 3.0
+http_errors_total{direction="inbound",listener="http",reason="timeout"} 0.0
+tcp_open_connections{direction="inbound",listener="http"} 8.0
+response_total{listener="http",status_code="200",classification="success"} 25.0
+"""
+
+
+class LogAndMetricsTests(SynchronousTestCase):
+    def test_log_exceptions(self) -> None:
+        self.assertEqual(log_exceptions(TWISTD_LOG), {
+            "h2.exceptions.ProtocolError: Invalid input ConnectionInputs.SEND_HEADERS in "
+            "state ConnectionState.CLOSED": 2,
+        })
+
+    def test_prometheus_samples(self) -> None:
+        found = prometheus_samples(METRICS, ("http_errors_total", "tcp_open_connections"))
+        self.assertEqual(found, {
+            'http_errors_total{direction="inbound",listener="h2c",reason="reset"}': 3.0,
+            'tcp_open_connections{direction="inbound",listener="http"}': 8.0,
+        })
