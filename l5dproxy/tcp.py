@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l5dproxy import splice
 from l5dproxy.connection import errno_name, set_no_delay
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class RelayProtocol(Protocol):
         self.early = None
         #: The endpoint to dial instead of picking one (use_endpoint).
         self.chosen: Endpoint | None = None
+        #: Set while the kernel moves the bytes (l5dproxy.splice).
+        self.splice: splice.Splice | None = None
 
     def adopt_upstream(self, early) -> None:
         """Use ``early`` (``l5dproxy.serverfirst.EarlyConnect``: an upstream
@@ -118,6 +121,8 @@ class RelayProtocol(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
+        if self.splice is not None:  # closed under the splice (an abort)
+            self.splice.hand_back(gone=self.transport)
         if self.upstream is not None:
             self.upstream.close()
         self._release_endpoint()
@@ -133,8 +138,27 @@ class RelayProtocol(Protocol):
         if self.endpoint is not None:
             self.endpoint.report(True)  # failure accrual: the endpoint answered
         pending, self.pending, self.pending_size = self.pending, [], 0
+        if not self.client_eof and splice.can_splice(self.transport, upstream.transport):
+            # Steady from here: the kernel moves the bytes (held ones first).
+            self.splice = splice.Splice(self, upstream, self.conn.listener.reactor)
+            self.splice.start()
+            if pending:
+                upstream.write(b"".join(pending))
+            return
         if pending:
             upstream.write(b"".join(pending))
+        self._relay_through_twisted()
+
+    def splice_ended(self, spliced: splice.Splice, restore: bool = True) -> None:
+        """The splice gave the sockets back: relay through Twisted again
+        (unless the connection is closing)."""
+        self.splice = None
+        if restore and not self.closed:
+            self.upstream.transport.resumeProducing()
+            self._relay_through_twisted()
+
+    def _relay_through_twisted(self) -> None:
+        upstream = self.upstream
         # Each side is the other's producer: a full write buffer on one
         # pauses reading on the other.
         self.transport.registerProducer(upstream.transport, True)
@@ -175,7 +199,10 @@ class RelayProtocol(Protocol):
 
     def write(self, data: bytes) -> None:
         self.conn.count_written(len(data))
-        self.transport.write(data)
+        if self.splice is not None:
+            self.splice.send_to_client(data)
+        else:
+            self.transport.write(data)
 
     def close_write(self) -> None:
         _close_write(self.transport)
@@ -231,13 +258,19 @@ class UpstreamProtocol(Protocol):
             self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
+        if self.relay.splice is not None:  # closed under the splice (an abort)
+            self.relay.splice.hand_back(gone=self.transport)
         self.dst.closed(errno_name(reason), self.relay.conn.listener.clock.seconds()
                         - self.connected_at)
         self.relay.close()
 
     def write(self, data: bytes) -> None:
         self.dst.write_bytes.inc(len(data))
-        self.transport.write(data)
+        splicing = self.relay.splice
+        if splicing is not None:
+            splicing.send_to_server(data)
+        else:
+            self.transport.write(data)
 
     def close_write(self) -> None:
         _close_write(self.transport)

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from l5dproxy import splice
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.listener import Listener
@@ -412,9 +413,14 @@ def poll(condition, timeout: float = 10.0, what: str = "condition") -> defer.Def
 
 
 class LoopbackTests(TestCase):
-    """The relay between real loopback sockets on the real reactor."""
+    """The relay between real loopback sockets on the real reactor, through
+    Twisted (splicing off: the fallback path; tests.test_splice has the
+    spliced one)."""
 
     timeout = 30
+
+    def setUp(self) -> None:
+        self.patch(splice, "ENABLED", False)
 
     def start(self, server_protocol) -> defer.Deferred:
         self.servers: list = []
