@@ -101,11 +101,11 @@ class InboundConnection:
             src.closed(errno, duration)
         if self.listener.log_connections:
             log.info(
-                "closed listener={listener} peer={peer} protocol={protocol} service={service}"
-                " endpoint={endpoint} bytes_in={bytes_in} bytes_out={bytes_out}"
+                "closed listener={listener} peer={peer} protocol={protocol} sni={sni}"
+                " service={service} endpoint={endpoint} bytes_in={bytes_in} bytes_out={bytes_out}"
                 " duration_ms={duration_ms:.1f} end={end}",
                 listener=self.listener.name, peer=self.peer, protocol=self.protocol or "none",
-                service=self.service, endpoint=self.endpoint or "-", sni=self.sni,
+                service=self.service, endpoint=self.endpoint or "-", sni=self.sni or "-",
                 bytes_in=self.bytes_read, bytes_out=self.bytes_written,
                 duration_ms=duration * 1000.0, end=how + (f" {errno}" if errno else ""),
             )

@@ -33,6 +33,7 @@ from tests.support import (
     wait_for,
     write_config,
 )
+from tests.test_sniff import real_client_hello
 
 #: ``FILE: key.path: reason``
 ERROR_LINE = re.compile(r"^(?P<file>\S+): (?P<key>[^\s:]+): (?P<reason>.+)$")
@@ -89,6 +90,21 @@ class DetectListenerTests(TestCase):
             self.assertEqual(recv_exactly(s, 8), b"\x00\x01binary")
         self.assertEqual(proxy.metric_value("protocol_detect_total", listener="in",
                                             protocol="opaque", reason="not_http"), 1)
+
+    def test_tls_relayed_with_its_server_name(self) -> None:
+        """A real ClientHello is detected as tls, relayed byte for byte, and
+        its SNI name is in the connection's log line."""
+        server = echo_server(self)
+        proxy = ProxyProcess(self, listeners=[detect_listener()],
+                             services={"app": {"endpoints": [server.address]}},
+                             detect={"timeout": 30})
+        hello = real_client_hello("api.example.test")
+        with connect(proxy.port("in"), timeout=10) as s:
+            s.sendall(hello)
+            self.assertEqual(recv_exactly(s, len(hello)), hello)
+        self.assertEqual(proxy.metric_value("protocol_detect_total", listener="in",
+                                            protocol="tls", reason="client_hello"), 1)
+        proxy.wait_log("sni=api.example.test")
 
     def test_half_close_during_detection(self) -> None:
         """The client sends a little and half-closes before a verdict: the
@@ -221,7 +237,7 @@ class MetricsTests(TestCase):
         self.assertEqual(value(m, "protocol_detect_duration_seconds_count", listener="in"), 1)
         log = proxy.log_text()
         self.assertRegex(log, rf"closed listener=in peer=127\.0\.0\.1:\d+ protocol=opaque "
-                              rf"service=app endpoint={re.escape(server.address)} "
+                              rf"sni=- service=app endpoint={re.escape(server.address)} "
                               rf"bytes_in={n} bytes_out={n} duration_ms=[\d.]+ end=")
 
     def test_detection_reasons(self) -> None:
