@@ -173,7 +173,7 @@ class HttpConfig:
     #: Largest request header block; larger: 431.
     max_header_bytes: int = 65536
     #: Idle keep-alive connections kept per endpoint.
-    pool_max_idle: int = 32
+    pool_max_idle: int = 256
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ class H1Client:
 
     def __init__(self, reactor, metrics: Metrics,
                  target_of: Callable[[Endpoint], ServiceConfig | None] | None = None,
-                 max_idle: int = 32) -> None:
+                 max_idle: int = 256) -> None:
         self.reactor = reactor
         self.metrics = metrics
         #: The service config of an endpoint (connect and idle timeouts, name).
