@@ -58,7 +58,7 @@ ENABLED = _splice is not None and os.environ.get("L5DPROXY_SPLICE", "1") != "0"
 
 #: The capacity asked for each pipe (fewer, larger splices per byte). The
 #: kernel may give less (pipe-max-size, the per-user pipe page limits).
-PIPE_SIZE = 256 * 1024
+PIPE_SIZE = int(os.environ.get("L5DPROXY_PIPE_SIZE", 256 * 1024))
 
 #: Idle pipes kept for reuse; more are closed when they come back.
 POOL_MAX = 64
