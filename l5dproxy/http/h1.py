@@ -49,6 +49,7 @@ from l5dproxy.http.exchange import (
     Response,
 )
 from l5dproxy.http.proxy import reason_phrase
+from l5dproxy.sendnow import SendNow
 
 if TYPE_CHECKING:
     from l5dproxy.connection import InboundConnection
@@ -241,6 +242,7 @@ class H1Server(Protocol):
     # -- connection --
 
     def connectionMade(self) -> None:
+        self._send = SendNow(self.transport).write
         self.parser = HttpRequestParser(self)
         self.transport.registerProducer(self, True)
         self.conn.on_drain = self.drain
@@ -686,11 +688,11 @@ class H1Server(Protocol):
             return
         if not self._out_chunked:
             self.conn.count_written(n)
-            self.transport.write(data)
+            self._send(data)
         elif n < 16384:   # one small write beats a sequence
             out = b"%x\r\n%b\r\n" % (n, data)
             self.conn.count_written(len(out))
-            self.transport.write(out)
+            self._send(out)
         else:             # a large chunk is not copied
             size = b"%x\r\n" % n
             self.conn.count_written(len(size) + n + 2)
@@ -727,7 +729,7 @@ class H1Server(Protocol):
 
     def _write(self, data: bytes) -> None:
         self.conn.count_written(len(data))
-        self.transport.write(data)
+        self._send(data)
 
     def _answered(self, msg: _Message) -> None:
         """``msg``'s response is complete: go on with the next, or close."""
@@ -793,7 +795,7 @@ class H1Server(Protocol):
 
     def tunnel_write(self, data: bytes) -> None:
         self.conn.count_written(len(data))
-        self.transport.write(data)
+        self._send(data)
 
     def tunnel_close_write(self) -> None:
         if not self._closed:
