@@ -25,6 +25,7 @@ from bench.backends import Backends, Target, pid_for
 from bench.h2ceiling import h2_round_trips
 from bench.memory import hold_connections, stream_body
 from bench.procs import (
+    CpuMeter,
     StartError,
     Supervisor,
     free_port,
@@ -283,10 +284,15 @@ class Harness:
             if not t.available or not port:
                 sec.skipped[t.name] = t.why_unavailable() if not t.available else "no listener"
                 continue
+            meter = CpuMeter(self.sup)
+            meter.start()
             try:
                 sample = sc.run(self.sup, port, self.s)
             except Exception as exc:  # a harness bug must not lose the other targets
                 sample = Sample(error=f"{type(exc).__name__}: {exc}")
+            # Not a table row: tells (in the JSON and under the table) whether something
+            # outside the benchmark was using the CPUs during this run.
+            sample.metrics["other_cpu_pct"] = meter.other_pct()
             if not t.available:
                 sample.notes.append(f"{t.name} died during the run: {t.why_unavailable()}")
             sec.add(t.name, sample)

@@ -24,7 +24,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.tools import listening_ports, parse_vmrss_kib
+from bench.tools import (
+    listening_ports,
+    parse_vmrss_kib,
+    pid_stat_session_ticks,
+    proc_stat_busy_ticks,
+)
 
 # Debian package for each external program the harness drives.
 DEBIAN_PACKAGES = {
@@ -89,6 +94,46 @@ def rss_kib(pid: int) -> int:
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class CpuMeter:
+    """How much CPU processes *other* than ours (the harness and every session it
+    started) used between two readings, as a percentage of the whole machine."""
+
+    def __init__(self, sup: Supervisor) -> None:
+        self.sup = sup
+        self._start: tuple[int, int, int] | None = None
+
+    def _read(self) -> tuple[int, int, int]:
+        busy, total = proc_stat_busy_ticks(Path("/proc/stat").read_text())
+        sessions = {c.pid for c in self.sup.children} | {os.getsid(0)}
+        ours = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                sid, ticks = pid_stat_session_ticks(Path(entry.path, "stat").read_text())
+            except (OSError, ValueError, IndexError):
+                continue
+            if sid in sessions:
+                ours += ticks
+        # Tools that already exited were reaped by us: their CPU is in our children's usage.
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours += round((ru.ru_utime + ru.ru_stime) * os.sysconf("SC_CLK_TCK"))
+        return busy, total, ours
+
+    def start(self) -> None:
+        self._start = self._read()
+
+    def other_pct(self) -> float:
+        """Other processes' share of all CPUs since ``start`` (0-100)."""
+        if self._start is None:
+            return float("nan")
+        b0, t0, o0 = self._start
+        b1, t1, o1 = self._read()
+        if t1 <= t0:
+            return 0.0
+        return max(0.0, 100.0 * ((b1 - b0) - (o1 - o0)) / (t1 - t0))
 
 
 @dataclass

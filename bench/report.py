@@ -15,6 +15,7 @@ from bench.scenarios import MetricSpec, Sample
 TARGETS = ("direct", "l5dproxy", "haproxy", "portforward")
 SUBJECT = "l5dproxy"
 RATIO_BASES = ("direct", "haproxy", "portforward")
+OTHER_CPU_WARN = 10.0  # % of all CPUs used by foreign processes during a run
 
 
 @dataclass
@@ -143,6 +144,18 @@ class Report:
                 f"{c10:,.0f} round trips/s with 10 in flight"
                 + (f", {c1:,.0f} with 1 in flight" if c1 is not None else "")
                 + " (one core, no I/O)."
+            )
+        other = [v for sec in self.sections for samples in sec.samples.values()
+                 for smp in samples
+                 if not math.isnan(v := smp.metrics.get("other_cpu_pct", math.nan))]
+        if other:
+            busy = sum(v > OTHER_CPU_WARN for v in other)
+            out.append(
+                f"CPU used by processes outside the benchmark during load runs: median "
+                f"{statistics.median(other):.0f}%, max {max(other):.0f}% of all CPUs"
+                + (f" -- {busy} of {len(other)} runs above {OTHER_CPU_WARN:.0f}%: those "
+                   "figures are disturbed (per-run values: other_cpu_pct in the JSON)"
+                   if busy else "")
             )
         for name, info in self.targets.items():
             if not info.get("available", True):

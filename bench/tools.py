@@ -230,6 +230,23 @@ def accept_queue(proc_net_tcp: str, port: int) -> int | None:
     return None
 
 
+def proc_stat_busy_ticks(proc_stat: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs from the ``cpu`` line of /proc/stat."""
+    for line in proc_stat.splitlines():
+        if line.startswith("cpu "):
+            ticks = [int(v) for v in line.split()[1:]]
+            idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+            total = sum(ticks[:8])  # guest time is already counted in user
+            return total - idle, total
+    raise ParseError("no 'cpu' line in /proc/stat")
+
+
+def pid_stat_session_ticks(pid_stat: str) -> tuple[int, int]:
+    """(session id, utime + stime ticks) from /proc/PID/stat."""
+    rest = pid_stat.rsplit(")", 1)[1].split()  # fields after "(comm)", from state on
+    return int(rest[3]), int(rest[11]) + int(rest[12])
+
+
 _EXC_LINE = re.compile(r"^\s+([A-Za-z_][\w.]*(?:Error|Exception|Failure)\b.*)$")
 
 

@@ -20,6 +20,8 @@ from bench.tools import (
     parse_vmrss_kib,
     parse_wrk,
     percentile,
+    pid_stat_session_ticks,
+    proc_stat_busy_ticks,
     prometheus_samples,
 )
 
@@ -275,3 +277,15 @@ class LogAndMetricsTests(SynchronousTestCase):
             'http_errors_total{direction="inbound",listener="h2c",reason="reset"}': 3.0,
             'tcp_open_connections{direction="inbound",listener="http"}': 8.0,
         })
+
+
+class CpuStatTests(SynchronousTestCase):
+    def test_proc_stat(self) -> None:
+        stat = "cpu  100 5 50 1000 20 0 3 7 0 0\ncpu0 50 2 25 500 10 0 1 3 0 0\n"
+        # busy = total - idle - iowait; total = first 8 fields (guest is inside user)
+        self.assertEqual(proc_stat_busy_ticks(stat), (165, 1185))
+
+    def test_pid_stat(self) -> None:
+        line = ("4242 (twistd (x) y) S 1 4242 4240 0 -1 4194560 1234 0 0 0 "
+                "310 95 0 0 20 0 1 0 100 70000000 15000 18446744073709551615")
+        self.assertEqual(pid_stat_session_ticks(line), (4240, 405))
