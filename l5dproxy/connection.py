@@ -85,11 +85,11 @@ class InboundConnection:
 
     def count_read(self, n: int) -> None:
         self.bytes_read += n
-        self.src.read_bytes.inc(n)
+        self.src.read_pending += n     # into the counter at scrape or close
 
     def count_written(self, n: int) -> None:
         self.bytes_written += n
-        self.src.write_bytes.inc(n)
+        self.src.write_pending += n
 
     def closed(self, reason: Failure | None, how: str) -> None:
         """Record the end of the connection: metrics, then one log line."""

@@ -5,12 +5,21 @@ The registry belongs to the running service, never prometheus-client's global
 one, so tests (and a reload) get a clean slate. Labelled children are looked
 up once per connection or request target and kept: a label lookup per read or
 per request would be the most expensive thing on the hot path.
+
+Even a cached child costs a lock and a few calls per ``inc``, so the hot paths
+(bytes per read and write, HTTP requests, responses and latencies) add to
+plain ints instead (``PendingCount``, ``PendingHistogram``, the ``*_pending``
+fields of ``TcpSideMetrics``), which ``Metrics.flush`` moves into the
+children. The registry's first collector flushes, so every scrape (and
+anything else that collects, as tests do) sees every increment; a connection
+flushes its own when it closes.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import (
     CollectorRegistry,
@@ -40,8 +49,14 @@ class Metrics:
     """Every metric family the proxy exports, on a registry of its own."""
 
     def __init__(self) -> None:
+        #: Sides of open connections, whose byte counts wait in ints.
+        self.live_sides: set[TcpSideMetrics] = set()
+        #: Other holders of pending increments (objects with ``flush()``).
+        self.flushers: set = set()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # First, so every scrape sees what is still pending.
+        r.register(_FlushFirst(self))
         self.tcp_open_total = Counter(
             "tcp_open", "Connections opened", TCP_LABELS, registry=r)
         self.tcp_close_total = Counter(
@@ -79,6 +94,13 @@ class Metrics:
         self.config_reload_total = Counter(
             "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
 
+    def flush(self) -> None:
+        """Move every pending increment into its metric."""
+        for side in tuple(self.live_sides):
+            side.flush()
+        for flusher in tuple(self.flushers):
+            flusher.flush()
+
     def watch_services(self, upstreams: Callable[[], Iterable], discoveries:
                        Callable[[], dict] | None = None) -> None:
         """Export per-service and per-endpoint state (balancer, accrual,
@@ -97,12 +119,28 @@ class Metrics:
             write_bytes=self.tcp_write_bytes_total.labels(*labels),
             duration_ms=self.tcp_connection_duration_ms.labels(*labels),
             close_total=self.tcp_close_total,
+            live=self.live_sides,
         )
 
 
-@dataclass(slots=True)
+class _FlushFirst:
+    """Registered first: collecting the registry flushes what is pending."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):
+        self.metrics.flush()
+        return []
+
+
+@dataclass(slots=True, eq=False)
 class TcpSideMetrics:
-    """Cached children for one side of one connection."""
+    """Cached children for one side of one connection.
+
+    Hot paths add bytes to ``read_pending``/``write_pending`` (plain ints,
+    flushed at scrape and close); ``read_bytes.inc`` works as well.
+    """
 
     labels: tuple[str, ...]
     open_total: Counter
@@ -111,15 +149,91 @@ class TcpSideMetrics:
     write_bytes: Counter
     duration_ms: Histogram
     close_total: Counter
+    live: set = field(default_factory=set)
+    read_pending: int = 0
+    write_pending: int = 0
 
     def opened(self) -> None:
         self.open_total.inc()
         self.open_connections.inc()
+        self.live.add(self)
+
+    def flush(self) -> None:
+        n = self.read_pending
+        if n:
+            self.read_pending = 0
+            self.read_bytes.inc(n)
+        n = self.write_pending
+        if n:
+            self.write_pending = 0
+            self.write_bytes.inc(n)
 
     def closed(self, errno: str, duration_s: float) -> None:
+        self.flush()
+        self.live.discard(self)
         self.open_connections.dec()
         self.close_total.labels(*self.labels, errno).inc()
         self.duration_ms.observe(duration_s * 1000.0)
+
+
+class PendingCount:
+    """A counter child's increments, held as an int until ``flush``."""
+
+    __slots__ = ("child", "n")
+
+    def __init__(self, child) -> None:
+        self.child = child
+        self.n = 0
+
+    def inc(self, amount: int = 1) -> None:
+        self.n += amount
+
+    def flush(self) -> None:
+        n = self.n
+        if n:
+            self.n = 0
+            self.child.inc(n)
+
+
+class PendingHistogram:
+    """A histogram child's observations, held as bucket counts until ``flush``.
+
+    Flushing adds to the child's buckets and sum as ``observe`` would, one
+    ``inc`` per bucket touched (prometheus-client's ``_buckets``/``_sum``;
+    should a release lack them, ``observe`` goes straight to the child).
+    """
+
+    __slots__ = ("bounds", "child", "counts", "direct", "total")
+
+    def __init__(self, child, bounds: Iterable[float]) -> None:
+        self.child = child
+        self.bounds = [float(b) for b in bounds]
+        if self.bounds[-1] != float("inf"):
+            self.bounds.append(float("inf"))
+        self.direct = (len(getattr(child, "_buckets", ())) != len(self.bounds)
+                       or not hasattr(child, "_sum"))
+        self.counts = [0] * len(self.bounds)
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        if self.direct:
+            self.child.observe(value)
+            return
+        # prometheus-client's bucket: the first whose bound is >= value.
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def flush(self) -> None:
+        counts = self.counts
+        if not any(counts):
+            return
+        self.counts = [0] * len(counts)
+        total, self.total = self.total, 0.0
+        buckets = self.child._buckets
+        for i, n in enumerate(counts):
+            if n:
+                buckets[i].inc(n)
+        self.child._sum.inc(total)
 
 
 class ServicesCollector:

@@ -353,7 +353,7 @@ class H1ClientConnection(Protocol):
             body.consume(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.dst.read_bytes.inc(len(data))
+        self.dst.read_pending += len(data)
         if self.tunnel is not None:
             self.tunnel.tunnel_write(data)
             return
@@ -441,7 +441,7 @@ class H1ClientConnection(Protocol):
                 self._write(b"%x\r\n%b\r\n" % (n, data))
             else:
                 size = b"%x\r\n" % n
-                self.dst.write_bytes.inc(len(size) + n + 2)
+                self.dst.write_pending += len(size) + n + 2
                 self.transport.writeSequence((size, data, b"\r\n"))
         else:
             self._write(data)
@@ -471,7 +471,7 @@ class H1ClientConnection(Protocol):
         self.abort()
 
     def _write(self, data: bytes) -> None:
-        self.dst.write_bytes.inc(len(data))
+        self.dst.write_pending += len(data)
         self._send(data)
 
     # -- the response: httptools callbacks --

@@ -34,7 +34,12 @@ from twisted.python.failure import Failure
 from l5dproxy.http import grpc
 from l5dproxy.http.exchange import Headers, ProxyError, Request, RequestContext, Response
 from l5dproxy.http.retry import EmptyReplay, Replay, replay_for, retryable
-from l5dproxy.telemetry import DIRECTION
+from l5dproxy.telemetry import (
+    DIRECTION,
+    LATENCY_MS_BUCKETS,
+    PendingCount,
+    PendingHistogram,
+)
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint, Upstream
@@ -99,10 +104,14 @@ class HttpProxy:
         labels = self._labels.get(key)
         if labels is None:
             if len(self._labels) >= MAX_CACHED_LABEL_SETS:
+                for dropped in self._labels.values():
+                    dropped.flush()
+                    self.metrics.flushers.discard(dropped)
                 self._labels.clear()
             labels = self._labels[key] = _Labels(
                 self.metrics, (DIRECTION, listener, service,
                                authority.decode("latin-1"), protocol))
+            self.metrics.flushers.add(labels)
         return labels
 
 
@@ -147,31 +156,41 @@ def _host_of(authority: bytes) -> bytes:
 
 
 class _Labels:
-    """The labelled metric children of one (listener, service, authority, protocol)."""
+    """The labelled metric children of one (listener, service, authority,
+    protocol), counted in ints until the registry is collected (telemetry)."""
 
     __slots__ = ("_latency", "_responses", "labels", "metrics", "requests")
 
     def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
         self.metrics = metrics
         self.labels = labels
-        self.requests = metrics.request_total.labels(*labels)
-        self._responses: dict[tuple[int, str, str, str], object] = {}
-        self._latency: dict[int, object] = {}
+        self.requests = PendingCount(metrics.request_total.labels(*labels))
+        self._responses: dict[tuple[int, str, str, str], PendingCount] = {}
+        self._latency: dict[int, PendingHistogram] = {}
 
-    def response(self, status: int, grpc_status: str, classification: str, error: str):
+    def response(self, status: int, grpc_status: str, classification: str,
+                 error: str) -> PendingCount:
         key = (status, grpc_status, classification, error)
         child = self._responses.get(key)
         if child is None:
-            child = self._responses[key] = self.metrics.response_total.labels(
-                *self.labels, str(status), grpc_status, classification, error)
+            child = self._responses[key] = PendingCount(self.metrics.response_total.labels(
+                *self.labels, str(status), grpc_status, classification, error))
         return child
 
-    def latency(self, status: int):
+    def latency(self, status: int) -> PendingHistogram:
         child = self._latency.get(status)
         if child is None:
-            child = self._latency[status] = self.metrics.response_latency_ms.labels(
-                *self.labels, str(status))
+            child = self._latency[status] = PendingHistogram(
+                self.metrics.response_latency_ms.labels(*self.labels, str(status)),
+                LATENCY_MS_BUCKETS)
         return child
+
+    def flush(self) -> None:
+        self.requests.flush()
+        for child in self._responses.values():
+            child.flush()
+        for child in self._latency.values():
+            child.flush()
 
 
 class _Exchange:
