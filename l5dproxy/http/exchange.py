@@ -305,6 +305,7 @@ class RequestContext:
     listener: object                # l5dproxy.listener.Listener
     connection: object              # l5dproxy.connection.InboundConnection
     protocol: str                   # "http1" or "h2": what the client speaks
+    routes: object = None           # the dispatcher's route table, kept per connection
 
 
 class Dispatcher(Protocol):

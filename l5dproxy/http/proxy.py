@@ -94,10 +94,13 @@ class HttpProxy:
     def route_of(self, listener, authority: bytes, target: bytes,
                  ) -> tuple[str, RouteConfig | None]:
         """The service a request goes to, and the route that matched (None: the default)."""
+        return self.route_table(listener).match_route(authority, target)
+
+    def route_table(self, listener) -> _RouteTable:
         table = self._routes.get(listener)
         if table is None:
             table = self._routes[listener] = _RouteTable(listener.config)
-        return table.match_route(authority, target)
+        return table
 
     def labels(self, listener: str, service: str, authority: bytes, protocol: str) -> _Labels:
         key = (listener, service, authority, protocol)
@@ -197,9 +200,9 @@ class _Exchange:
     """One request through the middle, from its head to the end of its response."""
 
     __slots__ = (
-        "client", "context", "endpoint", "head_latency", "labels", "latency_seen", "proxy",
-        "replay", "request", "response", "result", "retries", "settled", "started", "status",
-        "timer", "upstream", "upstream_d",
+        "client", "context", "endpoint", "grpc", "head_latency", "labels", "latency_seen",
+        "proxy", "replay", "request", "response", "result", "retries", "settled", "started",
+        "status", "timer", "upstream", "upstream_d",
     )
 
     def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext) -> None:
@@ -221,15 +224,21 @@ class _Exchange:
         #: The request body's tee when the request may be retried (retry.py).
         self.replay: Replay | EmptyReplay | None = None
         self.retries = 0
+        self.grpc = False
 
     def start(self) -> defer.Deferred[Response]:
         proxy = self.proxy
         head = self.request.head
         context = self.context
         listener = context.listener
-        service, route = proxy.route_of(listener, head.authority, head.target)
-        self.labels = proxy.labels(listener.name, service, head.authority, context.protocol)
-        self.labels.requests.inc()
+        table = context.routes
+        if table is None:   # once per connection (its listener's routes)
+            table = context.routes = proxy.route_table(listener)
+        service, route = table.match_route(head.authority, head.target)
+        labels = self.labels = proxy.labels(listener.name, service, head.authority,
+                                            context.protocol)
+        labels.requests.n += 1
+        self.grpc = head.is_grpc
         upstream = self.upstream = proxy.upstreams.get(service)
         if upstream is None:  # pragma: no cover - config validation names every service
             self._fail(ProxyError.unavailable("unknown service"))
@@ -253,7 +262,7 @@ class _Exchange:
         timeout = getattr(config, "response_timeout", None)
         if route is not None and route.timeout is not None:
             timeout = route.timeout  # a route's request timeout overrides the service's
-        if head.is_grpc:  # a gRPC deadline bounds the request too
+        if self.grpc:  # a gRPC deadline bounds the request too
             deadline = grpc.parse_timeout(head.header(b"grpc-timeout"))
             if deadline is not None and (not timeout or deadline < timeout):
                 timeout = deadline
@@ -350,7 +359,7 @@ class _Exchange:
             error = ""
             # Linkerd's gRPC failure set; a gRPC stream with no status is UNKNOWN.
             failed = grpc.classify(status, _int_or_unknown(grpc_status),
-                                   self.request.head.is_grpc or bool(grpc_status)) == "failure"
+                                   self.grpc or bool(grpc_status)) == "failure"
             endpoint_ok = status < 500
         self.labels.response(status, grpc_status, "failure" if failed else "success",
                              error).inc()
@@ -385,7 +394,7 @@ class _Exchange:
         self.status = err.status
         self._first_byte()
         # A gRPC request is answered with a trailers-only gRPC error.
-        if self.request.head.is_grpc:
+        if self.grpc:
             self.labels.response(200, str(err.grpc_status), "failure", err.reason).inc()
         else:
             self.labels.response(err.status, "", "failure", err.reason).inc()
@@ -434,7 +443,7 @@ def _grpc_status(trailers: Headers | None, headers: Headers) -> str:
     for source in (trailers, headers):
         if source:
             for name, value in source:
-                if name.lower() == b"grpc-status":
+                if len(name) == 11 and name.lower() == b"grpc-status":
                     return value.decode("latin-1")
     return ""
 
