@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l5dproxy.batchsend import BatchSender
 from l5dproxy.http.exchange import (
     PROXY_ERROR_HEADER,
     Body,
@@ -49,7 +50,6 @@ from l5dproxy.http.exchange import (
     Response,
 )
 from l5dproxy.http.proxy import reason_phrase
-from l5dproxy.sendnow import SendNow
 
 if TYPE_CHECKING:
     from l5dproxy.connection import InboundConnection
@@ -242,7 +242,7 @@ class H1Server(Protocol):
     # -- connection --
 
     def connectionMade(self) -> None:
-        self._send = SendNow(self.transport).write
+        self._send = BatchSender(self.transport).write
         self.parser = HttpRequestParser(self)
         self.transport.registerProducer(self, True)
         self.conn.on_drain = self.drain

@@ -31,10 +31,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l5dproxy.batchsend import BatchSender
 from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.exchange import Body, Headers, ProxyError, Request, Response, ResponseHead
 from l5dproxy.http.h1 import HOP_BY_HOP, TunnelResponse
-from l5dproxy.sendnow import SendNow
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint
@@ -292,7 +292,7 @@ class H1ClientConnection(Protocol):
         self.dst = client.metrics.tcp_side("dst", "", pool.service, "http1", pool.label)
         self.dst.opened()
         set_no_delay(self.transport)
-        self._send = SendNow(self.transport).write
+        self._send = BatchSender(self.transport).write
         self.transport.registerProducer(self, True)
         first, self._first = self._first, None
         first.connected(self)
