@@ -387,6 +387,41 @@ class ClientTests(SynchronousTestCase):
         proto.dataReceived(b"HTTP/1.1 204 No Content\r\n\r\n")
         self.assertEqual(self.successResultOf(d2).head.status, 204)
 
+    def test_call_without_deferred(self) -> None:
+        class Waiter:
+            def __init__(self) -> None:
+                self.outcomes: list = []
+
+            def upstream_responded(self, response) -> None:
+                self.outcomes.append(response)
+
+            def upstream_failed(self, failure) -> None:
+                self.outcomes.append(failure)
+
+        waiter = Waiter()
+        request = Request(RequestHead(b"GET", b"/x", b"example.com", []), Body.empty())
+        call = self.client.call(self.endpoint, request, waiter)
+        proto, transport = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        [response] = waiter.outcomes
+        self.assertEqual(response.head.status, 200)
+        call.cancel()   # after the response: nothing happens, the connection stays
+        self.assertFalse(transport.disconnecting)
+        # Cancelled before a response: the connection is aborted, nothing reported.
+        waiter2 = Waiter()
+        call2 = self.client.call(self.endpoint, request, waiter2)
+        call2.cancel()
+        self.assertEqual(waiter2.outcomes, [])
+        self.assertTrue(transport.disconnecting)
+        # A failure is reported as a Failure.
+        waiter3 = Waiter()
+        self.client.call(self.endpoint, request, waiter3)
+        proto3, _ = self.accept()
+        proto3.connectionLost(Failure(ConnectionLost("gone")))
+        [failure] = waiter3.outcomes
+        self.assertIsInstance(failure, Failure)
+        self.assertTrue(failure.check(ConnectionLost))
+
     def test_chunked_request_and_response(self) -> None:
         body = Body()
         d = self.request(method=b"POST", body=body)

@@ -35,6 +35,37 @@ class FakeClient:
         return d
 
 
+def as_call_client(client):
+    """``client`` as a client end without Deferreds (``call(endpoint, request,
+    waiter)``, as H1Client has): the same attempts, reported to the waiter."""
+
+    class _Handle:
+        def __init__(self, d) -> None:
+            self.d = d
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+            self.d.cancel()
+
+    def call(endpoint, request, waiter):
+        d = client.request(endpoint, request)
+        handle = _Handle(d)
+
+        def responded(response):
+            if not handle.cancelled:
+                waiter.upstream_responded(response)
+
+        def failed(failure):
+            if not handle.cancelled:
+                waiter.upstream_failed(failure)
+        d.addCallbacks(responded, failed)
+        return handle
+
+    client.call = call
+    return client
+
+
 class FakeListener:
     def __init__(self, config: ListenerConfig) -> None:
         self.config = config
@@ -210,3 +241,11 @@ class DispatcherTests(SynchronousTestCase):
         err = as_proxy_error(Failure(RuntimeError("boom")))
         self.assertEqual(err.status, 502)
         self.flushLoggedErrors(RuntimeError)
+
+
+class DispatcherCallTests(DispatcherTests):
+    """The same, through a client end told without Deferreds (H1Client.call)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        as_call_client(self.h1)

@@ -59,6 +59,37 @@ class FakeClient:
         return d
 
 
+def as_call_client(client):
+    """``client`` as a client end without Deferreds (``call(endpoint, request,
+    waiter)``, as H1Client has): the same attempts, reported to the waiter."""
+
+    class _Handle:
+        def __init__(self, d) -> None:
+            self.d = d
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+            self.d.cancel()
+
+    def call(endpoint, request, waiter):
+        d = client.request(endpoint, request)
+        handle = _Handle(d)
+
+        def responded(response):
+            if not handle.cancelled:
+                waiter.upstream_responded(response)
+
+        def failed(failure):
+            if not handle.cancelled:
+                waiter.upstream_failed(failure)
+        d.addCallbacks(responded, failed)
+        return handle
+
+    client.call = call
+    return client
+
+
 class FakeListener:
     def __init__(self, routes=()) -> None:
         self.config = ListenerConfig("in", "tcp:0", "app", routes=tuple(routes))
@@ -251,3 +282,11 @@ class RetryTests(SynchronousTestCase):
         self.assertNoResult(other)
         self.clock.advance(10)
         self.assertEqual(self.failureResultOf(other, ProxyError).value.status, 504)
+
+
+class RetryCallTests(RetryTests):
+    """The same, through a client end told without Deferreds (H1Client.call)."""
+
+    def make(self, n: int = 2, **kw) -> None:
+        super().make(n, **kw)
+        as_call_client(self.client)

@@ -66,6 +66,17 @@ class H1Client:
             pool = self.pools[endpoint.address] = _Pool(self, endpoint)
         return _Call(pool, request).start()
 
+    def call(self, endpoint: Endpoint, request: Request, waiter) -> _Call:
+        """``request`` without a Deferred: ``waiter.upstream_responded(response)``
+        or ``waiter.upstream_failed(failure)`` is called once; the returned
+        call's ``cancel()`` gives it up (nothing is called then)."""
+        pool = self.pools.get(endpoint.address)
+        if pool is None:
+            pool = self.pools[endpoint.address] = _Pool(self, endpoint)
+        call = _Call(pool, request, waiter)
+        call.start()
+        return call
+
     def close_idle(self) -> None:
         for pool in self.pools.values():
             pool.close_idle()
@@ -141,16 +152,19 @@ class _Pool:
 class _Call:
     """One request's way to a response: a connection, maybe a second try."""
 
-    __slots__ = ("conn", "connector", "d", "done", "pool", "request", "retried")
+    __slots__ = ("conn", "connector", "d", "done", "pool", "request", "retried", "waiter")
 
-    def __init__(self, pool: _Pool, request: Request) -> None:
+    def __init__(self, pool: _Pool, request: Request, waiter=None) -> None:
         self.pool = pool
         self.request = request
         self.conn: H1ClientConnection | None = None
         self.connector = None
         self.retried = False
         self.done = False
-        self.d: defer.Deferred[Response] = defer.Deferred(self._cancel)
+        #: Told the outcome directly (H1Client.call), else through ``d``.
+        self.waiter = waiter
+        self.d: defer.Deferred[Response] | None = (
+            defer.Deferred(self._cancel) if waiter is None else None)
 
     def start(self) -> defer.Deferred[Response]:
         conn = self.pool.take()
@@ -187,14 +201,34 @@ class _Call:
     def responded(self, response: Response) -> None:
         if not self.done:
             self.done = True
-            self.d.callback(response)
+            waiter = self.waiter
+            if waiter is None:
+                self.d.callback(response)
+                return
+            try:
+                waiter.upstream_responded(response)
+            except Exception:
+                log.failure("handling a response failed")
         else:
             response.body.cancel()
 
     def fail(self, reason: Failure | Exception) -> None:
         if not self.done:
             self.done = True
-            self.d.errback(reason)
+            waiter = self.waiter
+            if waiter is None:
+                self.d.errback(reason)
+                return
+            try:
+                waiter.upstream_failed(reason if isinstance(reason, Failure)
+                                       else Failure(reason))
+            except Exception:
+                log.failure("handling a failed request failed")
+
+    def cancel(self) -> None:
+        """Give the request up (H1Client.call); nothing is reported after."""
+        if not self.done:
+            self._cancel(None)
 
     def _cancel(self, d: defer.Deferred) -> None:
         """Timed out or the client went away before the response head."""

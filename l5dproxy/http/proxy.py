@@ -286,8 +286,17 @@ class _Exchange:
         request = self.request
         if self.replay is not None:
             request = self.replay.request_for_attempt(request)
+        client = self.client
         try:
-            d = self.client.request(endpoint, request)
+            call = getattr(client, "call", None)
+            if call is not None:   # no Deferred: told through upstream_responded/failed
+                self.upstream_d = None
+                attempt = self.retries
+                handle = call(endpoint, request, self)
+                if not self.settled and self.retries == attempt and self.endpoint is endpoint:
+                    self.upstream_d = handle   # still waiting: cancel() gives it up
+                return
+            d = client.request(endpoint, request)
         except Exception as e:  # a client end bug must not hang the request
             log.failure("client end failed", Failure(e))
             self._upstream_failed(Failure(e))
@@ -316,6 +325,12 @@ class _Exchange:
         return True
 
     # -- outcomes --
+
+    def upstream_responded(self, response: Response) -> None:
+        self._responded(response)
+
+    def upstream_failed(self, failure: Failure) -> None:
+        self._upstream_failed(failure)
 
     def _responded(self, response: Response) -> None:
         self.upstream_d = None
