@@ -21,9 +21,13 @@ def _default_config_path() -> str:
 
 
 class Options(usage.Options):
-    synopsis = "[--config PATH] [--check]"
+    synopsis = "[--config PATH] [--check] [--workers N]"
     optParameters = [
         ["config", "c", None, "Config file (TOML). Default: the bundled l5dproxy.toml."],
+        ["workers", "w", 1, "Processes sharing the tcp: listeners (SO_REUSEPORT); worker I "
+         "serves the admin port + I.", int],
+        # Internal: set by worker 0 on the workers it spawns.
+        ["worker-index", None, None, None, int],
     ]
     optFlags = [
         ["check", None, "Validate the config, print the result and exit."],
@@ -32,6 +36,12 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         if self["config"] is None:
             self["config"] = _default_config_path()
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
+        if self["worker-index"] is not None:
+            from l5dproxy.workers import die_with_parent
+
+            die_with_parent()
         lean.skip_openssl_unless_needed(self["config"])
 
 
@@ -50,4 +60,19 @@ def make_service(options: Options):
     if options["check"]:
         print(f"{path}: ok")
         raise SystemExit(0)
-    return ProxyService(config)
+    index = options["worker-index"]
+    count = options["workers"]
+    if index is None and count > 1:
+        index = 0
+    service = ProxyService(config, worker=index)
+    if index != 0:
+        return service
+    from twisted.application.service import MultiService
+    from twisted.internet import reactor
+
+    from l5dproxy.workers import WorkerSupervisor
+
+    parent = MultiService()
+    service.setServiceParent(parent)
+    WorkerSupervisor(reactor, count, path, config.proxy.drain_timeout).setServiceParent(parent)
+    return parent

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from l5dproxy import workers
 from l5dproxy.admin import admin_site
 from l5dproxy.balance import Upstream
 from l5dproxy.config import Config, ConfigError, load
@@ -47,10 +48,13 @@ class StartupError(SystemExit):
 class ProxyService(Service):
     """Owns the listeners, the admin server and the metrics of one config."""
 
-    def __init__(self, config: Config, reactor=None) -> None:
+    def __init__(self, config: Config, reactor=None, worker: int | None = None) -> None:
         if reactor is None:
             from twisted.internet import reactor
         self.config = config
+        #: With --workers: this process's index; its tcp: listeners bind with
+        #: SO_REUSEPORT and its admin port is offset by it (l5dproxy.workers).
+        self.worker = worker
         self.reactor = reactor
         self.metrics = Metrics()
         self.upstreams = {
@@ -275,17 +279,29 @@ class ProxyService(Service):
                          service=listener.config.service)
             site = admin_site(self.metrics.registry, lambda: self.ready,
                               {b"opaque": OpaqueResource(self.server_first)})
-            self.admin_port = self._listen("admin", self.config.admin.listen, site)
-            log.info("admin on {address}", address=_port_address(self.admin_port))
+            admin_listen = self.config.admin.listen
+            if self.worker is not None:
+                admin_listen = workers.admin_listen(admin_listen, self.worker)
+            if admin_listen is not None:
+                self.admin_port = self._listen("admin", admin_listen, site)
+                log.info("admin on {address}", address=_port_address(self.admin_port))
         except StartupError:
             self._unbind()
             raise
         self.ready = True
 
     def _listen(self, what: str, description: str, factory) -> IListeningPort:
-        endpoint = serverFromString(self.reactor, description)
         result = []
-        endpoint.listen(factory).addBoth(result.append)
+        if self.worker is not None and what != "admin" and workers.shareable(description):
+            defer.maybeDeferred(workers.listen_reuseport, self.reactor, description,
+                                factory).addBoth(result.append)
+        elif self.worker is not None and self.worker > 0 and what != "admin":
+            log.info("{what} ({description}) is served by worker 0 only", what=what,
+                     description=description)
+            return _NotListening(description)
+        else:
+            endpoint = serverFromString(self.reactor, description)
+            endpoint.listen(factory).addBoth(result.append)
         if not result:  # pragma: no cover - TCP, UNIX and systemd listen synchronously
             raise StartupError(f"{what} ({description}): listening did not complete")
         outcome = result[0]
@@ -357,6 +373,20 @@ class ProxyService(Service):
             conn.drain()
         check()
         return done
+
+
+class _NotListening:
+    """Stands in for a listener another worker serves (--workers)."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.factory = Factory()  # what a reload swaps (_swap_factory)
+
+    def getHost(self):
+        return self.description
+
+    def stopListening(self) -> None:
+        return None
 
 
 def _port_address(port: IListeningPort) -> str:
