@@ -492,6 +492,55 @@ class ClientTests(SynchronousTestCase):
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(self.successResultOf(d).head.status, 200)
 
+    def test_head_response_keeps_the_pooled_connection(self) -> None:
+        for response_bytes in (
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n"],
+            [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"],
+            [b"HTTP/1.1 200 OK\r\nConte", b"nt-Length: 10\r\n\r", b"\n"],
+            [b"HTTP/1.1 103 Early Hints\r\nLink: x\r\n\r\nHTTP/1.1 200 OK\r\n"
+             b"Content-Length: 5\r\n\r\n"],
+        ):
+            self.setUp()
+            d = self.request(method=b"HEAD")
+            proto, transport = self.accept()
+            for piece in response_bytes:
+                proto.dataReceived(piece)
+            response = self.successResultOf(d)
+            self.assertEqual(response.head.status, 200)
+            self.assertTrue(response.body.is_empty)
+            self.assertFalse(transport.disconnecting, response_bytes)
+            # The next request goes out on the same connection and is parsed afresh.
+            transport.clear()
+            d2 = self.request()
+            self.assertEqual(len(self.reactor.tcpClients), 1)
+            self.assertTrue(transport.value().startswith(b"GET /x HTTP/1.1\r\n"))
+            proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+            sink = Collect()
+            self.successResultOf(d2).body.consume(sink)
+            self.assertEqual((sink.data, sink.ended), ([b"hi"], True))
+            self.assertFalse(transport.disconnecting)
+
+    def test_head_response_with_bytes_after_it_closes(self) -> None:
+        d = self.request(method=b"HEAD")
+        proto, transport = self.accept()
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+        self.assertTrue(transport.disconnecting)   # the endpoint sent a body after all
+
+    def test_interim_responses_go_to_the_request_hook(self) -> None:
+        seen = []
+        request = Request(RequestHead(b"GET", b"/x", b"example.com", []), Body.empty(),
+                          seen.append)
+        d = self.client.request(self.endpoint, request)
+        proto, _ = self.accept()
+        proto.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+                           b"Connection: x\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
+        self.assertEqual([(h.status, h.reason, h.headers) for h in seen],
+                         [(103, b"Early Hints", [(b"Link", b"</a.css>; rel=preload")])])
+        self.assertNoResult(d)
+        proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
     def test_stale_pooled_connection_is_retried_when_safe(self) -> None:
         d = self.request()
         proto, _ = self.accept()

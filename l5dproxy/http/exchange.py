@@ -236,6 +236,10 @@ class Body:
 class Request:
     head: RequestHead
     body: Body
+    #: Where informational (1xx) responses that arrive before the response go
+    #: (the server end writes them to its client, as 103 Early Hints), if
+    #: anywhere; the client end calls it with each 1xx head but 100 and 101.
+    interim: Callable[[ResponseHead], None] | None = None
 
 
 @dataclass(slots=True)

@@ -22,7 +22,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
@@ -45,6 +50,10 @@ log = Logger(namespace="l5dproxy.http")
 
 #: Methods whose request carries ``content-length: 0`` when it has no body.
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+class _StopAtHeadError(Exception):
+    """Stops the parser after the head of a response to HEAD."""
 
 
 class H1Client:
@@ -315,6 +324,10 @@ class H1ClientConnection(Protocol):
         self._interim = False
         self._tunnel_pending = False
         self._pending: tuple[_Call, Response] | None = None
+        #: A HEAD request's response bytes as read, until its head ends
+        #: (llhttp would wait for a body the response never has).
+        self._head_bytes: bytes | None = None
+        self._interims = 0          # 1xx responses read before the response
         self._read_paused = False   # reading stopped for the response body's reader
 
     # -- connection --
@@ -348,6 +361,8 @@ class H1ClientConnection(Protocol):
         self._response_started = False
         self._response_done = False
         self._interim = False
+        self._interims = 0
+        self._head_bytes = b"" if method == b"HEAD" else None
         self._reason = []
         self._headers = []
         self._trailers = None
@@ -398,10 +413,17 @@ class H1ClientConnection(Protocol):
             # Bytes nobody asked for: this connection cannot be trusted.
             self.close()
             return
+        if self._head_bytes is not None:
+            self._head_bytes += data
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
             self._leftover += data[upgrade.args[0]:]
+        except HttpParserCallbackError as e:
+            if isinstance(e.__context__, _StopAtHeadError):
+                self._head_done()
+            else:
+                self._protocol_error(f"invalid response: {e}")
         except HttpParserError as e:
             self._protocol_error(f"invalid response: {e}")
         pending = self._pending
@@ -526,7 +548,19 @@ class H1ClientConnection(Protocol):
         if call is None:
             raise ValueError("response without a request")
         if status < 200 and status != 101:
-            self._interim = True        # 100 Continue, 103 Early Hints: not forwarded
+            # 103 Early Hints and the like go to the client as they come; 100
+            # Continue does not (the server end answers Expect itself).
+            self._interim = True
+            self._interims += 1
+            hook = call.request.interim
+            if status != 100 and hook is not None:
+                head = ResponseHead(status, [(n, v) for n, v in self._headers
+                                             if n.lower() not in HOP_BY_HOP],
+                                    b"".join(self._reason))
+                try:
+                    hook(head)
+                except Exception:
+                    log.failure("forwarding a {status} response failed", status=status)
             self._headers = []
             self._reason = []
             return
@@ -568,14 +602,14 @@ class H1ClientConnection(Protocol):
             return
         if self._method == b"HEAD" or status in (204, 304) or status == 101:
             # llhttp reads no body for 204/304 itself; for HEAD it would
-            # wait for content-length bytes, so a HEAD with a length is the
-            # last use of this connection.
-            if self._method == b"HEAD" and (length or chunked):
-                self._keep_alive = False
+            # wait for the body its headers describe, so parsing stops here
+            # and starts over after the head (see _head_done).
             body = Body.empty()
             self._response_done = True
             self._body = None
             self._pending = (call, Response(head, body))
+            if self._method == b"HEAD":
+                raise _StopAtHeadError()
             if self.call is call:
                 self._finished()
             return
@@ -615,6 +649,25 @@ class H1ClientConnection(Protocol):
             self._keep_alive = False
             call, self.call = self.call, None
             call.request.body.cancel()
+            self.close()
+
+    def _head_done(self) -> None:
+        """The head of a HEAD request's response is read: a new parser for
+        what comes next, and the connection is free again. Bytes after the
+        head were not asked for: the connection is not trusted then."""
+        data, self._head_bytes = self._head_bytes or b"", None
+        self.parser = HttpResponseParser(self)
+        end = -4
+        for _ in range(self._interims + 1):   # each 1xx head ends the same way
+            end = data.find(b"\r\n\r\n", end + 4)
+            if end < 0:   # pragma: no cover - llhttp accepted a head ending otherwise
+                self._keep_alive = False
+                break
+        if end < 0 or len(data) > end + 4:
+            self._keep_alive = False
+        if self.call is not None:
+            self._finished()
+        elif not self._keep_alive:
             self.close()
 
     def _finished(self) -> None:

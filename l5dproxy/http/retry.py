@@ -53,7 +53,7 @@ class EmptyReplay:
         if not self.sent:
             self.sent = True
             return request
-        return Request(request.head, Body.empty())
+        return Request(request.head, Body.empty(), request.interim)
 
     def release(self) -> None:
         pass
@@ -83,7 +83,7 @@ class Replay:
         return not self.overflow and self.error is None
 
     def request_for_attempt(self, request: Request) -> Request:
-        return Request(request.head, self.body_for_attempt())
+        return Request(request.head, self.body_for_attempt(), request.interim)
 
     def body_for_attempt(self) -> Body:
         """A fresh body for one attempt: what was kept, then the rest as it comes."""
