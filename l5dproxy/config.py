@@ -174,6 +174,11 @@ class HttpConfig:
     max_header_bytes: int = 65536
     #: Idle keep-alive connections kept per endpoint.
     pool_max_idle: int = 256
+    #: A request head (request line and headers) must arrive within this
+    #: many seconds of its first byte, else 408 and close (slowloris); 0: none.
+    request_header_timeout: float = 10.0
+    #: A client keep-alive connection idle this long is closed; 0: never.
+    idle_timeout: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -351,6 +356,11 @@ def _parse_http(t: _Table) -> HttpConfig:
         max_header_bytes=t.get("max_header_bytes", int, HttpConfig.max_header_bytes,
                                between(1024, 2**24)),
         pool_max_idle=t.get("pool_max_idle", int, HttpConfig.pool_max_idle, between(0, 10000)),
+        request_header_timeout=float(t.get(
+            "request_header_timeout", (int, float), HttpConfig.request_header_timeout,
+            check_duration)),
+        idle_timeout=float(t.get("idle_timeout", (int, float), HttpConfig.idle_timeout,
+                                 check_duration)),
     )
     t.finish()
     return http

@@ -73,7 +73,9 @@ class ProxyService(Service):
         self.http.clients["http1"] = H1Client(reactor, self.metrics, self.http.target_of,
                                               max_idle=config.http.pool_max_idle)
         self.handlers["http1"] = h1_handler(self.http, config.http.max_request_line,
-                                            config.http.max_header_bytes)
+                                            config.http.max_header_bytes,
+                                            config.http.request_header_timeout,
+                                            config.http.idle_timeout)
         self.listeners = [
             Listener(lc, config.detect, self.upstreams, self.metrics, reactor,
                      log_connections=config.proxy.log_connections,

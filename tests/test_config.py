@@ -486,3 +486,22 @@ class LoadTests(unittest.TestCase):
             load(path)
         self.assertEqual(cm.exception.errors,
                          [f"{path}: detect.timeout: must be a duration in seconds, not negative"])
+
+
+class HttpTimeoutsTests(unittest.TestCase):
+    def test_defaults(self) -> None:
+        http = parse(tomllib.loads(MINIMAL), "f.toml").http
+        self.assertEqual((http.request_header_timeout, http.idle_timeout, http.pool_max_idle),
+                         (10.0, 60.0, 256))
+
+    def test_set_and_zero(self) -> None:
+        http = parse(tomllib.loads(MINIMAL + "\n[http]\nrequest_header_timeout = 2.5\n"
+                                   "idle_timeout = 0\n"), "f.toml").http
+        self.assertEqual((http.request_header_timeout, http.idle_timeout), (2.5, 0.0))
+
+    def test_negative_is_an_error(self) -> None:
+        errors = errors_of(MINIMAL + "\n[http]\nrequest_header_timeout = -1\n"
+                                     "idle_timeout = \"1m\"\n")
+        self.assertEqual(len(errors), 2, errors)
+        self.assertTrue(any("http.request_header_timeout" in e for e in errors), errors)
+        self.assertTrue(any("http.idle_timeout" in e for e in errors), errors)

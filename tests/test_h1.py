@@ -344,6 +344,113 @@ class ServerTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
 
+class TimeoutAndInterimTests(SynchronousTestCase):
+    """The request-head timeout (slowloris), the keep-alive idle timeout and 1xx
+    responses forwarded to the client, on one server connection with a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = FakeListener(self.clock)
+        self.dispatcher = FakeDispatcher()
+        self.connect()
+
+    def connect(self, limits: H1Limits | None = None) -> None:
+        self.transport = StringTransport(peerAddress=None)
+        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn.detected(Verdict("http1", "request_line"))
+        self.server = H1Server(conn, self.dispatcher,
+                               limits or H1Limits(request_header_timeout=10.0, idle_timeout=60.0))
+        self.server.makeConnection(self.transport)
+
+    def out(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def answer(self, index: int) -> None:
+        self.dispatcher.requests[index][1].callback(ok(b"x"))
+
+    def test_slow_request_head_gets_408_and_close(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        for _ in range(9):   # a byte a second does not extend the deadline
+            self.clock.advance(1)
+            self.server.dataReceived(b"X")
+        self.assertEqual(self.out(), b"")
+        self.clock.advance(1)
+        out = self.out()
+        self.assertTrue(out.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), out)
+        self.assertIn(b"l5d-proxy-error: request header timeout\r\n", out)
+        self.assertIn(b"connection: close\r\n", out)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.dispatcher.requests, [])
+        self.assertEqual(self.listener.metrics.registry.get_sample_value(
+            "http_errors_total", {"direction": "inbound", "listener": "in",
+                                  "reason": "request header timeout"}), 1)
+
+    def test_idle_keep_alive_connection_is_closed(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.clock.advance(120)   # waiting for a response is not idleness
+        self.assertFalse(self.transport.disconnecting)
+        self.answer(0)
+        self.clock.advance(59)
+        self.server.dataReceived(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.answer(1)
+        self.clock.advance(59)   # idle again from the second response
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.server._ended_by, "idle timeout")
+
+    def test_head_timeout_after_keep_alive_idleness(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.answer(0)   # idle from now (t=0)
+        self.clock.advance(55)
+        self.server.dataReceived(b"GET /2 HTTP/1.1\r\n")   # head due at 65
+        self.clock.advance(9.9)
+        self.assertEqual(self.out().count(b"408"), 0)
+        self.clock.advance(0.1)
+        self.assertIn(b"HTTP/1.1 408", self.out())
+
+    def test_head_deadline_before_a_sleeping_timer(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.clock.advance(30)
+        self.answer(0)            # idle until 90: the timer is due at 90
+        self.clock.advance(31)    # t=61
+        self.server.dataReceived(b"GET /2 HTTP/1.1\r\n")   # head due at 71, before 90
+        self.out()
+        self.clock.advance(10)
+        self.assertIn(b"HTTP/1.1 408", self.out())
+
+    def test_zero_turns_timeouts_off(self) -> None:
+        self.connect(H1Limits(request_header_timeout=0, idle_timeout=0))
+        self.server.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.clock.advance(3600)
+        self.assertEqual(self.out(), b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_timer_gone_with_the_connection(self) -> None:
+        self.server.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+
+    def test_early_hints_forwarded_before_the_response(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        request, d = self.dispatcher.requests[0]
+        request.interim(ResponseHead(103, [(b"Link", b"</a.css>; rel=preload"),
+                                           (b"Connection", b"x")], b"Early Hints"))
+        self.assertEqual(self.out(), b"HTTP/1.1 103 Early Hints\r\n"
+                                     b"Link: </a.css>; rel=preload\r\n\r\n")
+        d.callback(ok(b"x"))
+        self.assertTrue(self.out().startswith(b"HTTP/1.1 200 OK\r\n"))
+        request.interim(ResponseHead(103, []))   # too late: nothing is written
+        self.assertEqual(self.out(), b"")
+
+    def test_no_interim_responses_for_http10(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.0\r\n\r\n")
+        request, _d = self.dispatcher.requests[0]
+        self.assertIsNone(request.interim)
+
+
 class ClientTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()

@@ -76,6 +76,8 @@ class H1Limits:
     max_request_line: int = 8192      # request target bytes, else 414
     max_header_bytes: int = 65536     # header block bytes, else 431
     allow_connect: bool = False       # CONNECT is refused with 405 unless set
+    request_header_timeout: float = 10.0   # a request head read within, else 408 (0: none)
+    idle_timeout: float = 60.0        # a keep-alive connection idle longer is closed (0: none)
 
 
 class UpgradeRequest(Request):
@@ -145,10 +147,11 @@ class _Message:
     __slots__ = (
         "body_done", "close_after", "continue_sent", "d", "dispatched", "error", "keep_alive",
         "leftover",
-        "method", "request", "response", "source", "version",
+        "method", "request", "response", "server", "source", "version",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, server: H1Server | None = None) -> None:
+        self.server = server
         self.request: Request | None = None
         self.method = b""
         self.version = "1.1"
@@ -162,6 +165,10 @@ class _Message:
         self.response: Response | None = None
         self.leftover = b""                       # bytes after an Upgrade/CONNECT head
         self.source: _RequestBodySource | None = None
+
+    def interim(self, head) -> None:
+        """A 1xx response for this request arrived before its response."""
+        self.server._send_interim(self, head)
 
 
 class _RequestBodySource:
@@ -190,7 +197,9 @@ class _RequestBodySource:
 
 
 def h1_handler(dispatcher: Dispatcher, max_request_line: int = H1Limits.max_request_line,
-               max_header_bytes: int = H1Limits.max_header_bytes):
+               max_header_bytes: int = H1Limits.max_header_bytes,
+               request_header_timeout: float = H1Limits.request_header_timeout,
+               idle_timeout: float = H1Limits.idle_timeout):
     """A listener handler for the ``http1`` verdict (limits per listener)."""
     limits_of: dict[object, H1Limits] = {}
 
@@ -200,7 +209,8 @@ def h1_handler(dispatcher: Dispatcher, max_request_line: int = H1Limits.max_requ
         if limits is None:
             limits = limits_of[listener] = H1Limits(
                 max_request_line, max_header_bytes,
-                bool(getattr(listener.config, "allow_connect", False)))
+                bool(getattr(listener.config, "allow_connect", False)),
+                request_header_timeout, idle_timeout)
         return H1Server(conn, dispatcher, limits)
     return build
 
@@ -238,14 +248,22 @@ class H1Server(Protocol):
         self._closed = False
         self._ended_by = "client closed"
         self.tunnel = None
+        # One timer per connection for the request-head and idle timeouts:
+        # arming moves a deadline; the timer, when it fires early, sleeps on.
+        self._wait: str | None = None   # "head", "idle" or None (nothing timed)
+        self._deadline = 0.0
+        self._timer = None
+        self._timer_at = 0.0
 
     # -- connection --
 
     def connectionMade(self) -> None:
         self._send = BatchSender(self.transport).write
+        self._clock = self.conn.listener.clock
         self.parser = HttpRequestParser(self)
         self.transport.registerProducer(self, True)
         self.conn.on_drain = self.drain
+        self._arm("idle", self.limits.idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.count_read(len(data))
@@ -300,6 +318,10 @@ class H1Server(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
+        self._wait = None
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.tunnel_close()
@@ -332,6 +354,7 @@ class H1Server(Protocol):
         if self._last or self._stopped:
             raise _HaltError()
         self._in_head = True
+        self._arm("head", self.limits.request_header_timeout)
         self._url = []
         self._url_len = 0
         self._headers = []
@@ -355,6 +378,7 @@ class H1Server(Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._wait = None
         self._head_bytes = 0
         try:
             msg = self._read_head()
@@ -466,7 +490,7 @@ class H1Server(Protocol):
             upgrade = b"CONNECT"
         elif not is_upgrade:
             upgrade = None
-        msg = _Message()
+        msg = _Message(self)
         msg.method = method
         msg.version = version
         msg.keep_alive = parser.should_keep_alive()
@@ -484,8 +508,8 @@ class H1Server(Protocol):
         head = RequestHead(method, target, authority, headers, b"http", version)
         if upgrade is not None:
             msg.request = UpgradeRequest(head, body, upgrade, tuple(named or ()))
-        else:
-            msg.request = Request(head, body)
+        else:   # no 1xx for HTTP/1.0 clients (RFC 9110 15.2)
+            msg.request = Request(head, body, msg.interim if version == "1.1" else None)
         return msg
 
     def _upgrade_read(self, leftover: bytes) -> None:
@@ -501,6 +525,7 @@ class H1Server(Protocol):
     def _bad_input(self, reject: _RejectError) -> None:
         """Malformed input: answer it in turn, read nothing more, then close."""
         self._reject = None
+        self._wait = None
         self._stopped = True
         self._in_head = False
         self.parser = None
@@ -575,7 +600,7 @@ class H1Server(Protocol):
     def _write_error(self, msg: _Message, error: ProxyError) -> None:
         reason = error.reason.encode("ascii", "replace")
         close = not msg.keep_alive or not msg.body_done or msg.close_after or \
-            self._draining or error.status in (400, 414, 431, 505, 501, 405)
+            self._draining or error.status in (400, 408, 414, 431, 505, 501, 405)
         msg.close_after = close
         parts = [b"HTTP/1.1 ", str(error.status).encode(), b" ", reason_phrase(error.status),
                  b"\r\ncontent-length: 0\r\n", PROXY_ERROR_HEADER, b": ", reason, b"\r\n"]
@@ -670,6 +695,19 @@ class H1Server(Protocol):
         parts.append(b"\r\n")
         return b"".join(parts)
 
+    def _send_interim(self, msg: _Message, head) -> None:
+        """Forward a 1xx (103 Early Hints) while ``msg`` awaits its response."""
+        if not (self.queue and self.queue[0] is msg and msg.response is None
+                and not self._closed):
+            return
+        parts = [b"HTTP/1.1 ", str(head.status).encode(), b" ",
+                 head.reason or reason_phrase(head.status), b"\r\n"]
+        for name, value in head.headers:
+            if name.lower() not in HOP_BY_HOP:
+                parts += (name, b": ", value, b"\r\n")
+        parts.append(b"\r\n")
+        self._write(b"".join(parts))
+
     def _send_continue(self, msg: _Message) -> None:
         if self.queue and self.queue[0] is msg and msg.response is None and not self._closed:
             msg.continue_sent = True
@@ -754,6 +792,44 @@ class H1Server(Protocol):
             self._kick()
         elif self._client_eof:
             self.transport.loseConnection()
+        elif not self._in_head:
+            self._arm("idle", self.limits.idle_timeout)
+
+    # -- timeouts: the request head (slowloris) and keep-alive idleness --
+
+    def _arm(self, wait: str, seconds: float) -> None:
+        """Time ``wait`` from now (a request head, or idleness)."""
+        if not seconds:
+            self._wait = None
+            return
+        deadline = self._clock.seconds() + seconds
+        self._wait = wait
+        self._deadline = deadline
+        timer = self._timer
+        if timer is None:
+            self._timer = self._clock.callLater(seconds, self._timer_fired)
+            self._timer_at = deadline
+        elif self._timer_at > deadline:   # due later than this: bring it forward
+            timer.reset(seconds)
+            self._timer_at = deadline
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        wait = self._wait
+        if wait is None or self._closed or self.tunnel is not None:
+            return
+        now = self._clock.seconds()
+        if now < self._deadline:   # re-armed since: sleep until the new deadline
+            self._timer = self._clock.callLater(self._deadline - now, self._timer_fired)
+            self._timer_at = self._deadline
+            return
+        self._wait = None
+        if wait == "head":
+            self._bad_input(_RejectError(408, "request header timeout"))
+            self._kick()
+        elif not self.queue and not self._in_head:
+            self._ended_by = "idle timeout"
+            self.transport.loseConnection()
 
     # -- IPushProducer: the client's socket buffer pauses the response body --
 
@@ -778,6 +854,7 @@ class H1Server(Protocol):
 
     def _start_tunnel(self, msg: _Message, upstream) -> None:
         """From the next byte on, both connections are one byte relay."""
+        self._wait = None   # a tunnel is not timed here
         self.queue.clear()
         self.tunnel = upstream
         self._ended_by = "tunnel closed"
