@@ -18,6 +18,7 @@ from twisted.trial.unittest import TestCase
 from tests.support import (
     ProxyProcess,
     ThreadedServer,
+    build_config,
     connect,
     recv_until_eof,
     refused_port,
@@ -73,6 +74,19 @@ class Backend:
             elif target == b"/slow":
                 time.sleep(30)
                 return
+            elif event.method == b"HEAD":   # a length, and no body
+                assert isinstance(self._next(conn, sock), h11.EndOfMessage)
+                sock.sendall(conn.send(h11.Response(status_code=200, headers=[
+                    ("content-length", "5")])))
+                sock.sendall(conn.send(h11.EndOfMessage()))
+            elif target == b"/hints":
+                assert isinstance(self._next(conn, sock), h11.EndOfMessage)
+                sock.sendall(conn.send(h11.InformationalResponse(status_code=103, headers=[
+                    ("link", "</a.css>; rel=preload")])))
+                sock.sendall(conn.send(h11.Response(status_code=200, headers=[
+                    ("content-length", "5")])))
+                sock.sendall(conn.send(h11.Data(data=b"hello")))
+                sock.sendall(conn.send(h11.EndOfMessage()))
             else:
                 body = b""
                 while True:
@@ -510,3 +524,74 @@ class Http1Memory(TestCase):
         print(f"\nRSS idle {idle / 1024:.1f} MiB, stalled reader {stalled / 1024:.1f} MiB, "
               f"peak {peak / 1024:.1f} MiB during a 1 GiB download (+{grown_mib:.1f} MiB)")
         self.assertLess(grown_mib, 32)
+
+
+def read_head(sock: socket.socket) -> bytes:
+    """A response head (through the blank line), nothing after it."""
+    buffered = b""
+    while not buffered.endswith(b"\r\n\r\n"):
+        data = sock.recv(1)
+        if not data:
+            raise AssertionError(f"EOF in head: {buffered!r}")
+        buffered += data
+    return buffered
+
+
+class Http1TimeoutsEndToEnd(TestCase):
+    """Short [http] timeouts, 1xx forwarding and HEAD on pooled connections."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.backend = Backend(self)
+        config = build_config(
+            listeners=[{"name": "in", "service": "app"}],
+            services={"app": {"endpoints": [self.backend.address]}},
+            proxy={"log_connections": False},
+        ) + "\n[http]\nrequest_header_timeout = 0.5\nidle_timeout = 1.0\n"
+        self.proxy = ProxyProcess(self, config)
+        self.port = self.proxy.port("in")
+
+    def test_slow_request_head_is_408(self) -> None:
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n")
+            started = time.monotonic()
+            for _ in range(3):   # trickling bytes does not help
+                time.sleep(0.1)
+                sock.sendall(b"X")
+            out = recv_until_eof(sock)
+        self.assertTrue(out.startswith(b"HTTP/1.1 408 "), out)
+        self.assertIn(b"l5d-proxy-error: request header timeout", out)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertEqual(self.backend.requests, [])
+
+    def test_idle_keep_alive_closed(self) -> None:
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.assertEqual(read_response(sock)[2], b"hello")
+            started = time.monotonic()
+            self.assertEqual(recv_until_eof(sock), b"")
+            self.assertGreater(time.monotonic() - started, 0.8)
+            self.assertLess(time.monotonic() - started, 3)
+
+    def test_head_keeps_the_upstream_connection(self) -> None:
+        with connect(self.port) as sock:
+            for _ in range(3):
+                sock.sendall(b"HEAD /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+                head = read_head(sock)
+                self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+                self.assertIn(b"content-length: 5\r\n", head.lower())
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.assertEqual(read_response(sock)[2], b"hello")
+        self.assertEqual(self.backend.connections, 1)
+        self.assertEqual(len(self.backend.requests), 4)
+
+    def test_early_hints_forwarded(self) -> None:
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /hints HTTP/1.1\r\nHost: a\r\n\r\n")
+            hints = read_head(sock)
+            self.assertTrue(hints.startswith(b"HTTP/1.1 103 "), hints)
+            self.assertIn(b"link: </a.css>; rel=preload\r\n", hints.lower())
+            status, _headers, body = read_response(sock)
+        self.assertEqual((status, body), (200, b"hello"))
+
