@@ -138,6 +138,10 @@ class Body:
 
     def finish(self, trailers: Headers | None = None) -> None:
         self._ended = True
+        # An ended body has no use for its source, and a source that points
+        # back at its body would leave both to the cyclic GC (per request).
+        self._source = None
+        self._on_first_data = None   # no data is coming: no cycle through the hook
         self._trailers = trailers
         if self._sink is not None:
             self._sink.body_end(trailers)
@@ -148,6 +152,8 @@ class Body:
         if self._ended:
             return
         self._ended = True
+        self._source = None
+        self._on_first_data = None
         self._error = reason
         if self._sink is not None:
             self._sink.body_error(reason)
@@ -169,7 +175,7 @@ class Body:
         """Call ``hook`` once, when the first byte is written (for latency)."""
         if self.received:
             hook()
-        else:
+        elif not self._ended:   # an ended, empty body has no first byte
             self._on_first_data = hook
 
     def on_end(self, hook: Callable[[Headers | None, Exception | None], None]) -> None:
@@ -213,11 +219,13 @@ class Body:
     def cancel(self) -> None:
         """The sink side is gone: stop the source, drop what is buffered."""
         self._buffer, self._buffered = [], 0
+        self._on_first_data = None
         if not self._ended:
             self._ended = True
             self._error = ConnectionAbortedError("body cancelled")
-            if self._source is not None:
-                self._source.stop_body()
+            source, self._source = self._source, None
+            if source is not None:
+                source.stop_body()
             if self._on_end is not None:
                 self._fire_end(None, self._error)
 

@@ -147,11 +147,10 @@ class _Message:
     __slots__ = (
         "body_done", "close_after", "continue_sent", "d", "dispatched", "error", "keep_alive",
         "leftover",
-        "method", "request", "response", "server", "source", "version",
+        "method", "request", "response", "version",
     )
 
-    def __init__(self, server: H1Server | None = None) -> None:
-        self.server = server
+    def __init__(self) -> None:
         self.request: Request | None = None
         self.method = b""
         self.version = "1.1"
@@ -164,11 +163,6 @@ class _Message:
         self.error: ProxyError | None = None      # answered without dispatching
         self.response: Response | None = None
         self.leftover = b""                       # bytes after an Upgrade/CONNECT head
-        self.source: _RequestBodySource | None = None
-
-    def interim(self, head) -> None:
-        """A 1xx response for this request arrived before its response."""
-        self.server._send_interim(self, head)
 
 
 class _RequestBodySource:
@@ -490,7 +484,7 @@ class H1Server(Protocol):
             upgrade = b"CONNECT"
         elif not is_upgrade:
             upgrade = None
-        msg = _Message(self)
+        msg = _Message()
         msg.method = method
         msg.version = version
         msg.keep_alive = parser.should_keep_alive()
@@ -499,7 +493,7 @@ class H1Server(Protocol):
                 body = _ContinueBody(length, lambda: self._send_continue(msg))
             else:
                 body = Body(length)
-            source = msg.source = _RequestBodySource(self, msg)
+            source = _RequestBodySource(self, msg)
             body.set_source(source)
             self._reading = msg
         else:
@@ -509,7 +503,9 @@ class H1Server(Protocol):
         if upgrade is not None:
             msg.request = UpgradeRequest(head, body, upgrade, tuple(named or ()))
         else:   # no 1xx for HTTP/1.0 clients (RFC 9110 15.2)
-            msg.request = Request(head, body, msg.interim if version == "1.1" else None)
+            # The server's own method, not one of the message's: a message
+            # that pointed at itself would be left to the cyclic GC.
+            msg.request = Request(head, body, self._send_interim if version == "1.1" else None)
         return msg
 
     def _upgrade_read(self, leftover: bytes) -> None:
@@ -695,10 +691,11 @@ class H1Server(Protocol):
         parts.append(b"\r\n")
         return b"".join(parts)
 
-    def _send_interim(self, msg: _Message, head) -> None:
-        """Forward a 1xx (103 Early Hints) while ``msg`` awaits its response."""
-        if not (self.queue and self.queue[0] is msg and msg.response is None
-                and not self._closed):
+    def _send_interim(self, head) -> None:
+        """Forward a 1xx (103 Early Hints) to the client while the request
+        being answered (the only one dispatched) awaits its response."""
+        msg = self.queue[0] if self.queue else None
+        if msg is None or not msg.dispatched or msg.response is not None or self._closed:
             return
         parts = [b"HTTP/1.1 ", str(head.status).encode(), b" ",
                  head.reason or reason_phrase(head.status), b"\r\n"]
