@@ -21,6 +21,7 @@ connection and the upstream connection become a byte relay.
 from __future__ import annotations
 
 from collections import deque
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -304,11 +305,11 @@ class H1Server(Protocol):
             return
         self._stopped = True
         if not self.queue:
-            self.transport.loseConnection()
+            close_transport(self.transport)
 
     def writeConnectionLost(self) -> None:
         if self.tunnel is None:
-            self.transport.loseConnection()
+            close_transport(self.transport)
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
@@ -340,7 +341,7 @@ class H1Server(Protocol):
         self._draining = True
         if not self.queue and not self._in_head and self.tunnel is None:
             self._ended_by = "drained"
-            self.transport.loseConnection()
+            close_transport(self.transport)
 
     # -- reading: httptools callbacks --
 
@@ -777,18 +778,18 @@ class H1Server(Protocol):
                 msg.request.body.cancel()
             self._stopped = True
             self._ended_by = "closed after response"
-            self.transport.loseConnection()
+            close_transport(self.transport)
             return
         if self._draining and not self.queue:
             self._ended_by = "drained"
-            self.transport.loseConnection()
+            close_transport(self.transport)
             return
         if len(self.queue) <= PIPELINE_DEPTH:
             self._resume_reading("pipeline")
         if self.queue:
             self._kick()
         elif self._client_eof:
-            self.transport.loseConnection()
+            close_transport(self.transport)
         elif not self._in_head:
             self._arm("idle", self.limits.idle_timeout)
 
@@ -826,7 +827,7 @@ class H1Server(Protocol):
             self._kick()
         elif not self.queue and not self._in_head:
             self._ended_by = "idle timeout"
-            self.transport.loseConnection()
+            close_transport(self.transport)
 
     # -- IPushProducer: the client's socket buffer pauses the response body --
 
@@ -878,7 +879,24 @@ class H1Server(Protocol):
     def tunnel_close(self) -> None:
         if not self._closed:
             self.tunnel = None
-            self.transport.loseConnection()
+            close_transport(self.transport)
+
+
+def close_transport(transport) -> None:
+    """``transport.loseConnection()`` for a codec end that is registered as
+    its transport's streaming producer and is done with the connection.
+
+    Twisted closes once the write buffer has drained, unless a streaming
+    producer is registered and paused at that moment: then it resumes the
+    producer instead and waits for it to write or unregister, which a
+    finished codec never does. A response that ended while the peer's socket
+    buffer was full left its connection open for good: neither read nor
+    written, so the peer's close was never noticed (it held SIGTERM for the
+    whole drain_timeout). Unregistering first makes the close unconditional.
+    """
+    with suppress(RuntimeError):   # a test transport with none registered
+        transport.unregisterProducer()
+    transport.loseConnection()
 
 
 def _parser_reason(e: HttpParserError) -> str:

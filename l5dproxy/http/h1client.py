@@ -39,7 +39,7 @@ from zope.interface import implementer
 from l5dproxy.batchsend import BatchSender
 from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.exchange import Body, Headers, ProxyError, Request, Response, ResponseHead
-from l5dproxy.http.h1 import HOP_BY_HOP, TunnelResponse
+from l5dproxy.http.h1 import HOP_BY_HOP, TunnelResponse, close_transport
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint
@@ -125,7 +125,7 @@ class _Pool:
             timeout=self.connect_timeout)
 
     def release(self, conn: H1ClientConnection) -> None:
-        if len(self.idle) >= self.client.max_idle:
+        if len(self.idle) >= self.client.max_idle or not conn.reusable():
             conn.close()
             return
         conn.idle_since = self.client.reactor.seconds()
@@ -345,7 +345,11 @@ class H1ClientConnection(Protocol):
         first.connected(self)
 
     def reusable(self) -> bool:
-        return not self.closed and not self.eof and self.transport.connected
+        """Open, idle (no request, no response under way) and reading: a
+        connection whose reading a response's reader left stopped would never
+        see the next response, nor the endpoint closing it."""
+        return (not self.closed and not self.eof and self.transport.connected
+                and self.call is None and self._response_done and not self._read_paused)
 
     def send(self, call: _Call) -> None:
         """Write ``call``'s request and stream its body."""
@@ -437,11 +441,11 @@ class H1ClientConnection(Protocol):
             self.tunnel.tunnel_close_write()
             return
         self.pool.forget(self)
-        self.transport.loseConnection()
+        close_transport(self.transport)
 
     def writeConnectionLost(self) -> None:
         if self.tunnel is None:
-            self.transport.loseConnection()
+            close_transport(self.transport)
 
     def connectionLost(self, reason: Failure) -> None:
         self.closed = True
@@ -475,7 +479,7 @@ class H1ClientConnection(Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.transport.loseConnection()
+            close_transport(self.transport)
 
     def abort(self) -> None:
         """The request was given up: the connection is in an unknown state."""

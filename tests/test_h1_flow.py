@@ -1,0 +1,335 @@
+"""HTTP/1 flow control across both ends: a pause never outlives its body.
+
+A slow client pauses the response body, which stops reading the pooled
+upstream connection. Whatever ends the body (it completes, the client goes,
+the client asks to close) must leave both connections in a sane state: the
+upstream connection back in the pool *reading*, or aborted; the client
+connection closed for real, even though its producer was paused when the
+close was asked for (Twisted waits forever for a paused producer otherwise).
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from l5dproxy.balance import Upstream
+from l5dproxy.config import HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.connection import InboundConnection
+from l5dproxy.http.exchange import Body, Response, ResponseHead
+from l5dproxy.http.h1 import H1Server
+from l5dproxy.http.h1client import H1Client
+from l5dproxy.http.proxy import HttpProxy
+from l5dproxy.sniff import Verdict
+from l5dproxy.telemetry import Metrics
+
+
+class FakeListener:
+    def __init__(self, clock) -> None:
+        self.config = ListenerConfig("in", "tcp:0", "app")
+        self.name = "in"
+        self.metrics = Metrics()
+        self.clock = clock
+        self.connections: set = set()
+        self.log_connections = False
+
+
+class FakeDispatcher:
+    def __init__(self) -> None:
+        self.requests: list = []
+
+    def dispatch(self, request, context):
+        d = defer.Deferred()
+        self.requests.append((request, d))
+        return d
+
+
+class Source:
+    """A response body's source that records the flow control it is asked for."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self.pauses = 0
+
+    def pause_body(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_body(self) -> None:
+        self.paused = False
+
+    def stop_body(self) -> None:
+        self.stopped = True
+
+
+def server_on(transport, listener, dispatcher) -> H1Server:
+    conn = InboundConnection(listener, transport, 0.0)
+    conn.detected(Verdict("http1", "request_line"))
+    server = H1Server(conn, dispatcher)
+    server.makeConnection(transport)
+    return server
+
+
+class ServerCloseTests(SynchronousTestCase):
+    """The server end gives its producer up whenever it closes."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = FakeListener(self.clock)
+        self.dispatcher = FakeDispatcher()
+        self.transport = StringTransport(peerAddress=None)
+        self.server = server_on(self.transport, self.listener, self.dispatcher)
+
+    def respond_paused(self) -> tuple[Body, Source]:
+        """A response whose client's socket buffer fills while it streams."""
+        [(_, d)] = self.dispatcher.requests
+        body = Body(6)
+        source = Source()
+        body.set_source(source)
+        d.callback(Response(ResponseHead(200, [(b"content-length", b"6")]), body))
+        body.write(b"abc")
+        self.server.pauseProducing()          # Twisted: the client is not reading
+        self.assertTrue(source.paused)
+        body.write(b"def")
+        return body, source
+
+    def test_close_after_a_response_that_ended_while_paused(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        self.assertIs(self.transport.producer, self.server)
+        body, _ = self.respond_paused()
+        body.finish()
+        self.assertTrue(self.transport.value().endswith(b"\r\n\r\nabcdef"))
+        self.assertTrue(self.transport.disconnecting)
+        # Registered and paused, Twisted's loseConnection would never complete.
+        self.assertIsNone(self.transport.producer)
+
+    def test_drain_after_a_response_that_ended_while_paused(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        body, _ = self.respond_paused()
+        self.server.drain()                   # SIGTERM while the response streams
+        self.assertFalse(self.transport.disconnecting)
+        body.finish()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
+
+    def test_client_eof_after_a_response_that_ended_while_paused(self) -> None:
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        body, _ = self.respond_paused()
+        body.finish()
+        self.assertFalse(self.transport.disconnecting)
+        self.server.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertIsNone(self.transport.producer)
+
+    def test_keep_alive_response_ended_while_paused_pauses_the_next(self) -> None:
+        # Paused is the client transport's state, not the body's: the next
+        # response starts paused and resumes when the client catches up.
+        self.server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        body, _ = self.respond_paused()
+        body.finish()
+        self.assertFalse(self.transport.disconnecting)
+        self.server.dataReceived(b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        _, d = self.dispatcher.requests[1]
+        body2 = Body(None)
+        source2 = Source()
+        body2.set_source(source2)
+        d.callback(Response(ResponseHead(200, []), body2))
+        self.assertTrue(source2.paused)
+        self.server.resumeProducing()
+        self.assertFalse(source2.paused)
+        body2.finish()
+        self.assertFalse(self.transport.disconnecting)
+        self.assertIs(self.transport.producer, self.server)
+
+
+class BothEndsTests(SynchronousTestCase):
+    """The server end, the dispatcher and the pool, on StringTransports."""
+
+    BIG = 300_000
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = FakeListener(self.clock)
+        config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="http1")
+        self.proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=self.clock)},
+                               self.listener.metrics, self.clock)
+        self.client = H1Client(self.clock, self.listener.metrics, self.proxy.target_of)
+        self.proxy.clients["http1"] = self.client
+        self.upstreams: list = []
+
+    def serve(self) -> tuple[H1Server, StringTransport]:
+        transport = StringTransport(peerAddress=None)
+        return server_on(transport, self.listener, self.proxy), transport
+
+    def upstream(self, n: int):
+        """The n-th upstream connection opened (connected on first use)."""
+        while len(self.upstreams) <= n:
+            protocol = self.clock.tcpClients[len(self.upstreams)][2].buildProtocol(None)
+            transport = StringTransport()
+            protocol.makeConnection(transport)
+            self.upstreams.append((protocol, transport))
+        return self.upstreams[n]
+
+    def idle(self) -> list:
+        return [conn for pool in self.client.pools.values() for conn in pool.idle]
+
+    def start_big_paused(self):
+        """A big response streaming to a client that stopped reading."""
+        server, transport = self.serve()
+        server.dataReceived(b"GET /big HTTP/1.1\r\nHost: a\r\n\r\n")
+        up, up_transport = self.upstream(0)
+        self.assertTrue(up_transport.value().startswith(b"GET /big HTTP/1.1\r\n"))
+        up_transport.clear()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.BIG
+                        + b"x" * 100_000)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 OK\r\n"))
+        server.pauseProducing()               # the client's socket buffer is full
+        self.assertEqual(up_transport.producerState, "paused")
+        return server, transport, up, up_transport
+
+    def small_get(self, n_upstream: int) -> bytes:
+        server, transport = self.serve()
+        server.dataReceived(b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n")
+        up, up_transport = self.upstream(n_upstream)
+        self.assertEqual(up_transport.producerState, "producing")
+        self.assertTrue(up_transport.value().startswith(b"GET /small HTTP/1.1\r\n"))
+        up_transport.clear()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        return transport.value()
+
+    def test_body_ending_while_paused_pools_a_reading_connection(self) -> None:
+        server, _transport, up, up_transport = self.start_big_paused()
+        up.dataReceived(b"x" * (self.BIG - 100_000))     # the rest, in the same read
+        self.assertEqual(up_transport.producerState, "producing")
+        self.assertEqual(self.idle(), [up])
+        self.assertTrue(up.reusable())
+        server.resumeProducing()                         # a stale resume: harmless
+        self.assertTrue(self.small_get(0).endswith(b"\r\n\r\nhi"))
+        self.assertEqual(len(self.clock.tcpClients), 1)  # the same connection
+        self.assertEqual(self.idle(), [up])
+
+    def test_client_gone_mid_body_aborts_the_paused_upstream(self) -> None:
+        server, _transport, up, up_transport = self.start_big_paused()
+        server.connectionLost(Failure(ConnectionLost("client reset")))
+        self.assertTrue(up_transport.disconnected)       # aborted, not pooled
+        self.assertEqual(self.idle(), [])
+        up.connectionLost(Failure(ConnectionLost()))
+        self.assertTrue(self.small_get(1).endswith(b"\r\n\r\nhi"))
+        self.assertEqual(len(self.clock.tcpClients), 2)
+
+    def test_client_half_close_mid_body_then_reset_aborts_the_upstream(self) -> None:
+        server, transport, _up, up_transport = self.start_big_paused()
+        server.readConnectionLost()                      # EOF: the response goes on
+        self.assertFalse(up_transport.disconnected)
+        self.assertFalse(transport.disconnecting)
+        server.connectionLost(Failure(ConnectionLost("client reset")))
+        self.assertTrue(up_transport.disconnected)
+        self.assertEqual(self.idle(), [])
+
+    def test_paused_connection_is_never_pooled_or_taken(self) -> None:
+        _server, _transport, up, up_transport = self.start_big_paused()
+        self.assertFalse(up.reusable())                  # busy and paused
+        pool = next(iter(self.client.pools.values()))
+        up.dataReceived(b"x" * (self.BIG - 100_000))
+        self.assertEqual(pool.idle, [up])
+        up._read_paused = True                           # as if a pause outlived the body
+        self.assertFalse(up.reusable())
+        self.assertIsNone(pool.take())
+        self.assertFalse(up_transport.disconnecting)   # take() only skips it
+        pool.release(up)                                 # and release() closes it
+        self.assertEqual(pool.idle, [])
+        self.assertTrue(up_transport.disconnecting)
+
+    def test_early_answer_to_a_paused_upload_closes_the_upstream_for_real(self) -> None:
+        server, transport = self.serve()
+        server.dataReceived(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n"
+                            + b"u" * 1000)
+        up, up_transport = self.upstream(0)
+        up.pauseProducing()                  # the endpoint stopped reading the upload
+        self.assertEqual(transport.producerState, "paused")
+        up.dataReceived(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(up_transport.disconnecting)
+        self.assertIsNone(up_transport.producer)   # else Twisted never closes it
+        self.assertEqual(self.idle(), [])
+
+
+# -- over loopback, with Twisted's real TCP transports ------------------------------
+
+
+class _Accepting(Protocol):
+    def __init__(self, factory) -> None:
+        self.factory = factory
+
+    def makeConnection(self, transport) -> None:
+        server = server_on(transport, self.factory.listener, self.factory.dispatcher)
+        transport.protocol = server
+        self.factory.servers.append(server)
+
+
+class _SlowClient(Protocol):
+    """Sends one request, reads nothing until told to, then reads to the end."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = 0
+        self.closed: defer.Deferred = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+
+    def connectionLost(self, reason=None) -> None:
+        self.closed.callback(self.received)
+
+
+class LoopbackTests(TestCase):
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_close_after_a_body_that_ended_while_paused_completes(self) -> None:
+        listener = FakeListener(reactor)
+        factory = Factory()
+        factory.listener = listener
+        factory.dispatcher = dispatcher = FakeDispatcher()
+        factory.servers = []
+        factory.buildProtocol = lambda addr: _Accepting(factory)
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = _SlowClient(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        cf = ClientFactory()
+        cf.buildProtocol = lambda addr: client
+        connector = reactor.connectTCP("127.0.0.1", port.getHost().port, cf)
+        self.addCleanup(connector.disconnect)
+        while not dispatcher.requests:
+            yield deferLater(reactor, 0.01)
+        [(_, d)] = dispatcher.requests
+        body = Body(None)
+        source = Source()
+        body.set_source(source)
+        d.callback(Response(ResponseHead(200, []), body))
+        chunk = b"z" * (256 * 1024)
+        written = 0
+        while not source.paused and written < 512 * 1024 * 1024:
+            body.write(chunk)               # until the kernel buffers are full
+            written += len(chunk)
+            yield deferLater(reactor, 0)
+        self.assertTrue(source.paused)
+        body.finish()                       # the end, written while paused
+        [server] = factory.servers
+        self.assertTrue(server.transport.disconnecting)
+        client.transport.resumeProducing()
+        timer = reactor.callLater(10, client.closed.cancel)
+        received = yield client.closed
+        timer.cancel()
+        self.assertGreater(received, written)
+        self.assertTrue(server._closed)
