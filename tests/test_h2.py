@@ -10,7 +10,7 @@ well-behaved peer would never send.
 from __future__ import annotations
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -24,7 +24,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, WindowUpdateFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame, WindowUpdateFrame
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -519,6 +519,116 @@ class ServerTests(SynchronousTestCase):
         self.assertEqual((reset.stream_id, reset.error_code), (sid, ErrorCodes.NO_ERROR))
         self.assertEqual(self.server.streams, {})
 
+    # -- a failure on one stream stays on that stream --
+
+    def streaming_responses(self, n: int = 2, size: int = 70000):
+        """``n`` GETs answered with ``size`` bytes each, more than the
+        connection window: every stream ends up waiting for a window."""
+        sids = [self.request() for _ in range(n)]
+        bodies = []
+        for index in range(n):
+            body = Body()
+            bodies.append((body, Source(body)))
+            self.respond(index, 200, [], body)
+            body.write(b"r" * size)
+        self.flush()
+        self.assertEqual(set(self.server._blocked), set(sids))
+        return sids, bodies
+
+    def received(self, events) -> dict[int, int]:
+        got: dict[int, int] = {}
+        for e in self.of(DataReceived, events):
+            got[e.stream_id] = got.get(e.stream_id, 0) + len(e.data)
+            self.client.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+        return got
+
+    def test_client_reset_while_response_streams_in_one_read_with_window_update(self) -> None:
+        """The client gives back window (stream and connection) and then
+        resets the stream, all in one read: the window events come first and
+        send on the stream h2 already has closed. Only that stream ends."""
+        (s1, s3), [(_, source1), (body3, _)] = self.streaming_responses()
+        self.client.increment_flow_control_window(1000, s1)
+        self.client.increment_flow_control_window(65535)
+        self.client.reset_stream(s1, ErrorCodes.CANCEL)
+        self.server.dataReceived(self.client.data_to_send())   # must not raise
+        self.assertEqual(source1.stopped, 1)
+        self.assertNotIn(s1, self.server.streams)
+        self.assertFalse(self.transport.disconnecting)
+        # The other stream on the connection completes.
+        body3.finish()
+        for _ in range(10):
+            self.received(self.flush())
+        self.assertEqual(sum(len(e.data) for e in self.of(DataReceived) if e.stream_id == s3),
+                         70000)
+        self.assertEqual([e.stream_id for e in self.of(StreamEnded)], [s3])
+        self.assertEqual(self.server.streams, {})
+
+    def test_client_goaway_in_flight_streams_still_answered(self) -> None:
+        """A client's GOAWAY (h2load at the end of a run) with streams in
+        flight, frames after it in the same read, and responses arriving
+        after it: all answered, nothing raised, nothing left unhandled."""
+        s1 = self.request()
+        s3 = self.request()
+        goaway = GoAwayFrame(0, last_stream_id=0, error_code=0).serialize()
+        window = WindowUpdateFrame(0, window_increment=1000).serialize()
+        reset = RstStreamFrame(s3, error_code=ErrorCodes.CANCEL).serialize()
+        self.server.dataReceived(goaway + window + reset)
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(len(self.dispatcher.cancelled), 1)
+        body = Body()
+        self.respond(0, 200, [], body)
+        body.write(b"after goaway")
+        body.finish()
+        events = self.flush()
+        self.assertEqual([e.stream_id for e in self.of(ResponseReceived, events)], [s1])
+        self.assertEqual(b"".join(e.data for e in self.of(DataReceived, events)),
+                         b"after goaway")
+        self.assertEqual([e.stream_id for e in self.of(StreamEnded, events)], [s1])
+        self.assertEqual(self.server.streams, {})
+
+    def test_refused_send_ends_only_that_stream(self) -> None:
+        """Any refusal by h2 on a stream (here: the connection CLOSED in h2's
+        view) ends that stream locally; the caller (the upstream's
+        dataReceived) sees no exception, the other stream is untouched."""
+        s1 = self.request()
+        s3 = self.request()
+        self.server.h2.state_machine.state = ConnectionState.CLOSED
+        body = Body()
+        source = Source(body)
+        self.respond(0, 200, [], body)
+        body.write(b"more")
+        self.assertEqual(source.stopped, 1)
+        self.assertNotIn(s1, self.server.streams)
+        self.assertIn(s3, self.server.streams)
+        self.server.h2.state_machine.state = ConnectionState.SERVER_OPEN
+        self.respond(1)
+        events = self.flush()
+        self.assertEqual([e.stream_id for e in self.of(ResponseReceived, events)], [s3])
+        self.assertEqual([e.stream_id for e in self.of(StreamEnded, events)], [s3])
+
+    def test_response_write_failure_resets_only_that_stream(self) -> None:
+        """A bug while writing a response: that stream is reset with
+        INTERNAL_ERROR, logged once, nothing left unhandled in the Deferred."""
+        s1 = self.request()
+        s3 = self.request()
+        real = self.server._start_outbound
+
+        def broken(stream, headers, body):
+            if stream.sid == s1:
+                raise RuntimeError("bug")
+            real(stream, headers, body)
+        self.server._start_outbound = broken
+        d = self.dispatcher.calls[0][2]
+        self.respond(0)
+        self.respond(1)
+        events = self.flush()
+        self.assertIsNone(self.successResultOf(d))
+        [reset] = self.of(StreamReset, events)
+        self.assertEqual((reset.stream_id, reset.error_code), (s1, ErrorCodes.INTERNAL_ERROR))
+        self.assertEqual([e.stream_id for e in self.of(ResponseReceived, events)], [s3])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertFalse(self.transport.disconnecting)
+
 
     def test_garbage_never_raises(self) -> None:
         """Random frames after a valid start: GOAWAY or nothing, never an exception."""
@@ -743,6 +853,250 @@ class ClientTests(SynchronousTestCase):
         # A new request opens a new connection.
         self.send()
         self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_upstream_reset_while_request_body_streams_in_one_read(self) -> None:
+        """The endpoint's WINDOW_UPDATEs (stream and connection) then
+        RST_STREAM in one read, while a request body waits for a window: the
+        window events send on the stream h2 already has closed. Only that
+        request fails; the connection carries on."""
+        body = Body()
+        source = Source(body)
+        head = RequestHead(b"POST", b"/upload", b"svc.test")
+        d1 = self.send(head, body)
+        d3 = self.send()
+        server, transport, protocol = self.connect()
+        body.write(b"u" * 70000)          # past both windows of 65535
+        self.pump()
+        self.assertIn(1, protocol._blocked)
+        server.increment_flow_control_window(1000, 1)
+        server.increment_flow_control_window(65535)
+        server.reset_stream(1, ErrorCodes.CANCEL)
+        protocol.dataReceived(server.data_to_send())    # must not raise
+        self.assertEqual(self.failureResultOf(d1, ProxyError).value.status, 502)
+        self.assertEqual(source.stopped, 1)
+        self.assertFalse(transport.disconnecting)
+        server.send_headers(3, [(b":status", b"200")], end_stream=True)
+        self.pump()
+        self.assertEqual(self.successResultOf(d3).head.status, 200)
+        # The same connection takes the next request.
+        d5 = self.send()
+        self.pump()
+        server.send_headers(5, [(b":status", b"204")], end_stream=True)
+        self.pump()
+        self.assertEqual(self.successResultOf(d5).head.status, 204)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_goaway_and_spared_streams_frames_in_one_read(self) -> None:
+        """GOAWAY followed by the DATA of a stream it spares, in one read
+        (an endpoint closing down gracefully): the spared streams finish,
+        including a request body still streaming; the rest go elsewhere."""
+        body = Body()
+        d1 = self.send(RequestHead(b"POST", b"/upload", b"svc.test"), body)
+        d3, d5 = self.send(), self.send()
+        server, transport, protocol = self.connect()
+        self.pump()
+        server.send_headers(1, [(b":status", b"200")])
+        server.send_headers(3, [(b":status", b"200")])
+        self.pump()
+        server.send_data(1, b"one")
+        server.send_data(3, b"three", end_stream=True)
+        goaway = GoAwayFrame(0, last_stream_id=3, error_code=0).serialize()
+        protocol.dataReceived(goaway + server.data_to_send())
+        self.assertFalse(transport.disconnecting)
+        sink1 = Sink(self.successResultOf(d1).body)
+        sink3 = Sink(self.successResultOf(d3).body)
+        self.assertEqual((sink1.bytes, sink3.bytes, sink3.ended), (b"one", b"three", True))
+        # The request body of the spared stream still goes out, then it ends.
+        body.write(b"request")
+        body.finish()
+        events = self.pump()
+        self.assertEqual(b"".join(e.data for e in events if isinstance(e, DataReceived)),
+                         b"request")
+        server.send_data(1, b"!", end_stream=True)
+        self.pump()
+        self.assertEqual((sink1.bytes, sink1.ended), (b"one!", True))
+        self.assertTrue(transport.disconnecting)
+        # Stream 5 was not processed: it went to a new connection.
+        self.assertFalse(d5.called)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+
+# -- both ends wired together ----------------------------------------------------
+
+class Forwarder:
+    """The dispatcher reduced to forwarding every request to the h2 client end."""
+
+    def __init__(self, client: H2Client) -> None:
+        self.client = client
+
+    def dispatch(self, request: Request, context) -> defer.Deferred:
+        return self.client.request(Endpoint(), request)
+
+
+class WiredTests(SynchronousTestCase):
+    """Two client connections on server ends, their streams forwarded over
+    one shared upstream connection by the client end, as in the proxy: what
+    one client does to its streams must never break the other's."""
+
+    settings = H2Settings(initial_window_size=65535, connection_window_size=65535)
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = make_listener(self.clock)
+        self.upstream = H2Client(self.clock, settings=self.settings)
+        self.forwarder = Forwarder(self.upstream)
+        self.downs = [self.client_connection() for _ in range(2)]
+        self.endpoint = None
+
+    def client_connection(self):
+        transport = Transport()
+        conn = InboundConnection(self.listener, transport, 0.0)
+        conn.detected(Verdict("h2", "preface"))
+        server = H2ServerProtocol(conn, self.forwarder, self.settings)
+        server.makeConnection(transport)
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        return {"client": client, "server": server, "transport": transport, "events": []}
+
+    def connect_endpoint(self):
+        _host, _port, factory, _timeout, _ = self.clock.tcpClients[0]
+        protocol = factory.buildProtocol(None)
+        transport = Transport()
+        protocol.makeConnection(transport)
+        h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        h2.initiate_connection()
+        self.endpoint = {"h2": h2, "protocol": protocol, "transport": transport,
+                         "events": []}
+
+    def pump(self) -> None:
+        """Move bytes on every connection until all are quiet."""
+        for _ in range(50):
+            moved = False
+            for down in self.downs:
+                out = down["client"].data_to_send()
+                if out and not down["transport"].disconnecting:
+                    moved = True
+                    down["server"].dataReceived(out)
+                back = down["transport"].take()
+                if back:
+                    moved = True
+                    for e in down["client"].receive_data(back):
+                        down["events"].append(e)
+                        if isinstance(e, DataReceived):
+                            down["client"].acknowledge_received_data(
+                                e.flow_controlled_length, e.stream_id)
+            if self.endpoint is None and self.clock.tcpClients:
+                self.connect_endpoint()
+                moved = True
+            ep = self.endpoint
+            if ep is not None:
+                up = ep["transport"].take()
+                if up:
+                    moved = True
+                    ep["events"].extend(ep["h2"].receive_data(up))
+                down_bytes = ep["h2"].data_to_send()
+                if down_bytes:
+                    moved = True
+                    ep["protocol"].dataReceived(down_bytes)   # must never raise
+            if not moved:
+                return
+
+    def get(self, down) -> int:
+        client = down["client"]
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, GET, end_stream=True)
+        return sid
+
+    def upstream_sids(self) -> list[int]:
+        return [e.stream_id for e in self.endpoint["events"]
+                if isinstance(e, RequestReceived)]
+
+    def body_of(self, down, sid: int) -> tuple[bytes, bool]:
+        events = [e for e in down["events"] if getattr(e, "stream_id", None) == sid]
+        data = b"".join(e.data for e in events if isinstance(e, DataReceived))
+        return data, any(isinstance(e, StreamEnded) for e in events)
+
+    def test_client_goaway_with_streams_in_flight(self) -> None:
+        """Client A says GOAWAY (h2load at the end of a run) while its stream
+        and client B's share the upstream connection; the upstream's answer
+        for A comes after: the upstream connection survives, B completes,
+        and the next request reuses it."""
+        a, b = self.downs
+        sa, sb = self.get(a), self.get(b)
+        self.pump()
+        up_a, up_b = self.upstream_sids()
+        h2 = self.endpoint["h2"]
+        h2.send_headers(up_b, [(b":status", b"200")])
+        h2.send_data(up_b, b"b-part ")
+        self.pump()
+        a["server"].dataReceived(GoAwayFrame(0, last_stream_id=0).serialize())
+        h2.send_headers(up_a, [(b":status", b"200")])
+        h2.send_data(up_a, b"for a", end_stream=True)
+        h2.send_data(up_b, b"b-rest", end_stream=True)
+        self.pump()
+        self.assertEqual(self.body_of(b, sb), (b"b-part b-rest", True))
+        self.assertEqual(self.body_of(a, sa), (b"for a", True))
+        self.assertFalse(self.endpoint["transport"].disconnecting)
+        # A leaves; B's next request goes over the same upstream connection.
+        a["server"].connectionLost(Failure(ConnectionDone()))
+        sb2 = self.get(b)
+        self.pump()
+        h2.send_headers(self.upstream_sids()[-1], [(b":status", b"200")])
+        h2.send_data(self.upstream_sids()[-1], b"again", end_stream=True)
+        self.pump()
+        self.assertEqual(self.body_of(b, sb2), (b"again", True))
+        self.assertEqual(len(self.clock.tcpClients), 1)
+
+    def test_client_reset_while_upstream_response_streams(self) -> None:
+        """Client A resets its stream while the upstream response streams:
+        the upstream stream is cancelled, B's stream on the same upstream
+        connection completes."""
+        a, b = self.downs
+        sa, sb = self.get(a), self.get(b)
+        self.pump()
+        up_a, up_b = self.upstream_sids()
+        h2 = self.endpoint["h2"]
+        for sid in (up_a, up_b):
+            h2.send_headers(sid, [(b":status", b"200")])
+            h2.send_data(sid, b"x" * 16000)
+        self.pump()
+        a["client"].reset_stream(sa, ErrorCodes.CANCEL)
+        # The upstream keeps sending for A before it sees the CANCEL.
+        h2.send_data(up_a, b"x" * 16000)
+        h2.send_data(up_b, b"y" * 16000, end_stream=True)
+        self.endpoint["protocol"].dataReceived(h2.data_to_send())
+        self.pump()
+        resets = [e for e in self.endpoint["events"] if isinstance(e, StreamReset)]
+        self.assertEqual([(e.stream_id, e.error_code) for e in resets],
+                         [(up_a, ErrorCodes.CANCEL)])
+        data, ended = self.body_of(b, sb)
+        self.assertEqual((len(data), ended), (32000, True))
+        self.assertFalse(self.endpoint["transport"].disconnecting)
+        self.assertEqual(self.upstream.pools["127.0.0.1:9000"].connections,
+                         [self.endpoint["protocol"]])
+
+    def test_client_connection_closed_in_h2s_view_only_fails_its_stream(self) -> None:
+        """Client A's connection refuses frames (CLOSED in h2's view, without
+        the transport gone yet) when the upstream's DATA for it arrives: A's
+        stream ends there, the upstream stream is cancelled, B completes."""
+        a, b = self.downs
+        sa, sb = self.get(a), self.get(b)
+        self.pump()
+        up_a, up_b = self.upstream_sids()
+        h2 = self.endpoint["h2"]
+        for sid in (up_a, up_b):
+            h2.send_headers(sid, [(b":status", b"200")])
+        self.pump()
+        a["server"].h2.state_machine.state = ConnectionState.CLOSED
+        h2.send_data(up_a, b"lost")
+        h2.send_data(up_b, b"kept", end_stream=True)
+        self.pump()
+        self.assertEqual(self.body_of(b, sb), (b"kept", True))
+        self.assertNotIn(sa, a["server"].streams)
+        resets = [e for e in self.endpoint["events"] if isinstance(e, StreamReset)]
+        self.assertEqual([(e.stream_id, e.error_code) for e in resets],
+                         [(up_a, ErrorCodes.CANCEL)])
+        self.assertFalse(self.endpoint["transport"].disconnecting)
 
 
 # -- translation and gRPC helpers -----------------------------------------------

@@ -17,8 +17,17 @@ waits to be sent on a stream pauses the body feeding it past
 One h2 quirk is worked around on purpose: h2 moves the whole connection to
 CLOSED when a GOAWAY is sent or received, after which it refuses even the
 frames of streams the GOAWAY lets finish. So the graceful GOAWAY on drain is
-written as a raw frame, and a received GOAWAY puts h2's state machine back
-to open while the streams it spares finish.
+written as a raw frame, and a received GOAWAY only reports itself
+(``_H2Connection``): the streams it spares, and a client's streams after its
+own GOAWAY, still send and receive their frames.
+
+A failure on one stream only ever affects that stream. Every h2 operation on
+a stream (headers, data, trailers, reset, acknowledgement) may find it, or
+the connection, already closed on this side: the peer's RST_STREAM or GOAWAY
+may sit in the same read as the frame being answered, a response may come
+back for a stream its client reset. Such a refusal ends the stream locally
+(``_send_failed``) and never raises into the caller, which is often the
+other connection's ``dataReceived`` or a Deferred's callback.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError
+from h2.exceptions import FlowControlError, NoAvailableStreamIDError, ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet import defer
@@ -228,6 +237,24 @@ def header_list_size(headers: Headers) -> int:
     return sum(len(n) + len(v) + 32 for n, v in headers)
 
 
+class _H2Connection(H2Connection):
+    """h2's connection, except that a received GOAWAY leaves it open.
+
+    Stock h2 goes CLOSED on a GOAWAY and then refuses every later frame,
+    received or sent, even on streams the GOAWAY lets finish (a GOAWAY and
+    a spared stream's DATA in one read became a connection error), and it
+    drops the frames it had queued to send. Here the GOAWAY is only
+    reported (``ConnectionTerminated``); the ends decide what it means.
+    """
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame):
+        event = ConnectionTerminated()
+        event.error_code = _code(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 # -- one stream, either side --
 
 class _Stream:
@@ -347,6 +374,19 @@ class _H2Protocol(Protocol):
         transport allow; then its end (trailers or END_STREAM) once empty."""
         if stream.reset or self._lost:
             return
+        try:
+            ended = self._send_frames(stream)
+        except ProtocolError as e:
+            self._send_failed(stream, e)
+            return
+        if ended:
+            self._outbound_done(stream)
+        elif stream.out_paused and stream.out_queued < OUT_LOW_WATER:
+            stream.out_paused = False
+            stream.out_body.resume()
+
+    def _send_frames(self, stream: _Stream) -> bool:
+        """The h2 side of ``_send_stream``; True once the stream's end is sent."""
         h2 = self.h2
         sid = stream.sid
         if stream.out_headers is not None and (stream.out_queue or not stream.out_end
@@ -387,11 +427,31 @@ class _H2Protocol(Protocol):
                 else:
                     h2.end_stream(sid)
                 self._write()
-                self._outbound_done(stream)
-                return
-        if stream.out_paused and stream.out_queued < OUT_LOW_WATER:
-            stream.out_paused = False
-            stream.out_body.resume()
+                return True
+        return False
+
+    def _send_failed(self, stream: _Stream, error: ProtocolError) -> None:
+        """h2 refused to send on ``stream``: it (or the whole connection) is
+        already closed on this side, by a RST_STREAM or GOAWAY whose event is
+        still to be handled, or the connection is going down. This stream
+        alone ends, locally; nothing is raised into whoever was sending."""
+        if stream.reset:
+            return
+        closed = self._lost or self.h2.state_machine.state is ConnectionState.CLOSED
+        if isinstance(error, FlowControlError):   # ours to fix, not the peer's doing
+            log.warn("h2 stream {sid} to {peer} refused: {error}", sid=stream.sid,
+                     peer=self._peer(), error=error)
+        else:
+            log.debug("h2 stream {sid} to {peer} already closed: {error}", sid=stream.sid,
+                      peer=self._peer(), error=error)
+        if closed:
+            self._connection_failed_stream(
+                stream, ProxyError.bad_gateway(f"connection to {self._peer()} closed"))
+            return
+        with suppress(ProtocolError):   # still open in h2's view: end it there too
+            self.h2.reset_stream(stream.sid, ErrorCodes.INTERNAL_ERROR)
+        self._write()
+        self._peer_reset(stream, ErrorCodes.STREAM_CLOSED)
 
     def _send_blocked(self) -> None:
         for stream in list(self._blocked.values()):
@@ -407,7 +467,11 @@ class _H2Protocol(Protocol):
         body.consume(stream)
         if stream.out_headers is not None and not stream.reset and not self._lost:
             stream.out_headers = None
-            self.h2.send_headers(stream.sid, headers)
+            try:
+                self.h2.send_headers(stream.sid, headers)
+            except ProtocolError as e:
+                self._send_failed(stream, e)
+                return
             self._write()
 
     # -- receiving --
@@ -415,7 +479,8 @@ class _H2Protocol(Protocol):
     def _ack(self, sid: int, n: int) -> None:
         if self._lost:
             return
-        self.h2.acknowledge_received_data(n, sid)
+        with suppress(ProtocolError):   # h2 already ignores closed streams
+            self.h2.acknowledge_received_data(n, sid)
         self._write()
 
     def _on_data(self, event: DataReceived) -> None:
@@ -423,7 +488,7 @@ class _H2Protocol(Protocol):
         n = event.flow_controlled_length
         if stream is None or stream.in_body is None or stream.in_discard or stream.in_done:
             if n:
-                self.h2.acknowledge_received_data(n, event.stream_id)
+                self._ack(event.stream_id, n)
             return
         if event.data:
             stream.in_body.write(event.data)
@@ -432,7 +497,7 @@ class _H2Protocol(Protocol):
         if stream.in_paused and not stream.in_discard:
             stream.held += n
         else:
-            self.h2.acknowledge_received_data(n, event.stream_id)
+            self._ack(event.stream_id, n)
 
     def _on_end(self, stream: _Stream) -> None:
         if stream.in_done:
@@ -586,7 +651,7 @@ class H2ServerProtocol(_H2Protocol):
 
     def connectionMade(self) -> None:
         s = self.settings
-        h2 = H2Connection(H2Configuration(
+        h2 = _H2Connection(H2Configuration(
             client_side=False, header_encoding=None, **_OUTBOUND_AS_IS))
         advertised = {
             SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
@@ -640,14 +705,16 @@ class H2ServerProtocol(_H2Protocol):
         self._last_stream_id = max(self._last_stream_id, sid)
         h2 = self.h2
         if self.draining or len(self.streams) >= self.settings.max_concurrent_streams:
-            h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            with suppress(ProtocolError):   # the client reset it in the same read
+                h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
         headers = event.headers
         ended = event.stream_ended is not None
         try:
             head = request_head_from_h2(headers)
         except ValueError:
-            h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
+            with suppress(ProtocolError):
+                h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
         stream = _Stream(self, sid)
         stream.grpc = head.is_grpc
@@ -668,6 +735,7 @@ class H2ServerProtocol(_H2Protocol):
         d = self.dispatcher.dispatch(Request(head, body), self.context)
         stream.deferred = d
         d.addCallbacks(partial(self._respond, stream), partial(self._dispatch_failed, stream))
+        d.addErrback(partial(self._respond_failed, stream))
 
     def _respond(self, stream: _Stream, response: Response) -> None:
         stream.deferred = None
@@ -686,6 +754,15 @@ class H2ServerProtocol(_H2Protocol):
             log.failure("dispatch failed", failure)
             error = ProxyError.bad_gateway("internal proxy error")
         self._respond(stream, error_response(error, stream.grpc))
+
+    def _respond_failed(self, stream: _Stream, failure: Failure) -> None:
+        # Writing the response raised (a bug: refusals end the stream in
+        # _send_failed): this stream is reset, the connection lives on, and
+        # nothing is left unhandled in the Deferred.
+        log.failure("h2 response to {peer} stream {sid} failed", failure,
+                    peer=self.conn.peer, sid=stream.sid)
+        if not stream.reset:
+            self._reset(stream, ErrorCodes.INTERNAL_ERROR)
 
     def _peer_reset(self, stream: _Stream, code: int) -> None:
         self._abandon(stream, StreamResetError(code))
@@ -717,7 +794,8 @@ class H2ServerProtocol(_H2Protocol):
     def _reset_finished(self, stream: _Stream) -> None:
         stream.in_done = True
         if not self._lost:
-            self.h2.reset_stream(stream.sid, ErrorCodes.NO_ERROR)
+            with suppress(ProtocolError):   # the client reset it meanwhile
+                self.h2.reset_stream(stream.sid, ErrorCodes.NO_ERROR)
             self._write()
         self._release(stream, ConnectionAbortedError("request body not needed"))
 
@@ -911,7 +989,7 @@ class H2ClientProtocol(_H2Protocol):
 
     def connectionMade(self) -> None:
         s = self.pool.client.settings
-        h2 = H2Connection(H2Configuration(
+        h2 = _H2Connection(H2Configuration(
             client_side=True, header_encoding=None, **_OUTBOUND_AS_IS))
         h2.local_settings = Settings(client=True, initial_values={
             SettingCodes.ENABLE_PUSH: 0,
@@ -967,7 +1045,16 @@ class H2ClientProtocol(_H2Protocol):
 
     def start(self, pending: _Pending) -> None:
         request = pending.request
-        sid = self.h2.get_next_available_stream_id()
+        try:
+            sid = self.h2.get_next_available_stream_id()
+        except NoAvailableStreamIDError:
+            # Stream ids used up: no more streams here, the next connection takes it.
+            self.goaway = True
+            self.pool.retire(self)
+            self.pool.submit(pending)
+            if not self.streams:
+                self.transport.loseConnection()
+            return
         stream = _Stream(self, sid)
         stream.pending = pending
         stream.deferred = pending.deferred
@@ -1048,9 +1135,7 @@ class H2ClientProtocol(_H2Protocol):
         self.goaway = True
         self.pool.retire(self)
         last = event.last_stream_id if event.last_stream_id is not None else _MAX_STREAM_ID
-        # h2 went CLOSED on the GOAWAY; the streams it spares still need
-        # their frames, so put the state machine back to open.
-        self.h2.state_machine.state = ConnectionState.CLIENT_OPEN
+        # The streams it spares still send and receive (_H2Connection stays open).
         for sid, stream in list(self.streams.items()):
             if sid <= last:
                 continue
