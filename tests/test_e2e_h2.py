@@ -23,6 +23,7 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived, ResponseReceived
 from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 from twisted.trial.unittest import SkipTest, TestCase
 
 from tests.support import ProxyProcess, require_tool, wait_for
@@ -180,6 +181,43 @@ class H2EndToEndTests(TestCase):
                          2000)
         # Four client connections, and far fewer upstream connections than streams.
         self.assertLessEqual(self.proxy.metric_value("tcp_open_total", peer="dst"), 4)
+
+    def test_clients_leaving_mid_flight_break_nothing(self) -> None:
+        """Clients that leave with streams in flight (GOAWAY, then close, as
+        h2load does at the end of every run) never break the upstream
+        connection the other clients share: two h2load runs in a row, each
+        ending mid-flight, and the second has no failure either; nothing in
+        the proxy's log is an unhandled error or a traceback."""
+        h2load = require_tool("h2load")
+        get = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+               (b":authority", b"app.test")]
+        goaway = GoAwayFrame(0, last_stream_id=0).serialize()
+        for _ in range(3):
+            # Requests with the GOAWAY right behind them: every answer comes after it.
+            client = H2SocketClient(self.port)
+            for _ in range(20):
+                client.h2.send_headers(client.h2.get_next_available_stream_id(), get,
+                                       end_stream=True)
+            client.sock.sendall(client.h2.data_to_send() + goaway)
+            time.sleep(0.3)
+            client.close()
+        for _ in range(2):
+            out = subprocess.run(
+                [h2load, "-c", "10", "-m", "10", "-D", "2", f"http://127.0.0.1:{self.port}/"],
+                capture_output=True, text=True, timeout=60).stdout
+            match = re.search(r"requests: (\d+) total, \d+ started, \d+ done, (\d+) succeeded, "
+                              r"(\d+) failed, (\d+) errored", out)
+            self.assertIsNotNone(match, out)
+            total, succeeded, failed, errored = map(int, match.groups())
+            self.assertGreater(succeeded, 0, out)
+            self.assertEqual((succeeded, failed, errored), (total, 0, 0),
+                             f"{out}\nproxy log:\n{self.proxy.log_text()[-4000:]}")
+        log = self.proxy.log_text()
+        self.assertNotIn("Unhandled error", log)
+        self.assertNotIn("Traceback", log)
+        for status in ("502", "503"):
+            self.assertEqual(self.proxy.metric_value("response_total", status_code=status), 0,
+                             status)
 
     def test_curl_prior_knowledge(self) -> None:
         curl = require_tool("curl")
