@@ -66,6 +66,25 @@ def as_call_client(client):
     return client
 
 
+def dispatch_to_deferred(proxy, request, context):
+    """``proxy.dispatch_to`` seen through a Deferred (cancelling it cancels
+    the exchange), so the Deferred tests run through the direct path too."""
+    exchange = None
+    d = defer.Deferred(lambda _d: exchange.cancel())
+
+    class Waiter:
+        def dispatch_responded(self, token, response):
+            assert token == "token"
+            d.callback(response)
+
+        def dispatch_failed(self, token, failure):
+            assert token == "token"
+            d.errback(failure)
+
+    exchange = proxy.dispatch_to(request, context, Waiter(), "token")
+    return d
+
+
 class FakeListener:
     def __init__(self, config: ListenerConfig) -> None:
         self.config = config
@@ -249,3 +268,13 @@ class DispatcherCallTests(DispatcherTests):
     def setUp(self) -> None:
         super().setUp()
         as_call_client(self.h1)
+
+
+class DispatchToTests(DispatcherTests):
+    """The same, through HttpProxy.dispatch_to (no Deferred: the HTTP/1 server end)."""
+
+    def dispatch(self, authority=b"web.example", target=b"/", method=b"GET"):
+        request = Request(RequestHead(method, target, authority), Body.empty())
+        context = RequestContext(self.listener, FakeConnection(), "http1")
+        return request, dispatch_to_deferred(self.proxy, request, context)
+

@@ -90,6 +90,25 @@ def as_call_client(client):
     return client
 
 
+def dispatch_to_deferred(proxy, request, context):
+    """``proxy.dispatch_to`` seen through a Deferred (cancelling it cancels
+    the exchange), so the Deferred tests run through the direct path too."""
+    exchange = None
+    d = defer.Deferred(lambda _d: exchange.cancel())
+
+    class Waiter:
+        def dispatch_responded(self, token, response):
+            assert token == "token"
+            d.callback(response)
+
+        def dispatch_failed(self, token, failure):
+            assert token == "token"
+            d.errback(failure)
+
+    exchange = proxy.dispatch_to(request, context, Waiter(), "token")
+    return d
+
+
 class FakeListener:
     def __init__(self, routes=()) -> None:
         self.config = ListenerConfig("in", "tcp:0", "app", routes=tuple(routes))
@@ -290,3 +309,13 @@ class RetryCallTests(RetryTests):
     def make(self, n: int = 2, **kw) -> None:
         super().make(n, **kw)
         as_call_client(self.client)
+
+
+class RetryDispatchToTests(RetryCallTests):
+    """The same, through HttpProxy.dispatch_to as well."""
+
+    def dispatch(self, method=b"GET", body: Body | None = None, target=b"/", listener=None):
+        request = Request(RequestHead(method, target, b"app"), body or Body.empty())
+        return dispatch_to_deferred(self.proxy, request, RequestContext(
+            listener or FakeListener(), FakeConnection(), "http1"))
+

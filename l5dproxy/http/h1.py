@@ -573,6 +573,12 @@ class H1Server(Protocol):
             self._write_error(msg, msg.error)
             return
         try:
+            dispatch_to = getattr(self.dispatcher, "dispatch_to", None)
+            if dispatch_to is not None:   # told directly, no Deferred
+                exchange = dispatch_to(msg.request, self.context, self, msg)
+                if not exchange.delivered:
+                    msg.d = exchange   # cancel() gives it up if the client goes
+                return
             d = self.dispatcher.dispatch(msg.request, self.context)
         except Exception:
             log.failure("dispatcher failed")
@@ -580,6 +586,12 @@ class H1Server(Protocol):
             return
         msg.d = d
         d.addCallbacks(self._respond, self._dispatch_failed, (msg,), None, (msg,))
+
+    def dispatch_responded(self, msg: _Message, response: Response) -> None:
+        self._respond(response, msg)
+
+    def dispatch_failed(self, msg: _Message, failure: Failure) -> None:
+        self._dispatch_failed(failure, msg)
 
     def _dispatch_failed(self, failure: Failure, msg: _Message) -> None:
         msg.d = None

@@ -87,6 +87,16 @@ class HttpProxy:
     def dispatch(self, request: Request, context: RequestContext) -> defer.Deferred[Response]:
         return _Exchange(self, request, context).start()
 
+    def dispatch_to(self, request: Request, context: RequestContext, waiter, token) -> _Exchange:
+        """``dispatch`` without a Deferred: ``waiter.dispatch_responded(token,
+        response)`` or ``waiter.dispatch_failed(token, failure)`` is called
+        once (maybe before this returns: then ``delivered`` is set); the
+        returned exchange's ``cancel()`` gives the request up, and nothing is
+        called after it."""
+        exchange = _Exchange(self, request, context, waiter, token)
+        exchange.start()
+        return exchange
+
     def route(self, listener, authority: bytes, target: bytes) -> str:
         """The service a request goes to."""
         return self.route_of(listener, authority, target)[0]
@@ -200,12 +210,13 @@ class _Exchange:
     """One request through the middle, from its head to the end of its response."""
 
     __slots__ = (
-        "client", "context", "endpoint", "grpc", "head_latency", "labels", "latency_seen",
-        "proxy", "replay", "request", "response", "result", "retries", "settled", "started",
-        "status", "timer", "upstream", "upstream_d",
+        "client", "context", "delivered", "endpoint", "grpc", "head_latency", "labels",
+        "latency_seen", "proxy", "replay", "request", "response", "result", "retries",
+        "settled", "started", "status", "timer", "token", "upstream", "upstream_d", "waiter",
     )
 
-    def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext) -> None:
+    def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext,
+                 waiter=None, token=None) -> None:
         self.proxy = proxy
         self.request = request
         self.context = context
@@ -219,7 +230,12 @@ class _Exchange:
         self.head_latency: float | None = None
         self.latency_seen = False
         self.settled = False  # the result has fired or was cancelled
-        self.result: defer.Deferred[Response] = defer.Deferred(self._cancel)
+        #: Told the outcome directly (dispatch_to), else through ``result``.
+        self.waiter = waiter
+        self.token = token
+        self.delivered = False
+        self.result: defer.Deferred[Response] | None = (
+            defer.Deferred(self._cancel) if waiter is None else None)
         self.client: UpstreamClient | None = None
         #: The request body's tee when the request may be retried (retry.py).
         self.replay: Replay | EmptyReplay | None = None
@@ -352,7 +368,7 @@ class _Exchange:
         self.status = response.head.status
         body = response.body
         body.on_first_data(self._first_byte)
-        self.result.callback(response)
+        self._deliver(response, None)
         body.on_end(self._ended)
 
     def _first_byte(self) -> None:
@@ -416,7 +432,32 @@ class _Exchange:
         self._release(None, False)
         if getattr(self.context.listener.config, "access_log", False):
             self._log_access(err.status, err.reason)
-        self.result.errback(Failure(err))
+        self._deliver(None, Failure(err))
+
+    def _deliver(self, response: Response | None, failure: Failure | None) -> None:
+        self.delivered = True
+        waiter = self.waiter
+        if waiter is None:
+            if failure is None:
+                self.result.callback(response)
+            else:
+                self.result.errback(failure)
+            return
+        self.waiter = None
+        try:
+            if failure is None:
+                waiter.dispatch_responded(self.token, response)
+            else:
+                waiter.dispatch_failed(self.token, failure)
+        except Exception:
+            log.failure("handing on a response failed")
+
+    def cancel(self) -> None:
+        """The client went away (dispatch_to): give the request up."""
+        if not self.delivered and not self.settled:
+            self.delivered = True
+            self.waiter = None
+            self._cancel(None)
 
     def _cancel(self, result: defer.Deferred) -> None:
         """The client went away before the response head."""
