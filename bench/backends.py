@@ -12,6 +12,7 @@ import grp
 import os
 import pwd
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from bench.procs import (
     StartError,
     Supervisor,
     free_port,
+    free_port_block,
     http_status,
     raise_nofile,
     twistd_path,
@@ -253,6 +255,81 @@ def start_l5dproxy(sup: Supervisor, b: Backends, ready_timeout: float = 30.0) ->
     target.h1, target.h2c, target.tcp, target.hold = http, h2c, tcp, hold
     target.admin = admin
     return target
+
+
+# ------------------------------------------------------------ l5dproxy --workers
+
+
+@dataclass
+class WorkerSet:
+    """One ``twistd -n l5dproxy --workers N`` (worker 0 is ``child``, the session leader;
+    workers 1..N-1 are its children in the same process group and session)."""
+
+    n: int
+    admin: int  # worker I serves admin on admin + I
+    h1: int
+    tcp: int
+    child: Child | None = None
+    error: str | None = None
+
+    @property
+    def available(self) -> bool:
+        return self.error is None and self.child is not None and self.child.alive()
+
+    def why_unavailable(self) -> str:
+        if self.error is not None:
+            return self.error
+        if self.child is not None and not self.child.alive():
+            return f"worker 0 exited ({self.child.proc.returncode})"
+        return "available"
+
+
+def start_worker_sets(sup: Supervisor, b: Backends, counts: list[int],
+                      ready_timeout: float = 30.0) -> dict[int, WorkerSet]:
+    """Start ``l5dproxy --workers N`` for every N in ``counts`` at once (the same config
+    as the l5dproxy target, ports of its own), then wait for every worker's ``/ready``.
+
+    Shared listeners cannot use port 0 (each worker would pick its own), so every port
+    is picked free here and written into the config, the admin ports as a block."""
+    sets: dict[int, WorkerSet] = {}
+    twistd = twistd_path()
+    for n in counts:
+        try:
+            admin = free_port_block(n)
+            block = frozenset(range(admin, admin + n))
+            http, h2c, tcp, hold = _free_ports_outside(4, block)
+        except StartError as exc:
+            sets[n] = WorkerSet(n, 0, 0, 0, error=str(exc))
+            continue
+        ws = sets[n] = WorkerSet(n, admin, http, tcp)
+        if twistd is None:
+            ws.error = "twistd not found next to the harness's python"
+            continue
+        conf = sup.workdir / f"l5dproxy-w{n}.toml"
+        conf.write_text(l5dproxy_config(admin, http, h2c, tcp, hold, b))
+        ws.child = sup.start(f"l5dproxy-w{n}", [twistd, "-n", "--pidfile=", "l5dproxy",
+                                                "--config", str(conf), "--workers", str(n)])
+    deadline = time.monotonic() + ready_timeout
+    for ws in sets.values():
+        if ws.child is None:
+            continue
+        try:
+            for i in range(ws.n):
+                wait_http_ok(ws.child, f"http://{HOST}:{ws.admin + i}/ready",
+                             timeout=max(1.0, deadline - time.monotonic()))
+        except StartError as exc:
+            ws.error = f"--workers {ws.n} did not become ready (worker {i}): {exc}"
+            sup.stop(ws.child)
+    return sets
+
+
+def _free_ports_outside(count: int, avoid: frozenset[int]) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in avoid and port not in ports:
+            ports.append(port)
+    return ports
 
 
 # --------------------------------------------------------------------- HAProxy

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import backends
-from bench.backends import Backends, Target, pid_for
+from bench.backends import Backends, Target, WorkerSet, pid_for
 from bench.h2ceiling import h2_round_trips
 from bench.memory import hold_connections, stream_body
 from bench.procs import (
@@ -40,10 +40,11 @@ from bench.procs import (
 from bench.report import TARGETS, Report, Section
 from bench.scenarios import SCENARIOS, MetricSpec, Sample, Settings
 from bench.tools import log_exceptions, prometheus_samples
+from bench.workers import WorkersSection, measure, missing_tools, worker_counts
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
-EXTRA_SECTIONS = ("memory", "ceiling")
+EXTRA_SECTIONS = ("memory", "ceiling", "workers")
 ALL_SECTIONS = (*SCENARIOS, *EXTRA_SECTIONS)
 MIB = 1024.0
 # l5dproxy metric families looked at after the run (non-zero samples are reported).
@@ -95,6 +96,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         s.iperf_seconds = max(1, args.duration // 2)
     if args.hold is not None:
         s.hold_connections = max(1, args.hold)
+    s.worker_counts = worker_counts(os.cpu_count(), quick=args.quick)
     if args.big_mib is not None:
         s.big_bytes = max(1, args.big_mib) << 20
     return s
@@ -194,6 +196,8 @@ class Harness:
                                          memory_metrics(settings)))
         self.ceiling: dict[str, list[float]] = {}
         self.health: dict[str, dict[str, Any]] = {}
+        self.workers = WorkersSection(settings.worker_counts) if "workers" in selected else None
+        self.worker_sets: dict[int, WorkerSet] = {}
 
     # -- startup -------------------------------------------------------------
 
@@ -226,7 +230,11 @@ class Harness:
             "haproxy": lambda: backends.start_haproxy(sup, b),
             "portforward": lambda: backends.start_portforward(sup, b),
         }
+        # The workers scenario and the ceiling need none of the three proxies.
+        needed = any(name in SCENARIOS or name == "memory" for name in self.selected)
         for name, start in starters.items():
+            if not needed:
+                continue
             if name in self.skip_targets:
                 self.targets[name] = Target(name, error="skipped (--skip-target)")
                 continue
@@ -237,12 +245,28 @@ class Harness:
                     f"hold :{target.hold} (pid {target.pid})")
             else:
                 log(f"{name} NOT available: {target.why_unavailable()}")
+        if self.workers is not None:
+            self._start_workers(b)
         time.sleep(0.5)
         for name, t in self.targets.items():
             pid = pid_for(t, "h1")
             if t.available and pid is not None:
                 with contextlib.suppress(OSError, ValueError):
                     self.rss_start[name] = rss_kib(pid)
+
+    def _start_workers(self, b: Backends) -> None:
+        assert self.workers is not None
+        counts = self.workers.counts
+        log(f"starting l5dproxy --workers N for N in {', '.join(map(str, counts))} ...")
+        self.worker_sets = backends.start_worker_sets(self.sup, b, list(counts),
+                                                      self.ready_timeout)
+        for n, ws in self.worker_sets.items():
+            if ws.available:
+                log(f"l5dproxy --workers {n} up: h1 :{ws.h1}, tcp :{ws.tcp}, admin "
+                    f":{ws.admin}..{ws.admin + n - 1}, every worker /ready")
+            else:
+                self.workers.skipped[n] = ws.why_unavailable()
+                log(f"l5dproxy --workers {n} NOT available: {ws.why_unavailable()}")
 
     # -- rounds ----------------------------------------------------------------
 
@@ -264,6 +288,10 @@ class Harness:
                 sc = SCENARIOS[name]
                 if t.available and port and all(which(p) for p in sc.needs):
                     sc.run(self.sup, port, short)
+        if which("wrk"):
+            for ws in self.worker_sets.values():
+                if ws.available:
+                    SCENARIOS["h1"].run(self.sup, ws.h1, short)
         log("warm-up done")
 
     def run_rounds(self) -> None:
@@ -271,6 +299,8 @@ class Harness:
             for sec in self.sections:
                 if sec.name in SCENARIOS:
                     self._run_scenario(sec, r)
+            if self.workers is not None:
+                self._run_workers(r)
             if "ceiling" in self.selected:
                 self._run_ceiling(r)
 
@@ -300,6 +330,31 @@ class Harness:
             shown = ", ".join(f"{k}={v:,.3f}" for k, v in sample.metrics.items())
             log(f"round {r + 1}/{self.s.rounds} {sec.name:<11} {t.name:<11} "
                 f"{shown or 'ERROR: ' + str(sample.error)}")
+
+    def _run_workers(self, r: int) -> None:
+        """wrk, then iperf3 -R, against every --workers N, the order of N rotated."""
+        assert self.workers is not None
+        counts = list(self.workers.counts)
+        k = r % len(counts)
+        order = counts[k:] + counts[:k]
+        self.workers.missing = missing_tools()
+        for run in ("h1", "tcp_r"):
+            if run in self.workers.missing:
+                continue
+            for n in order:
+                ws = self.worker_sets.get(n)
+                if ws is None or n in self.workers.skipped:
+                    continue
+                if not ws.available:
+                    self.workers.skipped[n] = ws.why_unavailable()
+                    continue
+                sample = measure(self.sup, ws, run, self.s)
+                self.workers.add(run, n, sample)
+                shown = ", ".join(f"{key}={sample.metrics[key]:,.3f}" for key in
+                                  ("rps", "p99_ms", "cpu_us_per_req", "gbits", "other_cpu_pct")
+                                  if key in sample.metrics)
+                log(f"round {r + 1}/{self.s.rounds} workers {run:<5} N={n:<3} "
+                    f"{shown or 'ERROR: ' + str(sample.error)}")
 
     def _run_ceiling(self, r: int) -> None:
         try:
@@ -394,30 +449,12 @@ class Harness:
         """What l5dproxy itself says after the run: error counters and still-open
         connections from /metrics, and the exceptions in its log."""
         t = self.targets.get("l5dproxy")
-        if t is None or not t.children:
-            return
-        health: dict[str, Any] = {}
-        child = t.children[0]
-        if t.admin and child.alive():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{t.admin}/metrics",
-                                            timeout=5) as resp:
-                    text = resp.read().decode(errors="replace")
-                # Upstream (peer="dst") connections stay open in the keep-alive pool; a
-                # client (peer="src") connection open after every client is gone is stuck.
-                health["metrics"] = {
-                    k: v for k, v in prometheus_samples(text, HEALTH_METRICS).items()
-                    if 'peer="dst"' not in k
-                }
-                health["failed_responses"] = {
-                    k: v for k, v in prometheus_samples(text, ("response_total",)).items()
-                    if 'classification="failure"' in k or 'status_code="5' in k
-                }
-            except OSError as exc:
-                health["metrics_error"] = str(exc)
-        if child.log_path is not None and child.log_path.exists():
-            health["log_exceptions"] = log_exceptions(child.log_path.read_text(errors="replace"))
-        self.health["l5dproxy"] = health
+        if t is not None and t.children:
+            self.health["l5dproxy"] = _health(t.children[0], [t.admin] if t.admin else [])
+        for n, ws in self.worker_sets.items():
+            if ws.child is not None and ws.error is None:
+                self.health[f"l5dproxy --workers {n}"] = _health(
+                    ws.child, [ws.admin + i for i in range(n)])
 
     # -- report ----------------------------------------------------------------
 
@@ -430,7 +467,39 @@ class Harness:
             for name, t in self.targets.items()
         }
         return Report(meta=meta, settings=dataclasses.asdict(self.s), targets=targets,
-                      sections=self.sections, ceiling=self.ceiling, health=self.health)
+                      sections=self.sections, ceiling=self.ceiling, health=self.health,
+                      workers=self.workers)
+
+
+def _health(child: Any, admin_ports: list[int]) -> dict[str, Any]:
+    """What an l5dproxy process (every worker of it) says after the run: error counters and
+    still-open connections from each admin port's /metrics, and the exceptions in its log."""
+    health: dict[str, Any] = {"metrics": {}, "failed_responses": {}}
+    per_worker: list[float] = []
+    for i, port in enumerate(admin_ports):
+        if not child.alive():
+            break
+        prefix = f"worker {i}: " if len(admin_ports) > 1 else ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+                text = resp.read().decode(errors="replace")
+        except OSError as exc:
+            health.setdefault("metrics_error", []).append(f"{prefix}{exc}")
+            continue
+        # Upstream (peer="dst") connections stay open in the keep-alive pool; a client
+        # (peer="src") connection open after every client is gone is stuck.
+        for k, v in prometheus_samples(text, HEALTH_METRICS).items():
+            if 'peer="dst"' not in k:
+                health["metrics"][prefix + k] = v
+        for k, v in prometheus_samples(text, ("response_total",)).items():
+            if 'classification="failure"' in k or 'status_code="5' in k:
+                health["failed_responses"][prefix + k] = v
+        per_worker.append(sum(prometheus_samples(text, ("request_total",)).values()))
+    if len(admin_ports) > 1 and per_worker:
+        health["requests_per_worker"] = per_worker
+    if child.log_path is not None and child.log_path.exists():
+        health["log_exceptions"] = log_exceptions(child.log_path.read_text(errors="replace"))
+    return health
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -473,7 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    print(report.table())
+    if report.sections:
+        print(report.table())
+    if report.workers is not None:
+        print()
+        print(report.workers.table())
     footer = report.footer()
     if footer:
         print()

@@ -72,6 +72,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_port_block(count: int, avoid: frozenset[int] = frozenset(), tries: int = 200) -> int:
+    """A base port B with B..B+count-1 all currently free on loopback (``l5dproxy --workers
+    N`` serves worker I's admin server on the admin port + I) and none of them in ``avoid``."""
+    for _ in range(tries):
+        base = free_port()
+        ports = range(base, base + count)
+        if ports[-1] > 65535 or avoid.intersection(ports):
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for port in ports:
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise StartError(f"found no {count} consecutive free ports in {tries} tries")
+
+
+def session_processes(sid: int) -> dict[int, int]:
+    """Every live process of session ``sid`` -> its CPU ticks (utime + stime) so far.
+
+    A child the Supervisor starts is a session leader, and whatever it forks without
+    ``setsid`` (``l5dproxy --workers N`` spawns workers 1..N-1 that way) stays in it."""
+    found: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = Path(entry.path, "stat").read_text()
+            s, ticks = pid_stat_session_ticks(text)
+        except (OSError, ValueError, IndexError):
+            continue
+        if s == sid and text.rsplit(")", 1)[1].split()[0] != "Z":
+            found[int(entry.name)] = ticks
+    return found
+
+
 def raise_nofile(wanted: int = NOFILE_WANTED) -> int:
     """Raise RLIMIT_NOFILE as far as allowed (hard limit too when root); return the soft limit."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -227,6 +269,7 @@ class Supervisor:
 
     def stop(self, child: Child, grace: float = 3.0) -> None:
         _kill_group(child.proc, grace)
+        _kill_leftovers(child)
         if child in self.children:
             self.children.remove(child)
 
@@ -242,6 +285,10 @@ class Supervisor:
             _signal_group(child.proc, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 child.proc.wait(timeout=1.0)
+        # Anything still in a child's session (it left the process group) goes too: the
+        # processes counted here were all started by this harness.
+        for child in self.children:
+            _kill_leftovers(child)
         self.children.clear()
 
 
@@ -250,6 +297,16 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
     # leader already exited (a forked grandchild may remain); ignore "no such process".
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, sig)
+
+
+def _kill_leftovers(child: Child) -> None:
+    """SIGKILL whatever is still in the child's session after its group was killed (a
+    process that left the group); every process counted here was started by the harness."""
+    for pid in session_processes(child.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            print(f"[bench] killed pid {pid} left over from {child.name}", file=sys.stderr,
+                  flush=True)
 
 
 def _kill_group(proc: subprocess.Popen[bytes], grace: float) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scenarios import MetricSpec, Sample
+from bench.workers import WorkersSection
 
 TARGETS = ("direct", "l5dproxy", "haproxy", "portforward")
 SUBJECT = "l5dproxy"
@@ -61,6 +62,7 @@ class Report:
     sections: list[Section]
     ceiling: dict[str, list[float]] = field(default_factory=dict)  # "m10" -> samples
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> findings
+    workers: WorkersSection | None = None  # the workers scenario (its own table)
 
     def ceiling_median(self, key: str = "m10") -> float | None:
         values = self.ceiling.get(key)
@@ -145,8 +147,11 @@ class Report:
                 + (f", {c1:,.0f} with 1 in flight" if c1 is not None else "")
                 + " (one core, no I/O)."
             )
-        other = [v for sec in self.sections for samples in sec.samples.values()
-                 for smp in samples
+        every = [smp for sec in self.sections for samples in sec.samples.values()
+                 for smp in samples]
+        if self.workers is not None:
+            every += self.workers.all_samples()
+        other = [v for smp in every
                  if not math.isnan(v := smp.metrics.get("other_cpu_pct", math.nan))]
         if other:
             busy = sum(v > OTHER_CPU_WARN for v in other)
@@ -167,6 +172,15 @@ class Report:
                 out.append(f"{name} /metrics after the run: {key} = {v:g}")
             for exc, n in sorted(h.get("log_exceptions", {}).items(), key=lambda kv: -kv[1]):
                 out.append(f"{name} log: {n} x {_short(exc, 200)}")
+            for err in h.get("metrics_error", []):
+                out.append(f"{name} /metrics after the run: {err}")
+            if h.get("requests_per_worker"):
+                counts = h["requests_per_worker"]
+                total = sum(counts) or 1
+                out.append(f"{name}: requests per worker over the whole run: " + ", ".join(
+                    f"{c:,.0f} ({100 * c / total:.0f} %)" for c in counts))
+        if self.workers is not None:
+            out += self.workers.footer()
         for sec in self.sections:
             for t in TARGETS:
                 if t in sec.skipped:
@@ -202,6 +216,7 @@ class Report:
                         for k, v in self.ceiling.items()},
             "health": self.health,
             "scenarios": sections,
+            "workers": self.workers.to_json() if self.workers is not None else None,
             "table": [
                 {"scenario": r.section, "metric": r.key, "label": r.label,
                  "values": r.values, "l5dproxy_over": r.ratios}

@@ -37,6 +37,7 @@ class Settings:
     latency_clients: int = 10
     latency_warmup: float = 1.0
     hold_connections: int = 10_000
+    worker_counts: tuple[int, ...] = ()  # l5dproxy --workers N for the workers scenario
     big_bytes: int = 1 << 30
     slow_rate: str = "20M"  # curl --limit-rate of the slow reader
     slow_seconds: float = 5.0
@@ -95,6 +96,7 @@ def run_wrk(sup: Supervisor, port: int, s: Settings) -> Sample:
         "p99_ms": r.latency_ms.get("99", float("nan")),
         "non_2xx": float(r.non_2xx_3xx),
         "socket_errors": float(r.errors),
+        "requests": float(r.requests),
     })
     if r.errors or r.non_2xx_3xx:
         sample.notes.append(f"wrk: {r.non_2xx_3xx} non-2xx/3xx, socket errors {r.socket_errors}")
@@ -126,10 +128,12 @@ def run_h2load(sup: Supervisor, port: int, s: Settings) -> Sample:
     return sample
 
 
-def run_iperf(sup: Supervisor, port: int, s: Settings) -> Sample:
+def run_iperf(sup: Supervisor, port: int, s: Settings, reverse: bool = False) -> Sample:
+    """iperf3 client -> server, or server -> client with ``reverse`` (``-R``)."""
     secs = s.iperf_seconds
     run = sup.run(
-        [str(which("iperf3")), "-c", HOST, "-p", str(port), "-t", str(secs), "-J"],
+        [str(which("iperf3")), "-c", HOST, "-p", str(port), "-t", str(secs), "-J",
+         *(["-R"] if reverse else [])],
         timeout=secs + 30,
     )
     try:

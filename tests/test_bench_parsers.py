@@ -289,3 +289,57 @@ class CpuStatTests(SynchronousTestCase):
         line = ("4242 (twistd (x) y) S 1 4242 4240 0 -1 4194560 1234 0 0 0 "
                 "310 95 0 0 20 0 1 0 100 70000000 15000 18446744073709551615")
         self.assertEqual(pid_stat_session_ticks(line), (4240, 405))
+
+
+class WorkersTests(SynchronousTestCase):
+    """The workers scenario's choice of N, its table and its ratios to N=1."""
+
+    def test_worker_counts(self) -> None:
+        from bench.workers import worker_counts
+
+        self.assertEqual(worker_counts(1), (1, 2))
+        self.assertEqual(worker_counts(2), (1, 2))
+        self.assertEqual(worker_counts(6), (1, 2, 4, 6))
+        self.assertEqual(worker_counts(16), (1, 2, 4, 8, 16))
+        self.assertEqual(worker_counts(None), (1, 2))
+        self.assertEqual(worker_counts(64, quick=True), (1, 2))
+
+    def test_table_and_ratios(self) -> None:
+        from bench.scenarios import Sample
+        from bench.workers import WorkersSection
+
+        sec = WorkersSection((1, 2, 4))
+        for rps in (10_000.0, 12_000.0, 11_000.0):
+            sec.add("h1", 1, Sample(metrics={"rps": rps, "socket_errors": 0.0,
+                                             "non_2xx": 0.0}))
+        sec.add("h1", 2, Sample(metrics={"rps": 16_500.0, "socket_errors": 1.0,
+                                         "non_2xx": 2.0}, notes=["wrk: 2 non-2xx/3xx"]))
+        sec.add("tcp_r", 1, Sample(metrics={"gbits": 10.0}))
+        sec.add("tcp_r", 2, Sample(error="iperf3: boom"))
+        sec.skipped[4] = "did not become ready"
+        rows = {r["key"]: r for r in sec.rows()}
+        self.assertEqual(rows["rps"]["values"], {1: 11_000.0, 2: 16_500.0, 4: None})
+        self.assertEqual(rows["rps"]["over_n1"], {2: 1.5, 4: None})
+        self.assertEqual(rows["socket_errors"]["values"][2], 3.0)
+        self.assertIsNone(rows["socket_errors"]["over_n1"][2])  # a count: no ratio
+        table = sec.table().splitlines()
+        self.assertIn("N=2/N=1", table[0])
+        rps_line = next(line for line in table if line.startswith("| h1 req/s"))
+        self.assertEqual([c.strip() for c in rps_line.strip("|").split("|")][1:],
+                         ["11,000", "16,500", "skip", "1.50", ""])
+        tcp_line = next(line for line in table if line.startswith("| tcp -R"))
+        self.assertIn("ERR", tcp_line)
+        footer = "\n".join(sec.footer())
+        self.assertIn("--workers 4 not measured: did not become ready", footer)
+        self.assertIn("[workers/tcp_r/N=2] ERROR x1: iperf3: boom", footer)
+        json.dumps(sec.to_json())
+
+    def test_free_port_block(self) -> None:
+        import socket
+
+        from bench.procs import free_port_block
+
+        base = free_port_block(3)
+        for port in range(base, base + 3):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port))  # each of them is free
