@@ -27,6 +27,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
+from h2.exceptions import StreamClosedError
 
 CHUNK = 16384
 ZEROS = b"\0" * (1 << 20)
@@ -92,6 +93,14 @@ class Connection:
             self.window_open.set()
 
     def respond(self, sid: int) -> None:
+        try:
+            self._respond(sid)
+        except StreamClosedError:
+            # The client reset the stream in the same read (its RST_STREAM
+            # event is next): nothing to answer, the connection carries on.
+            self.requests.pop(sid, None)
+
+    def _respond(self, sid: int) -> None:
         request = self.requests[sid]
         request["answered"] = True
         path = request["headers"].get(b":path", b"/")

@@ -212,6 +212,8 @@ class H2EndToEndTests(TestCase):
             self.assertGreater(succeeded, 0, out)
             self.assertEqual((succeeded, failed, errored), (total, 0, 0),
                              f"{out}\nproxy log:\n{self.proxy.log_text()[-4000:]}")
+        with open(self.backend_log) as f:
+            self.assertNotIn("ERROR", f.read())   # the backend kept its connections
         log = self.proxy.log_text()
         self.assertNotIn("Unhandled error", log)
         self.assertNotIn("Traceback", log)
