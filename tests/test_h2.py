@@ -46,6 +46,7 @@ from l5dproxy.http.exchange import (
     ResponseHead,
 )
 from l5dproxy.http.h2 import (
+    LINGER_SECONDS,
     H2Client,
     H2ServerProtocol,
     H2Settings,
@@ -489,6 +490,22 @@ class ServerTests(SynchronousTestCase):
         self.conn.drain()
         frames = raw_frames(self.transport.value())
         self.assertEqual([f.error_code for f in frames if isinstance(f, GoAwayFrame)], [0])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_drain_lingers_after_its_fin(self) -> None:
+        """A half-closeable transport gets a FIN, not a close: what the client
+        still sends is dropped unparsed, and the connection is aborted only if
+        the client has not closed after the linger period."""
+        half_closed = []
+        self.transport.loseWriteConnection = lambda: half_closed.append(True)
+        self.conn.drain()
+        self.assertEqual(half_closed, [True])
+        self.assertFalse(self.transport.disconnecting)
+        self.client.increment_flow_control_window(1000)
+        self.server.dataReceived(self.client.data_to_send() + b"not even a frame")
+        goaways = [f for f in raw_frames(self.transport.value()) if isinstance(f, GoAwayFrame)]
+        self.assertEqual(len(goaways), 1)
+        self.clock.advance(LINGER_SECONDS)
         self.assertTrue(self.transport.disconnecting)
 
     def test_connection_lost_cancels_everything(self) -> None:

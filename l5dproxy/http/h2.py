@@ -86,6 +86,9 @@ log = Logger(namespace="l5dproxy.h2")
 #: Bytes queued for sending on one stream past which its body is paused.
 OUT_HIGH_WATER = 64 * 1024
 OUT_LOW_WATER = 16 * 1024
+#: How long a closing connection waits for the client to close its side.
+LINGER_SECONDS = 2.0
+
 #: h2's largest stream id; the first GOAWAY of a graceful drain names it.
 _MAX_STREAM_ID = 2**31 - 1
 
@@ -648,6 +651,7 @@ class H2ServerProtocol(_H2Protocol):
         self.draining = False
         self._last_stream_id = 0
         self._how = "client closed"
+        self._linger_timer = None
 
     def connectionMade(self) -> None:
         s = self.settings
@@ -677,6 +681,8 @@ class H2ServerProtocol(_H2Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.count_read(len(data))
+        if self._linger_timer is not None:
+            return  # closing: what the client still sends is read and dropped
         self._receive(data)
         if self.draining and not self.streams:
             self._close()
@@ -689,6 +695,8 @@ class H2ServerProtocol(_H2Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
+        if self._linger_timer is not None and self._linger_timer.active():
+            self._linger_timer.cancel()
         for stream in list(self.streams.values()):
             self._abandon(stream, ConnectionAbortedError("client connection lost"))
         self.conn.on_drain = None
@@ -832,7 +840,24 @@ class H2ServerProtocol(_H2Protocol):
             self.transport.write(data)
         except ProtocolError:
             pass
-        self.transport.loseConnection()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close as nginx's lingering close does: our FIN goes after the last
+        frame, then what the client still sends (a WINDOW_UPDATE for the data
+        it is reading) is read and dropped until it closes too, or for
+        ``LINGER_SECONDS``. Closing with unread bytes in the receive buffer
+        would make the kernel answer with a RST, and a RST destroys whatever
+        the client had not read yet: the end of the last response."""
+        transport = self.transport
+        transport.unregisterProducer()
+        close_write = getattr(transport, "loseWriteConnection", None)
+        if close_write is None:  # a transport that cannot half-close
+            transport.loseConnection()
+            return
+        close_write()
+        self._linger_timer = self.conn.listener.reactor.callLater(
+            LINGER_SECONDS, transport.abortConnection)
 
 
 # -- the client end --
