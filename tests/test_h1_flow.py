@@ -232,6 +232,31 @@ class BothEndsTests(SynchronousTestCase):
         self.assertTrue(up_transport.disconnected)
         self.assertEqual(self.idle(), [])
 
+    def test_response_head_written_as_the_endpoint_sent_it_less_hop_by_hop(self) -> None:
+        """The server end writes the client end's header lines as they are:
+        names as sent, order kept, hop-by-hop headers and those the
+        endpoint's Connection names left out, its length not doubled."""
+        server, transport = self.serve()
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        up, _ = self.upstream(0)
+        up.dataReceived(b"HTTP/1.1 200 Fine\r\nServer: x\r\nKeep-Alive: timeout=5\r\n"
+                        b"Content-Length: 2\r\nX-Mixed-Case: v\r\nConnection: keep-alive\r\n"
+                        b"\r\nhi")
+        self.assertEqual(transport.value(),
+                         b"HTTP/1.1 200 Fine\r\nServer: x\r\nContent-Length: 2\r\n"
+                         b"X-Mixed-Case: v\r\n\r\nhi")
+        transport.clear()
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nX-Private: 1\r\nConnection: X-Private\r\n"
+                        b"Transfer-Encoding: chunked\r\nA: b\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+        self.assertEqual(transport.value(),
+                         b"HTTP/1.1 200 OK\r\nA: b\r\ntransfer-encoding: chunked\r\n\r\n"
+                         b"2\r\nhi\r\n0\r\n\r\n")
+        transport.clear()
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        up.dataReceived(b"HTTP/1.1 204 No Content\r\nB: c\r\n\r\n")
+        self.assertEqual(transport.value(), b"HTTP/1.1 204 No Content\r\nB: c\r\n\r\n")
+
     def test_paused_connection_is_never_pooled_or_taken(self) -> None:
         _server, _transport, up, up_transport = self.start_big_paused()
         self.assertFalse(up.reusable())                  # busy and paused

@@ -57,6 +57,13 @@ class ResponseHead:
     status: int
     headers: Headers = field(default_factory=list)
     reason: bytes = b""
+    #: ``headers`` already written as HTTP/1 header lines (``name: value\r\n``
+    #: each), when the client end that read them made them so: the HTTP/1
+    #: server end writes them as they are. Whoever changes ``headers`` sets
+    #: this to None.
+    lines: bytes | None = None
+    #: With ``lines``: whether they hold a ``content-length``.
+    lines_length: bool = False
 
     def header(self, name: bytes) -> bytes | None:
         return _first(self.headers, name)

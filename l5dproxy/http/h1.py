@@ -667,16 +667,20 @@ class H1Server(Protocol):
 
     def _response_head(self, msg: _Message, head, status: int, bodyless: bool = False,
                     tunnel: bool = False) -> bytes:
-        parts = [b"HTTP/1.1 ", str(status).encode(), b" ", head.reason or reason_phrase(status),
-                 b"\r\n"]
-        has_length = False
-        for name, value in head.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                continue
-            if lname == b"content-length":
-                has_length = True
-            parts += (name, b": ", value, b"\r\n")
+        lines = head.lines
+        if lines is not None:   # the client end's lines, end-to-end headers only
+            parts = [_status_line(status, head.reason), lines]
+            has_length = head.lines_length
+        else:
+            parts = [_status_line(status, head.reason)]
+            has_length = False
+            for name, value in head.headers:
+                lname = name.lower()
+                if lname in HOP_BY_HOP:
+                    continue
+                if lname == b"content-length":
+                    has_length = True
+                parts += (name, b": ", value, b"\r\n")
         self._out_chunked = False
         if tunnel:
             upgrade = msg.request.upgrade
@@ -892,6 +896,20 @@ class H1Server(Protocol):
         if not self._closed:
             self.tunnel = None
             close_transport(self.transport)
+
+
+_status_lines: dict[tuple[int, bytes], bytes] = {}
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    """The status line (the standard phrase when ``reason`` is empty), the
+    usual ones made once."""
+    line = _status_lines.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %b\r\n" % (status, reason or reason_phrase(status))
+        if len(_status_lines) < 256:   # reasons are the upstream's: bounded
+            _status_lines[(status, reason)] = line
+    return line
 
 
 def close_transport(transport) -> None:

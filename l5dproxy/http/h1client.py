@@ -571,6 +571,7 @@ class H1ClientConnection(Protocol):
         self._response_started = True
         self._keep_alive = parser.should_keep_alive()
         headers: Headers = []
+        lines: list[bytes] = []   # the same headers as the server end writes them
         named: list[bytes] | None = None
         length: int | None = None
         chunked = False
@@ -589,10 +590,14 @@ class H1ClientConnection(Protocol):
             if lname == b"content-length":
                 length = int(value)
             headers.append((name, value))
+            lines += (name, b": ", value, b"\r\n")
+        self._headers = []
         if named:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
-        self._headers = []
-        head = ResponseHead(status, headers, b"".join(self._reason))
+            head = ResponseHead(status, headers, b"".join(self._reason))
+        else:
+            head = ResponseHead(status, headers, b"".join(self._reason), b"".join(lines),
+                                length is not None)
         self._trailers = []
         upgrade = self._upgrade
         tunnel = (upgrade is not None and
