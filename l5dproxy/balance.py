@@ -277,6 +277,11 @@ class RetryBudget:
         self._deposits = 0
         self._withdrawals = 0
         self.exhausted = 0  # refused withdrawals, in all
+        # The current slot and the times it covers: a deposit within them
+        # (one per request) needs no index, no walk of the window.
+        self._slot: list[float] | None = None
+        self._slot_from = 0.0
+        self._slot_to = 0.0
 
     def _current(self) -> list[float]:
         index = int(self.clock.seconds() // self._width)
@@ -287,10 +292,16 @@ class RetryBudget:
             self._withdrawals -= w
         if not slots or slots[-1][0] != index:
             slots.append([index, 0, 0])
-        return slots[-1]
+        slot = self._slot = slots[-1]
+        self._slot_from = index * self._width
+        self._slot_to = (index + 1) * self._width
+        return slot
 
     def deposit(self) -> None:
-        self._current()[1] += 1
+        if self._slot_from <= self.clock.seconds() < self._slot_to:
+            self._slot[1] += 1
+        else:
+            self._current()[1] += 1
         self._deposits += 1
 
     def balance(self) -> float:

@@ -312,6 +312,27 @@ class RetryBudgetTests(SynchronousTestCase):
         self.assertEqual(budget.balance(), 10)
         self.assertTrue(budget.try_withdraw())
 
+    def test_deposits_expire_with_their_slot(self):
+        """Deposits made within one slot (the fast path) and across slot
+        boundaries leave the window exactly when their slot does."""
+        clock = Clock()
+        budget = RetryBudget(clock, ratio=0.5, min_per_second=0, ttl=10)  # 1 s slots
+        for _ in range(4):
+            budget.deposit()
+        clock.advance(0.5)
+        for _ in range(4):                   # the same slot
+            budget.deposit()
+        clock.advance(0.6)                   # t = 1.1: the next slot
+        for _ in range(2):
+            budget.deposit()
+        self.assertEqual(budget.balance(), 5)
+        clock.advance(8.95)                  # t = 10.05: the first slot has left
+        self.assertEqual(budget.balance(), 1)
+        budget.deposit()
+        self.assertEqual(budget.balance(), 1.5)
+        clock.advance(1.0)                   # t = 11.05: so has the second
+        self.assertEqual(budget.balance(), 0.5)
+
     def test_every_request_failing_retries_stay_bounded(self):
         """An outage: 100 rps for 30 s, every request retried as long as allowed.
         Retries stay near 20% of requests plus the floor, never 100%."""
