@@ -26,7 +26,7 @@ from l5dproxy.http.exchange import (
     ResponseHead,
 )
 from l5dproxy.http.proxy import HttpProxy
-from l5dproxy.http.retry import Replay, retryable
+from l5dproxy.http.retry import Replay, replay_for, retryable
 from l5dproxy.telemetry import Metrics
 
 
@@ -253,6 +253,26 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(paused, [True, False])
         second.cancel()
         self.assertEqual(paused, [True, False, "stop"])
+
+    def test_bodiless_request_replayed_with_a_fresh_empty_body(self):
+        """One shared EmptyReplay: the first attempt is the request itself,
+        each retry a new request with the same head and hook, a new empty body."""
+        def hook(head):
+            pass
+
+        request = Request(RequestHead(b"GET", b"/", b"a"), Body.empty(), hook)
+        replay = replay_for(request, 64)
+        self.assertIs(replay, replay_for(Request(RequestHead(b"GET", b"/x", b"a"),
+                                                 Body.empty()), 64))
+        self.assertIs(replay.request_for_attempt(request, 0), request)
+        retries = [replay.request_for_attempt(request, n) for n in (1, 2)]
+        for retry in retries:
+            self.assertIsNot(retry, request)
+            self.assertIs(retry.head, request.head)
+            self.assertIs(retry.interim, hook)
+            self.assertTrue(retry.body.is_empty)
+            self.assertIsNot(retry.body, request.body)
+        self.assertIsNot(retries[0].body, retries[1].body)
 
     def test_budget_caps_retries_when_every_endpoint_fails(self):
         """Every endpoint fails: retries stop at the budget (ratio 0.2, no floor)."""

@@ -301,7 +301,7 @@ class _Exchange:
             connection.endpoint = endpoint.label
         request = self.request
         if self.replay is not None:
-            request = self.replay.request_for_attempt(request)
+            request = self.replay.request_for_attempt(request, self.retries)
         client = self.client
         try:
             call = getattr(client, "call", None)

@@ -32,26 +32,24 @@ def retryable(request: Request, max_body: int, route_retryable: bool = False) ->
 
 
 def replay_for(request: Request, max_body: int) -> Replay | EmptyReplay:
-    """The tee for a retryable request (nothing to keep for an empty body)."""
+    """The tee for a retryable request (nothing to keep for an empty body:
+    one ``EmptyReplay`` serves them all)."""
     if request.body.is_empty:
-        return EmptyReplay()
+        return EMPTY_REPLAY
     return Replay(request.body, max_body)
 
 
 class EmptyReplay:
     """A request without a body: the first attempt sends it as it is, a retry
-    sends its head with an empty body."""
+    sends its head with an empty body. It keeps nothing, so one is shared."""
 
-    __slots__ = ("sent",)
+    __slots__ = ()
 
     replayable = True
 
-    def __init__(self) -> None:
-        self.sent = False
-
-    def request_for_attempt(self, request: Request) -> Request:
-        if not self.sent:
-            self.sent = True
+    def request_for_attempt(self, request: Request, attempt: int) -> Request:
+        """The request for attempt number ``attempt`` (0: the first)."""
+        if not attempt:
             return request
         return Request(request.head, Body.empty(), request.interim)
 
@@ -82,7 +80,7 @@ class Replay:
     def replayable(self) -> bool:
         return not self.overflow and self.error is None
 
-    def request_for_attempt(self, request: Request) -> Request:
+    def request_for_attempt(self, request: Request, attempt: int) -> Request:
         return Request(request.head, self.body_for_attempt(), request.interim)
 
     def body_for_attempt(self) -> Body:
@@ -130,6 +128,9 @@ class Replay:
         self.error = reason
         if self.current is not None:
             self.current.fail(reason)
+
+
+EMPTY_REPLAY = EmptyReplay()
 
 
 class _AttemptSource:
