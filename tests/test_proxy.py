@@ -278,3 +278,18 @@ class DispatchToTests(DispatcherTests):
         context = RequestContext(self.listener, FakeConnection(), "http1")
         return request, dispatch_to_deferred(self.proxy, request, context)
 
+
+
+class IsGrpcTests(SynchronousTestCase):
+    """RequestHead.is_grpc: the first content-type, application/grpc with any suffix or case."""
+
+    def test_is_grpc(self) -> None:
+        for headers, expected in [
+            ([], False),
+            ([(b"Content-Type", b"application/grpc")], True),
+            ([(b"content-type", b"Application/GRPC+proto")], True),
+            ([(b"content-type", b"text/plain"), (b"content-type", b"application/grpc")], False),
+            ([(b"x-content-typ", b"application/grpc")], False),
+            ([(b"content-type", b"application/grp")], False),
+        ]:
+            self.assertIs(RequestHead(b"POST", b"/", b"a", headers).is_grpc, expected, headers)

@@ -48,8 +48,11 @@ class RequestHead:
 
     @property
     def is_grpc(self) -> bool:
-        content_type = self.header(b"content-type") or b""
-        return content_type.lower().startswith(b"application/grpc")
+        """The first ``content-type`` is ``application/grpc`` (any suffix, any case)."""
+        for name, value in self.headers:   # per request: lengths first
+            if len(name) == 12 and name.lower() == b"content-type":
+                return value[:16].lower() == b"application/grpc"
+        return False
 
 
 @dataclass(slots=True)
