@@ -290,6 +290,10 @@ class H1Server(Protocol):
                 self._head_bytes += len(data)
                 if self._head_bytes > self.limits.max_header_bytes:
                     self._bad_input(_RejectError(431, "request header fields too large"))
+        if self._in_head and self._wait != "head" and not self._closed:
+            # A head begun in this read and not finished in it: its deadline
+            # counts from now (a head read whole needs no timer moved).
+            self._arm("head", self.limits.request_header_timeout)
         self._kick()
 
     def readConnectionLost(self) -> None:
@@ -348,8 +352,7 @@ class H1Server(Protocol):
     def on_message_begin(self) -> None:
         if self._last or self._stopped:
             raise _HaltError()
-        self._in_head = True
-        self._arm("head", self.limits.request_header_timeout)
+        self._in_head = True   # timed once this read is parsed, if still unfinished
         self._url = []
         self._url_len = 0
         self._headers = []
