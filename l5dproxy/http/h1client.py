@@ -433,6 +433,11 @@ class H1ClientConnection(Protocol):
         pending = self._pending
         if pending is not None:
             self._pending = None
+            body = pending[1].body
+            if body is self._body and not body.ended:
+                # Still coming: from now on its reader's pauses stop this
+                # connection (one the body outgrew in this read already did).
+                body.set_source(_ResponseSource(self, body))
             pending[0].responded(pending[1])
 
     def readConnectionLost(self) -> None:
@@ -625,10 +630,8 @@ class H1ClientConnection(Protocol):
         if length == 0:
             body = Body.empty()
             self._body = None
-        else:
-            body = Body(length)
-            body.set_source(_ResponseSource(self, body))
-            self._body = body
+        else:   # its source is set when it is handed on, if it has not ended by then
+            body = self._body = Body(length)
         self._until_close = length is None and not chunked
         # Handed on once this read is parsed: a small body is in it by then,
         # and the server end writes head and body at once.
