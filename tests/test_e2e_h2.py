@@ -26,7 +26,7 @@ from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 from twisted.trial.unittest import SkipTest, TestCase
 
-from tests.support import ProxyProcess, require_tool, wait_for
+from tests.support import HttpServer, ProxyProcess, require_tool, wait_for
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -449,6 +449,23 @@ class H1H2TranslationTests(TestCase):
     """h1 client to an h2 service, and h2 client to an h1 service."""
 
     timeout = 60
+
+    def test_h2_to_an_endpoint_that_does_not_speak_h2(self) -> None:
+        """With no ``protocol`` the proxy speaks h2 upstream to an h2 client;
+        an HTTP/1-only endpoint refuses the preface and closes. The request
+        gets a 502 with l5d-proxy-error after that one connection, not a
+        reconnect storm while the client waits."""
+        curl = require_tool("curl")
+        backend = HttpServer(self)
+        proxy = proxy_to(self, backend.address)
+        out = subprocess.run(
+            [curl, "-s", "--http2-prior-knowledge", "--max-time", "20", "-D", "-", "-o",
+             os.devnull, f"http://127.0.0.1:{proxy.port('in')}/"],
+            capture_output=True, timeout=30).stdout
+        self.assertTrue(out.startswith(b"HTTP/2 502"), out)
+        self.assertIn(b"l5d-proxy-error: 127.0.0.1:", out)
+        # One try and the service's default retry_limit (2) of retries.
+        self.assertLessEqual(proxy.metric_value("tcp_open_total", peer="dst", protocol="h2"), 3)
 
     def test_h1_client_to_h2_service(self) -> None:
         curl = require_tool("curl")

@@ -1053,16 +1053,28 @@ class _EndpointPool:
                 self.service, self.label, errno_name(reason) or "closed").inc()
         log.info("h2 connect to {endpoint} failed: {reason}", endpoint=self.label,
                  reason=reason.getErrorMessage())
-        error = as_proxy_error(reason)   # refused: 502, timeout: 504 (gRPC: 14, 4)
-        waiting, self.waiting = self.waiting, deque()
-        for pending in waiting:
-            if not pending.deferred.called:
-                pending.deferred.errback(error)
+        self._fail_waiting(as_proxy_error(reason))  # refused: 502, timeout: 504
 
     def lost(self, conn: H2ClientProtocol) -> None:
         if conn in self.connections:
             self.connections.remove(conn)
+        if not conn.settings_received:
+            # The endpoint never said HTTP/2: an HTTP/1-only server answers
+            # the preface with an error and closes. Connecting again would
+            # only repeat that, as fast as the reactor turns, so the requests
+            # waiting for this connection fail now, as after a failed connect.
+            log.info("h2 connection to {endpoint} closed before its SETTINGS:"
+                     " does it speak HTTP/2?", endpoint=self.label)
+            self._fail_waiting(ProxyError.bad_gateway(
+                f"{self.label} closed the connection before speaking HTTP/2"))
+            return
         self._maybe_connect()
+
+    def _fail_waiting(self, error: ProxyError) -> None:
+        waiting, self.waiting = self.waiting, deque()
+        for pending in waiting:
+            if not pending.deferred.called:
+                pending.deferred.errback(error)
 
     def retire(self, conn: H2ClientProtocol) -> None:
         """The peer sent GOAWAY: no new streams on ``conn``."""
