@@ -87,6 +87,22 @@ class BatchSender:
         self.queued = True
         self.batch.add(self)
 
+    def write_now(self, data: bytes) -> None:
+        """Send ``data`` at once, for a caller that batched its own writes
+        of this turn (the h2 ends flush their connection's frames at the
+        end of the turn); what the kernel does not take is left to Twisted."""
+        t = self.transport
+        if (self.queued or self.sock is None or t._tempDataLen or t.dataBuffer
+                or not t.connected or t.disconnecting or t._writeDisconnecting or t.TLS):
+            t.write(data)
+            return
+        try:
+            sent = self.sock.send(data)
+        except OSError:
+            sent = 0
+        if sent < len(data):
+            t.write(data[sent:])
+
     def flush(self) -> None:
         self.queued = False
         t = self.transport

@@ -67,6 +67,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l5dproxy.batchsend import BatchSender
 from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.exchange import (
     Body,
@@ -92,6 +93,9 @@ OUT_HIGH_WATER = 64 * 1024
 OUT_LOW_WATER = 16 * 1024
 #: How long a closing connection waits for the client to close its side.
 LINGER_SECONDS = 2.0
+#: Frames queued in h2 past which they are written at once rather than at
+#: the end of the reactor turn (a body sent within a large window).
+FLUSH_AT = 64 * 1024
 
 #: h2's largest stream id; the first GOAWAY of a graceful drain names it.
 _MAX_STREAM_ID = 2**31 - 1
@@ -435,14 +439,47 @@ class _H2Protocol(Protocol):
         self._blocked: dict[int, _Stream] = {}   # streams with data waiting for a window
         self._write_paused = False
         self._lost = False
+        #: Plain TCP: frames are taken from h2 and sent once per reactor
+        #: turn (batchsend), however many events queued them.
+        self._sender: BatchSender | None = None
+        self._flush_queued = False
+        self._unflushed = 0
 
     # -- writing --
 
+    def _start_writing(self) -> None:
+        """connectionMade: pick how frames are written."""
+        sender = BatchSender(self.transport)
+        if sender.batch is not None:
+            self._sender = sender
+
     def _write(self) -> None:
+        """h2 has frames to send: now, or (plain TCP) at the end of this
+        reactor turn, together with whatever the rest of the turn adds."""
+        if self._sender is None:
+            self._flush_now()
+        elif not self._flush_queued:
+            self._flush_queued = True
+            self._sender.batch.add(self)
+
+    def flush(self) -> None:
+        """The end of the reactor turn (batchsend): send what h2 queued."""
+        self._flush_queued = False
+        self._flush_now()
+
+    def _flush_now(self) -> None:
         data = self.h2.data_to_send()
         if data and not self._lost:
             self._count_written(len(data))
-            self.transport.write(data)
+            sender = self._sender
+            if sender is None:
+                self.transport.write(data)
+            else:
+                sender.write_now(data)
+
+    def _lose_connection(self) -> None:
+        self._flush_now()
+        self.transport.loseConnection()
 
     def _count_written(self, n: int) -> None:
         pass
@@ -503,7 +540,12 @@ class _H2Protocol(Protocol):
                 n = window
             stream.out_queued -= n
             h2.send_data(sid, chunk)
-            self._write()
+            self._unflushed += n
+            if self._unflushed >= FLUSH_AT:
+                self._unflushed = 0
+                self._flush_now()
+            else:
+                self._write()
         else:
             self._blocked.pop(sid, None)
             if stream.out_end and not stream.out_done:
@@ -670,8 +712,7 @@ class _H2Protocol(Protocol):
             events = self.h2.receive_data(data)
         except ProtocolError as e:
             log.info("h2 protocol error from {peer}: {error}", peer=self._peer(), error=e)
-            self._write()    # h2 queued the GOAWAY with the error's code
-            self.transport.loseConnection()
+            self._lose_connection()    # h2 queued the GOAWAY with the error's code
             self._lost = True
             self._fail_all(ProxyError.bad_gateway("h2 protocol error"))
             return
@@ -763,6 +804,7 @@ class H2ServerProtocol(_H2Protocol):
         self.h2 = h2
         set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
+        self._start_writing()
         self.conn.on_drain = self.drain
         self._write()
 
@@ -911,7 +953,7 @@ class H2ServerProtocol(_H2Protocol):
             return
         frame = GoAwayFrame(0, last_stream_id=self._last_stream_id,
                             error_code=ErrorCodes.NO_ERROR)
-        self._write()
+        self._flush_now()
         data = frame.serialize()
         self._count_written(len(data))
         self.transport.write(data)
@@ -1084,7 +1126,7 @@ class _EndpointPool:
 
     def close(self) -> None:
         for conn in list(self.connections):
-            conn.transport.loseConnection()
+            conn._lose_connection()
 
 
 class _ClientFactory(ClientFactory):
@@ -1133,6 +1175,7 @@ class H2ClientProtocol(_H2Protocol):
         self.connected_at = client.reactor.seconds()
         set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
+        self._start_writing()
         self.pool.connected(self)
         self._write()
 
@@ -1177,7 +1220,7 @@ class H2ClientProtocol(_H2Protocol):
             self.pool.retire(self)
             self.pool.submit(pending)
             if not self.streams:
-                self.transport.loseConnection()
+                self._lose_connection()
             return
         stream = _Stream(self, sid)
         stream.pending = pending
@@ -1251,7 +1294,7 @@ class H2ClientProtocol(_H2Protocol):
             return
         if self.goaway:
             if not self.streams:
-                self.transport.loseConnection()
+                self._lose_connection()
         else:
             self.pool.ready(self)
 
@@ -1278,4 +1321,4 @@ class H2ClientProtocol(_H2Protocol):
                 else:
                     d.errback(ProxyError.unavailable("upstream GOAWAY before the request"))
         if not self.streams:
-            self.transport.loseConnection()
+            self._lose_connection()
