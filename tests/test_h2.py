@@ -950,18 +950,53 @@ class Forwarder:
         return self.client.request(Endpoint(), request)
 
 
+class DirectForwarder:
+    """Forwarder without Deferreds, as HttpProxy does it: the server end
+    calls ``dispatch_to``, which uses the client end's ``call``."""
+
+    def __init__(self, client: H2Client) -> None:
+        self.client = client
+
+    def dispatch_to(self, request: Request, context, waiter, token):
+        return _DirectCall(self.client, request, waiter, token)
+
+
+class _DirectCall:
+    def __init__(self, client: H2Client, request: Request, waiter, token) -> None:
+        self.waiter, self.token = waiter, token
+        self.delivered = False
+        self.handle = None
+        handle = client.call(Endpoint(), request, self)
+        if not self.delivered:
+            self.handle = handle
+
+    def upstream_responded(self, response: Response) -> None:
+        self.delivered = True
+        self.waiter.dispatch_responded(self.token, response)
+
+    def upstream_failed(self, failure: Failure) -> None:
+        self.delivered = True
+        self.waiter.dispatch_failed(self.token, failure)
+
+    def cancel(self) -> None:
+        if not self.delivered:
+            self.delivered = True
+            self.handle.cancel()
+
+
 class WiredTests(SynchronousTestCase):
     """Two client connections on server ends, their streams forwarded over
     one shared upstream connection by the client end, as in the proxy: what
     one client does to its streams must never break the other's."""
 
     settings = H2Settings(initial_window_size=65535, connection_window_size=65535)
+    forwarder = Forwarder
 
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
         self.listener = make_listener(self.clock)
         self.upstream = H2Client(self.clock, settings=self.settings)
-        self.forwarder = Forwarder(self.upstream)
+        self.forwarder = type(self).forwarder(self.upstream)
         self.downs = [self.client_connection() for _ in range(2)]
         self.endpoint = None
 
@@ -1117,6 +1152,13 @@ class WiredTests(SynchronousTestCase):
 
 
 # -- translation and gRPC helpers -----------------------------------------------
+
+class WiredDirectTests(WiredTests):
+    """The same, through the ends' direct (no-Deferred) paths: the server
+    end's ``dispatch_to`` waiter and the client end's ``call``."""
+
+    forwarder = DirectForwarder
+
 
 class TranslationTests(SynchronousTestCase):
     def test_request_head_from_h2(self) -> None:

@@ -379,7 +379,9 @@ class _Stream:
         self.out_done = False         # END_STREAM sent
         self.out_paused = False
         self.reset = False
-        self.deferred: defer.Deferred | None = None   # server: dispatch; client: response
+        #: server: the dispatch (an exchange or a Deferred: cancel() gives it
+        #: up); client: the _Pending told of the response.
+        self.deferred = None
         self.grpc = False
         self.pending: _Pending | None = None          # client: the request it carries
 
@@ -869,10 +871,28 @@ class H2ServerProtocol(_H2Protocol):
             self._respond(stream, error_response(
                 ProxyError.bad_request("request header list too large", 431), stream.grpc))
             return
+        dispatch_to = getattr(self.dispatcher, "dispatch_to", None)
+        if dispatch_to is not None:   # told directly, no Deferred
+            exchange = dispatch_to(Request(head, body), self.context, self, stream)
+            if not exchange.delivered:
+                stream.deferred = exchange   # cancel() gives it up if the stream goes
+            return
         d = self.dispatcher.dispatch(Request(head, body), self.context)
         stream.deferred = d
         d.addCallbacks(partial(self._respond, stream), partial(self._dispatch_failed, stream))
         d.addErrback(partial(self._respond_failed, stream))
+
+    def dispatch_responded(self, stream: _Stream, response: Response) -> None:
+        try:
+            self._respond(stream, response)
+        except Exception:
+            self._respond_failed(stream, Failure())
+
+    def dispatch_failed(self, stream: _Stream, failure: Failure) -> None:
+        try:
+            self._dispatch_failed(stream, failure)
+        except Exception:
+            self._respond_failed(stream, Failure())
 
     def _respond(self, stream: _Stream, response: Response) -> None:
         stream.deferred = None
@@ -992,18 +1012,49 @@ class H2ServerProtocol(_H2Protocol):
 # -- the client end --
 
 class _Pending:
-    """A request waiting for, or carried by, an upstream stream."""
+    """A request waiting for, or carried by, an upstream stream; its outcome
+    goes to ``waiter`` (``H2Client.call``) or to ``deferred`` (``request``)."""
 
-    __slots__ = ("deferred", "request", "stream")
+    __slots__ = ("deferred", "done", "request", "stream", "waiter")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, waiter=None) -> None:
         self.request = request
-        self.deferred: defer.Deferred = defer.Deferred(self._cancel)
+        self.waiter = waiter
+        self.deferred: defer.Deferred | None = (
+            defer.Deferred(self._cancel) if waiter is None else None)
         self.stream: _Stream | None = None
+        self.done = False
+
+    def respond(self, response: Response) -> None:
+        if self.done:
+            return
+        self.done = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is None:
+            self.deferred.callback(response)
+        else:
+            waiter.upstream_responded(response)
+
+    def fail(self, error: Exception) -> None:
+        if self.done:
+            return
+        self.done = True
+        waiter, self.waiter = self.waiter, None
+        if waiter is None:
+            self.deferred.errback(error)
+        else:
+            waiter.upstream_failed(Failure(error))
+
+    def cancel(self) -> None:
+        """Give the request up (``H2Client.call``); nothing is reported after."""
+        if not self.done:
+            self.waiter = None
+            self._cancel(None)
 
     def _cancel(self, d) -> None:
         # The dispatcher gave up (the client reset its stream, a deadline
         # passed): the upstream stream is reset with CANCEL.
+        self.done = True
         stream = self.stream
         if stream is not None and not stream.reset:
             stream.deferred = None
@@ -1028,6 +1079,21 @@ class H2Client:
         self.pools: dict[str, _EndpointPool] = {}
 
     def request(self, endpoint, request: Request) -> defer.Deferred:
+        pool = self._pool(endpoint)
+        pending = _Pending(request)
+        pool.submit(pending)
+        return pending.deferred
+
+    def call(self, endpoint, request: Request, waiter) -> _Pending:
+        """``request`` without a Deferred: ``waiter.upstream_responded(response)``
+        or ``waiter.upstream_failed(failure)`` is called once; the returned
+        handle's ``cancel()`` gives it up (nothing is called then)."""
+        pool = self._pool(endpoint)
+        pending = _Pending(request, waiter)
+        pool.submit(pending)
+        return pending
+
+    def _pool(self, endpoint) -> _EndpointPool:
         address = endpoint.address
         key = str(address)
         pool = self.pools.get(key)
@@ -1038,9 +1104,7 @@ class H2Client:
             if config is not None:
                 pool.service = config.name
                 pool.connect_timeout = config.connect_timeout
-        pending = _Pending(request)
-        pool.submit(pending)
-        return pending.deferred
+        return pool
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -1078,7 +1142,7 @@ class _EndpointPool:
         waiting = self.waiting
         while waiting and conn.capacity() > 0:
             pending = waiting.popleft()
-            if pending.deferred.called:
+            if pending.done:
                 continue
             conn.start(pending)
         self._maybe_connect()
@@ -1115,8 +1179,7 @@ class _EndpointPool:
     def _fail_waiting(self, error: ProxyError) -> None:
         waiting, self.waiting = self.waiting, deque()
         for pending in waiting:
-            if not pending.deferred.called:
-                pending.deferred.errback(error)
+            pending.fail(error)
 
     def retire(self, conn: H2ClientProtocol) -> None:
         """The peer sent GOAWAY: no new streams on ``conn``."""
@@ -1224,7 +1287,7 @@ class H2ClientProtocol(_H2Protocol):
             return
         stream = _Stream(self, sid)
         stream.pending = pending
-        stream.deferred = pending.deferred
+        stream.deferred = pending
         stream.grpc = request.head.is_grpc
         pending.stream = stream
         self.streams[sid] = stream
@@ -1249,8 +1312,8 @@ class H2ClientProtocol(_H2Protocol):
                 body.set_source(stream)
             stream.in_body = body
             d, stream.deferred = stream.deferred, None
-            if d is not None and not d.called:
-                d.callback(Response(head, body))
+            if d is not None:
+                d.respond(Response(head, body))
             if stream.in_done:
                 self._maybe_forget(stream)
 
@@ -1260,21 +1323,21 @@ class H2ClientProtocol(_H2Protocol):
     def _peer_reset(self, stream: _Stream, code: int) -> None:
         stream.reset = True
         d, stream.deferred = stream.deferred, None
-        if d is not None and not d.called:
+        if d is not None and not d.done:
             code = _code(code)
             name = code_name(code)
             if code == ErrorCodes.REFUSED_STREAM:
                 error = ProxyError.unavailable(f"upstream refused stream ({name})")
             else:
                 error = ProxyError.bad_gateway(f"upstream reset stream ({name})")
-            d.errback(error)
+            d.fail(error)
         self._release(stream, StreamResetError(code))
 
     def _reset(self, stream: _Stream, code: int) -> None:
         d, stream.deferred = stream.deferred, None
         super()._reset(stream, code)
-        if d is not None and not d.called:
-            d.errback(ProxyError.bad_gateway("request abandoned"))
+        if d is not None:
+            d.fail(ProxyError.bad_gateway("request abandoned"))
 
     def _inbound_stopped(self, stream: _Stream) -> None:
         # The response body's consumer is gone: cancel the upstream stream.
@@ -1284,8 +1347,8 @@ class H2ClientProtocol(_H2Protocol):
     def _connection_failed_stream(self, stream: _Stream, reason: Exception) -> None:
         stream.reset = True
         d, stream.deferred = stream.deferred, None
-        if d is not None and not d.called:
-            d.errback(reason if isinstance(reason, ProxyError)
+        if d is not None:
+            d.fail(reason if isinstance(reason, ProxyError)
                       else ProxyError.bad_gateway(str(reason)))
         self._release(stream, ConnectionAbortedError(str(reason)))
 
@@ -1310,7 +1373,7 @@ class H2ClientProtocol(_H2Protocol):
             stream.reset = True
             d, stream.deferred = stream.deferred, None
             self._release(stream, ConnectionAbortedError("upstream GOAWAY"))
-            if d is not None and not d.called:
+            if d is not None and not d.done:
                 request = pending.request
                 if request.body.is_empty:
                     # Never processed (the GOAWAY says so) and nothing to
@@ -1319,6 +1382,6 @@ class H2ClientProtocol(_H2Protocol):
                     pending.stream = None
                     self.pool.submit(pending)
                 else:
-                    d.errback(ProxyError.unavailable("upstream GOAWAY before the request"))
+                    d.fail(ProxyError.unavailable("upstream GOAWAY before the request"))
         if not self.streams:
             self._lose_connection()
