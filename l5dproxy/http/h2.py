@@ -59,7 +59,7 @@ from h2.exceptions import FlowControlError, NoAvailableStreamIDError, ProtocolEr
 from h2.settings import SettingCodes, Settings
 from h2.utilities import CONNECTION_HEADERS as _H2_CONNECTION_HEADERS
 from h2.utilities import HeaderValidationFlags, validate_headers
-from hyperframe.frame import GoAwayFrame
+from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -341,6 +341,15 @@ class _H2Connection(H2Connection):
                     pass
         return frames, events
 
+    def acknowledge_connection_data(self, n: int) -> None:
+        """``acknowledge_received_data`` for the connection window only: the
+        bytes of streams the peer has ended, whose own windows no longer matter."""
+        increment = self._inbound_flow_control_window_manager.process_bytes(n)
+        if increment:
+            frame = WindowUpdateFrame(0)
+            frame.window_increment = increment
+            self._prepare_for_sending([frame])
+
     def _receive_goaway_frame(self, frame: GoAwayFrame):
         event = ConnectionTerminated()
         event.error_code = _code(frame.error_code)
@@ -446,6 +455,9 @@ class _H2Protocol(Protocol):
         self._sender: BatchSender | None = None
         self._flush_queued = False
         self._unflushed = 0
+        #: stream id -> flow-controlled bytes received in this read and
+        #: taken by their consumer, acknowledged at its end (_send_acks).
+        self._acks: dict[int, int] = {}
 
     # -- writing --
 
@@ -618,20 +630,39 @@ class _H2Protocol(Protocol):
         self._write()
 
     def _on_data(self, event: DataReceived) -> None:
-        stream = self.streams.get(event.stream_id)
+        sid = event.stream_id
+        stream = self.streams.get(sid)
         n = event.flow_controlled_length
-        if stream is None or stream.in_body is None or stream.in_discard or stream.in_done:
-            if n:
-                self._ack(event.stream_id, n)
+        if stream is not None and stream.in_body is not None and not (
+                stream.in_discard or stream.in_done):
+            if event.data:
+                stream.in_body.write(event.data)
+            if n and stream.in_paused and not stream.in_discard:
+                stream.held += n
+                return
+        if n:   # taken (or dropped): acknowledged at the end of the read
+            acks = self._acks
+            acks[sid] = acks.get(sid, 0) + n
+
+    def _send_acks(self) -> None:
+        """The end of a read: acknowledge what the consumers took, summed per
+        stream; a stream the peer has ended (or that is gone) gets no stream
+        window back, so its bytes go into one connection WINDOW_UPDATE."""
+        acks, self._acks = self._acks, {}
+        if self._lost:
             return
-        if event.data:
-            stream.in_body.write(event.data)
-        if not n:
-            return
-        if stream.in_paused and not stream.in_discard:
-            stream.held += n
-        else:
-            self._ack(event.stream_id, n)
+        h2 = self.h2
+        streams = self.streams
+        spent = 0
+        for sid, n in acks.items():
+            stream = streams.get(sid)
+            if stream is None or stream.in_done:
+                spent += n
+                continue
+            with suppress(ProtocolError):   # h2 already ignores closed streams
+                h2.acknowledge_received_data(n, sid)
+        if spent:
+            h2.acknowledge_connection_data(spent)
 
     def _on_end(self, stream: _Stream) -> None:
         if stream.in_done:
@@ -677,6 +708,14 @@ class _H2Protocol(Protocol):
             self._stream_gone(stream)
 
     def _handle(self, events) -> None:
+        try:
+            self._handle_events(events)
+        finally:
+            if self._acks:
+                self._send_acks()
+        self._write()
+
+    def _handle_events(self, events) -> None:
         for event in events:
             kind = type(event)
             if kind is DataReceived:
@@ -707,7 +746,6 @@ class _H2Protocol(Protocol):
                 self._goaway(event)
             else:
                 self._other_event(event)
-        self._write()
 
     def _receive(self, data: bytes) -> None:
         try:
