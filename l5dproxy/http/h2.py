@@ -440,7 +440,9 @@ class _Stream:
             return
         self.out_queue.append(memoryview(data))
         self.out_queued += len(data)
-        self.conn._send_stream(self)
+        if self.out_headers is None or not self.out_headers[1]:
+            self.conn._send_stream(self)
+        # else: the body is being attached (_start_outbound), which sends it
         if self.out_queued > OUT_HIGH_WATER and not self.out_paused and not self.reset:
             self.out_paused = True
             self.out_body.pause()
@@ -450,6 +452,8 @@ class _Stream:
             return
         self.out_end = True
         self.out_trailers = trailers or None
+        if self.out_headers is not None and self.out_headers[1]:
+            return   # attaching the body: sent by _start_outbound
         self.conn._send_stream(self)
 
     def body_error(self, reason: Exception) -> None:
@@ -576,6 +580,13 @@ class _H2Protocol(Protocol):
                 chunk = chunk[:window]
                 n = window
             stream.out_queued -= n
+            if not queue and stream.out_end and not stream.out_trailers:
+                stream.out_done = True   # the last chunk ends the stream
+                self._blocked.pop(sid, None)
+                h2.send_data(sid, chunk, end_stream=True)
+                self._unflushed += n
+                self._write()
+                return True
             h2.send_data(sid, chunk)
             self._unflushed += n
             if self._unflushed >= FLUSH_AT:
@@ -634,14 +645,21 @@ class _H2Protocol(Protocol):
         stream.out_headers = (headers, True)
         stream.out_body = body
         body.consume(stream)
-        if stream.out_headers is not None and not stream.reset and not self._lost:
-            stream.out_headers = None
-            try:
-                self.h2.send_headers(stream.sid, headers)
-            except ProtocolError as e:
-                self._send_failed(stream, e)
-                return
-            self._write()
+        if stream.reset or self._lost:
+            return
+        stream.out_headers = (headers, False)
+        if stream.out_queue or stream.out_end:
+            # What the body had buffered (a small response is often all of
+            # it): HEADERS, then DATA ending the stream, in one go.
+            self._send_stream(stream)
+            return
+        stream.out_headers = None
+        try:
+            self.h2.send_headers(stream.sid, headers)
+        except ProtocolError as e:
+            self._send_failed(stream, e)
+            return
+        self._write()
 
     # -- receiving --
 
@@ -1275,6 +1293,8 @@ class H2ClientProtocol(_H2Protocol):
         self.settings_received = False
         self.goaway = False
         self._max_streams = 0   # the peer's MAX_CONCURRENT_STREAMS, once known
+        #: (pending, response) received in this read, passed on at its end.
+        self._responses: list[tuple[_Pending, Response]] = []
         self.dst = None
         self.connected_at = 0.0
 
@@ -1378,9 +1398,20 @@ class H2ClientProtocol(_H2Protocol):
             stream.in_body = body
             d, stream.deferred = stream.deferred, None
             if d is not None:
-                d.respond(Response(head, body))
+                self._responses.append((d, Response(head, body)))
             if stream.in_done:
                 self._maybe_forget(stream)
+
+    def _handle(self, events) -> None:
+        super()._handle(events)
+        # Responses are passed on at the end of the read, so a small one
+        # whose DATA and END_STREAM came in the same read goes on complete
+        # (the server end then sends HEADERS and one DATA ending the stream).
+        responses = self._responses
+        if responses:
+            self._responses = []
+            for pending, response in responses:
+                pending.respond(response)
 
     def _on_end(self, stream: _Stream) -> None:
         super()._on_end(stream)
