@@ -299,6 +299,32 @@ class ServerTests(SynchronousTestCase):
         self.flush()
         self.assertTrue(sink.ended)
 
+    def test_request_body_acked_once_per_read(self) -> None:
+        """DATA frames of one read are acknowledged together: one
+        WINDOW_UPDATE per stream and one for the connection."""
+        sid = self.request(POST, end=False)
+        [(request, _, _)] = self.dispatcher.calls
+        sink = Sink(request.body)
+        for _ in range(4):
+            self.client.send_data(sid, b"z" * 9000)
+        events = self.flush()
+        self.assertEqual(len(sink.bytes), 36000)
+        updated = [(e.stream_id, e.delta) for e in self.of(WindowUpdated, events)]
+        self.assertEqual(sorted(updated), [(0, 36000), (sid, 36000)])
+
+    def test_small_complete_response_in_one_data_frame(self) -> None:
+        """A response whose body is complete when it is handed over goes out
+        as HEADERS and one DATA carrying END_STREAM."""
+        self.request()
+        body = Body()
+        body.write(b"hello\n")
+        body.finish()
+        self.respond(0, 200, [], body)
+        events = self.flush()
+        [data] = self.of(DataReceived, events)
+        self.assertEqual(data.data, b"hello\n")
+        self.assertIsNotNone(data.stream_ended)
+
     def test_padding_counts_in_flow_control(self) -> None:
         sid = self.request(POST, end=False)
         [(request, _, _)] = self.dispatcher.calls
@@ -826,6 +852,22 @@ class ClientTests(SynchronousTestCase):
         events = self.pump()
         updated = {e.stream_id: e.delta for e in events if isinstance(e, WindowUpdated)}
         self.assertEqual(updated, {0: 40000, 1: 40000})
+
+    def test_ended_response_acked_on_the_connection_only(self) -> None:
+        """Response DATA that came with END_STREAM is given back on the
+        connection window alone; the stream's own window no longer matters."""
+        d = self.send()
+        server, _, _ = self.connect()
+        self.pump()
+        server.send_headers(1, [(b":status", b"200")])
+        server.send_data(1, b"e" * 16000)
+        server.send_data(1, b"e" * 16000)
+        server.send_data(1, b"e" * 8000, end_stream=True)
+        events = self.pump()
+        sink = Sink(self.successResultOf(d).body)
+        self.assertEqual((len(sink.bytes), sink.ended), (40000, True))
+        updated = [(e.stream_id, e.delta) for e in events if isinstance(e, WindowUpdated)]
+        self.assertEqual(updated, [(0, 40000)])
 
     def test_goaway_lets_in_flight_finish_and_retries_the_rest(self) -> None:
         d1, d2 = self.send(), self.send()
