@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
 
-import hpack.hpack as _hpack_module
-import hpack.table as _hpack_table
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
@@ -90,26 +88,6 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="l5dproxy.h2")
 
-
-class _NoDebug:
-    """hpack's module loggers, which are asked ``debug(...)`` for every field
-    encoded or decoded (two Python calls each, even with DEBUG off). The
-    proxy logs through Twisted and never turns stdlib DEBUG on for hpack, so
-    its debug lines are dropped at C speed: ``"".format`` takes any
-    arguments and returns at once. Anything else goes to the real logger."""
-
-    debug = "".format
-
-    def __init__(self, logger) -> None:
-        self._logger = logger
-
-    def __getattr__(self, name):
-        return getattr(self._logger, name)
-
-
-for _module in (_hpack_module, _hpack_table):
-    if not isinstance(_module.log, _NoDebug):
-        _module.log = _NoDebug(_module.log)
 
 #: Bytes queued for sending on one stream past which its body is paused.
 OUT_HIGH_WATER = 64 * 1024
@@ -1292,7 +1270,6 @@ class H2ClientProtocol(_H2Protocol):
         self.pool = pool
         self.settings_received = False
         self.goaway = False
-        self._max_streams = 0   # the peer's MAX_CONCURRENT_STREAMS, once known
         #: (pending, response) received in this read, passed on at its end.
         self._responses: list[tuple[_Pending, Response]] = []
         self.dst = None
@@ -1348,12 +1325,9 @@ class H2ClientProtocol(_H2Protocol):
     def capacity(self) -> int:
         if not self.settings_received or self.goaway or self._lost:
             return 0
-        return self._max_streams - len(self.streams)
+        return self.h2.remote_settings.max_concurrent_streams - len(self.streams)
 
     def _settings_changed(self, event: RemoteSettingsChanged) -> None:
-        # Read once per SETTINGS (h2 has applied them by now), not per
-        # capacity() call: h2's Settings lookups are several calls deep.
-        self._max_streams = self.h2.remote_settings.max_concurrent_streams
         if not self.settings_received:
             self.settings_received = True
         self.pool.ready(self)
