@@ -293,6 +293,8 @@ class ProxyService(Service):
         self.ready = True
 
     def _listen(self, what: str, description: str, factory) -> IListeningPort:
+        if what != "admin":
+            description = with_listen_backlog(description)
         result = []
         if self.worker is not None and what != "admin" and workers.shareable(description):
             defer.maybeDeferred(workers.listen_reuseport, self.reactor, description,
@@ -389,6 +391,21 @@ class _NotListening:
 
     def stopListening(self) -> None:
         return None
+
+
+#: A proxy listener's accept queue. Twisted's default (50) makes a burst of
+#: connections wait for SYN retries (1 s and more); nginx asks for 511 and
+#: HAProxy for the kernel's somaxconn. The kernel caps it at somaxconn.
+LISTEN_BACKLOG = 1024
+
+
+def with_listen_backlog(description: str) -> str:
+    """``description`` with ``backlog=LISTEN_BACKLOG`` when it is a TCP
+    endpoint that names none (an explicit ``backlog=`` wins)."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        return f"{description}:backlog={LISTEN_BACKLOG}"
+    return description
 
 
 def _port_address(port: IListeningPort) -> str:

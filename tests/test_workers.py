@@ -13,7 +13,7 @@ from twisted.internet import error, protocol, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from l5dproxy import workers
-from tests.support import ProxyProcess, build_config, echo_server, wait_for
+from tests.support import ProxyProcess, build_config, echo_server, require_tool, wait_for
 
 
 def _free_port() -> int:
@@ -133,3 +133,40 @@ def _alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+class ListenBacklogTests(SynchronousTestCase):
+    """Listeners get a production-sized accept queue unless they name one."""
+
+    def test_tcp_listeners_get_the_default_backlog(self) -> None:
+        from l5dproxy.service import LISTEN_BACKLOG, with_listen_backlog
+        self.assertEqual(with_listen_backlog("tcp:4143:interface=127.0.0.1"),
+                         f"tcp:4143:interface=127.0.0.1:backlog={LISTEN_BACKLOG}")
+        self.assertEqual(with_listen_backlog("tcp6:port=4143"),
+                         f"tcp6:port=4143:backlog={LISTEN_BACKLOG}")
+
+    def test_an_explicit_backlog_or_another_kind_is_left_alone(self) -> None:
+        from l5dproxy.service import with_listen_backlog
+        for description in ("tcp:4143:backlog=16", "unix:/tmp/s",
+                            "systemd:domain=INET:name=inbound"):
+            self.assertEqual(with_listen_backlog(description), description)
+
+    def test_listening_sockets_have_it(self) -> None:
+        """The kernel's view (``ss``: a listening socket's Send-Q is its
+        backlog) for the plain endpoint and a worker's SO_REUSEPORT socket."""
+        import subprocess
+
+        from twisted.internet.endpoints import serverFromString
+
+        from l5dproxy.service import LISTEN_BACKLOG, with_listen_backlog
+        ss = require_tool("ss")
+        factory = protocol.Factory.forProtocol(protocol.Protocol)
+        description = with_listen_backlog("tcp:0:interface=127.0.0.1")
+        plain = self.successResultOf(serverFromString(reactor, description).listen(factory))
+        shared = workers.listen_reuseport(reactor, description, factory)
+        for port in (plain, shared):
+            self.addCleanup(port.stopListening)
+            number = port.getHost().port
+            out = subprocess.run([ss, "-Hltn", f"sport = :{number}"], capture_output=True,
+                                 text=True, timeout=10).stdout.split()
+            self.assertEqual(out[2], str(LISTEN_BACKLOG), out)
