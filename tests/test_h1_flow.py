@@ -19,34 +19,14 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from l5dproxy.balance import Upstream
-from l5dproxy.config import HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config import HostPort, ServiceConfig
 from l5dproxy.connection import InboundConnection
 from l5dproxy.http.exchange import Body, Response, ResponseHead
 from l5dproxy.http.h1 import H1Server
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.sniff import Verdict
-from l5dproxy.telemetry import Metrics
-
-
-class FakeListener:
-    def __init__(self, clock) -> None:
-        self.config = ListenerConfig("in", "tcp:0", "app")
-        self.name = "in"
-        self.metrics = Metrics()
-        self.clock = clock
-        self.connections: set = set()
-        self.log_connections = False
-
-
-class FakeDispatcher:
-    def __init__(self) -> None:
-        self.requests: list = []
-
-    def dispatch(self, request, context):
-        d = defer.Deferred()
-        self.requests.append((request, d))
-        return d
+from tests.test_h1 import FakeDispatcher, FakeListener
 
 
 class Source:
