@@ -14,11 +14,8 @@ from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
 from l5dproxy import splice
-from l5dproxy.balance import Upstream
-from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.connection import InboundConnection
-from l5dproxy.listener import Listener
-from l5dproxy.telemetry import Metrics
+from tests.relayrig import start_opaque_relay
 from tests.support import metric_value
 from tests.test_tcp import _AnswerAfterEof, _Collect, _Flood, _HalfCloseCollect, poll, samples_of
 
@@ -108,26 +105,9 @@ class SpliceTests(TestCase):
         if not splice.ENABLED:
             raise SkipTest("splice is not available here")
         self.patch(splice, "ENABLED", True)
-        self.servers: list = []
 
     def start(self, server_factory) -> None:
-        def build():
-            p = server_factory()
-            self.servers.append(p)
-            return p
-
-        server_port = reactor.listenTCP(0, protocol.Factory.forProtocol(build),
-                                        interface="127.0.0.1")
-        self.addCleanup(server_port.stopListening)
-        self.metrics = Metrics()
-        service = ServiceConfig("app", (HostPort("127.0.0.1", server_port.getHost().port),))
-        detect = DetectConfig()
-        self.listener = Listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
-                                 {"app": Upstream(service, detect.opaque_ports)},
-                                 self.metrics, reactor, log_connections=False)
-        proxy_port = reactor.listenTCP(0, self.listener, interface="127.0.0.1")
-        self.addCleanup(proxy_port.stopListening)
-        self.proxy_port = proxy_port.getHost().port
+        start_opaque_relay(self, server_factory)
 
     def connect(self, client) -> defer.Deferred:
         d = protocol.ClientCreator(reactor, lambda: client).connectTCP(

@@ -25,6 +25,7 @@ from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfi
 from l5dproxy.listener import Listener
 from l5dproxy.tcp import CONNECT_BUFFER_LIMIT, RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
+from tests.relayrig import start_opaque_relay
 from tests.support import metric_value, parse_metrics
 
 
@@ -423,25 +424,7 @@ class LoopbackTests(TestCase):
         self.patch(splice, "ENABLED", False)
 
     def start(self, server_protocol) -> defer.Deferred:
-        self.servers: list = []
-
-        def build():
-            p = server_protocol()
-            self.servers.append(p)
-            return p
-
-        server_port = reactor.listenTCP(0, protocol.Factory.forProtocol(build),
-                                        interface="127.0.0.1")
-        self.addCleanup(server_port.stopListening)
-        self.metrics = Metrics()
-        service = ServiceConfig("app", (HostPort("127.0.0.1", server_port.getHost().port),))
-        detect = DetectConfig()
-        self.listener = Listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
-                                 {"app": Upstream(service, detect.opaque_ports)},
-                                 self.metrics, reactor, log_connections=False)
-        proxy_port = reactor.listenTCP(0, self.listener, interface="127.0.0.1")
-        self.addCleanup(proxy_port.stopListening)
-        self.proxy_port = proxy_port.getHost().port
+        start_opaque_relay(self, server_protocol)
         return self.connect_client(_HalfCloseCollect)
 
     def connect_client(self, client_protocol) -> defer.Deferred:

@@ -1,0 +1,38 @@
+"""An opaque relay on loopback, in the test's own reactor (test_tcp, test_splice)."""
+
+from __future__ import annotations
+
+from twisted.internet import protocol, reactor
+
+from l5dproxy.balance import Upstream
+from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.listener import Listener
+from l5dproxy.telemetry import Metrics
+
+
+def start_opaque_relay(testcase, server_protocol) -> None:
+    """A server on 127.0.0.1 port 0 and an opaque listener in front of it.
+
+    Sets on ``testcase``: ``servers`` (every server protocol built, in
+    order), ``metrics``, ``listener`` and ``proxy_port``; both ports stop
+    listening at cleanup.
+    """
+    testcase.servers = []
+
+    def build():
+        p = server_protocol()
+        testcase.servers.append(p)
+        return p
+
+    server_port = reactor.listenTCP(0, protocol.Factory.forProtocol(build),
+                                    interface="127.0.0.1")
+    testcase.addCleanup(server_port.stopListening)
+    testcase.metrics = Metrics()
+    service = ServiceConfig("app", (HostPort("127.0.0.1", server_port.getHost().port),))
+    detect = DetectConfig()
+    testcase.listener = Listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
+                                 {"app": Upstream(service, detect.opaque_ports)},
+                                 testcase.metrics, reactor, log_connections=False)
+    proxy_port = reactor.listenTCP(0, testcase.listener, interface="127.0.0.1")
+    testcase.addCleanup(proxy_port.stopListening)
+    testcase.proxy_port = proxy_port.getHost().port
