@@ -24,7 +24,7 @@ from typing import Any
 from bench import backends
 from bench.backends import Backends, Target, WorkerSet, pid_for
 from bench.h2ceiling import h2_round_trips
-from bench.memory import hold_connections, stream_body
+from bench.memory import hold_connections, long_h2_connection, stream_body
 from bench.procs import (
     CpuMeter,
     StartError,
@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 10000; --quick 1000)")
     p.add_argument("--big-mib", type=int, help="size of the streamed body in MiB "
                    "(default 1024; --quick 64)")
+    p.add_argument("--h2-conn-streams", type=int, help="streams over one long-lived h2 "
+                   "connection in the memory test (default 100000; --quick 20000)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
                    help="seconds to wait for l5dproxy's /ready")
     p.add_argument("--keep-tmp", action="store_true",
@@ -86,7 +88,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         s = Settings(rounds=1, duration=2, warmup=0, iperf_seconds=1, latency_seconds=1,
                      latency_warmup=0.5,
                      hold_connections=1000, big_bytes=64 << 20, slow_seconds=1.0,
-                     ceiling_seconds=1.0)
+                     ceiling_seconds=1.0, long_conn_streams=20_000)
     else:
         s = Settings()
     if args.rounds is not None:
@@ -97,6 +99,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
     if args.hold is not None:
         s.hold_connections = max(1, args.hold)
     s.worker_counts = worker_counts(os.cpu_count(), quick=args.quick)
+    if args.h2_conn_streams is not None:
+        s.long_conn_streams = max(1, args.h2_conn_streams)
     if args.big_mib is not None:
         s.big_bytes = max(1, args.big_mib) << 20
     return s
@@ -172,6 +176,11 @@ def memory_metrics(s: Settings) -> tuple[MetricSpec, ...]:
         MetricSpec("hold_rss_mib", "RSS with idle conns MiB", "{:.1f}", **low),
         MetricSpec("hold_per_conn_kib", "KiB per idle conn", "{:.1f}", **low),
         MetricSpec("hold_closed", "idle conns dropped", ratio=False, **low),
+        MetricSpec("h2conn_growth_mib",
+                   f"RSS growth, 1 h2 conn x {s.long_conn_streams:,} streams MiB", "{:.1f}",
+                   **low),
+        MetricSpec("h2conn_held_mib", "  of which held 1 s after it closed MiB", "{:.1f}",
+                   ratio=False, **low),
     )
 
 
@@ -442,6 +451,17 @@ class Harness:
                                         "closed by the proxy")
                 log(f"memory {t.name}: {h.opened} conns, {h.per_conn_kib:.1f} KiB/conn, "
                     f"fds {h.fds_before}->{h.fds_with}")
+            pid = pid_for(t, "h2c")
+            if pid is not None and t.h2c and which("h2load"):
+                # Issue 17: what one long-lived h2 connection costs after many streams.
+                lc = long_h2_connection(self.sup, pid, t.h2c, s.long_conn_streams)
+                m["h2conn_growth_mib"] = lc.growth_kib / MIB
+                m["h2conn_held_mib"] = lc.held_after_kib / MIB
+                if lc.error:
+                    sample.notes.append(f"long h2 connection: {lc.error}")
+                log(f"memory {t.name}: 1 h2 connection x {lc.streams:,} streams in "
+                    f"{lc.seconds:.1f} s: RSS {lc.rss_before_kib / MIB:.1f} -> peak "
+                    f"{lc.peak_kib / MIB:.1f} MiB, {lc.rss_after_kib / MIB:.1f} after close")
 
     # -- proxy health ------------------------------------------------------------
 

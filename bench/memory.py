@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.procs import Supervisor, fd_count, rss_kib, which
-from bench.tools import ParseError, accept_queue, parse_curl_write_out
+from bench.tools import ParseError, accept_queue, parse_curl_write_out, parse_h2load
 
 HOST = "127.0.0.1"
 
@@ -199,4 +199,55 @@ def stream_body(sup: Supervisor, pid: int | None, url: str, limit_rate: str | No
         res.error = f"curl exit {run.returncode}: {run.stderr.strip()}"
     elif res.http_code != 200:
         res.error = f"HTTP status {res.http_code}"
+    return res
+
+
+@dataclass
+class LongConnResult:
+    """One h2 connection carrying ``streams`` requests: RSS before, peak while it was open
+    (sampled every 10 ms; the connection's state is largest at its end) and 1 s after it
+    closed."""
+
+    streams: int
+    rss_before_kib: int = 0
+    peak_kib: int = 0
+    rss_after_kib: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def growth_kib(self) -> int:
+        return self.peak_kib - self.rss_before_kib
+
+    @property
+    def held_after_kib(self) -> int:
+        return self.rss_after_kib - self.rss_before_kib
+
+
+def long_h2_connection(sup: Supervisor, pid: int, port: int, streams: int,
+                       inflight: int = 10) -> LongConnResult:
+    """``h2load -c1 -m{inflight} -n {streams}`` over h2c to ``port`` (issue 17: state a
+    proxy keeps per connection for its whole life, e.g. a record of every closed stream,
+    grows with the streams it has carried). Growth = peak RSS while the connection was
+    open minus RSS before, in KiB."""
+    res = LongConnResult(streams=streams)
+    time.sleep(0.5)
+    res.rss_before_kib = rss_kib(pid)
+    with RssSampler(pid) as sampler:
+        run = sup.run([str(which("h2load")), "-c1", f"-m{inflight}", "-n", str(streams),
+                       f"http://{HOST}:{port}/"], timeout=60 + streams / 500)
+    res.peak_kib = sampler.peak_kib
+    res.seconds = run.seconds
+    time.sleep(1.0)
+    res.rss_after_kib = rss_kib(pid)
+    try:
+        r = parse_h2load(run.stdout)
+    except ParseError as exc:
+        res.error = f"{exc}; h2load exit {run.returncode}: {run.stderr.strip()[-300:]}"
+        return res
+    res.succeeded, res.failed = r.succeeded, r.failed
+    if r.succeeded < streams:
+        res.error = f"h2load: {r.succeeded} of {streams} streams succeeded ({r.failed} failed)"
     return res

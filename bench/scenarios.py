@@ -42,6 +42,7 @@ class Settings:
     slow_rate: str = "20M"  # curl --limit-rate of the slow reader
     slow_seconds: float = 5.0
     ceiling_seconds: float = 3.0
+    long_conn_streams: int = 100_000  # streams over one h2 connection (memory scenario)
 
 
 @dataclass
