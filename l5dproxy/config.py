@@ -64,6 +64,9 @@ class ProxyConfig:
     watch_config: bool = False
     #: How often (s) the file is checked when watch_config is on.
     watch_interval: float = 2.0
+    #: Client connections open at once over every listener; past it a new
+    #: one is accepted and closed at once. 0: no limit.
+    max_connections: int = 20000
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ class ListenerConfig:
     access_log: bool = False
     #: HTTP/1 CONNECT is forwarded (and tunnelled on 2xx) instead of refused with 405.
     allow_connect: bool = False
+    #: Client connections open at once on this listener; past it a new one
+    #: is accepted and closed at once. 0: only [proxy] max_connections applies.
+    max_connections: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,6 +147,9 @@ class ServiceConfig:
     retry_budget_ratio: float = 0.2
     retry_budget_min_per_second: float = 10.0
     retry_budget_ttl: float = 10.0
+    #: HTTP requests in flight to the service (waiting for an endpoint or a
+    #: connection included) past which new ones are shed with 503; 0: none.
+    max_pending_requests: int = 10000
 
     def is_opaque(self, opaque_ports: frozenset[int]) -> bool:
         """Opaque by flag, or because every endpoint is on a server-speaks-first port."""
@@ -322,6 +331,8 @@ def _parse_proxy(t: _Table) -> ProxyConfig:
         watch_config=t.get("watch_config", bool, ProxyConfig.watch_config),
         watch_interval=float(t.get("watch_interval", (int, float), ProxyConfig.watch_interval,
                                    check_positive_duration)),
+        max_connections=t.get("max_connections", int, ProxyConfig.max_connections,
+                              _check_count),
     )
     t.finish()
     return proxy
@@ -402,6 +413,8 @@ def _parse_services(t: _Table) -> dict[str, ServiceConfig]:
                 check_duration)),
             retry_budget_ttl=float(s.get("retry_budget_ttl", (int, float), D.retry_budget_ttl,
                                          check_positive_duration)),
+            max_pending_requests=s.get("max_pending_requests", int, D.max_pending_requests,
+                                       _check_count),
         )
         s.finish()
     t.finish()
@@ -514,6 +527,7 @@ def _parse_listeners(tables: list[_Table], services: dict[str, ServiceConfig],
             routes=tuple(routes),
             access_log=t.get("access_log", bool, False),
             allow_connect=t.get("allow_connect", bool, False),
+            max_connections=t.get("max_connections", int, 0, _check_count),
         ))
         t.finish()
     return tuple(listeners)

@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, ListenerConfig
@@ -25,6 +26,12 @@ from l5dproxy.telemetry import Metrics
 
 #: Builds the protocol that speaks a detected protocol on a connection.
 Handler = Callable[[InboundConnection], IProtocol]
+
+log = Logger(namespace="l5dproxy.listener")
+
+#: At most one log line per listener per this many seconds about the
+#: connections a max_connections limit closed (with how many since the last).
+LIMIT_LOG_INTERVAL = 10.0
 
 OPAQUE_LISTENER = Verdict("opaque", "opaque_listener")
 OPAQUE_PORT = Verdict("opaque", "opaque_port")
@@ -39,7 +46,8 @@ class Listener(Factory):
                  upstreams: dict[str, Upstream], metrics: Metrics,
                  reactor: IReactorTime | IReactorTCP, log_connections: bool = True,
                  handlers: dict[str, Handler] | None = None,
-                 server_first: ServerFirst | None = None) -> None:
+                 server_first: ServerFirst | None = None,
+                 limits: ConnectionLimits | None = None) -> None:
         self.config = config
         self.name = config.name
         self.detect = detect
@@ -55,6 +63,8 @@ class Listener(Factory):
         self.server_first = server_first
         self._opaque_verdict = self._skip_detection_verdict()
         self._detect_children: dict[tuple[str, str], tuple] = {}
+        #: The max_connections limits (None: none).
+        self.limits = limits
 
     def _skip_detection_verdict(self) -> Verdict | None:
         if self.config.opaque:
@@ -67,7 +77,11 @@ class Listener(Factory):
         return _Accepting(self)
 
     def accepted(self, transport) -> IProtocol:
-        """A new connection: skip detection on opaque targets, else detect."""
+        """A new connection: closed at once past a max_connections limit,
+        else skip detection on opaque targets, else detect."""
+        limits = self.limits
+        if limits is not None and not limits.admit(self):
+            return _Refused()
         conn = InboundConnection(self, transport, self.clock.seconds())
         self.connections.add(conn)
         set_no_delay(transport)
@@ -103,6 +117,70 @@ class Listener(Factory):
         total, duration = children
         total.inc()
         duration.observe(self.clock.seconds() - conn.accepted_at)
+
+
+class ConnectionLimits:
+    """``[proxy] max_connections`` and ``[[listener]] max_connections``: how
+    many client connections may be open at once, over every listener and on
+    one. A connection past either is accepted and closed at once (nginx's
+    ``limit_conn`` and Envoy's ``max_connections`` do the same: the kernel
+    has already accepted it, so closing is the only answer), counted in
+    ``connection_limit_total{listener}`` and logged at most once per
+    ``LIMIT_LOG_INTERVAL`` seconds per listener.
+
+    ``listeners()`` gives every listener whose connections count, the ones a
+    reload retired included, so a reload neither resets nor doubles a count;
+    ``max_connections`` is read from the config at each accept, so a reload
+    applies at once (connections over a lowered limit are not closed).
+    """
+
+    def __init__(self, max_connections: Callable[[], int],
+                 listeners: Callable[[], list[Listener]]) -> None:
+        self.max_connections = max_connections
+        self.listeners = listeners
+        self._refused: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+
+    def admit(self, listener: Listener) -> bool:
+        """Whether a connection just accepted by ``listener`` may stay."""
+        own = listener.config.max_connections
+        total = self.max_connections()
+        if not own and not total:
+            return True
+        name = listener.name
+        mine = everyone = 0
+        for other in self.listeners():
+            n = len(other.connections)
+            everyone += n
+            if other.name == name:
+                mine += n
+        if own and mine >= own:
+            self._refuse(listener, f"listener max_connections ({own})")
+            return False
+        if total and everyone >= total:
+            self._refuse(listener, f"proxy max_connections ({total})")
+            return False
+        return True
+
+    def _refuse(self, listener: Listener, limit: str) -> None:
+        name = listener.name
+        listener.metrics.connection_limit_total.labels(name).inc()
+        refused = self._refused[name] = self._refused.get(name, 0) + 1
+        now = listener.clock.seconds()
+        last = self._logged_at.get(name)
+        if last is None or now - last >= LIMIT_LOG_INTERVAL:
+            self._logged_at[name] = now
+            self._refused[name] = 0
+            log.warn("listener {listener}: {limit} reached: {n} new connection(s) closed at"
+                     " once (logged at most every {interval:g} s)", listener=name,
+                     limit=limit, n=refused, interval=LIMIT_LOG_INTERVAL)
+
+
+class _Refused(Protocol):
+    """The protocol of a connection past a limit: closed as soon as it is made."""
+
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()
 
 
 class _Accepting:

@@ -31,7 +31,7 @@ from l5dproxy.http.h1 import h1_handler
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
 from l5dproxy.http.proxy import HttpProxy
-from l5dproxy.listener import Listener
+from l5dproxy.listener import ConnectionLimits, Listener
 from l5dproxy.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.telemetry import Metrics
 
@@ -76,10 +76,13 @@ class ProxyService(Service):
                                             config.http.max_header_bytes,
                                             config.http.request_header_timeout,
                                             config.http.idle_timeout)
+        self.limits = ConnectionLimits(lambda: self.config.proxy.max_connections,
+                                       self._all_listeners)
         self.listeners = [
             Listener(lc, config.detect, self.upstreams, self.metrics, reactor,
                      log_connections=config.proxy.log_connections,
-                     server_first=self.server_first, handlers=self.handlers)
+                     server_first=self.server_first, handlers=self.handlers,
+                     limits=self.limits)
             for lc in config.listeners
         ]
         self.ports: dict[str, IListeningPort] = {}
@@ -246,7 +249,8 @@ class ProxyService(Service):
         for lc in new.listeners:
             listener = Listener(lc, new.detect, self.upstreams, self.metrics, self.reactor,
                                 log_connections=new.proxy.log_connections,
-                                server_first=self.server_first, handlers=self.handlers)
+                                server_first=self.server_first, handlers=self.handlers,
+                                limits=self.limits)
             listeners.append(listener)
             if lc.name in bound:
                 port = bound[lc.name]

@@ -91,6 +91,12 @@ class Metrics:
         self.http_errors_total = Counter(
             "http_errors", "Requests refused or failed by the proxy itself",
             ("direction", "listener", "reason"), registry=r)
+        self.connection_limit_total = Counter(
+            "connection_limit", "Client connections closed at accept: a max_connections"
+            " limit was reached", ("listener",), registry=r)
+        self.load_shed_total = Counter(
+            "load_shed", "HTTP requests shed with 503: the service's max_pending_requests"
+            " was reached", ("service",), registry=r)
         self.config_reload_total = Counter(
             "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
 

@@ -7,6 +7,9 @@ requests to. For each request it picks the target service (the listener's
 speaks the service's ``protocol`` (by default the protocol the client
 spoke), and maps whatever goes wrong to the error Linkerd would answer:
 
+* the service already has ``max_pending_requests`` in flight: 503
+  ``service unavailable: load shed``, at once (Linkerd's load shedding),
+  counted in ``load_shed_total{service}``
 * no endpoint to pick: 503 ``no endpoints``
 * the client end cannot connect or loses the connection: 502
 * connect timeout or ``response_timeout`` (request head to response head): 504
@@ -211,8 +214,9 @@ class _Exchange:
 
     __slots__ = (
         "client", "context", "delivered", "endpoint", "grpc", "head_latency", "labels",
-        "latency_seen", "proxy", "replay", "request", "response", "result", "retries",
-        "settled", "started", "status", "timer", "token", "upstream", "upstream_d", "waiter",
+        "latency_seen", "pending", "proxy", "replay", "request", "response", "result",
+        "retries", "settled", "started", "status", "timer", "token", "upstream", "upstream_d",
+        "waiter",
     )
 
     def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext,
@@ -241,6 +245,8 @@ class _Exchange:
         self.replay: Replay | EmptyReplay | None = None
         self.retries = 0
         self.grpc = False
+        #: Counted in ``upstream.pending`` (until the exchange is over).
+        self.pending = False
 
     def start(self) -> defer.Deferred[Response]:
         proxy = self.proxy
@@ -259,11 +265,20 @@ class _Exchange:
         if upstream is None:  # pragma: no cover - config validation names every service
             self._fail(ProxyError.unavailable("unknown service"))
             return self.result
+        config = upstream.config
+        limit = config.max_pending_requests
+        if limit and upstream.pending >= limit:
+            # Linkerd's load shedding: past the concurrency limit a request
+            # is refused at once rather than queued behind the others.
+            proxy.metrics.load_shed_total.labels(service).inc()
+            self._fail(ProxyError.unavailable("service unavailable: load shed"))
+            return self.result
+        upstream.pending += 1
+        self.pending = True
         endpoint = upstream.pick()
         if endpoint is None:
             self._fail(ProxyError.unavailable("no endpoints"))
             return self.result
-        config = upstream.config
         protocol = config.protocol or context.protocol
         if getattr(self.request, "upgrade", None) is not None and config.protocol != "h2":
             protocol = "http1"  # Upgrade and CONNECT tunnels are HTTP/1 only
@@ -395,6 +410,7 @@ class _Exchange:
         self.labels.response(status, grpc_status, "failure" if failed else "success",
                              error).inc()
         self._release(self.head_latency, endpoint_ok)
+        self._leave()
         if getattr(self.context.listener.config, "access_log", False):
             self._log_access(status)
 
@@ -430,6 +446,7 @@ class _Exchange:
         else:
             self.labels.response(err.status, "", "failure", err.reason).inc()
         self._release(None, False)
+        self._leave()
         if getattr(self.context.listener.config, "access_log", False):
             self._log_access(err.status, err.reason)
         self._deliver(None, Failure(err))
@@ -467,6 +484,14 @@ class _Exchange:
         if d is not None:
             d.cancel()
         self._release(None, True)
+        self._leave()
+
+    def _leave(self) -> None:
+        """The exchange is over: it no longer counts against the service's
+        ``max_pending_requests``."""
+        if self.pending:
+            self.pending = False
+            self.upstream.pending -= 1
 
     def _release(self, latency: float | None, success: bool) -> None:
         endpoint, self.endpoint = self.endpoint, None

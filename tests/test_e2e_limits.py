@@ -1,0 +1,184 @@
+"""Bounded cost per peer (issue 11, items 3 and 5), through the real
+``twistd l5dproxy``: connection limits, load shedding, per-endpoint
+connection bounds and the h2 server's timeouts, on loopback with real
+clients (raw sockets, an h2 socket client, grpcio).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+from h2.events import ResponseReceived, StreamEnded
+from twisted.trial.unittest import TestCase
+
+from tests.support import ProxyProcess, ThreadedServer, connect, wait_for
+from tests.test_e2e_h2 import H2SocketClient, start_h2_backend
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock`` (EOF or reset), without blocking."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
+def hold_requests(conn: socket.socket) -> None:
+    """A slow HTTP/1 endpoint: reads requests and never answers, until the
+    proxy closes the connection."""
+    while conn.recv(65536):
+        pass
+
+
+def read_http_response(sock: socket.socket) -> bytes:
+    """One HTTP/1 response head (its body is empty here)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class ConnectionLimitEndToEndTests(TestCase):
+    timeout = 60
+
+    def test_connections_past_the_listener_limit_are_closed_and_counted(self) -> None:
+        """N + k connections to a listener with max_connections N: k are
+        closed at once, the N stay open, connection_limit_total says k, and
+        a connection that closes makes room for one more."""
+        n, k = 4, 3
+        backend = ThreadedServer(self, hold_requests)
+        proxy = ProxyProcess(
+            self, listeners=[{"name": "in", "service": "app", "max_connections": n}],
+            services={"app": {"endpoints": [backend.address]}},
+            detect={"timeout": 30, "client_silence": 0},
+            proxy={"log_connections": False})
+        port = proxy.port("in")
+        kept = []
+        for _ in range(n):
+            sock = connect(port)
+            self.addCleanup(sock.close)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            kept.append(sock)
+        # Each request holds its own upstream connection: all N accepted.
+        wait_for(lambda: backend.accepted == n, 10, "the first connections' requests upstream")
+        extra = [connect(port) for _ in range(k)]
+        for sock in extra:
+            self.addCleanup(sock.close)
+        wait_for(lambda: all(closed_by_peer(s) for s in extra), 10,
+                 "the connections past the limit to be closed")
+        self.assertFalse(any(closed_by_peer(s) for s in kept))
+        self.assertEqual(proxy.metric_value("connection_limit_total", listener="in"), k)
+        self.assertIn("listener max_connections (4) reached", proxy.log_text())
+        # Room again once one of the N goes (reset: no half-close to wait out).
+        gone = kept.pop()
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()
+        wait_for(lambda: proxy.metric_value("tcp_close_total", peer="src") == 1, 10,
+                 "the closed connection to be counted")
+        again = connect(port)
+        self.addCleanup(again.close)
+        again.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        wait_for(lambda: backend.accepted == n + 1, 10, "the new connection's request upstream")
+        self.assertFalse(closed_by_peer(again))
+        self.assertEqual(proxy.metric_value("connection_limit_total", listener="in"), k)
+
+
+class LoadShedEndToEndTests(TestCase):
+    """A service with max_pending_requests 2 and an endpoint that does not
+    answer: the third concurrent request is shed at once with 503."""
+
+    timeout = 60
+
+    def proxy_for(self, endpoint: str, protocol: str | None = None) -> ProxyProcess:
+        service = {"endpoints": [endpoint], "max_pending_requests": 2, "retry_limit": 0}
+        if protocol:
+            service["protocol"] = protocol
+        return ProxyProcess(self, listeners=[{"name": "in", "service": "app"}],
+                            services={"app": service}, proxy={"log_connections": False})
+
+    def test_http1(self) -> None:
+        backend = ThreadedServer(self, hold_requests)
+        proxy = self.proxy_for(backend.address)
+        port = proxy.port("in")
+        slow = []
+        for _ in range(2):
+            sock = connect(port)
+            self.addCleanup(sock.close)
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            slow.append(sock)
+        wait_for(lambda: backend.accepted == 2, 10, "two requests at the endpoint")
+        third = connect(port)
+        self.addCleanup(third.close)
+        started = time.monotonic()
+        third.sendall(b"GET /third HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        head = read_http_response(third)
+        elapsed = time.monotonic() - started
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+        self.assertIn(b"l5d-proxy-error: service unavailable: load shed\r\n", head.lower())
+        self.assertLess(elapsed, 5.0)   # at once, not after any timeout (there is none)
+        self.assertEqual(backend.accepted, 2)   # it never reached the endpoint
+        self.assertFalse(any(closed_by_peer(s) for s in slow))
+        self.assertEqual(proxy.metric_value("load_shed_total", service="app"), 1)
+        self.assertEqual(proxy.metric_value("response_total", status_code="503",
+                                            error="service unavailable: load shed"), 1)
+
+    def test_h2(self) -> None:
+        backend_port, _log = start_h2_backend(self)
+        proxy = self.proxy_for(f"127.0.0.1:{backend_port}")
+        client = H2SocketClient(proxy.port("in"))
+        self.addCleanup(client.close)
+        hanging = [client.get(b"/hang"), client.get(b"/hang")]
+        heads: dict[int, dict] = {}
+        ended: set[int] = set()
+
+        def read_until(condition) -> None:
+            deadline = time.monotonic() + 10
+            while not condition():
+                self.assertLess(time.monotonic(), deadline)
+                for event in client.events():
+                    if isinstance(event, ResponseReceived):
+                        heads[event.stream_id] = dict(event.headers)
+                    elif isinstance(event, StreamEnded):
+                        ended.add(event.stream_id)
+
+        read_until(lambda: all(sid in heads for sid in hanging))
+        third = client.get(b"/third")
+        read_until(lambda: third in ended)
+        self.assertEqual(heads[third][b":status"], b"503")
+        self.assertEqual(heads[third][b"l5d-proxy-error"], b"service unavailable: load shed")
+        self.assertFalse(ended & set(hanging))   # the two go on
+        self.assertEqual(proxy.metric_value("load_shed_total", service="app"), 1)
+
+    def test_grpc(self) -> None:
+        import grpc
+        backend_port, _log = start_h2_backend(self)
+        proxy = self.proxy_for(f"127.0.0.1:{backend_port}")
+        client = H2SocketClient(proxy.port("in"))
+        self.addCleanup(client.close)
+        for _ in range(2):
+            client.get(b"/hang")
+        wait_for(lambda: proxy.metric_value("endpoint_outstanding", service="app") == 2, 10,
+                 "two requests in flight")
+        channel = grpc.insecure_channel(f"127.0.0.1:{proxy.port('in')}")
+        self.addCleanup(channel.close)
+        with self.assertRaises(grpc.RpcError) as caught:
+            channel.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
+        self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        self.assertEqual(caught.exception.details(), "service unavailable: load shed")
+        metadata = dict(caught.exception.trailing_metadata() or ())
+        self.assertEqual(metadata.get("l5d-proxy-error"), "service unavailable: load shed")
+        self.assertEqual(proxy.metric_value("load_shed_total", service="app"), 1)
+        self.assertEqual(proxy.metric_value("response_total", grpc_status="14",
+                                            error="service unavailable: load shed"), 1)
+

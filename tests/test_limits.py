@@ -1,0 +1,256 @@
+"""Bounded cost per peer (issue 11, items 3 and 5): connection limits,
+load shedding, per-endpoint connection bounds, h2 server timeouts.
+
+Unit tests: a ``Clock``/``MemoryReactorClock`` and ``StringTransport``,
+no sockets. The loopback tests through the real ``twistd`` are in
+``tests/test_e2e_limits.py``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from l5dproxy.balance import Upstream
+from l5dproxy.config import (
+    ConfigError,
+    DetectConfig,
+    HostPort,
+    ListenerConfig,
+    ServiceConfig,
+    parse,
+)
+from l5dproxy.http.exchange import (
+    Body,
+    ProxyError,
+    Request,
+    RequestContext,
+    RequestHead,
+    error_response,
+)
+from l5dproxy.http.proxy import HttpProxy
+from l5dproxy.listener import ConnectionLimits, Listener
+from l5dproxy.telemetry import Metrics
+from tests.test_detect import SwitchableTransport
+from tests.test_proxy import FakeClient, FakeConnection, FakeListener
+
+MINIMAL = """
+[[listener]]
+name = "inbound"
+listen = "tcp:4143:interface=127.0.0.1"
+service = "app"
+
+[service.app]
+endpoints = ["127.0.0.1:8080"]
+"""
+
+
+def errors_of(text: str) -> list[str]:
+    try:
+        parse(tomllib.loads(text), "f.toml")
+    except ConfigError as e:
+        return e.errors
+    raise AssertionError("the config was accepted")
+
+
+class LimitConfigTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        c = parse(tomllib.loads(MINIMAL), "f.toml")
+        self.assertEqual(c.proxy.max_connections, 20000)
+        self.assertEqual(c.listeners[0].max_connections, 0)
+        self.assertEqual(c.services["app"].max_pending_requests, 10000)
+
+    def test_set(self) -> None:
+        text = MINIMAL.replace('service = "app"\n', 'service = "app"\nmax_connections = 5\n', 1)
+        text += "max_pending_requests = 2\n[proxy]\nmax_connections = 0\n"
+        c = parse(tomllib.loads(text), "f.toml")
+        self.assertEqual((c.proxy.max_connections, c.listeners[0].max_connections,
+                          c.services["app"].max_pending_requests), (0, 5, 2))
+
+    def test_bad_values_name_file_and_key(self) -> None:
+        text = MINIMAL.replace('service = "app"\n', 'service = "app"\nmax_connections = -1\n', 1)
+        text += 'max_pending_requests = "many"\n[proxy]\nmax_connections = 1.5\n'
+        self.assertEqual(sorted(errors_of(text)), [
+            "f.toml: listener[0].max_connections: must not be negative",
+            "f.toml: proxy.max_connections: expected an integer, got a number",
+            "f.toml: service.app.max_pending_requests: expected an integer, got a string",
+        ])
+
+
+# -- [proxy] / [[listener]] max_connections ------------------------------------
+
+class Refusing(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.metrics = Metrics()
+        self.proxy_max = 0
+        self.all: list[Listener] = []
+        self.limits = ConnectionLimits(lambda: self.proxy_max, lambda: self.all)
+        self.upstreams = {"app": Upstream(
+            ServiceConfig("app", (HostPort("127.0.0.1", 8080),)), frozenset())}
+
+    def listener(self, name: str, max_connections: int = 0) -> Listener:
+        listener = Listener(ListenerConfig(name, "tcp:0", "app",
+                                           max_connections=max_connections),
+                            DetectConfig(), self.upstreams, self.metrics, self.clock,
+                            log_connections=False, limits=self.limits)
+        self.all.append(listener)
+        return listener
+
+    def accept(self, listener: Listener) -> SwitchableTransport:
+        transport = SwitchableTransport()
+        protocol = listener.buildProtocol(transport.getPeer())
+        transport.protocol = protocol
+        protocol.makeConnection(transport)
+        return transport
+
+    def refused(self, name: str) -> float:
+        return self.metrics.registry.get_sample_value(
+            "connection_limit_total", {"listener": name}) or 0.0
+
+
+class ConnectionLimitTests(Refusing):
+    def test_listener_limit_closes_the_connections_past_it(self) -> None:
+        listener = self.listener("in", max_connections=3)
+        kept = [self.accept(listener) for _ in range(3)]
+        closed = [self.accept(listener) for _ in range(2)]
+        self.assertEqual([t.disconnecting for t in kept], [False] * 3)
+        self.assertEqual([t.disconnecting for t in closed], [True] * 2)
+        self.assertEqual([t.value() for t in closed], [b"", b""])
+        self.assertEqual(len(listener.connections), 3)
+        self.assertEqual(self.refused("in"), 2)
+
+    def test_a_closed_connection_makes_room(self) -> None:
+        listener = self.listener("in", max_connections=1)
+        first = self.accept(listener)
+        self.assertTrue(self.accept(listener).disconnecting)
+        first.deliver_lost()
+        self.assertFalse(self.accept(listener).disconnecting)
+        self.assertEqual(self.refused("in"), 1)
+
+    def test_proxy_limit_counts_every_listener(self) -> None:
+        self.proxy_max = 3
+        a, b = self.listener("a"), self.listener("b")
+        self.accept(a)
+        self.accept(a)
+        self.accept(b)
+        self.assertTrue(self.accept(b).disconnecting)
+        self.assertTrue(self.accept(a).disconnecting)
+        self.assertEqual((self.refused("a"), self.refused("b")), (1, 1))
+
+    def test_a_reloaded_listener_counts_its_predecessors_connections(self) -> None:
+        old = self.listener("in", max_connections=2)
+        self.accept(old)
+        self.accept(old)
+        new = self.listener("in", max_connections=2)   # a reload: same name
+        self.assertTrue(self.accept(new).disconnecting)
+        self.assertEqual(self.refused("in"), 1)
+
+    def test_zero_means_no_limit(self) -> None:
+        listener = self.listener("in")
+        transports = [self.accept(listener) for _ in range(50)]
+        self.assertFalse(any(t.disconnecting for t in transports))
+        self.assertEqual(self.refused("in"), 0)
+
+    def test_log_is_rate_limited(self) -> None:
+        from twisted.logger import globalLogPublisher
+        seen: list[dict] = []
+        observer = seen.append
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        listener = self.listener("in", max_connections=1)
+        self.accept(listener)
+        for _ in range(100):
+            self.accept(listener)
+        self.clock.advance(10)
+        self.accept(listener)
+        lines = [e for e in seen if e.get("log_namespace") == "l5dproxy.listener"]
+        self.assertEqual([e["n"] for e in lines], [1, 100])
+        self.assertEqual(self.refused("in"), 101)
+
+
+# -- per service max_pending_requests -----------------------------------------
+
+class LoadShedTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.metrics = Metrics()
+        self.client = FakeClient()
+        self.upstreams = {"app": Upstream(ServiceConfig(
+            "app", (HostPort("127.0.0.1", 8080),), retry_limit=0, max_pending_requests=2),
+            frozenset())}
+        self.proxy = HttpProxy(self.upstreams, self.metrics, self.clock,
+                               {"http1": self.client, "h2": self.client})
+        self.listener = FakeListener(ListenerConfig("in", "tcp:0", "app"))
+
+    def dispatch(self, grpc: bool = False):
+        headers = [(b"content-type", b"application/grpc")] if grpc else []
+        head = RequestHead(b"POST" if grpc else b"GET", b"/", b"app.test", headers)
+        context = RequestContext(self.listener, FakeConnection(), "h2" if grpc else "http1")
+        return self.proxy.dispatch(Request(head, Body.empty()), context)
+
+    def shed(self) -> float:
+        return self.metrics.registry.get_sample_value(
+            "load_shed_total", {"service": "app"}) or 0.0
+
+    def test_past_the_limit_requests_are_shed_at_once(self) -> None:
+        self.dispatch()
+        self.dispatch()
+        d = self.dispatch()
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason), (503, "service unavailable: load shed"))
+        self.assertEqual(len(self.client.calls), 2)   # the third never left
+        self.assertEqual(self.shed(), 1)
+        self.assertEqual(self.upstreams["app"].pending, 2)
+
+    def test_grpc_is_answered_unavailable_trailers_only(self) -> None:
+        self.dispatch(grpc=True)
+        self.dispatch(grpc=True)
+        err = self.failureResultOf(self.dispatch(grpc=True), ProxyError).value
+        response = error_response(err, grpc=True)
+        headers = dict(response.head.headers)
+        self.assertEqual(response.head.status, 200)
+        self.assertEqual(headers[b"grpc-status"], b"14")
+        self.assertEqual(headers[b"l5d-proxy-error"], b"service unavailable: load shed")
+
+    def test_room_comes_back_when_a_response_ends_or_fails_or_is_cancelled(self) -> None:
+        from l5dproxy.http.exchange import Response, ResponseHead
+        first = self.dispatch()
+        second = self.dispatch()
+        self.failureResultOf(self.dispatch(), ProxyError)
+        # A response whose body is still streaming still counts.
+        body = Body()
+        self.client.calls[0][2].callback(Response(ResponseHead(200, []), body))
+        self.successResultOf(first)
+        self.failureResultOf(self.dispatch(), ProxyError)
+        body.finish()
+        self.assertEqual(self.upstreams["app"].pending, 1)
+        third = self.dispatch()            # the room the first left
+        self.failureResultOf(self.dispatch(), ProxyError)
+        second.cancel()                    # the client went away
+        self.failureResultOf(second, defer.CancelledError)
+        third_call = self.client.calls[2][2]
+        third_call.errback(ProxyError.bad_gateway("connection refused"))
+        self.failureResultOf(third, ProxyError)
+        self.assertEqual(self.upstreams["app"].pending, 0)
+        self.assertEqual(self.shed(), 3)
+
+    def test_a_lowered_limit_applies_at_once(self) -> None:
+        import dataclasses
+        upstream = self.upstreams["app"]
+        self.dispatch()
+        upstream.reconfigure(dataclasses.replace(upstream.config, max_pending_requests=1),
+                             frozenset())     # what a reload does
+        self.failureResultOf(self.dispatch(), ProxyError)
+
+    def test_zero_means_no_limit(self) -> None:
+        import dataclasses
+        upstream = self.upstreams["app"]
+        upstream.config = dataclasses.replace(upstream.config, max_pending_requests=0)
+        for _ in range(20):
+            self.dispatch()
+        self.assertEqual(len(self.client.calls), 20)
+        self.assertEqual(self.shed(), 0)
