@@ -231,8 +231,11 @@ def l5dproxy_plugin_present() -> bool:
     return any(line.split()[:1] == ["l5dproxy"] for line in out.stdout.splitlines())
 
 
-def start_l5dproxy(sup: Supervisor, b: Backends, ready_timeout: float = 30.0) -> Target:
-    target = Target("l5dproxy")
+def start_l5dproxy(sup: Supervisor, b: Backends, ready_timeout: float = 30.0,
+                   name: str = "l5dproxy", extra_config: str = "") -> Target:
+    """``twistd -n l5dproxy`` with the harness's config (plus ``extra_config``, more
+    listeners and services), ready once its admin ``/ready`` answers 200."""
+    target = Target(name)
     twistd = twistd_path()
     if twistd is None:
         target.error = "twistd not found next to the harness's python"
@@ -241,9 +244,9 @@ def start_l5dproxy(sup: Supervisor, b: Backends, ready_timeout: float = 30.0) ->
         target.error = "`twistd --help` lists no l5dproxy plugin (not pip install -e'd yet?)"
         return target
     admin, http, h2c, tcp, hold = (free_port() for _ in range(5))
-    conf = sup.workdir / "l5dproxy.toml"
-    conf.write_text(l5dproxy_config(admin, http, h2c, tcp, hold, b))
-    child = sup.start("l5dproxy", [twistd, "-n", "--pidfile=", "l5dproxy", "--config", str(conf)])
+    conf = sup.workdir / f"{name}.toml"
+    conf.write_text(l5dproxy_config(admin, http, h2c, tcp, hold, b) + extra_config)
+    child = sup.start(name, [twistd, "-n", "--pidfile=", "l5dproxy", "--config", str(conf)])
     target.children.append(child)
     target.pid = child.pid
     try:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench import backends
+from bench import abuse, backends
 from bench.backends import Backends, Target, WorkerSet, pid_for
 from bench.h2ceiling import h2_round_trips
 from bench.memory import hold_connections, long_h2_connection, stream_body
@@ -44,7 +44,7 @@ from bench.workers import WorkersSection, measure, missing_tools, worker_counts
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
-EXTRA_SECTIONS = ("memory", "ceiling", "workers")
+EXTRA_SECTIONS = ("memory", "ceiling", "workers", "abuse", "soak")
 ALL_SECTIONS = (*SCENARIOS, *EXTRA_SECTIONS)
 MIB = 1024.0
 # l5dproxy metric families looked at after the run (non-zero samples are reported).
@@ -76,6 +76,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 1024; --quick 64)")
     p.add_argument("--h2-conn-streams", type=int, help="streams over one long-lived h2 "
                    "connection in the memory test (default 100000; --quick 20000)")
+    p.add_argument("--abuse-seconds", type=float,
+                   help="how long the attackers of the abuse scenario run (default 30; at "
+                   "least 5 + --duration + 2)")
+    p.add_argument("--abuse-attacks", nargs="+", metavar="ATTACK",
+                   choices=[a.kind for a in abuse.ABUSE_ATTACKS],
+                   help="run only these attackers in the abuse scenario: "
+                   + ", ".join(a.kind for a in abuse.ABUSE_ATTACKS))
+    p.add_argument("--soak-seconds", type=float, help="length of the soak scenario "
+                   "(default 600)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
                    help="seconds to wait for l5dproxy's /ready")
     p.add_argument("--keep-tmp", action="store_true",
@@ -101,6 +110,12 @@ def make_settings(args: argparse.Namespace) -> Settings:
     s.worker_counts = worker_counts(os.cpu_count(), quick=args.quick)
     if args.h2_conn_streams is not None:
         s.long_conn_streams = max(1, args.h2_conn_streams)
+    if args.abuse_seconds is not None:
+        s.abuse_seconds = max(1.0, args.abuse_seconds)
+    if args.abuse_attacks:
+        s.abuse_attacks = tuple(args.abuse_attacks)
+    if args.soak_seconds is not None:
+        s.soak_seconds = max(10.0, args.soak_seconds)
     if args.big_mib is not None:
         s.big_bytes = max(1, args.big_mib) << 20
     return s
@@ -207,6 +222,8 @@ class Harness:
         self.health: dict[str, dict[str, Any]] = {}
         self.workers = WorkersSection(settings.worker_counts) if "workers" in selected else None
         self.worker_sets: dict[int, WorkerSet] = {}
+        self.abuse: abuse.AbuseResult | None = None
+        self.soak: abuse.SoakResult | None = None
 
     # -- startup -------------------------------------------------------------
 
@@ -463,6 +480,24 @@ class Harness:
                     f"{lc.seconds:.1f} s: RSS {lc.rss_before_kib / MIB:.1f} -> peak "
                     f"{lc.peak_kib / MIB:.1f} MiB, {lc.rss_after_kib / MIB:.1f} after close")
 
+    # -- abuse and soak (an l5dproxy of their own each) --------------------------
+
+    def run_abuse(self) -> None:
+        if "abuse" in self.selected and self.b is not None:
+            missing = [p for p in ("wrk", "h2load") if which(p) is None]
+            if missing:
+                self.abuse = abuse.AbuseResult(error=f"missing {', '.join(missing)}")
+                return
+            self.abuse = abuse.run_abuse(self.sup, self.b, self.s.duration,
+                                         self.s.abuse_seconds, self.ready_timeout,
+                                         self.s.abuse_attacks)
+        if "soak" in self.selected and self.b is not None:
+            if which("h2load") is None:
+                self.soak = abuse.SoakResult(error="missing h2load")
+                return
+            self.soak = abuse.run_soak(self.sup, self.b, self.s.soak_seconds,
+                                       self.ready_timeout)
+
     # -- proxy health ------------------------------------------------------------
 
     def collect_health(self) -> None:
@@ -488,7 +523,7 @@ class Harness:
         }
         return Report(meta=meta, settings=dataclasses.asdict(self.s), targets=targets,
                       sections=self.sections, ceiling=self.ceiling, health=self.health,
-                      workers=self.workers)
+                      workers=self.workers, abuse=self.abuse, soak=self.soak)
 
 
 def _health(child: Any, admin_ports: list[int]) -> dict[str, Any]:
@@ -549,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                 h.warmup()
                 h.run_rounds()
                 h.run_memory()
+                h.run_abuse()
                 h.collect_health()
             except KeyboardInterrupt:
                 interrupted = True
@@ -567,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     if report.workers is not None:
         print()
         print(report.workers.table())
+    for extra in (report.abuse, report.soak):
+        if extra is not None:
+            print()
+            print(extra.table())
     footer = report.footer()
     if footer:
         print()

@@ -134,6 +134,11 @@ def rss_kib(pid: int) -> int:
     return parse_vmrss_kib(Path(f"/proc/{pid}/status").read_text())
 
 
+def pid_stat_ticks(pid: int) -> int:
+    """CPU clock ticks (utime + stime) ``pid`` has used so far."""
+    return pid_stat_session_ticks(Path(f"/proc/{pid}/stat").read_text())[1]
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -63,6 +63,8 @@ class Report:
     ceiling: dict[str, list[float]] = field(default_factory=dict)  # "m10" -> samples
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> findings
     workers: WorkersSection | None = None  # the workers scenario (its own table)
+    abuse: Any = None  # bench.abuse.AbuseResult: the abuse scenario (its own tables)
+    soak: Any = None  # bench.abuse.SoakResult
 
     def ceiling_median(self, key: str = "m10") -> float | None:
         values = self.ceiling.get(key)
@@ -217,6 +219,8 @@ class Report:
             "health": self.health,
             "scenarios": sections,
             "workers": self.workers.to_json() if self.workers is not None else None,
+            "abuse": self.abuse.to_json() if self.abuse is not None else None,
+            "soak": self.soak.to_json() if self.soak is not None else None,
             "table": [
                 {"scenario": r.section, "metric": r.key, "label": r.label,
                  "values": r.values, "l5dproxy_over": r.ratios}

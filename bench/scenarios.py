@@ -43,6 +43,9 @@ class Settings:
     slow_seconds: float = 5.0
     ceiling_seconds: float = 3.0
     long_conn_streams: int = 100_000  # streams over one h2 connection (memory scenario)
+    abuse_seconds: float = 30.0  # how long the attackers of the abuse scenario run
+    abuse_attacks: tuple[str, ...] = ()  # only these attackers (default: all)
+    soak_seconds: float = 600.0
 
 
 @dataclass

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class ParseError(ValueError):
@@ -287,3 +288,127 @@ def parse_curl_write_out(text: str) -> dict[str, float]:
         raise ParseError(f"unexpected curl -w output: {text!r}")
     code, size, speed = parts
     return {"http_code": float(code), "bytes": float(size), "bytes_per_s": float(speed)}
+
+
+# ------------------------------------------------------- abuse: our own tools' JSON
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    """The last line of ``text`` that is a JSON object (the tools print one)."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ParseError(f"{what}: not JSON: {exc}") from exc
+            if isinstance(doc, dict):
+                return doc
+    raise ParseError(f"no JSON object in {what} output")
+
+
+def _int_map(doc: dict[str, Any], key: str, what: str) -> dict[str, int]:
+    value = doc.get(key) or {}
+    if not isinstance(value, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        raise ParseError(f"{what}: {key} is not a map of counts")
+    return {str(k): int(v) for k, v in value.items()}
+
+
+@dataclass
+class AttackReport:
+    """What one ``bench/attackers.py`` run saw (field meanings: that module's docstring)."""
+
+    attack: str
+    seconds: float
+    opened: int
+    connect_failed: int
+    closed_by_peer: int
+    closed_by_us: int
+    throttled: int
+    open_at_end: int
+    work: int
+    work_unit: str
+    goaway: dict[str, int] = field(default_factory=dict)
+    statuses: dict[str, int] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+
+
+_ATTACK_COUNTS = ("opened", "connect_failed", "closed_by_peer", "closed_by_us", "throttled",
+                  "open_at_end", "work")
+
+
+def parse_attack_report(text: str) -> AttackReport:
+    """The JSON object an attacker prints when it ends. Counts must be non-negative
+    integers, and the connections it opened must add up: every one was closed by the
+    proxy, closed by the attacker, throttled or still open (``opened`` = their sum)."""
+    doc = _json_object(text, "attacker")
+    try:
+        counts = {k: doc[k] for k in _ATTACK_COUNTS}
+        attack, unit, seconds = str(doc["attack"]), str(doc["work_unit"]), float(doc["seconds"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ParseError(f"attacker report lacks or mangles {exc}") from exc
+    for k, v in counts.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ParseError(f"attacker report: {k} = {v!r} is not a count")
+    ends = sum(counts[k] for k in ("closed_by_peer", "closed_by_us", "throttled", "open_at_end"))
+    if attack != "mcs0-endpoint" and ends != counts["opened"]:
+        raise ParseError(f"attacker report: {counts['opened']} connections opened but "
+                         f"{ends} accounted for")
+    errors = doc.get("errors") or []
+    return AttackReport(attack=attack, seconds=seconds, work_unit=unit,
+                        goaway=_int_map(doc, "goaway", "attacker report"),
+                        statuses=_int_map(doc, "statuses", "attacker report"),
+                        errors=[str(e) for e in errors], **counts)
+
+
+@dataclass
+class GrpcLoad:
+    calls: int
+    ok: int
+    failed: int
+    rps: float
+    p50_ms: float | None
+    p99_ms: float | None
+    codes: dict[str, int]
+
+
+def parse_grpc_load(text: str) -> GrpcLoad:
+    """``bench/grpcload.py load`` output: ok + failed = calls, and the status-code counts
+    add up to calls (``OK`` = ok)."""
+    doc = _json_object(text, "grpcload")
+    try:
+        calls, ok, failed = int(doc["calls"]), int(doc["ok"]), int(doc["failed"])
+        rps = float(doc["rps"])
+        p50 = None if doc.get("p50_ms") is None else float(doc["p50_ms"])
+        p99 = None if doc.get("p99_ms") is None else float(doc["p99_ms"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ParseError(f"grpcload output lacks or mangles {exc}") from exc
+    codes = _int_map(doc, "codes", "grpcload")
+    if ok + failed != calls or sum(codes.values()) != calls or codes.get("OK", 0) != ok:
+        raise ParseError(f"grpcload: counts do not add up: {calls} calls, {ok} ok, "
+                         f"{failed} failed, codes {codes}")
+    return GrpcLoad(calls=calls, ok=ok, failed=failed, rps=rps, p50_ms=p50, p99_ms=p99,
+                    codes=codes)
+
+
+@dataclass
+class Mcs0Stats:
+    accepted: int
+    open: int
+    times: list[float]  # seconds since the endpoint started, one per accepted connection
+
+
+def parse_mcs0_stats(text: str) -> Mcs0Stats:
+    """The no-streams endpoint's stats file: ``{"accepted": N, "open": M, "times": [...]}``
+    with one accept time per accepted connection, in order."""
+    try:
+        doc = json.loads(text)
+        accepted, open_now = int(doc["accepted"]), int(doc["open"])
+        times = [float(t) for t in doc["times"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ParseError(f"mcs0 endpoint stats: {exc}") from exc
+    if len(times) != accepted or times != sorted(times) or not 0 <= open_now <= accepted:
+        raise ParseError(f"mcs0 endpoint stats inconsistent: accepted {accepted}, open "
+                         f"{open_now}, {len(times)} times")
+    return Mcs0Stats(accepted=accepted, open=open_now, times=times)

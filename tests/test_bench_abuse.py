@@ -1,0 +1,240 @@
+"""Tests for the abuse and soak scenarios' parsers and verdicts (bench/tools.py,
+bench/attackers.py, bench/abuse.py): the attackers' and the gRPC client's JSON
+reports, the h2 frame reader the attackers use, and the met / NOT met cells."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import socket
+import threading
+
+from hpack import Encoder
+from hyperframe.frame import (
+    DataFrame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
+from twisted.trial.unittest import SynchronousTestCase
+
+from bench.abuse import AbuseResult, Honest, SoakResult
+from bench.attackers import FrameReader, headers_frame, main, with_stream_id
+from bench.tools import ParseError, parse_attack_report, parse_grpc_load, parse_mcs0_stats
+
+
+def report(**over: object) -> dict[str, object]:
+    doc: dict[str, object] = {
+        "attack": "slowloris-h1", "port": 4143, "seconds": 12.5, "opened": 10,
+        "connect_failed": 2, "closed_by_peer": 6, "closed_by_us": 1, "throttled": 1,
+        "open_at_end": 2, "work": 77, "work_unit": "bytes",
+        "goaway": {"ENHANCE_YOUR_CALM": 3}, "statuses": {"408": 6}, "errors": ["connect: x"]}
+    doc.update(over)
+    return doc
+
+
+class AttackReportTests(SynchronousTestCase):
+    def test_parses_the_last_json_line(self) -> None:
+        text = "some warning\n" + json.dumps(report()) + "\n"
+        r = parse_attack_report(text)
+        self.assertEqual((r.attack, r.opened, r.closed_by_peer, r.throttled, r.open_at_end),
+                         ("slowloris-h1", 10, 6, 1, 2))
+        self.assertEqual(r.goaway, {"ENHANCE_YOUR_CALM": 3})
+        self.assertEqual(r.statuses, {"408": 6})
+        self.assertEqual((r.work, r.work_unit, r.seconds), (77, "bytes", 12.5))
+
+    def test_connections_must_add_up(self) -> None:
+        with self.assertRaisesRegex(ParseError, "10 connections opened but 11"):
+            parse_attack_report(json.dumps(report(open_at_end=3)))
+        # The endpoint counts accepted connections, which it does not end itself.
+        r = parse_attack_report(json.dumps(report(attack="mcs0-endpoint", open_at_end=0)))
+        self.assertEqual(r.open_at_end, 0)
+
+    def test_rejects_bad_counts_and_missing_fields(self) -> None:
+        for bad in (report(opened=-1), report(opened=True), report(work="many"),
+                    report(goaway={"CANCEL": "1"}), report(goaway=[1])):
+            with self.assertRaises(ParseError, msg=str(bad)):
+                parse_attack_report(json.dumps(bad))
+        doc = report()
+        del doc["throttled"]
+        with self.assertRaisesRegex(ParseError, "throttled"):
+            parse_attack_report(json.dumps(doc))
+        with self.assertRaisesRegex(ParseError, "no JSON object"):
+            parse_attack_report("Traceback (most recent call last):\n  boom\n")
+        with self.assertRaisesRegex(ParseError, "not JSON"):
+            parse_attack_report('{"attack": ')
+
+
+class GrpcLoadTests(SynchronousTestCase):
+    OK = {"calls": 103, "ok": 100, "failed": 3, "codes": {"OK": 100, "UNAVAILABLE": 3},
+          "seconds": 2.0, "rps": 50.0, "p50_ms": 1.5, "p99_ms": 9.25}
+
+    def test_parses(self) -> None:
+        r = parse_grpc_load(json.dumps(self.OK))
+        self.assertEqual((r.calls, r.ok, r.failed, r.rps, r.p50_ms, r.p99_ms),
+                         (103, 100, 3, 50.0, 1.5, 9.25))
+        self.assertEqual(r.codes["UNAVAILABLE"], 3)
+        none = dict(self.OK, calls=0, ok=0, failed=0, codes={}, rps=0.0, p50_ms=None,
+                    p99_ms=None)
+        self.assertIsNone(parse_grpc_load(json.dumps(none)).p99_ms)
+
+    def test_counts_must_add_up(self) -> None:
+        for bad in (dict(self.OK, failed=4), dict(self.OK, codes={"OK": 100}),
+                    dict(self.OK, codes={"OK": 99, "UNAVAILABLE": 4})):
+            with self.assertRaisesRegex(ParseError, "do not add up"):
+                parse_grpc_load(json.dumps(bad))
+
+
+class Mcs0StatsTests(SynchronousTestCase):
+    def test_parses_and_checks(self) -> None:
+        s = parse_mcs0_stats('{"accepted": 3, "open": 1, "times": [0.1, 0.1, 2.5]}')
+        self.assertEqual((s.accepted, s.open, s.times), (3, 1, [0.1, 0.1, 2.5]))
+        for bad in ('{"accepted": 2, "open": 0, "times": [1.0]}',
+                    '{"accepted": 2, "open": 3, "times": [1.0, 2.0]}',
+                    '{"accepted": 2, "open": 0, "times": [2.0, 1.0]}',
+                    '{"accepted": 2}', "not json"):
+            with self.assertRaises(ParseError, msg=bad):
+                parse_mcs0_stats(bad)
+
+
+class FrameReaderTests(SynchronousTestCase):
+    """The attackers' view of what the proxy sends, fed frames serialized by hyperframe."""
+
+    def test_frames_fed_a_byte_at_a_time(self) -> None:
+        settings = SettingsFrame(0)
+        settings.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] = 100
+        wire = (settings.serialize() + SettingsFrame(0, flags=["ACK"]).serialize()
+                + PingFrame(0, opaque_data=b"12345678").serialize()
+                + HeadersFrame(1, data=Encoder().encode([(":status", "503")]),
+                               flags=["END_HEADERS"]).serialize()
+                + HeadersFrame(3, data=Encoder().encode([(":status", "200")]),
+                               flags=["END_HEADERS", "PADDED"], pad_length=4).serialize()
+                + DataFrame(3, data=b"x" * 100).serialize()
+                + RstStreamFrame(5, error_code=8).serialize()
+                + b"\x00\x00\x02\xfa\x00\x00\x00\x00\x00ab"  # unknown type 0xfa: ignored
+                + GoAwayFrame(0, last_stream_id=3, error_code=11).serialize())
+        r = FrameReader()
+        for i in range(len(wire)):
+            r.feed(wire[i:i + 1])
+        self.assertEqual(r.settings_to_ack, 1)  # the ACK needs none
+        self.assertEqual((r.headers, r.header_streams, r.statuses), (2, [1, 3], ["503", "200"]))
+        self.assertEqual((r.data_bytes, r.rst, r.goaway), (100, 1, 11))
+        self.assertEqual(bytes(r.buf), b"")
+
+    def test_statuses_use_the_connections_hpack_state(self) -> None:
+        # The second block refers to the dynamic-table entry the first one added.
+        enc = Encoder()
+        first, second = (HeadersFrame(sid, data=enc.encode([(":status", "418"), ("x", "y")]),
+                                      flags=["END_HEADERS"]).serialize() for sid in (1, 3))
+        self.assertLess(len(second), len(first))
+        r = FrameReader()
+        r.feed(first + second)
+        self.assertEqual(r.statuses, ["418", "418"])
+
+    def test_with_stream_id_keeps_the_block(self) -> None:
+        frame = headers_frame(1, path="/big")
+        moved = with_stream_id(frame, 2**31 - 1)
+        r = FrameReader()
+        r.feed(moved)
+        self.assertEqual(r.header_streams, [2**31 - 1])
+        self.assertEqual(moved[9:], frame[9:])
+        self.assertEqual(moved[:5], frame[:5])
+
+
+class AttackerRunTests(SynchronousTestCase):
+    """A real attacker run against a loopback server that closes every connection: its
+    report parses (the connections add up) and counts the closes."""
+
+    def test_slowloris_against_a_closing_server(self) -> None:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(64)
+        port = server.getsockname()[1]
+        done = threading.Event()
+
+        def serve() -> None:
+            server.settimeout(0.05)
+            while not done.is_set():
+                with contextlib.suppress(OSError):
+                    conn, _ = server.accept()
+                    conn.recv(100)
+                    conn.close()
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                main(["slowloris-h1", "--port", str(port), "--seconds", "1.0",
+                      "--conns", "20", "--interval", "0.2", "--batch", "5"])
+        finally:
+            done.set()
+            t.join()
+            server.close()
+        r = parse_attack_report(out.getvalue())
+        self.assertEqual(r.opened, 20)
+        self.assertEqual(r.closed_by_peer, 20)
+        self.assertEqual(r.open_at_end, 0)
+
+
+class VerdictTests(SynchronousTestCase):
+    def test_abuse_table_cells(self) -> None:
+        res = AbuseResult(settings={"duration": 5, "abuse_seconds": 20})
+        res.quiet = {"h1": Honest(rps=1000.0, p99_ms=5.0, ok=5000),
+                     "h2c": Honest(rps=2000.0, p99_ms=6.0, ok=10000),
+                     "grpc": Honest(rps=500.0, p99_ms=9.0, ok=2500)}
+        res.attacked = {"h1": Honest(rps=850.0, p99_ms=7.0, ok=4250),
+                        "h2c": Honest(rps=1000.0, p99_ms=60.0, ok=5000, failed=3),
+                        "grpc": Honest(ok=0)}
+        res.rss_quiet_mib, res.rss_peak_mib = 50.0, 75.5
+        res.attackers = {
+            "slowloris-h2": parse_attack_report(json.dumps(report(
+                attack="slowloris-h2", opened=500, closed_by_peer=500, closed_by_us=0,
+                throttled=0, open_at_end=0))),
+            "conn-flood": parse_attack_report(json.dumps(report(
+                attack="conn-flood", opened=10, closed_by_peer=0, closed_by_us=8,
+                throttled=0, open_at_end=2))),
+            "mcs0-client": parse_attack_report(json.dumps(report(
+                attack="mcs0-client", opened=3, closed_by_peer=0, closed_by_us=3,
+                throttled=0, open_at_end=0, statuses={"503": 3}))),
+            "ping-flood": "no report",
+        }
+        res.mcs0_dials, res.mcs0_dials_after = 4, 0
+        self.assertAlmostEqual(res.honest_ratio("h1"), 0.85)
+        self.assertIsNone(res.honest_ratio("grpc"))
+        self.assertEqual(res.rss_growth_mib, 25.5)
+        self.assertEqual([res.attacker_met(k) for k in res.attackers],
+                         [True, False, True, None])
+        res.mcs0_dials_after = 2  # still dialling after the client left
+        self.assertFalse(res.attacker_met("mcs0-client"))
+        lines = res.table().splitlines()
+
+        def row(prefix: str) -> list[str]:
+            line = next(x for x in lines if x.startswith(prefix))
+            return [c.strip() for c in line.strip("|").split("|")]
+
+        self.assertEqual(row("| HTTP/1.1")[3], "0.85")
+        self.assertEqual(row("| HTTP/1.1")[-1], "met")
+        self.assertEqual(row("| h2c")[-1], "NOT met")
+        self.assertEqual(row("| h2c")[-2], "0 / 3")
+        self.assertEqual(row("| gRPC")[-1], "?")
+        self.assertIn("growth +25.5 MiB < 20: NOT met", row("| RSS")[-1])
+        self.assertEqual(row("| conn-flood")[-1], "NOT met")
+        self.assertEqual(row("| ping-flood")[2], "ERR")
+        json.dumps(res.to_json())
+
+    def test_soak_flatness_after_warmup(self) -> None:
+        res = SoakResult(seconds=300, warmup_s=60)
+        res.rss_cycle_end_mib = [(30.0, 40.0), (61.0, 50.0), (91.0, 52.0), (121.0, 54.5)]
+        self.assertEqual(res.after_warmup(), [50.0, 52.0, 54.5])
+        self.assertEqual(res.spread_mib, 4.5)
+        self.assertIn("<= 5: met", res.table())
+        self.assertIn("| honest requests failed | 0 | 0: met |", res.table())
+        res.rss_cycle_end_mib.append((151.0, 56.0))
+        res.honest_failed = {"h1": 2}
+        self.assertIn("<= 5: NOT met", res.table())
+        self.assertIn("| honest requests failed | h1 2 | 0: NOT met |", res.table())
+        json.dumps(res.to_json())
