@@ -1,0 +1,331 @@
+"""Canaries for the private and undocumented library names l5dproxy relies on.
+
+A library may change or drop a private name (a leading underscore) in any
+release: Twisted's compatibility policy says so outright ("Private Changes"),
+and h2 and prometheus-client promise nothing for theirs. l5dproxy uses a
+few, each for a measured reason; this module is the one list of them. Each
+test names the library, its installed version, the name and the l5dproxy
+module that uses it, and fails if the name is gone, changed its signature or
+no longer means what the user assumes (checked by driving the library object
+itself, not ours). When one fails after an upgrade, fix the user named in
+the message (or drop the shortcut) before widening the upper bound in
+setup.cfg. ``.ci/newest`` runs the suite against the newest releases.
+
+Users today:
+
+* Twisted: ``l5dproxy/batchsend.py`` (``FileDescriptor._tempDataBuffer``,
+  ``_tempDataLen``, ``_writeDisconnecting``, ``_maybePauseProducer``, and the
+  undocumented ``dataBuffer``, ``offset``, ``TLS``, ``socket``),
+  ``l5dproxy/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
+  ``_writeDisconnecting``), ``detect.py``/``listener.py``/``serverfirst.py``
+  (protocol switching by assigning ``transport.protocol``, as Twisted's own
+  ``_GenericHTTPChannelProtocol`` does).
+* h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._receive_headers_frame``
+  and ``_receive_goaway_frame``; calls ``_inbound_flow_control_window_manager``
+  and ``_prepare_for_sending``; reads ``state_machine.state`` and
+  ``h2.connection.ConnectionState``; uses ``h2.utilities.validate_headers``,
+  ``HeaderValidationFlags`` and ``CONNECTION_HEADERS``).
+* prometheus-client: ``l5dproxy/telemetry.py`` (``PendingHistogram`` adds to a
+  histogram child's ``_buckets`` and ``_sum``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+from importlib.metadata import version
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import Event
+from hyperframe.frame import GoAwayFrame, HeadersFrame, WindowUpdateFrame
+from prometheus_client import CollectorRegistry, Histogram
+from twisted.internet import abstract, tcp
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import MemoryReactor
+from twisted.trial import unittest
+
+
+def _where(dist: str, name: str, user: str) -> str:
+    return f"{dist} {version(dist)}: {name} (used by {user})"
+
+
+class _Canary(unittest.TestCase):
+    def require(self, condition: bool, dist: str, name: str, user: str, what: str) -> None:
+        if not condition:
+            self.fail(f"{_where(dist, name, user)} {what}")
+
+    def require_attr(self, owner: object, attr: str, dist: str, qualname: str,
+                     user: str) -> None:
+        self.require(hasattr(owner, attr), dist, qualname, user, "is gone")
+
+    def require_params(self, func: object, params: list[str], dist: str, qualname: str,
+                       user: str) -> None:
+        if func is None:
+            self.fail(f"{_where(dist, qualname, user)} is gone")
+        got = list(inspect.signature(func).parameters)
+        self.require(got == params, dist, qualname, user,
+                     f"changed signature: parameters {got}, expected {params}")
+
+
+class _Sink(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+class TwistedTransportInternalsTests(_Canary):
+    """``twisted.internet.tcp.Connection`` as batchsend.py and splice.py use it."""
+
+    def _connection(self) -> tuple[tcp.Connection, socket.socket, _Sink]:
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        peer.settimeout(5)
+        sink = _Sink()
+        conn = tcp.Connection(ours, sink, MemoryReactor())
+        conn.connected = 1
+        return conn, peer, sink
+
+    def test_write_buffers_exist(self) -> None:
+        conn, _, _ = self._connection()
+        user = "l5dproxy/batchsend.py, l5dproxy/splice.py"
+        fd = "twisted.internet.abstract.FileDescriptor"
+        for attr, kind in (("_tempDataBuffer", list), ("_tempDataLen", int),
+                           ("_writeDisconnecting", bool), ("dataBuffer", bytes),
+                           ("offset", int), ("TLS", bool)):
+            self.require_attr(conn, attr, "Twisted", f"{fd}.{attr}", user)
+            value = getattr(conn, attr)
+            self.require(isinstance(value, kind), "Twisted", f"{fd}.{attr}", user,
+                         f"is a {type(value).__name__}, not a {kind.__name__}")
+        self.assertEqual((conn._tempDataBuffer, conn._tempDataLen, conn.dataBuffer, conn.offset,
+                          conn._writeDisconnecting, conn.TLS), ([], 0, b"", 0, False, False))
+        self.require(conn.socket is conn.getHandle(), "Twisted",
+                     "twisted.internet.tcp.Connection.socket", "l5dproxy/batchsend.py",
+                     "is not the connection's socket")
+
+    def test_write_appends_to_the_temporary_buffer(self) -> None:
+        """splice.py counts unsent bytes as ``len(dataBuffer) - offset +
+        _tempDataLen``; batchsend.py queues into ``_tempDataBuffer`` as
+        ``write`` does, so a later ``write`` keeps the order."""
+        conn, _, _ = self._connection()
+        conn.write(b"abc")
+        conn.write(b"de")
+        self.require(conn._tempDataBuffer == [b"abc", b"de"] and conn._tempDataLen == 5,
+                     "Twisted", "twisted.internet.abstract.FileDescriptor.write",
+                     "l5dproxy/batchsend.py",
+                     f"no longer queues into _tempDataBuffer/_tempDataLen "
+                     f"(got {conn._tempDataBuffer!r}, {conn._tempDataLen!r})")
+        self.assertEqual(len(conn.dataBuffer) - conn.offset + conn._tempDataLen, 5)
+
+    def test_do_write_sends_what_was_queued_in_the_temporary_buffer(self) -> None:
+        """What batchsend.py puts in ``_tempDataBuffer`` and leaves to
+        Twisted (``startWriting``) is sent, in order, by ``doWrite``."""
+        conn, peer, _ = self._connection()
+        conn.write(b"first ")
+        conn._tempDataBuffer.append(b"second")
+        conn._tempDataLen += len(b"second")
+        conn.doWrite()
+        got = b""
+        while len(got) < 12:
+            got += peer.recv(64)
+        self.require(got == b"first second", "Twisted",
+                     "twisted.internet.abstract.FileDescriptor._tempDataBuffer",
+                     "l5dproxy/batchsend.py", f"is not what doWrite sends (peer got {got!r})")
+        self.assertEqual((conn._tempDataLen, len(conn.dataBuffer) - conn.offset), (0, 0))
+
+    def test_maybe_pause_producer(self) -> None:
+        user = "l5dproxy/batchsend.py"
+        name = "twisted.internet.abstract.FileDescriptor._maybePauseProducer"
+        self.require_params(getattr(abstract.FileDescriptor, "_maybePauseProducer", None),
+                            ["self"], "Twisted", name, user)
+        conn, _, _ = self._connection()
+
+        class Producer:
+            paused = False
+
+            def pauseProducing(self) -> None:
+                self.paused = True
+
+            def resumeProducing(self) -> None:
+                self.paused = False
+
+            def stopProducing(self) -> None:
+                pass
+
+        producer = Producer()
+        conn.registerProducer(producer, True)
+        conn._tempDataBuffer.append(b"x" * (conn.bufferSize + 1))
+        conn._tempDataLen += conn.bufferSize + 1
+        conn._maybePauseProducer()
+        self.require(producer.paused, "Twisted", name, user,
+                     "no longer pauses a streaming producer over a full buffer")
+
+    def test_write_disconnecting_set_by_lose_write_connection(self) -> None:
+        conn, _, _ = self._connection()
+        conn.loseWriteConnection()
+        self.require(conn._writeDisconnecting is True, "Twisted",
+                     "twisted.internet.abstract.FileDescriptor._writeDisconnecting",
+                     "l5dproxy/batchsend.py, l5dproxy/splice.py",
+                     "is not set by loseWriteConnection")
+
+    def test_protocol_switch_by_assignment(self) -> None:
+        """detect.py hands a connection to another protocol by assigning
+        ``transport.protocol``; later reads must reach the new one."""
+        conn, peer, first = self._connection()
+        second = _Sink()
+        conn.protocol = second
+        peer.sendall(b"after the switch")
+        conn.doRead()
+        self.require(second.data == b"after the switch" and first.data == b"", "Twisted",
+                     "twisted.internet.tcp.Connection.protocol",
+                     "l5dproxy/detect.py, listener.py, serverfirst.py",
+                     "assigned no longer receives what doRead reads")
+
+
+class H2InternalsTests(_Canary):
+    """h2's ``H2Connection`` as l5dproxy/http/h2.py subclasses and drives it."""
+
+    user = "l5dproxy/http/h2.py"
+
+    @staticmethod
+    def _pair(cls: type[H2Connection]) -> tuple[H2Connection, H2Connection]:
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        server = cls(H2Configuration(client_side=False, header_encoding=None))
+        client.initiate_connection()
+        server.initiate_connection()
+        server.receive_data(client.data_to_send())
+        client.receive_data(server.data_to_send())
+        return client, server
+
+    def test_frame_handler_signatures(self) -> None:
+        for name in ("_receive_headers_frame", "_receive_goaway_frame", "_prepare_for_sending"):
+            self.require_params(getattr(H2Connection, name, None),
+                                ["self", "frames" if name == "_prepare_for_sending" else "frame"],
+                                "h2", f"h2.connection.H2Connection.{name}", self.user)
+
+    def test_our_subclass_overrides_only_names_h2_has(self) -> None:
+        """Every private method ``_H2Connection`` overrides still exists in
+        h2 with the same parameters (else the override is silently dead)."""
+        from l5dproxy.http.h2 import _H2Connection
+
+        for name, ours in vars(_H2Connection).items():
+            if not name.startswith("_") or name.startswith("__") or not callable(ours):
+                continue
+            theirs = getattr(H2Connection, name, None)
+            self.require_params(theirs, list(inspect.signature(ours).parameters), "h2",
+                                f"h2.connection.H2Connection.{name}", self.user)
+
+    def test_overridden_frame_handlers_are_called(self) -> None:
+        """h2 looks the handlers up on the instance, so a subclass's
+        ``_receive_headers_frame``/``_receive_goaway_frame`` replace h2's, and
+        the events they return are what ``receive_data`` returns."""
+        seen: list[type] = []
+
+        class Marker(Event):
+            pass
+
+        class Recording(H2Connection):
+            def _receive_headers_frame(self, frame):
+                seen.append(type(frame))
+                frames, events = super()._receive_headers_frame(frame)
+                return frames, [*events, Marker()]
+
+            def _receive_goaway_frame(self, frame):
+                seen.append(type(frame))
+                return [], [Marker()]
+
+        client, server = self._pair(Recording)
+        client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                                (b":path", b"/"), (b":authority", b"a")], end_stream=True)
+        events = server.receive_data(client.data_to_send())
+        self.require(HeadersFrame in seen and isinstance(events[-1], Marker), "h2",
+                     "h2.connection.H2Connection._receive_headers_frame", self.user,
+                     "override is not called for a received HEADERS frame")
+        client.close_connection()
+        events = server.receive_data(client.data_to_send())
+        self.require(GoAwayFrame in seen and isinstance(events[-1], Marker), "h2",
+                     "h2.connection.H2Connection._receive_goaway_frame", self.user,
+                     "override is not called for a received GOAWAY frame")
+
+    def test_connection_window_manager_and_prepare_for_sending(self) -> None:
+        """``acknowledge_connection_data``: the connection window's manager
+        gives the increment to send, ``_prepare_for_sending`` queues the frame."""
+        client, server = self._pair(H2Connection)
+        name = "h2.connection.H2Connection._inbound_flow_control_window_manager"
+        self.require_attr(server, "_inbound_flow_control_window_manager", "h2", name,
+                          self.user)
+        manager = server._inbound_flow_control_window_manager
+        self.require_params(getattr(manager, "process_bytes", None), ["size"], "h2",
+                            f"{name}.process_bytes", self.user)
+        client.send_headers(1, [(b":method", b"POST"), (b":scheme", b"http"),
+                                (b":path", b"/"), (b":authority", b"a")])
+        for _ in range(4):
+            client.send_data(1, b"x" * 10000)
+        server.receive_data(client.data_to_send())
+        increment = manager.process_bytes(40000)
+        self.require(isinstance(increment, int) and increment > 0, "h2", f"{name}.process_bytes",
+                     self.user, f"returned {increment!r} for 40000 bytes of a 65535 window")
+        frame = WindowUpdateFrame(0)
+        frame.window_increment = increment
+        server.data_to_send()
+        server._prepare_for_sending([frame])
+        self.require(server.data_to_send() == frame.serialize(), "h2",
+                     "h2.connection.H2Connection._prepare_for_sending", self.user,
+                     "does not queue the frame for data_to_send")
+
+    def test_undocumented_names(self) -> None:
+        import h2.connection
+        import h2.utilities
+
+        for module, name in ((h2.connection, "ConnectionState"), (h2.utilities, "validate_headers"),
+                             (h2.utilities, "HeaderValidationFlags"),
+                             (h2.utilities, "CONNECTION_HEADERS")):
+            self.require_attr(module, name, "h2", f"{module.__name__}.{name}", self.user)
+        self.require_attr(h2.connection.ConnectionState, "CLOSED", "h2",
+                          "h2.connection.ConnectionState.CLOSED", self.user)
+        self.require_params(h2.utilities.validate_headers, ["headers", "hdr_validation_flags"],
+                            "h2", "h2.utilities.validate_headers", self.user)
+        fields = list(h2.utilities.HeaderValidationFlags._fields)
+        self.require(fields == ["is_client", "is_trailer", "is_response_header",
+                                "is_push_promise"], "h2", "h2.utilities.HeaderValidationFlags",
+                     self.user, f"has fields {fields}")
+        self.require(b"connection" in h2.utilities.CONNECTION_HEADERS
+                     and b"te" not in h2.utilities.CONNECTION_HEADERS, "h2",
+                     "h2.utilities.CONNECTION_HEADERS", self.user, "changed its members")
+        _client, server = self._pair(H2Connection)
+        self.require_attr(server, "state_machine", "h2", "h2.connection.H2Connection.state_machine",
+                          self.user)
+        server.close_connection()
+        self.require(server.state_machine.state is h2.connection.ConnectionState.CLOSED, "h2",
+                     "h2.connection.H2Connection.state_machine.state", self.user,
+                     "is not ConnectionState.CLOSED after close_connection")
+
+
+class PrometheusHistogramInternalsTests(_Canary):
+    """A histogram child as ``telemetry.PendingHistogram.flush`` adds to it."""
+
+    user = "l5dproxy/telemetry.py (falls back to observe, slower, when they go)"
+
+    def test_buckets_and_sum(self) -> None:
+        bounds = (1.0, 10.0)
+        histogram = Histogram("canary_ms", "canary", buckets=bounds,
+                              registry=CollectorRegistry())
+        for name in ("_buckets", "_sum"):
+            self.require_attr(histogram, name, "prometheus_client",
+                              f"prometheus_client.Histogram.{name}", self.user)
+        self.require(len(histogram._buckets) == len(bounds) + 1, "prometheus_client",
+                     "prometheus_client.Histogram._buckets", self.user,
+                     f"has {len(histogram._buckets)} buckets for bounds {bounds} (+Inf)")
+        histogram._buckets[1].inc(2)
+        histogram._sum.inc(7.5)
+        samples = {(s.name, s.labels.get("le")): s.value
+                   for metric in histogram.collect() for s in metric.samples}
+        self.require(samples.get(("canary_ms_bucket", "1.0")) == 0
+                     and samples.get(("canary_ms_bucket", "10.0")) == 2
+                     and samples.get(("canary_ms_bucket", "+Inf")) == 2
+                     and samples.get(("canary_ms_sum", None)) == 7.5,
+                     "prometheus_client", "prometheus_client.Histogram._buckets/_sum",
+                     self.user, f"are not what is exposed (samples {samples})")
