@@ -205,6 +205,61 @@ class RetryTests(SynchronousTestCase):
         second.cancel()
         self.assertEqual(paused, [True, False, "stop"])
 
+    def test_body_stopped_before_its_end_is_not_replayed(self):
+        """An attempt that gives the body up before it has all arrived (the
+        endpoint answered 503 early): the rest is lost, so no retry, and the
+        client gets that 503 (issue 10, item 8)."""
+        self.make(n=2, retry_max_body=100)
+        body = Body(length=4)
+        d = self.dispatch(method=b"PUT", body=body)
+        body.write(b"ab")
+        self.client.calls[0][1].body.cancel()   # the client end stops the body
+        self.assertTrue(body.ended)              # the original stops too
+        self.answer(0, 503)
+        self.assertEqual(len(self.client.calls), 1)
+        self.assertEqual(self.successResultOf(d).head.status, 503)
+
+    def test_body_stopped_after_its_end_is_replayed_whole(self):
+        self.make(n=2, retry_max_body=100)
+        body = Body(length=4)
+        d = self.dispatch(method=b"PUT", body=body)
+        body.write(b"abcd")
+        body.finish()
+        self.client.calls[0][1].body.cancel()
+        self.client.calls[0][2].errback(error.ConnectionLost())
+        retry = self.client.calls[1][3]
+        self.assertEqual((retry.data, retry.ended), (b"abcd", True))
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    def test_pause_of_a_replaced_attempt_is_lifted(self):
+        """The failed attempt had paused the original; the retry, which has
+        not, must not inherit that pause (it would wait for ever)."""
+        original = Body()
+        calls = []
+
+        class Source:
+            def pause_body(self):
+                calls.append("pause")
+
+            def resume_body(self):
+                calls.append("resume")
+
+            def stop_body(self):
+                calls.append("stop")
+
+        original.set_source(Source())
+        replay = Replay(original, 100)
+        first = replay.body_for_attempt()
+        first.pause()
+        self.assertEqual(calls, ["pause"])
+        second = replay.body_for_attempt()
+        self.assertEqual(calls, ["pause", "resume"])
+        second.pause()
+        third = replay.body_for_attempt()
+        self.assertEqual(calls, ["pause", "resume", "pause", "resume"])
+        self.assertFalse(third.ended)
+
     def test_bodiless_request_replayed_with_a_fresh_empty_body(self):
         """One shared EmptyReplay: the first attempt is the request itself,
         each retry a new request with the same head and hook, a new empty body."""

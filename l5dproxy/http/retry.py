@@ -8,6 +8,14 @@ goes on streaming whatever is still to come. Past the limit the kept bytes
 are dropped and the request is no longer retryable; nothing ever waits for a
 whole body before sending.
 
+A retry carries the whole body or does not happen: once an attempt stops the
+body before it has all arrived (an endpoint answered early or reset, and the
+client end gave up the rest), the rest is discarded by the server end and can
+never be replayed, so the request is no longer retryable and the client gets
+that attempt's response or error (as Envoy does when its buffered body is
+incomplete). And the original body's flow control is always the current
+attempt's: a pause left by an attempt that was replaced is lifted.
+
 Whether a retry happens at all is the service's: ``retry_limit`` per
 request, and its retry budget across requests (``Upstream.retry_allowed``).
 """
@@ -62,7 +70,7 @@ class Replay:
     body and keeps a copy (up to ``limit`` bytes) for the next attempt."""
 
     __slots__ = ("chunks", "current", "ended", "error", "limit", "original", "overflow",
-                 "size", "started", "trailers")
+                 "paused", "size", "started", "trailers")
 
     def __init__(self, original: Body, limit: int) -> None:
         self.original = original
@@ -75,6 +83,8 @@ class Replay:
         self.error: Exception | None = None
         self.current: Body | None = None
         self.started = False
+        #: The current attempt has paused the original (``_AttemptSource``).
+        self.paused = False
 
     @property
     def replayable(self) -> bool:
@@ -90,6 +100,7 @@ class Replay:
         previous, self.current = self.current, body
         if previous is not None and not previous.ended:
             previous.cancel()  # its source is stale: this does not stop the original
+        held, self.paused = self.paused, False
         for chunk in self.chunks:
             body.write(chunk)
         if self.error is not None:
@@ -99,6 +110,8 @@ class Replay:
         if not self.started:
             self.started = True
             self.original.consume(self)
+        elif held and not self.paused:
+            self.original.resume()   # the replaced attempt's pause is not this one's
         return body
 
     def release(self) -> None:
@@ -144,13 +157,22 @@ class _AttemptSource:
         self.body = body
 
     def pause_body(self) -> None:
-        if self.replay.current is self.body and self.replay.started:
-            self.replay.original.pause()
+        replay = self.replay
+        if replay.current is self.body and replay.started:
+            replay.paused = True
+            replay.original.pause()
 
     def resume_body(self) -> None:
-        if self.replay.current is self.body and self.replay.started:
-            self.replay.original.resume()
+        replay = self.replay
+        if replay.current is self.body and replay.started:
+            replay.paused = False
+            replay.original.resume()
 
     def stop_body(self) -> None:
-        if self.replay.current is self.body:
-            self.replay.original.cancel()
+        """The current attempt gives the rest of the body up: the original
+        stops, and what it had still to send is lost to any later attempt."""
+        replay = self.replay
+        if replay.current is self.body:
+            if not replay.original.ended:
+                replay.release()   # a retry would carry a truncated body: none
+            replay.original.cancel()
