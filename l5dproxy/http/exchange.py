@@ -9,7 +9,15 @@ protocol is on either side, which is what makes h1->h2 and h2->h1 free.
 
 Bodies stream through a ``Body``: one side writes chunks into it, the other
 consumes them, and backpressure crosses it both ways (the consumer pauses the
-body, the body pauses its source), so no body is ever held whole.
+body, the body pauses its source), so no body is ever held whole. A body that
+declares its length (``content-length``) holds its source to it: more data,
+or an end short of it, raises ``BodyLengthError`` (RFC 9113 8.1.1, RFC 9112
+6.3), so a sink never forwards a body that disagrees with its framing.
+
+What a server end hands over is already checked, so that every client end
+can write it on its own wire without checking again (see ``RequestHead``,
+``ResponseHead``): a client end never repairs or re-validates a head, it only
+translates it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,20 @@ class RequestHead:
     ``headers`` are the end-to-end headers in the order received, names as
     the client wrote them (h2 names are lowercase), without hop-by-hop
     headers and without ``Host`` (which is ``authority``).
+
+    The invariant every server end keeps (the h1 end through llhttp and its
+    own checks, the h2 end in ``request_head_from_h2``), so that a client
+    end writes a head as it is:
+
+    * ``method`` is a token (RFC 9110 5.6.2);
+    * ``target`` is origin-form (``/`` then visible ASCII but ``#``), ``*``
+      for OPTIONS only, or the authority of a CONNECT;
+    * ``authority`` is empty or an RFC 3986 ``host[:port]`` without userinfo;
+    * field names are tokens, field values have no CTL but HTAB (so no CR,
+      LF or NUL), h2 values no leading or trailing whitespace; no
+      connection-specific field but ``te: trailers``;
+    * at most one ``content-length``, digits only, and the request's body
+      declares that length (``Body.length``) and holds its source to it.
     """
 
     method: bytes
@@ -57,6 +79,10 @@ class RequestHead:
 
 @dataclass(slots=True)
 class ResponseHead:
+    """A response as both protocols can say it; the same invariant as
+    ``RequestHead`` for its fields, and ``status`` is 100-599 (three digits,
+    RFC 9110 15)."""
+
     status: int
     headers: Headers = field(default_factory=list)
     reason: bytes = b""
@@ -88,6 +114,14 @@ class BodySource(Protocol):
     def stop_body(self) -> None: ...
 
 
+class BodyLengthError(ValueError):
+    """A body's data does not add up to its declared length (content-length):
+    more than declared, or an end short of it. The message is malformed
+    (RFC 9113 8.1.1; RFC 9112 6.3 for HTTP/1)."""
+
+    reason = "content-length mismatch"
+
+
 class Body:
     """One message body in flight, from one source to one sink.
 
@@ -95,6 +129,12 @@ class Body:
     ``consume`` once, then ``pause``/``resume`` for flow control and
     ``cancel`` when it no longer wants the rest. Until a sink is attached,
     chunks wait here, and past ``BODY_HIGH_WATER`` the source is paused.
+
+    With a declared ``length``, ``write`` past it and ``finish`` short of it
+    raise ``BodyLengthError`` and change nothing (no byte of the write goes
+    on): the source then fails the body (``fail``), which its sink takes as
+    a broken body (a client end aborts its upstream connection), and answers
+    its own peer (h2: RST_STREAM PROTOCOL_ERROR).
     """
 
     __slots__ = (
@@ -131,8 +171,13 @@ class Body:
             source.pause_body()
 
     def write(self, data: bytes) -> None:
+        """Add ``data``; BodyLengthError (nothing added) past the declared length."""
         if not data:
             return
+        length = self.length
+        if length is not None and self.received + len(data) > length:
+            raise BodyLengthError(
+                f"{self.received + len(data)} bytes of body, content-length {length}")
         self.received += len(data)
         if self._on_first_data is not None:
             hook, self._on_first_data = self._on_first_data, None
@@ -146,7 +191,17 @@ class Body:
         if self._buffered > BODY_HIGH_WATER and not self._source_paused:
             self._pause_source()
 
+    def check_complete(self) -> None:
+        """BodyLengthError if the data so far falls short of the declared length."""
+        length = self.length
+        if length is not None and self.received != length:
+            raise BodyLengthError(f"body ended at {self.received} bytes, content-length {length}")
+
     def finish(self, trailers: Headers | None = None) -> None:
+        """The body is whole; BodyLengthError (nothing changed) if it is
+        short of its declared length."""
+        if self.length is not None:
+            self.check_complete()
         self._ended = True
         # An ended body has no use for its source, and a source that points
         # back at its body would leave both to the cyclic GC (per request).
@@ -176,6 +231,11 @@ class Body:
     def ended(self) -> bool:
         """Everything has been written (or the body failed)."""
         return self._ended
+
+    @property
+    def error(self) -> Exception | None:
+        """Why the body failed or was cancelled, if it did."""
+        return self._error
 
     @property
     def is_empty(self) -> bool:

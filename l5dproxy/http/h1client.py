@@ -372,9 +372,16 @@ class H1ClientConnection(Protocol):
         self._trailers = None
         parts = [method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.authority, b"\r\n"]
         has_length = False
+        te = False
         for name, value in head.headers:
             lname = name.lower()
             if lname in HOP_BY_HOP or lname == b"host":
+                if lname == b"te" and not te and value.lower() == b"trailers":
+                    # An h2 client's "te: trailers" (gRPC): TE is hop-by-hop,
+                    # so it goes on named in Connection (RFC 9110 7.6.1,
+                    # 10.1.4); the endpoint may then send trailers.
+                    te = True
+                    parts.append(b"te: trailers\r\n")
                 continue
             if lname == b"content-length":
                 has_length = True
@@ -394,7 +401,11 @@ class H1ClientConnection(Protocol):
         upgrade = self._upgrade
         if upgrade is not None and upgrade != b"CONNECT":
             tokens = b"".join(b", " + t for t in getattr(request, "connection", ()))
+            if te:
+                tokens += b", te"
             parts += (b"connection: upgrade", tokens, b"\r\nupgrade: ", upgrade, b"\r\n")
+        elif te:
+            parts.append(b"connection: te\r\n")
         parts.append(b"\r\n")
         self._write(b"".join(parts))
         if body.is_empty:

@@ -46,7 +46,6 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
-    InformationalResponseReceived,
     RemoteSettingsChanged,
     RequestReceived,
     ResponseReceived,
@@ -57,8 +56,8 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, NoAvailableStreamIDError, ProtocolError
 from h2.settings import SettingCodes, Settings
+from h2.stream import H2Stream
 from h2.utilities import CONNECTION_HEADERS as _H2_CONNECTION_HEADERS
-from h2.utilities import HeaderValidationFlags, validate_headers
 from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -71,6 +70,7 @@ from l5dproxy.batchsend import BatchSender
 from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.exchange import (
     Body,
+    BodyLengthError,
     Headers,
     ProxyError,
     Request,
@@ -104,9 +104,9 @@ _MAX_STREAM_ID = 2**31 - 1
 #: Header blocks the proxy sends are built by the functions below (names
 #: lowercased, connection headers dropped) from heads a codec end has
 #: already validated, so h2's per-field outbound checks, the largest cost
-#: per stream after HPACK, are skipped. Inbound blocks are checked by
-#: ``_H2Connection`` (``_plainly_valid``, h2's own rules when in doubt), and
-#: cookie crumbs are joined by ``request_head_from_h2``, not by h2.
+#: per stream after HPACK, are skipped. Inbound blocks are checked where
+#: they are translated (``request_head_from_h2`` and its siblings, which
+#: also join cookie crumbs), not by h2.
 _H2_CONFIG = {"validate_outbound_headers": False, "normalize_outbound_headers": False,
               "validate_inbound_headers": False, "normalize_inbound_headers": False}
 
@@ -152,44 +152,151 @@ def _code(code: int) -> ErrorCodes | int:
 
 # -- translation between h2 header blocks and the neutral heads --
 
+class MalformedError(ValueError):
+    """A header block RFC 9113 8.1.1 calls malformed (or a request the
+    proxy will not forward): a stream error, never forwarded.
+
+    ``reason`` is one of a fixed set of phrases (the ``reason`` label of
+    ``http_errors_total``, never the peer's bytes); ``status`` is what an
+    HTTP answer would carry: 400 for malformed, 405 for h2 CONNECT.
+    """
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+#: RFC 9110 5.6.2 token, and the lowercase token an h2 field name must be
+#: (RFC 9113 8.2.1: no uppercase; RFC 9110 5.1: a field name is a token).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+").fullmatch
+#: A field value the proxy refuses: a CTL other than HTAB anywhere (RFC 9110
+#: 5.5; so CR, LF and NUL, RFC 9113 8.2.1), SP or HTAB at either end.
+_BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\A[ \t]|[ \t]\Z").search
+#: origin-form (RFC 9112 3.2.1), as nginx and h11 read it: "/" then visible
+#: ASCII; no "#" (a fragment is never sent), no SP, CTL or 8-bit byte.
+_ORIGIN_FORM = re.compile(rb"/[\x21\x22\x24-\x7e]*").fullmatch
+#: RFC 3986 3.1 scheme.
+_SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*").fullmatch
+#: RFC 3986 3.2 authority without userinfo (RFC 9113 8.3.1): an IP literal
+#: or a non-empty reg-name (RFC 9110 4.2.1: no empty host), then ":" port.
+_AUTHORITY = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?"
+).fullmatch
+#: RFC 9110 15: three digits, 100-599.
+_STATUS = re.compile(rb"[1-5][0-9][0-9]").fullmatch
+
+
+def _check_field(name: bytes, value: bytes) -> None:
+    """The rules every regular h2 field obeys, in any block (RFC 9113 8.2)."""
+    if _FIELD_NAME(name) is None:
+        raise MalformedError("invalid field name")
+    if value and _BAD_VALUE(value) is not None:
+        raise MalformedError("invalid field value")
+    if name in _H2_CONNECTION_HEADERS:
+        raise MalformedError("connection-specific field")
+    if name == b"te" and value.lower() != b"trailers":
+        raise MalformedError("te other than trailers")
+
+
+def _content_length(value: bytes, seen: bytes | None) -> bytes:
+    if seen is not None:
+        raise MalformedError("more than one content-length")
+    if not value.isdigit():   # ASCII digits only (bytes.isdigit)
+        raise MalformedError("invalid content-length")
+    return value
+
+
 def request_head_from_h2(headers: Headers) -> RequestHead:
-    """A RequestHead from a request header block; ValueError if it is unusable.
+    """A RequestHead from a request header block, checked once for every
+    client end (the invariant in ``RequestHead``); MalformedError if it is
+    malformed (RFC 9113 8.2, 8.3; RFC 9110 grammar for the pseudo-header
+    values), 405 for CONNECT (no tunnels over h2).
 
     Cookie crumbs are joined back into one header (RFC 9113 8.2.3), ``host``
-    becomes the authority when ``:authority`` is missing.
+    becomes the authority when ``:authority`` is missing (and must equal it
+    when both are present), ``te: trailers`` is kept (lowercase).
     """
-    method = path = authority = None
-    scheme = b"http"
+    method = path = authority = scheme = None
     regular: Headers = []
     cookies: list[bytes] = []
-    host = None
+    host = length = None
+    in_pseudo = True
     for name, value in headers:
         if name[:1] == b":":
+            if not in_pseudo:
+                raise MalformedError("pseudo-header after a regular field")
             if name == b":method":
+                if method is not None:
+                    raise MalformedError("repeated pseudo-header")
                 method = value
             elif name == b":path":
+                if path is not None:
+                    raise MalformedError("repeated pseudo-header")
                 path = value
             elif name == b":authority":
+                if authority is not None:
+                    raise MalformedError("repeated pseudo-header")
                 authority = value
             elif name == b":scheme":
+                if scheme is not None:
+                    raise MalformedError("repeated pseudo-header")
                 scheme = value
+            else:   # :status, :protocol (extended CONNECT is not offered), others
+                raise MalformedError("unknown pseudo-header")
             continue
+        in_pseudo = False
+        _check_field(name, value)
         if name == b"cookie":
             cookies.append(value)
-        elif name == b"host":
+            continue
+        if name == b"host":
+            if host is not None:
+                raise MalformedError("more than one host")
             host = value
-        elif name not in CONNECTION_HEADERS:
-            regular.append((name, value))
+            continue
+        if name == b"content-length":
+            length = _content_length(value, length)
+        elif name == b"te":
+            value = b"trailers"
+        elif name == b"http2-settings":
+            continue
+        regular.append((name, value))
     if method is None:
-        raise ValueError("no :method")
+        raise MalformedError("missing :method")
+    if _TOKEN(method) is None:
+        raise MalformedError("invalid :method")
+    if authority is not None and _AUTHORITY(authority) is None:
+        raise MalformedError("invalid :authority")
+    if host is not None:
+        if _AUTHORITY(host) is None:
+            raise MalformedError("invalid host")
+        if authority is not None and host != authority:
+            raise MalformedError("host differs from :authority")
+    authority = authority if authority is not None else host
     if method == b"CONNECT":
-        path = authority or b""
-    elif not path:
-        raise ValueError("no :path")
-    if cookies:
-        regular.append((b"cookie", b"; ".join(cookies)))
-    return RequestHead(method=method, target=path, authority=authority or host or b"",
+        if scheme is not None or path is not None or authority is None:
+            raise MalformedError("malformed CONNECT")
+        raise MalformedError("CONNECT not allowed", 405)
+    if scheme is None or path is None:
+        raise MalformedError("missing :scheme or :path")
+    if _SCHEME(scheme) is None:
+        raise MalformedError("invalid :scheme")
+    if _ORIGIN_FORM(path) is None and not (path == b"*" and method == b"OPTIONS"):
+        raise MalformedError("invalid :path")
+    if authority is None:
+        raise MalformedError("missing :authority")
+    if cookies:   # empty crumbs dropped: "a=1; " would end in whitespace
+        regular.append((b"cookie", b"; ".join(c for c in cookies if c)))
+    return RequestHead(method=method, target=path, authority=authority,
                        headers=regular, scheme=scheme, version="2")
+
+
+def _is_grpc(headers: Headers) -> bool:
+    """A request block's content-type is gRPC (for the answer to a request
+    the proxy refuses before it has a head)."""
+    return RequestHead(b"", b"", b"", list(headers)).is_grpc
 
 
 def h2_request_headers(head: RequestHead) -> Headers:
@@ -217,16 +324,43 @@ def h2_request_headers(head: RequestHead) -> Headers:
 
 
 def response_head_from_h2(headers: Headers) -> ResponseHead:
+    """A ResponseHead from a response header block, checked once for every
+    server end: ``:status`` alone and first, three digits 100-599, regular
+    fields as in requests, at most one content-length; MalformedError else."""
     status = None
     regular: Headers = []
+    length = None
     for name, value in headers:
-        if name == b":status":
+        if name[:1] == b":":
+            if name != b":status" or status is not None or regular:
+                raise MalformedError("misplaced pseudo-header")
+            if _STATUS(value) is None:
+                raise MalformedError("invalid :status")
             status = int(value)
-        elif name[:1] != b":":
-            regular.append((name, value))
+            continue
+        _check_field(name, value)
+        if name == b"content-length":
+            length = _content_length(value, length)
+        regular.append((name, value))
     if status is None:
-        raise ValueError("no :status")
+        raise MalformedError("missing :status")
     return ResponseHead(status, regular)
+
+
+def trailers_from_h2(headers: Headers) -> Headers:
+    """A trailer section as received, checked: no pseudo-header (RFC 9113
+    8.1), regular fields as in a header section; MalformedError else."""
+    for name, value in headers:
+        if name[:1] == b":":
+            raise MalformedError("pseudo-header in trailers")
+        _check_field(name, value)
+    return list(headers)
+
+
+def declared_length(head: RequestHead | ResponseHead) -> int | None:
+    """The content-length of a head built by the functions above (digits)."""
+    value = head.header(b"content-length")
+    return int(value) if value is not None else None
 
 
 def h2_response_headers(head: ResponseHead) -> Headers:
@@ -252,58 +386,18 @@ def header_list_size(headers: Headers) -> int:
     return sum(len(n) + len(v) + 32 for n, v in headers)
 
 
-#: A regular field name h2 accepts: no controls, space, uppercase, DEL or
-#: 8-bit bytes, and no colon (RFC 9113 8.2.1).
-_PLAIN_NAME = re.compile(rb"[\x21-\x39\x3b-\x40\x5b-\x7e]+").fullmatch
-#: A field value h2 refuses: NUL, CR or LF anywhere, SP or HTAB at either end.
-_BAD_VALUE = re.compile(rb"[\x00\n\r]|\A[ \t]|[ \t]\Z").search
-_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
-_RESPONSE_PSEUDO = frozenset({b":status"})
+class _LengthBlindStream(H2Stream):
+    """h2's stream without its own content-length check (h2 raises it as a
+    connection error, and misses an end on HEADERS or on trailers): the
+    proxy's ``Body`` enforces the declared length instead, as a stream error."""
 
-
-def _plainly_valid(headers, request: bool, trailer: bool) -> bool:
-    """True if h2's inbound validation would accept this block, for the
-    common shapes only (a request that is not CONNECT, a response, trailers),
-    at C speed per field; False means "ask h2" (which raises if invalid)."""
-    allowed = _REQUEST_PSEUDO if request else _RESPONSE_PSEUDO
-    seen = []
-    regular = False
-    path = authority = host = None
-    for name, value in headers:
-        if name[:1] == b":":
-            if regular or trailer or name not in allowed or name in seen:
-                return False
-            seen.append(name)
-            if name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-        else:
-            regular = True
-            if _PLAIN_NAME(name) is None or name in _H2_CONNECTION_HEADERS:
-                return False
-            if name == b"te" and value.lower() != b"trailers":
-                return False
-            if name == b"host":
-                if host is not None:
-                    return False
-                host = value
-        if value and _BAD_VALUE(value) is not None:
-            return False
-    if trailer:
-        return True
-    if not request:
-        return bool(seen)   # :status, the only one allowed
-    if len(seen) < 3 or not path or b":method" not in seen or b":scheme" not in seen:
-        return False        # also CONNECT (no :path): h2 decides
-    if authority is None:
-        return host is not None
-    return host is None or host == authority
+    def _initialize_content_length(self, headers) -> None:
+        self._expected_content_length = None
 
 
 class _H2Connection(H2Connection):
     """h2's connection, except that a received GOAWAY leaves it open, and
-    received header blocks are validated faster.
+    received header blocks and body lengths are checked by the ends.
 
     Stock h2 goes CLOSED on a GOAWAY and then refuses every later frame,
     received or sent, even on streams the GOAWAY lets finish (a GOAWAY and
@@ -311,36 +405,25 @@ class _H2Connection(H2Connection):
     drops the frames it had queued to send. Here the GOAWAY is only
     reported (``ConnectionTerminated``); the ends decide what it means.
 
-    h2's inbound header validation (a chain of generators looping over every
-    byte of every name and value in Python) is off in the configuration and
-    done here instead on the block each event carries: ``_plainly_valid``
-    accepts the usual blocks with one regular expression per field, anything
-    else goes through h2's own ``validate_headers``, so what is refused, and
-    how (a ProtocolError raised from ``receive_data``: the connection is
-    ended with GOAWAY PROTOCOL_ERROR), is h2's.
+    h2's inbound header validation is off in the configuration (a chain of
+    generators looping over every byte in Python, and a malformed block is a
+    connection error there, which would end every other stream of the
+    connection): the ends check each block where they translate it
+    (``request_head_from_h2``, ``response_head_from_h2``, ``trailers_from_h2``)
+    and refuse a malformed one as a stream error (RFC 9113 8.1.1). For the
+    same reason h2's content-length tracking is off (``_LengthBlindStream``):
+    ``Body`` holds a stream's DATA to its content-length.
+
+    h2 private names used, here only (``InternalNamesTests`` fails if they
+    go): ``H2Connection._begin_new_stream``, ``_receive_goaway_frame``,
+    ``_inbound_flow_control_window_manager``, ``_prepare_for_sending``, and
+    ``H2Stream._initialize_content_length``.
     """
 
-    def _receive_headers_frame(self, frame):
-        frames, events = super()._receive_headers_frame(frame)
-        client = self.config.client_side
-        for event in events:
-            kind = type(event)
-            if kind is RequestReceived:
-                request, trailer = True, False
-            elif kind is ResponseReceived or kind is InformationalResponseReceived:
-                request, trailer = False, False
-            elif kind is TrailersReceived:
-                request, trailer = False, True
-            else:
-                continue
-            headers = event.headers
-            if not _plainly_valid(headers, request, trailer):
-                flags = HeaderValidationFlags(
-                    is_client=client, is_trailer=trailer,
-                    is_response_header=not request and not trailer, is_push_promise=False)
-                for _ in validate_headers(headers, flags):
-                    pass
-        return frames, events
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _LengthBlindStream
+        return stream
 
     def acknowledge_connection_data(self, n: int) -> None:
         """``acknowledge_received_data`` for the connection window only: the
@@ -655,8 +738,11 @@ class _H2Protocol(Protocol):
         if stream is not None and stream.in_body is not None and not (
                 stream.in_discard or stream.in_done):
             if event.data:
-                stream.in_body.write(event.data)
-            if n and stream.in_paused and not stream.in_discard:
+                try:
+                    stream.in_body.write(event.data)
+                except BodyLengthError as e:   # more DATA than its content-length
+                    self._malformed(stream, e.reason)
+            if n and stream.in_paused and not stream.in_discard and not stream.reset:
                 stream.held += n
                 return
         if n:   # taken (or dropped): acknowledged at the end of the read
@@ -686,11 +772,23 @@ class _H2Protocol(Protocol):
     def _on_end(self, stream: _Stream) -> None:
         if stream.in_done:
             return
-        stream.in_done = True
         body = stream.in_body
         if body is not None and not body.ended:
+            try:   # on DATA or on trailers: short of its content-length?
+                body.check_complete()
+            except BodyLengthError as e:
+                self._malformed(stream, e.reason)
+                return
+            stream.in_done = True
             body.finish(stream.in_trailers)
+        stream.in_done = True
         self._maybe_forget(stream)
+
+    def _malformed(self, stream: _Stream, reason: str) -> None:
+        """The peer's message on ``stream`` is malformed (RFC 9113 8.1.1):
+        a stream error, RST_STREAM PROTOCOL_ERROR; what was forwarded of it
+        fails (a client end aborts its upstream connection)."""
+        self._reset(stream, ErrorCodes.PROTOCOL_ERROR)
 
     def _reset(self, stream: _Stream, code: int) -> None:
         """Reset the stream (our decision), and let go of both bodies."""
@@ -753,7 +851,10 @@ class _H2Protocol(Protocol):
             elif kind is TrailersReceived:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
-                    stream.in_trailers = list(event.headers)
+                    try:
+                        stream.in_trailers = trailers_from_h2(event.headers)
+                    except MalformedError as e:
+                        self._malformed(stream, e.reason)
             elif kind is StreamReset:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
@@ -908,7 +1009,19 @@ class H2ServerProtocol(_H2Protocol):
         ended = event.stream_ended is not None
         try:
             head = request_head_from_h2(headers)
-        except ValueError:
+            body = Body(declared_length(head))
+            if ended:
+                body.finish()   # BodyLengthError: content-length, no DATA
+        except (MalformedError, BodyLengthError) as e:
+            self._count_error(e.reason)
+            if getattr(e, "status", 400) != 400:   # well-formed, refused: answered
+                stream = self.streams[sid] = _Stream(self, sid)
+                stream.in_body = Body.empty()
+                stream.in_discard = True
+                stream.in_done = ended
+                self._respond(stream, error_response(ProxyError.bad_request(
+                    e.reason, e.status), _is_grpc(headers)))
+                return
             with suppress(ProtocolError):
                 h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
@@ -916,11 +1029,8 @@ class H2ServerProtocol(_H2Protocol):
         stream.grpc = head.is_grpc
         self.streams[sid] = stream
         if ended:
-            body = Body.empty()
             stream.in_done = True
         else:
-            length = head.header(b"content-length")
-            body = Body(int(length) if length and length.isdigit() else None)
             body.set_source(stream)
         stream.in_body = body
         if header_list_size(headers) > self.settings.max_header_list_size:
@@ -980,6 +1090,22 @@ class H2ServerProtocol(_H2Protocol):
 
     def _peer_reset(self, stream: _Stream, code: int) -> None:
         self._abandon(stream, StreamResetError(code))
+
+    def _count_error(self, reason: str) -> None:
+        listener = self.conn.listener
+        listener.metrics.http_errors_total.labels("inbound", listener.name, reason).inc()
+
+    def _malformed(self, stream: _Stream, reason: str) -> None:
+        # RST_STREAM first, then the dispatch is given up: whatever the
+        # upstream answers meanwhile is not sent on a malformed stream.
+        if stream.reset:
+            return
+        self._count_error(reason)
+        if not self._lost and not (stream.out_done and stream.in_done):
+            with suppress(ProtocolError):   # already closed in h2's view
+                self.h2.reset_stream(stream.sid, ErrorCodes.PROTOCOL_ERROR)
+            self._write()
+        self._abandon(stream, MalformedError(reason))
 
     def _abandon(self, stream: _Stream, reason: Exception) -> None:
         stream.reset = True
@@ -1357,17 +1483,22 @@ class H2ClientProtocol(_H2Protocol):
             stream = self.streams.get(event.stream_id)
             if stream is None:
                 return
+            ended = event.stream_ended is not None
             try:
                 head = response_head_from_h2(event.headers)
-            except ValueError:
-                self._reset(stream, ErrorCodes.PROTOCOL_ERROR)
+                # No content, whatever content-length says (RFC 9113 8.1.1):
+                # a response to HEAD, a 204 or a 304.
+                bodiless = (head.status in (204, 304)
+                            or stream.pending.request.head.method == b"HEAD")
+                body = Body(0 if bodiless else declared_length(head))
+                if ended:
+                    body.finish()   # BodyLengthError: content-length, no DATA
+            except (MalformedError, BodyLengthError) as e:
+                self._malformed(stream, e.reason)
                 return
-            if event.stream_ended is not None:
-                body = Body.empty()
+            if ended:
                 stream.in_done = True
             else:
-                length = head.header(b"content-length")
-                body = Body(int(length) if length and length.isdigit() else None)
                 body.set_source(stream)
             stream.in_body = body
             d, stream.deferred = stream.deferred, None
@@ -1385,7 +1516,11 @@ class H2ClientProtocol(_H2Protocol):
         if responses:
             self._responses = []
             for pending, response in responses:
-                pending.respond(response)
+                error = response.body.error
+                if isinstance(error, MalformedError):   # in this same read
+                    pending.fail(ProxyError.bad_gateway(f"invalid response: {error.reason}"))
+                else:
+                    pending.respond(response)
 
     def _on_end(self, stream: _Stream) -> None:
         super()._on_end(stream)
@@ -1408,6 +1543,22 @@ class H2ClientProtocol(_H2Protocol):
         super()._reset(stream, code)
         if d is not None:
             d.fail(ProxyError.bad_gateway("request abandoned"))
+
+    def _malformed(self, stream: _Stream, reason: str) -> None:
+        # The endpoint's response is malformed: its stream is reset, the
+        # request fails with 502 (before the response was handed on) or the
+        # response body fails (after: the server end cuts its client off).
+        if stream.reset:
+            return
+        d, stream.deferred = stream.deferred, None
+        stream.reset = True
+        if not self._lost and not (stream.out_done and stream.in_done):
+            with suppress(ProtocolError):
+                self.h2.reset_stream(stream.sid, ErrorCodes.PROTOCOL_ERROR)
+            self._write()
+        self._release(stream, MalformedError(reason))
+        if d is not None:
+            d.fail(ProxyError.bad_gateway(f"invalid response: {reason}"))
 
     def _inbound_stopped(self, stream: _Stream) -> None:
         # The response body's consumer is gone: cancel the upstream stream.
