@@ -1899,6 +1899,22 @@ class H2ToH1Tests(SynchronousTestCase):
         rig.send(GET)
         self.assertEqual(len(rig.endpoints), 2)   # a new connection for the next one
 
+    def test_h1_response_short_of_content_length_resets(self) -> None:
+        """An HTTP/1 endpoint's response that closes short of its
+        Content-Length: the h2 client gets a reset, never END_STREAM."""
+        from twisted.internet.error import ConnectionDone
+
+        rig = H2ToH1()
+        sid = rig.send(GET)
+        protocol, _ = rig.endpoints[0]
+        protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nfour")
+        protocol.connectionLost(Failure(ConnectionDone()))
+        rig.pump()
+        self.assertEqual(rig.status(sid), b"200")
+        self.assertIsNotNone(rig.reset_code(sid))
+        self.assertFalse([e for e in rig.events
+                          if isinstance(e, StreamEnded) and e.stream_id == sid])
+
     def test_te_trailers_kept(self) -> None:
         """An h2 gRPC request reaches an HTTP/1 endpoint with TE: trailers,
         named in Connection (RFC 9110 7.6.1, 10.1.4)."""

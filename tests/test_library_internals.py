@@ -20,11 +20,11 @@ Users today:
   ``_writeDisconnecting``), ``detect.py``/``listener.py``/``serverfirst.py``
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does).
-* h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._receive_headers_frame``
-  and ``_receive_goaway_frame``; calls ``_inbound_flow_control_window_manager``
-  and ``_prepare_for_sending``; reads ``state_machine.state`` and
-  ``h2.connection.ConnectionState``; uses ``h2.utilities.validate_headers``,
-  ``HeaderValidationFlags`` and ``CONNECTION_HEADERS``).
+* h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._begin_new_stream``
+  and ``_receive_goaway_frame``, and ``H2Stream._initialize_content_length``;
+  calls ``_inbound_flow_control_window_manager`` and ``_prepare_for_sending``;
+  reads ``state_machine.state`` and ``h2.connection.ConnectionState``; uses
+  ``h2.utilities.CONNECTION_HEADERS``).
 * prometheus-client: ``l5dproxy/telemetry.py`` (``PendingHistogram`` adds to a
   histogram child's ``_buckets`` and ``_sum``).
 """
@@ -38,7 +38,7 @@ from importlib.metadata import version
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import Event
-from hyperframe.frame import GoAwayFrame, HeadersFrame, WindowUpdateFrame
+from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
 from prometheus_client import CollectorRegistry, Histogram
 from twisted.internet import abstract, tcp
 from twisted.internet.protocol import Protocol
@@ -201,7 +201,7 @@ class H2InternalsTests(_Canary):
         return client, server
 
     def test_frame_handler_signatures(self) -> None:
-        for name in ("_receive_headers_frame", "_receive_goaway_frame", "_prepare_for_sending"):
+        for name in ("_receive_goaway_frame", "_prepare_for_sending"):
             self.require_params(getattr(H2Connection, name, None),
                                 ["self", "frames" if name == "_prepare_for_sending" else "frame"],
                                 "h2", f"h2.connection.H2Connection.{name}", self.user)
@@ -220,35 +220,61 @@ class H2InternalsTests(_Canary):
 
     def test_overridden_frame_handlers_are_called(self) -> None:
         """h2 looks the handlers up on the instance, so a subclass's
-        ``_receive_headers_frame``/``_receive_goaway_frame`` replace h2's, and
-        the events they return are what ``receive_data`` returns."""
+        ``_receive_goaway_frame`` replaces h2's, and the events it returns are
+        what ``receive_data`` returns."""
         seen: list[type] = []
 
         class Marker(Event):
             pass
 
         class Recording(H2Connection):
-            def _receive_headers_frame(self, frame):
-                seen.append(type(frame))
-                frames, events = super()._receive_headers_frame(frame)
-                return frames, [*events, Marker()]
-
             def _receive_goaway_frame(self, frame):
                 seen.append(type(frame))
                 return [], [Marker()]
 
         client, server = self._pair(Recording)
-        client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
-                                (b":path", b"/"), (b":authority", b"a")], end_stream=True)
-        events = server.receive_data(client.data_to_send())
-        self.require(HeadersFrame in seen and isinstance(events[-1], Marker), "h2",
-                     "h2.connection.H2Connection._receive_headers_frame", self.user,
-                     "override is not called for a received HEADERS frame")
         client.close_connection()
         events = server.receive_data(client.data_to_send())
         self.require(GoAwayFrame in seen and isinstance(events[-1], Marker), "h2",
                      "h2.connection.H2Connection._receive_goaway_frame", self.user,
                      "override is not called for a received GOAWAY frame")
+
+    def test_content_length_tracking_is_ours(self) -> None:
+        """``_begin_new_stream`` makes every stream (``H2Stream``), and
+        ``H2Stream._initialize_content_length`` is where h2 takes a stream's
+        content-length: stock h2 then refuses DATA past it (a connection
+        error); with l5dproxy's ``_H2Connection`` it does not (``Body``
+        enforces the length, as a stream error)."""
+        from h2.exceptions import ProtocolError
+        from h2.stream import H2Stream
+
+        from l5dproxy.http.h2 import _H2Connection
+
+        self.require_params(getattr(H2Connection, "_begin_new_stream", None),
+                            ["self", "stream_id", "allowed_ids"], "h2",
+                            "h2.connection.H2Connection._begin_new_stream", self.user)
+        self.require_params(getattr(H2Stream, "_initialize_content_length", None),
+                            ["self", "headers"], "h2",
+                            "h2.stream.H2Stream._initialize_content_length", self.user)
+        headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"),
+                   (b":authority", b"a"), (b"content-length", b"2")]
+        verdicts = []
+        for cls in (H2Connection, _H2Connection):
+            client, server = self._pair(cls)
+            client.send_headers(1, headers)
+            client.send_data(1, b"four")
+            try:
+                server.receive_data(client.data_to_send())
+            except ProtocolError:
+                verdicts.append("refused")
+            else:
+                verdicts.append("passed")
+            self.require(type(server.streams[1]).__mro__[-2] is H2Stream, "h2",
+                         "h2.connection.H2Connection._begin_new_stream", self.user,
+                         f"made a {type(server.streams[1])!r}")
+        self.require(verdicts == ["refused", "passed"], "h2",
+                     "h2.stream.H2Stream._initialize_content_length", self.user,
+                     f"content-length verdicts stock/ours: {verdicts}")
 
     def test_connection_window_manager_and_prepare_for_sending(self) -> None:
         """``acknowledge_connection_data``: the connection window's manager
@@ -280,18 +306,11 @@ class H2InternalsTests(_Canary):
         import h2.connection
         import h2.utilities
 
-        for module, name in ((h2.connection, "ConnectionState"), (h2.utilities, "validate_headers"),
-                             (h2.utilities, "HeaderValidationFlags"),
+        for module, name in ((h2.connection, "ConnectionState"),
                              (h2.utilities, "CONNECTION_HEADERS")):
             self.require_attr(module, name, "h2", f"{module.__name__}.{name}", self.user)
         self.require_attr(h2.connection.ConnectionState, "CLOSED", "h2",
                           "h2.connection.ConnectionState.CLOSED", self.user)
-        self.require_params(h2.utilities.validate_headers, ["headers", "hdr_validation_flags"],
-                            "h2", "h2.utilities.validate_headers", self.user)
-        fields = list(h2.utilities.HeaderValidationFlags._fields)
-        self.require(fields == ["is_client", "is_trailer", "is_response_header",
-                                "is_push_promise"], "h2", "h2.utilities.HeaderValidationFlags",
-                     self.user, f"has fields {fields}")
         self.require(b"connection" in h2.utilities.CONNECTION_HEADERS
                      and b"te" not in h2.utilities.CONNECTION_HEADERS, "h2",
                      "h2.utilities.CONNECTION_HEADERS", self.user, "changed its members")
