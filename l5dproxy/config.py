@@ -201,6 +201,8 @@ class H2Config:
     #: Receive window of each stream, and of each connection as a whole.
     initial_window_size: int = 1048576
     connection_window_size: int = 4194304
+    #: Upstream h2 connections to one endpoint at most; requests past them wait.
+    max_connections_per_endpoint: int = 64
 
 
 def default_config_path() -> str:
@@ -352,6 +354,9 @@ def _parse_h2(t: _Table) -> H2Config:
         connection_window_size=t.get("connection_window_size", int,
                                      H2Config.connection_window_size,
                                      between(65535, 2**31 - 1)),
+        max_connections_per_endpoint=t.get("max_connections_per_endpoint", int,
+                                           H2Config.max_connections_per_endpoint,
+                                           between(1, 100000)),
     )
     t.finish()
     return h2

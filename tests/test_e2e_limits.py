@@ -6,6 +6,7 @@ clients (raw sockets, an h2 socket client, grpcio).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import time
@@ -182,3 +183,91 @@ class LoadShedEndToEndTests(TestCase):
         self.assertEqual(proxy.metric_value("response_total", grpc_status="14",
                                             error="service unavailable: load shed"), 1)
 
+
+
+def refusing_h2_endpoint(max_streams: int = 0, goaway: bool = False):
+    """A raw h2 endpoint (h2 library, blocking socket): SETTINGS with
+    ``MAX_CONCURRENT_STREAMS = max_streams``, then, with ``goaway``, a
+    GOAWAY that processed no stream; it answers the proxy's frames (SETTINGS
+    ACK, PING) and never a request."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.exceptions import ProtocolError
+
+    def handle(conn: socket.socket) -> None:
+        h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        h2.local_settings.max_concurrent_streams = max_streams
+        h2.local_settings.acknowledge()
+        h2.initiate_connection()
+        if goaway:
+            h2.close_connection(last_stream_id=0)
+        conn.sendall(h2.data_to_send())
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            with contextlib.suppress(ProtocolError):   # a stream past the limit: fine
+                h2.receive_data(data)
+            out = h2.data_to_send()
+            if out:
+                conn.sendall(out)
+
+    return handle
+
+
+class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
+    """Issue 11 item 3: an endpoint whose SETTINGS allow no stream made the
+    proxy dial in a loop (1,503 connections in 1.5 s for one request)."""
+
+    timeout = 60
+
+    def proxy_for(self, endpoint: ThreadedServer) -> ProxyProcess:
+        return ProxyProcess(
+            self, listeners=[{"name": "in", "service": "app"}],
+            services={"app": {"endpoints": [endpoint.address], "connect_timeout": 1,
+                              "retry_limit": 0}},
+            proxy={"log_connections": False})
+
+    def request(self, proxy: ProxyProcess) -> tuple[float, dict]:
+        client = H2SocketClient(proxy.port("in"))
+        self.addCleanup(client.close)
+        started = time.monotonic()
+        sid = client.get(b"/")
+        while True:
+            for event in client.events():
+                if isinstance(event, ResponseReceived) and event.stream_id == sid:
+                    return time.monotonic() - started, dict(event.headers)
+
+    def test_max_concurrent_streams_zero(self) -> None:
+        endpoint = ThreadedServer(self, refusing_h2_endpoint(max_streams=0))
+        proxy = self.proxy_for(endpoint)
+        # A client that asks and goes away before the connect timeout.
+        gone = H2SocketClient(proxy.port("in"))
+        gone.get(b"/")
+        wait_for(lambda: endpoint.accepted >= 1, 10, "the proxy to dial the endpoint")
+        gone.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()
+        wait_for(lambda: proxy.metric_value("tcp_close_total", peer="src") == 1, 10,
+                 "the proxy to see the client go")
+        # Another request: 503 with the reason, within the connect timeout (1 s).
+        elapsed, headers = self.request(proxy)
+        self.assertEqual(headers[b":status"], b"503")
+        self.assertEqual(headers[b"l5d-proxy-error"],
+                         f"endpoint {endpoint.address} accepts no streams".encode())
+        self.assertLess(elapsed, 1.0 + 2.0)   # the connect timeout and a busy machine
+        # One connection all along: no dialling for the client that left,
+        # nor for the one that waited.
+        self.assertEqual(endpoint.accepted, 1)
+        self.assertEqual(proxy.metric_value("tcp_open_total", peer="dst"), 1)
+
+    def test_goaway_before_any_stream(self) -> None:
+        """A variant: every connection gets SETTINGS and a GOAWAY that
+        processed nothing (the proxy used to send the request again on a new
+        connection, forever)."""
+        endpoint = ThreadedServer(self, refusing_h2_endpoint(max_streams=100, goaway=True))
+        proxy = self.proxy_for(endpoint)
+        _elapsed, headers = self.request(proxy)
+        self.assertEqual(headers[b":status"], b"503")
+        self.assertEqual(headers[b"l5d-proxy-error"],
+                         f"endpoint {endpoint.address} accepts no streams".encode())
+        self.assertEqual(endpoint.accepted, 1)

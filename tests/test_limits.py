@@ -10,19 +10,25 @@ from __future__ import annotations
 
 import tomllib
 
+from h2.events import RequestReceived
+from h2.settings import SettingCodes
 from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import (
     ConfigError,
     DetectConfig,
+    FailureAccrualConfig,
     HostPort,
     ListenerConfig,
     ServiceConfig,
     parse,
 )
+from l5dproxy.http import h2 as h2module
 from l5dproxy.http.exchange import (
     Body,
     ProxyError,
@@ -31,10 +37,12 @@ from l5dproxy.http.exchange import (
     RequestHead,
     error_response,
 )
+from l5dproxy.http.h2 import H2Settings
 from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.listener import ConnectionLimits, Listener
 from l5dproxy.telemetry import Metrics
 from tests.test_detect import SwitchableTransport
+from tests.test_h2 import ClientTests
 from tests.test_proxy import FakeClient, FakeConnection, FakeListener
 
 MINIMAL = """
@@ -254,3 +262,149 @@ class LoadShedTests(SynchronousTestCase):
             self.dispatch()
         self.assertEqual(len(self.client.calls), 20)
         self.assertEqual(self.shed(), 0)
+
+
+# -- [h2] max_connections_per_endpoint, the waiting queue ---------------------
+
+class H2PoolTests(SynchronousTestCase):
+    """The h2 client end's per-endpoint pool against fake h2 servers
+    (tests/test_h2.py ClientTests' rig), on a MemoryReactorClock."""
+
+    settings = H2Settings(initial_window_size=65535, connection_window_size=65535,
+                          max_connections_per_endpoint=2)
+    setUp = ClientTests.setUp
+    connect = ClientTests.connect
+    pump = ClientTests.pump
+    send = ClientTests.send
+
+    def dials(self) -> int:
+        return len(self.reactor.tcpClients)
+
+    def test_endpoint_that_accepts_no_streams_one_connection_then_503(self) -> None:
+        """MAX_CONCURRENT_STREAMS = 0 and one request: one connection (not
+        a dial loop), and a 503 naming why at the connect timeout."""
+        d = self.send()
+        self.connect(max_streams=0)
+        for _ in range(100):       # reactor turns: nothing more is dialled
+            self.reactor.advance(0.01)
+            self.pump()
+        self.assertEqual(self.dials(), 1)
+        self.assertNoResult(d)
+        self.reactor.advance(5.0 - 1.0)     # connect_timeout (5) after the request
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason),
+                         (503, "endpoint 127.0.0.1:9000 accepts no streams"))
+        self.assertEqual(self.dials(), 1)
+        self.assertEqual(list(self.client.pools["127.0.0.1:9000"].waiting), [])
+
+    def test_settings_that_open_streams_later_place_the_waiting_request(self) -> None:
+        d = self.send()
+        server, _, _ = self.connect(max_streams=0)
+        server.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 10})
+        self.pump()
+        server.send_headers(1, [(b":status", b"204")], end_stream=True)
+        self.pump()
+        self.assertEqual(self.successResultOf(d).head.status, 204)
+        self.assertEqual(self.dials(), 1)
+
+    def test_cancelled_waiter_leaves_the_queue_and_nothing_more_is_dialled(self) -> None:
+        d = self.send()
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        pool = self.client.pools["127.0.0.1:9000"]
+        self.assertEqual(list(pool.waiting), [])
+        # The connection dialled for it comes up full: no new dial for nobody.
+        self.connect(max_streams=0)
+        self.reactor.advance(10)
+        self.assertEqual(self.dials(), 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_connections_bounded_per_endpoint_and_waiters_served_in_order(self) -> None:
+        ds = [self.send(RequestHead(b"GET", f"/{i}".encode(), b"svc.test"))
+              for i in range(4)]
+        first, _, _ = self.connect(max_streams=1)
+        self.assertEqual(self.dials(), 2)
+        second, _, _ = self.connect(max_streams=1)
+        self.reactor.advance(1)
+        self.assertEqual(self.dials(), 2)       # the limit: two, both full
+        paths = [[dict(e.headers)[b":path"] for e in seen if isinstance(e, RequestReceived)]
+                 for seen in self.seen]
+        self.assertEqual(paths, [[b"/0"], [b"/1"]])
+        first.send_headers(1, [(b":status", b"200")], end_stream=True)
+        self.pump(0)
+        second.send_headers(1, [(b":status", b"200")], end_stream=True)
+        self.pump(1)
+        paths = [[dict(e.headers)[b":path"] for e in seen if isinstance(e, RequestReceived)]
+                 for seen in self.seen]
+        self.assertEqual(paths, [[b"/0", b"/2"], [b"/1", b"/3"]])
+        self.assertEqual([d.called for d in ds], [True, True, False, False])
+
+    def test_waiting_past_the_connect_timeout_at_the_limit_is_503(self) -> None:
+        self.send()
+        self.send()
+        d = self.send()
+        self.connect(max_streams=1)
+        self.connect(max_streams=1)
+        self.reactor.advance(5)
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason),
+                         (503, "endpoint 127.0.0.1:9000: connection limit reached"))
+
+    def test_the_waiting_queue_is_bounded(self) -> None:
+        self.patch(h2module, "WAITING_LIMIT", 3)
+        ds = [self.send() for _ in range(5)]
+        self.assertEqual([d.called for d in ds], [False] * 3 + [True] * 2)
+        for d in ds[3:]:
+            err = self.failureResultOf(d, ProxyError).value
+            self.assertEqual((err.status, err.reason), (
+                503, "endpoint 127.0.0.1:9000: connection limit reached (3 requests waiting)"))
+
+    def test_connection_closed_after_settings_without_a_stream_is_not_redialled(self) -> None:
+        d = self.send()
+        _server, _, protocol = self.connect(max_streams=0)
+        protocol.connectionLost(Failure(ConnectionDone()))
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason),
+                         (503, "endpoint 127.0.0.1:9000 accepts no streams"))
+        self.assertEqual(self.dials(), 1)
+
+    def test_goaway_before_any_stream_is_not_redialled(self) -> None:
+        """An endpoint that answers every connection with SETTINGS and a
+        GOAWAY that processed nothing: the request fails, no dial loop."""
+        d = self.send()
+        server, _, _ = self.connect(max_streams=100)   # the stream starts at once
+        server.close_connection(last_stream_id=0)
+        self.pump()
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason),
+                         (503, "endpoint 127.0.0.1:9000 accepts no streams"))
+        self.assertEqual(self.dials(), 1)
+
+    def test_refusals_count_for_failure_accrual(self) -> None:
+        """Through the dispatcher: each request the endpoint cannot take is
+        a failure for accrual, and enough of them eject the endpoint."""
+        clock = self.reactor
+        upstream = Upstream(ServiceConfig(
+            "app", (HostPort("127.0.0.1", 9000),), retry_limit=0,
+            failure_accrual=FailureAccrualConfig(consecutive_failures=2)),
+            frozenset(), clock=clock)
+        proxy = HttpProxy({"app": upstream}, Metrics(), clock, {"h2": self.client})
+        listener = FakeListener(ListenerConfig("in", "tcp:0", "app"))
+        context = RequestContext(listener, FakeConnection(), "h2")
+
+        def dispatch():
+            head = RequestHead(b"GET", b"/", b"app.test")
+            return proxy.dispatch(Request(head, Body.empty()), context)
+
+        d1 = dispatch()
+        self.connect(max_streams=0)
+        d2 = dispatch()
+        clock.advance(5)
+        for d in (d1, d2):
+            self.assertEqual(self.failureResultOf(d, ProxyError).value.reason,
+                             "endpoint 127.0.0.1:9000 accepts no streams")
+        [endpoint] = upstream.endpoints
+        self.assertEqual((endpoint.state, endpoint.ejections), ("ejected", 1))
+        self.assertEqual(self.failureResultOf(dispatch(), ProxyError).value.reason,
+                         "no endpoints")
+        self.assertEqual(self.dials(), 1)

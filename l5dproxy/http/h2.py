@@ -98,6 +98,11 @@ LINGER_SECONDS = 2.0
 #: the end of the reactor turn (a body sent within a large window).
 FLUSH_AT = 64 * 1024
 
+#: Requests one endpoint's pool keeps waiting for a stream (connections at
+#: ``max_connections_per_endpoint``, or being made); more are answered 503 at
+#: once. Envoy's default ``max_pending_requests`` per cluster.
+WAITING_LIMIT = 1024
+
 #: h2's largest stream id; the first GOAWAY of a graceful drain names it.
 _MAX_STREAM_ID = 2**31 - 1
 
@@ -129,6 +134,8 @@ class H2Settings:
     #: Receive window of each stream, and of each connection as a whole.
     initial_window_size: int = 1024 * 1024
     connection_window_size: int = 4 * 1024 * 1024
+    #: Upstream connections to one endpoint at most (connecting ones included).
+    max_connections_per_endpoint: int = 64
 
 
 class StreamResetError(Exception):
@@ -1198,7 +1205,7 @@ class _Pending:
     """A request waiting for, or carried by, an upstream stream; its outcome
     goes to ``waiter`` (``H2Client.call``) or to ``deferred`` (``request``)."""
 
-    __slots__ = ("deferred", "done", "request", "stream", "waiter")
+    __slots__ = ("deferred", "done", "queued", "request", "stream", "timer", "waiter")
 
     def __init__(self, request: Request, waiter=None) -> None:
         self.request = request
@@ -1207,6 +1214,9 @@ class _Pending:
             defer.Deferred(self._cancel) if waiter is None else None)
         self.stream: _Stream | None = None
         self.done = False
+        #: The pool whose queue it waits in, and the end of its wait.
+        self.queued: _EndpointPool | None = None
+        self.timer = None
 
     def respond(self, response: Response) -> None:
         if self.done:
@@ -1236,8 +1246,11 @@ class _Pending:
 
     def _cancel(self, d) -> None:
         # The dispatcher gave up (the client reset its stream, a deadline
-        # passed): the upstream stream is reset with CANCEL.
+        # passed): the upstream stream is reset with CANCEL, or the request
+        # leaves the queue at once (nothing is dialled for it any more).
         self.done = True
+        if self.queued is not None:
+            self.queued.unqueue(self)
         stream = self.stream
         if stream is not None and not stream.reset:
             stream.deferred = None
@@ -1295,12 +1308,33 @@ class H2Client:
 
 
 class _EndpointPool:
+    """The connections to one endpoint address and the requests waiting for
+    a stream on them.
+
+    A connection is dialled when a request finds every connection full, one
+    at a time, up to ``max_connections_per_endpoint`` (connecting ones
+    included). Requests that find no stream wait in a queue of at most
+    ``WAITING_LIMIT`` (a cancelled one leaves it at once) for the service's
+    connect timeout, and then fail: 503 ``endpoint ADDR accepts no streams``
+    when the endpoint's SETTINGS allow no stream at all, 503 ``endpoint
+    ADDR: connection limit reached`` when every allowed connection is full,
+    504 ``connect timeout`` while a connection is still being made. An
+    endpoint that advertises ``MAX_CONCURRENT_STREAMS = 0``, or closes (or
+    sends GOAWAY on) a connection without taking a stream while requests
+    wait, is not dialled again for them: they fail at once (the dispatcher
+    counts each failure for failure accrual and may retry elsewhere).
+    """
+
     def __init__(self, client: H2Client, address, label: str) -> None:
         self.client = client
         self.address = address
         self.label = label
         self.connections: list[H2ClientProtocol] = []
+        #: Dialled and not yet usable (no SETTINGS yet).
         self.connecting = 0
+        #: Dialled and not yet lost: usable, connecting and retired ones.
+        self.open = 0
+        self.max_connections = client.settings.max_connections_per_endpoint
         self.waiting: deque[_Pending] = deque()
         self.service = ""
         self.connect_timeout = client.connect_timeout
@@ -1310,12 +1344,49 @@ class _EndpointPool:
             if conn.capacity() > 0:
                 conn.start(pending)
                 return
+        if len(self.waiting) >= WAITING_LIMIT:
+            pending.fail(ProxyError.unavailable(
+                f"endpoint {self.label}: connection limit reached"
+                f" ({len(self.waiting)} requests waiting)"))
+            return
+        pending.queued = self
+        pending.timer = self.client.reactor.callLater(
+            self.connect_timeout, self._waited_too_long, pending)
         self.waiting.append(pending)
         self._maybe_connect()
 
+    def unqueue(self, pending: _Pending) -> None:
+        """``pending`` leaves the queue (cancelled, started or failed)."""
+        pending.queued = None
+        timer, pending.timer = pending.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        with suppress(ValueError):
+            self.waiting.remove(pending)
+
+    def _waited_too_long(self, pending: _Pending) -> None:
+        pending.timer = None
+        self.unqueue(pending)
+        if self._refusing():
+            error = ProxyError.unavailable(f"endpoint {self.label} accepts no streams")
+        elif self.connecting:
+            error = ProxyError.timeout("connect timeout")
+        else:
+            error = ProxyError.unavailable(f"endpoint {self.label}: connection limit reached")
+        pending.fail(error)
+
+    def _refusing(self) -> bool:
+        """Whether the endpoint's SETTINGS allow no stream at all: another
+        connection would say the same, so none is dialled."""
+        return any(conn.settings_received and not conn.goaway
+                   and conn.h2.remote_settings.max_concurrent_streams == 0
+                   for conn in self.connections)
+
     def _maybe_connect(self) -> None:
-        if self.waiting and self.connecting == 0:
+        if (self.waiting and self.connecting == 0 and self.open < self.max_connections
+                and not self._refusing()):
             self.connecting += 1
+            self.open += 1
             self.client.reactor.connectTCP(
                 self.address.host, self.address.port, _ClientFactory(self),
                 timeout=self.connect_timeout)
@@ -1325,17 +1396,22 @@ class _EndpointPool:
         waiting = self.waiting
         while waiting and conn.capacity() > 0:
             pending = waiting.popleft()
+            self.unqueue(pending)
             if pending.done:
                 continue
             conn.start(pending)
         self._maybe_connect()
 
     def connected(self, conn: H2ClientProtocol) -> None:
-        self.connecting -= 1
         self.connections.append(conn)
+
+    def settled(self, conn: H2ClientProtocol) -> None:
+        """``conn`` has the peer's first SETTINGS: it is no longer connecting."""
+        self.connecting -= 1
 
     def connect_failed(self, reason: Failure) -> None:
         self.connecting -= 1
+        self.open -= 1
         client = self.client
         if client.metrics is not None:
             client.metrics.connect_errors_total.labels(
@@ -1345,9 +1421,11 @@ class _EndpointPool:
         self._fail_waiting(as_proxy_error(reason))  # refused: 502, timeout: 504
 
     def lost(self, conn: H2ClientProtocol) -> None:
+        self.open -= 1
         if conn in self.connections:
             self.connections.remove(conn)
         if not conn.settings_received:
+            self.connecting -= 1
             # The endpoint never said HTTP/2: an HTTP/1-only server answers
             # the preface with an error and closes. Connecting again would
             # only repeat that, as fast as the reactor turns, so the requests
@@ -1357,17 +1435,32 @@ class _EndpointPool:
             self._fail_waiting(ProxyError.bad_gateway(
                 f"{self.label} closed the connection before speaking HTTP/2"))
             return
+        if not conn.streams_started and self.waiting:
+            self._fruitless("closed")
+            return
         self._maybe_connect()
+
+    def _fruitless(self, how: str) -> None:
+        """A connection ended without taking one of the waiting requests:
+        dialling again for them would only repeat it (a dial loop), so they
+        fail now."""
+        log.info("h2 connection to {endpoint} {how} without taking a stream",
+                 endpoint=self.label, how=how)
+        self._fail_waiting(ProxyError.unavailable(f"endpoint {self.label} accepts no streams"))
 
     def _fail_waiting(self, error: ProxyError) -> None:
         waiting, self.waiting = self.waiting, deque()
         for pending in waiting:
+            self.unqueue(pending)
             pending.fail(error)
 
     def retire(self, conn: H2ClientProtocol) -> None:
         """The peer sent GOAWAY: no new streams on ``conn``."""
         if conn in self.connections:
             self.connections.remove(conn)
+        if conn.settings_received and not conn.streams_started and self.waiting:
+            self._fruitless("sent GOAWAY")
+            return
         self._maybe_connect()
 
     def close(self) -> None:
@@ -1396,6 +1489,8 @@ class H2ClientProtocol(_H2Protocol):
         self.pool = pool
         self.settings_received = False
         self.goaway = False
+        #: Streams started on it so far (0 at the end: it took no work).
+        self.streams_started = 0
         #: (pending, response) received in this read, passed on at its end.
         self._responses: list[tuple[_Pending, Response]] = []
         self.dst = None
@@ -1456,6 +1551,7 @@ class H2ClientProtocol(_H2Protocol):
     def _settings_changed(self, event: RemoteSettingsChanged) -> None:
         if not self.settings_received:
             self.settings_received = True
+            self.pool.settled(self)
         self.pool.ready(self)
 
     def start(self, pending: _Pending) -> None:
@@ -1470,6 +1566,7 @@ class H2ClientProtocol(_H2Protocol):
             if not self.streams:
                 self._lose_connection()
             return
+        self.streams_started += 1
         stream = _Stream(self, sid)
         stream.pending = pending
         stream.deferred = pending
@@ -1584,11 +1681,18 @@ class H2ClientProtocol(_H2Protocol):
 
     def _goaway(self, event: ConnectionTerminated) -> None:
         self.goaway = True
-        self.pool.retire(self)
         last = event.last_stream_id if event.last_stream_id is not None else _MAX_STREAM_ID
+        unprocessed = [sid for sid in self.streams if sid > last]
+        # Streams the GOAWAY did not process were not taken: a connection
+        # that took none refused all work, and its requests are not sent
+        # again (on a new connection that would do the same: a dial loop).
+        self.streams_started -= len(unprocessed)
+        fruitless = self.streams_started <= 0
+        self.pool.retire(self)
         # The streams it spares still send and receive (_H2Connection stays open).
-        for sid, stream in list(self.streams.items()):
-            if sid <= last:
+        for sid in unprocessed:
+            stream = self.streams.get(sid)
+            if stream is None:
                 continue
             pending = stream.pending
             stream.reset = True
@@ -1596,7 +1700,10 @@ class H2ClientProtocol(_H2Protocol):
             self._release(stream, ConnectionAbortedError("upstream GOAWAY"))
             if d is not None and not d.done:
                 request = pending.request
-                if request.body.is_empty:
+                if fruitless:
+                    d.fail(ProxyError.unavailable(
+                        f"endpoint {self.pool.label} accepts no streams"))
+                elif request.body.is_empty:
                     # Never processed (the GOAWAY says so) and nothing to
                     # replay: send it again, elsewhere.
                     pending.request = Request(request.head, Body.empty())
