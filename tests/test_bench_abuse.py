@@ -201,13 +201,19 @@ class VerdictTests(SynchronousTestCase):
                 attack="mcs0-client", opened=3, closed_by_peer=0, closed_by_us=3,
                 throttled=0, open_at_end=0, statuses={"503": 3}))),
             "ping-flood": "no report",
+            "rapid-reset": parse_attack_report(json.dumps(report(
+                attack="rapid-reset", opened=2, closed_by_peer=1, closed_by_us=0,
+                throttled=1, open_at_end=0))),
+            "zero-window": parse_attack_report(json.dumps(report(
+                attack="zero-window", opened=2, closed_by_peer=0, closed_by_us=0,
+                throttled=2, open_at_end=0))),
         }
         res.mcs0_dials, res.mcs0_dials_after = 4, 0
         self.assertAlmostEqual(res.honest_ratio("h1"), 0.85)
         self.assertIsNone(res.honest_ratio("grpc"))
         self.assertEqual(res.rss_growth_mib, 25.5)
         self.assertEqual([res.attacker_met(k) for k in res.attackers],
-                         [True, False, True, None])
+                         [True, False, True, None, False, True])
         res.mcs0_dials_after = 2  # still dialling after the client left
         self.assertFalse(res.attacker_met("mcs0-client"))
         lines = res.table().splitlines()
