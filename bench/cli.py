@@ -1,6 +1,6 @@
 """The harness's command line: start everything, run the rounds, print and save the report.
 
-    /work/venv/bin/python -m bench [--quick] [--rounds N] [--json PATH] [--only SCENARIO ...]
+    python -m bench [--quick] [--rounds N] [--json PATH] [--only SCENARIO ...]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Server-speaks-first through l5dproxy: time to the first server byte, and
 what the feature costs client-speaks-first traffic.
 
-    /work/venv/bin/python bench/serverfirst.py [--runs N] [--no-stall]
+    python bench/serverfirst.py [--runs N] [--no-stall]
 
 Starts, all on loopback ports picked free: a banner server (sends
 ``220 ready`` on connect, like SMTP), an HTTP/1.1 server, and three proxies

@@ -230,31 +230,6 @@ class P2C:
         return b if self.cost(b, now) < self.cost(a, now) else a
 
 
-class LeastConnections:
-    """Pick the endpoint with the fewest active uses; rotate among ties.
-
-    Kept for callers of the first interface; ``Upstream`` uses P2C.
-    """
-
-    def __init__(self, addresses: Iterable[HostPort]) -> None:
-        self.endpoints = [Endpoint(a) for a in addresses]
-        self._turn = 0
-
-    def pick(self) -> Endpoint | None:
-        endpoints = self.endpoints
-        if not endpoints:
-            return None
-        n = len(endpoints)
-        start = self._turn
-        self._turn = (start + 1) % n
-        best = endpoints[start % n]
-        for i in range(1, n):
-            candidate = endpoints[(start + i) % n]
-            if candidate.active < best.active:
-                best = candidate
-        return best
-
-
 class RetryBudget:
     """Linkerd's retry budget: over a sliding ``ttl`` window, retries may be
     ``ratio`` of the original requests deposited plus ``min_per_second * ttl``.

@@ -15,8 +15,8 @@ from twisted.python import usage
 from l5dproxy import lean
 
 
-def _default_config_path() -> str:
-    # As l5dproxy.config.default_config_path, without importing Twisted's endpoints.
+def default_config_path() -> str:
+    """The bundled default config (a copy of ``conf/l5dproxy.toml``)."""
     return str(resources.files("l5dproxy") / "data" / "l5dproxy.toml")
 
 
@@ -35,7 +35,7 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         if self["config"] is None:
-            self["config"] = _default_config_path()
+            self["config"] = default_config_path()
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
         if self["worker-index"] is not None:

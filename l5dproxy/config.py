@@ -10,7 +10,6 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
@@ -203,11 +202,6 @@ class H2Config:
     connection_window_size: int = 4194304
     #: Upstream h2 connections to one endpoint at most; requests past them wait.
     max_connections_per_endpoint: int = 64
-
-
-def default_config_path() -> str:
-    """The bundled default config (a copy of ``conf/l5dproxy.toml``)."""
-    return str(resources.files("l5dproxy") / "data" / "l5dproxy.toml")
 
 
 def load(path: str) -> Config:

@@ -128,13 +128,11 @@ def _family(lookup: Callable, name: str, timeout: float, rtype: int):
 class Discovery:
     """Keeps one upstream's endpoint set from its source."""
 
-    def __init__(self, upstream: Upstream, config: DiscoveryConfig, resolver, clock: Any,
-                 on_change: Callable[[Upstream, list, list], None] | None = None) -> None:
+    def __init__(self, upstream: Upstream, config: DiscoveryConfig, resolver, clock: Any) -> None:
         self.upstream = upstream
         self.config = config
         self.resolver = resolver
         self.clock = clock
-        self.on_change = on_change
         self.running = False
         self.lookups = {"success": 0, "failure": 0}
         self._call = None
@@ -161,16 +159,6 @@ class Discovery:
         if self._call is not None and self._call.active():
             self._call.cancel()
         self._call = None
-
-    def restart(self, config: DiscoveryConfig | None = None, resolver=None) -> None:
-        """After a reload: the service's source (or the resolvers) changed."""
-        self.stop()
-        if config is not None:
-            self.config = config
-        if resolver is not None:
-            self.resolver = resolver
-        self._last.clear()
-        self.start()
 
     def _schedule(self, generation: int, delay: float) -> None:
         if self.running and generation == self._generation:
@@ -205,8 +193,6 @@ class Discovery:
                      "{removed})", service=self.upstream.name,
                      endpoints=" ".join(str(a) for a, _ in weighted) or "none",
                      added=len(added), removed=len(removed))
-            if self.on_change is not None:
-                self.on_change(self.upstream, added, removed)
         if ttl is not None:
             self._schedule(generation, min(max(ttl, self.config.min_ttl), self.config.max_ttl))
         self._fire_first()

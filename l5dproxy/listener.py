@@ -2,9 +2,8 @@
 
 A ``Listener`` owns what its connections share: its config, the service it
 targets, the metrics, the clock, and the table of *handlers* that build the
-protocol for each detected protocol name. Until a protocol has a handler of
-its own it falls back to the opaque TCP relay, so detection can be counted
-before HTTP proxying exists.
+protocol for each detected protocol name ("http1", "h2"). A verdict without
+a handler ("tls", "opaque") goes to the opaque TCP relay.
 """
 
 from __future__ import annotations
@@ -51,7 +50,6 @@ class Listener(Factory):
         self.config = config
         self.name = config.name
         self.detect = detect
-        self.upstreams = upstreams
         self.upstream = upstreams[config.service]
         self.metrics = metrics
         self.clock = reactor

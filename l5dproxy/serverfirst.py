@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import OrderedDict
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -126,13 +126,6 @@ class OpaqueMemory:
         for key in [k for k in self._entries if k[0] == service]:
             self._remove(key)
 
-    def retain(self, generations: Mapping[str, Hashable]) -> None:
-        """Keep only services still configured, with the same generation
-        (call it when a new config replaces the old one)."""
-        for key, entry in list(self._entries.items()):
-            if key[0] not in generations or generations[key[0]] != entry.generation:
-                self._remove(key)
-
     def prune(self) -> None:
         now = self.clock.seconds()
         for key in [k for k, e in self._entries.items() if e.expires_at <= now]:
@@ -214,11 +207,6 @@ class ServerFirst:
         if self.client_silence <= 0:
             return None
         return EarlyConnect(self, detect)
-
-    def config_changed(self, services: Mapping[str, Hashable]) -> None:
-        """A new config: forget what was learned for services that changed
-        or are gone (a lookup under a changed config forgets it anyway)."""
-        self.memory.retain(services)
 
 
 # EarlyConnect states

@@ -16,7 +16,6 @@ from l5dproxy.balance import (
     READY,
     Accrual,
     Endpoint,
-    LeastConnections,
     RetryBudget,
     Upstream,
     outstanding_cost,
@@ -146,12 +145,6 @@ class P2CTests(SynchronousTestCase):
         e.begin()
         e.begin()
         self.assertEqual(outstanding_cost(e, 0.0), 3)
-
-    def test_least_connections_kept(self):
-        lc = LeastConnections([hp(0), hp(1)])
-        a = lc.pick()
-        a.begin()
-        self.assertIsNot(lc.pick(), a)
 
 
 class AccrualTests(SynchronousTestCase):

@@ -9,7 +9,7 @@ import tomllib
 
 from twisted.trial import unittest
 
-from l5dproxy import config
+from l5dproxy import cli, config
 from l5dproxy.config import (
     DEFAULT_OPAQUE_PORTS,
     ConfigError,
@@ -124,7 +124,7 @@ class DefaultsTests(unittest.TestCase):
         self.assertEqual(c.listeners[0].listen, "tcp:4143:interface=127.0.0.1")
         self.assertEqual(c.services["app"].endpoints, (HostPort("127.0.0.1", 8080),))
         self.assertEqual(c.admin.listen, "tcp:4191:interface=127.0.0.1")
-        with open(conf, "rb") as a, open(config.default_config_path(), "rb") as b:
+        with open(conf, "rb") as a, open(cli.default_config_path(), "rb") as b:
             self.assertEqual(a.read(), b.read())
 
 

@@ -200,10 +200,9 @@ class DispatcherTests(SynchronousTestCase):
         _, d = self.dispatch(authority=b"api.example")
         self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
 
-    def test_connect_timeout_of(self) -> None:
+    def test_target_of(self) -> None:
         self.dispatch()
         endpoint = self.h1.calls[0][0]
-        self.assertEqual(self.proxy.connect_timeout_of(endpoint), 5.0)
         self.assertIs(self.proxy.target_of(endpoint), self.services["app"])
 
     def test_unknown_exception_is_502(self) -> None:

@@ -103,16 +103,6 @@ class OpaqueMemoryTests(SynchronousTestCase):
         self.assertFalse(m.knows("db", "a:1", "v2"))
         self.assertFalse(m.knows("db", "a:1", "v1"))  # dropped, not just hidden
 
-    def test_retain_keeps_only_unchanged_services(self) -> None:
-        m = OpaqueMemory(self.clock, max_entries=10)
-        m.learn("db", "a:1", "v1")
-        m.learn("smtp", "b:1", "v1")
-        m.learn("gone", "c:1", "v1")
-        m.retain({"db": "v1", "smtp": "v2"})
-        self.assertEqual([(e["service"], e["endpoint"]) for e in m.entries()], [("db", "a:1")])
-        self.assertFalse(m.has_service("smtp"))
-        self.assertFalse(m.has_service("gone"))
-
     def test_forget_service(self) -> None:
         m = self.memory
         m.learn("db", "a:1")

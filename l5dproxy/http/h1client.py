@@ -86,10 +86,6 @@ class H1Client:
         call.start()
         return call
 
-    def close_idle(self) -> None:
-        for pool in self.pools.values():
-            pool.close_idle()
-
 
 class _Pool:
     """The keep-alive connections to one endpoint address."""
@@ -136,11 +132,6 @@ class _Pool:
     def forget(self, conn: H1ClientConnection) -> None:
         if conn in self.idle:
             self.idle.remove(conn)
-
-    def close_idle(self) -> None:
-        idle, self.idle = self.idle, []
-        for conn in idle:
-            conn.close()
 
     def _sweep(self) -> None:
         self.sweep = None

@@ -1302,10 +1302,6 @@ class H2Client:
                 pool.connect_timeout = config.connect_timeout
         return pool
 
-    def close(self) -> None:
-        for pool in self.pools.values():
-            pool.close()
-
 
 class _EndpointPool:
     """The connections to one endpoint address and the requests waiting for
@@ -1462,10 +1458,6 @@ class _EndpointPool:
             self._fruitless("sent GOAWAY")
             return
         self._maybe_connect()
-
-    def close(self) -> None:
-        for conn in list(self.connections):
-            conn._lose_connection()
 
 
 class _ClientFactory(ClientFactory):

@@ -81,10 +81,6 @@ class HttpProxy:
         """The service config of the last request sent to ``endpoint``'s address."""
         return self.targets.get(endpoint.address)
 
-    def connect_timeout_of(self, endpoint: Endpoint) -> float:
-        config = self.targets.get(endpoint.address)
-        return config.connect_timeout if config is not None else 5.0
-
     # -- the dispatcher --
 
     def dispatch(self, request: Request, context: RequestContext) -> defer.Deferred[Response]:
@@ -99,15 +95,6 @@ class HttpProxy:
         exchange = _Exchange(self, request, context, waiter, token)
         exchange.start()
         return exchange
-
-    def route(self, listener, authority: bytes, target: bytes) -> str:
-        """The service a request goes to."""
-        return self.route_of(listener, authority, target)[0]
-
-    def route_of(self, listener, authority: bytes, target: bytes,
-                 ) -> tuple[str, RouteConfig | None]:
-        """The service a request goes to, and the route that matched (None: the default)."""
-        return self.route_table(listener).match_route(authority, target)
 
     def route_table(self, listener) -> _RouteTable:
         table = self._routes.get(listener)
@@ -144,9 +131,6 @@ class _RouteTable:
              route.service, route)
             for route in getattr(config, "routes", ())
         ]
-
-    def match(self, authority: bytes, target: bytes) -> str:
-        return self.match_route(authority, target)[0]
 
     def match_route(self, authority: bytes, target: bytes) -> tuple[str, RouteConfig | None]:
         if not self.routes:
