@@ -18,13 +18,10 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.sniff import Verdict, sniff, timed_out
+from l5dproxy.sniff import Verdict, ended, sniff, timed_out
 
 if TYPE_CHECKING:
     from l5dproxy.connection import InboundConnection
-
-#: The client half-closed before a verdict: what it sent is all there is.
-EOF_VERDICT = Verdict("opaque", "eof")
 
 
 @implementer(IHalfCloseableProtocol)
@@ -55,7 +52,8 @@ class DetectProtocol(Protocol):
 
     def readConnectionLost(self) -> None:
         if self.next_protocol is None:
-            self._switch(EOF_VERDICT)
+            # The client half-closed: what it sent is all there is.
+            self._switch(ended(self.buffer))
         half_closeable = IHalfCloseableProtocol(self.next_protocol, None)
         if half_closeable is not None:
             half_closeable.readConnectionLost()

@@ -10,8 +10,18 @@ It is deliberately free of Twisted and of any I/O so that the decision is a
 pure function of the bytes: the caller re-runs :func:`sniff` on the whole
 accumulated buffer after every read, and the answer never depends on how the
 bytes were split into reads.  Each candidate protocol is judged on its own
-("could these bytes still become X?"), which sidesteps the prefix overlap
-between the h2 preface (``PRI * HTTP/2.0``) and an HTTP/1 request line.
+("could these bytes still become X?"); the h2 preface (``PRI * HTTP/2.0``)
+starts like an HTTP/1 request, so h2 is waited for first.
+
+HTTP/1 is decided on how a request *starts*, not on whether it is valid:
+bytes that start like a request line (see :func:`starts_like_http1`) are
+HTTP/1 from then on, and the HTTP/1 server end (llhttp and the ``[http]``
+limits) judges the request, as it judges every later request on the
+connection.  A sniffer that also validated the request line would be a
+second parser: every request it saw differently (a line past
+``peek_limit``, a lowercase method, a bare LF, an odd space) would skip
+HTTP policy as opaque TCP, while the same bytes as the second request of a
+connection got a 4xx.
 """
 
 from __future__ import annotations
@@ -20,25 +30,24 @@ import enum
 import re
 from dataclasses import dataclass
 
-__all__ = ["H2_PREFACE", "Verdict", "sniff", "timed_out"]
+__all__ = ["H2_PREFACE", "Verdict", "ended", "sniff", "starts_like_http1", "timed_out"]
 
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 # RFC 9110 tchar, spelled out so the pattern needs no escaping subtleties.
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
-_VCHAR = rb"\x21-\x7e"
 
-# A complete, strict RFC 9112 request line at the start of the buffer.
-_REQUEST_LINE = re.compile(rb"[" + _TCHAR + rb"]+ [" + _VCHAR + rb"]+ HTTP/1\.[01]\r\n")
-
-# Every proper prefix of a request line (including the empty one).  The
-# character classes are disjoint at each boundary (SP is neither tchar nor
-# VCHAR), so matching is linear in the buffer length.
-_REQUEST_LINE_PREFIX = re.compile(
-    rb"(?:[" + _TCHAR + rb"]+"
-    rb"(?: (?:[" + _VCHAR + rb"]+"
-    rb"(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?)?)?"
-)
+# How an HTTP/1 request starts: optional empty lines (RFC 9112 2.2: a server
+# ignores CRLFs before the request line; llhttp skips CR and LF there), a
+# method token, then whitespace. RFC 9112 3 lets a recipient take HTAB, VT
+# and FF as the separator, so an endpoint may read those as HTTP too; a bare
+# CR is left out, as it ends lines of text protocols (Redis: "PING\r\n").
+_HTTP1_START = re.compile(rb"[\r\n]*[" + _TCHAR + rb"]+[ \t\x0b\x0c]")
+# What could still become such a start (including the empty buffer).
+_HTTP1_START_PREFIX = re.compile(rb"[\r\n]*[" + _TCHAR + rb"]*")
+# The SSH identification string (RFC 4253 4.2, "SSH-2.0-software comments")
+# is a token and a space too; an SSH client sends it first.
+_SSH = b"SSH-"
 
 # TLS record layer constants (RFC 8446 section 5.1, RFC 5246 section 6.2).
 _TLS_HANDSHAKE = 0x16
@@ -69,8 +78,9 @@ class Verdict:
     """
 
     protocol: str  # "h2", "http1", "tls" or "opaque"
-    # "preface", "request_line", "client_hello", "not_http", "peek_limit"
-    # or "timeout"
+    # "preface", "request_line", "client_hello", "not_http", "peek_limit",
+    # "timeout" or "eof" (http1 as well as opaque: bytes that start like an
+    # HTTP/1 request are http1 however detection ends)
     reason: str
     sni: str | None = None  # host_name from the ClientHello, if any
 
@@ -86,6 +96,7 @@ class _Chance(enum.Enum):
 _NOT_HTTP = Verdict("opaque", "not_http")
 _PEEK_LIMIT = Verdict("opaque", "peek_limit")
 _TIMEOUT = Verdict("opaque", "timeout")
+_EOF = Verdict("opaque", "eof")
 _H2 = Verdict("h2", "preface")
 _HTTP1 = Verdict("http1", "request_line")
 
@@ -103,39 +114,80 @@ def sniff(data: bytes, peek_limit: int = 8192) -> Verdict | None:
     h2 = _h2_chance(data)
     if h2 is _Chance.YES:
         return _H2
-    http1 = _http1_chance(data)
-    if http1 is _Chance.YES:
+    full = len(data) >= peek_limit
+    if h2 is _Chance.MAYBE and not full:
+        return None   # "PRI " starts like HTTP/1 too: the preface decides
+    http1 = starts_like_http1(data)
+    if http1 is True:
         return _HTTP1
     tls = _tls_chance(data)
     if tls is _Chance.YES:
         return Verdict("tls", "client_hello", _client_hello_sni(data))
-    if _Chance.MAYBE not in (h2, http1, tls):
+    if http1 is False and _Chance.MAYBE not in (h2, tls):
         return _NOT_HTTP
-    if len(data) < peek_limit:
+    if not full:
         return None
-    return _at_peek_limit(data, tls)
+    return _at_peek_limit(data, http1, tls)
+
+
+def starts_like_http1(data: bytes) -> bool | None:
+    """Whether ``data`` starts like an HTTP/1 request: True, False, or None
+    while it could still (empty lines and a method token so far).
+
+    The one rule deciding HTTP/1 on a detect listener: optional empty lines,
+    a method token (RFC 9110 5.6.2 tchar), then SP (or HTAB, VT, FF, which
+    RFC 9112 3 lets a recipient take as SP). Whether the request is valid is
+    not decided here but by the HTTP/1 server end, the same way for the
+    first request of a connection and every later one.
+    """
+    if data.startswith(_SSH):
+        return False
+    if _HTTP1_START.match(data):
+        return True
+    return None if _HTTP1_START_PREFIX.fullmatch(data) else False
 
 
 def timed_out(data: bytes) -> Verdict:
-    """The verdict when the detect timeout expires.
+    """The verdict when the detect timeout expires with ``data`` buffered.
 
-    A client that stalls before completing a preface, request line or
-    ClientHello is either slow or waiting for the server to speak first; in
-    both cases relaying opaquely is the only safe choice, even with no bytes.
+    A client that stalls before completing a preface or ClientHello is
+    either slow or waiting for the server to speak first; relaying opaquely
+    is the only safe choice, even with no bytes. Bytes that are, or could
+    still be, the start of an HTTP/1 request go to the HTTP/1 server end,
+    whose request-header timeout answers them as it would any later request
+    (a client that sends ``GET`` and waits is not let through as TCP).
     """
-    del data  # The bytes do not matter once the deadline has passed.
-    return _TIMEOUT
+    return _undecided(data, _TIMEOUT)
 
 
-def _at_peek_limit(data: bytes, tls: _Chance) -> Verdict:
+def ended(data: bytes) -> Verdict:
+    """The verdict when the client half-closes before one was reached.
+
+    As :func:`timed_out`: bytes that could start an HTTP/1 request are
+    http1 (the server end drops a head cut short), anything else is opaque.
+    """
+    return _undecided(data, _EOF)
+
+
+def _undecided(data: bytes, opaque: Verdict) -> Verdict:
+    if data and starts_like_http1(data) is not False:
+        return Verdict("http1", opaque.reason)
+    return opaque
+
+
+def _at_peek_limit(data: bytes, http1: bool | None, tls: _Chance) -> Verdict:
     """Decide a still-open buffer that has reached ``peek_limit``.
 
     A ClientHello with a valid record and handshake header is TLS with very
     high confidence even if its record is larger than the peek window, so it
     is reported as such (its SNI is unknown because the record is partial).
+    Bytes that could still start an HTTP/1 request (a method token longer
+    than the window, empty lines) are http1: the server end answers them.
     """
     if tls is _Chance.MAYBE and len(data) > _TLS_RECORD_HEADER:
         return Verdict("tls", "client_hello")
+    if http1 is None and data:
+        return Verdict("http1", "peek_limit")
     return _PEEK_LIMIT
 
 
@@ -144,15 +196,6 @@ def _h2_chance(data: bytes) -> _Chance:
     if data.startswith(H2_PREFACE):
         return _Chance.YES
     if H2_PREFACE.startswith(data):
-        return _Chance.MAYBE
-    return _Chance.NO
-
-
-def _http1_chance(data: bytes) -> _Chance:
-    """Whether the bytes start with, or could still become, a request line."""
-    if _REQUEST_LINE.match(data):
-        return _Chance.YES
-    if _REQUEST_LINE_PREFIX.fullmatch(data):
         return _Chance.MAYBE
     return _Chance.NO
 

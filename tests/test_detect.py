@@ -217,10 +217,13 @@ class HandOverTests(DetectTestsMixin, SynchronousTestCase):
     def test_peek_limit(self) -> None:
         self.peek_limit = 64
         self.setUp()
-        data = b"GET /" + b"a" * 200
+        # A method token filling the window could still start a request: it
+        # is the HTTP/1 end's to answer, never relayed as TCP.
+        data = b"G" * 200 + b" / HTTP/1.1\r\n"
         _, recorder = self.feed(data, list(range(1, len(data))))
         self.assertEqual(recorder.data, data)
-        self.assertEqual(self.detected("opaque", "peek_limit"), 1)
+        self.assertEqual(recorder.conn.protocol, "http1")
+        self.assertEqual(self.detected("http1", "peek_limit"), 1)
 
 
 class TimeoutTests(DetectTestsMixin, SynchronousTestCase):
@@ -239,16 +242,29 @@ class TimeoutTests(DetectTestsMixin, SynchronousTestCase):
         self.assertEqual(self.detected("opaque", "timeout"), 1)
 
     def test_undecided_bytes(self) -> None:
-        """Bytes that could still become HTTP are handed over on the timeout."""
+        """Bytes that could still become TLS are handed over on the timeout."""
         transport = self.accept()
-        transport.deliver(b"GET /slow")
+        transport.deliver(b"\x16\x03")
         self.clock.advance(0.3)
         (recorder,) = self.recorders
-        self.assertEqual(recorder.data, b"GET /slow")
-        transport.deliver(b" HTTP/1.1\r\n")
-        self.assertEqual(recorder.data, b"GET /slow HTTP/1.1\r\n")
+        self.assertEqual(recorder.data, b"\x16\x03")
+        transport.deliver(b"\x01")
+        self.assertEqual(recorder.data, b"\x16\x03\x01")
         self.assertEqual(self.detected("opaque", "timeout"), 1)
         self.assertEqual(self.all_detected(), 1)
+
+    def test_undecided_method_token(self) -> None:
+        """A method token and a pause is HTTP/1 on the timeout: the HTTP/1 end
+        times the head out, as it would a later request (before, the bytes
+        after the pause went to the endpoint as TCP, past every HTTP rule)."""
+        transport = self.accept()
+        transport.deliver(b"GET")
+        self.clock.advance(0.3)
+        (recorder,) = self.recorders
+        transport.deliver(b" /admin HTTP/1.1\r\n")
+        self.assertEqual(recorder.data, b"GET /admin HTTP/1.1\r\n")
+        self.assertEqual(recorder.conn.protocol, "http1")
+        self.assertEqual(self.detected("http1", "timeout"), 1)
 
     def test_duration_observed(self) -> None:
         self.accept()
@@ -272,13 +288,23 @@ class EndOfDetectionTests(DetectTestsMixin, SynchronousTestCase):
     def test_eof_before_verdict(self) -> None:
         """The client half-closes: what it sent is all there is, relayed opaque."""
         transport = self.accept()
-        transport.deliver(b"GET /")
+        transport.deliver(b"\x16\x03")
         transport.deliver_eof()
         (recorder,) = self.recorders
-        self.assertEqual(recorder.data, b"GET /")
+        self.assertEqual(recorder.data, b"\x16\x03")
         self.assertEqual(recorder.read_lost, 1, "the EOF is passed on")
         self.assertEqual(self.detected("opaque", "eof"), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_eof_after_a_method_token(self) -> None:
+        """A cut-short request start goes to the HTTP/1 end (which sends
+        nothing on), not to the endpoint as TCP."""
+        transport = self.accept()
+        transport.deliver(b"GET")
+        transport.deliver_eof()
+        (recorder,) = self.recorders
+        self.assertEqual((recorder.data, recorder.read_lost), (b"GET", 1))
+        self.assertEqual(self.detected("http1", "eof"), 1)
 
     def test_eof_with_nothing_sent(self) -> None:
         transport = self.accept()
@@ -293,7 +319,7 @@ class EndOfDetectionTests(DetectTestsMixin, SynchronousTestCase):
         listener = self.make_listener()
         listener.handlers["opaque"] = lambda conn: Protocol()
         transport = self.accept(listener)
-        transport.deliver(b"GET")
+        transport.deliver(b"\x16")
         transport.deliver_eof()
         self.assertIsInstance(transport.protocol, Protocol)
         self.assertTrue(transport.disconnecting)

@@ -114,9 +114,9 @@ class DetectListenerTests(TestCase):
                              services={"app": {"endpoints": [server.address]}},
                              detect={"timeout": 30})
         with connect(proxy.port("in")) as s:
-            s.sendall(b"GET")
+            s.sendall(b"\x16\x03")   # could still become a ClientHello
             s.shutdown(socket.SHUT_WR)
-            self.assertEqual(recv_until_eof(s), b"received 3 bytes\nGET")
+            self.assertEqual(recv_until_eof(s), b"received 2 bytes\n\x16\x03")
         self.assertEqual(proxy.metric_value("protocol_detect_total", listener="in",
                                             protocol="opaque", reason="eof"), 1)
 
@@ -245,17 +245,21 @@ class MetricsTests(TestCase):
         proxy = ProxyProcess(self, listeners=[detect_listener()],
                              services={"app": {"endpoints": [server.address]}},
                              detect={"timeout": 30, "peek_limit": 64})
-        for data in (b"\x16\x03\x01\x00\x05\x02xxxx", b"GET /" + b"a" * 100, b"\xff"):
+        for data in (b"\x16\x03\x01\x00\x05\x02xxxx", b"\xff"):
             with connect(proxy.port("in")) as s:
                 s.sendall(data)
                 self.assertEqual(recv_exactly(s, len(data)), data)
+        with connect(proxy.port("in")) as s:
+            # A method token filling the window is HTTP/1's to answer, not relayed.
+            s.sendall(b"G" * 100 + b" / HTTP/1.1\r\nHost: a\r\n\r\n")
+            self.assertTrue(recv_until_eof(s).startswith(b"HTTP/1.1 400 "))
         with connect(proxy.port("in")) as s:
             pass  # gone before any verdict
         wait_for(lambda: proxy.metric_value("protocol_detect_total", listener="in") == 4,
                  message="four verdicts")
         value = proxy.metric_value
         self.assertEqual(value("protocol_detect_total", protocol="opaque", reason="not_http"), 2)
-        self.assertEqual(value("protocol_detect_total", protocol="opaque",
+        self.assertEqual(value("protocol_detect_total", protocol="http1",
                                reason="peek_limit"), 1)
         self.assertEqual(value("protocol_detect_total", protocol="none", reason="closed") +
                          value("protocol_detect_total", protocol="opaque", reason="eof"), 1)

@@ -196,6 +196,21 @@ class ServerTests(SynchronousTestCase):
         self.feed(b"abc")
         self.assertEqual(sink.data, [b"abc"])
 
+    def test_expect_100_continue_ignored_for_http10(self) -> None:
+        # RFC 9110 10.1.1 and 15.2: the expectation is ignored for HTTP/1.0,
+        # and no 1xx is ever sent to an HTTP/1.0 client.
+        self.feed(b"POST / HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n")
+        request, d = self.dispatcher.requests[0]
+        self.assertEqual(request.head.headers, [(b"Content-Length", b"5")])
+        self.assertIsNone(request.interim)
+        sink = Collect()
+        request.body.consume(sink)
+        self.feed(b"hello")
+        self.assertEqual((sink.data, sink.ended), ([b"hello"], True))
+        self.assertEqual(self.out(), b"")
+        d.callback(ok(b"x"))
+        self.assertTrue(self.out().startswith(b"HTTP/1.1 200 OK\r\n"))
+
     def test_proxy_error_response(self) -> None:
         self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         self.dispatcher.requests[0][1].errback(ProxyError.unavailable("no endpoints"))

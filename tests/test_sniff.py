@@ -10,13 +10,14 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.sniff import H2_PREFACE, Verdict, sniff, timed_out
+from l5dproxy.sniff import H2_PREFACE, Verdict, ended, sniff, starts_like_http1, timed_out
 
 H2 = Verdict("h2", "preface")
 HTTP1 = Verdict("http1", "request_line")
 NOT_HTTP = Verdict("opaque", "not_http")
 PEEK_LIMIT = Verdict("opaque", "peek_limit")
 TIMEOUT = Verdict("opaque", "timeout")
+EOF = Verdict("opaque", "eof")
 
 PROTOCOLS = {"h2", "http1", "tls", "opaque"}
 REASONS = {"preface", "request_line", "client_hello", "not_http", "peek_limit"}
@@ -159,18 +160,22 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual(sniff(b"PRI * HTTP/1.1\r\n"), HTTP1)
 
     def test_mismatch_at_any_byte(self) -> None:
-        """A NUL at any preface position ends h2 (and everything) there."""
+        """A NUL at any preface position ends h2 there; past ``PRI `` what is
+        left started like an HTTP/1 request, which the HTTP/1 end answers."""
         for i in range(len(H2_PREFACE)):
             data = H2_PREFACE[:i] + b"\x00" + H2_PREFACE[i + 1 :]
-            self.assertEqual(byte_at_a_time(data), (NOT_HTTP, i + 1), i)
+            expected = HTTP1 if i >= 4 else NOT_HTTP
+            self.assertEqual(byte_at_a_time(data), (expected, i + 1), i)
 
     def test_near_miss_tail(self) -> None:
-        """A wrong tail after the PRI line is opaque, not h2."""
-        self.assertEqual(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\r"), NOT_HTTP)
+        """A wrong tail after the PRI line is not h2 but HTTP/1 (``PRI `` is a
+        method and a space): the HTTP/1 end answers it, nothing is relayed."""
+        self.assertEqual(sniff(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\r"), HTTP1)
 
 
 class HTTP1Tests(SynchronousTestCase):
-    """HTTP/1.x request lines per RFC 9112."""
+    """HTTP/1 is decided on how a request starts (a method token and a
+    separator); whether it is valid is the HTTP/1 server end's to say."""
 
     VALID = (
         b"GET / HTTP/1.1\r\n",
@@ -185,14 +190,19 @@ class HTTP1Tests(SynchronousTestCase):
         b"X!#$%&'*+-.^_`|~9 /~!$&'()*+,;=:@[] HTTP/1.1\r\n",
     )
 
-    INVALID = (
+    #: Not valid request lines, but started like one: before the rule these
+    #: were relayed opaque (bypassing routes and limits on the first request
+    #: while the same bytes later on a connection got a 4xx); now the HTTP/1
+    #: end answers them, whatever their position.
+    STARTS_LIKE_HTTP1 = (
         b"GET / HTTP/1.1\n",
         b"GET / HTTP/1.1\r\r",
         b"GET  / HTTP/1.1\r\n",
         b"GET /  HTTP/1.1\r\n",
-        b" GET / HTTP/1.1\r\n",
         b"GET / HTTP/1.1 \r\n",
         b"GET\t/ HTTP/1.1\r\n",
+        b"GET\x0b/ HTTP/1.1\r\n",
+        b"GET\x0c/ HTTP/1.1\r\n",
         b"GET /a\x7fb HTTP/1.1\r\n",
         b"GET /\x80 HTTP/1.1\r\n",
         b"GET / http/1.1\r\n",
@@ -201,9 +211,23 @@ class HTTP1Tests(SynchronousTestCase):
         b"GET / HTTP/1.10\r\n",
         b"GET / HTTP/1\r\n",
         b"GET /\r\n",
-        b"G(T / HTTP/1.1\r\n",
+        b"GET \x00\x01\x02",
+        b"SET key value\r\n",
         b"\r\nGET / HTTP/1.1\r\n",
-        b"/ HTTP/1.1\r\n",
+        b"\nGET / HTTP/1.1\r\n",
+        b"\r\n\r\nget /admin HTTP/1.1\r\n",
+        b"GET /search?q=" + b"x" * 9000 + b" HTTP/1.1\r\nHost: app\r\n\r\n",
+    )
+
+    NOT_HTTP1 = (
+        (b" GET / HTTP/1.1\r\n", 1),
+        (b"\tGET / HTTP/1.1\r\n", 1),
+        (b"G(T / HTTP/1.1\r\n", 2),
+        (b"/ HTTP/1.1\r\n", 1),
+        (b"GET\r\n", 4),
+        (b"GET/ HTTP/1.1\r\n", 4),
+        (b"\r\n\x00", 3),
+        (b"SSH-2.0-OpenSSH_8.9p1 Ubuntu-3ubuntu0.1\r\n", 4),
     )
 
     def test_valid_request_lines(self) -> None:
@@ -211,33 +235,30 @@ class HTTP1Tests(SynchronousTestCase):
         for line in self.VALID:
             self.assertEqual(sniff(line), HTTP1, line)
 
-    def test_decided_exactly_at_lf(self) -> None:
-        """The verdict arrives with the LF that ends the request line."""
-        for line in self.VALID:
-            expected = line.index(b"\r\n") + 2
+    def test_decided_at_the_separator(self) -> None:
+        """The verdict arrives with the separator after the method token."""
+        for line in self.VALID + self.STARTS_LIKE_HTTP1:
+            start = len(line) - len(line.lstrip(b"\r\n"))
+            expected = next(i for i in range(start, len(line)) if line[i] in b" \t\x0b\x0c") + 1
             self.assertEqual(byte_at_a_time(line), (HTTP1, expected), line)
 
-    def test_invalid_request_lines(self) -> None:
-        """Strictness: anything off-grammar is opaque not_http."""
-        for line in self.INVALID:
-            self.assertEqual(sniff(line), NOT_HTTP, line)
+    def test_invalid_but_started_like_http1(self) -> None:
+        """Off-grammar request lines are http1, left to the HTTP/1 end."""
+        for line in self.STARTS_LIKE_HTTP1:
+            self.assertEqual(sniff(line), HTTP1, line)
+            self.assertIs(starts_like_http1(line), True, line)
 
-    def test_invalid_decided_at_offending_byte(self) -> None:
-        """No waiting: the verdict comes with the first impossible byte."""
-        cases = [
-            (b"GET / HTTP/1.1\n", 15),
-            (b"GET  / HTTP/1.1\r\n", 5),
-            (b"GET / http/1.1\r\n", 7),
-            (b"GET / HTTP/2.0\r\n", 12),
-            (b"GET / HTTP/1.10\r\n", 15),
-        ]
-        for data, at in cases:
+    def test_not_started_like_http1(self) -> None:
+        """No method token and separator: opaque at the first impossible byte."""
+        for data, at in self.NOT_HTTP1:
             self.assertEqual(byte_at_a_time(data), (NOT_HTTP, at), data)
+            self.assertIs(starts_like_http1(data), False, data)
 
-    def test_partial_line_waits(self) -> None:
-        """A partial but valid line needs more bytes."""
-        self.assertIsNone(sniff(b"GET /very/long/path?with=query HTTP/1.1\r"))
-        self.assertIsNone(sniff(b"POST"))
+    def test_partial_start_waits(self) -> None:
+        """Empty lines and a method token so far need more bytes."""
+        for data in (b"POST", b"\r\n", b"\r\n\r\nGE", b"M-SEARCH", b"PRI * HTTP/2.0\r\n",
+                     b"SSH"):
+            self.assertIsNone(sniff(data), data)
 
 
 class TLSTests(SynchronousTestCase):
@@ -342,11 +363,9 @@ class OpaqueTests(SynchronousTestCase):
             (b"\x80\x01\x00\x00", 1),
             (b"\x16\x03\x03\x00\x10\x02", 6),
             (b"*1\r\n$4\r\nPING\r\n", 3),  # Redis
-            (b"SSH-2.0-OpenSSH_9.6\r\n", 20),
-            (b"SSH-2.0-OpenSSH_8.9p1 Ubuntu-3ubuntu0.1\r\n", 40),
-            (b"220 smtp.example.test ESMTP\r\n", 23),
-            (b"+OK POP3 ready\r\n", 10),
-            (b"\r\n", 1),
+            (b"SSH-2.0-OpenSSH_9.6\r\n", 4),
+            (b"SSH-2.0-OpenSSH_8.9p1 Ubuntu-3ubuntu0.1\r\n", 4),
+            (b"\r\n\x16", 3),
             (b" ", 1),
         ]
         for data, at in cases:
@@ -360,33 +379,33 @@ class OpaqueTests(SynchronousTestCase):
 class PeekLimitTests(SynchronousTestCase):
     """Undecided input is cut off at exactly peek_limit bytes."""
 
-    def test_long_request_line_default_limit(self) -> None:
-        """A request line longer than 8192 bytes is opaque at 8192."""
-        data = b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n"
-        self.assertEqual(sniff(data[:8191]), None)
-        self.assertEqual(sniff(data[:8192]), PEEK_LIMIT)
-        self.assertEqual(sniff(data), PEEK_LIMIT)
-        self.assertEqual(byte_at_a_time(data), (PEEK_LIMIT, 8192))
+    def test_long_request_line_is_http1_at_its_method(self) -> None:
+        """A request line longer than peek_limit is http1 as soon as its method
+        and space are in: the HTTP/1 end answers it 414, as it would the same
+        line later on the connection (it used to be relayed opaque)."""
+        data = b"GET /search?q=" + b"x" * 9000 + b" HTTP/1.1\r\nHost: app\r\n\r\n"
+        self.assertEqual(byte_at_a_time(data), (HTTP1, 4))
+        self.assertEqual(sniff(data), HTTP1)
+        self.assertEqual(byte_at_a_time(data, peek_limit=16), (HTTP1, 4))
 
-    def test_small_limit(self) -> None:
-        """With peek_limit 16 the verdict is due at 16 bytes."""
-        data = b"GET /0123456789abcdef HTTP/1.1\r\n"
-        self.assertEqual(byte_at_a_time(data, peek_limit=16), (PEEK_LIMIT, 16))
-
-    def test_line_ending_at_limit(self) -> None:
-        """A request line completed by the limit-th byte is still http1."""
-        line = b"GET /abc HTTP/1.1\r\n"
-        self.assertEqual(sniff(line, peek_limit=len(line)), HTTP1)
-        self.assertEqual(sniff(line, peek_limit=len(line) - 1), PEEK_LIMIT)
+    def test_method_token_filling_the_window(self) -> None:
+        """A token as long as the window could still start a request: http1
+        (the HTTP/1 end rejects the method), never relayed opaque."""
+        data = b"G" * 100 + b" / HTTP/1.1\r\n"
+        self.assertEqual(byte_at_a_time(data, peek_limit=64),
+                         (Verdict("http1", "peek_limit"), 64))
+        self.assertEqual(sniff(b"\r\n" * 40, peek_limit=64), Verdict("http1", "peek_limit"))
 
     def test_bytes_past_limit_are_ignored(self) -> None:
         """A single large read gives the same verdict as a trickle."""
-        line = b"GET /abc HTTP/1.1\r\n"
-        self.assertEqual(sniff(line + b"x" * 100, peek_limit=10), PEEK_LIMIT)
+        self.assertEqual(sniff(b"GETGETGETG /abc HTTP/1.1\r\n", peek_limit=10),
+                         Verdict("http1", "peek_limit"))
+        self.assertEqual(sniff(b"\x16\x03\x01\x00" + b"\x00" * 100, peek_limit=4), PEEK_LIMIT)
 
     def test_h2_needs_24_bytes(self) -> None:
-        """A limit below the preface length cannot say h2."""
-        self.assertEqual(sniff(H2_PREFACE, peek_limit=16), PEEK_LIMIT)
+        """A limit below the preface length cannot say h2 (config keeps the
+        limit at 64 or more); the preface's ``PRI `` makes it HTTP/1 then."""
+        self.assertEqual(sniff(H2_PREFACE, peek_limit=16), HTTP1)
         self.assertEqual(sniff(H2_PREFACE, peek_limit=24), H2)
 
     def test_zero_and_negative_limits(self) -> None:
@@ -398,12 +417,22 @@ class PeekLimitTests(SynchronousTestCase):
 
 
 class TimedOutTests(SynchronousTestCase):
-    """The detect-timeout verdict."""
+    """The detect-timeout and EOF verdicts."""
 
     def test_timed_out(self) -> None:
-        """Always opaque/timeout, whatever was received."""
-        for data in (b"", b"GET /", H2_PREFACE[:5], HELLO_SNI[:100]):
+        """Opaque/timeout, unless the bytes could start an HTTP/1 request: the
+        HTTP/1 end then times the head out (408) as for any later request."""
+        for data in (b"", HELLO_SNI[:100], b"\x16\x03"):
             self.assertEqual(timed_out(data), TIMEOUT, data)
+        for data in (b"GET /", b"GET", H2_PREFACE[:5], b"\r\n"):
+            self.assertEqual(timed_out(data), Verdict("http1", "timeout"), data)
+
+    def test_ended(self) -> None:
+        """The same on the client's EOF: a cut-short head is the HTTP/1 end's."""
+        for data in (b"", HELLO_SNI[:100], b"\x16\x03"):
+            self.assertEqual(ended(data), EOF, data)
+        for data in (b"GET /", b"GET", H2_PREFACE[:5]):
+            self.assertEqual(ended(data), Verdict("http1", "eof"), data)
 
 
 class SplitInvarianceTests(SynchronousTestCase):

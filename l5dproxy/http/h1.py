@@ -455,6 +455,10 @@ class H1Server(Protocol):
                 upgrade = value
         if chunked and version == "1.0":
             raise _RejectError(400, "transfer-encoding in an HTTP/1.0 request")
+        if version == "1.0":
+            # No 1xx ever goes to an HTTP/1.0 client, so its 100-continue
+            # expectation is ignored (RFC 9110 10.1.1, 15.2).
+            expect = False
         is_upgrade = parser.should_upgrade() and method != b"CONNECT"
         if named and not is_upgrade:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
