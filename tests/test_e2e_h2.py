@@ -524,3 +524,69 @@ class H1H2TranslationTests(TestCase):
         self.assertTrue(out.endswith(b"from h1\n"), out)
         self.assertEqual(seen[0][0], "HTTP/1.1")
         self.assertTrue(seen[0][1].startswith("127.0.0.1:"), seen)
+
+
+class GrpcThroughHttp1Tests(TestCase):
+    """gRPC over an HTTP/1 hop: grpcio -> proxy A (service protocol "http1")
+    -> proxy B (detects HTTP/1; service protocol "h2") -> grpcio server. The
+    hop keeps ``TE: trailers`` (with ``Connection: TE``) and carries the
+    trailers as chunked trailers, so status and metadata arrive whole."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        import grpc
+
+        self.grpc = grpc
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+
+        def unary(request, context):
+            context.set_trailing_metadata((("x-trailer", "unary"),))
+            if request == b"fail":
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "asked to fail")
+            return b"unary:" + request
+
+        def server_stream(request, context):
+            context.set_trailing_metadata((("x-trailer", "stream"),))
+            for i in range(int(request)):
+                yield f"item {i}".encode()
+
+        def bidi(requests, context):
+            for request in requests:
+                yield b"echo:" + request
+
+        handler = grpc.method_handlers_generic_handler("test.Echo", {
+            "Unary": grpc.unary_unary_rpc_method_handler(unary),
+            "ServerStream": grpc.unary_stream_rpc_method_handler(server_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        })
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.start()
+        self.addCleanup(server.stop, None)
+        self.inner = proxy_to(self, f"127.0.0.1:{port}", protocol="h2")
+        self.outer = proxy_to(self, f"127.0.0.1:{self.inner.port('in')}", protocol="http1")
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.outer.port('in')}")
+        self.addCleanup(self.channel.close)
+
+    def test_unary_and_streaming_calls(self) -> None:
+        unary = self.channel.unary_unary("/test.Echo/Unary")
+        reply, call = unary.with_call(b"hi", timeout=20)
+        self.assertEqual(reply, b"unary:hi")
+        self.assertEqual(call.code(), self.grpc.StatusCode.OK)
+        self.assertIn(("x-trailer", "unary"), tuple(call.trailing_metadata()))
+        with self.assertRaises(self.grpc.RpcError) as caught:
+            unary(b"fail", timeout=20)
+        self.assertEqual(caught.exception.code(), self.grpc.StatusCode.PERMISSION_DENIED)
+        self.assertEqual(caught.exception.details(), "asked to fail")
+        stream = self.channel.unary_stream("/test.Echo/ServerStream")(b"3", timeout=20)
+        self.assertEqual(list(stream), [b"item 0", b"item 1", b"item 2"])
+        self.assertEqual(stream.code(), self.grpc.StatusCode.OK)
+        self.assertIn(("x-trailer", "stream"), tuple(stream.trailing_metadata()))
+        bidi = self.channel.stream_stream("/test.Echo/Bidi")
+        self.assertEqual(list(bidi(iter([b"x", b"y"]), timeout=20)), [b"echo:x", b"echo:y"])
+        # The middle hop was HTTP/1 on both proxies.
+        self.assertEqual(self.outer.metric_value("tcp_open_total", peer="dst",
+                                                 protocol="http1"), 1)
+        self.assertEqual(self.inner.metric_value("response_total", protocol="http1",
+                                                 grpc_status="7"), 1)

@@ -48,6 +48,3 @@ class DifferentialTests(TestCase):
         self.assertGreater(report.forwarded, H2_CASES // 10)   # not vacuous
         self.assertEqual(report.findings, [])
 
-    test_h2_to_http1.todo = (  # type: ignore[attr-defined]
-        "issue 10 item 2: h2 pseudo-headers are not validated before they become an HTTP/1 "
-        "request line (the h2 engineer's fix); remove this mark when it lands")
