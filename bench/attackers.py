@@ -573,7 +573,8 @@ def mcs0_client(a: argparse.Namespace) -> Report:
             continue
         c.send(PREFACE + settings_frame() + headers_frame(1))
         rep.work += 1
-        end = min(deadline, time.monotonic() + a.wait)
+        sent = time.monotonic()
+        end = min(deadline, sent + a.wait)
         while time.monotonic() < end and not c.closed and not c.reader.headers \
                 and not c.reader.rst and c.reader.goaway is None:
             c.read()
@@ -594,7 +595,7 @@ def mcs0_client(a: argparse.Namespace) -> Report:
             c.close()
         else:
             conns.append(c)
-        rest = a.interval - (time.monotonic() - (end - a.wait))
+        rest = a.interval - (time.monotonic() - sent)
         if rest > 0:
             time.sleep(min(rest, max(0.0, deadline - time.monotonic())))
     _finish(rep, conns, time.monotonic(), throttled=lambda c: False)

@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    choices=[a.kind for a in abuse.ABUSE_ATTACKS],
                    help="run only these attackers in the abuse scenario: "
                    + ", ".join(a.kind for a in abuse.ABUSE_ATTACKS))
+    p.add_argument("--abuse-proxy", choices=("l5dproxy", "haproxy"),
+                   help="the proxy the abuse scenario attacks (default l5dproxy; haproxy "
+                   "as a reference on the same machine)")
     p.add_argument("--soak-seconds", type=float, help="length of the soak scenario "
                    "(default 600)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
@@ -114,6 +117,8 @@ def make_settings(args: argparse.Namespace) -> Settings:
         s.abuse_seconds = max(1.0, args.abuse_seconds)
     if args.abuse_attacks:
         s.abuse_attacks = tuple(args.abuse_attacks)
+    if args.abuse_proxy:
+        s.abuse_proxy = args.abuse_proxy
     if args.soak_seconds is not None:
         s.soak_seconds = max(10.0, args.soak_seconds)
     if args.big_mib is not None:
@@ -490,7 +495,7 @@ class Harness:
                 return
             self.abuse = abuse.run_abuse(self.sup, self.b, self.s.duration,
                                          self.s.abuse_seconds, self.ready_timeout,
-                                         self.s.abuse_attacks)
+                                         self.s.abuse_attacks, self.s.abuse_proxy)
         if "soak" in self.selected and self.b is not None:
             if which("h2load") is None:
                 self.soak = abuse.SoakResult(error="missing h2load")

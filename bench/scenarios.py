@@ -45,6 +45,7 @@ class Settings:
     long_conn_streams: int = 100_000  # streams over one h2 connection (memory scenario)
     abuse_seconds: float = 30.0  # how long the attackers of the abuse scenario run
     abuse_attacks: tuple[str, ...] = ()  # only these attackers (default: all)
+    abuse_proxy: str = "l5dproxy"  # or "haproxy", as a reference
     soak_seconds: float = 600.0
 
 

@@ -180,6 +180,41 @@ class AttackerRunTests(SynchronousTestCase):
         self.assertEqual(r.open_at_end, 0)
 
 
+class Mcs0ClientPacingTests(SynchronousTestCase):
+    """mcs0-client sends one request per interval even when answers come at once (its
+    pacing once ignored the interval whenever the run was shorter than the wait)."""
+
+    def test_one_request_per_interval(self) -> None:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+        done = threading.Event()
+
+        def serve() -> None:
+            server.settimeout(0.05)
+            while not done.is_set():
+                with contextlib.suppress(OSError):
+                    conn, _ = server.accept()
+                    conn.close()  # answered: closed
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                main(["mcs0-client", "--port", str(port), "--seconds", "1.0",
+                      "--interval", "0.3", "--wait", "8"])
+        finally:
+            done.set()
+            t.join()
+            server.close()
+        r = parse_attack_report(out.getvalue())
+        self.assertIn(r.work, (3, 4))
+        self.assertEqual(r.statuses, {"closed": r.work})
+        self.assertEqual(r.closed_by_us, r.work)
+
+
 class VerdictTests(SynchronousTestCase):
     def test_abuse_table_cells(self) -> None:
         res = AbuseResult(settings={"duration": 5, "abuse_seconds": 20})
@@ -216,6 +251,10 @@ class VerdictTests(SynchronousTestCase):
                          [True, False, True, None, False, True])
         res.mcs0_dials_after = 2  # still dialling after the client left
         self.assertFalse(res.attacker_met("mcs0-client"))
+        res.mcs0_dials_after, res.mcs0_dials = 0, 3 * 77 + 1  # more than 3 per request
+        self.assertFalse(res.attacker_met("mcs0-client"))
+        res.mcs0_dials = 3 * 77
+        self.assertTrue(res.attacker_met("mcs0-client"))
         lines = res.table().splitlines()
 
         def row(prefix: str) -> list[str]:
