@@ -84,9 +84,10 @@ class Attack:
 
 # The issue's inputs, at the sizes it names.
 ABUSE_ATTACKS = (
-    Attack("rapid-reset", "h2c", ("--conns", "2", "--burst", "100"),
-           "HEADERS+RST_STREAM(CANCEL) bursts, 2 conns"),
-    Attack("ping-flood", "h2c", ("--conns", "1"), "PINGs, 4 KiB rcvbuf, never reads"),
+    Attack("rapid-reset", "h2c", ("--conns", "2", "--burst", "100", "--rate", "1000"),
+           "HEADERS+RST_STREAM(CANCEL), 2 conns x 1,000/s"),
+    Attack("ping-flood", "h2c", ("--conns", "1", "--rate", "50000"),
+           "50,000 PINGs/s, 4 KiB rcvbuf, never reads"),
     Attack("zero-window", "h2c", ("--conns", "2", "--streams", "4", "--path", "/big"),
            "window 0, 4 GET /big per conn, 2 conns"),
     Attack("mcs0-client", "mcs0", ("--interval", "1", "--wait", "8"),
@@ -100,8 +101,8 @@ ABUSE_ATTACKS = (
 )
 # Smaller, for the soak's repeated cycles.
 SOAK_ATTACKS = (
-    Attack("rapid-reset", "h2c", ("--conns", "1", "--burst", "50")),
-    Attack("ping-flood", "h2c", ("--conns", "1")),
+    Attack("rapid-reset", "h2c", ("--conns", "1", "--burst", "50", "--rate", "500")),
+    Attack("ping-flood", "h2c", ("--conns", "1", "--rate", "20000")),
     Attack("zero-window", "h2c", ("--conns", "1", "--streams", "4", "--path", "/big")),
     Attack("mcs0-client", "mcs0", ("--interval", "2", "--wait", "8")),
     Attack("slowloris-h1", "h1", ("--conns", "500", "--interval", "5")),
@@ -436,6 +437,14 @@ class AbuseResult:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def attackers_cpu_pct(self) -> float | None:
+        reps = [r for r in self.attackers.values() if isinstance(r, AttackReport)]
+        secs = self.settings.get("abuse_seconds")
+        if not reps or not secs:
+            return None
+        return 100 * sum(r.cpu_s for r in reps) / secs
+
+    @property
     def rss_growth_mib(self) -> float | None:
         if self.rss_peak_mib is None or self.rss_quiet_mib is None:
             return None
@@ -478,6 +487,8 @@ class AbuseResult:
         out += ["", "| proxy | quiet | attacked | target |", "|---|---:|---:|---|",
                 f"| CPU, % of one core | {_f(self.cpu_quiet_pct, '{:.0f}')} | "
                 f"{_f(self.cpu_attacked_pct, '{:.0f}')} | - |",
+                f"| attackers' own CPU, % of one core | - | {_f(self.attackers_cpu_pct, '{:.0f}')} "
+                f"| - |",
                 f"| CPU of processes outside the benchmark, % of all CPUs | "
                 f"{_f(self.other_cpu_quiet_pct, '{:.0f}')} | "
                 f"{_f(self.other_cpu_attacked_pct, '{:.0f}')} | > 10: disturbed |",

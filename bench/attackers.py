@@ -43,6 +43,7 @@ Kinds (the inputs of issue 11):
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import errno
 import json
@@ -81,6 +82,7 @@ class Report:
     attack: str
     port: int
     seconds: float = 0.0
+    cpu_s: float = 0.0  # the attacker's own CPU time (user + system)
     opened: int = 0
     connect_failed: int = 0
     closed_by_peer: int = 0
@@ -310,7 +312,8 @@ def rapid_reset(a: argparse.Namespace) -> Report:
     rep = Report("rapid-reset", a.port, work_unit="streams")
     head = headers_frame(1)
     rst = RstStreamFrame(1, error_code=8).serialize()
-    deadline = time.monotonic() + a.seconds
+    started = time.monotonic()
+    deadline = started + a.seconds
     conns: list[Conn] = []
     next_id: dict[int, int] = {}
     while time.monotonic() < deadline:
@@ -330,6 +333,8 @@ def rapid_reset(a: argparse.Namespace) -> Report:
             if c.out:  # the proxy is not taking what we send: wait for it
                 c.send()
                 continue
+            if _over_rate(a, rep.work + a.burst, started):
+                continue
             sid = next_id[id(c)]
             burst = bytearray()
             for k in range(a.burst):
@@ -341,16 +346,22 @@ def rapid_reset(a: argparse.Namespace) -> Report:
         if not conns:
             time.sleep(0.01)
         else:
-            _wait_io(conns, 0.001)
+            _wait_io(conns, 0.005 if a.rate else 0.001)
     _finish(rep, conns, time.monotonic())
     return rep
+
+
+def _over_rate(a: argparse.Namespace, total: int, started: float) -> bool:
+    """Whether ``total`` units so far would exceed ``a.rate`` per connection per second."""
+    return bool(a.rate) and total > a.rate * a.conns * (time.monotonic() - started)
 
 
 def ping_flood(a: argparse.Namespace) -> Report:
     rep = Report("ping-flood", a.port, work_unit="pings")
     ping = PingFrame(0, opaque_data=b"12345678").serialize()
     batch = ping * 1000
-    deadline = time.monotonic() + a.seconds
+    started = time.monotonic()
+    deadline = started + a.seconds
     conns: list[Conn] = []
     for _ in range(a.conns):
         c = _open(rep, a.port, rcvbuf=4096)
@@ -363,12 +374,14 @@ def ping_flood(a: argparse.Namespace) -> Report:
                 continue
             before = len(c.out)
             if not c.out:
+                if _over_rate(a, rep.work + 1000, started):
+                    continue
                 c.send(batch)
                 rep.work += 1000 - len(c.out) // len(ping)
             else:
                 c.send()
                 rep.work += (before - len(c.out)) // len(ping)
-        time.sleep(0.001 if any(not c.out for c in conns) else 0.05)
+        time.sleep(0.05 if all(c.out for c in conns) else 0.005 if a.rate else 0.001)
     # Never read during the attack; now look for what the proxy said (GOAWAY, EOF).
     for c in conns:
         end = time.monotonic() + 1.0
@@ -472,7 +485,9 @@ def _hold(a: argparse.Namespace, rep: Report, first: bytes, trickle: bytes) -> R
     sel = selectors.DefaultSelector()
     conn = Connector(rep, a.port, sel)
     conns: list[Conn] = []
-    next_send: dict[int, float] = {}
+    # Every connection sends its next byte ``interval`` after the last, so a FIFO of
+    # (due time, connection) stays in order: no scan of every connection per step.
+    due: collections.deque[tuple[float, Conn]] = collections.deque()
     pos: dict[int, int] = {}
     tried = 0
     while time.monotonic() < deadline:
@@ -485,8 +500,7 @@ def _hold(a: argparse.Namespace, rep: Report, first: bytes, trickle: bytes) -> R
                     continue
                 c.send(first)
                 conns.append(c)
-                # Spread the trickle over the interval.
-                next_send[id(c)] = time.monotonic() + a.interval * (len(conns) % 97) / 97
+                due.append((time.monotonic() + a.interval, c))
                 pos[id(c)] = 0
                 continue
             c = key.data
@@ -495,15 +509,15 @@ def _hold(a: argparse.Namespace, rep: Report, first: bytes, trickle: bytes) -> R
                 sel.unregister(c.sock)
         now = time.monotonic()
         conn.expire(now)
-        if trickle:
-            for c in conns:
-                if c.closed or now < next_send[id(c)]:
-                    continue
-                i = pos[id(c)] % len(trickle)
-                c.send(trickle[i:i + 1])
-                pos[id(c)] += 1
-                rep.work += 1
-                next_send[id(c)] = now + a.interval
+        while trickle and due and due[0][0] <= now:
+            _, c = due.popleft()
+            if c.closed:
+                continue
+            i = pos[id(c)] % len(trickle)
+            c.send(trickle[i:i + 1])
+            pos[id(c)] += 1
+            rep.work += 1
+            due.append((now + a.interval, c))
     conn.close()
     sel.close()
     _finish(rep, conns, time.monotonic(), throttled=lambda c: False)
@@ -717,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, default=8.0, help="mcs0-client: answer deadline")
     p.add_argument("--batch", type=int, default=100, help="connections opened per step")
     p.add_argument("--rate", type=float, default=0.0,
-                   help="conn-flood: connections/s at most (0: as fast as possible)")
+                   help="at most this many per second (0: as fast as possible): conn-flood "
+                   "connections; rapid-reset streams and ping-flood PINGs per connection")
     p.add_argument("--stats", help="mcs0-endpoint: JSON stats file, rewritten every 0.2 s")
     a = p.parse_args(argv)
     a.seconds = max(0.1, a.seconds)
@@ -733,6 +748,10 @@ def main(argv: list[str] | None = None) -> int:
         rep = Report(a.kind, a.port)
         rep.error(f"{type(exc).__name__}: {errno.errorcode.get(exc.errno or 0, '')} {exc}")
     rep.seconds = round(time.monotonic() - started, 3)
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    rep.cpu_s = round(ru.ru_utime + ru.ru_stime, 3)
     print(json.dumps(asdict(rep)), flush=True)
     return 0
 

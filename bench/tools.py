@@ -332,6 +332,7 @@ class AttackReport:
     goaway: dict[str, int] = field(default_factory=dict)
     statuses: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    cpu_s: float = 0.0  # the attacker's own CPU seconds (absent in older reports: 0)
 
 
 _ATTACK_COUNTS = ("opened", "connect_failed", "closed_by_peer", "closed_by_us", "throttled",
@@ -346,6 +347,7 @@ def parse_attack_report(text: str) -> AttackReport:
     try:
         counts = {k: doc[k] for k in _ATTACK_COUNTS}
         attack, unit, seconds = str(doc["attack"]), str(doc["work_unit"]), float(doc["seconds"])
+        cpu_s = float(doc.get("cpu_s", 0.0))
     except (KeyError, TypeError, ValueError) as exc:
         raise ParseError(f"attacker report lacks or mangles {exc}") from exc
     for k, v in counts.items():
@@ -359,7 +361,7 @@ def parse_attack_report(text: str) -> AttackReport:
     return AttackReport(attack=attack, seconds=seconds, work_unit=unit,
                         goaway=_int_map(doc, "goaway", "attacker report"),
                         statuses=_int_map(doc, "statuses", "attacker report"),
-                        errors=[str(e) for e in errors], **counts)
+                        errors=[str(e) for e in errors], cpu_s=cpu_s, **counts)
 
 
 @dataclass

@@ -31,7 +31,8 @@ def report(**over: object) -> dict[str, object]:
         "attack": "slowloris-h1", "port": 4143, "seconds": 12.5, "opened": 10,
         "connect_failed": 2, "closed_by_peer": 6, "closed_by_us": 1, "throttled": 1,
         "open_at_end": 2, "work": 77, "work_unit": "bytes",
-        "goaway": {"ENHANCE_YOUR_CALM": 3}, "statuses": {"408": 6}, "errors": ["connect: x"]}
+        "goaway": {"ENHANCE_YOUR_CALM": 3}, "statuses": {"408": 6}, "errors": ["connect: x"],
+        "cpu_s": 1.25}
     doc.update(over)
     return doc
 
@@ -44,7 +45,7 @@ class AttackReportTests(SynchronousTestCase):
                          ("slowloris-h1", 10, 6, 1, 2))
         self.assertEqual(r.goaway, {"ENHANCE_YOUR_CALM": 3})
         self.assertEqual(r.statuses, {"408": 6})
-        self.assertEqual((r.work, r.work_unit, r.seconds), (77, "bytes", 12.5))
+        self.assertEqual((r.work, r.work_unit, r.seconds, r.cpu_s), (77, "bytes", 12.5, 1.25))
 
     def test_connections_must_add_up(self) -> None:
         with self.assertRaisesRegex(ParseError, "10 connections opened but 11"):
@@ -247,6 +248,7 @@ class VerdictTests(SynchronousTestCase):
         self.assertAlmostEqual(res.honest_ratio("h1"), 0.85)
         self.assertIsNone(res.honest_ratio("grpc"))
         self.assertEqual(res.rss_growth_mib, 25.5)
+        self.assertEqual(res.attackers_cpu_pct, 100 * 1.25 * 5 / 20)  # 5 reports, 20 s
         self.assertEqual([res.attacker_met(k) for k in res.attackers],
                          [True, False, True, None, False, True])
         res.mcs0_dials_after = 2  # still dialling after the client left
