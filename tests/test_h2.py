@@ -24,7 +24,14 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.settings import SettingCodes, Settings
-from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame, WindowUpdateFrame
+from hyperframe.frame import (
+    DataFrame,
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    RstStreamFrame,
+    WindowUpdateFrame,
+)
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -46,11 +53,13 @@ from l5dproxy.http.exchange import (
     ResponseHead,
 )
 from l5dproxy.http.h2 import (
+    ENCODER_TABLE_SIZE,
     LINGER_SECONDS,
     H2Client,
     H2ServerProtocol,
     H2Settings,
     StreamResetError,
+    closed_streams_kept,
     h2_request_headers,
     h2_response_headers,
     request_head_from_h2,
@@ -866,6 +875,110 @@ class MalformedRequestTests(ServerHarness):
 
 # -- the client end -----------------------------------------------------------
 
+class H2BoundedStateTests(SynchronousTestCase):
+    """What a connection keeps does not grow with the streams it carried
+    (issue 17), on the server end and the client end, and frames for
+    closed streams, recent or long gone, are handled as RFC 9113 5.1 says."""
+
+    client_options = ServerTests.client_options
+    settings = ServerTests.settings
+    setUp = ServerTests.setUp
+    flush = ServerTests.flush
+    send_raw = ServerTests.send_raw
+    request = ServerTests.request
+    respond = ServerTests.respond
+    of = ServerTests.of
+
+    def exchange(self, n: int) -> list[int]:
+        """``n`` GETs, one after the other, each answered 200 with no body."""
+        sids = []
+        for _ in range(n):
+            sids.append(self.request())
+            self.respond(len(self.dispatcher.calls) - 1)
+            self.flush()
+        return sids
+
+    def test_closed_stream_record_is_bounded_server_end(self) -> None:
+        """1,000 streams on one client connection: the proxy remembers the
+        ends of the last ``closed_streams_kept`` only, and h2's stream map
+        and the proxy's hold no closed stream past the next one opened."""
+        self.exchange(1000)
+        kept = closed_streams_kept(self.settings)
+        self.assertEqual(kept, 128)
+        self.assertLessEqual(len(self.server.h2._closed_streams), kept)
+        self.assertEqual(self.server.streams, {})
+        self.request()
+        self.assertEqual(len(self.server.h2.streams), 1)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_frames_for_closed_streams_keep_the_connection(self) -> None:
+        """Frames a client sent before it saw a stream end, for one that
+        ended just now or for one that ended 500 streams ago (no longer
+        remembered): DATA is answered RST_STREAM(STREAM_CLOSED) and its
+        bytes are given back to the connection window; WINDOW_UPDATE and
+        RST_STREAM are ignored; trailers on a stream the proxy reset get a
+        RST_STREAM. No GOAWAY, and the next stream is served."""
+        [old] = self.exchange(1)
+        self.exchange(500)
+        reset = self.request(POST, end=False)   # answered before its body: reset NO_ERROR
+        self.respond(len(self.dispatcher.calls) - 1)
+        [ended] = self.exchange(1)
+        [event] = [e for e in self.of(StreamReset) if e.stream_id == reset]
+        self.assertEqual(event.error_code, ErrorCodes.NO_ERROR)
+        self.assertFalse(any(isinstance(f, GoAwayFrame)
+                             for f in raw_frames(self.transport.value())))
+        for sid in (old, reset, ended):
+            # 30,000 bytes each, 90,000 in all: past the connection window
+            # (65,535) unless the closed streams' bytes are given back.
+            frames = self.send_raw(DataFrame(sid, data=b"d" * 15000).serialize() * 2)
+            self.assertIn((RstStreamFrame, sid, ErrorCodes.STREAM_CLOSED),
+                          [(type(f), f.stream_id, getattr(f, "error_code", None))
+                           for f in frames])
+            self.assertEqual({(type(f), f.stream_id) for f in frames}
+                             - {(RstStreamFrame, sid), (WindowUpdateFrame, 0)}, set(), sid)
+            for frame in (WindowUpdateFrame(sid, window_increment=1000),
+                          RstStreamFrame(sid, error_code=ErrorCodes.CANCEL)):
+                self.assertEqual(self.send_raw(frame.serialize()), [], (sid, frame))
+        trailers = HeadersFrame(reset, data=self.client.encoder.encode([(b"x-t", b"1")]),
+                                flags=["END_STREAM", "END_HEADERS"])
+        frames = self.send_raw(trailers.serialize())
+        self.assertEqual([(type(f), f.stream_id, f.error_code) for f in frames],
+                         [(RstStreamFrame, reset, ErrorCodes.STREAM_CLOSED)])
+        self.assertFalse(self.transport.disconnecting)
+        self.exchange(1)
+        self.assertEqual(self.of(ResponseReceived)[-1].stream_id, ended + 2)
+
+    def test_headers_on_a_stream_ended_long_ago_end_the_connection(self) -> None:
+        """A HEADERS frame for a stream that ended 500 streams ago is a
+        connection error (RFC 9113 5.1 allows it for frames long after the
+        end): GOAWAY(PROTOCOL_ERROR), as h2 treats a closed stream whose end
+        it no longer knows."""
+        [old] = self.exchange(1)
+        self.exchange(500)
+        frame = HeadersFrame(old, data=self.client.encoder.encode(GET),
+                             flags=["END_STREAM", "END_HEADERS"])
+        frames = self.send_raw(frame.serialize())
+        self.assertEqual([f.error_code for f in frames if isinstance(f, GoAwayFrame)],
+                         [ErrorCodes.PROTOCOL_ERROR])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_encoder_table_bounded_whatever_the_client_allows(self) -> None:
+        """A client allowing a 1 MiB HPACK table, then 200 responses each
+        with a field value never sent before: the proxy's encoder announces
+        and keeps a table of at most ``ENCODER_TABLE_SIZE`` bytes."""
+        self.client.update_settings({SettingCodes.HEADER_TABLE_SIZE: 1 << 20})
+        self.flush()
+        self.assertEqual(self.client.decoder.max_allowed_table_size, 1 << 20)
+        for n in range(200):
+            self.request()
+            self.respond(n, 200, [(b"x-n", b"%d-" % n + b"v" * 100)])
+            self.flush()
+        self.assertEqual([dict(e.headers)[b"x-n"][:4] for e in self.of(ResponseReceived)][-1],
+                         b"199-")
+        self.assertLessEqual(self.client.decoder.header_table_size, ENCODER_TABLE_SIZE)
+        self.assertLessEqual(self.server.h2.encoder.header_table_size, ENCODER_TABLE_SIZE)
+
+
 class Endpoint:
     def __init__(self, port: int = 9000) -> None:
         self.address = HostPort("127.0.0.1", port)
@@ -1243,6 +1356,53 @@ class ClientTests(SynchronousTestCase):
 
 
 # -- both ends wired together ----------------------------------------------------
+
+class H2ClientBoundedStateTests(SynchronousTestCase):
+    """The client end's connection to an endpoint keeps no more for having
+    carried many streams (issue 17)."""
+
+    settings = ClientTests.settings
+    setUp = ClientTests.setUp
+    connect = ClientTests.connect
+    pump = ClientTests.pump
+
+    def exchange(self, server, n: int, first: int = 0) -> None:
+        for i in range(first, first + n):
+            head = RequestHead(b"GET", b"/item/%d/" % i + b"p" * 100, b"svc.test", [])
+            d = self.client.request(Endpoint(), Request(head, Body.empty()))
+            self.pump()
+            [sid] = [e.stream_id for e in self.seen[0][-3:] if isinstance(e, RequestReceived)]
+            server.send_headers(sid, [(b":status", b"204")], end_stream=True)
+            self.pump()
+            self.assertEqual(self.successResultOf(d).head.status, 204)
+
+    def test_closed_stream_record_is_bounded_client_end(self) -> None:
+        self.client.request(Endpoint(), Request(
+            RequestHead(b"GET", b"/", b"svc.test", []), Body.empty()))
+        server, _, protocol = self.connect()
+        server.send_headers(1, [(b":status", b"204")], end_stream=True)
+        self.pump()
+        self.exchange(server, 1000)
+        self.assertEqual(len(self.reactor.tcpClients), 1)   # all on one connection
+        self.assertLessEqual(len(protocol.h2._closed_streams), closed_streams_kept(self.settings))
+        self.assertLessEqual(len(protocol.h2.streams), 1)
+        self.assertEqual(protocol.streams, {})
+
+    def test_encoder_table_bounded_whatever_the_endpoint_allows(self) -> None:
+        """An endpoint allowing a 1 MiB HPACK table, then 200 requests with
+        paths never sent before: the client end announces and keeps a table
+        of at most ``ENCODER_TABLE_SIZE`` bytes."""
+        self.client.request(Endpoint(), Request(
+            RequestHead(b"GET", b"/", b"svc.test", []), Body.empty()))
+        server, _, protocol = self.connect()
+        server.update_settings({SettingCodes.HEADER_TABLE_SIZE: 1 << 20})
+        server.send_headers(1, [(b":status", b"204")], end_stream=True)
+        self.pump()
+        self.assertEqual(server.decoder.max_allowed_table_size, 1 << 20)
+        self.exchange(server, 200)
+        self.assertLessEqual(server.decoder.header_table_size, ENCODER_TABLE_SIZE)
+        self.assertLessEqual(protocol.h2.encoder.header_table_size, ENCODER_TABLE_SIZE)
+
 
 class Forwarder:
     """The dispatcher reduced to forwarding every request to the h2 client end."""

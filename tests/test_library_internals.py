@@ -23,6 +23,7 @@ Users today:
 * h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._begin_new_stream``
   and ``_receive_goaway_frame``, and ``H2Stream._initialize_content_length``;
   calls ``_inbound_flow_control_window_manager`` and ``_prepare_for_sending``;
+  sizes ``_closed_streams`` by setting ``MAX_CLOSED_STREAMS`` on the instance;
   reads ``state_machine.state`` and ``h2.connection.ConnectionState``; uses
   ``h2.utilities.CONNECTION_HEADERS``).
 * prometheus-client: ``l5dproxy/telemetry.py`` (``PendingHistogram`` adds to a
@@ -301,6 +302,36 @@ class H2InternalsTests(_Canary):
         self.require(server.data_to_send() == frame.serialize(), "h2",
                      "h2.connection.H2Connection._prepare_for_sending", self.user,
                      "does not queue the frame for data_to_send")
+
+    def test_closed_stream_record_sized_by_max_closed_streams(self) -> None:
+        """h2 records how closed streams ended in ``_closed_streams``, sized
+        by ``MAX_CLOSED_STREAMS`` when ``__init__`` runs: ``_H2Connection``
+        sets it per instance to bound what a long-lived connection keeps
+        (issue 17). If either name goes, the record is 65,536 again."""
+        from l5dproxy.http.h2 import _H2Connection
+
+        qualname = "h2.connection.H2Connection.MAX_CLOSED_STREAMS/_closed_streams"
+        self.require(isinstance(getattr(H2Connection, "MAX_CLOSED_STREAMS", None), int), "h2",
+                     "h2.connection.H2Connection.MAX_CLOSED_STREAMS", self.user, "is gone")
+        conn = _H2Connection(H2Configuration(client_side=True, header_encoding=None), 8)
+        self.require_attr(conn, "_closed_streams", "h2",
+                          "h2.connection.H2Connection._closed_streams", self.user)
+        peer = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        peer.initiate_connection()
+        peer.receive_data(conn.data_to_send())
+        conn.receive_data(peer.data_to_send())
+        get = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+               (b":authority", b"a")]
+        for _ in range(50):
+            sid = conn.get_next_available_stream_id()
+            conn.send_headers(sid, get, end_stream=True)
+            peer.receive_data(conn.data_to_send())
+            peer.send_headers(sid, [(b":status", b"204")], end_stream=True)
+            conn.receive_data(peer.data_to_send())
+        conn.send_headers(conn.get_next_available_stream_id(), get)  # h2 drops the closed
+        self.require(len(conn._closed_streams) == 8, "h2", qualname, self.user,
+                     f"holds {len(conn._closed_streams)} of 50 closed streams, not the last 8")
 
     def test_undocumented_names(self) -> None:
         import h2.connection

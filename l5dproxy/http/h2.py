@@ -402,9 +402,43 @@ class _LengthBlindStream(H2Stream):
         self._expected_content_length = None
 
 
+#: The HPACK dynamic table the proxy's encoders use at most, in bytes (the
+#: RFC 7541 default). A peer may allow a larger one (SETTINGS_HEADER_TABLE_SIZE,
+#: up to 4 GiB), but an encoder may always use less (RFC 7541 4.2, 6.3): a
+#: table as large as the peer allows would keep every distinct field ever
+#: sent on the connection, growing with its lifetime.
+ENCODER_TABLE_SIZE = 4096
+
+#: The fewest closed streams whose end a connection remembers (see
+#: ``closed_streams_kept``).
+MIN_CLOSED_STREAMS_KEPT = 128
+
+
+def closed_streams_kept(settings: H2Settings) -> int:
+    """How many closed streams one connection remembers how they ended.
+
+    RFC 9113 5.1 needs two things of a closed stream: that it is told from
+    an idle one, which the highest stream id opened does for the whole
+    history, and that frames the peer sent before it saw the stream end
+    (DATA, WINDOW_UPDATE, RST_STREAM, trailers on a stream the proxy reset)
+    are answered as stream errors or ignored rather than ending the
+    connection. Those frames come within a round trip of the end, from
+    streams that were open together, so the last ``max_concurrent_streams``
+    ends (at least ``MIN_CLOSED_STREAMS_KEPT``) are enough; h2 itself keeps
+    65,536 per connection, about 120 bytes each in Python. A frame for an
+    older stream is still handled as h2 handles a closed stream whose end
+    it forgot: DATA is answered RST_STREAM(STREAM_CLOSED) and its bytes
+    given back to the connection window, WINDOW_UPDATE and RST_STREAM are
+    ignored, HEADERS end the connection (PROTOCOL_ERROR), which RFC 9113
+    5.1 allows for frames long after a stream closed.
+    """
+    return max(settings.max_concurrent_streams, MIN_CLOSED_STREAMS_KEPT)
+
+
 class _H2Connection(H2Connection):
-    """h2's connection, except that a received GOAWAY leaves it open, and
-    received header blocks and body lengths are checked by the ends.
+    """h2's connection, except that a received GOAWAY leaves it open,
+    received header blocks and body lengths are checked by the ends, and
+    what it keeps does not grow with the connection's lifetime.
 
     Stock h2 goes CLOSED on a GOAWAY and then refuses every later frame,
     received or sent, even on streams the GOAWAY lets finish (a GOAWAY and
@@ -423,9 +457,36 @@ class _H2Connection(H2Connection):
 
     h2 private names used, here only (``InternalNamesTests`` fails if they
     go): ``H2Connection._begin_new_stream``, ``_receive_goaway_frame``,
-    ``_inbound_flow_control_window_manager``, ``_prepare_for_sending``, and
+    ``_inbound_flow_control_window_manager``, ``_prepare_for_sending``,
+    ``MAX_CLOSED_STREAMS``, ``_closed_streams``, and
     ``H2Stream._initialize_content_length``.
+
+    State bounded per connection, whatever it carries over its life:
+
+    * the record of how closed streams ended: h2 keeps the last
+      ``MAX_CLOSED_STREAMS`` (65,536) in ``_closed_streams``; here the last
+      ``closed_kept`` (``closed_streams_kept``);
+    * the HPACK encoder's dynamic table: at most ``ENCODER_TABLE_SIZE``
+      whatever the peer's SETTINGS_HEADER_TABLE_SIZE (the decoder's is ours,
+      4096, h2's default);
+    * h2's own stream map: h2 drops closed streams from it each time a new
+      one opens, so it holds the open streams and those closed since.
     """
+
+    def __init__(self, config: H2Configuration, closed_kept: int = MIN_CLOSED_STREAMS_KEPT,
+                 ) -> None:
+        # h2's __init__ sizes its closed-stream record by this attribute.
+        self.MAX_CLOSED_STREAMS = closed_kept
+        super().__init__(config)
+
+    def receive_data(self, data: bytes) -> list:
+        events = super().receive_data(data)
+        # h2 applies a peer's SETTINGS_HEADER_TABLE_SIZE to the encoder as it
+        # is received; nothing has been encoded since, so the smaller size
+        # is what the next header block announces (a table size update).
+        if self.encoder.header_table_size > ENCODER_TABLE_SIZE:
+            self.encoder.header_table_size = ENCODER_TABLE_SIZE
+        return events
 
     def _begin_new_stream(self, stream_id, allowed_ids):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
@@ -951,7 +1012,7 @@ class H2ServerProtocol(_H2Protocol):
     def connectionMade(self) -> None:
         s = self.settings
         h2 = _H2Connection(H2Configuration(
-            client_side=False, header_encoding=None, **_H2_CONFIG))
+            client_side=False, header_encoding=None, **_H2_CONFIG), closed_streams_kept(s))
         advertised = {
             SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
             SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
@@ -1491,7 +1552,7 @@ class H2ClientProtocol(_H2Protocol):
     def connectionMade(self) -> None:
         s = self.pool.client.settings
         h2 = _H2Connection(H2Configuration(
-            client_side=True, header_encoding=None, **_H2_CONFIG))
+            client_side=True, header_encoding=None, **_H2_CONFIG), closed_streams_kept(s))
         h2.local_settings = Settings(client=True, initial_values={
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
