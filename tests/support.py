@@ -503,6 +503,36 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
+def read_response(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytes]:
+    """One response with a content-length body (none without one) from a
+    keep-alive socket: ``(status, headers by lower-cased name, body)``.
+
+    Reads exactly that response's bytes and not one more: whatever follows
+    (the next pipelined response, which a proxy may well have sent by the
+    time this one is read) stays in the socket for the next call. The head
+    is found by peeking (``MSG_PEEK``) and only its own bytes are taken.
+    AssertionError on an EOF before the response is whole.
+    """
+    head = b""
+    while True:
+        peeked = sock.recv(65536, socket.MSG_PEEK)
+        if not peeked:
+            raise AssertionError(f"EOF in head: {head!r}")
+        end = (head + peeked).find(b"\r\n\r\n")
+        if end >= 0:
+            head += recv_exactly(sock, end + 4 - len(head))
+            break
+        head += recv_exactly(sock, len(peeked))
+    lines = head[:-4].split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get(b"content-length", b"0"))
+    return status, headers, recv_exactly(sock, length)
+
+
 def recv_until_eof(sock: socket.socket) -> bytes:
     """Read until the peer's EOF."""
     chunks = []

@@ -20,6 +20,7 @@ from tests.support import (
     ThreadedServer,
     build_config,
     connect,
+    read_response,
     recv_until_eof,
     refused_port,
     require_tool,
@@ -227,27 +228,6 @@ def http_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
     with connect(port, timeout=timeout) as sock:
         sock.sendall(data)
         return recv_until_eof(sock)
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytes]:
-    """One response with a content-length body, from a keep-alive socket."""
-    buffered = b""
-    while b"\r\n\r\n" not in buffered:
-        data = sock.recv(65536)
-        if not data:
-            raise AssertionError(f"EOF in head: {buffered!r}")
-        buffered += data
-    head, _, rest = buffered.partition(b"\r\n\r\n")
-    lines = head.split(b"\r\n")
-    status = int(lines[0].split()[1])
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get(b"content-length", b"0"))
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return status, headers, rest
 
 
 class Http1EndToEnd(TestCase):

@@ -10,6 +10,8 @@ close was asked for (Twisted waits forever for a paused producer otherwise).
 
 from __future__ import annotations
 
+import itertools
+
 from twisted.internet import defer, reactor
 from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
@@ -250,6 +252,50 @@ class BothEndsTests(SynchronousTestCase):
         pool.release(up)                                 # and release() closes it
         self.assertEqual(pool.idle, [])
         self.assertTrue(up_transport.disconnecting)
+
+    PIPELINED = (b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n"
+                 b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nping"
+                 b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+    ANSWERS = ((b"GET /hello ", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"),
+               (b"POST /echo ", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", b"ping"),
+               (b"GET /hello ", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", b"hello"))
+
+    def busy_upstream(self):
+        """The one upstream connection with a request on it, connected if new."""
+        busy = [self.upstream(n) for n in range(len(self.clock.tcpClients))]
+        busy = [(up, t) for up, t in busy if up.call is not None]
+        self.assertEqual(len(busy), 1, "one request upstream at a time")
+        return busy[0]
+
+    def test_pipelined_requests_answered_in_order_however_the_answers_are_read(self) -> None:
+        """The e2e ``test_pipelined_and_http10`` with every way the endpoint's
+        answers can reach the pool: each head and body in one read, or the
+        body in a read of its own (the next request is then dispatched from
+        inside the previous body's end). Every answer reaches the client
+        whole and in order, each request goes upstream once, after the
+        previous answer."""
+        for splits in itertools.product((False, True), repeat=3):
+            server, transport = self.serve()
+            server.dataReceived(self.PIPELINED)
+            expected = b""
+            for split, (line, head, body) in zip(splits, self.ANSWERS, strict=True):
+                up, up_transport = self.busy_upstream()
+                sent = up_transport.value()
+                self.assertTrue(sent.startswith(line), (splits, sent))
+                if line.startswith(b"POST"):
+                    self.assertTrue(sent.endswith(b"\r\n\r\nping"), (splits, sent))
+                up_transport.clear()
+                if split:
+                    up.dataReceived(head)
+                    up.dataReceived(body)
+                else:
+                    up.dataReceived(head + body)
+                expected += b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%b" % (
+                    len(body), body)
+                self.assertEqual(transport.value().lower(), expected.lower(), splits)
+            self.assertFalse(transport.disconnecting)
+            for up, _ in self.upstreams:
+                self.assertIsNone(up.call)
 
     def test_early_answer_to_a_paused_upload_closes_the_upstream_for_real(self) -> None:
         server, transport = self.serve()
