@@ -15,6 +15,17 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 
+class _Site(Site):
+    """twisted.web's site without the access log: scrapes every few
+    seconds are not news."""
+
+    displayTracebacks = False
+    noisy = False
+
+    def log(self, request) -> None:
+        pass
+
+
 class _Text(Resource):
     isLeaf = True
 
@@ -51,8 +62,4 @@ def admin_site(registry: CollectorRegistry, is_ready: Callable[[], bool],
     root.putChild(b"live", _Text(live))
     for name, resource in (extra or {}).items():
         root.putChild(name, resource)
-    site = Site(root)
-    site.displayTracebacks = False
-    site.noisy = False
-    site.log = lambda request: None  # scrapes every few seconds are not news
-    return site
+    return _Site(root)

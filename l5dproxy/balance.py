@@ -248,17 +248,18 @@ class RetryBudget:
         self.ttl = ttl
         self._width = ttl / self.SLOTS
         # (slot index, deposits, withdrawals), oldest first
-        self._slots: deque[list[float]] = deque()
+        self._slots: deque[list[int]] = deque()
         self._deposits = 0
         self._withdrawals = 0
         self.exhausted = 0  # refused withdrawals, in all
         # The current slot and the times it covers: a deposit within them
-        # (one per request) needs no index, no walk of the window.
-        self._slot: list[float] | None = None
+        # (one per request) needs no index, no walk of the window. Until the
+        # first deposit the range is empty, so that one finds its slot.
+        self._slot: list[int] = [0, 0, 0]
         self._slot_from = 0.0
         self._slot_to = 0.0
 
-    def _current(self) -> list[float]:
+    def _current(self) -> list[int]:
         index = int(self.clock.seconds() // self._width)
         slots = self._slots
         while slots and slots[0][0] <= index - self.SLOTS:

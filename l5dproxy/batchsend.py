@@ -78,14 +78,15 @@ class BatchSender:
             t._tempDataBuffer.append(data)
             t._tempDataLen += len(data)
             return
-        if (self.sock is None or t._tempDataLen or t.dataBuffer or not t.connected
+        batch = self.batch   # None exactly when sock is None
+        if (batch is None or t._tempDataLen or t.dataBuffer or not t.connected
                 or t.disconnecting or t._writeDisconnecting or t.TLS):
             t.write(data)
             return
         t._tempDataBuffer.append(data)
         t._tempDataLen += len(data)
         self.queued = True
-        self.batch.add(self)
+        batch.add(self)
 
     def write_now(self, data: bytes) -> None:
         """Send ``data`` at once, for a caller that batched its own writes
@@ -106,12 +107,13 @@ class BatchSender:
     def flush(self) -> None:
         self.queued = False
         t = self.transport
-        if not t._tempDataLen or not t.connected or t.dataBuffer:
+        sock = self.sock
+        if sock is None or not t._tempDataLen or not t.connected or t.dataBuffer:
             return
         chunks = t._tempDataBuffer
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         try:
-            sent = self.sock.send(data)
+            sent = sock.send(data)
         except OSError:
             sent = 0
         if sent == len(data):

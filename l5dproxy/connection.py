@@ -13,6 +13,7 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from twisted.internet import error
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -22,6 +23,17 @@ if TYPE_CHECKING:
     from l5dproxy.telemetry import TcpSideMetrics
 
 log = Logger(namespace="l5dproxy.connection")
+
+
+class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
+    """The transport of a connected stream protocol, as the protocols here
+    use it: Twisted's TCP and TLS transports provide all three interfaces.
+
+    For the type checker only (zope interfaces have no intersection type):
+    a protocol narrows Twisted's ``transport: ITransport | None`` with
+    ``transport: IStreamTransport``, true from ``makeConnection`` on.
+    Nothing declares it at run time; never ask ``providedBy``.
+    """
 
 #: Twisted's connection errors, as the errno names Linkerd puts in tcp_close_total.
 _ERRNO_NAMES: tuple[tuple[type[BaseException], str], ...] = (
@@ -85,11 +97,15 @@ class InboundConnection:
 
     def count_read(self, n: int) -> None:
         self.bytes_read += n
-        self.src.read_pending += n     # into the counter at scrape or close
+        src = self.src
+        assert src is not None, "bytes counted before detection"
+        src.read_pending += n     # into the counter at scrape or close
 
     def count_written(self, n: int) -> None:
         self.bytes_written += n
-        self.src.write_pending += n
+        src = self.src
+        assert src is not None, "bytes counted before detection"
+        src.write_pending += n
 
     def closed(self, reason: Failure | None, how: str) -> None:
         """Record the end of the connection: metrics, then one log line."""

@@ -139,7 +139,7 @@ class Discovery:
         self._generation = 0
         #: Last good answers: (name, family) -> (addresses); srv -> records.
         self._last: dict[Any, Any] = {}
-        self._first = defer.Deferred()
+        self._first: defer.Deferred[None] = defer.Deferred()
         self.pending: defer.Deferred | None = None
 
     @property
@@ -175,7 +175,8 @@ class Discovery:
             d = self._lookup_srv(service.srv)
         else:
             d = self._lookup_static(service.endpoints)
-        d.addCallbacks(self._resolved, self._failed, (generation,), None, (generation,))
+        d.addCallbacks(self._resolved, self._failed, callbackArgs=(generation,),
+                       errbackArgs=(generation,))
         d.addErrback(lambda f: log.failure("discovery for {service}", f,
                                            service=self.upstream.name))
         #: The lookup under way (tests wait on it).

@@ -8,7 +8,8 @@ a handler ("tls", "opaque") goes to the opaque TCP relay.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -43,8 +44,8 @@ class Listener(Factory):
 
     def __init__(self, config: ListenerConfig, detect: DetectConfig,
                  upstreams: dict[str, Upstream], metrics: Metrics,
-                 reactor: IReactorTime | IReactorTCP, log_connections: bool = True,
-                 handlers: dict[str, Handler] | None = None,
+                 reactor: Any, log_connections: bool = True,
+                 handlers: Mapping[str, Handler] | None = None,
                  server_first: ServerFirst | None = None,
                  limits: ConnectionLimits | None = None) -> None:
         self.config = config
@@ -52,8 +53,10 @@ class Listener(Factory):
         self.detect = detect
         self.upstream = upstreams[config.service]
         self.metrics = metrics
-        self.clock = reactor
-        self.reactor = reactor
+        #: ``reactor`` provides both (Twisted's reactors do; zope interfaces
+        #: have no intersection type, so the parameter is Any).
+        self.clock: IReactorTime = reactor
+        self.reactor: IReactorTCP = reactor
         self.log_connections = log_connections
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.connections: set[InboundConnection] = set()
@@ -71,7 +74,7 @@ class Listener(Factory):
             return OPAQUE_PORT
         return None
 
-    def buildProtocol(self, addr) -> IProtocol:
+    def buildProtocol(self, addr) -> Protocol:
         return _Accepting(self)
 
     def accepted(self, transport) -> IProtocol:
@@ -178,10 +181,11 @@ class _Refused(Protocol):
     """The protocol of a connection past a limit: closed as soon as it is made."""
 
     def connectionMade(self) -> None:
+        assert self.transport is not None  # set by makeConnection
         self.transport.loseConnection()
 
 
-class _Accepting:
+class _Accepting(Protocol):
     """Stands in as the protocol for the instant between accept and
     ``makeConnection``, when the transport (and so the peer) becomes known."""
 

@@ -233,6 +233,7 @@ class Splice:
         if not self.active or d.done:
             return
         splice = _splice
+        assert splice is not None  # no Splice is made unless ENABLED
         flags = _FLAGS
         src_fd = d.src.fd
         dst_fd = d.dst.fd
@@ -245,6 +246,7 @@ class Splice:
                 except OSError as e:
                     return self._failed(d.dst, e)
             if d.in_pipe:
+                assert d.pipe is not None  # bytes in the pipe: it exists
                 try:
                     n = splice(d.pipe[0], dst_fd, d.in_pipe, flags=flags)
                 except BlockingIOError:
@@ -318,7 +320,8 @@ class Splice:
         cleanly, now. (Handing them back would not do: a socket shut down
         both ways polls as hung up, which Twisted takes for a lost connection.)"""
         self.hand_back(restore=False)
-        self.relay.ended_by = self.first_end
+        if self.first_end is not None:
+            self.relay.ended_by = self.first_end
         done = Failure(error.ConnectionDone())
         # The client's first, so the relay sees itself closed, then the
         # upstream's, before the reactor turns.

@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy import splice
-from l5dproxy.connection import errno_name, set_no_delay
+from l5dproxy.connection import IStreamTransport, errno_name, set_no_delay
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint
@@ -38,6 +38,8 @@ def relay_handler(conn: InboundConnection) -> RelayProtocol:
 @implementer(IHalfCloseableProtocol)
 class RelayProtocol(Protocol):
     """The client side of a relayed connection."""
+
+    transport: IStreamTransport
 
     def __init__(self, conn: InboundConnection) -> None:
         self.conn = conn
@@ -119,7 +121,7 @@ class RelayProtocol(Protocol):
         if self.client_eof:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         if self.splice is not None:  # closed under the splice (an abort)
             self.splice.hand_back(gone=self.transport)
@@ -147,18 +149,17 @@ class RelayProtocol(Protocol):
             return
         if pending:
             upstream.write(b"".join(pending))
-        self._relay_through_twisted()
+        self._relay_through_twisted(upstream)
 
     def splice_ended(self, spliced: splice.Splice, restore: bool = True) -> None:
         """The splice gave the sockets back: relay through Twisted again
         (unless the connection is closing)."""
         self.splice = None
         if restore and not self.closed:
-            self.upstream.transport.resumeProducing()
-            self._relay_through_twisted()
+            spliced.upstream.transport.resumeProducing()
+            self._relay_through_twisted(spliced.upstream)
 
-    def _relay_through_twisted(self) -> None:
-        upstream = self.upstream
+    def _relay_through_twisted(self, upstream: UpstreamProtocol) -> None:
         # Each side is the other's producer: a full write buffer on one
         # pauses reading on the other.
         self.transport.registerProducer(upstream.transport, True)
@@ -225,9 +226,12 @@ class RelayProtocol(Protocol):
 class UpstreamProtocol(Protocol):
     """The server side of a relayed connection."""
 
+    transport: IStreamTransport
+    #: The dst-side metrics, from connectionMade on.
+    dst: TcpSideMetrics
+
     def __init__(self, relay: RelayProtocol) -> None:
         self.relay = relay
-        self.dst: TcpSideMetrics | None = None
         self.connected_at = 0.0
         self.server_eof = False
         self.write_closed = False
@@ -257,7 +261,7 @@ class UpstreamProtocol(Protocol):
         if self.server_eof:
             self.transport.loseConnection()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.relay.splice is not None:  # closed under the splice (an abort)
             self.relay.splice.hand_back(gone=self.transport)
         self.dst.closed(errno_name(reason), self.relay.conn.listener.clock.seconds()

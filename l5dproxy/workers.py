@@ -26,9 +26,13 @@ import re
 import signal
 import socket
 import sys
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
@@ -132,10 +136,11 @@ class WorkerSupervisor(Service):
         self.count = count
         self.config_path = config_path
         self.drain_timeout = drain_timeout
-        self.workers: dict[int, tuple[_Worker, object]] = {}
+        self.workers: dict[int, tuple[_Worker, IProcessTransport]] = {}
         self.failures: dict[int, int] = {}
         self.stopping = False
-        self._previous_sighup = None
+        #: What signal.signal returned when we took SIGHUP over.
+        self._previous_sighup: Callable[[int, FrameType | None], Any] | int | None = None
 
     def command(self, index: int) -> list[str]:
         """twistd, by the interpreter running this one, however it was started."""

@@ -19,7 +19,8 @@ Users today:
   ``l5dproxy/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
   ``_writeDisconnecting``), ``detect.py``/``listener.py``/``serverfirst.py``
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
-  ``_GenericHTTPChannelProtocol`` does).
+  ``_GenericHTTPChannelProtocol`` does), ``service.py`` (a reload swaps a
+  listening port's ``factory``, which ``IListeningPort`` does not declare).
 * h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._begin_new_stream``
   and ``_receive_goaway_frame``, and ``H2Stream._initialize_content_length``;
   calls ``_inbound_flow_control_window_manager`` and ``_prepare_for_sending``;
@@ -41,8 +42,8 @@ from h2.connection import H2Connection
 from h2.events import Event
 from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
 from prometheus_client import CollectorRegistry, Histogram
-from twisted.internet import abstract, tcp
-from twisted.internet.protocol import Protocol
+from twisted.internet import abstract, defer, tcp
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
 from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
@@ -184,6 +185,40 @@ class TwistedTransportInternalsTests(_Canary):
                      "twisted.internet.tcp.Connection.protocol",
                      "l5dproxy/detect.py, listener.py, serverfirst.py",
                      "assigned no longer receives what doRead reads")
+
+
+class TwistedPortInternalsTests(_Canary):
+    """A listening ``tcp.Port`` as service.py's reload (``_swap_factory``) uses it."""
+
+    @defer.inlineCallbacks
+    def test_swapped_factory_builds_the_next_connection(self):
+        from twisted.internet import reactor
+
+        built: defer.Deferred[None] = defer.Deferred()
+
+        class Second(Factory):
+            protocol = Protocol
+
+            def buildProtocol(self, addr):
+                if not built.called:
+                    built.callback(None)
+                return super().buildProtocol(addr)
+
+        first = Factory.forProtocol(Protocol)
+        port = reactor.listenTCP(0, first, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        name = "twisted.internet.tcp.Port.factory"
+        self.require(getattr(port, "factory", None) is first, "Twisted", name,
+                     "l5dproxy/service.py", "is not the factory the port was made with")
+        port.factory = Second()
+        client = yield ClientCreator(reactor, Protocol).connectTCP(
+            "127.0.0.1", port.getHost().port)
+        self.addCleanup(client.transport.loseConnection)
+        try:
+            yield built.addTimeout(10, reactor)
+        except defer.TimeoutError:
+            self.fail(f"{_where('Twisted', name, 'l5dproxy/service.py')} assigned does not "
+                      f"build the next connection's protocol")
 
 
 class H2InternalsTests(_Canary):

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from l5dproxy.balance import Endpoint
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -259,7 +262,8 @@ class Body:
 
     def _fire_end(self, trailers: Headers | None, error: Exception | None) -> None:
         hook, self._on_end = self._on_end, None
-        hook(trailers, error)
+        if hook is not None:
+            hook(trailers, error)
 
     def consume(self, sink: BodySink) -> None:
         """Attach the sink: buffered chunks are delivered at once, the rest as they come."""
@@ -401,7 +405,7 @@ class Dispatcher(Protocol):
 class UpstreamClient(Protocol):
     """A client end: sends requests to one endpoint address over h1 or h2."""
 
-    def request(self, endpoint: object, request: Request) -> Deferred[Response]: ...
+    def request(self, endpoint: Endpoint, request: Request) -> Deferred[Response]: ...
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:
