@@ -492,16 +492,16 @@ class Harness:
             missing = [p for p in ("wrk", "h2load") if which(p) is None]
             if missing:
                 self.abuse = abuse.AbuseResult(error=f"missing {', '.join(missing)}")
-                return
-            self.abuse = abuse.run_abuse(self.sup, self.b, self.s.duration,
-                                         self.s.abuse_seconds, self.ready_timeout,
-                                         self.s.abuse_attacks, self.s.abuse_proxy)
+            else:
+                self.abuse = abuse.run_abuse(self.sup, self.b, self.s.duration,
+                                             self.s.abuse_seconds, self.ready_timeout,
+                                             self.s.abuse_attacks, self.s.abuse_proxy)
         if "soak" in self.selected and self.b is not None:
             if which("h2load") is None:
                 self.soak = abuse.SoakResult(error="missing h2load")
-                return
-            self.soak = abuse.run_soak(self.sup, self.b, self.s.soak_seconds,
-                                       self.ready_timeout)
+            else:
+                self.soak = abuse.run_soak(self.sup, self.b, self.s.soak_seconds,
+                                           self.ready_timeout)
 
     # -- proxy health ------------------------------------------------------------
 
