@@ -216,6 +216,16 @@ class Mcs0ClientPacingTests(SynchronousTestCase):
         self.assertEqual(r.closed_by_us, r.work)
 
 
+class SelectionTests(SynchronousTestCase):
+    def test_abuse_and_soak_only_when_named(self) -> None:
+        from bench.cli import DEFAULT_SECTIONS, parse_args
+
+        self.assertNotIn("abuse", DEFAULT_SECTIONS)
+        self.assertNotIn("soak", DEFAULT_SECTIONS)
+        self.assertIn("memory", DEFAULT_SECTIONS)
+        self.assertEqual(parse_args(["--only", "abuse", "soak"]).only, ["abuse", "soak"])
+
+
 class VerdictTests(SynchronousTestCase):
     def test_abuse_table_cells(self) -> None:
         res = AbuseResult(settings={"duration": 5, "abuse_seconds": 20})
