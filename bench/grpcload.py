@@ -16,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
 from concurrent import futures
+from typing import Any
 
 METHOD = "/bench.Echo/Unary"
 PAYLOAD = b"hello"
 
 
-def serve(port: int, seconds: float) -> int:
+def make_server(port: int) -> tuple[Any, int]:
+    """A started grpcio server answering ``/bench.Echo/Unary`` with the request bytes, on
+    ``port`` (0: any free one); returns it and its port."""
     import grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
@@ -33,8 +37,13 @@ def serve(port: int, seconds: float) -> int:
         "Unary": grpc.unary_unary_rpc_method_handler(lambda req, ctx: req),
     })
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
+    return server, bound
+
+
+def serve(port: int, seconds: float) -> int:
+    server, _ = make_server(port)
     server.wait_for_termination(timeout=seconds)
     return 0
 
@@ -89,7 +98,8 @@ def load(port: int, seconds: float, concurrency: int, rate: float) -> dict[str, 
     def pct(p: float) -> float | None:
         if not durations:
             return None
-        return durations[min(len(durations) - 1, max(0, -(-len(durations) * p // 100) - 1))]
+        rank = max(1, math.ceil(p / 100 * len(durations)))  # nearest rank
+        return durations[min(rank, len(durations)) - 1]
 
     return {"calls": calls, "ok": ok, "failed": calls - ok, "codes": codes,
             "seconds": round(elapsed, 3), "rps": ok / elapsed if elapsed else 0.0,

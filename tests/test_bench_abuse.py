@@ -89,6 +89,42 @@ class GrpcLoadTests(SynchronousTestCase):
                 parse_grpc_load(json.dumps(bad))
 
 
+class GrpcLoadRunTests(SynchronousTestCase):
+    """The honest gRPC client against a real grpcio server: its report parses, the
+    closed loop completes calls, the paced loop keeps to its rate."""
+
+    def setUp(self) -> None:
+        from bench.grpcload import make_server
+
+        self.server, self.port = make_server(0)
+        self.addCleanup(self.server.stop, None)
+
+    def test_closed_loop(self) -> None:
+        from bench.grpcload import load
+
+        r = parse_grpc_load(json.dumps(load(self.port, 1.0, 2, 0.0)))
+        self.assertGreater(r.ok, 0)
+        self.assertEqual((r.failed, r.codes), (0, {"OK": r.ok}))
+        assert r.p50_ms is not None and r.p99_ms is not None
+        self.assertLessEqual(r.p50_ms, r.p99_ms)
+
+    def test_paced(self) -> None:
+        from bench.grpcload import load
+
+        r = parse_grpc_load(json.dumps(load(self.port, 1.0, 2, 20.0)))
+        self.assertGreaterEqual(r.ok, 15)
+        self.assertLessEqual(r.ok, 21)
+
+    def test_unreachable_server_fails_calls(self) -> None:
+        from bench.grpcload import load
+
+        self.server.stop(None)
+        r = parse_grpc_load(json.dumps(load(self.port, 0.5, 1, 0.0)))
+        self.assertEqual(r.ok, 0)
+        self.assertGreater(r.failed, 0)
+        self.assertIn("UNAVAILABLE", r.codes)
+
+
 class Mcs0StatsTests(SynchronousTestCase):
     def test_parses_and_checks(self) -> None:
         s = parse_mcs0_stats('{"accepted": 3, "open": 1, "times": [0.1, 0.1, 2.5]}')
