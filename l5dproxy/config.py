@@ -118,6 +118,10 @@ class ListenerConfig:
     #: Client connections open at once on this listener; past it a new one
     #: is accepted and closed at once. 0: only [proxy] max_connections applies.
     max_connections: int = 0
+    #: HTTP/1 ``Upgrade`` protocols forwarded (and relayed after a 101),
+    #: lowercase; any other upgrade is stripped and the request proxied as
+    #: plain HTTP/1.
+    upgrades: tuple[str, ...] = ("websocket",)
 
 
 @dataclass(frozen=True)
@@ -527,6 +531,8 @@ def _parse_listeners(tables: list[_Table], services: dict[str, ServiceConfig],
             access_log=t.get("access_log", bool, False),
             allow_connect=t.get("allow_connect", bool, False),
             max_connections=t.get("max_connections", int, 0, _check_count),
+            upgrades=tuple(u.lower() for u in t.get("upgrades", list, ["websocket"],
+                                                    _check_upgrades)),
         ))
         t.finish()
     return tuple(listeners)
@@ -584,6 +590,23 @@ def _check_peek_limit(value: int) -> str | None:
 
 def _check_learned_max(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1"
+
+
+_TCHARS = frozenset("!#$%&'*+-.^_`|~0123456789"
+                   "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def _check_upgrades(value: list[Any]) -> str | None:
+    """Protocol names (RFC 9110 7.8 tokens). ``h2c`` is refused: after its
+    101 the client speaks HTTP/2 straight to the endpoint, past every route
+    and limit (the "h2c smuggling" attack); h2 clients use prior knowledge."""
+    bad = [u for u in value if not isinstance(u, str) or not u or not set(u) <= _TCHARS]
+    if bad:
+        return f"not protocol names (tokens): {bad!r}"
+    if any(u.lower() == "h2c" for u in value):
+        return ("h2c cannot be relayed: after its 101 the client would speak HTTP/2 "
+                "straight to the endpoint, past routes and limits")
+    return None
 
 
 def _check_ports(value: list[Any]) -> str | None:

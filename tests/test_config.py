@@ -505,3 +505,36 @@ class HttpTimeoutsTests(unittest.TestCase):
         self.assertEqual(len(errors), 2, errors)
         self.assertTrue(any("http.request_header_timeout" in e for e in errors), errors)
         self.assertTrue(any("http.idle_timeout" in e for e in errors), errors)
+
+
+class UpgradesTests(unittest.TestCase):
+    """``[[listener]] upgrades``: the HTTP/1 upgrades a listener forwards."""
+
+    def listener(self, extra: str):
+        text = MINIMAL.replace('service = "app"\n', 'service = "app"\n' + extra, 1)
+        return parse(tomllib.loads(text), "f.toml").listeners[0]
+
+    def test_default_is_websocket(self) -> None:
+        self.assertEqual(self.listener("").upgrades, ("websocket",))
+
+    def test_names_are_case_insensitive(self) -> None:
+        self.assertEqual(self.listener('upgrades = ["WebSocket", "Foo"]\n').upgrades,
+                         ("websocket", "foo"))
+
+    def test_empty_forwards_none(self) -> None:
+        self.assertEqual(self.listener("upgrades = []\n").upgrades, ())
+
+    def test_bad_values(self) -> None:
+        for value, reason in (
+            ('["h2c"]', "h2c cannot be relayed"),
+            ('["websocket", "H2C"]', "h2c cannot be relayed"),
+            ('["web socket"]', "not protocol names"),
+            ('[""]', "not protocol names"),
+            ("[1]", "not protocol names"),
+            ('"websocket"', "expected"),
+        ):
+            text = MINIMAL.replace('service = "app"\n', f'service = "app"\nupgrades = {value}\n')
+            errors = errors_of(text)
+            self.assertEqual(len(errors), 1, errors)
+            self.assertTrue(errors[0].startswith("f.toml: listener[0].upgrades: " + reason),
+                            errors)

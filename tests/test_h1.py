@@ -20,7 +20,7 @@ from l5dproxy.http.exchange import (
     Response,
     ResponseHead,
 )
-from l5dproxy.http.h1 import H1Limits, H1Server
+from l5dproxy.http.h1 import H1Limits, H1Server, UpgradeRequest
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.sniff import Verdict
 from l5dproxy.telemetry import Metrics
@@ -487,6 +487,43 @@ class ClientTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         return protocol, transport
 
+    def test_response_transfer_codings(self) -> None:
+        """RFC 9112 6.1/6.3: codings other than a final chunked are kept on
+        the response (read until the close when chunked is not last), for
+        HTTP/1.1 clients only; chunked twice, or to an HTTP/2 or HTTP/1.0
+        client, is a 502 and the connection is dropped."""
+        cases = [
+            ("1.1", b"gzip", b"gzip", None),
+            ("1.1", b"gzip, chunked", b"gzip", None),
+            ("1.1", b"Deflate ,  GZIP,chunked", b"deflate, gzip", None),
+            ("1.1", b"chunked, gzip", None, "invalid response: transfer-encoding chunked, gzip "
+                                              "(chunked not last)"),
+            ("2", b"gzip, chunked", None, "response transfer-encoding gzip cannot be sent to "
+                                          "an HTTP/2 client"),
+            ("1.0", b"gzip", None, "response transfer-encoding gzip cannot be sent to an "
+                                   "HTTP/1.0 client"),
+        ]
+        for version, te, codings, error in cases:
+            self.setUp()   # a new pool: one connection per case
+            request = Request(RequestHead(b"GET", b"/x", b"example.com", [], b"http", version),
+                              Body.empty())
+            d = self.client.request(self.endpoint, request)
+            proto, transport = self.accept()
+            body = b"3\r\nabc\r\n0\r\n\r\n" if te.endswith(b"chunked") else b"abc"
+            proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n" + body)
+            if error is not None:
+                self.assertEqual(self.failureResultOf(d, ProxyError).value.reason, error)
+                self.assertTrue(transport.disconnecting or transport.disconnected, te)
+                continue
+            response = self.successResultOf(d)
+            self.assertEqual(response.head.transfer_codings, codings, te)
+            sink = Collect()
+            response.body.consume(sink)
+            if not te.endswith(b"chunked"):
+                self.assertFalse(sink.ended)   # until the close
+                proto.connectionLost(Failure(ConnectionDone()))
+            self.assertEqual((b"".join(sink.data), sink.ended, sink.error), (b"abc", True, None))
+
     def test_get_reuses_connection(self) -> None:
         d = self.request(headers=[(b"Accept", b"*/*")])
         proto, transport = self.accept()
@@ -737,40 +774,134 @@ class ClientTests(SynchronousTestCase):
 
 
 class UpgradeTests(SynchronousTestCase):
-    def test_h2c_upgrade_keeps_named_headers(self) -> None:
-        clock = MemoryReactorClock()
-        listener = FakeListener(clock)
-        dispatcher = FakeDispatcher()
+    """``[[listener]] upgrades``: listed protocols are forwarded, any other
+    upgrade (h2c above all) is stripped and proxied as plain HTTP/1."""
+
+    H2C = (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+           b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = FakeListener(self.clock)
+        self.dispatcher = FakeDispatcher()
+
+    def serve(self, limits: H1Limits | None = None):
+        limits = limits or H1Limits()
         transport = StringTransport()
-        conn = InboundConnection(listener, transport, 0.0)
+        conn = InboundConnection(self.listener, transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))
-        server = H1Server(conn, dispatcher, H1Limits())
+        server = H1Server(conn, self.dispatcher, limits)
         server.makeConnection(transport)
-        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
-                            b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n")
-        [(request, _)] = dispatcher.requests
-        self.assertEqual(request.upgrade, b"h2c")
-        self.assertEqual(request.connection, (b"http2-settings",))
-        self.assertEqual(request.head.headers, [(b"HTTP2-Settings", b"AAMAAABkAAQAAP__")])
+        return server, transport
+
+    def upstream_bytes(self, request) -> tuple[bytes, H1Client, object, defer.Deferred]:
         reactor = MemoryReactorClock()
         client = H1Client(reactor, Metrics(), lambda ep: None)
         d = client.request(Endpoint(HostPort("127.0.0.1", 1)), request)
         proto = reactor.tcpClients[0][2].buildProtocol(None)
         upstream = StringTransport()
         proto.makeConnection(upstream)
-        self.assertEqual(upstream.value(), b"GET / HTTP/1.1\r\nHost: a\r\nHTTP2-Settings: "
-                         b"AAMAAABkAAQAAP__\r\nconnection: upgrade, http2-settings\r\n"
-                         b"upgrade: h2c\r\n\r\n")
-        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n"
-                           b"Connection: Upgrade\r\n\r\nPRI-from-server")
+        return upstream, proto, d
+
+    def test_h2c_upgrade_is_stripped(self) -> None:
+        """h2c smuggling: the endpoint gets a plain GET (no Upgrade, no
+        HTTP2-Settings, no Connection), and the next request on the
+        connection is read as HTTP/1, not relayed."""
+        server, transport = self.serve()
+        server.dataReceived(self.H2C + b"GET /admin HTTP/1.1\r\nHost: a\r\n\r\n")
+        [(request, d)] = self.dispatcher.requests
+        self.assertNotIsInstance(request, UpgradeRequest)
+        self.assertEqual((request.head.method, request.head.target, request.head.headers),
+                         (b"GET", b"/", []))
+        upstream, _proto, _ = self.upstream_bytes(request)
+        self.assertEqual(upstream.value(), b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        d.callback(ok(b"plain"))
+        self.assertEqual(transport.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+        self.assertEqual(self.dispatcher.requests[1][0].head.target, b"/admin")
+        self.assertFalse(transport.disconnecting)
+
+    def test_h2c_upgrade_with_a_body(self) -> None:
+        """llhttp stops at an upgrade request's head: a stripped one's
+        Content-Length body is still its body, however it is split."""
+        data = (b"POST /u HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n"
+                b"Content-Length: 5\r\n\r\nhelloGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+        for cut in (len(data), data.index(b"hello") + 2, data.index(b"hello") + 5, 10):
+            self.dispatcher.requests.clear()
+            server, _ = self.serve()
+            server.dataReceived(data[:cut])
+            server.dataReceived(data[cut:])
+            request, d = self.dispatcher.requests[0]
+            sink = Collect()
+            request.body.consume(sink)
+            self.assertEqual((b"".join(sink.data), sink.ended), (b"hello", True), cut)
+            self.assertEqual(request.head.headers, [(b"Content-Length", b"5")])
+            d.callback(ok())
+            self.assertEqual(self.dispatcher.requests[1][0].head.target, b"/next", cut)
+
+    def test_h2c_upgrade_with_a_chunked_body_is_refused(self) -> None:
+        server, transport = self.serve()
+        server.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                            b"Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        self.assertEqual(self.dispatcher.requests, [])
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
+        self.assertIn(b"l5d-proxy-error: chunked body on an upgrade request\r\n",
+                      transport.value())
+        self.assertEqual(self.listener.metrics.http_errors_total.labels(
+            "inbound", "in", "chunked body on an upgrade request")._value.get(), 1)
+
+    def test_unlisted_and_mixed_offers_are_stripped(self) -> None:
+        """Every offered protocol must be listed; HTTP/1.0 never upgrades
+        (RFC 9110 7.8); an empty ``upgrades`` strips WebSocket too."""
+        cases = [
+            (H1Limits(), b"HTTP/1.1", b"websocket, h2c"),
+            (H1Limits(), b"HTTP/1.1", b"foo"),
+            (H1Limits(), b"HTTP/1.0", b"websocket"),
+            (H1Limits(upgrades=frozenset()), b"HTTP/1.1", b"websocket"),
+        ]
+        for limits, version, offer in cases:
+            self.dispatcher.requests.clear()
+            server, _ = self.serve(limits)
+            server.dataReceived(b"GET /ws " + version + b"\r\nHost: a\r\nConnection: Upgrade\r\n"
+                                b"Upgrade: " + offer + b"\r\nSec-WebSocket-Key: k\r\n\r\n")
+            [(request, _)] = self.dispatcher.requests
+            self.assertFalse(isinstance(request, UpgradeRequest), (version, offer))
+            self.assertEqual(request.head.headers, [(b"Sec-WebSocket-Key", b"k")])
+
+    def test_listed_upgrades_are_forwarded(self) -> None:
+        """WebSocket by default, any case, with a version; others when listed."""
+        for limits, offer in ((H1Limits(), b"WebSocket"), (H1Limits(), b"websocket/13"),
+                              (H1Limits(upgrades=frozenset({b"foo", b"websocket"})),
+                               b"foo, websocket")):
+            self.dispatcher.requests.clear()
+            server, _ = self.serve(limits)
+            server.dataReceived(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                                b"Upgrade: " + offer + b"\r\n\r\n")
+            [(request, _)] = self.dispatcher.requests
+            self.assertIsInstance(request, UpgradeRequest)
+            self.assertEqual(request.upgrade, offer)
+
+    def test_forwarded_upgrade_keeps_named_headers(self) -> None:
+        server, transport = self.serve(H1Limits(upgrades=frozenset({b"foo"})))
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, Foo-Settings\r\n"
+                            b"Upgrade: foo\r\nFoo-Settings: AAMA\r\n\r\n")
+        [(request, _)] = self.dispatcher.requests
+        self.assertEqual(request.upgrade, b"foo")
+        self.assertEqual(request.connection, (b"foo-settings",))
+        self.assertEqual(request.head.headers, [(b"Foo-Settings", b"AAMA")])
+        upstream, proto, d = self.upstream_bytes(request)
+        self.assertEqual(upstream.value(), b"GET / HTTP/1.1\r\nHost: a\r\nFoo-Settings: "
+                         b"AAMA\r\nconnection: upgrade, foo-settings\r\n"
+                         b"upgrade: foo\r\n\r\n")
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: foo\r\n"
+                           b"Connection: Upgrade\r\n\r\nfrom-server")
         response = self.successResultOf(d)
         self.assertEqual(response.head.status, 101)
         self.assertIs(response.tunnel, proto)
         transport.clear()
-        d_server = dispatcher.requests[0][1]
+        d_server = self.dispatcher.requests[0][1]
         d_server.callback(response)
         self.assertEqual(transport.value(), b"HTTP/1.1 101 Switching Protocols\r\n"
-                         b"connection: upgrade\r\nupgrade: h2c\r\n\r\nPRI-from-server")
+                         b"connection: upgrade\r\nupgrade: foo\r\n\r\nfrom-server")
         server.dataReceived(b"client bytes")
         self.assertTrue(upstream.value().endswith(b"client bytes"))
 

@@ -96,6 +96,11 @@ class ResponseHead:
     lines: bytes | None = None
     #: With ``lines``: whether they hold a ``content-length``.
     lines_length: bool = False
+    #: HTTP/1 transfer codings other than chunked the body still carries, in
+    #: the order applied (``b"gzip"``): the body is sent with them, chunked
+    #: last (RFC 9112 6.1). Only an HTTP/1.1 client gets such a response;
+    #: the HTTP/1 client end answers 502 for any other.
+    transfer_codings: bytes = b""
 
     def header(self, name: bytes) -> bytes | None:
         return _first(self.headers, name)

@@ -58,10 +58,11 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="l5dproxy.http")
 
-#: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1).
+#: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1;
+#: ``HTTP2-Settings`` is h2c's upgrade payload, RFC 7540 3.2.1).
 HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade",
+    b"transfer-encoding", b"upgrade", b"http2-settings",
 })
 #: Request headers the server end looks at as it reads them.
 _SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
@@ -79,6 +80,8 @@ class H1Limits:
     allow_connect: bool = False       # CONNECT is refused with 405 unless set
     request_header_timeout: float = 10.0   # a request head read within, else 408 (0: none)
     idle_timeout: float = 60.0        # a keep-alive connection idle longer is closed (0: none)
+    #: Upgrade protocol names forwarded (lowercase); any other is stripped.
+    upgrades: frozenset[bytes] = frozenset({b"websocket"})
 
 
 class UpgradeRequest(Request):
@@ -148,7 +151,7 @@ class _Message:
     __slots__ = (
         "body_done", "close_after", "continue_sent", "d", "dispatched", "error", "keep_alive",
         "leftover",
-        "method", "request", "response", "version",
+        "method", "raw_body", "request", "response", "version",
     )
 
     def __init__(self) -> None:
@@ -164,6 +167,9 @@ class _Message:
         self.error: ProxyError | None = None      # answered without dispatching
         self.response: Response | None = None
         self.leftover = b""                       # bytes after an Upgrade/CONNECT head
+        #: Body bytes still to read after a stripped upgrade's head (llhttp
+        #: stops at the head of any upgrade request; its body is counted here).
+        self.raw_body = 0
 
 
 class _RequestBodySource:
@@ -202,10 +208,12 @@ def h1_handler(dispatcher: Dispatcher, max_request_line: int = H1Limits.max_requ
         listener = conn.listener
         limits = limits_of.get(listener)
         if limits is None:
+            upgrades = getattr(listener.config, "upgrades", ("websocket",))
             limits = limits_of[listener] = H1Limits(
                 max_request_line, max_header_bytes,
                 bool(getattr(listener.config, "allow_connect", False)),
-                request_header_timeout, idle_timeout)
+                request_header_timeout, idle_timeout,
+                frozenset(u.lower().encode("ascii") for u in upgrades))
         return H1Server(conn, dispatcher, limits)
     return build
 
@@ -265,15 +273,37 @@ class H1Server(Protocol):
         if self.tunnel is not None:
             self.tunnel.tunnel_write(data)
             return
+        while data:
+            data = self._parse(data)
+        if self._in_head and self._wait != "head" and not self._closed:
+            # A head begun in this read and not finished in it: its deadline
+            # counts from now (a head read whole needs no timer moved).
+            self._arm("head", self.limits.request_header_timeout)
+        self._kick()
+
+    def _parse(self, data: bytes) -> bytes:
+        """Parse ``data``; what is left to parse after a stripped upgrade
+        (llhttp stops at any upgrade request's head), else ``b""``."""
+        reading = self._reading
+        if reading is not None and reading.raw_body:
+            n = min(reading.raw_body, len(data))
+            chunk, data = data[:n], data[n:]
+            reading.raw_body -= n
+            if not self._discarding:
+                reading.request.body.write(chunk)
+            if not reading.raw_body:
+                self.on_message_complete()
+            if not data:
+                return b""
         parser = self.parser
         if parser is None or self._stopped:
-            return
+            return b""
         was_in_head = self._in_head
         before = self._head_bytes
         try:
             parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
-            self._upgrade_read(data[upgrade.args[0]:])
+            return self._upgrade_read(data[upgrade.args[0]:])
         except HttpParserCallbackError as e:
             if self._reject is not None:
                 self._bad_input(self._reject)
@@ -290,11 +320,7 @@ class H1Server(Protocol):
                 self._head_bytes += len(data)
                 if self._head_bytes > self.limits.max_header_bytes:
                     self._bad_input(_RejectError(431, "request header fields too large"))
-        if self._in_head and self._wait != "head" and not self._closed:
-            # A head begun in this read and not finished in it: its deadline
-            # counts from now (a head read whole needs no timer moved).
-            self._arm("head", self.limits.request_header_timeout)
-        self._kick()
+        return b""
 
     def readConnectionLost(self) -> None:
         self._client_eof = True
@@ -396,7 +422,7 @@ class H1Server(Protocol):
 
     def on_message_complete(self) -> None:
         msg = self._reading
-        if msg is None:
+        if msg is None or msg.raw_body:
             return
         self._reading = None
         trailers, self._trailers = self._trailers, None
@@ -460,6 +486,13 @@ class H1Server(Protocol):
             # expectation is ignored (RFC 9110 10.1.1, 15.2).
             expect = False
         is_upgrade = parser.should_upgrade() and method != b"CONNECT"
+        stripped = is_upgrade and not self._forwards_upgrade(upgrade, version)
+        if stripped:
+            # Proxied as plain HTTP/1: the Upgrade header and the headers the
+            # Connection header names are dropped (Envoy and nginx do the same).
+            if chunked:
+                raise _RejectError(400, "chunked body on an upgrade request")
+            is_upgrade = False
         if named and not is_upgrade:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
         target = url
@@ -496,6 +529,8 @@ class H1Server(Protocol):
         msg.method = method
         msg.version = version
         msg.keep_alive = parser.should_keep_alive()
+        if stripped and length:
+            msg.raw_body = length   # llhttp leaves the body to us (see _parse)
         if chunked or length:
             if expect:
                 body = _ContinueBody(length, lambda: self._send_continue(msg))
@@ -516,8 +551,28 @@ class H1Server(Protocol):
             msg.request = Request(head, body, self._send_interim if version == "1.1" else None)
         return msg
 
-    def _upgrade_read(self, leftover: bytes) -> None:
-        """The parser stopped after an Upgrade or CONNECT head: hold what follows."""
+    def _forwards_upgrade(self, upgrade: bytes | None, version: str) -> bool:
+        """Whether an ``Upgrade`` request is forwarded: HTTP/1.1 (RFC 9110 7.8:
+        a server ignores Upgrade in an HTTP/1.0 request) and every protocol
+        it offers (``name[/version]``, case-insensitive) is in the listener's
+        ``upgrades``. Anything else, ``h2c`` above all (h2c smuggling: after
+        its 101 the client would speak h2 straight to the endpoint, past the
+        routes), is stripped and the request proxied as plain HTTP/1."""
+        if version != "1.1" or not upgrade:
+            return False
+        allowed = self.limits.upgrades
+        offered = [p.strip().split(b"/", 1)[0].lower() for p in upgrade.split(b",")]
+        offered = [p for p in offered if p]
+        return bool(offered) and all(p in allowed for p in offered)
+
+    def _upgrade_read(self, leftover: bytes) -> bytes:
+        """The parser stopped after an Upgrade or CONNECT head: hold what
+        follows; after an upgrade that is not forwarded, a new parser reads
+        on (the bytes to parse are returned)."""
+        msg = self.queue[-1] if self.queue else None
+        if msg is not None and not isinstance(msg.request, UpgradeRequest):
+            self.parser = HttpRequestParser(self)
+            return leftover
         self._stopped = True
         self._pause_reading("upgrade")
         msg = self.queue[-1] if self.queue else None
@@ -525,6 +580,7 @@ class H1Server(Protocol):
             msg.leftover += leftover
             # Without a 101 what follows cannot be told from HTTP: close after.
             msg.close_after = True
+        return b""
 
     def _bad_input(self, reject: _RejectError) -> None:
         """Malformed input: answer it in turn, read nothing more, then close."""
@@ -698,7 +754,12 @@ class H1Server(Protocol):
         close = not msg.keep_alive or msg.close_after or self._draining or self._client_eof
         if not bodyless and not has_length:
             body = msg.response.body
-            if body.length is not None:
+            if head.transfer_codings and msg.version == "1.1":
+                # Codings the body still carries (the client end passes
+                # them to HTTP/1.1 clients only): kept, chunked applied last.
+                parts += (b"transfer-encoding: ", head.transfer_codings, b", chunked\r\n")
+                self._out_chunked = True
+            elif body.length is not None:
                 parts += (b"content-length: ", str(body.length).encode(), b"\r\n")
             elif body.is_empty:
                 parts.append(b"content-length: 0\r\n")

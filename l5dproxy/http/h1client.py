@@ -56,6 +56,30 @@ class _StopAtHeadError(Exception):
     """Stops the parser after the head of a response to HEAD."""
 
 
+class _ResponseRefusedError(Exception):
+    """A response the client cannot be given: 502 with this reason, and the
+    connection (whose framing is then unknown) is closed."""
+
+
+def _transfer_codings_problem(codings: list[bytes], client_version: str) -> str | None:
+    """Why a response whose body still carries ``codings`` (transfer codings
+    other than a final chunked, in order) cannot reach the client, or None.
+
+    Only HTTP/1.1 carries transfer codings: HTTP/2 has none (RFC 9113 8.2.2)
+    and a server must not send Transfer-Encoding to an HTTP/1.0 client (RFC
+    9112 6.1), so they get a 502 rather than a body mislabelled as plain.
+    chunked anywhere but last is refused too: applied again for the client it
+    would be chunked twice (RFC 9112 6.1).
+    """
+    names = b", ".join(codings).decode("ascii", "replace")[:64]
+    if b"chunked" in codings:
+        return f"invalid response: transfer-encoding {names} (chunked not last)"
+    if client_version != "1.1":
+        client = "HTTP/2" if client_version == "2" else f"HTTP/{client_version}"
+        return f"response transfer-encoding {names} cannot be sent to an {client} client"
+    return None
+
+
 class H1Client:
     """Sends requests to endpoints over pooled HTTP/1.1 connections."""
 
@@ -428,6 +452,8 @@ class H1ClientConnection(Protocol):
         except HttpParserCallbackError as e:
             if isinstance(e.__context__, _StopAtHeadError):
                 self._head_done()
+            elif isinstance(e.__context__, _ResponseRefusedError):
+                self._protocol_error(str(e.__context__), str(e.__context__))
             else:
                 self._protocol_error(f"invalid response: {e}")
         except HttpParserError as e:
@@ -581,7 +607,7 @@ class H1ClientConnection(Protocol):
         lines: list[bytes] = []   # the same headers as the server end writes them
         named: list[bytes] | None = None
         length: int | None = None
-        chunked = False
+        codings: list[bytes] = []
         for name, value in self._headers:
             lname = name.lower()
             if lname in HOP_BY_HOP:
@@ -592,19 +618,34 @@ class H1ClientConnection(Protocol):
                             named = named or []
                             named.append(token)
                 elif lname == b"transfer-encoding":
-                    chunked = True
+                    codings += (c.strip().lower() for c in value.split(b","))
                 continue
             if lname == b"content-length":
                 length = int(value)
             headers.append((name, value))
             lines += (name, b": ", value, b"\r\n")
         self._headers = []
+        chunked = False
+        if codings:
+            codings = [c for c in codings if c]
+            # llhttp dechunks a final chunked coding; a body whose final
+            # coding is another is read until the close (RFC 9112 6.3).
+            chunked = bool(codings) and codings[-1] == b"chunked"
+            if chunked:
+                codings.pop()
+            if codings:
+                problem = _transfer_codings_problem(codings, call.request.head.version)
+                if problem is not None:
+                    self._response_started = False   # the client gets a 502
+                    raise _ResponseRefusedError(problem)
         if named:
             headers = [(n, v) for n, v in headers if n.lower() not in named]
             head = ResponseHead(status, headers, b"".join(self._reason))
         else:
             head = ResponseHead(status, headers, b"".join(self._reason), b"".join(lines),
                                 length is not None)
+        if codings:
+            head.transfer_codings = b", ".join(codings)
         self._trailers = []
         upgrade = self._upgrade
         tunnel = (upgrade is not None and
@@ -696,10 +737,10 @@ class H1ClientConnection(Protocol):
         else:
             self.close()
 
-    def _protocol_error(self, reason: str) -> None:
+    def _protocol_error(self, reason: str, answer: str = "invalid response") -> None:
         call, self.call = self.call, None
         if call is not None and not self._response_started:
-            call.fail(ProxyError.bad_gateway("invalid response"))
+            call.fail(ProxyError.bad_gateway(answer))
         body, self._body = self._body, None
         if body is not None and not self._response_done:
             self._response_done = True
