@@ -16,6 +16,9 @@ JSON object on stdout (:func:`bench.tools.parse_attack_report` reads it):
   GOAWAY it was told about);
 * ``goaway``: GOAWAY error codes received -> count; ``work``: what the attack
   sent (``work_unit``: streams, pings, bytes, connections, requests);
+  ``max_work_per_conn``: for ``rapid-reset``, the most streams one connection
+  carried (a proxy with a reset budget closes each connection after a few hundred;
+  the attacker then opens another);
 * ``statuses``: for ``mcs0-client``, the answers its requests got.
 
 Kinds (the inputs of issue 11):
@@ -83,6 +86,7 @@ class Report:
     port: int
     seconds: float = 0.0
     cpu_s: float = 0.0  # the attacker's own CPU time (user + system)
+    max_work_per_conn: int = 0  # rapid-reset: the most streams one connection carried
     opened: int = 0
     connect_failed: int = 0
     closed_by_peer: int = 0
@@ -327,6 +331,7 @@ def rapid_reset(a: argparse.Namespace) -> Report:
             next_id[id(c)] = 1
         for c in list(conns):
             c.read()
+            rep.max_work_per_conn = max(rep.max_work_per_conn, next_id[id(c)] // 2)
             if c.closed or c.reader.goaway is not None:
                 _retire(rep, c, conns)
                 continue
@@ -343,6 +348,7 @@ def rapid_reset(a: argparse.Namespace) -> Report:
             next_id[id(c)] = sid + 2 * a.burst
             c.send(bytes(burst))
             rep.work += a.burst
+            rep.max_work_per_conn = max(rep.max_work_per_conn, next_id[id(c)] // 2)
         if not conns:
             time.sleep(0.01)
         else:

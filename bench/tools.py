@@ -333,6 +333,7 @@ class AttackReport:
     statuses: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     cpu_s: float = 0.0  # the attacker's own CPU seconds (absent in older reports: 0)
+    max_work_per_conn: int = 0  # rapid-reset: most streams on one connection
 
 
 _ATTACK_COUNTS = ("opened", "connect_failed", "closed_by_peer", "closed_by_us", "throttled",
@@ -348,6 +349,7 @@ def parse_attack_report(text: str) -> AttackReport:
         counts = {k: doc[k] for k in _ATTACK_COUNTS}
         attack, unit, seconds = str(doc["attack"]), str(doc["work_unit"]), float(doc["seconds"])
         cpu_s = float(doc.get("cpu_s", 0.0))
+        per_conn = int(doc.get("max_work_per_conn", 0))
     except (KeyError, TypeError, ValueError) as exc:
         raise ParseError(f"attacker report lacks or mangles {exc}") from exc
     for k, v in counts.items():
@@ -361,7 +363,8 @@ def parse_attack_report(text: str) -> AttackReport:
     return AttackReport(attack=attack, seconds=seconds, work_unit=unit,
                         goaway=_int_map(doc, "goaway", "attacker report"),
                         statuses=_int_map(doc, "statuses", "attacker report"),
-                        errors=[str(e) for e in errors], cpu_s=cpu_s, **counts)
+                        errors=[str(e) for e in errors], cpu_s=cpu_s,
+                        max_work_per_conn=per_conn, **counts)
 
 
 @dataclass
