@@ -110,8 +110,8 @@ class Run:
             return recorder
 
         handlers = dict.fromkeys(("h2", "tls", "opaque"), relay)
-        handlers["http1"] = h1_handler(self.endpoint, MAX_REQUEST_LINE, MAX_HEADER_BYTES,
-                                       10.0, 60.0)
+        # The timeouts are h1_handler's defaults (10 s and 60 s).
+        handlers["http1"] = h1_handler(self.endpoint, MAX_REQUEST_LINE, MAX_HEADER_BYTES)
         self.listener = Listener(config, detect, {"app": Upstream(service, ())}, self.metrics,
                                  self.clock, log_connections=False, handlers=handlers)
         self.transport = SwitchableTransport()

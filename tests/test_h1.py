@@ -496,6 +496,7 @@ class ClientTests(SynchronousTestCase):
             ("1.1", b"gzip", b"gzip", None),
             ("1.1", b"gzip, chunked", b"gzip", None),
             ("1.1", b"Deflate ,  GZIP,chunked", b"deflate, gzip", None),
+            ("1.1", b"gzip\r\nTransfer-Encoding: chunked", b"gzip", None),   # two fields
             ("1.1", b"chunked, gzip", None, "invalid response: transfer-encoding chunked, gzip "
                                               "(chunked not last)"),
             ("2", b"gzip, chunked", None, "response transfer-encoding gzip cannot be sent to "

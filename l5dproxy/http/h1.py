@@ -197,10 +197,16 @@ class _RequestBodySource:
             self.server._resume_reading("body")
 
 
-def h1_handler(dispatcher: Dispatcher, max_request_line: int = H1Limits.max_request_line,
-               max_header_bytes: int = H1Limits.max_header_bytes,
-               request_header_timeout: float = H1Limits.request_header_timeout,
-               idle_timeout: float = H1Limits.idle_timeout):
+#: The defaults (a slots dataclass's class attributes are its slots, not its
+#: default values).
+_DEFAULT_LIMITS = H1Limits()
+
+
+def h1_handler(dispatcher: Dispatcher,
+               max_request_line: int = _DEFAULT_LIMITS.max_request_line,
+               max_header_bytes: int = _DEFAULT_LIMITS.max_header_bytes,
+               request_header_timeout: float = _DEFAULT_LIMITS.request_header_timeout,
+               idle_timeout: float = _DEFAULT_LIMITS.idle_timeout):
     """A listener handler for the ``http1`` verdict (limits per listener)."""
     limits_of: dict[object, H1Limits] = {}
 
