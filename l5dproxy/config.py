@@ -191,6 +191,8 @@ class HttpConfig:
     request_header_timeout: float = 10.0
     #: A client keep-alive connection idle this long is closed; 0: never.
     idle_timeout: float = 60.0
+    #: Upstream HTTP/1 connections to one endpoint at most; requests past them wait.
+    max_connections_per_endpoint: int = 1024
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,9 @@ def _parse_http(t: _Table) -> HttpConfig:
             check_duration)),
         idle_timeout=float(t.get("idle_timeout", (int, float), HttpConfig.idle_timeout,
                                  check_duration)),
+        max_connections_per_endpoint=t.get("max_connections_per_endpoint", int,
+                                           HttpConfig.max_connections_per_endpoint,
+                                           between(1, 100000)),
     )
     t.finish()
     return http

@@ -76,7 +76,9 @@ class ProxyService(Service):
                                            target_of=self.http.target_of)
         self.handlers = {"h2": h2_handler(self.http, h2_settings)}
         self.http.clients["http1"] = H1Client(reactor, self.metrics, self.http.target_of,
-                                              max_idle=config.http.pool_max_idle)
+                                              max_idle=config.http.pool_max_idle,
+                                              max_connections=(
+                                                  config.http.max_connections_per_endpoint))
         self.handlers["http1"] = h1_handler(self.http, config.http.max_request_line,
                                             config.http.max_header_bytes,
                                             config.http.request_header_timeout,

@@ -12,12 +12,15 @@ import tomllib
 
 from h2.events import RequestReceived
 from h2.settings import SettingCodes
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from l5dproxy.balance import Endpoint as BalancerEndpoint
 from l5dproxy.balance import Upstream
 from l5dproxy.config import (
     ConfigError,
@@ -28,6 +31,7 @@ from l5dproxy.config import (
     ServiceConfig,
     parse,
 )
+from l5dproxy.http import h1client
 from l5dproxy.http import h2 as h2module
 from l5dproxy.http.exchange import (
     Body,
@@ -37,6 +41,7 @@ from l5dproxy.http.exchange import (
     RequestHead,
     error_response,
 )
+from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2Settings
 from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.listener import ConnectionLimits, Listener
@@ -408,3 +413,172 @@ class H2PoolTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(dispatch(), ProxyError).value.reason,
                          "no endpoints")
         self.assertEqual(self.dials(), 1)
+
+
+# -- [http] max_connections_per_endpoint, the waiting queue -------------------
+
+class H1PoolTests(SynchronousTestCase):
+    """The HTTP/1 client end's per-endpoint pool at its connection limit."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),))
+        self.client = H1Client(self.reactor, Metrics(), lambda ep: self.config,
+                               max_connections=2)
+        self.endpoint = BalancerEndpoint(HostPort("127.0.0.1", 8080), self.reactor)
+        self.conns: list[tuple[object, StringTransport]] = []
+
+    def request(self, path: bytes) -> defer.Deferred:
+        return self.client.request(self.endpoint, Request(
+            RequestHead(b"GET", path, b"app.test", []), Body.empty()))
+
+    def accept(self):
+        _host, _port, factory, _timeout, _ = self.reactor.tcpClients[len(self.conns)]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.conns.append((protocol, transport))
+        return protocol, transport
+
+    def pool(self):
+        return self.client.pools[self.endpoint.address]
+
+    def test_at_its_limit_the_pool_queues_then_serves_in_order(self) -> None:
+        ds = [self.request(b"/%d" % i) for i in range(5)]
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        (p0, t0), (p1, t1) = self.accept(), self.accept()
+        self.assertEqual(len(self.pool().waiting), 3)
+        written = []
+        for proto, transport in [(p0, t0), (p1, t1), (p0, t0), (p1, t1), (p0, t0)]:
+            written.append(transport.value().split(b" ")[1])
+            transport.clear()
+            proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(written, [b"/0", b"/1", b"/2", b"/3", b"/4"])
+        self.assertEqual([self.successResultOf(d).head.status for d in ds], [200] * 5)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(len(self.pool().idle), 2)
+
+    def test_cancelled_waiters_are_dropped_at_once(self) -> None:
+        self.request(b"/0")
+        self.request(b"/1")
+        gone = self.request(b"/gone")
+        kept = self.request(b"/kept")
+        p0, t0 = self.accept()
+        self.accept()
+        gone.cancel()
+        self.failureResultOf(gone, defer.CancelledError)
+        self.assertEqual([c.request.head.target for c in self.pool().waiting], [b"/kept"])
+        t0.clear()
+        p0.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(t0.value().split(b" ")[1], b"/kept")
+        self.assertNoResult(kept)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_waiting_past_the_connect_timeout_is_503(self) -> None:
+        self.request(b"/0")
+        self.request(b"/1")
+        d = self.request(b"/2")
+        self.reactor.advance(4.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        err = self.failureResultOf(d, ProxyError).value
+        self.assertEqual((err.status, err.reason),
+                         (503, "endpoint 127.0.0.1:8080: connection limit reached"))
+        self.assertEqual(list(self.pool().waiting), [])
+
+    def test_a_closed_connection_makes_room_for_the_first_waiter(self) -> None:
+        d0 = self.request(b"/0")
+        self.request(b"/1")
+        d = self.request(b"/2")
+        p0, _ = self.accept()
+        self.accept()
+        self.assertEqual(len(self.reactor.tcpClients), 2)   # /2 waits
+        p0.connectionLost(Failure(ConnectionDone()))
+        self.failureResultOf(d0, ConnectionDone)
+        self.assertEqual(len(self.reactor.tcpClients), 3)   # room for /2
+        _, t2 = self.accept()
+        self.assertEqual(t2.value().split(b" ")[1], b"/2")
+        self.assertNoResult(d)
+
+    def test_a_failed_connect_makes_room(self) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+        d0 = self.request(b"/0")
+        self.request(b"/1")
+        self.request(b"/2")
+        _, _, factory, _, _ = self.reactor.tcpClients[0]
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.failureResultOf(d0, ConnectionRefusedError)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+        self.assertEqual(list(self.pool().waiting), [])
+
+    def test_the_waiting_queue_is_bounded(self) -> None:
+        self.patch(h1client, "WAITING_LIMIT", 2)
+        ds = [self.request(b"/%d" % i) for i in range(6)]
+        self.assertEqual([d.called for d in ds], [False] * 4 + [True] * 2)
+        for d in ds[4:]:
+            self.assertEqual(self.failureResultOf(d, ProxyError).value.reason,
+                             "endpoint 127.0.0.1:8080: connection limit reached"
+                             " (2 requests waiting)")
+
+    @settings(max_examples=150, deadline=None, derandomize=True)
+    @given(st.lists(st.tuples(st.sampled_from(["request", "respond", "close", "cancel",
+                                               "accept", "wait"]),
+                              st.integers(0, 7)), max_size=40))
+    def test_property_limit_order_and_no_lost_request(self, ops) -> None:
+        """Whatever requests, responses, closes, cancels and waits come in:
+        never more connections than the limit, waiters served in order, and
+        every request answered, waiting, or on a connection."""
+        self.setUp()
+        requests: list[tuple[bytes, defer.Deferred]] = []
+        served: list[bytes] = []
+        n = 0
+        for op, i in ops:
+            live = [(p, t) for p, t in self.conns if not p.closed]
+            if op == "request":
+                d = self.request(b"/%d" % n)
+                d.addErrback(lambda f: None)
+                requests.append((b"/%d" % n, d))
+                n += 1
+            elif op == "accept" and len(self.conns) < len(self.reactor.tcpClients):
+                self.accept()
+            elif op in ("respond", "close") and live:
+                proto, transport = live[i % len(live)]
+                if proto.call is None:
+                    continue
+                served.append(proto.call.request.head.target)
+                transport.clear()
+                if op == "respond":
+                    proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    proto.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\n"
+                                       b"Content-Length: 0\r\n\r\n")
+                    proto.connectionLost(Failure(ConnectionDone()))
+            elif op == "cancel" and requests:
+                requests[i % len(requests)][1].cancel()
+            elif op == "wait":
+                self.reactor.advance(1.0)
+            pool = self.client.pools.get(self.endpoint.address)
+            if pool is None:
+                continue
+            self.assertLessEqual(pool.open, 2)
+            self.assertLessEqual(len(self.reactor.tcpClients)
+                                 - sum(1 for p, _ in self.conns if p.closed), 2)
+            waiting = [c.request.head.target for c in pool.waiting]
+            numbers = [int(t[1:]) for t in waiting]
+            self.assertEqual(numbers, sorted(numbers))   # a queue, in order
+            self.assertTrue(all(not c.done for c in pool.waiting))
+        numbers = [int(t[1:]) for t in served]
+        self.assertEqual(len(numbers), len(set(numbers)))   # each sent once
+        # No request lost: each is answered, waiting, on a connection, or
+        # on one being made.
+        pool = self.client.pools.get(self.endpoint.address)
+        if pool is None:
+            return
+        somewhere = {c.request.head.target for c in pool.waiting}
+        somewhere |= {p.call.request.head.target for p, _ in self.conns
+                      if not p.closed and p.call is not None}
+        somewhere |= {factory.call.request.head.target
+                      for _, _, factory, _, _ in self.reactor.tcpClients[len(self.conns):]}
+        for target, d in requests:
+            if not d.called:
+                self.assertIn(target, somewhere)

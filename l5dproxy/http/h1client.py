@@ -10,6 +10,14 @@ both complete and the endpoint allows it, the connection goes back to the
 pool; idle connections beyond ``max_idle`` or older than ``idle_timeout``
 are closed.
 
+A pool opens at most ``max_connections`` connections to its endpoint (those
+being made, busy, idle and tunnelling included). A request that finds none
+free and the pool at its limit waits in a queue of at most
+``WAITING_LIMIT`` (past it: 503 at once) and takes the next connection that
+comes free, in order; a request given up leaves the queue at once, and one
+still waiting after the service's connect timeout fails with 503
+``endpoint ADDR: connection limit reached``.
+
 A pooled connection the endpoint closed while idle leaves the pool as soon as
 its close is read. If the close crosses a request on the way, the request is
 sent again on a new connection only when that is safe: the connection had
@@ -19,7 +27,9 @@ had no body (so nothing but its head, which is kept, was lost).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from httptools import (
@@ -47,6 +57,11 @@ if TYPE_CHECKING:
     from l5dproxy.telemetry import Metrics, TcpSideMetrics
 
 log = Logger(namespace="l5dproxy.http")
+
+#: Requests one endpoint's pool keeps waiting for a connection when it is at
+#: ``max_connections``; more are answered 503 at once. Envoy's default
+#: ``max_pending_requests`` per cluster.
+WAITING_LIMIT = 1024
 
 #: Methods whose request carries ``content-length: 0`` when it has no body.
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -85,12 +100,14 @@ class H1Client:
 
     def __init__(self, reactor, metrics: Metrics,
                  target_of: Callable[[Endpoint], ServiceConfig | None] | None = None,
-                 max_idle: int = 256) -> None:
+                 max_idle: int = 256, max_connections: int = 1024) -> None:
         self.reactor = reactor
         self.metrics = metrics
         #: The service config of an endpoint (connect and idle timeouts, name).
         self.target_of = target_of or (lambda endpoint: None)
         self.max_idle = max_idle
+        #: Connections to one endpoint at most ([http] max_connections_per_endpoint).
+        self.max_connections = max_connections
         self.pools: dict[object, _Pool] = {}
 
     def request(self, endpoint: Endpoint, request: Request) -> defer.Deferred[Response]:
@@ -115,7 +132,7 @@ class _Pool:
     """The keep-alive connections to one endpoint address."""
 
     __slots__ = ("address", "client", "connect_timeout", "endpoint", "idle", "idle_timeout",
-                 "label", "service", "sweep")
+                 "label", "open", "service", "sweep", "waiting")
 
     def __init__(self, client: H1Client, endpoint: Endpoint) -> None:
         self.client = client
@@ -128,6 +145,10 @@ class _Pool:
         self.idle_timeout = getattr(config, "idle_timeout", 60.0)
         self.idle: list[H1ClientConnection] = []   # most recently used last
         self.sweep = None
+        #: Connections dialled and not yet closed (connecting, busy, idle, tunnels).
+        self.open = 0
+        #: Requests waiting for a connection while the pool is at its limit.
+        self.waiting: deque[_Call] = deque()
 
     def take(self) -> H1ClientConnection | None:
         idle = self.idle
@@ -137,15 +158,73 @@ class _Pool:
                 return conn
         return None
 
+    def place(self, call: _Call) -> None:
+        """An idle connection for ``call``, or a new one, or a place in the queue."""
+        conn = self.take()
+        if conn is not None:
+            conn.send(call)
+        elif self.open < self.client.max_connections:
+            self.connect(call)
+        elif len(self.waiting) >= WAITING_LIMIT:
+            call.fail(ProxyError.unavailable(
+                f"endpoint {self.label}: connection limit reached"
+                f" ({len(self.waiting)} requests waiting)"))
+        else:
+            call.queued = True
+            call.timer = self.client.reactor.callLater(
+                self.connect_timeout, self._waited_too_long, call)
+            self.waiting.append(call)
+
+    def unqueue(self, call: _Call) -> None:
+        """``call`` leaves the queue (given up, placed or timed out)."""
+        call.queued = False
+        timer, call.timer = call.timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        with suppress(ValueError):
+            self.waiting.remove(call)
+
+    def _waited_too_long(self, call: _Call) -> None:
+        call.timer = None
+        self.unqueue(call)
+        call.fail(ProxyError.unavailable(f"endpoint {self.label}: connection limit reached"))
+
+    def _next_waiting(self) -> _Call | None:
+        waiting = self.waiting
+        while waiting:
+            call = waiting.popleft()
+            self.unqueue(call)
+            if not call.done:
+                return call
+        return None
+
     def connect(self, call: _Call) -> None:
         client = self.client
+        self.open += 1
         factory = _Factory(self, call)
         call.connector = client.reactor.connectTCP(
             self.address.host, self.address.port, factory,
             timeout=self.connect_timeout)
 
+    def closed(self) -> None:
+        """A connection dialled by this pool is gone (closed or never made):
+        its room goes to the first request waiting, on a new connection."""
+        self.open -= 1
+        if self.waiting and self.open < self.client.max_connections:
+            call = self._next_waiting()
+            if call is not None:
+                self.connect(call)
+
     def release(self, conn: H1ClientConnection) -> None:
-        if len(self.idle) >= self.client.max_idle or not conn.reusable():
+        if not conn.reusable():
+            conn.close()
+            return
+        if self.waiting:   # the first request waiting takes it, in order
+            call = self._next_waiting()
+            if call is not None:
+                conn.send(call)
+                return
+        if len(self.idle) >= self.client.max_idle:
             conn.close()
             return
         conn.idle_since = self.client.reactor.seconds()
@@ -176,7 +255,8 @@ class _Pool:
 class _Call:
     """One request's way to a response: a connection, maybe a second try."""
 
-    __slots__ = ("conn", "connector", "d", "done", "pool", "request", "retried", "waiter")
+    __slots__ = ("conn", "connector", "d", "done", "pool", "queued", "request", "retried",
+                 "timer", "waiter")
 
     def __init__(self, pool: _Pool, request: Request, waiter=None) -> None:
         self.pool = pool
@@ -189,13 +269,12 @@ class _Call:
         self.waiter = waiter
         self.d: defer.Deferred[Response] | None = (
             defer.Deferred(self._cancel) if waiter is None else None)
+        #: Waiting in the pool's queue, until ``timer`` (the connect timeout).
+        self.queued = False
+        self.timer = None
 
     def start(self) -> defer.Deferred[Response]:
-        conn = self.pool.take()
-        if conn is not None:
-            conn.send(self)
-        else:
-            self.pool.connect(self)
+        self.pool.place(self)
         return self.d
 
     def connected(self, conn: H1ClientConnection) -> None:
@@ -257,6 +336,8 @@ class _Call:
     def _cancel(self, d: defer.Deferred) -> None:
         """Timed out or the client went away before the response head."""
         self.done = True
+        if self.queued:
+            self.pool.unqueue(self)
         connector, self.connector = self.connector, None
         if connector is not None:
             connector.stopConnecting()
@@ -302,6 +383,7 @@ class _Factory(ClientFactory):
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
         if not self.call.done:
             self.call.connect_failed(reason)
+        self.pool.closed()
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
@@ -481,6 +563,12 @@ class H1ClientConnection(Protocol):
             close_transport(self.transport)
 
     def connectionLost(self, reason: Failure) -> None:
+        try:
+            self._connection_lost(reason)
+        finally:
+            self.pool.closed()
+
+    def _connection_lost(self, reason: Failure) -> None:
         self.closed = True
         self.pool.forget(self)
         if self.dst is not None:
