@@ -208,6 +208,10 @@ class H2Config:
     connection_window_size: int = 4194304
     #: Upstream h2 connections to one endpoint at most; requests past them wait.
     max_connections_per_endpoint: int = 64
+    #: Points of work for nothing a peer may cause; past it GOAWAY(ENHANCE_YOUR_CALM).
+    abuse_budget: int = 500
+    #: Points of that budget that come back each second.
+    abuse_refill_per_second: float = 100.0
 
 
 def load(path: str) -> Config:
@@ -357,6 +361,10 @@ def _parse_h2(t: _Table) -> H2Config:
         max_connections_per_endpoint=t.get("max_connections_per_endpoint", int,
                                            H2Config.max_connections_per_endpoint,
                                            between(1, 100000)),
+        abuse_budget=t.get("abuse_budget", int, H2Config.abuse_budget, between(1, 2**31 - 1)),
+        abuse_refill_per_second=float(t.get(
+            "abuse_refill_per_second", (int, float), H2Config.abuse_refill_per_second,
+            lambda v: None if v >= 0 else "must be 0 or more")),
     )
     t.finish()
     return h2

@@ -97,6 +97,10 @@ class Metrics:
         self.load_shed_total = Counter(
             "load_shed", "HTTP requests shed with 503: the service's max_pending_requests"
             " was reached", ("service",), registry=r)
+        self.h2_abuse_total = Counter(
+            "h2_abuse", "HTTP/2 connections closed with GOAWAY(ENHANCE_YOUR_CALM) or past"
+            " their write bound, by the kind of frame that spent most of their budget",
+            ("kind",), registry=r)
         self.config_reload_total = Counter(
             "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
 

@@ -21,8 +21,9 @@ Users today:
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does), ``service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
-* h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._begin_new_stream``
-  and ``_receive_goaway_frame``, and ``H2Stream._initialize_content_length``;
+* h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._begin_new_stream``,
+  ``_receive_frame`` and ``_receive_goaway_frame``, and
+  ``H2Stream._initialize_content_length``;
   calls ``_inbound_flow_control_window_manager`` and ``_prepare_for_sending``;
   sizes ``_closed_streams`` by setting ``MAX_CLOSED_STREAMS`` on the instance;
   reads ``state_machine.state`` and ``h2.connection.ConnectionState``; uses
@@ -274,6 +275,32 @@ class H2InternalsTests(_Canary):
         self.require(GoAwayFrame in seen and isinstance(events[-1], Marker), "h2",
                      "h2.connection.H2Connection._receive_goaway_frame", self.user,
                      "override is not called for a received GOAWAY frame")
+
+    def test_receive_frame_sees_every_frame(self) -> None:
+        """``_receive_frame(frame)`` is called once per received frame and
+        returns its events: the abuse budget is told of each frame there."""
+        from hyperframe.frame import PingFrame
+
+        self.require_params(getattr(H2Connection, "_receive_frame", None),
+                            ["self", "frame"], "h2",
+                            "h2.connection.H2Connection._receive_frame", self.user)
+        seen: list[tuple[type, int]] = []
+
+        class Recording(H2Connection):
+            def _receive_frame(self, frame):
+                events = super()._receive_frame(frame)
+                seen.append((type(frame), len(events)))
+                return events
+
+        client, server = self._pair(Recording)
+        seen.clear()
+        client.ping(b"12345678")
+        client.ping(b"abcdefgh")
+        server.receive_data(client.data_to_send())
+        pings = [entry for entry in seen if entry[0] is PingFrame]
+        self.require(pings == [(PingFrame, 1), (PingFrame, 1)], "h2",
+                     "h2.connection.H2Connection._receive_frame", self.user,
+                     f"saw {seen!r} for two PINGs")
 
     def test_content_length_tracking_is_ours(self) -> None:
         """``_begin_new_stream`` makes every stream (``H2Stream``), and

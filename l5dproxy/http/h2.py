@@ -58,7 +58,16 @@ from h2.exceptions import FlowControlError, NoAvailableStreamIDError, ProtocolEr
 from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream
 from h2.utilities import CONNECTION_HEADERS as _H2_CONNECTION_HEADERS
-from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    GoAwayFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -68,6 +77,7 @@ from zope.interface import implementer
 
 from l5dproxy.batchsend import BatchSender
 from l5dproxy.connection import errno_name, set_no_delay
+from l5dproxy.http.abuse import AbuseBudget
 from l5dproxy.http.exchange import (
     Body,
     BodyLengthError,
@@ -136,6 +146,12 @@ class H2Settings:
     connection_window_size: int = 4 * 1024 * 1024
     #: Upstream connections to one endpoint at most (connecting ones included).
     max_connections_per_endpoint: int = 64
+    #: Points of work a peer may cause that yields nothing (``AbuseBudget``):
+    #: resets before the response, empty DATA, PING, SETTINGS, PRIORITY,
+    #: frames on closed streams, refused streams; past it GOAWAY(ENHANCE_YOUR_CALM).
+    abuse_budget: int = 500
+    #: Points that come back each second (and one per completed stream).
+    abuse_refill_per_second: float = 100.0
 
 
 class StreamResetError(Exception):
@@ -456,7 +472,8 @@ class _H2Connection(H2Connection):
     ``Body`` holds a stream's DATA to its content-length.
 
     h2 private names used, here only (``InternalNamesTests`` fails if they
-    go): ``H2Connection._begin_new_stream``, ``_receive_goaway_frame``,
+    go): ``H2Connection._begin_new_stream``, ``_receive_frame`` (the abuse
+    budget is told of each frame there), ``_receive_goaway_frame``,
     ``_inbound_flow_control_window_manager``, ``_prepare_for_sending``,
     ``MAX_CLOSED_STREAMS``, ``_closed_streams``, and
     ``H2Stream._initialize_content_length``.
@@ -488,6 +505,19 @@ class _H2Connection(H2Connection):
             self.encoder.header_table_size = ENCODER_TABLE_SIZE
         return events
 
+    #: Told of each received frame that costs work and carries nothing
+    #: (``_frame_cost``); set by the protocol end.
+    budget: AbuseBudget | None = None
+
+    def _receive_frame(self, frame):
+        events = super()._receive_frame(frame)
+        budget = self.budget
+        if budget is not None:
+            kind = _frame_cost(frame, events)
+            if kind is not None:
+                budget.spend(kind)
+        return events
+
     def _begin_new_stream(self, stream_id, allowed_ids):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream.__class__ = _LengthBlindStream
@@ -508,6 +538,34 @@ class _H2Connection(H2Connection):
         event.last_stream_id = frame.last_stream_id
         event.additional_data = frame.additional_data or None
         return [], [event]
+
+
+def _frame_cost(frame, events) -> str | None:
+    """The ``AbuseBudget`` kind a received frame spends a point on, or None
+    for a frame that carries something (a request, data, a window a stream
+    is waiting for, the end of a stream). PING and SETTINGS are answered
+    with an ACK, PRIORITY is not used, an empty DATA frame without
+    END_STREAM moves nothing, and a frame h2 turned into no event (a
+    WINDOW_UPDATE, RST_STREAM or DATA on a stream already closed, an
+    unknown frame type) had no effect."""
+    cls = type(frame)
+    if cls is DataFrame:
+        if not events:
+            return "no_effect"
+        if not frame.data and "END_STREAM" not in frame.flags:
+            return "empty_data"
+        return None
+    if cls is PingFrame:
+        return "ping"
+    if cls is SettingsFrame:
+        return None if "ACK" in frame.flags else "settings"
+    if cls is PriorityFrame:
+        return "priority"
+    if cls is ExtensionFrame:
+        return "no_effect"
+    if not events and (cls is WindowUpdateFrame or cls is RstStreamFrame):
+        return "no_effect"
+    return None
 
 
 # -- one stream, either side --
@@ -614,6 +672,8 @@ class _H2Protocol(Protocol):
         #: stream id -> flow-controlled bytes received in this read and
         #: taken by their consumer, acknowledged at its end (_send_acks).
         self._acks: dict[int, int] = {}
+        #: What the peer has made us do for nothing (set at connectionMade).
+        self.budget: AbuseBudget | None = None
 
     # -- writing --
 
@@ -890,6 +950,8 @@ class _H2Protocol(Protocol):
     def _maybe_forget(self, stream: _Stream) -> None:
         if stream.in_done and stream.out_done and self.streams.get(stream.sid) is stream:
             del self.streams[stream.sid]
+            if self.budget is not None:
+                self.budget.earn()   # a completed stream
             self._stream_gone(stream)
 
     def _handle(self, events) -> None:
@@ -898,10 +960,17 @@ class _H2Protocol(Protocol):
         finally:
             if self._acks:
                 self._send_acks()
+        budget = self.budget
+        if budget is not None and budget.exceeded and not self._lost:
+            self._enhance_your_calm()
+            return
         self._write()
 
     def _handle_events(self, events) -> None:
+        budget = self.budget
         for event in events:
+            if budget is not None and budget.exceeded:
+                return   # the rest of the read is dropped: the connection ends
             kind = type(event)
             if kind is DataReceived:
                 self._on_data(event)
@@ -951,10 +1020,42 @@ class _H2Protocol(Protocol):
             self._connection_failed_stream(stream, reason)
         self._blocked.clear()
 
+    def _new_budget(self, settings: H2Settings, clock) -> None:
+        """connectionMade: the peer's ``AbuseBudget``, told of its frames."""
+        self.budget = AbuseBudget(settings.abuse_budget, settings.abuse_refill_per_second,
+                                  clock)
+        self.h2.budget = self.budget
+
+    def _enhance_your_calm(self) -> None:
+        """The peer crossed its ``AbuseBudget``: GOAWAY(ENHANCE_YOUR_CALM),
+        every stream ends (its upstream work cancelled), and the connection
+        closes (RFC 9113 5.4.1; Envoy, nginx and Linkerd do the same)."""
+        kind = self.budget.worst()
+        log.info("h2 peer {peer} crossed its abuse budget ({spent}): GOAWAY ENHANCE_YOUR_CALM",
+                 peer=self._peer(), spent=self.budget.spent)
+        self._count_abuse(kind)
+        with suppress(ProtocolError):
+            self.h2.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM,
+                                     last_stream_id=self._last_stream_seen())
+        self._flush_now()
+        self._lost = True
+        self._fail_all(ProxyError.bad_gateway(
+            f"h2 peer {self._peer()} crossed its abuse budget ({kind})"))
+        self._close_now()
+
     # -- hooks for the two sides --
 
     def _peer(self) -> str:
         return ""
+
+    def _count_abuse(self, kind: str) -> None:
+        pass
+
+    def _last_stream_seen(self) -> int | None:
+        return None
+
+    def _close_now(self) -> None:
+        self.transport.loseConnection()
 
     def _settings_changed(self, event: RemoteSettingsChanged) -> None:
         pass
@@ -1030,6 +1131,7 @@ class H2ServerProtocol(_H2Protocol):
             **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAM_ID})
         h2.decoder.max_header_list_size = max(4 * s.max_header_list_size, 256 * 1024)
         self.h2 = h2
+        self._new_budget(s, self.conn.listener.clock)
         set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
         self._start_writing()
@@ -1049,6 +1151,16 @@ class H2ServerProtocol(_H2Protocol):
 
     def _peer(self) -> str:
         return self.conn.peer
+
+    def _count_abuse(self, kind: str) -> None:
+        self.conn.listener.metrics.h2_abuse_total.labels(kind).inc()
+
+    def _last_stream_seen(self) -> int | None:
+        return self._last_stream_id
+
+    def _close_now(self) -> None:
+        self._how = "abuse budget crossed"
+        self._linger()
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
@@ -1070,6 +1182,8 @@ class H2ServerProtocol(_H2Protocol):
         self._last_stream_id = max(self._last_stream_id, sid)
         h2 = self.h2
         if self.draining or len(self.streams) >= self.settings.max_concurrent_streams:
+            if not self.draining:
+                self.budget.spend("refused")
             with suppress(ProtocolError):   # the client reset it in the same read
                 h2.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
             return
@@ -1082,6 +1196,7 @@ class H2ServerProtocol(_H2Protocol):
                 body.finish()   # BodyLengthError: content-length, no DATA
         except (MalformedError, BodyLengthError) as e:
             self._count_error(e.reason)
+            self.budget.spend("refused")
             if getattr(e, "status", 400) != 400:   # well-formed, refused: answered
                 stream = self.streams[sid] = _Stream(self, sid)
                 stream.in_body = Body.empty()
@@ -1102,6 +1217,7 @@ class H2ServerProtocol(_H2Protocol):
             body.set_source(stream)
         stream.in_body = body
         if header_list_size(headers) > self.settings.max_header_list_size:
+            self.budget.spend("refused")
             stream.in_discard = True
             self._respond(stream, error_response(
                 ProxyError.bad_request("request header list too large", 431), stream.grpc))
@@ -1157,6 +1273,10 @@ class H2ServerProtocol(_H2Protocol):
             self._reset(stream, ErrorCodes.INTERNAL_ERROR)
 
     def _peer_reset(self, stream: _Stream, code: int) -> None:
+        if not stream.out_done:
+            # Reset before its response was complete: whatever the request
+            # cost (a dispatch, an upstream stream or connection) was for nothing.
+            self.budget.spend("reset")
         self._abandon(stream, StreamResetError(code))
 
     def _count_error(self, reason: str) -> None:
@@ -1196,6 +1316,7 @@ class H2ServerProtocol(_H2Protocol):
         # it can matter (RFC 9113 8.1), and holding it would hold its
         # flow-control credit forever.
         if not stream.in_done:
+            self.budget.earn()   # complete, though the request body is not needed
             self._reset_finished(stream)
         self._maybe_forget(stream)
 
@@ -1563,6 +1684,7 @@ class H2ClientProtocol(_H2Protocol):
             h2.increment_flow_control_window(s.connection_window_size - 65535)
         self.h2 = h2
         client = self.pool.client
+        self._new_budget(s, client.reactor)
         if client.metrics is not None:
             # Shared by every listener that routes here: no listener label.
             self.dst = client.metrics.tcp_side("dst", "", self.pool.service, "h2",
@@ -1581,6 +1703,10 @@ class H2ClientProtocol(_H2Protocol):
 
     def _peer(self) -> str:
         return self.pool.label
+
+    def _count_abuse(self, kind: str) -> None:
+        if self.pool.client.metrics is not None:
+            self.pool.client.metrics.h2_abuse_total.labels(kind).inc()
 
     def dataReceived(self, data: bytes) -> None:
         if self.dst is not None:

@@ -1,0 +1,112 @@
+"""Abusive HTTP/2 peers against the real ``twistd l5dproxy`` (issue 11).
+
+Raw sockets play the attacker (what no well-behaved client sends), the
+proxy runs as a subprocess in front of tests/h2backend.py; every attack is
+bounded in count and time, and an honest client is served beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import DataReceived, ResponseReceived, StreamEnded
+from twisted.trial.unittest import TestCase
+
+from tests.test_e2e_h2 import H2SocketClient, proxy_to, start_h2_backend
+
+GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+       (b":authority", b"app.test")]
+
+
+def read_frames_until_eof(sock: socket.socket, timeout: float) -> list[tuple[int, int, bytes]]:
+    """Every frame (type, stream, payload) the peer sends until it closes."""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(timeout)
+    buffer = bytearray()
+    while True:
+        if time.monotonic() > deadline:
+            raise AssertionError("the proxy did not close the connection")
+        try:
+            chunk = sock.recv(1 << 16)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        buffer += chunk
+    frames = []
+    view = bytes(buffer)
+    while len(view) >= 9:
+        length = int.from_bytes(view[:3], "big")
+        kind, sid = view[3], int.from_bytes(view[5:9], "big") & 0x7FFFFFFF
+        frames.append((kind, sid, view[9:9 + length]))
+        view = view[9 + length:]
+    return frames
+
+
+def honest_get(port: int) -> int:
+    """One GET / on a fresh connection: the status."""
+    client = H2SocketClient(port)
+    try:
+        sid = client.get(b"/")
+        status = None
+        while True:
+            for event in client.events():
+                if isinstance(event, ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, DataReceived):
+                    client.h2.acknowledge_received_data(event.flow_controlled_length, sid)
+                elif isinstance(event, StreamEnded) and event.stream_id == sid:
+                    return status
+    finally:
+        client.close()
+
+
+class RapidResetTests(TestCase):
+    timeout = 120
+
+    def test_rapid_reset_gets_enhance_your_calm(self) -> None:
+        """CVE-2023-44487 through the real proxy: 20,000 x (HEADERS GET /
+        END_STREAM + RST_STREAM CANCEL) on one h2c connection. Before: every
+        request went upstream and was cancelled there, the connection never
+        closed. After: GOAWAY(ENHANCE_YOUR_CALM) and a close, within the
+        budget (500 points, 100 a second) of upstream work; others are served."""
+        backend_port, _log = start_h2_backend(self)
+        proxy = proxy_to(self, f"127.0.0.1:{backend_port}")
+        port = proxy.port("in")
+
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        h2.initiate_connection()
+        for _ in range(20_000):
+            sid = h2.get_next_available_stream_id()
+            h2.send_headers(sid, GET, end_stream=True)
+            h2.reset_stream(sid, ErrorCodes.CANCEL)
+        attack = h2.data_to_send()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.addCleanup(sock.close)
+
+        def send() -> None:
+            with contextlib.suppress(OSError):   # the proxy closed first: expected
+                sock.sendall(attack)
+        sender = threading.Thread(target=send, daemon=True)
+        started = time.monotonic()
+        sender.start()
+        frames = read_frames_until_eof(sock, 30)
+        elapsed = time.monotonic() - started
+        sender.join(10)
+
+        goaways = [payload for kind, _, payload in frames if kind == 0x7]
+        self.assertEqual(len(goaways), 1, frames[-5:])
+        self.assertEqual(int.from_bytes(goaways[0][4:8], "big"), ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertLess(elapsed, 15)
+        self.assertEqual(proxy.metric_value("h2_abuse_total", kind="reset"), 1)
+        # Upstream work: the budget, plus its refill over the attack, not 20,000.
+        requests = proxy.metric_value("request_total", protocol="h2")
+        self.assertLessEqual(requests, 500 + 100 * elapsed + 50)
+        # The proxy serves everyone else.
+        self.assertEqual(honest_get(port), 200)

@@ -1,0 +1,235 @@
+"""The h2 ends against peers that make them work for nothing (issue 11, kind 1).
+
+A real h2 ``H2Connection`` (or raw hyperframe frames) plays the peer, the end
+under test sits on a ``StringTransport``; what is asserted is on the wire
+(the GOAWAY and its code, RST_STREAM, the close) and in the metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from hyperframe.frame import (
+    DataFrame,
+    GoAwayFrame,
+    PingFrame,
+    PriorityFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from l5dproxy.config import ConfigError, parse
+from l5dproxy.connection import InboundConnection
+from l5dproxy.http.exchange import Body, ProxyError, Request, RequestHead, Response, ResponseHead
+from l5dproxy.http.h2 import H2Client, H2ServerProtocol, H2Settings
+from l5dproxy.sniff import Verdict
+from l5dproxy.telemetry import Metrics
+from tests.test_h2 import GET, Endpoint, FakeDispatcher, Transport, make_listener, raw_frames
+
+#: Twisted reads at most this much per dataReceived.
+READ = 65536
+
+
+def goaways(frames) -> list[GoAwayFrame]:
+    return [f for f in frames if isinstance(f, GoAwayFrame)]
+
+
+def samples(metrics: Metrics, name: str) -> dict[str, float]:
+    out = {}
+    for family in metrics.registry.collect():
+        for sample in family.samples:
+            if sample.name == name:
+                out[sample.labels.get("kind", "")] = sample.value
+    return out
+
+
+class ServerAbuseTests(SynchronousTestCase):
+    settings = H2Settings(max_concurrent_streams=100, abuse_budget=500,
+                          abuse_refill_per_second=100.0)
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = make_listener(self.clock)
+        self.dispatcher = FakeDispatcher()
+        self.transport = Transport()
+        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn.detected(Verdict("h2", "preface"))
+        self.server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+        self.server.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.feed(self.client.data_to_send())
+        self.transport.clear()
+
+    def feed(self, data: bytes) -> list:
+        """``data`` to the server as Twisted would read it; the frames written back."""
+        for i in range(0, len(data), READ):
+            if self.transport.disconnecting:
+                break
+            self.server.dataReceived(data[i:i + READ])
+        return raw_frames(self.transport.take())
+
+    def assert_calmed(self, frames, kind: str) -> None:
+        [goaway] = goaways(frames)
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(samples(self.listener.metrics, "h2_abuse_total"), {kind: 1.0})
+        self.assertEqual(self.server.streams, {})
+
+    def test_rapid_reset_is_cut_off(self) -> None:
+        """CVE-2023-44487: 20,000 x (HEADERS GET END_STREAM + RST_STREAM
+        CANCEL). Before: every request dispatched and cancelled, the
+        connection never closed. After: GOAWAY(ENHANCE_YOUR_CALM) once the
+        budget (500) is spent; no more than that was dispatched."""
+        for _ in range(20_000):
+            sid = self.client.get_next_available_stream_id()
+            self.client.send_headers(sid, GET, end_stream=True)
+            self.client.reset_stream(sid, ErrorCodes.CANCEL)
+        frames = self.feed(self.client.data_to_send())
+        self.assert_calmed(frames, "reset")
+        self.assertLessEqual(len(self.dispatcher.calls), 501)
+        self.assertEqual(len(self.dispatcher.cancelled), len(self.dispatcher.calls))
+        # The GOAWAY names the last stream the server looked at, not 2**31-1.
+        self.assertLess(goaways(frames)[0].last_stream_id, 2 * 20_000)
+
+    def test_refused_streams_are_cut_off(self) -> None:
+        """Streams opened past MAX_CONCURRENT_STREAMS are refused, and count."""
+        self.client.remote_settings.max_concurrent_streams = 2**31 - 1
+        for _ in range(700):
+            self.client.send_headers(self.client.get_next_available_stream_id(), GET,
+                                     end_stream=True)
+        frames = self.feed(self.client.data_to_send())
+        self.assert_calmed(frames, "refused")
+        self.assertEqual(len(self.dispatcher.calls), 100)
+
+    def flood(self, frame_of, count: int = 2000) -> list:
+        sid = self.client.get_next_available_stream_id()
+        self.client.send_headers(sid, [(b":method", b"POST"), *GET[1:]])
+        data = self.client.data_to_send()
+        for i in range(count):
+            data += frame_of(sid, i).serialize()
+        return self.feed(data)
+
+    def test_ping_flood_is_cut_off(self) -> None:
+        frames = self.flood(lambda sid, i: PingFrame(0, opaque_data=i.to_bytes(8, "big")))
+        self.assert_calmed(frames, "ping")
+
+    def test_settings_flood_is_cut_off(self) -> None:
+        frames = self.flood(lambda sid, i: SettingsFrame(0, settings={0x4: 65535}))
+        self.assert_calmed(frames, "settings")
+
+    def test_priority_flood_is_cut_off(self) -> None:
+        frames = self.flood(lambda sid, i: PriorityFrame(sid + 2, depends_on=sid,
+                                                         stream_weight=i % 256))
+        self.assert_calmed(frames, "priority")
+
+    def test_empty_data_flood_is_cut_off(self) -> None:
+        frames = self.flood(lambda sid, i: DataFrame(sid, data=b""))
+        self.assert_calmed(frames, "empty_data")
+
+    def test_window_update_on_closed_stream_is_cut_off(self) -> None:
+        sid = self.client.get_next_available_stream_id()
+        self.client.send_headers(sid, GET, end_stream=True)
+        self.feed(self.client.data_to_send())
+        self.dispatcher.calls[0][2].callback(Response(ResponseHead(200, []), Body.empty()))
+        self.transport.clear()
+        data = b"".join(WindowUpdateFrame(sid, window_increment=1).serialize()
+                        for _ in range(2000))
+        frames = self.feed(data)
+        self.assert_calmed(frames, "no_effect")
+
+    def test_honest_client_with_resets_is_served(self) -> None:
+        """A client that completes at least half of its streams may reset the
+        rest (cancellations, deadlines), at any volume, and PING now and then."""
+        for n in range(1200):   # 600 resets: more than the budget (500)
+            sid = self.client.get_next_available_stream_id()
+            self.client.send_headers(sid, GET, end_stream=True)
+            self.feed(self.client.data_to_send())
+            if n % 2:
+                self.client.reset_stream(sid, ErrorCodes.CANCEL)
+            else:
+                self.dispatcher.calls[-1][2].callback(
+                    Response(ResponseHead(200, []), Body.empty()))
+            if n % 10 == 0:
+                self.client.ping(n.to_bytes(8, "big"))
+            frames = self.feed(self.client.data_to_send())
+            self.client.receive_data(b"".join(f.serialize() for f in frames))
+            self.assertEqual(goaways(frames), [])
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(len(self.dispatcher.calls), 1200)
+        self.assertEqual(samples(self.listener.metrics, "h2_abuse_total"), {})
+
+    def test_budget_refills_with_time(self) -> None:
+        """400 PINGs, 5 s, 400 PINGs: within 100 a second, never cut off."""
+        for _ in range(2):
+            frames = self.feed(b"".join(PingFrame(0).serialize() for _ in range(400)))
+            self.assertEqual(goaways(frames), [])
+            self.assertEqual(len([f for f in frames if isinstance(f, PingFrame)]), 400)
+            self.clock.advance(5)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_budget_from_config(self) -> None:
+        """``[h2] abuse_budget`` is the size: 10 resets pass, the 11th does not."""
+        self.server.budget.size = self.server.budget.points = 10
+        for _ in range(11):
+            sid = self.client.get_next_available_stream_id()
+            self.client.send_headers(sid, GET, end_stream=True)
+            self.client.reset_stream(sid, ErrorCodes.CANCEL)
+        frames = self.feed(self.client.data_to_send())
+        self.assert_calmed(frames, "reset")
+        self.assertEqual(len(self.dispatcher.calls), 11)
+
+
+class ClientAbuseTests(SynchronousTestCase):
+    """A misbehaving endpoint: the client end applies the same budget."""
+
+    def test_endpoint_ping_flood_is_cut_off(self) -> None:
+        reactor = MemoryReactorClock()
+        metrics = Metrics()
+        client = H2Client(reactor, settings=H2Settings(abuse_budget=100), metrics=metrics)
+        head = RequestHead(b"GET", b"/x", b"svc.test", [])
+        d = client.request(Endpoint(), Request(head, Body.empty()))
+        _host, _port, factory, _timeout, _ = reactor.tcpClients[0]
+        protocol = factory.buildProtocol(None)
+        transport = Transport()
+        protocol.makeConnection(transport)
+        server = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        server.initiate_connection()
+        protocol.dataReceived(server.data_to_send())
+        server.receive_data(transport.take())
+        flood = b"".join(PingFrame(0).serialize() for _ in range(300))
+        protocol.dataReceived(server.data_to_send() + flood)
+        [goaway] = goaways(raw_frames(transport.take()))
+        self.assertEqual(goaway.error_code, ErrorCodes.ENHANCE_YOUR_CALM)
+        self.assertTrue(transport.disconnecting)
+        failure = self.failureResultOf(d, ProxyError)
+        self.assertEqual(failure.value.status, 502)
+        self.assertEqual(samples(metrics, "h2_abuse_total"), {"ping": 1.0})
+
+
+
+class ConfigTests(SynchronousTestCase):
+    BASE = ('[[listener]]\nname = "in"\nlisten = "tcp:0"\nservice = "app"\n'
+            '[service.app]\nendpoints = ["127.0.0.1:1"]\n')
+
+    def test_abuse_keys(self) -> None:
+        c = parse(tomllib.loads(self.BASE + "[h2]\nabuse_budget = 20\n"
+                                "abuse_refill_per_second = 2.5\n"), "f.toml")
+        settings = H2Settings(**dataclasses.asdict(c.h2))
+        self.assertEqual((settings.abuse_budget, settings.abuse_refill_per_second), (20, 2.5))
+        defaults = parse(tomllib.loads(self.BASE), "f.toml").h2
+        self.assertEqual((defaults.abuse_budget, defaults.abuse_refill_per_second), (500, 100.0))
+
+    def test_bad_abuse_keys(self) -> None:
+        for text, reason in (("abuse_budget = 0", "between 1"),
+                             ("abuse_refill_per_second = -1", "0 or more"),
+                             ("abuse_budget = 1.5", "expected")):
+            with self.assertRaises(ConfigError) as caught:
+                parse(tomllib.loads(self.BASE + "[h2]\n" + text + "\n"), "f.toml")
+            self.assertIn(reason, " ".join(caught.exception.errors))
