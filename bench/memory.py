@@ -237,7 +237,7 @@ def long_h2_connection(sup: Supervisor, pid: int, port: int, streams: int,
     res.rss_before_kib = rss_kib(pid)
     with RssSampler(pid) as sampler:
         run = sup.run([str(which("h2load")), "-c1", f"-m{inflight}", "-n", str(streams),
-                       f"http://{HOST}:{port}/"], timeout=60 + streams / 500)
+                       f"http://{HOST}:{port}/"], timeout=60 + streams / 100)
     res.peak_kib = sampler.peak_kib
     res.seconds = run.seconds
     time.sleep(1.0)
