@@ -515,8 +515,8 @@ class AbuseResult:
                          f"{_f(self.mcs0_dials)} times, {_f(self.mcs0_dials_after)} after the "
                          f"client left (bound {MCS0_DIALS_PER_REQUEST} per request, 0 after)")
             elif kind == "rapid-reset":
-                extra = (f"; at most {rep.max_work_per_conn:,} streams on one connection "
-                         f"(bound {RAPID_RESET_MAX_PER_CONN:,})")
+                extra = (f"; the proxy took at most {rep.max_work_per_conn:,} streams on a "
+                         f"connection it closed (bound {RAPID_RESET_MAX_PER_CONN:,})")
             elif rep.statuses:
                 extra = f"; answers {_dict(rep.statuses)}"
             out.append(f"| {kind} | {label}{extra} | {rep.work:,} {rep.work_unit} | "

@@ -16,9 +16,10 @@ JSON object on stdout (:func:`bench.tools.parse_attack_report` reads it):
   GOAWAY it was told about);
 * ``goaway``: GOAWAY error codes received -> count; ``work``: what the attack
   sent (``work_unit``: streams, pings, bytes, connections, requests);
-  ``max_work_per_conn``: for ``rapid-reset``, the most streams one connection
-  carried (a proxy with a reset budget closes each connection after a few hundred;
-  the attacker then opens another);
+  ``max_work_per_conn``: for ``rapid-reset``, the most streams the proxy took on
+  one connection before closing it (the GOAWAY's last stream id; what was sent, for a
+  close without GOAWAY). A proxy with a reset budget closes each connection after a
+  few hundred and the attacker opens another; 0 if none was closed;
 * ``statuses``: for ``mcs0-client``, the answers its requests got.
 
 Kinds (the inputs of issue 11):
@@ -141,6 +142,7 @@ class FrameReader:
     def __init__(self) -> None:
         self.buf = bytearray()
         self.goaway: int | None = None
+        self.goaway_last_stream = 0  # the last stream id the GOAWAY says was processed
         self.settings_to_ack = 0
         self.headers = 0
         self.data_bytes = 0
@@ -166,6 +168,7 @@ class FrameReader:
                 frame.parse_body(memoryview(body))
                 assert isinstance(frame, GoAwayFrame)
                 self.goaway = frame.error_code
+                self.goaway_last_stream = frame.last_stream_id
             elif ftype == 0x4 and not head[4] & 0x1:  # SETTINGS, not ACK
                 self.settings_to_ack += 1
             elif ftype == 0x1:  # HEADERS: the :status is the first field hpack gives
@@ -331,8 +334,13 @@ def rapid_reset(a: argparse.Namespace) -> Report:
             next_id[id(c)] = 1
         for c in list(conns):
             c.read()
-            rep.max_work_per_conn = max(rep.max_work_per_conn, next_id[id(c)] // 2)
             if c.closed or c.reader.goaway is not None:
+                # What the proxy took on this connection before closing it: the streams
+                # up to the GOAWAY's last stream id (what we sent may be far more: a
+                # busy proxy leaves it unread in the socket buffers).
+                took = ((c.reader.goaway_last_stream + 1) // 2 if c.reader.goaway is not None
+                        else next_id[id(c)] // 2)
+                rep.max_work_per_conn = max(rep.max_work_per_conn, took)
                 _retire(rep, c, conns)
                 continue
             if c.out:  # the proxy is not taking what we send: wait for it
@@ -348,7 +356,6 @@ def rapid_reset(a: argparse.Namespace) -> Report:
             next_id[id(c)] = sid + 2 * a.burst
             c.send(bytes(burst))
             rep.work += a.burst
-            rep.max_work_per_conn = max(rep.max_work_per_conn, next_id[id(c)] // 2)
         if not conns:
             time.sleep(0.01)
         else:
