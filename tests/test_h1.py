@@ -881,6 +881,31 @@ class UpgradeTests(SynchronousTestCase):
             self.assertIsInstance(request, UpgradeRequest)
             self.assertEqual(request.upgrade, offer)
 
+    def test_101_to_a_protocol_not_offered_is_502(self) -> None:
+        """RFC 9110 7.8: an endpoint answering a WebSocket upgrade with a
+        switch to h2c (or naming no protocol) is not relayed: 502."""
+        for answer in (b"Upgrade: h2c\r\nConnection: Upgrade\r\n", b"",
+                       b"Upgrade: websocket, h2c\r\n"):
+            self.dispatcher.requests.clear()
+            server, _ = self.serve()
+            server.dataReceived(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                                b"Upgrade: websocket\r\n\r\n")
+            [(request, _)] = self.dispatcher.requests
+            upstream, proto, d = self.upstream_bytes(request)
+            proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\n" + answer + b"\r\n"
+                               + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            error = self.failureResultOf(d, ProxyError).value
+            self.assertEqual((error.status, error.reason),
+                             (502, "101 response switching to a protocol not asked for"))
+            self.assertTrue(upstream.disconnecting or upstream.disconnected)
+        server, _ = self.serve()   # the protocol offered, with a version: relayed
+        server.dataReceived(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                            b"Upgrade: websocket\r\n\r\n")
+        upstream, proto, d = self.upstream_bytes(self.dispatcher.requests[-1][0])
+        proto.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket/13\r\n"
+                           b"Connection: Upgrade\r\n\r\n")
+        self.assertEqual(self.successResultOf(d).head.status, 101)
+
     def test_forwarded_upgrade_keeps_named_headers(self) -> None:
         server, transport = self.serve(H1Limits(upgrades=frozenset({b"foo"})))
         server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, Foo-Settings\r\n"

@@ -76,6 +76,12 @@ class _ResponseRefusedError(Exception):
     connection (whose framing is then unknown) is closed."""
 
 
+def _protocol_names(upgrade: bytes) -> set[bytes]:
+    """The protocol names (lowercase, without versions) in Upgrade values."""
+    names = (p.strip().split(b"/", 1)[0].lower() for p in upgrade.split(b","))
+    return {n for n in names if n}
+
+
 def _transfer_codings_problem(codings: list[bytes], client_version: str) -> str | None:
     """Why a response whose body still carries ``codings`` (transfer codings
     other than a final chunked, in order) cannot reach the client, or None.
@@ -696,6 +702,7 @@ class H1ClientConnection(Protocol):
         named: list[bytes] | None = None
         length: int | None = None
         codings: list[bytes] = []
+        switched_to = b""
         for name, value in self._headers:
             lname = name.lower()
             if lname in HOP_BY_HOP:
@@ -707,6 +714,8 @@ class H1ClientConnection(Protocol):
                             named.append(token)
                 elif lname == b"transfer-encoding":
                     codings += (c.strip().lower() for c in value.split(b","))
+                elif lname == b"upgrade":
+                    switched_to += b"," + value
                 continue
             if lname == b"content-length":
                 length = int(value)
@@ -738,6 +747,15 @@ class H1ClientConnection(Protocol):
         upgrade = self._upgrade
         tunnel = (upgrade is not None and
                   (status == 101 if upgrade != b"CONNECT" else 200 <= status < 300))
+        if tunnel and upgrade != b"CONNECT":
+            # RFC 9110 7.8: the 101 names what the client offered. A switch
+            # to anything else (an endpoint answering a WebSocket upgrade
+            # with h2c) would relay a protocol the listener never allowed.
+            switched = _protocol_names(switched_to)
+            if not switched or not switched <= _protocol_names(upgrade):
+                self._response_started = False
+                raise _ResponseRefusedError(
+                    "101 response switching to a protocol not asked for")
         if tunnel:
             self._tunnel_pending = True
             self._response_done = True
