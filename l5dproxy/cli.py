@@ -10,6 +10,8 @@ from __future__ import annotations
 import sys
 from importlib import resources
 
+from twisted.application.service import MultiService
+from twisted.logger import ILogObserver
 from twisted.python import usage
 
 from l5dproxy import lean
@@ -60,19 +62,38 @@ def make_service(options: Options):
     if options["check"]:
         print(f"{path}: ok")
         raise SystemExit(0)
+    from l5dproxy import logs
+
+    logs.set_level(config.proxy.log_level)
     index = options["worker-index"]
     count = options["workers"]
     if index is None and count > 1:
         index = 0
     service = ProxyService(config, worker=index)
+    parent = _Root(logs.twistd_observer(getattr(options, "parent", None),
+                                        config.proxy.log_format))
+    service.setServiceParent(parent)
     if index != 0:
-        return service
-    from twisted.application.service import MultiService
+        return parent
     from twisted.internet import reactor
 
     from l5dproxy.workers import WorkerSupervisor
 
-    parent = MultiService()
-    service.setServiceParent(parent)
     WorkerSupervisor(reactor, count, path, config.proxy.drain_timeout).setServiceParent(parent)
     return parent
+
+
+class _Root(MultiService):
+    """The service ``twistd`` runs; joining the application sets the log
+    observer (l5dproxy.logs) that ``twistd`` is about to start logging to."""
+
+    def __init__(self, observer) -> None:
+        super().__init__()
+        self.observer = observer
+
+    def setServiceParent(self, parent) -> None:
+        set_component = getattr(parent, "setComponent", None)
+        if (self.observer is not None and set_component is not None
+                and parent.getComponent(ILogObserver, None) is None):
+            set_component(ILogObserver, self.observer)
+        super().setServiceParent(parent)

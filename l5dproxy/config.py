@@ -66,6 +66,16 @@ class ProxyConfig:
     #: Client connections open at once over every listener; past it a new
     #: one is accepted and closed at once. 0: no limit.
     max_connections: int = 20000
+    #: The least severe log level written: debug, info, warn, error, critical
+    #: (also read and set at run time at the admin's /log-level).
+    log_level: str = "info"
+    #: "text" (twistd's lines) or "json" (one JSON object a line).
+    log_format: str = "text"
+
+
+#: Log levels, least severe first (Twisted's names; "warning" is accepted for "warn").
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -339,9 +349,31 @@ def _parse_proxy(t: _Table) -> ProxyConfig:
                                    check_positive_duration)),
         max_connections=t.get("max_connections", int, ProxyConfig.max_connections,
                               _check_count),
+        log_level=normal_log_level(t.get("log_level", str, ProxyConfig.log_level,
+                                         check_log_level)),
+        log_format=t.get("log_format", str, ProxyConfig.log_format, _check_log_format),
     )
     t.finish()
     return proxy
+
+
+def normal_log_level(value: str) -> str:
+    """``value`` (checked by ``check_log_level``) as one of ``LOG_LEVELS``."""
+    value = value.strip().lower()
+    return "warn" if value == "warning" else value
+
+
+def check_log_level(value: str) -> str | None:
+    """A reason when ``value`` names no log level (case-insensitive)."""
+    if normal_log_level(value) not in LOG_LEVELS:
+        return f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}"
+    return None
+
+
+def _check_log_format(value: str) -> str | None:
+    if value not in LOG_FORMATS:
+        return f"expected one of {', '.join(LOG_FORMATS)}, got {value!r}"
+    return None
 
 
 def _parse_h2(t: _Table) -> H2Config:

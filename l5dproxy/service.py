@@ -27,8 +27,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l5dproxy import workers
-from l5dproxy.admin import admin_site
+from l5dproxy import __version__, logs, workers
+from l5dproxy.admin import admin_site, config_document
 from l5dproxy.balance import Upstream
 from l5dproxy.config import Config, ConfigError, load
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
@@ -38,6 +38,8 @@ from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
 from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.listener import ConnectionLimits, Listener
 from l5dproxy.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
+from l5dproxy.stats import Stats
+from l5dproxy.tap import TapHub
 from l5dproxy.telemetry import Metrics
 
 log = Logger(namespace="l5dproxy.service")
@@ -105,6 +107,17 @@ class ProxyService(Service):
         self._watched: tuple | None = None
         self.metrics.watch_services(lambda: list(self.upstreams.values()),
                                     lambda: self.discoveries)
+        self.tap = TapHub(self.http, reactor)
+        self.stats = Stats(self.metrics.registry, reactor, lambda: self.upstreams,
+                           self._listener_rows, self.server_first.memory.entries,
+                           __version__)
+
+    def _listener_rows(self) -> list[tuple[str, str, str]]:
+        """(name, bound address, service) of each listener, for /stats.json."""
+        return [(listener.name,
+                 _port_address(self.ports[listener.name]) if listener.name in self.ports
+                 else "", listener.config.service)
+                for listener in self.listeners]
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -278,6 +291,8 @@ class ProxyService(Service):
                         if listener.connections]
         self.listeners = listeners
         self._set_watch(new)
+        if new.proxy.log_level != old.proxy.log_level:
+            logs.set_level(new.proxy.log_level)
         if new.admin != old.admin:
             log.warn("admin.listen changed: it takes effect at the next restart")
 
@@ -292,7 +307,9 @@ class ProxyService(Service):
                          name=listener.name, address=_port_address(port),
                          service=listener.config.service)
             site = admin_site(self.metrics.registry, lambda: self.ready,
-                              {b"opaque": OpaqueResource(self.server_first)})
+                              {b"opaque": OpaqueResource(self.server_first)},
+                              config_json=lambda: config_document(self.config),
+                              stats=self.stats, tap=self.tap)
             admin_listen: str | None = self.config.admin.listen
             if self.worker is not None:
                 admin_listen = workers.admin_listen(self.config.admin.listen, self.worker)

@@ -26,6 +26,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
 )
 
@@ -103,6 +104,14 @@ class Metrics:
             ("kind",), registry=r)
         self.config_reload_total = Counter(
             "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
+        from l5dproxy import __version__
+
+        self.build_info = Gauge("build_info", "The running l5dproxy: always 1",
+                                ("version",), registry=r)
+        self.build_info.labels(__version__).set(1)
+        # process_cpu_seconds_total, process_resident_memory_bytes,
+        # process_open_fds, ... of this process (Linux /proc).
+        ProcessCollector(registry=r)
 
     def flush(self) -> None:
         """Move every pending increment into its metric."""

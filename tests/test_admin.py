@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from prometheus_client import Counter
 from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
@@ -149,3 +151,156 @@ class ServiceReadinessTests(TestCase):
         self.assertEqual(service.ports, {})
         self.assertIsNone(service.admin_port)
         self.assertFalse(service.ready)
+
+
+class OperatorEndpointTests(TestCase):
+    """The operator's admin endpoints on a running ProxyService (issue 15 part 4)."""
+
+    def setUp(self) -> None:
+        from l5dproxy import logs
+
+        self.addCleanup(logs.set_level, logs.level())
+        config = Config(
+            source="/etc/l5dproxy/test.toml", admin=AdminConfig(listen=LISTEN),
+            listeners=(ListenerConfig("in", LISTEN, "app"),),
+            services={"app": ServiceConfig("app", (HostPort("127.0.0.1", 1),
+                                                   HostPort("::1", 2)))},
+        )
+        self.service = ProxyService(config)
+        self.service.privilegedStartService()
+        self.service.startService()
+        self.addCleanup(lambda: self.service.running and self.service.stopService())
+        self.base = f"http://127.0.0.1:{self.service.admin_port.getHost().port}"
+        self.agent = Agent(reactor)
+
+    @defer.inlineCallbacks
+    def call(self, path: str, method: bytes = b"GET", body: bytes | None = None,
+             headers: dict[bytes, list[bytes]] | None = None):
+        from twisted.web.client import FileBodyProducer
+        from twisted.web.http_headers import Headers
+
+        producer = FileBodyProducer(__import__("io").BytesIO(body)) if body is not None else None
+        response = yield self.agent.request(method, (self.base + path).encode(),
+                                            Headers(headers or {}), producer)
+        data = yield readBody(response)
+        return response, data
+
+    @defer.inlineCallbacks
+    def test_index_lists_every_endpoint_and_each_answers(self):
+        from l5dproxy.admin import ENDPOINTS
+
+        response, body = yield self.call("/")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"),
+                         [b"text/html; charset=utf-8"])
+        paths = [p for p, _, _ in ENDPOINTS]
+        for path in ("/metrics", "/ready", "/live", "/opaque", "/dashboard", "/stats.json",
+                     "/tap", "/config.json", "/version", "/log-level"):
+            self.assertIn(path, paths)
+            self.assertIn(f'<a href="{path}">'.encode(), body)
+        for path in paths:
+            response, _ = yield self.call(path, b"HEAD")
+            self.assertIn(response.code, (200, 302), path)
+        response, body = yield self.call("/", headers={b"accept": [b"application/json"]})
+        self.assertEqual([e["path"] for e in json.loads(body)], paths)
+
+    @defer.inlineCallbacks
+    def test_head_is_get_without_body_and_logs_nothing(self):
+        """HEAD on every resource: GET's status and headers, no body, and not
+        Twisted's 'HEAD request ... is returning a message body' warning."""
+        from twisted.logger import globalLogPublisher
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for path in ("/", "/metrics", "/ready", "/live", "/version", "/config.json",
+                     "/log-level", "/stats.json", "/opaque", "/dashboard/", "/dashboard/app.js",
+                     "/tap?limit=0"):
+            get, get_body = yield self.call(path)
+            head, head_body = yield self.call(path, b"HEAD")
+            self.assertEqual(head_body, b"", path)
+            self.assertEqual(head.code, get.code, path)
+            self.assertEqual(head.headers.getRawHeaders(b"content-type"),
+                             get.headers.getRawHeaders(b"content-type"), path)
+            if path in ("/", "/live", "/version", "/config.json", "/log-level",
+                        "/dashboard/app.js"):
+                self.assertEqual(head.headers.getRawHeaders(b"content-length"),
+                                 [str(len(get_body)).encode()], path)
+        from twisted.logger import formatEvent
+
+        noise = [formatEvent(e) for e in events if "HEAD" in formatEvent(e)]
+        self.assertEqual(noise, [])
+
+    @defer.inlineCallbacks
+    def test_version_and_build_info_and_process_metrics(self):
+        import l5dproxy
+
+        response, body = yield self.call("/version")
+        self.assertEqual(response.code, 200)
+        info = json.loads(body)
+        self.assertEqual(info["version"], l5dproxy.__version__)
+        self.assertRegex(info["twisted"], r"^\d+\.\d+")
+        _, text = yield self.call("/metrics")
+        samples = parse_metrics(text.decode())
+        self.assertEqual(metric_value(samples, "build_info", version=l5dproxy.__version__), 1)
+        self.assertGreater(metric_value(samples, "process_resident_memory_bytes"), 1 << 20)
+        self.assertGreater(metric_value(samples, "process_open_fds"), 2)
+        self.assertGreater(metric_value(samples, "process_cpu_seconds_total"), 0)
+
+    @defer.inlineCallbacks
+    def test_config_json_is_the_effective_config(self):
+        response, body = yield self.call("/config.json")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        doc = json.loads(body)
+        self.assertEqual(doc["source"], "/etc/l5dproxy/test.toml")
+        self.assertEqual(doc["services"]["app"]["endpoints"], ["127.0.0.1:1", "[::1]:2"])
+        self.assertEqual(doc["services"]["app"]["retry_statuses"], [502, 503, 504])
+        self.assertEqual(doc["listeners"][0]["name"], "in")
+        self.assertEqual(doc["detect"]["opaque_ports"], sorted(doc["detect"]["opaque_ports"]))
+        self.assertEqual(doc["proxy"]["log_level"], "info")
+        self.assertEqual(doc["proxy"]["log_format"], "text")
+
+    @defer.inlineCallbacks
+    def test_log_level_get_put_post(self):
+        from l5dproxy import logs
+
+        logs.set_level("info")
+        response, body = yield self.call("/log-level")
+        self.assertEqual((response.code, body), (200, b"info\n"))
+        response, body = yield self.call("/log-level", b"PUT", b"debug\n")
+        self.assertEqual((response.code, body), (200, b"debug\n"))
+        self.assertEqual(logs.level(), "debug")
+        response, body = yield self.call("/log-level", b"POST", b"WARNING")
+        self.assertEqual((response.code, body), (200, b"warn\n"))
+        response, body = yield self.call("/log-level?level=error", b"PUT", b"")
+        self.assertEqual((response.code, body), (200, b"error\n"))
+        response, body = yield self.call("/log-level", b"PUT", b"loud")
+        self.assertEqual(response.code, 400)
+        self.assertIn(b"expected one of debug, info, warn, error, critical", body)
+        self.assertEqual(logs.level(), "error")
+        response, _ = yield self.call("/log-level", b"DELETE")
+        self.assertIn(response.code, (405, 501))   # Twisted: not allowed / not implemented
+
+    @defer.inlineCallbacks
+    def test_dashboard_files(self):
+        import re
+
+        response, _ = yield self.call("/dashboard")
+        self.assertEqual(response.code, 302)
+        self.assertEqual(response.headers.getRawHeaders(b"location"), [b"/dashboard/"])
+        response, page = yield self.call("/dashboard/")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"),
+                         [b"text/html; charset=utf-8"])
+        linked = re.findall(rb'(?:src|href)="([a-z.]+)"', page)
+        self.assertEqual(sorted(linked), [b"app.js", b"style.css"])
+        self.assertNotIn(b"http://", page)
+        self.assertNotIn(b"https://", page)   # no CDN
+        for name, kind in ((b"app.js", b"text/javascript"), (b"style.css", b"text/css")):
+            response, body = yield self.call("/dashboard/" + name.decode())
+            self.assertEqual(response.code, 200)
+            self.assertTrue(response.headers.getRawHeaders(b"content-type")[0].startswith(kind))
+            self.assertGreater(len(body), 100)
+        response, _ = yield self.call("/dashboard/nope.js")
+        self.assertEqual(response.code, 404)

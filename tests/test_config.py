@@ -538,3 +538,28 @@ class UpgradesTests(unittest.TestCase):
             self.assertEqual(len(errors), 1, errors)
             self.assertTrue(errors[0].startswith("f.toml: listener[0].upgrades: " + reason),
                             errors)
+
+
+class LogConfigTests(unittest.SynchronousTestCase):
+    """``[proxy] log_level`` and ``log_format`` (issue 15 part 4)."""
+
+    def test_defaults(self):
+        c = parse(tomllib.loads(MINIMAL))
+        self.assertEqual((c.proxy.log_level, c.proxy.log_format), ("info", "text"))
+
+    def test_levels_any_case(self):
+        for given, level in (("DEBUG", "debug"), ("Info", "info"), ("warning", "warn"),
+                             ("warn", "warn"), ("error", "error"), ("critical", "critical")):
+            c = parse(tomllib.loads(MINIMAL + f'\n[proxy]\nlog_level = "{given}"\n'))
+            self.assertEqual(c.proxy.log_level, level)
+        c = parse(tomllib.loads(MINIMAL + '\n[proxy]\nlog_format = "json"\n'))
+        self.assertEqual(c.proxy.log_format, "json")
+
+    def test_bad_values(self):
+        self.assertEqual(errors_of(MINIMAL + '\n[proxy]\nlog_level = "verbose"\n'
+                                   'log_format = "xml"\n'), [
+            "f.toml: proxy.log_level: expected one of debug, info, warn, error, critical, "
+            "got 'verbose'",
+            "f.toml: proxy.log_format: expected one of text, json, got 'xml'"])
+        self.assertEqual(errors_of(MINIMAL + '\n[proxy]\nlog_level = 10\n'),
+                         ["f.toml: proxy.log_level: expected a string, got an integer"])

@@ -74,6 +74,10 @@ class HttpProxy:
         #: Compiled routes by listener; weak, so listeners a reload replaced go.
         self._routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._labels: dict[tuple[str, str, bytes, str], _Labels] = {}
+        #: The tap (l5dproxy.tap.TapHub) while anyone watches, else None;
+        #: ``tap_start`` while anyone wants request-start events too.
+        self.tap = None
+        self.tap_start = None
 
     # -- what client ends may ask --
 
@@ -246,6 +250,8 @@ class _Exchange:
         labels.requests.n += 1
         self.grpc = head.is_grpc
         upstream = self.upstream = proxy.upstreams.get(service)
+        if proxy.tap_start is not None:
+            proxy.tap_start.started(self)
         if upstream is None:  # pragma: no cover - config validation names every service
             self._fail(ProxyError.unavailable("unknown service"))
             return self.result
@@ -334,8 +340,8 @@ class _Exchange:
         self.retries += 1
         self._release(latency, False)
         log.debug("retry {n} of {method} {path} on {endpoint}", n=self.retries,
-                  method=self.request.head.method, path=self.request.head.target,
-                  endpoint=endpoint.label)
+                  method=self.request.head.method.decode("latin-1"),
+                  path=self.request.head.target.decode("latin-1"), endpoint=endpoint.label)
         self._send(endpoint)
         return True
 
@@ -393,6 +399,9 @@ class _Exchange:
             endpoint_ok = status < 500
         self.labels.response(status, grpc_status, "failure" if failed else "success",
                              error).inc()
+        tap = self.proxy.tap
+        if tap is not None:
+            tap.ended(self, status, grpc_status, error)
         self._release(self.head_latency, endpoint_ok)
         self._leave()
         if getattr(self.context.listener.config, "access_log", False):
@@ -429,6 +438,10 @@ class _Exchange:
             self.labels.response(200, str(err.grpc_status), "failure", err.reason).inc()
         else:
             self.labels.response(err.status, "", "failure", err.reason).inc()
+        tap = self.proxy.tap
+        if tap is not None:
+            tap.ended(self, 200 if self.grpc else err.status,
+                      str(err.grpc_status) if self.grpc else "", err.reason)
         self._release(None, False)
         self._leave()
         if getattr(self.context.listener.config, "access_log", False):
@@ -500,7 +513,7 @@ class _Exchange:
             resp_bytes=response.body.received if response is not None else 0,
             duration_ms=(self.proxy.reactor.seconds() - self.started) * 1000.0,
             endpoint=getattr(self.context.connection, "endpoint", "") or "-",
-            error=f" error={error!r}" if error else "",
+            error=f' error="{error}"' if error else "",
         )
 
 
