@@ -33,6 +33,7 @@ from typing import Any
 
 from bench.backends import HOST, Backends, Target, start_l5dproxy
 from bench.procs import (
+    Child,
     CpuMeter,
     StartError,
     Supervisor,
@@ -128,6 +129,11 @@ class Rig:
     target: Target
     ports: dict[str, int]  # h1, h2c, grpc, mcs0
     mcs0_stats: Path
+    helpers: list[Child] = field(default_factory=list)  # grpc server, 0-streams endpoint
+
+    def stop(self, sup: Supervisor) -> None:
+        for child in [*self.target.children, *self.helpers]:
+            sup.stop(child)
 
     @property
     def pid(self) -> int:
@@ -180,9 +186,12 @@ def start_rig(sup: Supervisor, b: Backends, name: str, ready_timeout: float,
         extra = abuse_config_extra(grpc_listen, grpc_port, mcs0_listen, mcs0_port)
         t = start_l5dproxy(sup, b, ready_timeout, name=name, extra_config=extra)
     if not t.available:
+        for child in (*t.children, g, m):
+            sup.stop(child)
         raise StartError(t.why_unavailable())
     assert t.h1 and t.h2c
-    return Rig(t, {"h1": t.h1, "h2c": t.h2c, "grpc": grpc_listen, "mcs0": mcs0_listen}, stats)
+    return Rig(t, {"h1": t.h1, "h2c": t.h2c, "grpc": grpc_listen, "mcs0": mcs0_listen}, stats,
+               [g, m])
 
 
 def haproxy_abuse_config(ports: dict[str, int], b: Backends, grpc_backend: int,
@@ -560,7 +569,7 @@ def _honest_notes(res: list[str], phase: str, honest: dict[str, Honest]) -> None
 
 def run_abuse(sup: Supervisor, b: Backends, duration: float, abuse_seconds: float,
               ready_timeout: float, only: tuple[str, ...] = (),
-              proxy: str = "l5dproxy") -> AbuseResult:
+              proxy: str = "l5dproxy", name: str = "") -> AbuseResult:
     """The quiet run, then the attacked run; ``only``: these attackers (default all);
     ``proxy``: l5dproxy, or haproxy as a reference."""
     attacks = tuple(a for a in ABUSE_ATTACKS if not only or a.kind in only)
@@ -568,7 +577,7 @@ def run_abuse(sup: Supervisor, b: Backends, duration: float, abuse_seconds: floa
     attack_s = max(abuse_seconds, ABUSE_RAMP + duration + 2)
     res.settings = {"duration": duration, "abuse_seconds": attack_s, "ramp": ABUSE_RAMP}
     try:
-        rig = start_rig(sup, b, f"{proxy}-abuse", ready_timeout,
+        rig = start_rig(sup, b, name or f"{proxy}-abuse", ready_timeout,
                         lifetime=attack_s + duration + 600, proxy=proxy)
     except StartError as exc:
         res.error = f"abuse rig did not start: {exc}"
@@ -625,9 +634,57 @@ def run_abuse(sup: Supervisor, b: Backends, duration: float, abuse_seconds: floa
             res.notes.append(f"{kind}: {rep}")
     log("abuse attacked: " + ", ".join(f"{k} {_f(v.rps)} req/s"
                                        for k, v in res.attacked.items()))
-    for child in list(rig.target.children):
-        sup.stop(child)
+    rig.stop(sup)
     return res
+
+
+@dataclass
+class AbuseEach:
+    """The abuse scenario once per attacker, each on a fresh proxy (``--abuse-each``):
+    which kind of attack still costs the honest clients, memory or connections."""
+
+    proxy: str = "l5dproxy"
+    results: dict[str, AbuseResult] = field(default_factory=dict)
+
+    def table(self) -> str:
+        yes = {True: "met", False: "NOT met", None: "?"}
+        out = [f"abuse, one attacker at a time ({self.proxy}, a fresh proxy each): "
+               "attacked/quiet req/s", "",
+               "| attacker | h1 | h2c | gRPC | RSS growth MiB | proxy CPU % | "
+               "closed by proxy / opened | attacker | all targets |",
+               "|---|---:|---:|---:|---:|---:|---:|---|---|"]
+        for kind, r in self.results.items():
+            rep = r.attackers.get(kind)
+            ratios = [r.honest_ratio(n) for n in HONEST]
+            g = r.rss_growth_mib
+            conns = (f"{rep.closed_by_peer:,} / {rep.opened:,}"
+                     if isinstance(rep, AttackReport) else "ERR")
+            met = r.attacker_met(kind)
+            every = [met, g is not None and g < RSS_GROWTH_TARGET_MIB,
+                     *(x is not None and x >= THROUGHPUT_TARGET for x in ratios)]
+            out.append(f"| {kind} | " + " | ".join(_f(x, "{:.2f}") for x in ratios)
+                       + f" | {_f(g, '{:+.1f}')} | {_f(r.cpu_attacked_pct, '{:.0f}')} | "
+                       f"{conns} | {yes[met]} | {yes[all(every)]} |")
+        notes = [f"{kind}: {n}" for kind, r in self.results.items()
+                 for n in ([r.error] if r.error else []) + r.notes]
+        return "\n".join(out + notes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"proxy": self.proxy, "results": {k: v.to_json() for k, v in
+                                                 self.results.items()}}
+
+
+def run_abuse_each(sup: Supervisor, b: Backends, duration: float, abuse_seconds: float,
+                   ready_timeout: float, only: tuple[str, ...] = (),
+                   proxy: str = "l5dproxy") -> AbuseEach:
+    each = AbuseEach(proxy=proxy)
+    for a in ABUSE_ATTACKS:
+        if only and a.kind not in only:
+            continue
+        log(f"abuse, {a.kind} alone")
+        each.results[a.kind] = run_abuse(sup, b, duration, abuse_seconds, ready_timeout,
+                                         (a.kind,), proxy, name=f"{proxy}-abuse-{a.kind}")
+    return each
 
 
 def _dials(rig: Rig) -> int | None:
@@ -761,6 +818,5 @@ def run_soak(sup: Supervisor, b: Backends, soak_seconds: float,
     res.cpu_pct = 100 * (cpu_seconds(pid) - c0) / res.seconds if rig.target.available else None
     res.rss_peak_mib = sampler.peak_kib / MIB
     res.metrics = scrape(rig.target.admin)
-    for child in list(rig.target.children):
-        sup.stop(child)
+    rig.stop(sup)
     return res

@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--abuse-proxy", choices=("l5dproxy", "haproxy"),
                    help="the proxy the abuse scenario attacks (default l5dproxy; haproxy "
                    "as a reference on the same machine)")
+    p.add_argument("--abuse-each", action="store_true",
+                   help="after the abuse scenario, run every attacker alone, each on a "
+                   "fresh proxy (a line per attacker)")
     p.add_argument("--soak-seconds", type=float, help="length of the soak scenario "
                    "(default 600)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
@@ -122,6 +125,7 @@ def make_settings(args: argparse.Namespace) -> Settings:
         s.abuse_seconds = max(1.0, args.abuse_seconds)
     if args.abuse_attacks:
         s.abuse_attacks = tuple(args.abuse_attacks)
+    s.abuse_each = args.abuse_each
     if args.abuse_proxy:
         s.abuse_proxy = args.abuse_proxy
     if args.soak_seconds is not None:
@@ -233,6 +237,7 @@ class Harness:
         self.workers = WorkersSection(settings.worker_counts) if "workers" in selected else None
         self.worker_sets: dict[int, WorkerSet] = {}
         self.abuse: abuse.AbuseResult | None = None
+        self.abuse_each: abuse.AbuseEach | None = None
         self.soak: abuse.SoakResult | None = None
 
     # -- startup -------------------------------------------------------------
@@ -501,6 +506,10 @@ class Harness:
                 self.abuse = abuse.run_abuse(self.sup, self.b, self.s.duration,
                                              self.s.abuse_seconds, self.ready_timeout,
                                              self.s.abuse_attacks, self.s.abuse_proxy)
+                if self.s.abuse_each:
+                    self.abuse_each = abuse.run_abuse_each(
+                        self.sup, self.b, self.s.duration, self.s.abuse_seconds,
+                        self.ready_timeout, self.s.abuse_attacks, self.s.abuse_proxy)
         if "soak" in self.selected and self.b is not None:
             if which("h2load") is None:
                 self.soak = abuse.SoakResult(error="missing h2load")
@@ -533,7 +542,8 @@ class Harness:
         }
         return Report(meta=meta, settings=dataclasses.asdict(self.s), targets=targets,
                       sections=self.sections, ceiling=self.ceiling, health=self.health,
-                      workers=self.workers, abuse=self.abuse, soak=self.soak)
+                      workers=self.workers, abuse=self.abuse, abuse_each=self.abuse_each,
+                      soak=self.soak)
 
 
 def _health(child: Any, admin_ports: list[int]) -> dict[str, Any]:
@@ -613,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.workers is not None:
         print()
         print(report.workers.table())
-    for extra in (report.abuse, report.soak):
+    for extra in (report.abuse, report.abuse_each, report.soak):
         if extra is not None:
             print()
             print(extra.table())

@@ -64,6 +64,7 @@ class Report:
     health: dict[str, dict[str, Any]] = field(default_factory=dict)  # target -> findings
     workers: WorkersSection | None = None  # the workers scenario (its own table)
     abuse: Any = None  # bench.abuse.AbuseResult: the abuse scenario (its own tables)
+    abuse_each: Any = None  # bench.abuse.AbuseEach: every attacker alone
     soak: Any = None  # bench.abuse.SoakResult
 
     def ceiling_median(self, key: str = "m10") -> float | None:
@@ -220,6 +221,7 @@ class Report:
             "scenarios": sections,
             "workers": self.workers.to_json() if self.workers is not None else None,
             "abuse": self.abuse.to_json() if self.abuse is not None else None,
+            "abuse_each": self.abuse_each.to_json() if self.abuse_each is not None else None,
             "soak": self.soak.to_json() if self.soak is not None else None,
             "table": [
                 {"scenario": r.section, "metric": r.key, "label": r.label,

@@ -46,6 +46,7 @@ class Settings:
     abuse_seconds: float = 30.0  # how long the attackers of the abuse scenario run
     abuse_attacks: tuple[str, ...] = ()  # only these attackers (default: all)
     abuse_proxy: str = "l5dproxy"  # or "haproxy", as a reference
+    abuse_each: bool = False  # also every attacker alone, each on a fresh proxy
     soak_seconds: float = 600.0
 
 

@@ -399,6 +399,32 @@ class VerdictTests(SynchronousTestCase):
         self.assertEqual(row("| ping-flood")[2], "ERR")
         json.dumps(res.to_json())
 
+    def test_each_attacker_line(self) -> None:
+        from bench.abuse import AbuseEach
+
+        def one(kind: str, attacked_h1: float, peak: float, **counts: int) -> AbuseResult:
+            r = AbuseResult(settings={"duration": 5, "abuse_seconds": 20})
+            r.quiet = {n: Honest(rps=100.0, ok=500) for n in ("h1", "h2c", "grpc")}
+            r.attacked = {"h1": Honest(rps=attacked_h1, ok=1),
+                          "h2c": Honest(rps=90.0, ok=1), "grpc": Honest(rps=85.0, ok=1)}
+            r.rss_quiet_mib, r.rss_peak_mib = 50.0, peak
+            r.attackers = {kind: parse_attack_report(json.dumps(report(attack=kind, **counts)))}
+            return r
+
+        each = AbuseEach(results={
+            "slowloris-h2": one("slowloris-h2", 95.0, 52.0, opened=500, closed_by_peer=500,
+                                closed_by_us=0, throttled=0, open_at_end=0),
+            "conn-flood": one("conn-flood", 40.0, 80.0, opened=10, closed_by_peer=2,
+                              closed_by_us=0, throttled=0, open_at_end=8)})
+        lines = each.table().splitlines()
+        cells = [[c.strip() for c in x.strip("|").split("|")] for x in lines
+                 if x.startswith("| slowloris") or x.startswith("| conn-flood")]
+        self.assertEqual(cells[0], ["slowloris-h2", "0.95", "0.90", "0.85", "+2.0", "-",
+                                    "500 / 500", "met", "met"])
+        self.assertEqual(cells[1], ["conn-flood", "0.40", "0.90", "0.85", "+30.0", "-",
+                                    "2 / 10", "NOT met", "NOT met"])
+        json.dumps(each.to_json())
+
     def test_soak_flatness_after_warmup(self) -> None:
         res = SoakResult(seconds=300, warmup_s=60)
         res.rss_cycle_end_mib = [(30.0, 40.0), (61.0, 50.0), (91.0, 52.0), (121.0, 54.5)]
