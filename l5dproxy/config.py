@@ -222,6 +222,10 @@ class H2Config:
     abuse_budget: int = 500
     #: Points of that budget that come back each second.
     abuse_refill_per_second: float = 100.0
+    #: Seconds from detection to the client's SETTINGS; past it: GOAWAY, close. 0: none.
+    preface_timeout: float = 10.0
+    #: Seconds with no stream open before a graceful GOAWAY and close; 0: never.
+    idle_timeout: float = 60.0
 
 
 def load(path: str) -> Config:
@@ -397,6 +401,10 @@ def _parse_h2(t: _Table) -> H2Config:
         abuse_refill_per_second=float(t.get(
             "abuse_refill_per_second", (int, float), H2Config.abuse_refill_per_second,
             lambda v: None if v >= 0 else "must be 0 or more")),
+        preface_timeout=float(t.get("preface_timeout", (int, float), H2Config.preface_timeout,
+                                    check_duration)),
+        idle_timeout=float(t.get("idle_timeout", (int, float), H2Config.idle_timeout,
+                                 check_duration)),
     )
     t.finish()
     return h2

@@ -15,7 +15,7 @@ from h2.events import ResponseReceived, StreamEnded
 from twisted.trial.unittest import TestCase
 
 from tests.support import ProxyProcess, ThreadedServer, connect, wait_for
-from tests.test_e2e_h2 import H2SocketClient, start_h2_backend
+from tests.test_e2e_h2 import H2SocketClient, proxy_to, start_h2_backend
 
 
 def closed_by_peer(sock: socket.socket) -> bool:
@@ -271,3 +271,61 @@ class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
         self.assertEqual(headers[b"l5d-proxy-error"],
                          f"endpoint {endpoint.address} accepts no streams".encode())
         self.assertEqual(endpoint.accepted, 1)
+
+
+class H2ServerTimeoutsEndToEndTests(TestCase):
+    """[h2] preface_timeout and idle_timeout on a real socket."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        backend_port, _log = start_h2_backend(self)
+        self.proxy = proxy_to(self, f"127.0.0.1:{backend_port}", preface_timeout=0.5,
+                              idle_timeout=0.5)
+
+    def read_frames_until_eof(self, sock: socket.socket) -> list:
+        from hyperframe.frame import Frame
+        data = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        frames, view = [], memoryview(data)
+        while len(view) >= 9:
+            frame, length = Frame.parse_frame_header(view[:9])
+            frame.parse_body(view[9:9 + length])
+            frames.append(frame)
+            view = view[9 + length:]
+        return frames
+
+    def test_a_connection_that_never_sends_settings_is_closed(self) -> None:
+        from hyperframe.frame import GoAwayFrame
+        sock = connect(self.proxy.port("in"))
+        self.addCleanup(sock.close)
+        started = time.monotonic()
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")   # the magic, no SETTINGS
+        frames = self.read_frames_until_eof(sock)
+        elapsed = time.monotonic() - started
+        self.assertGreaterEqual(elapsed, 0.45)
+        self.assertLess(elapsed, 10)
+        goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual([g.error_code for g in goaways], [0x4])   # SETTINGS_TIMEOUT
+        wait_for(lambda: self.proxy.metric_value("http_errors_total",
+                                                 reason="h2 preface timeout") == 1,
+                 10, "the timeout to be counted")
+
+    def test_an_idle_connection_gets_goaway_and_is_closed(self) -> None:
+        from hyperframe.frame import GoAwayFrame
+        client = H2SocketClient(self.proxy.port("in"))
+        self.addCleanup(client.close)
+        sid = client.get(b"/")
+        ended = False
+        while not ended:
+            ended = any(isinstance(e, StreamEnded) for e in client.events())
+        started = time.monotonic()
+        frames = self.read_frames_until_eof(client.sock)
+        elapsed = time.monotonic() - started
+        goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+        self.assertEqual([(g.error_code, g.last_stream_id) for g in goaways], [(0, sid)])
+        self.assertLess(elapsed, 10)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import tomllib
 
-from h2.events import RequestReceived
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, RequestReceived
 from h2.settings import SettingCodes
+from hyperframe.frame import GoAwayFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
@@ -31,6 +33,7 @@ from l5dproxy.config import (
     ServiceConfig,
     parse,
 )
+from l5dproxy.connection import InboundConnection
 from l5dproxy.http import h1client
 from l5dproxy.http import h2 as h2module
 from l5dproxy.http.exchange import (
@@ -42,12 +45,13 @@ from l5dproxy.http.exchange import (
     error_response,
 )
 from l5dproxy.http.h1client import H1Client
-from l5dproxy.http.h2 import H2Settings
+from l5dproxy.http.h2 import H2ServerProtocol, H2Settings
 from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.listener import ConnectionLimits, Listener
+from l5dproxy.sniff import H2_PREFACE, Verdict
 from l5dproxy.telemetry import Metrics
 from tests.test_detect import SwitchableTransport
-from tests.test_h2 import ClientTests
+from tests.test_h2 import ClientTests, ServerHarness, Transport, raw_frames
 from tests.test_proxy import FakeClient, FakeConnection, FakeListener
 
 MINIMAL = """
@@ -582,3 +586,76 @@ class H1PoolTests(SynchronousTestCase):
         for target, d in requests:
             if not d.called:
                 self.assertIn(target, somewhere)
+
+
+# -- [h2] preface_timeout and idle_timeout (server end) -----------------------
+
+class H2ServerTimeoutTests(ServerHarness):
+    """The h2 server end's timeouts on a MemoryReactorClock."""
+
+    settings = H2Settings(initial_window_size=65535, connection_window_size=65535,
+                          preface_timeout=10.0, idle_timeout=60.0)
+
+    def fresh_server(self) -> tuple[H2ServerProtocol, Transport]:
+        transport = Transport()
+        conn = InboundConnection(self.listener, transport, self.clock.seconds())
+        conn.detected(Verdict("h2", "preface"))
+        server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+        server.makeConnection(transport)
+        return server, transport
+
+    def test_preface_without_settings_is_closed_after_the_timeout(self) -> None:
+        server, transport = self.fresh_server()
+        server.dataReceived(H2_PREFACE)      # the magic, then nothing
+        transport.clear()
+        self.clock.advance(9.9)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        [goaway] = raw_frames(transport.value())
+        self.assertIsInstance(goaway, GoAwayFrame)
+        self.assertEqual(goaway.error_code, ErrorCodes.SETTINGS_TIMEOUT)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(self.listener.metrics.registry.get_sample_value(
+            "http_errors_total", {"direction": "inbound", "listener": "inbound",
+                                  "reason": "h2 preface timeout"}), 1)
+
+    def test_a_partial_settings_frame_does_not_complete_the_preface(self) -> None:
+        server, transport = self.fresh_server()
+        server.dataReceived(H2_PREFACE + b"\x00\x00\x06\x04\x00")   # 5 of 9 header bytes
+        self.clock.advance(10)
+        self.assertTrue(transport.disconnecting)
+
+    def test_settings_in_time_keep_the_connection(self) -> None:
+        self.clock.advance(30)        # the harness's client sent its SETTINGS at once
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_idle_connection_gets_goaway_and_is_closed(self) -> None:
+        sid = self.request()
+        self.respond(0)
+        self.flush()
+        self.clock.advance(59)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        events = self.flush()
+        [goaway] = self.of(ConnectionTerminated, events)
+        self.assertEqual((goaway.error_code, goaway.last_stream_id), (ErrorCodes.NO_ERROR, sid))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_open_streams_keep_the_connection_and_idleness_counts_from_the_last(self) -> None:
+        self.request()
+        self.clock.advance(200)     # a long request: not idle
+        self.assertFalse(self.transport.disconnecting)
+        self.respond(0)
+        self.flush()
+        self.clock.advance(59)      # idle for 59 s since its end
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_zero_turns_both_off(self) -> None:
+        self.settings = H2Settings(preface_timeout=0, idle_timeout=0)
+        server, transport = self.fresh_server()
+        server.dataReceived(H2_PREFACE)
+        self.clock.advance(10_000)
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -152,6 +152,12 @@ class H2Settings:
     abuse_budget: int = 500
     #: Points that come back each second (and one per completed stream).
     abuse_refill_per_second: float = 100.0
+    #: Seconds a client connection detected as h2 has to send its SETTINGS
+    #: (the end of its connection preface, RFC 9113 3.4); 0: no limit.
+    preface_timeout: float = 10.0
+    #: Seconds a client connection may stay with no stream open before a
+    #: graceful GOAWAY closes it; 0: never.
+    idle_timeout: float = 60.0
 
 
 class StreamResetError(Exception):
@@ -1109,9 +1115,21 @@ class H2ServerProtocol(_H2Protocol):
         self._last_stream_id = 0
         self._how = "client closed"
         self._linger_timer = None
+        #: Until the client's SETTINGS: closes the connection (preface_timeout).
+        self._preface_timer = None
+        #: Checks the connection for idleness every idle_timeout seconds;
+        #: ``_idle_since``: when its last stream ended (or it opened).
+        self._idle_timer = None
+        self._idle_since = 0.0
 
     def connectionMade(self) -> None:
         s = self.settings
+        reactor = self.conn.listener.reactor
+        if s.preface_timeout:
+            self._preface_timer = reactor.callLater(s.preface_timeout, self._preface_timed_out)
+        if s.idle_timeout:
+            self._idle_since = reactor.seconds()
+            self._idle_timer = reactor.callLater(s.idle_timeout, self._idle_check)
         h2 = _H2Connection(H2Configuration(
             client_side=False, header_encoding=None, **_H2_CONFIG), closed_streams_kept(s))
         advertised = {
@@ -1164,12 +1182,65 @@ class H2ServerProtocol(_H2Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
-        if self._linger_timer is not None and self._linger_timer.active():
-            self._linger_timer.cancel()
+        for timer in (self._linger_timer, self._preface_timer, self._idle_timer):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._preface_timer = self._idle_timer = None
         for stream in list(self.streams.values()):
             self._abandon(stream, ConnectionAbortedError("client connection lost"))
         self.conn.on_drain = None
         self.conn.closed(reason, self._how)
+
+    # -- timeouts --
+
+    def _settings_changed(self, event: RemoteSettingsChanged) -> None:
+        timer, self._preface_timer = self._preface_timer, None
+        if timer is not None and timer.active():   # the client's preface is complete
+            timer.cancel()
+
+    def _preface_timed_out(self) -> None:
+        """The client sent the preface's magic but no SETTINGS within
+        ``preface_timeout`` (a slowloris on h2): GOAWAY(SETTINGS_TIMEOUT)
+        and close, counted in http_errors_total, as HTTP/1's
+        request_header_timeout closes a client that never ends its head."""
+        self._preface_timer = None
+        if self._lost:
+            return
+        listener = self.conn.listener
+        listener.metrics.http_errors_total.labels(
+            "inbound", listener.name, "h2 preface timeout").inc()
+        self._end("preface timeout", ErrorCodes.SETTINGS_TIMEOUT)
+
+    def _idle_check(self) -> None:
+        """Every ``idle_timeout`` seconds: a connection that has had no
+        stream open for that long gets a graceful GOAWAY(NO_ERROR) naming
+        the last stream it processed, and is closed (nginx and Envoy close
+        idle h2 connections the same way); one that is busy is checked again."""
+        self._idle_timer = None
+        if self._lost:
+            return
+        timeout = self.settings.idle_timeout
+        reactor = self.conn.listener.reactor
+        wait = timeout
+        if not self.streams:
+            wait = self._idle_since + timeout - reactor.seconds()
+            if wait <= 0:
+                self.draining = True
+                self._end("idle timeout", ErrorCodes.NO_ERROR)
+                return
+        self._idle_timer = reactor.callLater(wait, self._idle_check)
+
+    def _end(self, how: str, code: ErrorCodes) -> None:
+        """Close now with a GOAWAY carrying ``code`` (no stream is in flight
+        or worth waiting for), then linger as ``_close`` does."""
+        self._how = how
+        self._lost = True
+        with suppress(ProtocolError):
+            self.h2.close_connection(error_code=code, last_stream_id=self._last_stream_id)
+            data = self.h2.data_to_send()
+            self._count_written(len(data))
+            self.transport.write(data)
+        self._linger()
 
     # -- streams --
 
@@ -1329,8 +1400,11 @@ class H2ServerProtocol(_H2Protocol):
         self._release(stream, ConnectionAbortedError("request body not needed"))
 
     def _stream_gone(self, stream: _Stream) -> None:
-        if self.draining and not self.streams and not self._lost:
-            self.conn.listener.reactor.callLater(0, self._close)
+        if not self.streams:
+            if self._idle_timer is not None:
+                self._idle_since = self.conn.listener.reactor.seconds()
+            if self.draining and not self._lost:
+                self.conn.listener.reactor.callLater(0, self._close)
 
     # -- ending the connection --
 
