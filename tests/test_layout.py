@@ -104,10 +104,13 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/detect.py": "detect",  # detect/protocol.py
     "l5dproxy/lean.py": "app",  # app/lean.py
     "l5dproxy/listener.py": "accept",  # accept/listener.py, accept/limits.py
+    "l5dproxy/logs.py": "app",  # app/logs.py (log observer, level filter: cli and admin)
     "l5dproxy/serverfirst.py": "detect",  # detect/memory.py, detect/early.py (+ app/admin.py)
     "l5dproxy/service.py": "app",  # app/service.py, app/reload.py (+ net/listening.py)
     "l5dproxy/sniff.py": "detect",  # detect/sniff.py
     "l5dproxy/splice.py": "net",  # net/splice.py
+    "l5dproxy/stats.py": "app",  # app/stats.py (admin /stats.json)
+    "l5dproxy/tap.py": "app",  # app/tap.py (admin /tap; the dispatcher gets a callable)
     "l5dproxy/tcp.py": "tcp",  # tcp/relay.py (+ net/transport.py)
     "l5dproxy/workers.py": "app",  # app/workers.py (+ net/listening.py)
     "l5dproxy/http/abuse.py": "http",  # http/h2/abuse.py
