@@ -45,6 +45,11 @@ class DetectProtocol(Protocol):
             return
         if self.early is not None:
             self.early.client_spoke()
+        if self._timer is None:
+            # The first bytes after a quiet timeout (see _timed_out): they
+            # get a detect timeout of their own.
+            self._timer = self.conn.listener.clock.callLater(
+                self.conn.listener.detect.timeout, self._timed_out)
         self.buffer += data
         verdict = sniff(self.buffer, self.peek_limit)
         if verdict is not None:
@@ -82,6 +87,13 @@ class DetectProtocol(Protocol):
 
     def _timed_out(self) -> None:
         self._timer = None
+        if not self.buffer and self.early is not None and self.early.listening:
+            # Neither side has spoken, and the early connection notices a
+            # server that speaks first whenever it does: wait on for whoever
+            # speaks. Relaying now would let a client that stays quiet past
+            # the timeout send an HTTP request straight to the endpoint,
+            # past routes and limits.
+            return
         self._switch(timed_out(self.buffer))
 
     def _cancel_timer(self) -> None:

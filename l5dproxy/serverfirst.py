@@ -244,6 +244,12 @@ class EarlyConnect:
             self._cancel_timer()
             self.state = _DONE
 
+    @property
+    def listening(self) -> bool:
+        """Connected to the endpoint early and waiting: a server that speaks
+        first is noticed from now on, whenever it speaks."""
+        return self.state == _CONNECTED
+
     def hand_to(self, protocol) -> None:
         """The verdict is in and ``protocol`` will speak it: let it adopt the
         connection (``adopt_upstream``) if it can, else close it."""

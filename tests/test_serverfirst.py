@@ -435,16 +435,69 @@ class EarlyConnectTests(SynchronousTestCase):
         self.assertEqual(self.detections(), {("tls", "client_hello"): 1.0})
         self.assertEqual(server.value(), hello)
 
-    def test_detect_timeout_after_early_connection_relays_on_it(self) -> None:
+    def test_quiet_past_the_detect_timeout_waits_for_whoever_speaks(self) -> None:
+        """Neither side spoke within the detect timeout: with the early
+        connection listening, detection waits on. Bytes that are no protocol
+        are relayed on that connection at once."""
         client = self.accept()
         self.reactor.advance(SILENCE)
         server = self.connect_upstream()
         self.reactor.advance(10.0)
+        self.assertIsInstance(client.protocol, DetectProtocol)
+        self.assertEqual(self.detections(), {})
+        client.protocol.dataReceived(b"\x00late")
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(self.detections(), {("opaque", "not_http"): 1.0})
+        self.assertEqual(server.value(), b"\x00late")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_http_request_after_a_quiet_detect_timeout_is_http1(self) -> None:
+        """A client that stays quiet past the detect timeout and then sends
+        an HTTP request gets the HTTP/1 end (routes, limits), not a TCP relay
+        to the endpoint (it used to be relayed: reason timeout)."""
+        listener = self.make_listener(handlers={"http1": _Handled})
+        client = self.accept(listener)
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        self.reactor.advance(30.0)
+        client.protocol.dataReceived(HTTP_REQUEST)
+        self.assertIsInstance(client.protocol, _Handled)
+        self.assertEqual(client.protocol.received, HTTP_REQUEST)
+        self.assertEqual(self.detections(listener), {("http1", "request_line"): 1.0})
+        self.assertEqual(server.value(), b"")
+        self.assertTrue(server.disconnecting)
+
+    def test_late_partial_bytes_get_a_detect_timeout_of_their_own(self) -> None:
+        listener = self.make_listener(handlers={"http1": _Handled})
+        client = self.accept(listener)
+        self.reactor.advance(SILENCE)
+        self.connect_upstream()
+        self.reactor.advance(10.0)
+        client.protocol.dataReceived(b"\x16\x03")   # could still be TLS
+        self.reactor.advance(9.9)
+        self.assertIsInstance(client.protocol, DetectProtocol)
+        self.reactor.advance(0.1)
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(self.detections(listener), {("opaque", "timeout"): 1.0})
+
+    def test_server_speaking_after_a_quiet_detect_timeout(self) -> None:
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        server = self.connect_upstream()
+        self.reactor.advance(10.0)
+        server.protocol.dataReceived(BANNER)
+        self.assertIsInstance(client.protocol, RelayProtocol)
+        self.assertEqual(client.value(), BANNER)
+        self.assertEqual(self.detections(), {("opaque", "server_first"): 1.0})
+
+    def test_detect_timeout_while_still_connecting_relays(self) -> None:
+        """Not listening yet (the early connect is slow): the timeout relays
+        the quiet connection as before."""
+        client = self.accept()
+        self.reactor.advance(SILENCE)
+        self.reactor.advance(10.0)
         self.assertIsInstance(client.protocol, RelayProtocol)
         self.assertEqual(self.detections(), {("opaque", "timeout"): 1.0})
-        client.protocol.dataReceived(b"late")
-        self.assertEqual(server.value(), b"late")
-        self.assertEqual(len(self.reactor.tcpClients), 1)
 
     def test_zero_silence_turns_it_off(self) -> None:
         listener = self.make_listener(silence=0)
