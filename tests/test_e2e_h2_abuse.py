@@ -18,7 +18,7 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, ResponseReceived, StreamEnded
 from twisted.trial.unittest import TestCase
 
-from tests.test_e2e_h2 import H2SocketClient, proxy_to, start_h2_backend
+from tests.test_e2e_h2 import H2SocketClient, proxy_to, rss_kib, start_h2_backend
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
        (b":authority", b"app.test")]
@@ -110,3 +110,81 @@ class RapidResetTests(TestCase):
         self.assertLessEqual(requests, 500 + 100 * elapsed + 50)
         # The proxy serves everyone else.
         self.assertEqual(honest_get(port), 200)
+
+
+class UnreadRepliesTests(TestCase):
+    timeout = 180
+    status: int | None = None
+
+    def test_ping_flood_from_a_client_that_does_not_read(self) -> None:
+        """Kind 2: a client with a small receive buffer sends PINGs and never
+        reads (the abuse budget set out of the way). Before: the proxy read
+        them all and queued every ACK (+13.5 MB after 1.2 M PINGs). After: it
+        stops reading once its write buffer is full, so the client's send
+        blocks long before 400,000 PINGs, the proxy's memory stays flat, and
+        once the client reads, the connection carries on (a GET is answered)."""
+        backend_port, _log = start_h2_backend(self)
+        proxy = proxy_to(self, f"127.0.0.1:{backend_port}", abuse_budget=2**31 - 1)
+        port = proxy.port("in")
+        pid = proxy.process.pid
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        self.addCleanup(sock.close)
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        h2.initiate_connection()
+        sock.sendall(h2.data_to_send())
+        rss_before = rss_kib(pid)
+
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+        batch = memoryview(ping * 1000)
+        pending = batch
+        sock.setblocking(False)
+        sent = 0
+        blocked_since = None
+        while sent < 400_000 * len(ping):
+            try:
+                n = sock.send(pending)
+            except BlockingIOError:
+                n = 0
+            if n:
+                sent += n
+                pending = pending[n:] or batch
+                blocked_since = None
+                continue
+            if blocked_since is None:
+                blocked_since = time.monotonic()
+            elif time.monotonic() - blocked_since > 3:
+                break   # the proxy has stopped reading: our send stays blocked
+            time.sleep(0.01)
+        pings = sent // len(ping)
+        self.assertLess(pings, 400_000, "the proxy read every PING")
+        grown = rss_kib(pid) - rss_before
+        self.assertLess(grown, 8 * 1024, f"RSS grew {grown} KiB for {pings} PINGs")
+        self.assertEqual(proxy.metric_value("h2_abuse_total", kind="write_buffer"), 0)
+
+        # The client reads now: the proxy drains, reads again, and serves it.
+        sock.setblocking(True)
+        sock.settimeout(30)
+        reader = threading.Thread(target=self._drain, args=(sock, h2), daemon=True)
+        reader.start()
+        if pending is not batch:
+            sock.sendall(pending[:len(pending) % len(ping)])   # the rest of the last PING
+        sid = h2.get_next_available_stream_id()
+        h2.send_headers(sid, GET, end_stream=True)
+        sock.sendall(h2.data_to_send())
+        reader.join(60)
+        self.assertEqual(self.status, 200)
+        print(f"\n{pings} PINGs sent before the send blocked; RSS grew {grown} KiB")
+
+    def _drain(self, sock: socket.socket, h2: H2Connection) -> None:
+        """Read everything (the ACKs, then the response); the response status."""
+        while True:
+            data = sock.recv(1 << 16)
+            if not data:
+                return
+            for event in h2.receive_data(data):
+                if isinstance(event, ResponseReceived):
+                    self.status = int(dict(event.headers)[b":status"])
+                    return

@@ -30,6 +30,7 @@ from l5dproxy.http.exchange import Body, ProxyError, Request, RequestHead, Respo
 from l5dproxy.http.h2 import H2Client, H2ServerProtocol, H2Settings
 from l5dproxy.sniff import Verdict
 from l5dproxy.telemetry import Metrics
+from l5dproxy.writebound import WriteBound
 from tests.test_h2 import GET, Endpoint, FakeDispatcher, Transport, make_listener, raw_frames
 
 #: Twisted reads at most this much per dataReceived.
@@ -233,3 +234,109 @@ class ConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as caught:
                 parse(tomllib.loads(self.BASE + "[h2]\n" + text + "\n"), "f.toml")
             self.assertIn(reason, " ".join(caught.exception.errors))
+
+
+class WriteBoundTests(SynchronousTestCase):
+    """Kind 2: replies queued to a peer that does not read (l5dproxy.writebound)."""
+
+    def test_bound_alone(self) -> None:
+        calls: list[str] = []
+        bound = WriteBound(lambda: calls.append("pause"), lambda: calls.append("resume"),
+                           lambda: calls.append("overflow"), limit=100)
+        bound.wrote(1000)            # not full: nothing counts
+        bound.full()
+        bound.full()
+        bound.wrote(60)
+        bound.drained()              # emptied: reading again, count reset
+        bound.full()
+        bound.wrote(60)
+        self.assertEqual(calls, ["pause", "resume", "pause"])
+        bound.wrote(41)
+        bound.wrote(500)
+        bound.drained()              # crossed: never read again
+        self.assertEqual(calls, ["pause", "resume", "pause", "overflow"])
+
+    def server(self, budget: int = 2**31 - 1):
+        clock = MemoryReactorClock()
+        listener = make_listener(clock)
+        transport = Transport()
+        conn = InboundConnection(listener, transport, 0.0)
+        conn.detected(Verdict("h2", "preface"))
+        dispatcher = FakeDispatcher()
+        server = H2ServerProtocol(conn, dispatcher, H2Settings(abuse_budget=budget))
+        server.makeConnection(transport)
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        server.dataReceived(client.data_to_send())
+        transport.clear()
+        return server, transport, listener, dispatcher, client
+
+    def test_h2_server_stops_reading_while_its_buffer_is_full(self) -> None:
+        server, transport, _, _, _ = self.server()
+        server.pauseProducing()     # what Twisted does past its bufferSize (64 KiB)
+        self.assertEqual(transport.producerState, "paused")
+        server.resumeProducing()    # the buffer drained
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_h2_server_closes_past_the_hard_bound(self) -> None:
+        """PINGs already read are answered while reading is paused: past the
+        hard bound the connection is aborted and counted."""
+        server, transport, listener, _, _ = self.server()
+        server._bound.limit = 17 * 1000
+        server.pauseProducing()
+        server.dataReceived(b"".join(PingFrame(0).serialize() for _ in range(999)))
+        self.assertFalse(transport.disconnecting)
+        server.dataReceived(PingFrame(0).serialize() * 2)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(samples(listener.metrics, "h2_abuse_total"), {"write_buffer": 1.0})
+
+    def test_h2_server_bound_counts_response_headers(self) -> None:
+        """Response heads keep coming from upstream while the client does not
+        read (nothing it sends is read): they count, and past the hard bound
+        the connection is aborted, with no more than the bound and one head
+        written meanwhile."""
+        server, transport, listener, dispatcher, client = self.server()
+        for _ in range(16):
+            client.send_headers(client.get_next_available_stream_id(), GET, end_stream=True)
+        server.dataReceived(client.data_to_send())
+        transport.clear()
+        server._bound.limit = 200_000
+        server.pauseProducing()
+        big = [(b"x-big-%d" % i, b"v" * 16000) for i in range(2)]
+        for _, _, d in dispatcher.calls:
+            if transport.disconnecting:
+                break
+            d.callback(Response(ResponseHead(200, big), Body()))
+        self.assertTrue(transport.disconnecting)
+        self.assertLessEqual(len(transport.value()), 200_000 + 33_000)
+        self.assertEqual(samples(listener.metrics, "h2_abuse_total"), {"write_buffer": 1.0})
+
+    def test_h1_server_stops_reading_and_closes_past_the_hard_bound(self) -> None:
+        from l5dproxy.http.h1 import H1Server
+
+        clock = MemoryReactorClock()
+        listener = make_listener(clock)
+        transport = Transport()
+        conn = InboundConnection(listener, transport, 0.0)
+        conn.detected(Verdict("http1", "request line"))
+        dispatcher = FakeDispatcher()
+        server = H1Server(conn, dispatcher)
+        server.makeConnection(transport)
+        server.pauseProducing()
+        self.assertEqual(transport.producerState, "paused")
+        server.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        server._bound.limit = 10_000
+        server.pauseProducing()
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n" * 4)
+        for _ in range(4):
+            if transport.disconnecting or not dispatcher.calls:
+                break
+            _, _, d = dispatcher.calls.pop(0)
+            body = Body()
+            d.callback(Response(ResponseHead(200, [(b"content-length", b"6000")]), body))
+            body.write(b"r" * 6000)
+            body.finish()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(listener.metrics.http_errors_total.labels(
+            "inbound", listener.name, "write buffer limit")._value.get(), 1)

@@ -99,6 +99,7 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/admin.py": "app",  # app/admin.py
     "l5dproxy/balance.py": "balance",  # balance/{endpoint,p2c,budget,backends}.py
     "l5dproxy/batchsend.py": "net",  # net/batchsend.py
+    "l5dproxy/writebound.py": "net",  # net/writebound.py
     "l5dproxy/cli.py": "app",  # app/cli.py
     "l5dproxy/connection.py": "net",  # net/connection.py, net/transport.py
     "l5dproxy/detect.py": "detect",  # detect/protocol.py

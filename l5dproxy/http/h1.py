@@ -51,6 +51,7 @@ from l5dproxy.http.exchange import (
     Response,
 )
 from l5dproxy.http.proxy import reason_phrase
+from l5dproxy.writebound import WriteBound
 
 if TYPE_CHECKING:
     from l5dproxy.connection import InboundConnection
@@ -268,6 +269,8 @@ class H1Server(Protocol):
 
     def connectionMade(self) -> None:
         self._send = BatchSender(self.transport).write
+        self._bound = WriteBound(lambda: self._pause_reading("write"),
+                                 lambda: self._resume_reading("write"), self._write_overflow)
         self._clock = self.conn.listener.clock
         self.parser = HttpRequestParser(self)
         self.transport.registerProducer(self, True)
@@ -595,9 +598,7 @@ class H1Server(Protocol):
         self._stopped = True
         self._in_head = False
         self.parser = None
-        listener = self.conn.listener
-        listener.metrics.http_errors_total.labels(
-            "inbound", listener.name, reject.reason).inc()
+        self._count_error(reject.reason)
         error = ProxyError.bad_request(reject.reason, reject.status)
         reading = self._reading
         if reading is not None and not reading.body_done:
@@ -813,16 +814,14 @@ class H1Server(Protocol):
                 batch.append(data)
             return
         if not self._out_chunked:
-            self.conn.count_written(n)
-            self._send(data)
+            self._write(data)
         elif n < 16384:   # one small write beats a sequence
-            out = b"%x\r\n%b\r\n" % (n, data)
-            self.conn.count_written(len(out))
-            self._send(out)
+            self._write(b"%x\r\n%b\r\n" % (n, data))
         else:             # a large chunk is not copied
             size = b"%x\r\n" % n
             self.conn.count_written(len(size) + n + 2)
             self.transport.writeSequence((size, data, b"\r\n"))
+            self._bound.wrote(len(size) + n + 2)
 
     def body_end(self, trailers: Headers | None) -> None:
         self._out_body = None
@@ -856,6 +855,23 @@ class H1Server(Protocol):
     def _write(self, data: bytes) -> None:
         self.conn.count_written(len(data))
         self._send(data)
+        self._bound.wrote(len(data))
+
+    def _count_error(self, reason: str) -> None:
+        """``http_errors_total{reason}`` for this connection's listener."""
+        listener = self.conn.listener
+        listener.metrics.http_errors_total.labels("inbound", listener.name, reason).inc()
+
+    def _write_overflow(self) -> None:
+        """``WriteBound``: the client left more than the hard limit unread
+        (pipelined requests whose responses it does not read): aborted, counted."""
+        self._count_error("write buffer limit")
+        log.info("HTTP/1 client {peer} does not read: more than {limit} bytes queued, aborted",
+                 peer=self.conn.peer, limit=self._bound.limit)
+        self._ended_by = "write buffer limit"
+        self._stopped = True
+        if not self._closed:
+            self.transport.abortConnection()
 
     def _answered(self, msg: _Message) -> None:
         """``msg``'s response is complete: go on with the next, or close."""
@@ -927,9 +943,12 @@ class H1Server(Protocol):
             self._out_body.pause()
         if self.tunnel is not None:
             self.tunnel.transport.pauseProducing()
+        else:
+            self._bound.full()   # and the client is not read until it drains
 
     def resumeProducing(self) -> None:
         self._out_paused = False
+        self._bound.drained()
         if self._out_body is not None:
             self._out_body.resume()
         if self.tunnel is not None:

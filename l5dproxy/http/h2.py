@@ -91,6 +91,7 @@ from l5dproxy.http.exchange import (
     error_response,
 )
 from l5dproxy.http.proxy import as_proxy_error
+from l5dproxy.writebound import WriteBound
 
 if TYPE_CHECKING:
     from l5dproxy.connection import InboundConnection
@@ -680,6 +681,8 @@ class _H2Protocol(Protocol):
         self._acks: dict[int, int] = {}
         #: What the peer has made us do for nothing (set at connectionMade).
         self.budget: AbuseBudget | None = None
+        #: What we have queued for a peer that does not read (_start_writing).
+        self._bound: WriteBound | None = None
 
     # -- writing --
 
@@ -688,6 +691,8 @@ class _H2Protocol(Protocol):
         sender = BatchSender(self.transport)
         if sender.batch is not None:
             self._sender = sender
+        self._bound = WriteBound(self.transport.pauseProducing, self._resume_reading,
+                                 self._write_overflow)
 
     def _write(self) -> None:
         """h2 has frames to send: now, or (plain TCP) at the end of this
@@ -712,6 +717,20 @@ class _H2Protocol(Protocol):
                 self.transport.write(data)
             else:
                 sender.write_now(data)
+            self._bound.wrote(len(data))
+
+    def _resume_reading(self) -> None:
+        if not self._lost:
+            self.transport.resumeProducing()
+
+    def _write_overflow(self) -> None:
+        """``WriteBound``: the peer has left more than the hard limit unread
+        while it was not being read: the connection is aborted, counted."""
+        log.info("h2 peer {peer} does not read: more than {limit} bytes queued, aborted",
+                 peer=self._peer(), limit=self._bound.limit)
+        self._count_abuse("write_buffer")
+        self._lost = True
+        self.transport.abortConnection()
 
     def _lose_connection(self) -> None:
         self._flush_now()
@@ -722,9 +741,11 @@ class _H2Protocol(Protocol):
 
     def pauseProducing(self) -> None:
         self._write_paused = True
+        self._bound.full()   # and the peer is not read until it drains
 
     def resumeProducing(self) -> None:
         self._write_paused = False
+        self._bound.drained()
         self._send_blocked()
 
     def stopProducing(self) -> None:
@@ -1179,6 +1200,10 @@ class H2ServerProtocol(_H2Protocol):
     def _close_now(self) -> None:
         self._how = "abuse budget crossed"
         self._linger()
+
+    def _write_overflow(self) -> None:
+        self._how = "write buffer limit"
+        super()._write_overflow()
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
