@@ -360,7 +360,7 @@ class Http1EndToEnd(TestCase):
                 sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: m.example\r\n\r\n")
                 read_response(sock)
         labels = {"direction": "inbound", "listener": "in", "service": "app",
-                  "authority": "m.example", "protocol": "http1"}
+                  "authority": "other", "protocol": "http1"}
         self.assertEqual(self.proxy.metric_value("request_total", **labels), 4)
         self.assertEqual(self.proxy.metric_value(
             "response_total", **labels, status_code="200", classification="success"), 3)

@@ -112,7 +112,7 @@ class RetryWithHalfABodyTests(TestCase):
         self.assertEqual(endpoints.connections, 1)
         self.assertEqual(proxy.metric_value(
             "response_total", direction="inbound", listener="in", service="app",
-            authority="app", protocol="http1", status_code=answer[9:12].decode(),
+            authority="other", protocol="http1", status_code=answer[9:12].decode(),
             grpc_status="", classification="failure",
             error="" if first == "503" else "connection closed by upstream"), 1)
         return answer

@@ -1702,7 +1702,7 @@ class DispatcherGrpcTests(SynchronousTestCase):
     def count(self, grpc_status: str, classification: str, status_code: str = "200",
               error: str = "") -> float | None:
         return self.metrics.registry.get_sample_value("response_total", {
-            "direction": "inbound", "listener": "in", "service": "app", "authority": "svc",
+            "direction": "inbound", "listener": "in", "service": "app", "authority": "other",
             "protocol": "h2", "status_code": status_code, "grpc_status": grpc_status,
             "classification": classification, "error": error})
 

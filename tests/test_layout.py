@@ -120,6 +120,7 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/http/h1.py": "http",  # http/h1/{server,request,upgrade,framing}.py
     "l5dproxy/http/h1client.py": "http",  # http/h1/{client,pool}.py
     "l5dproxy/http/h2.py": "http",  # http/h2/*.py
+    "l5dproxy/http/labels.py": "route",  # route/labels.py
     "l5dproxy/http/proxy.py": "route",  # route/{dispatcher,table,labels}.py
     "l5dproxy/http/retry.py": "route",  # route/retry.py
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
@@ -18,6 +20,7 @@ from l5dproxy.http.exchange import (
     Response,
     ResponseHead,
 )
+from l5dproxy.http.labels import MAX_CACHED_CHILDREN
 from l5dproxy.http.proxy import HttpProxy, as_proxy_error
 from l5dproxy.telemetry import Metrics
 from tests.dispatchfakes import as_call_client, dispatch_to_deferred
@@ -108,7 +111,7 @@ class DispatcherTests(SynchronousTestCase):
         _, d = self.dispatch(target=b"/empty/x")
         err = self.failureResultOf(d, ProxyError).value
         self.assertEqual((err.status, err.reason), (503, "no endpoints"))
-        self.assertEqual(self.value("response_total", service="empty", authority="web.example",
+        self.assertEqual(self.value("response_total", service="empty", authority="other",
                                     status_code="503", grpc_status="",
                                     classification="failure", error="no endpoints"), 1)
 
@@ -137,7 +140,7 @@ class DispatcherTests(SynchronousTestCase):
         body.write(b"hello")        # first byte: 13.5 ms
         self.clock.advance(1.0)
         body.finish()
-        labels = {"service": "app", "authority": "web.example"}
+        labels = {"service": "app", "authority": "other"}
         self.assertEqual(self.value("request_total", **labels), 1)
         self.assertEqual(self.value("response_total", **labels, status_code="200",
                                     grpc_status="", classification="success", error=""), 1)
@@ -152,7 +155,7 @@ class DispatcherTests(SynchronousTestCase):
         self.clock.advance(0.002)
         self.h1.calls[0][2].callback(Response(ResponseHead(503), Body.empty()))
         self.successResultOf(d)
-        labels = {"service": "app", "authority": "web.example", "status_code": "503"}
+        labels = {"service": "app", "authority": "other", "status_code": "503"}
         self.assertEqual(self.value("response_latency_ms_bucket", **labels, le="2.0"), 1)
         self.assertEqual(self.value("response_total", **labels, grpc_status="",
                                     classification="failure", error=""), 1)
@@ -163,7 +166,7 @@ class DispatcherTests(SynchronousTestCase):
         self.h1.calls[0][2].callback(Response(ResponseHead(200), body))
         body.write(b"x")
         body.fail(ConnectionResetError())
-        self.assertEqual(self.value("response_total", service="app", authority="web.example",
+        self.assertEqual(self.value("response_total", service="app", authority="other",
                                     status_code="200", grpc_status="",
                                     classification="failure", error="stream"), 1)
 
@@ -172,7 +175,7 @@ class DispatcherTests(SynchronousTestCase):
         body = Body()
         self.h1.calls[0][2].callback(Response(ResponseHead(200), body))
         body.finish([(b"grpc-status", b"14")])
-        self.assertEqual(self.value("response_total", service="app", authority="web.example",
+        self.assertEqual(self.value("response_total", service="app", authority="other",
                                     status_code="200", grpc_status="14",
                                     classification="failure", error=""), 1)
 
@@ -228,6 +231,108 @@ class DispatchToTests(DispatcherTests):
         context = RequestContext(self.listener, FakeConnection(), "http1")
         return request, dispatch_to_deferred(self.proxy, request, context)
 
+
+
+class TargetsBoundTests(SynchronousTestCase):
+    """``HttpProxy.targets`` (endpoint address -> service config) forgets
+    addresses no service has any more once it holds ``MAX_TARGETS``: a
+    service whose addresses churn (discovery) does not grow it forever."""
+
+    setUp = DispatcherTests.setUp
+    dispatch = DispatcherTests.dispatch
+
+    def test_churning_addresses_stay_bounded(self) -> None:
+        from l5dproxy.http import proxy as proxy_module
+
+        self.patch(proxy_module, "MAX_TARGETS", 8)
+        app = self.upstreams["app"]
+        for port in range(10000, 10040):
+            app.set_addresses([HostPort("127.0.0.1", port)])
+            self.dispatch()
+            self.assertLessEqual(len(self.proxy.targets), 8)
+            endpoint = self.h1.calls[-1][0]
+            self.assertEqual(endpoint.address.port, port)
+            self.assertIs(self.proxy.target_of(endpoint), self.services["app"])
+
+
+def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:
+    """The label sets of every sample of ``name`` in the registry."""
+    return [sample.labels for metric in registry.collect() for sample in metric.samples
+            if sample.name == name]
+
+
+class LabelBoundTests(SynchronousTestCase):
+    """Values a client (or an endpoint) picks never become label values
+    (issue 18): ``authority`` is a configured route host or ``other``,
+    ``status_code`` a valid status or ``other``, ``grpc_status`` a gRPC code
+    or ``other``; so no sequence of requests adds series or label sets."""
+
+    setUp = DispatcherTests.setUp
+    dispatch = DispatcherTests.dispatch
+    value = DispatcherTests.value
+
+    def answer(self, status: int = 200, trailers=None) -> None:
+        body = Body()
+        self.h1.calls[-1][2].callback(Response(ResponseHead(status), body))
+        body.finish(trailers)
+
+    def test_authority_is_a_configured_host_or_other(self) -> None:
+        for authority in (b"API.example:80", b"api.example", b"slow.example:8080",
+                          b"web.example", b"random.example:1", b""):
+            self.dispatch(authority=authority)
+        seen = sorted({labels["authority"]
+                       for labels in series(self.metrics.registry, "request_total")})
+        self.assertEqual(seen, ["api.example", "other", "slow.example"])
+        self.assertEqual(self.value("request_total", service="api", authority="api.example"),
+                         2)
+        self.assertEqual(self.value("request_total", service="app", authority="other"), 3)
+
+    @settings(max_examples=200, derandomize=True, database=None, deadline=None)
+    @given(st.lists(st.binary(max_size=40), min_size=1, max_size=30))
+    def test_any_authorities_add_no_label_values(self, authorities) -> None:
+        """Whatever authorities clients send, the label values are the
+        listener's route hosts plus ``other``, and the label sets cached are
+        at most one per (service, value)."""
+        for authority in authorities:
+            self.dispatch(authority=authority)
+        values = {labels["authority"] for labels in series(self.metrics.registry,
+                                                           "request_total")}
+        self.assertLessEqual(values, {"api.example", "slow.example", "other"})
+        self.assertLessEqual(len(self.proxy._labels), 4 * 3)
+
+    def test_20000_hosts_leave_two_label_sets(self) -> None:
+        for n in range(20000):
+            self.dispatch(authority=b"h%d.example" % n)
+            self.answer()
+        self.assertEqual(len(self.proxy._labels), 1)
+        self.assertEqual(len(series(self.metrics.registry, "request_total")), 1)
+        self.assertEqual(self.value("response_total", service="app", authority="other",
+                                    status_code="200", grpc_status="",
+                                    classification="success", error=""), 20000)
+
+    def test_status_and_grpc_status_labels_are_bounded(self) -> None:
+        """An endpoint's status outside 100-599 and any grpc-status that is
+        not a gRPC code are ``other``; the cache of children keyed by the
+        raw values starts over past ``MAX_CACHED_CHILDREN`` and every
+        response is still counted."""
+        n = MAX_CACHED_CHILDREN + 50
+        for i in range(n):
+            self.dispatch()
+            self.answer(200, [(b"grpc-status", b"%d" % (1000 + i))])
+        self.dispatch()
+        self.answer(999)
+        self.dispatch()
+        self.answer(200, [(b"grpc-status", b"16")])
+        [labels] = self.proxy._labels.values()
+        self.assertLessEqual(len(labels._responses), MAX_CACHED_CHILDREN)
+        statuses = {(s["status_code"], s["grpc_status"])
+                    for s in series(self.metrics.registry, "response_total")}
+        self.assertEqual(statuses, {("200", "other"), ("other", ""), ("200", "16")})
+        self.assertEqual(sum(sample.value for metric in self.metrics.registry.collect()
+                             for sample in metric.samples if sample.name == "response_total"
+                             and sample.labels["grpc_status"] == "other"), n)
+        self.assertEqual({s["status_code"] for s in series(
+            self.metrics.registry, "response_latency_ms_count")}, {"200", "other"})
 
 
 class IsGrpcTests(SynchronousTestCase):

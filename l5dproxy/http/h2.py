@@ -1905,7 +1905,9 @@ class H2ClientProtocol(_H2Protocol):
         d, stream.deferred = stream.deferred, None
         if d is not None and not d.done:
             code = _code(code)
-            name = code_name(code)
+            # An unknown code (RFC 9113 7: no special meaning) is not named:
+            # the reason is a metric label, and a peer picks the number.
+            name = code.name if isinstance(code, ErrorCodes) else "unknown error code"
             if code == ErrorCodes.REFUSED_STREAM:
                 error = ProxyError.unavailable(f"upstream refused stream ({name})")
             else:

@@ -21,6 +21,11 @@ response that dies half-way counts as a failure; ``response_latency_ms``
 from the request head to the first byte of the response body (or its end,
 when it has none). Labelled children are looked up once per
 (listener, service, authority, protocol) and kept.
+
+Every label value comes from configuration or from a small fixed set, never
+straight from what a peer sent (``_RouteTable.authority_label``, and
+``l5dproxy.http.labels``); the access log (per request, no state) keeps
+each request's real authority.
 """
 
 from __future__ import annotations
@@ -36,13 +41,9 @@ from twisted.python.failure import Failure
 
 from l5dproxy.http import grpc
 from l5dproxy.http.exchange import Headers, ProxyError, Request, RequestContext, Response
+from l5dproxy.http.labels import OTHER, Labels
 from l5dproxy.http.retry import EmptyReplay, Replay, replay_for, retryable
-from l5dproxy.telemetry import (
-    DIRECTION,
-    LATENCY_MS_BUCKETS,
-    PendingCount,
-    PendingHistogram,
-)
+from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint, Upstream
@@ -53,10 +54,15 @@ if TYPE_CHECKING:
 log = Logger(namespace="l5dproxy.http")
 access_log = Logger(namespace="l5dproxy.access")
 
-#: Distinct label sets kept per proxy before the cache starts over (a client
-#: sending random Host headers must not grow memory without bound).
+#: Distinct label sets kept per proxy before the cache starts over. Every
+#: label is bounded by the config (``authority_label`` and friends), so only
+#: reloads that rename listeners, services or routes add sets; this bounds
+#: the cache (not the registry's series) across any number of them.
 MAX_CACHED_LABEL_SETS = 10_000
 
+#: Endpoint addresses whose service config is remembered (``HttpProxy.targets``)
+#: before those no longer in any service are dropped.
+MAX_TARGETS = 4096
 
 class HttpProxy:
     """Route, balance, time out and count every HTTP request."""
@@ -73,7 +79,7 @@ class HttpProxy:
         self.targets: dict[HostPort, ServiceConfig] = {}
         #: Compiled routes by listener; weak, so listeners a reload replaced go.
         self._routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._labels: dict[tuple[str, str, bytes, str], _Labels] = {}
+        self._labels: dict[tuple[str, str, str, str], Labels] = {}
         #: The tap (l5dproxy.tap.TapHub) while anyone watches, else None;
         #: ``tap_start`` while anyone wants request-start events too.
         self.tap = None
@@ -84,6 +90,19 @@ class HttpProxy:
     def target_of(self, endpoint: Endpoint) -> ServiceConfig | None:
         """The service config of the last request sent to ``endpoint``'s address."""
         return self.targets.get(endpoint.address)
+
+    def set_target(self, address: HostPort, config: ServiceConfig) -> None:
+        """Remember ``address``'s service config. Addresses come and go with
+        discovery (a pod's address, once), so past ``MAX_TARGETS`` those no
+        service has any more are forgotten (a client end asking for one
+        then gets None: the defaults)."""
+        targets = self.targets
+        if address not in targets and len(targets) >= MAX_TARGETS:
+            current = {e.address for upstream in self.upstreams.values()
+                       for e in upstream.endpoints}
+            for gone in [a for a in targets if a not in current]:
+                del targets[gone]
+        targets[address] = config
 
     # -- the dispatcher --
 
@@ -106,7 +125,9 @@ class HttpProxy:
             table = self._routes[listener] = _RouteTable(listener.config)
         return table
 
-    def labels(self, listener: str, service: str, authority: bytes, protocol: str) -> _Labels:
+    def labels(self, listener: str, service: str, authority: str, protocol: str) -> Labels:
+        """The children of one label set; ``authority`` is already a label
+        value (``_RouteTable.authority_label``), never a raw authority."""
         key = (listener, service, authority, protocol)
         labels = self._labels.get(key)
         if labels is None:
@@ -115,9 +136,8 @@ class HttpProxy:
                     dropped.flush()
                     self.metrics.flushers.discard(dropped)
                 self._labels.clear()
-            labels = self._labels[key] = _Labels(
-                self.metrics, (DIRECTION, listener, service,
-                               authority.decode("latin-1"), protocol))
+            labels = self._labels[key] = Labels(
+                self.metrics, (DIRECTION, listener, service, authority, protocol))
             self.metrics.flushers.add(labels)
         return labels
 
@@ -125,7 +145,7 @@ class HttpProxy:
 class _RouteTable:
     """A listener's routes, compiled: (host, path prefix, service), first match wins."""
 
-    __slots__ = ("default", "routes")
+    __slots__ = ("default", "hosts", "routes")
 
     def __init__(self, config) -> None:
         self.default: str = config.service
@@ -135,6 +155,25 @@ class _RouteTable:
              route.service, route)
             for route in getattr(config, "routes", ())
         ]
+        #: The routes' hosts (as matched) -> their ``authority`` label.
+        self.hosts: dict[bytes, str] = {
+            want_host: want_host.decode("ascii")
+            for want_host, _prefix, _service, _route in self.routes if want_host is not None}
+
+    def authority_label(self, authority: bytes) -> str:
+        """The ``authority`` label of a request: the ``host`` of a route of
+        this listener that the authority matches (with or without its port,
+        in any case, as routing matches it), else ``other``. The set of
+        values is the listener's configured hosts plus one, whatever Host or
+        ``:authority`` clients send (issue 18)."""
+        hosts = self.hosts
+        if not hosts:
+            return OTHER
+        authority = authority.lower()
+        label = hosts.get(authority)
+        if label is None:
+            label = hosts.get(_host_of(authority), OTHER)
+        return label
 
     def match_route(self, authority: bytes, target: bytes) -> tuple[str, RouteConfig | None]:
         if not self.routes:
@@ -157,44 +196,6 @@ def _host_of(authority: bytes) -> bytes:
         return authority[:end + 1] if end > 0 else authority
     host, _, _ = authority.partition(b":")
     return host
-
-
-class _Labels:
-    """The labelled metric children of one (listener, service, authority,
-    protocol), counted in ints until the registry is collected (telemetry)."""
-
-    __slots__ = ("_latency", "_responses", "labels", "metrics", "requests")
-
-    def __init__(self, metrics: Metrics, labels: tuple[str, ...]) -> None:
-        self.metrics = metrics
-        self.labels = labels
-        self.requests = PendingCount(metrics.request_total.labels(*labels))
-        self._responses: dict[tuple[int, str, str, str], PendingCount] = {}
-        self._latency: dict[int, PendingHistogram] = {}
-
-    def response(self, status: int, grpc_status: str, classification: str,
-                 error: str) -> PendingCount:
-        key = (status, grpc_status, classification, error)
-        child = self._responses.get(key)
-        if child is None:
-            child = self._responses[key] = PendingCount(self.metrics.response_total.labels(
-                *self.labels, str(status), grpc_status, classification, error))
-        return child
-
-    def latency(self, status: int) -> PendingHistogram:
-        child = self._latency.get(status)
-        if child is None:
-            child = self._latency[status] = PendingHistogram(
-                self.metrics.response_latency_ms.labels(*self.labels, str(status)),
-                LATENCY_MS_BUCKETS)
-        return child
-
-    def flush(self) -> None:
-        self.requests.flush()
-        for child in self._responses.values():
-            child.flush()
-        for child in self._latency.values():
-            child.flush()
 
 
 class _Exchange:
@@ -245,7 +246,8 @@ class _Exchange:
         if table is None:   # once per connection (its listener's routes)
             table = context.routes = proxy.route_table(listener)
         service, route = table.match_route(head.authority, head.target)
-        labels = self.labels = proxy.labels(listener.name, service, head.authority,
+        labels = self.labels = proxy.labels(listener.name, service,
+                                            table.authority_label(head.authority),
                                             context.protocol)
         labels.requests.n += 1
         self.grpc = head.is_grpc
@@ -298,7 +300,7 @@ class _Exchange:
         config = self.upstream.config
         address = endpoint.address
         if proxy.targets.get(address) is not config:
-            proxy.targets[address] = config
+            proxy.set_target(address, config)
         self.endpoint = endpoint
         endpoint.begin()
         connection = self.context.connection
