@@ -182,6 +182,8 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/detect.py", "getattr(listener, 'server_first', None)"): 1,
     ("l5dproxy/detect.py", "listener.clock"): 1,
     ("l5dproxy/detect.py", "listener.detect"): 2,
+    ("l5dproxy/detect.py", "self.conn.listener.clock"): 1,
+    ("l5dproxy/detect.py", "self.conn.listener.detect"): 1,
     ("l5dproxy/detect.py", "self.conn.listener.detection_abandoned"): 1,
     ("l5dproxy/http/h1.py", "listener.config"): 2,
     ("l5dproxy/http/h1.py", "listener.metrics"): 1,
