@@ -10,11 +10,12 @@ import contextlib
 import socket
 import struct
 import time
+from functools import partial
 
 from h2.events import ResponseReceived, StreamEnded
 from twisted.trial.unittest import TestCase
 
-from tests.support import ProxyProcess, ThreadedServer, connect, wait_for
+from tests.support import ProxyProcess, ThreadedServer, build_config, connect, wait_for
 from tests.test_e2e_h2 import H2SocketClient, proxy_to, start_h2_backend
 
 
@@ -329,3 +330,111 @@ class H2ServerTimeoutsEndToEndTests(TestCase):
         goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
         self.assertEqual([(g.error_code, g.last_stream_id) for g in goaways], [(0, sid)])
         self.assertLess(elapsed, 10)
+
+
+class LimitsReloadEndToEndTests(TestCase):
+    """max_connections and max_pending_requests apply on reload (SIGHUP)."""
+
+    timeout = 60
+
+    def test_reload_changes_both_limits(self) -> None:
+        import signal
+        backend = ThreadedServer(self, hold_requests)
+
+        def config(max_connections: int, max_pending: int) -> str:
+            from tests.support import build_config
+            return build_config(   # listen unchanged (port 0): the port is kept
+                [{"name": "in", "service": "app", "max_connections": max_connections}],
+                {"app": {"endpoints": [backend.address], "retry_limit": 0,
+                         "max_pending_requests": max_pending}},
+                proxy={"log_connections": False})
+
+        proxy = ProxyProcess(self, config(2, 10))
+        port = proxy.port("in")
+        first = connect(port)
+        self.addCleanup(first.close)
+        first.sendall(b"GET /1 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        wait_for(lambda: backend.accepted == 1, 10, "the first request upstream")
+        # Lower both: one connection, one request in flight.
+        with open(proxy.config_path, "w") as f:
+            f.write(config(1, 1))
+        proxy.send_signal(signal.SIGHUP)
+        wait_for(lambda: proxy.metric_value("config_reload_total", result="success") == 1,
+                 10, "the reload")
+        refused = connect(port)
+        self.addCleanup(refused.close)
+        wait_for(lambda: closed_by_peer(refused), 10, "the second connection to be closed")
+        self.assertEqual(proxy.metric_value("connection_limit_total", listener="in"), 1)
+        # Raise the connection limit: a second connection is kept, and its
+        # request is shed (one already in flight).
+        with open(proxy.config_path, "w") as f:
+            f.write(config(2, 1))
+        proxy.send_signal(signal.SIGHUP)
+        wait_for(lambda: proxy.metric_value("config_reload_total", result="success") == 2,
+                 10, "the second reload")
+        second = connect(port)
+        self.addCleanup(second.close)
+        second.sendall(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        head = read_http_response(second)
+        self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
+        self.assertIn(b"l5d-proxy-error: service unavailable: load shed", head)
+        self.assertEqual(proxy.metric_value("load_shed_total", service="app"), 1)
+        self.assertEqual(backend.accepted, 1)
+
+
+def requests_seen(proxy: ProxyProcess, n: int) -> bool:
+    return proxy.metric_value("request_total", service="app") == n
+
+
+class H1PoolLimitEndToEndTests(TestCase):
+    """[http] max_connections_per_endpoint = 1: requests queue for the one
+    connection and are served on it in order; a client that leaves while
+    its request waits is dropped from the queue."""
+
+    timeout = 60
+
+    def test_queue_in_order_and_cancelled_dropped(self) -> None:
+        import threading
+        seen: list[bytes] = []
+        go = threading.Semaphore(0)
+
+        def endpoint(conn: socket.socket) -> None:
+            buffer = b""
+            while True:
+                while b"\r\n\r\n" not in buffer:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buffer += data
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                seen.append(head.split(b" ")[1])
+                go.acquire(timeout=30)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+        backend = ThreadedServer(self, endpoint)
+        config = build_config([{"name": "in", "service": "app"}],
+                              {"app": {"endpoints": [backend.address], "retry_limit": 0}},
+                              proxy={"log_connections": False})
+        proxy = ProxyProcess(self, config + "\n[http]\nmax_connections_per_endpoint = 1\n")
+        port = proxy.port("in")
+        clients = {}
+        for path in (b"/a", b"/b", b"/c", b"/d"):
+            sock = clients[path] = connect(port)
+            self.addCleanup(sock.close)
+            sock.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            if path == b"/a":
+                wait_for(lambda: seen == [b"/a"], 10, "/a at the endpoint")
+            else:   # each in the proxy (and so in the queue) before the next
+                wait_for(partial(requests_seen, proxy, len(clients)), 10,
+                         f"{path!r} in the proxy")
+        gone = clients.pop(b"/c")
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        gone.close()
+        wait_for(lambda: proxy.metric_value("tcp_close_total", peer="src") == 1, 10,
+                 "the proxy to see /c's client go")
+        for _ in range(3):
+            go.release()
+        for path, sock in clients.items():
+            self.assertTrue(read_http_response(sock).startswith(b"HTTP/1.1 200 "), path)
+        self.assertEqual(seen, [b"/a", b"/b", b"/d"])
+        self.assertEqual(backend.accepted, 1)

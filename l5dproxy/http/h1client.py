@@ -182,11 +182,8 @@ class _Pool:
             self.waiting.append(call)
 
     def unqueue(self, call: _Call) -> None:
-        """``call`` leaves the queue (given up, placed or timed out)."""
-        call.queued = False
-        timer, call.timer = call.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        """``call`` leaves the queue (given up or timed out)."""
+        _stop_waiting(call)
         with suppress(ValueError):
             self.waiting.remove(call)
 
@@ -199,7 +196,7 @@ class _Pool:
         waiting = self.waiting
         while waiting:
             call = waiting.popleft()
-            self.unqueue(call)
+            _stop_waiting(call)
             if not call.done:
                 return call
         return None
@@ -256,6 +253,14 @@ class _Pool:
         if keep:
             wait = keep[0].idle_since + self.idle_timeout - now
             self.sweep = self.client.reactor.callLater(max(wait, 0.01), self._sweep)
+
+
+def _stop_waiting(call: _Call) -> None:
+    """``call`` is out of its pool's queue: its wait ends."""
+    call.queued = False
+    timer, call.timer = call.timer, None
+    if timer is not None and timer.active():
+        timer.cancel()
 
 
 class _Call:

@@ -1633,11 +1633,8 @@ class _EndpointPool:
         self._maybe_connect()
 
     def unqueue(self, pending: _Pending) -> None:
-        """``pending`` leaves the queue (cancelled, started or failed)."""
-        pending.queued = None
-        timer, pending.timer = pending.timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        """``pending`` leaves the queue (cancelled or timed out)."""
+        _stop_waiting(pending)
         with suppress(ValueError):
             self.waiting.remove(pending)
 
@@ -1673,7 +1670,7 @@ class _EndpointPool:
         waiting = self.waiting
         while waiting and conn.capacity() > 0:
             pending = waiting.popleft()
-            self.unqueue(pending)
+            _stop_waiting(pending)
             if pending.done:
                 continue
             conn.start(pending)
@@ -1728,7 +1725,7 @@ class _EndpointPool:
     def _fail_waiting(self, error: ProxyError) -> None:
         waiting, self.waiting = self.waiting, deque()
         for pending in waiting:
-            self.unqueue(pending)
+            _stop_waiting(pending)
             pending.fail(error)
 
     def retire(self, conn: H2ClientProtocol) -> None:
@@ -1739,6 +1736,14 @@ class _EndpointPool:
             self._fruitless("sent GOAWAY")
             return
         self._maybe_connect()
+
+
+def _stop_waiting(pending: _Pending) -> None:
+    """``pending`` is out of its pool's queue: its wait ends."""
+    pending.queued = None
+    timer, pending.timer = pending.timer, None
+    if timer is not None and timer.active():
+        timer.cancel()
 
 
 class _ClientFactory(ClientFactory):
