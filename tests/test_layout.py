@@ -101,6 +101,8 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/batchsend.py": "net",  # net/batchsend.py
     "l5dproxy/writebound.py": "net",  # net/writebound.py
     "l5dproxy/cli.py": "app",  # app/cli.py
+    "l5dproxy/command.py": "app",  # app/command.py (the l5dproxy command)
+    "l5dproxy/__main__.py": "app",  # stays: python -m l5dproxy (runs app/command.py)
     "l5dproxy/connection.py": "net",  # net/connection.py, net/transport.py
     "l5dproxy/detect.py": "detect",  # detect/protocol.py
     "l5dproxy/lean.py": "app",  # app/lean.py
