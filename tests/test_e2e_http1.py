@@ -390,6 +390,24 @@ class Http1EndToEnd(TestCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 200 "), out)
         self.assertTrue(out.endswith(b"\r\n\r\none,two,three"), out)
 
+    def test_pipelined_then_half_close_all_answered(self) -> None:
+        # Three requests, then shutdown(SHUT_WR): three answers in order, the
+        # last with connection: close, then the proxy's close (as nginx and
+        # HAProxy answer it).
+        with connect(self.port) as sock:
+            sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n"
+                         b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nping"
+                         b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            answers = [read_response(sock) for _ in range(3)]
+            self.assertEqual(recv_until_eof(sock), b"")
+        self.assertEqual([(status, body) for status, _, body in answers],
+                         [(200, b"hello"), (200, b"ping"), (200, b"hello")])
+        self.assertEqual([headers.get(b"connection") for _, headers, _ in answers],
+                         [None, None, b"close"])
+        self.assertEqual([(m, t) for m, t, _ in self.backend.requests],
+                         [(b"GET", b"/hello"), (b"POST", b"/echo"), (b"GET", b"/hello")])
+
     def test_expect_100_continue(self) -> None:
         payload = os.urandom(2_000_000)
         curl = require_tool("curl")

@@ -3,6 +3,8 @@ pipelining, streaming and backpressure, smuggling vectors, the pool."""
 
 from __future__ import annotations
 
+import itertools
+
 from twisted.internet import defer
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -356,6 +358,119 @@ class ServerTests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnecting)
         self.dispatcher.requests[0][1].callback(ok(b"x"))
         self.assertIn(b"connection: close", self.out())
+        self.assertTrue(self.transport.disconnecting)
+
+
+class HalfCloseTests(SynchronousTestCase):
+    """A client that sends pipelined requests and then its FIN
+    (``shutdown(SHUT_WR)``): every request received whole before the FIN is
+    answered, in order, and only the last answer closes the connection."""
+
+    REQUESTS = (b"GET /0 HTTP/1.1\r\nHost: a\r\n\r\n",
+                b"POST /1 HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\nping",
+                b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+                b"PUT /3 HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"2\r\nhi\r\n0\r\n\r\n")
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.listener = FakeListener(self.clock)
+        self.dispatcher = FakeDispatcher()
+        self.transport = StringTransport(peerAddress=None)
+        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn.detected(Verdict("http1", "request_line"))
+        self.server = H1Server(conn, self.dispatcher, H1Limits())
+        self.server.makeConnection(self.transport)
+
+    def out(self) -> bytes:
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def errors(self, reason: str) -> float | None:
+        return self.listener.metrics.registry.get_sample_value(
+            "http_errors_total", {"direction": "inbound", "listener": "in", "reason": reason})
+
+    def test_every_request_before_the_fin_is_answered_in_order(self) -> None:
+        # n requests in one read, the FIN read after `fin_after` answers,
+        # each answer a response or a proxy error (504): n answers, in
+        # order, connection: close on the last only, then the close.
+        for n, fin_after, failing in itertools.product(range(1, 5), range(4), range(-1, 4)):
+            if fin_after >= n:
+                continue
+            with self.subTest(n=n, fin_after=fin_after, failing=failing):
+                self.setUp()
+                self.server.dataReceived(b"".join(self.REQUESTS[:n]))
+                for i in range(n):
+                    if i == fin_after:
+                        self.server.readConnectionLost()
+                    self.assertEqual(len(self.dispatcher.requests), i + 1)   # one at a time
+                    request, d = self.dispatcher.requests[i]
+                    self.assertEqual(request.head.target, b"/%d" % i)
+                    if i == failing:
+                        d.errback(ProxyError.timeout("response timeout"))
+                    else:
+                        d.callback(ok(b"answer %d" % i))
+                    out = self.out()
+                    if i == failing:
+                        self.assertTrue(out.startswith(b"HTTP/1.1 504 "), out)
+                    else:
+                        self.assertTrue(out.endswith(b"\r\n\r\nanswer %d" % i), out)
+                    last = i == n - 1
+                    self.assertEqual(b"connection: close\r\n" in out, last, (i, out))
+                    self.assertEqual(self.transport.disconnecting, last, i)
+                self.assertEqual(len(self.dispatcher.requests), n)
+
+    def test_fin_while_idle_closes(self) -> None:
+        self.server.dataReceived(self.REQUESTS[0])
+        self.dispatcher.requests[0][1].callback(ok(b"zero"))
+        self.assertNotIn(b"connection: close", self.out())
+        self.assertFalse(self.transport.disconnecting)
+        self.server.readConnectionLost()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.out(), b"")
+
+    def test_head_cut_short_by_the_fin_is_dropped(self) -> None:
+        # Nothing to answer for a request never received whole: the ones
+        # before it are answered, then the close; no 408 comes for it later.
+        self.server.dataReceived(self.REQUESTS[0] + b"GET /1 HTTP/1.1\r\nHo")
+        self.server.readConnectionLost()
+        self.clock.advance(H1Limits().request_header_timeout + 1)
+        self.assertEqual(self.out(), b"")
+        self.dispatcher.requests[0][1].callback(ok(b"zero"))
+        out = self.out()
+        self.assertTrue(out.endswith(b"connection: close\r\n\r\nzero"), out)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(len(self.dispatcher.requests), 1)
+
+    def test_queued_body_cut_short_by_the_fin_is_400_never_dispatched(self) -> None:
+        self.server.dataReceived(self.REQUESTS[0] + b"POST /1 HTTP/1.1\r\nHost: a\r\n"
+                                 b"Content-Length: 10\r\n\r\npin")
+        self.server.readConnectionLost()
+        self.dispatcher.requests[0][1].callback(ok(b"zero"))
+        out = self.out()
+        self.assertEqual(len(self.dispatcher.requests), 1)   # /1 never went anywhere
+        head, _, rest = out.partition(b"\r\n\r\nzero")
+        self.assertNotIn(b"connection: close", head)
+        self.assertTrue(rest.startswith(b"HTTP/1.1 400 Bad Request\r\n"), rest)
+        self.assertIn(b"l5d-proxy-error: client closed mid-body\r\n", rest)
+        self.assertIn(b"connection: close\r\n", rest)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.errors("client closed mid-body"), 1)
+
+    def test_body_being_sent_cut_short_by_the_fin_fails_it(self) -> None:
+        # The request being answered: its body fails (the client end aborts
+        # the upstream); the answer is what the dispatcher makes of it.
+        self.server.dataReceived(b"POST /0 HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\npin")
+        request, d = self.dispatcher.requests[0]
+        sink = Collect()
+        request.body.consume(sink)
+        self.server.readConnectionLost()
+        self.assertIsInstance(sink.error, ConnectionLost)
+        self.assertFalse(self.transport.disconnecting)
+        d.errback(ProxyError.bad_request("client closed mid-body"))
+        out = self.out()
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out)
         self.assertTrue(self.transport.disconnecting)
 
 

@@ -332,6 +332,22 @@ class H1Server(Protocol):
         return b""
 
     def readConnectionLost(self) -> None:
+        """The client's FIN (``shutdown(SHUT_WR)``, or a close seen first as
+        one): it sends nothing more but may still read.
+
+        Every request received whole before the FIN is answered, in order,
+        the last one with ``connection: close``, and then the connection
+        closes; the one being answered goes on upstream until its response
+        or ``response_timeout``. nginx 1.22 and HAProxy 2.6 do the same
+        (three pipelined requests, then ``shutdown(SHUT_WR)``: three
+        answers, then the close). A request the FIN cut short gets nothing
+        forwarded that the client did not send: a head cut short is
+        dropped; a body cut short fails (an upstream it was streaming to is
+        aborted, and a 400 answers it if no response has begun), and a
+        queued request whose body was cut short is answered 400 ``client
+        closed mid-body`` in its turn without being dispatched (counted in
+        ``http_errors_total``).
+        """
         self._client_eof = True
         reading = self._reading
         if reading is not None and not reading.body_done:
@@ -339,11 +355,19 @@ class H1Server(Protocol):
             reading.body_done = True
             reading.close_after = True
             self._reading = None
+            if not reading.dispatched and reading.error is None:
+                self._count_error("client closed mid-body")
+                reading.error = ProxyError.bad_request("client closed mid-body")
         if self.tunnel is not None:
             self.tunnel.tunnel_close_write()
             return
         self._stopped = True
-        if not self.queue:
+        self._in_head = False   # a head cut short: never completed, never timed
+        if self._wait == "head":
+            self._wait = None
+        if self.queue:
+            self.queue[-1].close_after = True   # the last answer closes
+        else:
             close_transport(self.transport)
 
     def writeConnectionLost(self) -> None:
@@ -758,7 +782,7 @@ class H1Server(Protocol):
                 parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
             parts.append(b"\r\n")
             return b"".join(parts)
-        close = not msg.keep_alive or msg.close_after or self._draining or self._client_eof
+        close = not msg.keep_alive or msg.close_after or self._draining
         if not bodyless and not has_length:
             body = msg.response.body
             if head.transfer_codings and msg.version == "1.1":
