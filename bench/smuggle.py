@@ -295,9 +295,19 @@ def h11_parse(data: bytes) -> tuple[list[Seen], str | None]:
             conn.start_next_cycle()
 
 
+def forwarded(name: bytes) -> bool:
+    """A field the proxy forwards, by its name: not one with an underscore,
+    which it drops (README, What the proxy rejects; nginx's default)."""
+    return b"_" not in name
+
+
 def origin_form(seen: Seen) -> Seen:
-    """What a proxy forwards for an absolute-form target: origin-form, with the
-    target's authority as Host (RFC 9112 3.2.2)."""
+    """What a proxy forwards: for an absolute-form target, origin-form with
+    the target's authority as Host (RFC 9112 3.2.2); no field ``forwarded``
+    leaves out."""
+    if not all(forwarded(n) for n, _ in seen.fields):
+        seen = Seen(seen.method, seen.target, seen.host,
+                    [(n, v) for n, v in seen.fields if forwarded(n)], seen.body)
     target = seen.target
     if not target.lower().startswith((b"http://", b"https://")):
         return seen
@@ -606,7 +616,8 @@ def check_h2_case(report: Report, endpoint: Endpoint, port: int, case: int,
     pseudo = dict(h for h in headers if h[0].startswith(b":"))
     s = seen[0]
     want_fields = [(n.lower(), v) for n, v in headers
-                   if not n.startswith(b":") and n.lower() not in NOT_COMPARED]
+                   if not n.startswith(b":") and n.lower() not in NOT_COMPARED
+                   and forwarded(n)]
     problems = []
     if s.method != pseudo.get(b":method"):
         problems.append(f"method {s.method!r}")

@@ -408,6 +408,17 @@ class Http1EndToEnd(TestCase):
         self.assertEqual([(m, t) for m, t, _ in self.backend.requests],
                          [(b"GET", b"/hello"), (b"POST", b"/echo"), (b"GET", b"/hello")])
 
+    def test_underscore_field_names_dropped(self) -> None:
+        with connect(self.port) as sock:
+            sock.sendall(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n"
+                         b"Transfer_Encoding: chunked\r\nX_Forwarded_For: 10.0.0.1\r\n\r\nping")
+            status, _, body = read_response(sock)
+        self.assertEqual((status, body), (200, b"ping"))
+        names = [n for n, _ in self.backend.requests[-1][2]]
+        self.assertEqual(names, [b"host", b"content-length"])
+        self.assertEqual(self.proxy.metric_value(
+            "http_errors_total", reason="underscore in field name"), 2)
+
     def test_expect_100_continue(self) -> None:
         payload = os.urandom(2_000_000)
         curl = require_tool("curl")

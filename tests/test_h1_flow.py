@@ -297,6 +297,28 @@ class BothEndsTests(SynchronousTestCase):
             for up, _ in self.upstreams:
                 self.assertIsNone(up.call)
 
+    def test_underscore_field_names_dropped_and_counted(self) -> None:
+        """``Transfer_Encoding: chunked`` and ``Content_Length`` (which a
+        CGI/WSGI endpoint reads as framing) and ``X_Real_IP`` are dropped
+        before routing; the request and the next one on the connection are
+        forwarded as the proxy framed them (nginx: underscores_in_headers off)."""
+        server, transport = self.serve()
+        server.dataReceived(b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                            b"Transfer_Encoding: chunked\r\nX_Real_IP: 10.0.0.1\r\n"
+                            b"X-Real-IP: 1.2.3.4\r\n\r\nhello"
+                            b"GET /n HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\n\r\n")
+        up, up_transport = self.upstream(0)
+        self.assertEqual(up_transport.value(),
+                         b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
+                         b"X-Real-IP: 1.2.3.4\r\n\r\nhello")
+        up_transport.clear()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(transport.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(up_transport.value(), b"GET /n HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(self.listener.metrics.registry.get_sample_value(
+            "http_errors_total", {"direction": "inbound", "listener": "in",
+                                  "reason": "underscore in field name"}), 3)
+
     def test_early_answer_to_a_paused_upload_closes_the_upstream_for_real(self) -> None:
         server, transport = self.serve()
         server.dataReceived(b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\n"

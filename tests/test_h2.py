@@ -2075,6 +2075,21 @@ class H2ToH1Tests(SynchronousTestCase):
         self.assertFalse([e for e in rig.events
                           if isinstance(e, StreamEnded) and e.stream_id == sid])
 
+    def test_underscore_field_names_dropped_and_counted(self) -> None:
+        """``transfer_encoding``, ``content_length``, ``x_real_ip``: names a
+        CGI/WSGI endpoint reads as ``Transfer-Encoding`` etc. never reach
+        it (nginx's underscores_in_headers off); the rest of the request does."""
+        rig = H2ToH1()
+        rig.send([*POST, (b"transfer_encoding", b"chunked"), (b"content_length", b"5"),
+                  (b"x_real_ip", b"10.0.0.1"), (b"x-real-ip", b"1.2.3.4")], b"hello")
+        [(method, _, fields, body)] = h11_requests(rig.upstream_bytes()[0])
+        self.assertEqual((method, body), (b"POST", b"hello"))
+        self.assertFalse([n for n, _ in fields if b"_" in n], fields)
+        self.assertIn((b"x-real-ip", b"1.2.3.4"), fields)
+        self.assertEqual(rig.listener.metrics.registry.get_sample_value(
+            "http_errors_total", {"direction": "inbound", "listener": "inbound",
+                                  "reason": "underscore in field name"}), 3)
+
     def test_te_trailers_kept(self) -> None:
         """An h2 gRPC request reaches an HTTP/1 endpoint with TE: trailers,
         named in Connection (RFC 9110 7.6.1, 10.1.4)."""

@@ -81,8 +81,8 @@ class DispatcherTests(SynchronousTestCase):
                 RouteConfig("slow", host="slow.example", path_prefix="/s"),
             )))
 
-    def dispatch(self, authority=b"web.example", target=b"/", method=b"GET"):
-        request = Request(RequestHead(method, target, authority), Body.empty())
+    def dispatch(self, authority=b"web.example", target=b"/", method=b"GET", headers=()):
+        request = Request(RequestHead(method, target, authority, list(headers)), Body.empty())
         context = RequestContext(self.listener, FakeConnection(), "http1")
         return request, self.proxy.dispatch(request, context)
 
@@ -96,6 +96,22 @@ class DispatcherTests(SynchronousTestCase):
         self.assertIs(sent, request)
         self.assertEqual(endpoint.address, HostPort("127.0.0.1", 8080))
         self.assertEqual(endpoint.active, 1)
+
+    def test_underscore_field_names_dropped_and_counted(self) -> None:
+        fields = [(b"Transfer_Encoding", b"chunked"), (b"x-a", b"1"), (b"Content_Length", b"5"),
+                  (b"_", b"x"), (b"X-A", b"2"), (b"x_forwarded_for", b"10.0.0.1")]
+        self.dispatch(headers=fields)
+        [(_, sent, _)] = self.h1.calls
+        self.assertEqual(sent.head.headers, [(b"x-a", b"1"), (b"X-A", b"2")])
+        self.assertEqual(sample(self.metrics.registry, "http_errors_total",
+                                direction="inbound", listener="in",
+                                reason="underscore in field name"), 4)
+        clean = [(b"x-a", b"1")]
+        self.dispatch(headers=clean)
+        self.assertEqual(self.h1.calls[1][1].head.headers, clean)
+        self.assertEqual(sample(self.metrics.registry, "http_errors_total",
+                                direction="inbound", listener="in",
+                                reason="underscore in field name"), 4)
 
     def test_route_by_host_ignores_port_and_case(self) -> None:
         self.dispatch(authority=b"API.example:80")
@@ -226,8 +242,8 @@ class DispatcherCallTests(DispatcherTests):
 class DispatchToTests(DispatcherTests):
     """The same, through HttpProxy.dispatch_to (no Deferred: the HTTP/1 server end)."""
 
-    def dispatch(self, authority=b"web.example", target=b"/", method=b"GET"):
-        request = Request(RequestHead(method, target, authority), Body.empty())
+    def dispatch(self, authority=b"web.example", target=b"/", method=b"GET", headers=()):
+        request = Request(RequestHead(method, target, authority, list(headers)), Body.empty())
         context = RequestContext(self.listener, FakeConnection(), "http1")
         return request, dispatch_to_deferred(self.proxy, request, context)
 

@@ -80,6 +80,35 @@ class RequestHead:
         return False
 
 
+#: ``http_errors_total`` reason for a request field dropped for its name.
+UNDERSCORE_FIELD_REASON = "underscore in field name"
+
+
+def drop_underscore_fields(head: RequestHead) -> int:
+    """Drop every field whose name has an underscore from ``head.headers``;
+    the number dropped (0: ``head`` untouched).
+
+    Such a name is a valid token (RFC 9110 5.1), but CGI and WSGI gateways
+    map both ``-`` and ``_`` to ``_`` (``HTTP_TRANSFER_ENCODING``), so an
+    endpoint behind one may take ``Transfer_Encoding: chunked`` or
+    ``Content_Length: 5`` for framing the proxy never saw, or
+    ``X_Forwarded_For`` for a field a proxy set. nginx drops them by default
+    (``underscores_in_headers off``); Envoy's
+    ``headers_with_underscores_action: DROP_HEADER`` does the same. The
+    dispatcher applies it to every request, HTTP/1 and h2 alike, and counts
+    each field in ``http_errors_total{reason="underscore in field name"}``.
+    """
+    headers = head.headers
+    for name, _ in headers:
+        if b"_" in name:
+            break
+    else:
+        return 0
+    kept = [(name, value) for name, value in headers if b"_" not in name]
+    head.headers = kept
+    return len(headers) - len(kept)
+
+
 @dataclass(slots=True)
 class ResponseHead:
     """A response as both protocols can say it; the same invariant as

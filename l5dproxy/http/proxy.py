@@ -14,6 +14,10 @@ spoke), and maps whatever goes wrong to the error Linkerd would answer:
 * the client end cannot connect or loses the connection: 502
 * connect timeout or ``response_timeout`` (request head to response head): 504
 
+Before routing, every request field whose name has an underscore is dropped
+and counted, for HTTP/1 and h2 clients alike (``drop_underscore_fields`` in
+exchange.py: nginx's default).
+
 Metrics are counted as Linkerd counts them: ``request_total`` when the
 request head arrives; ``response_total`` (``status_code``, ``grpc_status``,
 ``classification``, ``error``) when the response body has ended, so a
@@ -40,7 +44,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l5dproxy.http import grpc
-from l5dproxy.http.exchange import Headers, ProxyError, Request, RequestContext, Response
+from l5dproxy.http.exchange import (
+    UNDERSCORE_FIELD_REASON,
+    Headers,
+    ProxyError,
+    Request,
+    RequestContext,
+    Response,
+    drop_underscore_fields,
+)
 from l5dproxy.http.labels import OTHER, Labels
 from l5dproxy.http.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
@@ -242,11 +254,16 @@ class _Exchange:
         head = self.request.head
         context = self.context
         listener = context.listener
+        listener_name = listener.name
+        dropped = drop_underscore_fields(head)
+        if dropped:   # one rule for every request, whatever protocol it came in
+            proxy.metrics.http_errors_total.labels(
+                DIRECTION, listener_name, UNDERSCORE_FIELD_REASON).inc(dropped)
         table = context.routes
         if table is None:   # once per connection (its listener's routes)
             table = context.routes = proxy.route_table(listener)
         service, route = table.match_route(head.authority, head.target)
-        labels = self.labels = proxy.labels(listener.name, service,
+        labels = self.labels = proxy.labels(listener_name, service,
                                             table.authority_label(head.authority),
                                             context.protocol)
         labels.requests.n += 1
