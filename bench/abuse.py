@@ -99,7 +99,7 @@ ABUSE_ATTACKS = (
     Attack("slowloris-h1", "h1", ("--conns", "5000", "--interval", "5", "--batch", "200"),
            "5,000 partial heads, 1 byte/5 s each"),
     Attack("slowloris-h2", "h2c", ("--conns", "500", "--batch", "100"),
-           "500 h2 preface+SETTINGS, then silence"),
+           "500 h2 client prefaces (24 bytes), then silence"),
     Attack("conn-flood", "h1", ("--conns", "2000", "--rate", "1000", "--batch", "50"),
            "silent conns at 1,000/s, 2,000 held (oldest RST)"),
 )

@@ -32,8 +32,8 @@ Kinds (the inputs of issue 11):
   ``--path`` (a large body), never a WINDOW_UPDATE.
 * ``slowloris-h1``: ``--conns`` HTTP/1.1 connections sending a partial request
   head, then one more header byte every ``--interval`` seconds.
-* ``slowloris-h2``: ``--conns`` connections sending the HTTP/2 preface and an
-  empty SETTINGS, then nothing.
+* ``slowloris-h2``: ``--conns`` connections sending the 24-byte HTTP/2 client
+  preface, then nothing (``--with-settings``: an empty SETTINGS frame too).
 * ``conn-flood``: connections opened as fast as possible and held silent, up to
   ``--conns``; past that the oldest is closed (RST) and another opened.
 * ``mcs0-client``: one h2 request every ``--interval`` seconds to a listener whose
@@ -543,8 +543,11 @@ def slowloris_h1(a: argparse.Namespace) -> Report:
 
 
 def slowloris_h2(a: argparse.Namespace) -> Report:
+    """The 24-byte client preface and nothing more (``--with-settings``: and an empty
+    SETTINGS frame, the rest of the connection preface, then nothing: an idle h2
+    connection)."""
     rep = Report("slowloris-h2", a.port, work_unit="bytes")
-    return _hold(a, rep, PREFACE + settings_frame(), b"")
+    return _hold(a, rep, PREFACE + (settings_frame() if a.with_settings else b""), b"")
 
 
 def conn_flood(a: argparse.Namespace) -> Report:
@@ -746,6 +749,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=0.0,
                    help="at most this many per second (0: as fast as possible): conn-flood "
                    "connections; rapid-reset streams and ping-flood PINGs per connection")
+    p.add_argument("--with-settings", action="store_true",
+                   help="slowloris-h2: send the SETTINGS frame after the preface too")
     p.add_argument("--stats", help="mcs0-endpoint: JSON stats file, rewritten every 0.2 s")
     a = p.parse_args(argv)
     a.seconds = max(0.1, a.seconds)
