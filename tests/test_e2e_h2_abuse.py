@@ -15,9 +15,17 @@ import time
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, ResponseReceived, StreamEnded
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+)
+from h2.settings import SettingCodes
 from twisted.trial.unittest import TestCase
 
+from tests.support import wait_for
 from tests.test_e2e_h2 import H2SocketClient, proxy_to, rss_kib, start_h2_backend
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
@@ -49,20 +57,28 @@ def read_frames_until_eof(sock: socket.socket, timeout: float) -> list[tuple[int
     return frames
 
 
-def honest_get(port: int) -> int:
-    """One GET / on a fresh connection: the status."""
+def honest_get(port: int, path: bytes = b"/") -> int:
+    """One GET on a fresh connection, reading as it comes: the status."""
+    return honest_fetch(port, path)[0]
+
+
+def honest_fetch(port: int, path: bytes) -> tuple[int | None, int]:
+    """One GET on a fresh connection, reading as it comes: (status, body bytes)."""
     client = H2SocketClient(port)
     try:
-        sid = client.get(b"/")
+        sid = client.get(path)
         status = None
+        received = 0
         while True:
             for event in client.events():
                 if isinstance(event, ResponseReceived):
                     status = int(dict(event.headers)[b":status"])
                 elif isinstance(event, DataReceived):
+                    received += len(event.data)
                     client.h2.acknowledge_received_data(event.flow_controlled_length, sid)
                 elif isinstance(event, StreamEnded) and event.stream_id == sid:
-                    return status
+                    return status, received
+            client.flush()
     finally:
         client.close()
 
@@ -188,3 +204,67 @@ class UnreadRepliesTests(TestCase):
                 if isinstance(event, ResponseReceived):
                     self.status = int(dict(event.headers)[b":status"])
                     return
+
+
+class StalledStreamsTests(TestCase):
+    timeout = 120
+
+    def test_a_stalled_client_does_not_stall_another(self) -> None:
+        """Kind 4: a client sets its stream windows to 0 and opens 4 GETs for
+        2 MiB each, through the proxy to an h2 endpoint (one shared upstream
+        connection). Before: the stalled streams held the upstream
+        connection's window (4 x 1 MiB = all 4 MiB of it), and an honest
+        client got its headers and no body until the first left. After: the
+        honest client's 1 MiB completes while the stalled streams are still
+        held, and the proxy holds no more than their stream windows."""
+        backend_port, _log = start_h2_backend(self)
+        proxy = proxy_to(self, f"127.0.0.1:{backend_port}")
+        port = proxy.port("in")
+        pid = proxy.process.pid
+        self.assertEqual(honest_get(port), 200)   # the upstream connection is up
+        rss_before = rss_kib(pid)
+
+        stalled = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.addCleanup(stalled.close)
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        h2.initiate_connection()
+        h2.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sids = []
+        for _ in range(4):
+            sid = h2.get_next_available_stream_id()
+            h2.send_headers(sid, [(b":method", b"GET"), (b":scheme", b"http"),
+                                  (b":path", b"/bytes/2097152"), (b":authority", b"app.test")],
+                            end_stream=True)
+            sids.append(sid)
+        stalled.sendall(h2.data_to_send())
+        # Its four response heads arrive (and the upstream sends into the
+        # proxy what the streams' windows allow): then it reads nothing more.
+        heads = set()
+        deadline = time.monotonic() + 20
+        while len(heads) < 4 and time.monotonic() < deadline:
+            for event in h2.receive_data(stalled.recv(65536)):
+                if isinstance(event, ResponseReceived):
+                    heads.add(event.stream_id)
+            stalled.sendall(h2.data_to_send())
+        self.assertEqual(heads, set(sids))
+        # The upstream has sent the stalled streams what their windows allow
+        # (4 x ~1 MiB), all of the upstream connection's window before the fix.
+        wait_for(lambda: proxy.metric_value("tcp_read_bytes_total", peer="dst")
+                 >= 4 * 1024 * 1024, 20, "the upstream to fill the stalled streams' windows")
+
+        started = time.monotonic()
+        status, received = honest_fetch(port, b"/bytes/1048576")
+        elapsed = time.monotonic() - started
+        self.assertEqual((status, received), (200, 1048576))
+        self.assertLess(elapsed, 10)
+        # The stalled streams are still open: nothing reset them or the connection.
+        stalled.settimeout(0.5)
+        events = []
+        with contextlib.suppress(socket.timeout):
+            events = h2.receive_data(stalled.recv(65536))
+        self.assertFalse([e for e in events if isinstance(e, (StreamReset, ConnectionTerminated))])
+        # What the proxy holds for them: their stream windows (1 MiB each, and
+        # 64 KiB queued towards the client), well under 4 x 1.1 MiB + slack.
+        grown = rss_kib(pid) - rss_before
+        self.assertLess(grown, 4 * 1126 + 12 * 1024, f"RSS grew {grown} KiB")
+        print(f"\nhonest 1 MiB beside 4 stalled streams: {elapsed:.2f} s; RSS grew {grown} KiB")

@@ -482,7 +482,8 @@ class _H2Connection(H2Connection):
     go): ``H2Connection._begin_new_stream``, ``_receive_frame`` (the abuse
     budget is told of each frame there), ``_receive_goaway_frame``,
     ``_inbound_flow_control_window_manager``, ``_prepare_for_sending``,
-    ``MAX_CLOSED_STREAMS``, ``_closed_streams``, and
+    ``MAX_CLOSED_STREAMS``, ``_closed_streams``, ``H2Stream.acknowledge_received_data``
+    (through h2's ``streams`` map), and
     ``H2Stream._initialize_content_length``.
 
     State bounded per connection, whatever it carries over its life:
@@ -529,6 +530,14 @@ class _H2Connection(H2Connection):
         stream = super()._begin_new_stream(stream_id, allowed_ids)
         stream.__class__ = _LengthBlindStream
         return stream
+
+    def acknowledge_stream_data(self, n: int, stream_id: int) -> None:
+        """``acknowledge_received_data`` for the stream window only: bytes
+        whose connection window was given back when they arrived (held for
+        a paused consumer). Nothing for a stream already closed."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(n))
 
     def acknowledge_connection_data(self, n: int) -> None:
         """``acknowledge_received_data`` for the connection window only: the
@@ -620,7 +629,7 @@ class _Stream:
         self.in_paused = False
         if self.held:
             held, self.held = self.held, 0
-            self.conn._ack(self.sid, held)
+            self.conn._ack_stream(self.sid, held)
 
     def stop_body(self) -> None:
         self.in_discard = True
@@ -879,11 +888,12 @@ class _H2Protocol(Protocol):
 
     # -- receiving --
 
-    def _ack(self, sid: int, n: int) -> None:
+    def _ack_stream(self, sid: int, n: int) -> None:
+        """A paused consumer resumed: the stream window of what was held for
+        it comes back (its connection window already did, as it arrived)."""
         if self._lost:
             return
-        with suppress(ProtocolError):   # h2 already ignores closed streams
-            self.h2.acknowledge_received_data(n, sid)
+        self.h2.acknowledge_stream_data(n, sid)
         self._write()
 
     def _on_data(self, event: DataReceived) -> None:
@@ -898,7 +908,14 @@ class _H2Protocol(Protocol):
                 except BodyLengthError as e:   # more DATA than its content-length
                     self._malformed(stream, e.reason)
             if n and stream.in_paused and not stream.in_discard and not stream.reset:
+                # Held for a paused consumer: the stream window stays closed
+                # (it bounds what is held: initial_window_size), the connection
+                # window comes back at once, so one stalled stream never
+                # stalls the others sharing the connection (key 0: the
+                # connection only, in _send_acks).
                 stream.held += n
+                acks = self._acks
+                acks[0] = acks.get(0, 0) + n
                 return
         if n:   # taken (or dropped): acknowledged at the end of the read
             acks = self._acks
@@ -962,9 +979,7 @@ class _H2Protocol(Protocol):
         self._blocked.pop(stream.sid, None)
         stream.out_queue.clear()
         stream.out_queued = 0
-        if stream.held:
-            held, stream.held = stream.held, 0
-            self._ack(stream.sid, held)
+        stream.held = 0   # its connection window came back as it arrived
         if stream.out_body is not None and not stream.out_done:
             stream.out_body.cancel()
         body = stream.in_body
