@@ -21,7 +21,7 @@ from zope.interface import implementer
 from l5dproxy.sniff import Verdict, ended, sniff, timed_out
 
 if TYPE_CHECKING:
-    from l5dproxy.connection import InboundConnection
+    from l5dproxy.net.connection import InboundConnection
 
 
 @implementer(IHalfCloseableProtocol)

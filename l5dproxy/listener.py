@@ -17,8 +17,8 @@ from twisted.logger import Logger
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, ListenerConfig
-from l5dproxy.connection import InboundConnection, set_no_delay
 from l5dproxy.detect import DetectProtocol
+from l5dproxy.net.connection import InboundConnection, set_no_delay
 from l5dproxy.serverfirst import ServerFirst
 from l5dproxy.sniff import Verdict
 from l5dproxy.tcp import relay_handler

@@ -44,14 +44,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
-from l5dproxy.connection import errno_name
+from l5dproxy.net.connection import errno_name
 from l5dproxy.sniff import Verdict
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint
-    from l5dproxy.connection import InboundConnection
     from l5dproxy.detect import DetectProtocol
     from l5dproxy.listener import Listener
+    from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.serverfirst")
 

@@ -16,12 +16,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy import splice
-from l5dproxy.connection import IStreamTransport, errno_name, set_no_delay
+from l5dproxy.net import splice
+from l5dproxy.net.connection import IStreamTransport, errno_name, set_no_delay
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint
-    from l5dproxy.connection import InboundConnection
+    from l5dproxy.net.connection import InboundConnection
     from l5dproxy.telemetry import TcpSideMetrics
 
 log = Logger(namespace="l5dproxy.tcp")
@@ -57,7 +57,7 @@ class RelayProtocol(Protocol):
         self.early = None
         #: The endpoint to dial instead of picking one (use_endpoint).
         self.chosen: Endpoint | None = None
-        #: Set while the kernel moves the bytes (l5dproxy.splice).
+        #: Set while the kernel moves the bytes (l5dproxy.net.splice).
         self.splice: splice.Splice | None = None
 
     def adopt_upstream(self, early) -> None:

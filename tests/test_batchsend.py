@@ -6,7 +6,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from l5dproxy.batchsend import BatchSender
+from l5dproxy.net.batchsend import BatchSender
 
 
 class _Collect(protocol.Protocol):

@@ -246,7 +246,7 @@ TWISTD_LOG = """\
 \th2.exceptions.ProtocolError: Invalid input ConnectionInputs.SEND_HEADERS in state \
 ConnectionState.CLOSED
 \t
-2026-11-25T03:08:34+0000 [l5dproxy.connection#info] closed listener=h2c end=client closed
+2026-11-25T03:08:34+0000 [l5dproxy.net.connection#info] closed listener=h2c end=client closed
 2026-11-25T03:08:35+0000 [H2ClientProtocol,client] Unhandled Error
 \tTraceback (most recent call last):
 \t    raise ProtocolError(msg) from e

@@ -41,7 +41,6 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
-from l5dproxy.connection import InboundConnection
 from l5dproxy.http import grpc
 from l5dproxy.http.exchange import (
     Body,
@@ -66,6 +65,7 @@ from l5dproxy.http.h2 import (
     response_head_from_h2,
 )
 from l5dproxy.listener import Listener
+from l5dproxy.net.connection import InboundConnection
 from l5dproxy.sniff import Verdict
 from l5dproxy.telemetry import Metrics
 

@@ -25,12 +25,12 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.config import ConfigError, parse
-from l5dproxy.connection import InboundConnection
 from l5dproxy.http.exchange import Body, ProxyError, Request, RequestHead, Response, ResponseHead
 from l5dproxy.http.h2 import H2Client, H2ServerProtocol, H2Settings
+from l5dproxy.net.connection import InboundConnection
+from l5dproxy.net.writebound import WriteBound
 from l5dproxy.sniff import Verdict
 from l5dproxy.telemetry import Metrics
-from l5dproxy.writebound import WriteBound
 from tests.test_h2 import GET, Endpoint, FakeDispatcher, Transport, make_listener, raw_frames
 
 #: Twisted reads at most this much per dataReceived.
@@ -237,7 +237,7 @@ class ConfigTests(SynchronousTestCase):
 
 
 class WriteBoundTests(SynchronousTestCase):
-    """Kind 2: replies queued to a peer that does not read (l5dproxy.writebound)."""
+    """Kind 2: replies queued to a peer that does not read (l5dproxy.net.writebound)."""
 
     def test_bound_alone(self) -> None:
         calls: list[str] = []

@@ -98,12 +98,9 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/admin.py": "app",  # app/admin.py
     "l5dproxy/balance.py": "balance",  # balance/{endpoint,p2c,budget,backends}.py
-    "l5dproxy/batchsend.py": "net",  # net/batchsend.py
-    "l5dproxy/writebound.py": "net",  # net/writebound.py
     "l5dproxy/cli.py": "app",  # app/cli.py
     "l5dproxy/command.py": "app",  # app/command.py (the l5dproxy command)
     "l5dproxy/__main__.py": "app",  # stays: python -m l5dproxy (runs app/command.py)
-    "l5dproxy/connection.py": "net",  # net/connection.py, net/transport.py
     "l5dproxy/detect.py": "detect",  # detect/protocol.py
     "l5dproxy/lean.py": "app",  # app/lean.py
     "l5dproxy/listener.py": "accept",  # accept/listener.py, accept/limits.py
@@ -111,17 +108,12 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/serverfirst.py": "detect",  # detect/memory.py, detect/early.py (+ app/admin.py)
     "l5dproxy/service.py": "app",  # app/service.py, app/reload.py (+ net/listening.py)
     "l5dproxy/sniff.py": "detect",  # detect/sniff.py
-    "l5dproxy/splice.py": "net",  # net/splice.py
     "l5dproxy/stats.py": "app",  # app/stats.py (admin /stats.json)
     "l5dproxy/tap.py": "app",  # app/tap.py (admin /tap; the dispatcher gets a callable)
     "l5dproxy/tcp.py": "tcp",  # tcp/relay.py (+ net/transport.py)
     "l5dproxy/workers.py": "app",  # app/workers.py (+ net/listening.py)
-    "l5dproxy/http/abuse.py": "http",  # http/h2/abuse.py
     "l5dproxy/http/exchange.py": "exchange",  # exchange/{message,body,errors,contracts}.py
     "l5dproxy/http/grpc.py": "route",  # route/classify.py
-    "l5dproxy/http/h1.py": "http",  # http/h1/{server,request,upgrade,framing}.py
-    "l5dproxy/http/h1client.py": "http",  # http/h1/{client,pool}.py
-    "l5dproxy/http/h2.py": "http",  # http/h2/*.py
     "l5dproxy/http/labels.py": "route",  # route/labels.py
     "l5dproxy/http/proxy.py": "route",  # route/{dispatcher,table,labels}.py
     "l5dproxy/http/retry.py": "route",  # route/retry.py
@@ -136,24 +128,24 @@ REACH_IN_ALLOWED = frozenset({"accept", "app"})
 
 #: Import edges (importer, imported) inside an import cycle.
 KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/connection.py", "l5dproxy/listener.py"),
-    ("l5dproxy/detect.py", "l5dproxy/connection.py"),
-    ("l5dproxy/listener.py", "l5dproxy/connection.py"),
+    ("l5dproxy/net/connection.py", "l5dproxy/listener.py"),
+    ("l5dproxy/detect.py", "l5dproxy/net/connection.py"),
+    ("l5dproxy/listener.py", "l5dproxy/net/connection.py"),
     ("l5dproxy/listener.py", "l5dproxy/detect.py"),
     ("l5dproxy/listener.py", "l5dproxy/serverfirst.py"),
     ("l5dproxy/listener.py", "l5dproxy/tcp.py"),
-    ("l5dproxy/serverfirst.py", "l5dproxy/connection.py"),
+    ("l5dproxy/serverfirst.py", "l5dproxy/net/connection.py"),
     ("l5dproxy/serverfirst.py", "l5dproxy/detect.py"),
     ("l5dproxy/serverfirst.py", "l5dproxy/listener.py"),
-    ("l5dproxy/splice.py", "l5dproxy/tcp.py"),
-    ("l5dproxy/tcp.py", "l5dproxy/connection.py"),
-    ("l5dproxy/tcp.py", "l5dproxy/splice.py"),
+    ("l5dproxy/net/splice.py", "l5dproxy/tcp.py"),
+    ("l5dproxy/tcp.py", "l5dproxy/net/connection.py"),
+    ("l5dproxy/tcp.py", "l5dproxy/net/splice.py"),
 })
 
 #: Import edges (importer, imported) against ALLOWED (comment: folders [kinds]).
 KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/connection.py", "l5dproxy/listener.py"),  # net -> accept [tc]
-    ("l5dproxy/connection.py", "l5dproxy/sniff.py"),  # net -> detect [tc]
+    ("l5dproxy/net/connection.py", "l5dproxy/listener.py"),  # net -> accept [tc]
+    ("l5dproxy/net/connection.py", "l5dproxy/sniff.py"),  # net -> detect [tc]
     ("l5dproxy/discovery.py", "l5dproxy/balance.py"),  # discovery -> balance [run]
     ("l5dproxy/http/exchange.py", "l5dproxy/balance.py"),  # exchange -> balance [tc]
     ("l5dproxy/http/h1.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
@@ -161,7 +153,7 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/http/h2.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
     ("l5dproxy/listener.py", "l5dproxy/tcp.py"),  # accept -> tcp [run]
     ("l5dproxy/serverfirst.py", "l5dproxy/listener.py"),  # detect -> accept [tc]
-    ("l5dproxy/splice.py", "l5dproxy/tcp.py"),  # net -> tcp [tc]
+    ("l5dproxy/net/splice.py", "l5dproxy/tcp.py"),  # net -> tcp [tc]
 })
 
 #: Files over MAX_LINES lines.
@@ -174,12 +166,12 @@ KNOWN_LARGE: frozenset[str] = frozenset({
 
 #: (file, reach-in expression) -> how many times the file has it.
 KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
-    ("l5dproxy/connection.py", "listener.config"): 1,
-    ("l5dproxy/connection.py", "self.listener.clock"): 1,
-    ("l5dproxy/connection.py", "self.listener.connections"): 1,
-    ("l5dproxy/connection.py", "self.listener.log_connections"): 1,
-    ("l5dproxy/connection.py", "self.listener.metrics"): 1,
-    ("l5dproxy/connection.py", "self.listener.name"): 2,
+    ("l5dproxy/net/connection.py", "listener.config"): 1,
+    ("l5dproxy/net/connection.py", "self.listener.clock"): 1,
+    ("l5dproxy/net/connection.py", "self.listener.connections"): 1,
+    ("l5dproxy/net/connection.py", "self.listener.log_connections"): 1,
+    ("l5dproxy/net/connection.py", "self.listener.metrics"): 1,
+    ("l5dproxy/net/connection.py", "self.listener.name"): 2,
     ("l5dproxy/detect.py", "conn.listener.protocol_for"): 1,
     ("l5dproxy/detect.py", "getattr(listener, 'server_first', None)"): 1,
     ("l5dproxy/detect.py", "listener.clock"): 1,

@@ -13,10 +13,10 @@ setup.cfg. ``.ci/newest`` runs the suite against the newest releases.
 
 Users today:
 
-* Twisted: ``l5dproxy/batchsend.py`` (``FileDescriptor._tempDataBuffer``,
+* Twisted: ``l5dproxy/net/batchsend.py`` (``FileDescriptor._tempDataBuffer``,
   ``_tempDataLen``, ``_writeDisconnecting``, ``_maybePauseProducer``, and the
   undocumented ``dataBuffer``, ``offset``, ``TLS``, ``socket``),
-  ``l5dproxy/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
+  ``l5dproxy/net/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
   ``_writeDisconnecting``), ``detect.py``/``listener.py``/``serverfirst.py``
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does), ``service.py`` (a reload swaps a
@@ -80,7 +80,7 @@ class _Sink(Protocol):
 
 
 class TwistedTransportInternalsTests(_Canary):
-    """``twisted.internet.tcp.Connection`` as batchsend.py and splice.py use it."""
+    """``twisted.internet.tcp.Connection`` as net/batchsend.py and net/splice.py use it."""
 
     def _connection(self) -> tuple[tcp.Connection, socket.socket, _Sink]:
         ours, peer = socket.socketpair()
@@ -94,7 +94,7 @@ class TwistedTransportInternalsTests(_Canary):
 
     def test_write_buffers_exist(self) -> None:
         conn, _, _ = self._connection()
-        user = "l5dproxy/batchsend.py, l5dproxy/splice.py"
+        user = "l5dproxy/net/batchsend.py, l5dproxy/net/splice.py"
         fd = "twisted.internet.abstract.FileDescriptor"
         for attr, kind in (("_tempDataBuffer", list), ("_tempDataLen", int),
                            ("_writeDisconnecting", bool), ("dataBuffer", bytes),
@@ -106,25 +106,25 @@ class TwistedTransportInternalsTests(_Canary):
         self.assertEqual((conn._tempDataBuffer, conn._tempDataLen, conn.dataBuffer, conn.offset,
                           conn._writeDisconnecting, conn.TLS), ([], 0, b"", 0, False, False))
         self.require(conn.socket is conn.getHandle(), "Twisted",
-                     "twisted.internet.tcp.Connection.socket", "l5dproxy/batchsend.py",
+                     "twisted.internet.tcp.Connection.socket", "l5dproxy/net/batchsend.py",
                      "is not the connection's socket")
 
     def test_write_appends_to_the_temporary_buffer(self) -> None:
-        """splice.py counts unsent bytes as ``len(dataBuffer) - offset +
-        _tempDataLen``; batchsend.py queues into ``_tempDataBuffer`` as
+        """net/splice.py counts unsent bytes as ``len(dataBuffer) - offset +
+        _tempDataLen``; net/batchsend.py queues into ``_tempDataBuffer`` as
         ``write`` does, so a later ``write`` keeps the order."""
         conn, _, _ = self._connection()
         conn.write(b"abc")
         conn.write(b"de")
         self.require(conn._tempDataBuffer == [b"abc", b"de"] and conn._tempDataLen == 5,
                      "Twisted", "twisted.internet.abstract.FileDescriptor.write",
-                     "l5dproxy/batchsend.py",
+                     "l5dproxy/net/batchsend.py",
                      f"no longer queues into _tempDataBuffer/_tempDataLen "
                      f"(got {conn._tempDataBuffer!r}, {conn._tempDataLen!r})")
         self.assertEqual(len(conn.dataBuffer) - conn.offset + conn._tempDataLen, 5)
 
     def test_do_write_sends_what_was_queued_in_the_temporary_buffer(self) -> None:
-        """What batchsend.py puts in ``_tempDataBuffer`` and leaves to
+        """What net/batchsend.py puts in ``_tempDataBuffer`` and leaves to
         Twisted (``startWriting``) is sent, in order, by ``doWrite``."""
         conn, peer, _ = self._connection()
         conn.write(b"first ")
@@ -136,11 +136,11 @@ class TwistedTransportInternalsTests(_Canary):
             got += peer.recv(64)
         self.require(got == b"first second", "Twisted",
                      "twisted.internet.abstract.FileDescriptor._tempDataBuffer",
-                     "l5dproxy/batchsend.py", f"is not what doWrite sends (peer got {got!r})")
+                     "l5dproxy/net/batchsend.py", f"is not what doWrite sends (peer got {got!r})")
         self.assertEqual((conn._tempDataLen, len(conn.dataBuffer) - conn.offset), (0, 0))
 
     def test_maybe_pause_producer(self) -> None:
-        user = "l5dproxy/batchsend.py"
+        user = "l5dproxy/net/batchsend.py"
         name = "twisted.internet.abstract.FileDescriptor._maybePauseProducer"
         self.require_params(getattr(abstract.FileDescriptor, "_maybePauseProducer", None),
                             ["self"], "Twisted", name, user)
@@ -171,7 +171,7 @@ class TwistedTransportInternalsTests(_Canary):
         conn.loseWriteConnection()
         self.require(conn._writeDisconnecting is True, "Twisted",
                      "twisted.internet.abstract.FileDescriptor._writeDisconnecting",
-                     "l5dproxy/batchsend.py, l5dproxy/splice.py",
+                     "l5dproxy/net/batchsend.py, l5dproxy/net/splice.py",
                      "is not set by loseWriteConnection")
 
     def test_protocol_switch_by_assignment(self) -> None:

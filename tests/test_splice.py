@@ -1,4 +1,4 @@
-"""The spliced relay (l5dproxy.splice) on real loopback sockets: exact bytes
+"""The spliced relay (l5dproxy.net.splice) on real loopback sockets: exact bytes
 both ways, half-close each way, resets, aborts, backpressure with flat
 memory, byte counters, and the hand-back to the Python relay."""
 
@@ -13,8 +13,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface import implementer
 
-from l5dproxy import splice
-from l5dproxy.connection import InboundConnection
+from l5dproxy.net import splice
+from l5dproxy.net.connection import InboundConnection
 from tests.relayrig import start_opaque_relay
 from tests.support import metric_value
 from tests.test_tcp import _AnswerAfterEof, _Collect, _Flood, _HalfCloseCollect, poll, samples_of

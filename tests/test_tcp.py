@@ -19,10 +19,10 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from l5dproxy import splice
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.listener import Listener
+from l5dproxy.net import splice
 from l5dproxy.tcp import CONNECT_BUFFER_LIMIT, RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
 from tests.relayrig import start_opaque_relay

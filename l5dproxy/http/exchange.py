@@ -423,7 +423,7 @@ class RequestContext:
     """What the dispatcher knows of where a request came from."""
 
     listener: object                # l5dproxy.listener.Listener
-    connection: object              # l5dproxy.connection.InboundConnection
+    connection: object              # l5dproxy.net.connection.InboundConnection
     protocol: str                   # "http1" or "h2": what the client speaks
     routes: object = None           # the dispatcher's route table, kept per connection
 

@@ -39,7 +39,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.batchsend import BatchSender
 from l5dproxy.http.exchange import (
     PROXY_ERROR_HEADER,
     Body,
@@ -51,11 +50,12 @@ from l5dproxy.http.exchange import (
     Response,
 )
 from l5dproxy.http.proxy import reason_phrase
-from l5dproxy.writebound import WriteBound
+from l5dproxy.net.batchsend import BatchSender
+from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
-    from l5dproxy.connection import InboundConnection
     from l5dproxy.http.exchange import Dispatcher
+    from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.http")
 

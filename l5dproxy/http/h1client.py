@@ -46,10 +46,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.batchsend import BatchSender
-from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.exchange import Body, Headers, ProxyError, Request, Response, ResponseHead
 from l5dproxy.http.h1 import HOP_BY_HOP, TunnelResponse, close_transport
+from l5dproxy.net.batchsend import BatchSender
+from l5dproxy.net.connection import errno_name, set_no_delay
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint

@@ -75,8 +75,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.batchsend import BatchSender
-from l5dproxy.connection import errno_name, set_no_delay
 from l5dproxy.http.abuse import AbuseBudget
 from l5dproxy.http.exchange import (
     Body,
@@ -91,11 +89,13 @@ from l5dproxy.http.exchange import (
     error_response,
 )
 from l5dproxy.http.proxy import as_proxy_error
-from l5dproxy.writebound import WriteBound
+from l5dproxy.net.batchsend import BatchSender
+from l5dproxy.net.connection import errno_name, set_no_delay
+from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
-    from l5dproxy.connection import InboundConnection
     from l5dproxy.http.exchange import Dispatcher
+    from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.h2")
 

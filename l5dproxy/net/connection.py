@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from l5dproxy.sniff import Verdict
     from l5dproxy.telemetry import TcpSideMetrics
 
-log = Logger(namespace="l5dproxy.connection")
+log = Logger(namespace="l5dproxy.net.connection")
 
 
 class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
