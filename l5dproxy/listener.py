@@ -17,10 +17,10 @@ from twisted.logger import Logger
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, ListenerConfig
-from l5dproxy.detect import DetectProtocol
+from l5dproxy.detect.protocol import DetectProtocol
+from l5dproxy.detect.serverfirst import ServerFirst
+from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net.connection import InboundConnection, set_no_delay
-from l5dproxy.serverfirst import ServerFirst
-from l5dproxy.sniff import Verdict
 from l5dproxy.tcp import relay_handler
 from l5dproxy.telemetry import Metrics
 
@@ -60,7 +60,7 @@ class Listener(Factory):
         self.log_connections = log_connections
         self.handlers: dict[str, Handler] = dict(handlers or {})
         self.connections: set[InboundConnection] = set()
-        #: Early connects and learned opaque destinations (l5dproxy.serverfirst).
+        #: Early connects and learned opaque destinations (l5dproxy.detect.serverfirst).
         self.server_first = server_first
         self._opaque_verdict = self._skip_detection_verdict()
         self._detect_children: dict[tuple[str, str], tuple] = {}

@@ -61,7 +61,7 @@ class RelayProtocol(Protocol):
         self.splice: splice.Splice | None = None
 
     def adopt_upstream(self, early) -> None:
-        """Use ``early`` (``l5dproxy.serverfirst.EarlyConnect``: an upstream
+        """Use ``early`` (``l5dproxy.detect.serverfirst.EarlyConnect``: an upstream
         connection made, or being made, before the relay) instead of dialling."""
         self.early = early
 

@@ -16,9 +16,9 @@ from zope.interface import implementer
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
-from l5dproxy.detect import DetectProtocol
+from l5dproxy.detect.protocol import DetectProtocol
+from l5dproxy.detect.sniff import H2_PREFACE
 from l5dproxy.listener import Listener
-from l5dproxy.sniff import H2_PREFACE
 from l5dproxy.telemetry import Metrics
 from tests.support import metric_value, parse_metrics
 from tests.test_sniff import HELLO_SNI

@@ -40,7 +40,7 @@ MAX_REQUEST_LINE = 512
 MAX_HEADER_BYTES = 1024
 FIRST = b"GET /first HTTP/1.1\r\nHost: app\r\n\r\n"
 
-# The rule, spelled out independently of l5dproxy.sniff: empty lines, a
+# The rule, spelled out independently of l5dproxy.detect.sniff: empty lines, a
 # method token, a separator (and not an SSH identification string); or, when
 # detection ends first (the peek window is full, the client half-closes),
 # bytes that could still become that.

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance import Endpoint
 from l5dproxy.config import HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.detect.sniff import Verdict
 from l5dproxy.http.exchange import (
     Body,
     ProxyError,
@@ -24,7 +25,6 @@ from l5dproxy.http.exchange import (
 from l5dproxy.http.h1 import H1Limits, H1Server, UpgradeRequest
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.net.connection import InboundConnection
-from l5dproxy.sniff import Verdict
 from l5dproxy.telemetry import Metrics
 
 

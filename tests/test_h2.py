@@ -41,6 +41,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.detect.sniff import Verdict
 from l5dproxy.http import grpc
 from l5dproxy.http.exchange import (
     Body,
@@ -66,7 +67,6 @@ from l5dproxy.http.h2 import (
 )
 from l5dproxy.listener import Listener
 from l5dproxy.net.connection import InboundConnection
-from l5dproxy.sniff import Verdict
 from l5dproxy.telemetry import Metrics
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a?b=1"),

@@ -101,13 +101,10 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/cli.py": "app",  # app/cli.py
     "l5dproxy/command.py": "app",  # app/command.py (the l5dproxy command)
     "l5dproxy/__main__.py": "app",  # stays: python -m l5dproxy (runs app/command.py)
-    "l5dproxy/detect.py": "detect",  # detect/protocol.py
     "l5dproxy/lean.py": "app",  # app/lean.py
     "l5dproxy/listener.py": "accept",  # accept/listener.py, accept/limits.py
     "l5dproxy/logs.py": "app",  # app/logs.py (log observer, level filter: cli and admin)
-    "l5dproxy/serverfirst.py": "detect",  # detect/memory.py, detect/early.py (+ app/admin.py)
     "l5dproxy/service.py": "app",  # app/service.py, app/reload.py (+ net/listening.py)
-    "l5dproxy/sniff.py": "detect",  # detect/sniff.py
     "l5dproxy/stats.py": "app",  # app/stats.py (admin /stats.json)
     "l5dproxy/tap.py": "app",  # app/tap.py (admin /tap; the dispatcher gets a callable)
     "l5dproxy/tcp.py": "tcp",  # tcp/relay.py (+ net/transport.py)
@@ -129,14 +126,14 @@ REACH_IN_ALLOWED = frozenset({"accept", "app"})
 #: Import edges (importer, imported) inside an import cycle.
 KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/net/connection.py", "l5dproxy/listener.py"),
-    ("l5dproxy/detect.py", "l5dproxy/net/connection.py"),
+    ("l5dproxy/detect/protocol.py", "l5dproxy/net/connection.py"),
     ("l5dproxy/listener.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/listener.py", "l5dproxy/detect.py"),
-    ("l5dproxy/listener.py", "l5dproxy/serverfirst.py"),
+    ("l5dproxy/listener.py", "l5dproxy/detect/protocol.py"),
+    ("l5dproxy/listener.py", "l5dproxy/detect/serverfirst.py"),
     ("l5dproxy/listener.py", "l5dproxy/tcp.py"),
-    ("l5dproxy/serverfirst.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/serverfirst.py", "l5dproxy/detect.py"),
-    ("l5dproxy/serverfirst.py", "l5dproxy/listener.py"),
+    ("l5dproxy/detect/serverfirst.py", "l5dproxy/net/connection.py"),
+    ("l5dproxy/detect/serverfirst.py", "l5dproxy/detect/protocol.py"),
+    ("l5dproxy/detect/serverfirst.py", "l5dproxy/listener.py"),
     ("l5dproxy/net/splice.py", "l5dproxy/tcp.py"),
     ("l5dproxy/tcp.py", "l5dproxy/net/connection.py"),
     ("l5dproxy/tcp.py", "l5dproxy/net/splice.py"),
@@ -145,14 +142,14 @@ KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
 #: Import edges (importer, imported) against ALLOWED (comment: folders [kinds]).
 KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/net/connection.py", "l5dproxy/listener.py"),  # net -> accept [tc]
-    ("l5dproxy/net/connection.py", "l5dproxy/sniff.py"),  # net -> detect [tc]
+    ("l5dproxy/net/connection.py", "l5dproxy/detect/sniff.py"),  # net -> detect [tc]
     ("l5dproxy/discovery.py", "l5dproxy/balance.py"),  # discovery -> balance [run]
     ("l5dproxy/http/exchange.py", "l5dproxy/balance.py"),  # exchange -> balance [tc]
     ("l5dproxy/http/h1.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
     ("l5dproxy/http/h1client.py", "l5dproxy/balance.py"),  # http -> balance [tc]
     ("l5dproxy/http/h2.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
     ("l5dproxy/listener.py", "l5dproxy/tcp.py"),  # accept -> tcp [run]
-    ("l5dproxy/serverfirst.py", "l5dproxy/listener.py"),  # detect -> accept [tc]
+    ("l5dproxy/detect/serverfirst.py", "l5dproxy/listener.py"),  # detect -> accept [tc]
     ("l5dproxy/net/splice.py", "l5dproxy/tcp.py"),  # net -> tcp [tc]
 })
 
@@ -172,13 +169,13 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/net/connection.py", "self.listener.log_connections"): 1,
     ("l5dproxy/net/connection.py", "self.listener.metrics"): 1,
     ("l5dproxy/net/connection.py", "self.listener.name"): 2,
-    ("l5dproxy/detect.py", "conn.listener.protocol_for"): 1,
-    ("l5dproxy/detect.py", "getattr(listener, 'server_first', None)"): 1,
-    ("l5dproxy/detect.py", "listener.clock"): 1,
-    ("l5dproxy/detect.py", "listener.detect"): 2,
-    ("l5dproxy/detect.py", "self.conn.listener.clock"): 1,
-    ("l5dproxy/detect.py", "self.conn.listener.detect"): 1,
-    ("l5dproxy/detect.py", "self.conn.listener.detection_abandoned"): 1,
+    ("l5dproxy/detect/protocol.py", "conn.listener.protocol_for"): 1,
+    ("l5dproxy/detect/protocol.py", "getattr(listener, 'server_first', None)"): 1,
+    ("l5dproxy/detect/protocol.py", "listener.clock"): 1,
+    ("l5dproxy/detect/protocol.py", "listener.detect"): 2,
+    ("l5dproxy/detect/protocol.py", "self.conn.listener.clock"): 1,
+    ("l5dproxy/detect/protocol.py", "self.conn.listener.detect"): 1,
+    ("l5dproxy/detect/protocol.py", "self.conn.listener.detection_abandoned"): 1,
     ("l5dproxy/http/h1.py", "listener.config"): 2,
     ("l5dproxy/http/h1.py", "listener.metrics"): 1,
     ("l5dproxy/http/h1.py", "listener.name"): 1,
@@ -192,12 +189,12 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/http/proxy.py", "listener.name"): 1,
     ("l5dproxy/http/proxy.py", "self.context.listener.config"): 2,
     ("l5dproxy/http/proxy.py", "self.context.listener.name"): 1,
-    ("l5dproxy/serverfirst.py", "listener.clock"): 1,
-    ("l5dproxy/serverfirst.py", "listener.protocol_for"): 1,
-    ("l5dproxy/serverfirst.py", "listener.upstream"): 1,
-    ("l5dproxy/serverfirst.py", "self.listener.metrics"): 1,
-    ("l5dproxy/serverfirst.py", "self.listener.reactor"): 1,
-    ("l5dproxy/serverfirst.py", "self.listener.upstream"): 3,
+    ("l5dproxy/detect/serverfirst.py", "listener.clock"): 1,
+    ("l5dproxy/detect/serverfirst.py", "listener.protocol_for"): 1,
+    ("l5dproxy/detect/serverfirst.py", "listener.upstream"): 1,
+    ("l5dproxy/detect/serverfirst.py", "self.listener.metrics"): 1,
+    ("l5dproxy/detect/serverfirst.py", "self.listener.reactor"): 1,
+    ("l5dproxy/detect/serverfirst.py", "self.listener.upstream"): 3,
     ("l5dproxy/tcp.py", "conn.listener.metrics"): 2,
     ("l5dproxy/tcp.py", "conn.listener.reactor"): 1,
     ("l5dproxy/tcp.py", "conn.listener.upstream"): 3,

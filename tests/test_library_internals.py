@@ -17,7 +17,7 @@ Users today:
   ``_tempDataLen``, ``_writeDisconnecting``, ``_maybePauseProducer``, and the
   undocumented ``dataBuffer``, ``offset``, ``TLS``, ``socket``),
   ``l5dproxy/net/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
-  ``_writeDisconnecting``), ``detect.py``/``listener.py``/``serverfirst.py``
+  ``_writeDisconnecting``), ``detect/protocol.py``/``listener.py``/``detect/serverfirst.py``
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does), ``service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
@@ -175,7 +175,7 @@ class TwistedTransportInternalsTests(_Canary):
                      "is not set by loseWriteConnection")
 
     def test_protocol_switch_by_assignment(self) -> None:
-        """detect.py hands a connection to another protocol by assigning
+        """detect/protocol.py hands a connection to another protocol by assigning
         ``transport.protocol``; later reads must reach the new one."""
         conn, peer, first = self._connection()
         second = _Sink()
@@ -184,7 +184,7 @@ class TwistedTransportInternalsTests(_Canary):
         conn.doRead()
         self.require(second.data == b"after the switch" and first.data == b"", "Twisted",
                      "twisted.internet.tcp.Connection.protocol",
-                     "l5dproxy/detect.py, listener.py, serverfirst.py",
+                     "l5dproxy/detect/protocol.py, listener.py, detect/serverfirst.py",
                      "assigned no longer receives what doRead reads")
 
 

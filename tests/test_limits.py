@@ -33,6 +33,7 @@ from l5dproxy.config import (
     ServiceConfig,
     parse,
 )
+from l5dproxy.detect.sniff import H2_PREFACE, Verdict
 from l5dproxy.http import h1client
 from l5dproxy.http import h2 as h2module
 from l5dproxy.http.exchange import (
@@ -48,7 +49,6 @@ from l5dproxy.http.h2 import H2ServerProtocol, H2Settings
 from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.listener import ConnectionLimits, Listener
 from l5dproxy.net.connection import InboundConnection
-from l5dproxy.sniff import H2_PREFACE, Verdict
 from l5dproxy.telemetry import Metrics
 from tests.test_detect import SwitchableTransport
 from tests.test_h2 import ClientTests, ServerHarness, Transport, raw_frames

@@ -24,9 +24,9 @@ from l5dproxy.config import (
     parse,
     parse_host_port,
 )
-from l5dproxy.detect import DetectProtocol
+from l5dproxy.detect.protocol import DetectProtocol
+from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.listener import Listener
-from l5dproxy.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.tcp import RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
 

@@ -1,4 +1,4 @@
-"""Tests for l5dproxy.sniff, the pure first-bytes protocol sniffer."""
+"""Tests for l5dproxy.detect.sniff, the pure first-bytes protocol sniffer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import struct
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.sniff import H2_PREFACE, Verdict, ended, sniff, starts_like_http1, timed_out
+from l5dproxy.detect.sniff import H2_PREFACE, Verdict, ended, sniff, starts_like_http1, timed_out
 
 H2 = Verdict("h2", "preface")
 HTTP1 = Verdict("http1", "request_line")

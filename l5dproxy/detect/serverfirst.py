@@ -44,16 +44,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
+from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net.connection import errno_name
-from l5dproxy.sniff import Verdict
 
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint
-    from l5dproxy.detect import DetectProtocol
+    from l5dproxy.detect.protocol import DetectProtocol
     from l5dproxy.listener import Listener
     from l5dproxy.net.connection import InboundConnection
 
-log = Logger(namespace="l5dproxy.serverfirst")
+log = Logger(namespace="l5dproxy.detect.serverfirst")
 
 SERVER_FIRST = Verdict("opaque", "server_first")
 LEARNED_OPAQUE = Verdict("opaque", "learned_opaque")

@@ -18,7 +18,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.sniff import Verdict, ended, sniff, timed_out
+from l5dproxy.detect.sniff import Verdict, ended, sniff, timed_out
 
 if TYPE_CHECKING:
     from l5dproxy.net.connection import InboundConnection
@@ -35,7 +35,7 @@ class DetectProtocol(Protocol):
         self.buffer = b""
         self.next_protocol = None
         self._timer = listener.clock.callLater(listener.detect.timeout, self._timed_out)
-        # The client-silence window: see l5dproxy.serverfirst.
+        # The client-silence window: see l5dproxy.detect.serverfirst.
         server_first = getattr(listener, "server_first", None)
         self.early = server_first.watch(self) if server_first is not None else None
 
