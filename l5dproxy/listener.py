@@ -21,7 +21,7 @@ from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import ServerFirst
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net.connection import InboundConnection, set_no_delay
-from l5dproxy.tcp import relay_handler
+from l5dproxy.tcp.relay import relay_handler
 from l5dproxy.telemetry import Metrics
 
 #: Builds the protocol that speaks a detected protocol on a connection.

@@ -27,7 +27,7 @@ from l5dproxy.config import (
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.listener import Listener
-from l5dproxy.tcp import RelayProtocol, UpstreamProtocol
+from l5dproxy.tcp.relay import RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
 
 SILENCE = 0.025

@@ -23,7 +23,7 @@ from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.listener import Listener
 from l5dproxy.net import splice
-from l5dproxy.tcp import CONNECT_BUFFER_LIMIT, RelayProtocol, UpstreamProtocol
+from l5dproxy.tcp.relay import CONNECT_BUFFER_LIMIT, RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
 from tests.relayrig import start_opaque_relay
 from tests.support import metric_value, parse_metrics

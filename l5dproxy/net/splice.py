@@ -43,7 +43,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from l5dproxy.tcp import RelayProtocol, UpstreamProtocol
+    from l5dproxy.tcp.relay import RelayProtocol, UpstreamProtocol
 
 log = Logger(namespace="l5dproxy.net.splice")
 

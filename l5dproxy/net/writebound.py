@@ -22,7 +22,7 @@ So the proxy holds at most ``bufferSize`` + ``limit`` + one write for a
 connection that does not read.
 
 The TCP relay has always had the first half of this rule: each side is the
-other's producer (``l5dproxy/tcp.py``). An HTTP/1 upstream connection writes
+other's producer (``l5dproxy/tcp/relay.py``). An HTTP/1 upstream connection writes
 nothing in answer to what it reads (one request at a time, its body paused
 by the same signal), so reading from it is never paused: an endpoint may
 answer early while the request body is still blocked.
