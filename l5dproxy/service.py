@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from l5dproxy import __version__, logs, workers
+from l5dproxy.accept.listener import ConnectionLimits, Listener
 from l5dproxy.admin import admin_site, config_document
 from l5dproxy.balance import Upstream
 from l5dproxy.config import Config, ConfigError, load
@@ -37,7 +38,6 @@ from l5dproxy.http.h1 import h1_handler
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
 from l5dproxy.http.proxy import HttpProxy
-from l5dproxy.listener import ConnectionLimits, Listener
 from l5dproxy.stats import Stats
 from l5dproxy.tap import TapHub
 from l5dproxy.telemetry import Metrics

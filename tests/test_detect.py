@@ -14,11 +14,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
+from l5dproxy.accept.listener import Listener
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.sniff import H2_PREFACE
-from l5dproxy.listener import Listener
 from l5dproxy.telemetry import Metrics
 from tests.support import metric_value, parse_metrics
 from tests.test_sniff import HELLO_SNI

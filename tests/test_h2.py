@@ -39,6 +39,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from l5dproxy.accept.listener import Listener
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
@@ -65,7 +66,6 @@ from l5dproxy.http.h2 import (
     request_head_from_h2,
     response_head_from_h2,
 )
-from l5dproxy.listener import Listener
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.telemetry import Metrics
 

@@ -102,7 +102,6 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/command.py": "app",  # app/command.py (the l5dproxy command)
     "l5dproxy/__main__.py": "app",  # stays: python -m l5dproxy (runs app/command.py)
     "l5dproxy/lean.py": "app",  # app/lean.py
-    "l5dproxy/listener.py": "accept",  # accept/listener.py, accept/limits.py
     "l5dproxy/logs.py": "app",  # app/logs.py (log observer, level filter: cli and admin)
     "l5dproxy/service.py": "app",  # app/service.py, app/reload.py (+ net/listening.py)
     "l5dproxy/stats.py": "app",  # app/stats.py (admin /stats.json)
@@ -124,15 +123,15 @@ REACH_IN_ALLOWED = frozenset({"accept", "app"})
 
 #: Import edges (importer, imported) inside an import cycle.
 KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/net/connection.py", "l5dproxy/listener.py"),
+    ("l5dproxy/net/connection.py", "l5dproxy/accept/listener.py"),
     ("l5dproxy/detect/protocol.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/listener.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/listener.py", "l5dproxy/detect/protocol.py"),
-    ("l5dproxy/listener.py", "l5dproxy/detect/serverfirst.py"),
-    ("l5dproxy/listener.py", "l5dproxy/tcp/relay.py"),
+    ("l5dproxy/accept/listener.py", "l5dproxy/net/connection.py"),
+    ("l5dproxy/accept/listener.py", "l5dproxy/detect/protocol.py"),
+    ("l5dproxy/accept/listener.py", "l5dproxy/detect/serverfirst.py"),
+    ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/net/connection.py"),
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/detect/protocol.py"),
-    ("l5dproxy/detect/serverfirst.py", "l5dproxy/listener.py"),
+    ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),
     ("l5dproxy/net/splice.py", "l5dproxy/tcp/relay.py"),
     ("l5dproxy/tcp/relay.py", "l5dproxy/net/connection.py"),
     ("l5dproxy/tcp/relay.py", "l5dproxy/net/splice.py"),
@@ -140,15 +139,15 @@ KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
 
 #: Import edges (importer, imported) against ALLOWED (comment: folders [kinds]).
 KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/net/connection.py", "l5dproxy/listener.py"),  # net -> accept [tc]
+    ("l5dproxy/net/connection.py", "l5dproxy/accept/listener.py"),  # net -> accept [tc]
     ("l5dproxy/net/connection.py", "l5dproxy/detect/sniff.py"),  # net -> detect [tc]
     ("l5dproxy/discovery.py", "l5dproxy/balance.py"),  # discovery -> balance [run]
     ("l5dproxy/http/exchange.py", "l5dproxy/balance.py"),  # exchange -> balance [tc]
     ("l5dproxy/http/h1.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
     ("l5dproxy/http/h1client.py", "l5dproxy/balance.py"),  # http -> balance [tc]
     ("l5dproxy/http/h2.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
-    ("l5dproxy/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
-    ("l5dproxy/detect/serverfirst.py", "l5dproxy/listener.py"),  # detect -> accept [tc]
+    ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
+    ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]
     ("l5dproxy/net/splice.py", "l5dproxy/tcp/relay.py"),  # net -> tcp [tc]
 })
 

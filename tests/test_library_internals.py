@@ -17,7 +17,7 @@ Users today:
   ``_tempDataLen``, ``_writeDisconnecting``, ``_maybePauseProducer``, and the
   undocumented ``dataBuffer``, ``offset``, ``TLS``, ``socket``),
   ``l5dproxy/net/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
-  ``_writeDisconnecting``), ``detect/protocol.py``/``listener.py``/``detect/serverfirst.py``
+  ``_writeDisconnecting``), ``detect/protocol.py``/``accept/listener.py``/``detect/serverfirst.py``
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does), ``service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
@@ -184,7 +184,7 @@ class TwistedTransportInternalsTests(_Canary):
         conn.doRead()
         self.require(second.data == b"after the switch" and first.data == b"", "Twisted",
                      "twisted.internet.tcp.Connection.protocol",
-                     "l5dproxy/detect/protocol.py, listener.py, detect/serverfirst.py",
+                     "l5dproxy/detect/protocol.py, accept/listener.py, detect/serverfirst.py",
                      "assigned no longer receives what doRead reads")
 
 

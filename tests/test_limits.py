@@ -22,6 +22,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from l5dproxy.accept.listener import ConnectionLimits, Listener
 from l5dproxy.balance import Endpoint as BalancerEndpoint
 from l5dproxy.balance import Upstream
 from l5dproxy.config import (
@@ -47,7 +48,6 @@ from l5dproxy.http.exchange import (
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2ServerProtocol, H2Settings
 from l5dproxy.http.proxy import HttpProxy
-from l5dproxy.listener import ConnectionLimits, Listener
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.telemetry import Metrics
 from tests.test_detect import SwitchableTransport
@@ -184,7 +184,7 @@ class ConnectionLimitTests(Refusing):
             self.accept(listener)
         self.clock.advance(10)
         self.accept(listener)
-        lines = [e for e in seen if e.get("log_namespace") == "l5dproxy.listener"]
+        lines = [e for e in seen if e.get("log_namespace") == "l5dproxy.accept.listener"]
         self.assertEqual([e["n"] for e in lines], [1, 100])
         self.assertEqual(self.refused("in"), 101)
 

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
+from l5dproxy.accept.listener import Listener
 from l5dproxy.balance import Upstream
 from l5dproxy.config import (
     ConfigError,
@@ -26,7 +27,6 @@ from l5dproxy.config import (
 )
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
-from l5dproxy.listener import Listener
 from l5dproxy.tcp.relay import RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
 

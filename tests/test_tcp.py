@@ -19,9 +19,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from l5dproxy.accept.listener import Listener
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
-from l5dproxy.listener import Listener
 from l5dproxy.net import splice
 from l5dproxy.tcp.relay import CONNECT_BUFFER_LIMIT, RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics

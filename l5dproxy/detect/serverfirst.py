@@ -48,9 +48,9 @@ from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net.connection import errno_name
 
 if TYPE_CHECKING:
+    from l5dproxy.accept.listener import Listener
     from l5dproxy.balance import Endpoint
     from l5dproxy.detect.protocol import DetectProtocol
-    from l5dproxy.listener import Listener
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.detect.serverfirst")

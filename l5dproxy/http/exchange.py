@@ -422,7 +422,7 @@ def error_response(error: ProxyError, grpc: bool = False) -> Response:
 class RequestContext:
     """What the dispatcher knows of where a request came from."""
 
-    listener: object                # l5dproxy.listener.Listener
+    listener: object                # l5dproxy.accept.listener.Listener
     connection: object              # l5dproxy.net.connection.InboundConnection
     protocol: str                   # "http1" or "h2": what the client speaks
     routes: object = None           # the dispatcher's route table, kept per connection

@@ -18,8 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
+    from l5dproxy.accept.listener import Listener
     from l5dproxy.detect.sniff import Verdict
-    from l5dproxy.listener import Listener
     from l5dproxy.telemetry import TcpSideMetrics
 
 log = Logger(namespace="l5dproxy.net.connection")
