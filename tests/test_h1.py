@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from l5dproxy.balance import Endpoint
 from l5dproxy.config import HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,

@@ -23,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from l5dproxy.balance import Upstream
 from l5dproxy.config import HostPort, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
-from l5dproxy.http.exchange import Body, Response, ResponseHead
+from l5dproxy.exchange.message import Body, Response, ResponseHead
 from l5dproxy.http.h1 import H1Server
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.proxy import HttpProxy

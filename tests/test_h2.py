@@ -43,8 +43,7 @@ from l5dproxy.accept.listener import Listener
 from l5dproxy.balance import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
-from l5dproxy.http import grpc
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,
@@ -53,6 +52,7 @@ from l5dproxy.http.exchange import (
     Response,
     ResponseHead,
 )
+from l5dproxy.http import grpc
 from l5dproxy.http.h2 import (
     ENCODER_TABLE_SIZE,
     LINGER_SECONDS,

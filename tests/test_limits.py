@@ -35,9 +35,7 @@ from l5dproxy.config import (
     parse,
 )
 from l5dproxy.detect.sniff import H2_PREFACE, Verdict
-from l5dproxy.http import h1client
-from l5dproxy.http import h2 as h2module
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,
@@ -45,6 +43,8 @@ from l5dproxy.http.exchange import (
     RequestHead,
     error_response,
 )
+from l5dproxy.http import h1client
+from l5dproxy.http import h2 as h2module
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2ServerProtocol, H2Settings
 from l5dproxy.http.proxy import HttpProxy
@@ -234,7 +234,7 @@ class LoadShedTests(SynchronousTestCase):
         self.assertEqual(headers[b"l5d-proxy-error"], b"service unavailable: load shed")
 
     def test_room_comes_back_when_a_response_ends_or_fails_or_is_cancelled(self) -> None:
-        from l5dproxy.http.exchange import Response, ResponseHead
+        from l5dproxy.exchange.message import Response, ResponseHead
         first = self.dispatch()
         second = self.dispatch()
         self.failureResultOf(self.dispatch(), ProxyError)

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance import Upstream
 from l5dproxy.config import HostPort, ListenerConfig, RouteConfig, ServiceConfig
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,

@@ -16,7 +16,7 @@ from l5dproxy.config import (
     RouteConfig,
     ServiceConfig,
 )
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,

@@ -7,7 +7,7 @@ its ``grpc-timeout``.
 
 from __future__ import annotations
 
-from l5dproxy.http.exchange import Headers
+from l5dproxy.exchange.message import Headers
 
 #: Linkerd's failure set: these statuses classify a response as failure even
 #: under HTTP 200 (UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED, INTERNAL,

@@ -39,7 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     PROXY_ERROR_HEADER,
     Body,
     Headers,
@@ -54,7 +54,7 @@ from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
-    from l5dproxy.http.exchange import Dispatcher
+    from l5dproxy.exchange.message import Dispatcher
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.http")

@@ -1,7 +1,7 @@
 """The HTTP/2 codec ends: a server end facing clients, a client end facing endpoints.
 
 Both sit on ``h2.connection.H2Connection`` and translate streams to and from
-the protocol-neutral exchange (``l5dproxy.http.exchange``), so routing,
+the protocol-neutral exchange (``l5dproxy.exchange.message``), so routing,
 balancing and metrics never see HTTP/2.
 
 Flow control runs end to end. Received DATA is acknowledged (its
@@ -75,8 +75,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.http.abuse import AbuseBudget
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     Body,
     BodyLengthError,
     Headers,
@@ -88,13 +87,14 @@ from l5dproxy.http.exchange import (
     ResponseHead,
     error_response,
 )
+from l5dproxy.http.abuse import AbuseBudget
 from l5dproxy.http.proxy import as_proxy_error
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
 from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
-    from l5dproxy.http.exchange import Dispatcher
+    from l5dproxy.exchange.message import Dispatcher
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.h2")

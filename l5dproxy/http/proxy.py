@@ -43,8 +43,7 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from l5dproxy.http import grpc
-from l5dproxy.http.exchange import (
+from l5dproxy.exchange.message import (
     UNDERSCORE_FIELD_REASON,
     Headers,
     ProxyError,
@@ -53,6 +52,7 @@ from l5dproxy.http.exchange import (
     Response,
     drop_underscore_fields,
 )
+from l5dproxy.http import grpc
 from l5dproxy.http.labels import OTHER, Labels
 from l5dproxy.http.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
@@ -60,7 +60,7 @@ from l5dproxy.telemetry import DIRECTION
 if TYPE_CHECKING:
     from l5dproxy.balance import Endpoint, Upstream
     from l5dproxy.config import HostPort, RouteConfig, ServiceConfig
-    from l5dproxy.http.exchange import UpstreamClient
+    from l5dproxy.exchange.message import UpstreamClient
     from l5dproxy.telemetry import Metrics
 
 log = Logger(namespace="l5dproxy.http")

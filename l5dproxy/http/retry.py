@@ -22,7 +22,7 @@ request, and its retry budget across requests (``Upstream.retry_allowed``).
 
 from __future__ import annotations
 
-from l5dproxy.http.exchange import Body, Headers, Request
+from l5dproxy.exchange.message import Body, Headers, Request
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
