@@ -325,7 +325,7 @@ class Upstream:
         self.retries = 0          # retries allowed by the budget, in all
         self.retry_overflows = 0  # retries the budget refused, in all
         #: HTTP requests in flight to the service, from dispatch to the end
-        #: of the response (l5dproxy.http.proxy: max_pending_requests).
+        #: of the response (l5dproxy.route.dispatcher: max_pending_requests).
         self.pending = 0
         self.set_addresses(config.endpoints)
 

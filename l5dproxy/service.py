@@ -37,7 +37,7 @@ from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
 from l5dproxy.http.h1 import h1_handler
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
-from l5dproxy.http.proxy import HttpProxy
+from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.stats import Stats
 from l5dproxy.tap import TapHub
 from l5dproxy.telemetry import Metrics

@@ -131,7 +131,7 @@ class TapHub:
         self.proxy.tap = self if self.watchers else None
         self.proxy.tap_start = self if any(w.want_start for w in self.watchers) else None
 
-    # -- events (called by l5dproxy.http.proxy) --
+    # -- events (called by l5dproxy.route.dispatcher) --
 
     def _base(self, exchange, kind: str) -> dict[str, Any]:
         head = exchange.request.head

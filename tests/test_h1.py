@@ -1055,7 +1055,7 @@ class PipelineGarbageTests(SynchronousTestCase):
         import gc
 
         from l5dproxy.balance import Upstream
-        from l5dproxy.http.proxy import HttpProxy
+        from l5dproxy.route.dispatcher import HttpProxy
 
         clock = MemoryReactorClock()
         listener = FakeListener(clock)

@@ -52,7 +52,6 @@ from l5dproxy.exchange.message import (
     Response,
     ResponseHead,
 )
-from l5dproxy.http import grpc
 from l5dproxy.http.h2 import (
     ENCODER_TABLE_SIZE,
     LINGER_SECONDS,
@@ -67,6 +66,7 @@ from l5dproxy.http.h2 import (
     response_head_from_h2,
 )
 from l5dproxy.net.connection import InboundConnection
+from l5dproxy.route import classify as grpc
 from l5dproxy.telemetry import Metrics
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a?b=1"),
@@ -1680,7 +1680,7 @@ class DispatcherGrpcTests(SynchronousTestCase):
     """gRPC in the dispatcher: the failure set, a missing status, grpc-timeout."""
 
     def setUp(self) -> None:
-        from l5dproxy.http.proxy import HttpProxy
+        from l5dproxy.route.dispatcher import HttpProxy
         from tests.test_proxy import FakeClient, FakeConnection, FakeListener
         self.clock = MemoryReactorClock()
         self.metrics = Metrics()
@@ -1923,7 +1923,7 @@ class H2ToH1:
 
     def __init__(self) -> None:
         from l5dproxy.http.h1client import H1Client
-        from l5dproxy.http.proxy import HttpProxy
+        from l5dproxy.route.dispatcher import HttpProxy
 
         self.clock = MemoryReactorClock()
         service = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="http1",

@@ -107,10 +107,6 @@ TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/stats.py": "app",  # app/stats.py (admin /stats.json)
     "l5dproxy/tap.py": "app",  # app/tap.py (admin /tap; the dispatcher gets a callable)
     "l5dproxy/workers.py": "app",  # app/workers.py (+ net/listening.py)
-    "l5dproxy/http/grpc.py": "route",  # route/classify.py
-    "l5dproxy/http/labels.py": "route",  # route/labels.py
-    "l5dproxy/http/proxy.py": "route",  # route/{dispatcher,table,labels}.py
-    "l5dproxy/http/retry.py": "route",  # route/retry.py
 }
 
 #: Folders whose code may reach through a listener: the listener itself, and
@@ -142,9 +138,9 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/net/connection.py", "l5dproxy/detect/sniff.py"),  # net -> detect [tc]
     ("l5dproxy/discovery.py", "l5dproxy/balance.py"),  # discovery -> balance [run]
     ("l5dproxy/exchange/message.py", "l5dproxy/balance.py"),  # exchange -> balance [tc]
-    ("l5dproxy/http/h1.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
+    ("l5dproxy/http/h1.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/http/h1client.py", "l5dproxy/balance.py"),  # http -> balance [tc]
-    ("l5dproxy/http/h2.py", "l5dproxy/http/proxy.py"),  # http -> route [run]
+    ("l5dproxy/http/h2.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]
     ("l5dproxy/net/splice.py", "l5dproxy/tcp/relay.py"),  # net -> tcp [tc]
@@ -182,10 +178,10 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/http/h2.py", "self.conn.listener.clock"): 1,
     ("l5dproxy/http/h2.py", "self.conn.listener.metrics"): 1,
     ("l5dproxy/http/h2.py", "self.conn.listener.reactor"): 5,
-    ("l5dproxy/http/proxy.py", "listener.config"): 1,
-    ("l5dproxy/http/proxy.py", "listener.name"): 1,
-    ("l5dproxy/http/proxy.py", "self.context.listener.config"): 2,
-    ("l5dproxy/http/proxy.py", "self.context.listener.name"): 1,
+    ("l5dproxy/route/dispatcher.py", "listener.config"): 1,
+    ("l5dproxy/route/dispatcher.py", "listener.name"): 1,
+    ("l5dproxy/route/dispatcher.py", "self.context.listener.config"): 2,
+    ("l5dproxy/route/dispatcher.py", "self.context.listener.name"): 1,
     ("l5dproxy/detect/serverfirst.py", "listener.clock"): 1,
     ("l5dproxy/detect/serverfirst.py", "listener.protocol_for"): 1,
     ("l5dproxy/detect/serverfirst.py", "listener.upstream"): 1,

@@ -47,8 +47,8 @@ from l5dproxy.http import h1client
 from l5dproxy.http import h2 as h2module
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.http.h2 import H2ServerProtocol, H2Settings
-from l5dproxy.http.proxy import HttpProxy
 from l5dproxy.net.connection import InboundConnection
+from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
 from tests.test_detect import SwitchableTransport
 from tests.test_h2 import ClientTests, ServerHarness, Transport, raw_frames

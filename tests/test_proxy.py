@@ -20,8 +20,8 @@ from l5dproxy.exchange.message import (
     Response,
     ResponseHead,
 )
-from l5dproxy.http.labels import MAX_CACHED_CHILDREN
-from l5dproxy.http.proxy import HttpProxy, as_proxy_error
+from l5dproxy.route.dispatcher import HttpProxy, as_proxy_error
+from l5dproxy.route.labels import MAX_CACHED_CHILDREN
 from l5dproxy.telemetry import Metrics
 from tests.dispatchfakes import as_call_client, dispatch_to_deferred
 
@@ -258,8 +258,7 @@ class TargetsBoundTests(SynchronousTestCase):
     dispatch = DispatcherTests.dispatch
 
     def test_churning_addresses_stay_bounded(self) -> None:
-        from l5dproxy.http import proxy as proxy_module
-
+        from l5dproxy.route import dispatcher as proxy_module
         self.patch(proxy_module, "MAX_TARGETS", 8)
         app = self.upstreams["app"]
         for port in range(10000, 10040):

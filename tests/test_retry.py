@@ -25,8 +25,8 @@ from l5dproxy.exchange.message import (
     Response,
     ResponseHead,
 )
-from l5dproxy.http.proxy import HttpProxy
-from l5dproxy.http.retry import Replay, replay_for, retryable
+from l5dproxy.route.dispatcher import HttpProxy
+from l5dproxy.route.retry import Replay, replay_for, retryable
 from l5dproxy.telemetry import Metrics
 from tests.dispatchfakes import as_call_client, dispatch_to_deferred
 

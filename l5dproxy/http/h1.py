@@ -49,9 +49,9 @@ from l5dproxy.exchange.message import (
     RequestHead,
     Response,
 )
-from l5dproxy.http.proxy import reason_phrase
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
+from l5dproxy.route.dispatcher import reason_phrase
 
 if TYPE_CHECKING:
     from l5dproxy.exchange.message import Dispatcher

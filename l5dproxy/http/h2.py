@@ -88,10 +88,10 @@ from l5dproxy.exchange.message import (
     error_response,
 )
 from l5dproxy.http.abuse import AbuseBudget
-from l5dproxy.http.proxy import as_proxy_error
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
 from l5dproxy.net.writebound import WriteBound
+from l5dproxy.route.dispatcher import as_proxy_error
 
 if TYPE_CHECKING:
     from l5dproxy.exchange.message import Dispatcher

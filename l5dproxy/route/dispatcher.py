@@ -28,7 +28,7 @@ when it has none). Labelled children are looked up once per
 
 Every label value comes from configuration or from a small fixed set, never
 straight from what a peer sent (``_RouteTable.authority_label``, and
-``l5dproxy.http.labels``); the access log (per request, no state) keeps
+``l5dproxy.route.labels``); the access log (per request, no state) keeps
 each request's real authority.
 """
 
@@ -52,9 +52,9 @@ from l5dproxy.exchange.message import (
     Response,
     drop_underscore_fields,
 )
-from l5dproxy.http import grpc
-from l5dproxy.http.labels import OTHER, Labels
-from l5dproxy.http.retry import EmptyReplay, Replay, replay_for, retryable
+from l5dproxy.route import classify as grpc
+from l5dproxy.route.labels import OTHER, Labels
+from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:

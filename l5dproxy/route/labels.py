@@ -2,7 +2,7 @@
 keep every label value to the config or a small fixed set (issue 18).
 
 A label value never comes straight from what a peer sent: ``authority`` is
-a configured route host or ``other`` (``l5dproxy.http.proxy``'s route
+a configured route host or ``other`` (``l5dproxy.route.dispatcher``'s route
 table), ``status_code`` a valid status or ``other``, ``grpc_status`` a gRPC
 code or ``other``. Linkerd labels its HTTP metrics by configured routes and
 parents, Envoy and HAProxy by configured clusters and backends, for the
