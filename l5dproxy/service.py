@@ -30,7 +30,7 @@ from zope.interface import implementer
 from l5dproxy import __version__, logs, workers
 from l5dproxy.accept.listener import ConnectionLimits, Listener
 from l5dproxy.admin import admin_site, config_document
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import Config, ConfigError, load
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver

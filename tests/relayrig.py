@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import protocol, reactor
 
 from l5dproxy.accept.listener import Listener
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.telemetry import Metrics
 

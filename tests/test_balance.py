@@ -8,7 +8,7 @@ from collections import Counter
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.balance import (
+from l5dproxy.balance.backends import (
     DEFAULT_RTT,
     EJECTED,
     P2C,

@@ -23,7 +23,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept.listener import Listener
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.exchange.message import Body, ProxyError, Response, ResponseHead
 from l5dproxy.http.h1 import h1_handler

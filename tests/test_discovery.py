@@ -8,7 +8,7 @@ from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import DiscoveryConfig, HostPort, ServiceConfig
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
 from tests.dnsserver import DnsServer

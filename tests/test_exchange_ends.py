@@ -32,7 +32,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import HostPort, ServiceConfig
 from l5dproxy.http.h1client import H1Client
 from l5dproxy.route.dispatcher import HttpProxy

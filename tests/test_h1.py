@@ -11,7 +11,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.balance import Endpoint
+from l5dproxy.balance.backends import Endpoint
 from l5dproxy.config import HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import (
@@ -1054,7 +1054,7 @@ class PipelineGarbageTests(SynchronousTestCase):
     def test_no_cyclic_garbage_per_request(self) -> None:
         import gc
 
-        from l5dproxy.balance import Upstream
+        from l5dproxy.balance.backends import Upstream
         from l5dproxy.route.dispatcher import HttpProxy
 
         clock = MemoryReactorClock()

@@ -97,7 +97,6 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 #: a line whose file is gone fails: delete it when you move the file.
 TARGET_FOLDER: Mapping[str, str] = {
     "l5dproxy/admin.py": "app",  # app/admin.py
-    "l5dproxy/balance.py": "balance",  # balance/{endpoint,p2c,budget,backends}.py
     "l5dproxy/cli.py": "app",  # app/cli.py
     "l5dproxy/command.py": "app",  # app/command.py (the l5dproxy command)
     "l5dproxy/__main__.py": "app",  # stays: python -m l5dproxy (runs app/command.py)
@@ -136,10 +135,10 @@ KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
 KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/net/connection.py", "l5dproxy/accept/listener.py"),  # net -> accept [tc]
     ("l5dproxy/net/connection.py", "l5dproxy/detect/sniff.py"),  # net -> detect [tc]
-    ("l5dproxy/discovery.py", "l5dproxy/balance.py"),  # discovery -> balance [run]
-    ("l5dproxy/exchange/message.py", "l5dproxy/balance.py"),  # exchange -> balance [tc]
+    ("l5dproxy/discovery.py", "l5dproxy/balance/backends.py"),  # discovery -> balance [run]
+    ("l5dproxy/exchange/message.py", "l5dproxy/balance/backends.py"),  # exchange -> balance [tc]
     ("l5dproxy/http/h1.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
-    ("l5dproxy/http/h1client.py", "l5dproxy/balance.py"),  # http -> balance [tc]
+    ("l5dproxy/http/h1client.py", "l5dproxy/balance/backends.py"),  # http -> balance [tc]
     ("l5dproxy/http/h2.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]

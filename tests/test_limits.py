@@ -23,8 +23,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept.listener import ConnectionLimits, Listener
-from l5dproxy.balance import Endpoint as BalancerEndpoint
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Endpoint as BalancerEndpoint
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import (
     ConfigError,
     DetectConfig,

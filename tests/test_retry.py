@@ -8,7 +8,7 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import (
     FailureAccrualConfig,
     HostPort,

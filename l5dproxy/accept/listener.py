@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
-from l5dproxy.balance import Upstream
+from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import DetectConfig, ListenerConfig
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import ServerFirst

@@ -49,7 +49,7 @@ from l5dproxy.net.connection import errno_name
 
 if TYPE_CHECKING:
     from l5dproxy.accept.listener import Listener
-    from l5dproxy.balance import Endpoint
+    from l5dproxy.balance.backends import Endpoint
     from l5dproxy.detect.protocol import DetectProtocol
     from l5dproxy.net.connection import InboundConnection
 

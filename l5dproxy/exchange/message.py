@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:
-    from l5dproxy.balance import Endpoint
+    from l5dproxy.balance.backends import Endpoint
 
 Headers = list[tuple[bytes, bytes]]
 

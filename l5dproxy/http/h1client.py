@@ -52,7 +52,7 @@ from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
 
 if TYPE_CHECKING:
-    from l5dproxy.balance import Endpoint
+    from l5dproxy.balance.backends import Endpoint
     from l5dproxy.config import ServiceConfig
     from l5dproxy.telemetry import Metrics, TcpSideMetrics
 

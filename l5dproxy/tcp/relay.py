@@ -20,7 +20,7 @@ from l5dproxy.net import splice
 from l5dproxy.net.connection import IStreamTransport, errno_name, set_no_delay
 
 if TYPE_CHECKING:
-    from l5dproxy.balance import Endpoint
+    from l5dproxy.balance.backends import Endpoint
     from l5dproxy.net.connection import InboundConnection
     from l5dproxy.telemetry import TcpSideMetrics
 
