@@ -34,8 +34,8 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import Config, ConfigError, load
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
-from l5dproxy.http.h1 import h1_handler
-from l5dproxy.http.h1client import H1Client
+from l5dproxy.http.h1.client import H1Client
+from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.stats import Stats

@@ -26,7 +26,7 @@ from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.exchange.message import Body, ProxyError, Response, ResponseHead
-from l5dproxy.http.h1 import h1_handler
+from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.telemetry import Metrics
 from tests.support import parse_metrics
 from tests.test_detect import Recorder, SwitchableTransport

@@ -312,7 +312,7 @@ class WriteBoundTests(SynchronousTestCase):
         self.assertEqual(samples(listener.metrics, "h2_abuse_total"), {"write_buffer": 1.0})
 
     def test_h1_server_stops_reading_and_closes_past_the_hard_bound(self) -> None:
-        from l5dproxy.http.h1 import H1Server
+        from l5dproxy.http.h1.server import H1Server
 
         clock = MemoryReactorClock()
         listener = make_listener(clock)

@@ -137,8 +137,8 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/net/connection.py", "l5dproxy/detect/sniff.py"),  # net -> detect [tc]
     ("l5dproxy/discovery.py", "l5dproxy/balance/backends.py"),  # discovery -> balance [run]
     ("l5dproxy/exchange/message.py", "l5dproxy/balance/backends.py"),  # exchange -> balance [tc]
-    ("l5dproxy/http/h1.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
-    ("l5dproxy/http/h1client.py", "l5dproxy/balance/backends.py"),  # http -> balance [tc]
+    ("l5dproxy/http/h1/server.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
+    ("l5dproxy/http/h1/client.py", "l5dproxy/balance/backends.py"),  # http -> balance [tc]
     ("l5dproxy/http/h2.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]
@@ -148,8 +148,8 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
 #: Files over MAX_LINES lines.
 KNOWN_LARGE: frozenset[str] = frozenset({
     "l5dproxy/config.py",
-    "l5dproxy/http/h1.py",
-    "l5dproxy/http/h1client.py",
+    "l5dproxy/http/h1/server.py",
+    "l5dproxy/http/h1/client.py",
     "l5dproxy/http/h2.py",
 })
 
@@ -168,10 +168,10 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/detect/protocol.py", "self.conn.listener.clock"): 1,
     ("l5dproxy/detect/protocol.py", "self.conn.listener.detect"): 1,
     ("l5dproxy/detect/protocol.py", "self.conn.listener.detection_abandoned"): 1,
-    ("l5dproxy/http/h1.py", "listener.config"): 2,
-    ("l5dproxy/http/h1.py", "listener.metrics"): 1,
-    ("l5dproxy/http/h1.py", "listener.name"): 1,
-    ("l5dproxy/http/h1.py", "self.conn.listener.clock"): 1,
+    ("l5dproxy/http/h1/server.py", "listener.config"): 2,
+    ("l5dproxy/http/h1/server.py", "listener.metrics"): 1,
+    ("l5dproxy/http/h1/server.py", "listener.name"): 1,
+    ("l5dproxy/http/h1/server.py", "self.conn.listener.clock"): 1,
     ("l5dproxy/http/h2.py", "listener.metrics"): 2,
     ("l5dproxy/http/h2.py", "listener.name"): 2,
     ("l5dproxy/http/h2.py", "self.conn.listener.clock"): 1,
@@ -206,7 +206,7 @@ class Import:
     """One import of one l5dproxy module by another.
 
     ``importer``/``imported`` are file paths relative to the root
-    (``l5dproxy/http/h1.py``); ``kind`` is ``"run"`` (module level),
+    (``l5dproxy/http/h1/server.py``); ``kind`` is ``"run"`` (module level),
     ``"tc"`` (under ``if TYPE_CHECKING:``) or ``"late"`` (inside a function).
     """
 
