@@ -36,7 +36,7 @@ from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirs
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
 from l5dproxy.http.h1.client import H1Client
 from l5dproxy.http.h1.server import h1_handler
-from l5dproxy.http.h2 import H2Client, H2Settings, h2_handler
+from l5dproxy.http.h2.protocol import H2Client, H2Settings, h2_handler
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.stats import Stats
 from l5dproxy.tap import TapHub

@@ -1,4 +1,4 @@
-"""The abuse budget (l5dproxy.http.abuse), fed events and a clock."""
+"""The abuse budget (l5dproxy.http.h2.abuse), fed events and a clock."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.http.abuse import KINDS, AbuseBudget
+from l5dproxy.http.h2.abuse import KINDS, AbuseBudget
 
 BOUNDED = settings(max_examples=60, deadline=None, derandomize=True)
 

@@ -239,7 +239,7 @@ TWISTD_LOG = """\
 2026-11-25T03:08:33+0000 [twisted.internet.defer#critical] Unhandled error in Deferred:
 2026-11-25T03:08:33+0000 [twisted.internet.defer#critical]
 \tTraceback (most recent call last):
-\t  File "/work/main/l5dproxy/http/h2.py", line 384, in _send_stream
+\t  File "/work/main/l5dproxy/http/h2/protocol.py", line 384, in _send_stream
 \t    h2.send_headers(sid, headers, end_stream=True)
 \t  File "/work/venv/lib/python3.11/site-packages/h2/connection.py", line 267, in process_input
 \t    raise ProtocolError(msg) from e

@@ -52,7 +52,7 @@ from l5dproxy.exchange.message import (
     Response,
     ResponseHead,
 )
-from l5dproxy.http.h2 import (
+from l5dproxy.http.h2.protocol import (
     ENCODER_TABLE_SIZE,
     LINGER_SECONDS,
     H2Client,
@@ -1880,7 +1880,7 @@ class InboundValidationTests(SynchronousTestCase):
 
     @staticmethod
     def _ours_refuses(kind: str, block) -> bool:
-        from l5dproxy.http.h2 import MalformedError, trailers_from_h2
+        from l5dproxy.http.h2.protocol import MalformedError, trailers_from_h2
 
         translate = {"request": request_head_from_h2, "response": response_head_from_h2,
                      "trailers": trailers_from_h2}[kind]

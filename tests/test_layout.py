@@ -139,7 +139,7 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/exchange/message.py", "l5dproxy/balance/backends.py"),  # exchange -> balance [tc]
     ("l5dproxy/http/h1/server.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/http/h1/client.py", "l5dproxy/balance/backends.py"),  # http -> balance [tc]
-    ("l5dproxy/http/h2.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
+    ("l5dproxy/http/h2/protocol.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]
     ("l5dproxy/net/splice.py", "l5dproxy/tcp/relay.py"),  # net -> tcp [tc]
@@ -150,7 +150,7 @@ KNOWN_LARGE: frozenset[str] = frozenset({
     "l5dproxy/config.py",
     "l5dproxy/http/h1/server.py",
     "l5dproxy/http/h1/client.py",
-    "l5dproxy/http/h2.py",
+    "l5dproxy/http/h2/protocol.py",
 })
 
 #: (file, reach-in expression) -> how many times the file has it.
@@ -172,11 +172,11 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/http/h1/server.py", "listener.metrics"): 1,
     ("l5dproxy/http/h1/server.py", "listener.name"): 1,
     ("l5dproxy/http/h1/server.py", "self.conn.listener.clock"): 1,
-    ("l5dproxy/http/h2.py", "listener.metrics"): 2,
-    ("l5dproxy/http/h2.py", "listener.name"): 2,
-    ("l5dproxy/http/h2.py", "self.conn.listener.clock"): 1,
-    ("l5dproxy/http/h2.py", "self.conn.listener.metrics"): 1,
-    ("l5dproxy/http/h2.py", "self.conn.listener.reactor"): 5,
+    ("l5dproxy/http/h2/protocol.py", "listener.metrics"): 2,
+    ("l5dproxy/http/h2/protocol.py", "listener.name"): 2,
+    ("l5dproxy/http/h2/protocol.py", "self.conn.listener.clock"): 1,
+    ("l5dproxy/http/h2/protocol.py", "self.conn.listener.metrics"): 1,
+    ("l5dproxy/http/h2/protocol.py", "self.conn.listener.reactor"): 5,
     ("l5dproxy/route/dispatcher.py", "listener.config"): 1,
     ("l5dproxy/route/dispatcher.py", "listener.name"): 1,
     ("l5dproxy/route/dispatcher.py", "self.context.listener.config"): 2,

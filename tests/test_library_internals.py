@@ -21,7 +21,7 @@ Users today:
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does), ``service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
-* h2: ``l5dproxy/http/h2.py`` (overrides ``H2Connection._begin_new_stream``,
+* h2: ``l5dproxy/http/h2/protocol.py`` (overrides ``H2Connection._begin_new_stream``,
   ``_receive_frame`` and ``_receive_goaway_frame``, and
   ``H2Stream._initialize_content_length``;
   calls ``_inbound_flow_control_window_manager`` and ``_prepare_for_sending``;
@@ -223,9 +223,9 @@ class TwistedPortInternalsTests(_Canary):
 
 
 class H2InternalsTests(_Canary):
-    """h2's ``H2Connection`` as l5dproxy/http/h2.py subclasses and drives it."""
+    """h2's ``H2Connection`` as l5dproxy/http/h2/protocol.py subclasses and drives it."""
 
-    user = "l5dproxy/http/h2.py"
+    user = "l5dproxy/http/h2/protocol.py"
 
     @staticmethod
     def _pair(cls: type[H2Connection]) -> tuple[H2Connection, H2Connection]:
@@ -246,7 +246,7 @@ class H2InternalsTests(_Canary):
     def test_our_subclass_overrides_only_names_h2_has(self) -> None:
         """Every private method ``_H2Connection`` overrides still exists in
         h2 with the same parameters (else the override is silently dead)."""
-        from l5dproxy.http.h2 import _H2Connection
+        from l5dproxy.http.h2.protocol import _H2Connection
 
         for name, ours in vars(_H2Connection).items():
             if not name.startswith("_") or name.startswith("__") or not callable(ours):
@@ -311,7 +311,7 @@ class H2InternalsTests(_Canary):
         from h2.exceptions import ProtocolError
         from h2.stream import H2Stream
 
-        from l5dproxy.http.h2 import _H2Connection
+        from l5dproxy.http.h2.protocol import _H2Connection
 
         self.require_params(getattr(H2Connection, "_begin_new_stream", None),
                             ["self", "stream_id", "allowed_ids"], "h2",
@@ -370,7 +370,7 @@ class H2InternalsTests(_Canary):
         by ``MAX_CLOSED_STREAMS`` when ``__init__`` runs: ``_H2Connection``
         sets it per instance to bound what a long-lived connection keeps
         (issue 17). If either name goes, the record is 65,536 again."""
-        from l5dproxy.http.h2 import _H2Connection
+        from l5dproxy.http.h2.protocol import _H2Connection
 
         qualname = "h2.connection.H2Connection.MAX_CLOSED_STREAMS/_closed_streams"
         self.require(isinstance(getattr(H2Connection, "MAX_CLOSED_STREAMS", None), int), "h2",

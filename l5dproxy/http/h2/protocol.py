@@ -87,7 +87,7 @@ from l5dproxy.exchange.message import (
     ResponseHead,
     error_response,
 )
-from l5dproxy.http.abuse import AbuseBudget
+from l5dproxy.http.h2.abuse import AbuseBudget
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
 from l5dproxy.net.writebound import WriteBound

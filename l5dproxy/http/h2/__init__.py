@@ -1,0 +1,1 @@
+"""l5dproxy.http.h2.protocol."""
