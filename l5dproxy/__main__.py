@@ -1,7 +1,7 @@
-"""``python -m l5dproxy``: the ``l5dproxy`` command (l5dproxy.command)."""
+"""``python -m l5dproxy``: the ``l5dproxy`` command (l5dproxy.app.command)."""
 
 import sys
 
-from l5dproxy.command import main
+from l5dproxy.app.command import main
 
 sys.exit(main())

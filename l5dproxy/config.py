@@ -618,7 +618,7 @@ def check_endpoint(text: str) -> str | None:
         return f"unparsable endpoint string {text!r}"
     except (ValueError, TypeError, AttributeError) as e:
         return f"unparsable endpoint string {text!r}: {e}"
-    except ImportError as e:  # TLS, in a process started without OpenSSL (l5dproxy.lean)
+    except ImportError as e:  # TLS, in a process started without OpenSSL (l5dproxy.app.lean)
         return f"unusable endpoint string {text!r}: {e}"
     except OSError as e:  # ssl: reads its certificate files while parsing
         return f"unusable endpoint string {text!r}: {e.strerror or e}: {e.filename}"

@@ -9,9 +9,9 @@ from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
-from l5dproxy.admin import admin_site
+from l5dproxy.app.admin import admin_site
+from l5dproxy.app.service import ProxyService
 from l5dproxy.config import AdminConfig, Config, HostPort, ListenerConfig, ServiceConfig
-from l5dproxy.service import ProxyService
 from l5dproxy.telemetry import Metrics
 from tests.support import metric_value, parse_metrics
 
@@ -128,7 +128,7 @@ class ServiceReadinessTests(TestCase):
         """A listener that cannot bind: one StartupError line, nothing left bound."""
         import socket
 
-        from l5dproxy.service import StartupError
+        from l5dproxy.app.service import StartupError
 
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
@@ -157,8 +157,7 @@ class OperatorEndpointTests(TestCase):
     """The operator's admin endpoints on a running ProxyService (issue 15 part 4)."""
 
     def setUp(self) -> None:
-        from l5dproxy import logs
-
+        from l5dproxy.app import logs
         self.addCleanup(logs.set_level, logs.level())
         config = Config(
             source="/etc/l5dproxy/test.toml", admin=AdminConfig(listen=LISTEN),
@@ -187,7 +186,7 @@ class OperatorEndpointTests(TestCase):
 
     @defer.inlineCallbacks
     def test_index_lists_every_endpoint_and_each_answers(self):
-        from l5dproxy.admin import ENDPOINTS
+        from l5dproxy.app.admin import ENDPOINTS
 
         response, body = yield self.call("/")
         self.assertEqual(response.code, 200)
@@ -263,8 +262,7 @@ class OperatorEndpointTests(TestCase):
 
     @defer.inlineCallbacks
     def test_log_level_get_put_post(self):
-        from l5dproxy import logs
-
+        from l5dproxy.app import logs
         logs.set_level("info")
         response, body = yield self.call("/log-level")
         self.assertEqual((response.code, body), (200, b"info\n"))

@@ -15,7 +15,7 @@ from threading import Thread
 
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from l5dproxy.command import Top, format_event, tcp_address
+from l5dproxy.app.command import Top, format_event, tcp_address
 from tests.support import (
     START_TIMEOUT,
     ProxyProcess,

@@ -9,7 +9,8 @@ import tomllib
 
 from twisted.trial import unittest
 
-from l5dproxy import cli, config
+from l5dproxy import config
+from l5dproxy.app import cli
 from l5dproxy.config import (
     DEFAULT_OPAQUE_PORTS,
     ConfigError,

@@ -96,16 +96,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
 #: at its target path (``l5dproxy/<folder>/...`` or a leaf) needs no line here;
 #: a line whose file is gone fails: delete it when you move the file.
 TARGET_FOLDER: Mapping[str, str] = {
-    "l5dproxy/admin.py": "app",  # app/admin.py
-    "l5dproxy/cli.py": "app",  # app/cli.py
-    "l5dproxy/command.py": "app",  # app/command.py (the l5dproxy command)
     "l5dproxy/__main__.py": "app",  # stays: python -m l5dproxy (runs app/command.py)
-    "l5dproxy/lean.py": "app",  # app/lean.py
-    "l5dproxy/logs.py": "app",  # app/logs.py (log observer, level filter: cli and admin)
-    "l5dproxy/service.py": "app",  # app/service.py, app/reload.py (+ net/listening.py)
-    "l5dproxy/stats.py": "app",  # app/stats.py (admin /stats.json)
-    "l5dproxy/tap.py": "app",  # app/tap.py (admin /tap; the dispatcher gets a callable)
-    "l5dproxy/workers.py": "app",  # app/workers.py (+ net/listening.py)
 }
 
 #: Folders whose code may reach through a listener: the listener itself, and

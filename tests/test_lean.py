@@ -1,4 +1,4 @@
-"""l5dproxy.lean: OpenSSL stays out of a process whose config names no TLS."""
+"""l5dproxy.app.lean: OpenSSL stays out of a process whose config names no TLS."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import textwrap
 
 from twisted.trial.unittest import TestCase
 
-from l5dproxy.lean import config_needs_tls
+from l5dproxy.app.lean import config_needs_tls
 
 PLAIN = b"""
 [[listener]]
@@ -30,7 +30,7 @@ def _run(config: bytes, tmp: str, env: dict | None = None) -> str:
         f.write(config)
     code = textwrap.dedent(f"""
         import sys
-        from l5dproxy import lean
+        from l5dproxy.app import lean
         print("blocked" if lean.skip_openssl_unless_needed({path!r}) else "allowed")
         import twisted.internet.endpoints, twisted.internet.tcp, twisted.web.server
         from twisted.internet import reactor

@@ -19,7 +19,7 @@ Users today:
   ``l5dproxy/net/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
   ``_writeDisconnecting``), ``detect/protocol.py``/``accept/listener.py``/``detect/serverfirst.py``
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
-  ``_GenericHTTPChannelProtocol`` does), ``service.py`` (a reload swaps a
+  ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
 * h2: ``l5dproxy/http/h2/protocol.py`` (overrides ``H2Connection._begin_new_stream``,
   ``_receive_frame`` and ``_receive_goaway_frame``, and
@@ -189,7 +189,7 @@ class TwistedTransportInternalsTests(_Canary):
 
 
 class TwistedPortInternalsTests(_Canary):
-    """A listening ``tcp.Port`` as service.py's reload (``_swap_factory``) uses it."""
+    """A listening ``tcp.Port`` as app/service.py's reload (``_swap_factory``) uses it."""
 
     @defer.inlineCallbacks
     def test_swapped_factory_builds_the_next_connection(self):
@@ -210,7 +210,7 @@ class TwistedPortInternalsTests(_Canary):
         self.addCleanup(port.stopListening)
         name = "twisted.internet.tcp.Port.factory"
         self.require(getattr(port, "factory", None) is first, "Twisted", name,
-                     "l5dproxy/service.py", "is not the factory the port was made with")
+                     "l5dproxy/app/service.py", "is not the factory the port was made with")
         port.factory = Second()
         client = yield ClientCreator(reactor, Protocol).connectTCP(
             "127.0.0.1", port.getHost().port)
@@ -218,7 +218,7 @@ class TwistedPortInternalsTests(_Canary):
         try:
             yield built.addTimeout(10, reactor)
         except defer.TimeoutError:
-            self.fail(f"{_where('Twisted', name, 'l5dproxy/service.py')} assigned does not "
+            self.fail(f"{_where('Twisted', name, 'l5dproxy/app/service.py')} assigned does not "
                       f"build the next connection's protocol")
 
 

@@ -1,4 +1,4 @@
-"""l5dproxy.logs: the level filter, text and JSON lines, where twistd's log goes."""
+"""l5dproxy.app.logs: the level filter, text and JSON lines, where twistd's log goes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tempfile
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy import logs
+from l5dproxy.app import logs
 
 
 class LogsTests(SynchronousTestCase):

@@ -9,8 +9,8 @@ from twisted.internet import defer, error, protocol, reactor
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
+from l5dproxy.app.service import ProxyService
 from l5dproxy.config import load
-from l5dproxy.service import ProxyService
 from tests.support import build_config, metric_value, parse_metrics
 
 

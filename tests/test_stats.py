@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import Agent, readBody
 
-from l5dproxy.stats import Stats, histogram_quantile
+from l5dproxy.app.stats import Stats, histogram_quantile
 from l5dproxy.telemetry import LATENCY_MS_BUCKETS, Metrics
 from tests import test_tap
 

@@ -18,9 +18,9 @@ from twisted.web.client import Agent, readBody
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from l5dproxy.app.service import ProxyService
+from l5dproxy.app.tap import Filter, TapError
 from l5dproxy.config import AdminConfig, Config, HostPort, ListenerConfig, ServiceConfig
-from l5dproxy.service import ProxyService
-from l5dproxy.tap import Filter, TapError
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 

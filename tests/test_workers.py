@@ -12,7 +12,7 @@ import socket
 from twisted.internet import error, protocol, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from l5dproxy import workers
+from l5dproxy.app import workers
 from tests.support import ProxyProcess, build_config, echo_server, require_tool, wait_for
 
 
@@ -139,14 +139,14 @@ class ListenBacklogTests(SynchronousTestCase):
     """Listeners get a production-sized accept queue unless they name one."""
 
     def test_tcp_listeners_get_the_default_backlog(self) -> None:
-        from l5dproxy.service import LISTEN_BACKLOG, with_listen_backlog
+        from l5dproxy.app.service import LISTEN_BACKLOG, with_listen_backlog
         self.assertEqual(with_listen_backlog("tcp:4143:interface=127.0.0.1"),
                          f"tcp:4143:interface=127.0.0.1:backlog={LISTEN_BACKLOG}")
         self.assertEqual(with_listen_backlog("tcp6:port=4143"),
                          f"tcp6:port=4143:backlog={LISTEN_BACKLOG}")
 
     def test_an_explicit_backlog_or_another_kind_is_left_alone(self) -> None:
-        from l5dproxy.service import with_listen_backlog
+        from l5dproxy.app.service import with_listen_backlog
         for description in ("tcp:4143:backlog=16", "unix:/tmp/s",
                             "systemd:domain=INET:name=inbound"):
             self.assertEqual(with_listen_backlog(description), description)
@@ -158,7 +158,7 @@ class ListenBacklogTests(SynchronousTestCase):
 
         from twisted.internet.endpoints import serverFromString
 
-        from l5dproxy.service import LISTEN_BACKLOG, with_listen_backlog
+        from l5dproxy.app.service import LISTEN_BACKLOG, with_listen_backlog
         ss = require_tool("ss")
         factory = protocol.Factory.forProtocol(protocol.Protocol)
         description = with_listen_backlog("tcp:0:interface=127.0.0.1")

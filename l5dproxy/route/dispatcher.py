@@ -92,7 +92,7 @@ class HttpProxy:
         #: Compiled routes by listener; weak, so listeners a reload replaced go.
         self._routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._labels: dict[tuple[str, str, str, str], Labels] = {}
-        #: The tap (l5dproxy.tap.TapHub) while anyone watches, else None;
+        #: The tap (l5dproxy.app.tap.TapHub) while anyone watches, else None;
         #: ``tap_start`` while anyone wants request-start events too.
         self.tap = None
         self.tap_start = None

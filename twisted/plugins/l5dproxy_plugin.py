@@ -4,7 +4,7 @@ from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from l5dproxy import cli
+from l5dproxy.app import cli
 
 
 @implementer(IServiceMaker, IPlugin)

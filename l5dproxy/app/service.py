@@ -27,9 +27,12 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from l5dproxy import __version__, logs, workers
+from l5dproxy import __version__
 from l5dproxy.accept.listener import ConnectionLimits, Listener
-from l5dproxy.admin import admin_site, config_document
+from l5dproxy.app import logs, workers
+from l5dproxy.app.admin import admin_site, config_document
+from l5dproxy.app.stats import Stats
+from l5dproxy.app.tap import TapHub
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import Config, ConfigError, load
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
@@ -38,11 +41,9 @@ from l5dproxy.http.h1.client import H1Client
 from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.http.h2.protocol import H2Client, H2Settings, h2_handler
 from l5dproxy.route.dispatcher import HttpProxy
-from l5dproxy.stats import Stats
-from l5dproxy.tap import TapHub
 from l5dproxy.telemetry import Metrics
 
-log = Logger(namespace="l5dproxy.service")
+log = Logger(namespace="l5dproxy.app.service")
 
 
 class StartupError(SystemExit):
@@ -60,7 +61,7 @@ class ProxyService(Service):
             from twisted.internet import reactor
         self.config = config
         #: With --workers: this process's index; its tcp: listeners bind with
-        #: SO_REUSEPORT and its admin port is offset by it (l5dproxy.workers).
+        #: SO_REUSEPORT and its admin port is offset by it (l5dproxy.app.workers).
         self.worker = worker
         self.reactor = reactor
         self.metrics = Metrics()

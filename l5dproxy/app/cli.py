@@ -2,7 +2,7 @@
 
 Nothing heavy is imported at module level (twistd imports this with its
 plugins): the config is read first, so what it does not use can be left out
-of the process (``l5dproxy.lean``).
+of the process (``l5dproxy.app.lean``).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from twisted.application.service import MultiService
 from twisted.logger import ILogObserver
 from twisted.python import usage
 
-from l5dproxy import lean
+from l5dproxy.app import lean
 
 
 def default_config_path() -> str:
@@ -41,7 +41,7 @@ class Options(usage.Options):
         if self["workers"] < 1:
             raise usage.UsageError("--workers must be at least 1")
         if self["worker-index"] is not None:
-            from l5dproxy.workers import die_with_parent
+            from l5dproxy.app.workers import die_with_parent
 
             die_with_parent()
         lean.skip_openssl_unless_needed(self["config"])
@@ -49,8 +49,8 @@ class Options(usage.Options):
 
 def make_service(options: Options):
     """Load the config; on errors print every one and exit non-zero, binding nothing."""
+    from l5dproxy.app.service import ProxyService
     from l5dproxy.config import ConfigError, load
-    from l5dproxy.service import ProxyService
 
     path = options["config"]
     try:
@@ -62,8 +62,7 @@ def make_service(options: Options):
     if options["check"]:
         print(f"{path}: ok")
         raise SystemExit(0)
-    from l5dproxy import logs
-
+    from l5dproxy.app import logs
     logs.set_level(config.proxy.log_level)
     index = options["worker-index"]
     count = options["workers"]
@@ -77,7 +76,7 @@ def make_service(options: Options):
         return parent
     from twisted.internet import reactor
 
-    from l5dproxy.workers import WorkerSupervisor
+    from l5dproxy.app.workers import WorkerSupervisor
 
     WorkerSupervisor(reactor, count, path, config.proxy.drain_timeout).setServiceParent(parent)
     return parent
@@ -85,7 +84,7 @@ def make_service(options: Options):
 
 class _Root(MultiService):
     """The service ``twistd`` runs; joining the application sets the log
-    observer (l5dproxy.logs) that ``twistd`` is about to start logging to."""
+    observer (l5dproxy.app.logs) that ``twistd`` is about to start logging to."""
 
     def __init__(self, observer) -> None:
         super().__init__()

@@ -21,8 +21,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
 if TYPE_CHECKING:
-    from l5dproxy.stats import Stats
-    from l5dproxy.tap import TapHub
+    from l5dproxy.app.stats import Stats
+    from l5dproxy.app.tap import TapHub
 
 PLAIN = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -136,14 +136,12 @@ class _LogLevel(_Resource):
     ``?level=``) to change it at run time, as Linkerd's ``/proxy-log-level``."""
 
     def render_GET(self, request) -> bytes:
-        from l5dproxy import logs
-
+        from l5dproxy.app import logs
         request.setHeader(b"content-type", PLAIN.encode())
         return logs.level().encode() + b"\n"
 
     def render_PUT(self, request) -> bytes:
-        from l5dproxy import logs
-
+        from l5dproxy.app import logs
         wanted = (request.args.get(b"level") or [request.content.read(256)])[0]
         text = wanted.decode("utf-8", "replace").strip()
         request.setHeader(b"content-type", PLAIN.encode())
@@ -189,7 +187,7 @@ class _Tap(_Resource):
         self.hub = hub
 
     def render_GET(self, request) -> bytes | int:
-        from l5dproxy.tap import FILTERS, MAX_SECONDS, Filter, TapError, Watcher
+        from l5dproxy.app.tap import FILTERS, MAX_SECONDS, Filter, TapError, Watcher
 
         def arg(name: str) -> str | None:
             values = request.args.get(name.encode())
@@ -223,7 +221,7 @@ def _plain(request, status: int, text: str) -> bytes:
 
 
 def _number(text: str | None, name: str, kind: type, low, high):
-    from l5dproxy.tap import TapError
+    from l5dproxy.app.tap import TapError
 
     if text is None:
         return None
