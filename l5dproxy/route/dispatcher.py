@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from twisted.internet import defer, error
@@ -571,12 +570,6 @@ def as_proxy_error(failure: Failure) -> ProxyError:
     log.failure("unexpected upstream error", failure)
     return ProxyError.bad_gateway("upstream error")
 
-
-def reason_phrase(status: int) -> bytes:
-    return _REASONS.get(status, b"Unknown")
-
-
-_REASONS: dict[int, bytes] = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 #: A callable a client end is given to find an endpoint's service config.
 TargetOf = Callable[["Endpoint"], "ServiceConfig | None"]

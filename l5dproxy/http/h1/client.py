@@ -47,7 +47,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy.exchange.message import Body, Headers, ProxyError, Request, Response, ResponseHead
-from l5dproxy.http.h1.server import HOP_BY_HOP, TunnelResponse, close_transport
+from l5dproxy.http.h1.server import TunnelResponse, close_transport
+from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
 

@@ -49,9 +49,10 @@ from l5dproxy.exchange.message import (
     RequestHead,
     Response,
 )
+from l5dproxy.http.h1.framing import reason_phrase, status_line
+from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
-from l5dproxy.route.dispatcher import reason_phrase
 
 if TYPE_CHECKING:
     from l5dproxy.exchange.message import Dispatcher
@@ -59,12 +60,6 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="l5dproxy.http")
 
-#: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1;
-#: ``HTTP2-Settings`` is h2c's upgrade payload, RFC 7540 3.2.1).
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-    b"transfer-encoding", b"upgrade", b"http2-settings",
-})
 #: Request headers the server end looks at as it reads them.
 _SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
 
@@ -763,10 +758,10 @@ class H1Server(Protocol):
                     tunnel: bool = False) -> bytes:
         lines = head.lines
         if lines is not None:   # the client end's lines, end-to-end headers only
-            parts = [_status_line(status, head.reason), lines]
+            parts = [status_line(status, head.reason), lines]
             has_length = head.lines_length
         else:
-            parts = [_status_line(status, head.reason)]
+            parts = [status_line(status, head.reason)]
             has_length = False
             for name, value in head.headers:
                 lname = name.lower()
@@ -1015,20 +1010,6 @@ class H1Server(Protocol):
             close_transport(self.transport)
 
 
-_status_lines: dict[tuple[int, bytes], bytes] = {}
-
-
-def _status_line(status: int, reason: bytes) -> bytes:
-    """The status line (the standard phrase when ``reason`` is empty), the
-    usual ones made once."""
-    line = _status_lines.get((status, reason))
-    if line is None:
-        line = b"HTTP/1.1 %d %b\r\n" % (status, reason or reason_phrase(status))
-        if len(_status_lines) < 256:   # reasons are the upstream's: bounded
-            _status_lines[(status, reason)] = line
-    return line
-
-
 def close_transport(transport) -> None:
     """``transport.loseConnection()`` for a codec end that is registered as
     its transport's streaming producer and is done with the connection.
@@ -1052,6 +1033,6 @@ def _parser_reason(e: HttpParserError) -> str:
 
 
 __all__ = [
-    "HOP_BY_HOP", "H1Limits", "H1Server", "TunnelResponse", "UpgradeRequest", "h1_handler",
+    "H1Limits", "H1Server", "TunnelResponse", "UpgradeRequest", "h1_handler",
 ]
 
