@@ -60,6 +60,8 @@ from l5dproxy.http.h2.protocol import (
     H2Settings,
     StreamResetError,
     closed_streams_kept,
+)
+from l5dproxy.http.h2.translate import (
     h2_request_headers,
     h2_response_headers,
     request_head_from_h2,
@@ -1880,7 +1882,7 @@ class InboundValidationTests(SynchronousTestCase):
 
     @staticmethod
     def _ours_refuses(kind: str, block) -> bool:
-        from l5dproxy.http.h2.protocol import MalformedError, trailers_from_h2
+        from l5dproxy.http.h2.translate import MalformedError, trailers_from_h2
 
         translate = {"request": request_head_from_h2, "response": response_head_from_h2,
                      "trailers": trailers_from_h2}[kind]
