@@ -52,15 +52,13 @@ from l5dproxy.exchange.message import (
     Response,
     ResponseHead,
 )
-from l5dproxy.http.h2.protocol import (
+from l5dproxy.http.h2.connection import (
     ENCODER_TABLE_SIZE,
-    LINGER_SECONDS,
-    H2Client,
-    H2ServerProtocol,
     H2Settings,
     StreamResetError,
     closed_streams_kept,
 )
+from l5dproxy.http.h2.protocol import LINGER_SECONDS, H2Client, H2ServerProtocol
 from l5dproxy.http.h2.translate import (
     h2_request_headers,
     h2_response_headers,

@@ -21,12 +21,13 @@ Users today:
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
-* h2: ``l5dproxy/http/h2/protocol.py`` (overrides ``H2Connection._begin_new_stream``,
+* h2: ``l5dproxy/http/h2/connection.py`` (overrides ``H2Connection._begin_new_stream``,
   ``_receive_frame`` and ``_receive_goaway_frame``, and
   ``H2Stream._initialize_content_length``;
   calls ``_inbound_flow_control_window_manager`` and ``_prepare_for_sending``;
-  sizes ``_closed_streams`` by setting ``MAX_CLOSED_STREAMS`` on the instance;
-  reads ``state_machine.state`` and ``h2.connection.ConnectionState``; uses
+  sizes ``_closed_streams`` by setting ``MAX_CLOSED_STREAMS`` on the instance);
+  ``l5dproxy/http/h2/protocol.py`` (reads ``state_machine.state`` and
+  ``h2.connection.ConnectionState``); ``l5dproxy/http/h2/translate.py`` (uses
   ``h2.utilities.CONNECTION_HEADERS``).
 * prometheus-client: ``l5dproxy/telemetry.py`` (``PendingHistogram`` adds to a
   histogram child's ``_buckets`` and ``_sum``).
@@ -223,9 +224,9 @@ class TwistedPortInternalsTests(_Canary):
 
 
 class H2InternalsTests(_Canary):
-    """h2's ``H2Connection`` as l5dproxy/http/h2/protocol.py subclasses and drives it."""
+    """h2's ``H2Connection`` as l5dproxy/http/h2/connection.py subclasses and drives it."""
 
-    user = "l5dproxy/http/h2/protocol.py"
+    user = "l5dproxy/http/h2/connection.py"
 
     @staticmethod
     def _pair(cls: type[H2Connection]) -> tuple[H2Connection, H2Connection]:
@@ -244,11 +245,11 @@ class H2InternalsTests(_Canary):
                                 "h2", f"h2.connection.H2Connection.{name}", self.user)
 
     def test_our_subclass_overrides_only_names_h2_has(self) -> None:
-        """Every private method ``_H2Connection`` overrides still exists in
+        """Every private method ``ProxyH2Connection`` overrides still exists in
         h2 with the same parameters (else the override is silently dead)."""
-        from l5dproxy.http.h2.protocol import _H2Connection
+        from l5dproxy.http.h2.connection import ProxyH2Connection
 
-        for name, ours in vars(_H2Connection).items():
+        for name, ours in vars(ProxyH2Connection).items():
             if not name.startswith("_") or name.startswith("__") or not callable(ours):
                 continue
             theirs = getattr(H2Connection, name, None)
@@ -306,12 +307,12 @@ class H2InternalsTests(_Canary):
         """``_begin_new_stream`` makes every stream (``H2Stream``), and
         ``H2Stream._initialize_content_length`` is where h2 takes a stream's
         content-length: stock h2 then refuses DATA past it (a connection
-        error); with l5dproxy's ``_H2Connection`` it does not (``Body``
+        error); with l5dproxy's ``ProxyH2Connection`` it does not (``Body``
         enforces the length, as a stream error)."""
         from h2.exceptions import ProtocolError
         from h2.stream import H2Stream
 
-        from l5dproxy.http.h2.protocol import _H2Connection
+        from l5dproxy.http.h2.connection import ProxyH2Connection
 
         self.require_params(getattr(H2Connection, "_begin_new_stream", None),
                             ["self", "stream_id", "allowed_ids"], "h2",
@@ -322,7 +323,7 @@ class H2InternalsTests(_Canary):
         headers = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/"),
                    (b":authority", b"a"), (b"content-length", b"2")]
         verdicts = []
-        for cls in (H2Connection, _H2Connection):
+        for cls in (H2Connection, ProxyH2Connection):
             client, server = self._pair(cls)
             client.send_headers(1, headers)
             client.send_data(1, b"four")
@@ -367,15 +368,15 @@ class H2InternalsTests(_Canary):
 
     def test_closed_stream_record_sized_by_max_closed_streams(self) -> None:
         """h2 records how closed streams ended in ``_closed_streams``, sized
-        by ``MAX_CLOSED_STREAMS`` when ``__init__`` runs: ``_H2Connection``
+        by ``MAX_CLOSED_STREAMS`` when ``__init__`` runs: ``ProxyH2Connection``
         sets it per instance to bound what a long-lived connection keeps
         (issue 17). If either name goes, the record is 65,536 again."""
-        from l5dproxy.http.h2.protocol import _H2Connection
+        from l5dproxy.http.h2.connection import ProxyH2Connection
 
         qualname = "h2.connection.H2Connection.MAX_CLOSED_STREAMS/_closed_streams"
         self.require(isinstance(getattr(H2Connection, "MAX_CLOSED_STREAMS", None), int), "h2",
                      "h2.connection.H2Connection.MAX_CLOSED_STREAMS", self.user, "is gone")
-        conn = _H2Connection(H2Configuration(client_side=True, header_encoding=None), 8)
+        conn = ProxyH2Connection(H2Configuration(client_side=True, header_encoding=None), 8)
         self.require_attr(conn, "_closed_streams", "h2",
                           "h2.connection.H2Connection._closed_streams", self.user)
         peer = H2Connection(H2Configuration(client_side=False, header_encoding=None))
@@ -399,20 +400,22 @@ class H2InternalsTests(_Canary):
         import h2.connection
         import h2.utilities
 
-        for module, name in ((h2.connection, "ConnectionState"),
-                             (h2.utilities, "CONNECTION_HEADERS")):
-            self.require_attr(module, name, "h2", f"{module.__name__}.{name}", self.user)
+        state_user = "l5dproxy/http/h2/protocol.py"
+        headers_user = "l5dproxy/http/h2/translate.py"
+        for module, name, user in ((h2.connection, "ConnectionState", state_user),
+                                   (h2.utilities, "CONNECTION_HEADERS", headers_user)):
+            self.require_attr(module, name, "h2", f"{module.__name__}.{name}", user)
         self.require_attr(h2.connection.ConnectionState, "CLOSED", "h2",
-                          "h2.connection.ConnectionState.CLOSED", self.user)
+                          "h2.connection.ConnectionState.CLOSED", state_user)
         self.require(b"connection" in h2.utilities.CONNECTION_HEADERS
                      and b"te" not in h2.utilities.CONNECTION_HEADERS, "h2",
-                     "h2.utilities.CONNECTION_HEADERS", self.user, "changed its members")
+                     "h2.utilities.CONNECTION_HEADERS", headers_user, "changed its members")
         _client, server = self._pair(H2Connection)
         self.require_attr(server, "state_machine", "h2", "h2.connection.H2Connection.state_machine",
-                          self.user)
+                          state_user)
         server.close_connection()
         self.require(server.state_machine.state is h2.connection.ConnectionState.CLOSED, "h2",
-                     "h2.connection.H2Connection.state_machine.state", self.user,
+                     "h2.connection.H2Connection.state_machine.state", state_user,
                      "is not ConnectionState.CLOSED after close_connection")
 
 

@@ -46,7 +46,8 @@ from l5dproxy.exchange.message import (
 from l5dproxy.http.h1 import client as h1client
 from l5dproxy.http.h1.client import H1Client
 from l5dproxy.http.h2 import protocol as h2module
-from l5dproxy.http.h2.protocol import H2ServerProtocol, H2Settings
+from l5dproxy.http.h2.connection import H2Settings
+from l5dproxy.http.h2.protocol import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics

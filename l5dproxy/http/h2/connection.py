@@ -1,0 +1,258 @@
+"""h2's ``H2Connection`` as the proxy needs it, and h2's error codes.
+
+``ProxyH2Connection`` is the one place that uses h2's private names (listed
+in its docstring; ``tests/test_library_internals.py`` fails loudly if one
+goes): a received GOAWAY only reports itself, the ends check header blocks
+and body lengths, and what a connection keeps is bounded. ``_frame_cost``
+tells the abuse budget what each received frame cost. ``H2Settings`` holds
+the limits and windows both ends configure their connections with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated
+from h2.stream import H2Stream
+from hyperframe.frame import (
+    DataFrame,
+    ExtensionFrame,
+    GoAwayFrame,
+    PingFrame,
+    PriorityFrame,
+    RstStreamFrame,
+    SettingsFrame,
+    WindowUpdateFrame,
+)
+
+from l5dproxy.http.h2.abuse import AbuseBudget
+
+#: h2's largest stream id; the first GOAWAY of a graceful drain names it.
+_MAX_STREAM_ID = 2**31 - 1
+
+#: Header blocks the proxy sends are built by ``translate.py`` (names
+#: lowercased, connection headers dropped) from heads a codec end has
+#: already validated, so h2's per-field outbound checks, the largest cost
+#: per stream after HPACK, are skipped. Inbound blocks are checked where
+#: they are translated (``request_head_from_h2`` and its siblings, which
+#: also join cookie crumbs), not by h2.
+_H2_CONFIG = {"validate_outbound_headers": False, "normalize_outbound_headers": False,
+              "validate_inbound_headers": False, "normalize_inbound_headers": False}
+
+
+@dataclass(frozen=True)
+class H2Settings:
+    """The limits and windows of the h2 ends (``[h2]`` in the config)."""
+
+    #: Streams a client may have open at once; more are refused (REFUSED_STREAM).
+    max_concurrent_streams: int = 256
+    #: Largest request header list (RFC 9113 size: name + value + 32 each);
+    #: a larger one is answered 431 (gRPC: INTERNAL).
+    max_header_list_size: int = 64 * 1024
+    #: Receive window of each stream, and of each connection as a whole.
+    initial_window_size: int = 1024 * 1024
+    connection_window_size: int = 4 * 1024 * 1024
+    #: Upstream connections to one endpoint at most (connecting ones included).
+    max_connections_per_endpoint: int = 64
+    #: Points of work a peer may cause that yields nothing (``AbuseBudget``):
+    #: resets before the response, empty DATA, PING, SETTINGS, PRIORITY,
+    #: frames on closed streams, refused streams; past it GOAWAY(ENHANCE_YOUR_CALM).
+    abuse_budget: int = 500
+    #: Points that come back each second (and one per completed stream).
+    abuse_refill_per_second: float = 100.0
+    #: Seconds a client connection detected as h2 has to send its SETTINGS
+    #: (the end of its connection preface, RFC 9113 3.4); 0: no limit.
+    preface_timeout: float = 10.0
+    #: Seconds a client connection may stay with no stream open before a
+    #: graceful GOAWAY closes it; 0: never.
+    idle_timeout: float = 60.0
+
+
+class StreamResetError(Exception):
+    """The peer reset an HTTP/2 stream (a body fails with this)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = _code(code)
+        super().__init__(f"stream reset: {code_name(self.code)}")
+
+
+def code_name(code: int) -> str:
+    return code.name if isinstance(code, ErrorCodes) else str(code)
+
+
+def _code(code: int) -> ErrorCodes | int:
+    try:
+        return ErrorCodes(code)
+    except ValueError:
+        return code
+
+
+class _LengthBlindStream(H2Stream):
+    """h2's stream without its own content-length check (h2 raises it as a
+    connection error, and misses an end on HEADERS or on trailers): the
+    proxy's ``Body`` enforces the declared length instead, as a stream error."""
+
+    def _initialize_content_length(self, headers) -> None:
+        self._expected_content_length = None
+
+
+#: The HPACK dynamic table the proxy's encoders use at most, in bytes (the
+#: RFC 7541 default). A peer may allow a larger one (SETTINGS_HEADER_TABLE_SIZE,
+#: up to 4 GiB), but an encoder may always use less (RFC 7541 4.2, 6.3): a
+#: table as large as the peer allows would keep every distinct field ever
+#: sent on the connection, growing with its lifetime.
+ENCODER_TABLE_SIZE = 4096
+
+#: The fewest closed streams whose end a connection remembers (see
+#: ``closed_streams_kept``).
+MIN_CLOSED_STREAMS_KEPT = 128
+
+
+def closed_streams_kept(settings: H2Settings) -> int:
+    """How many closed streams one connection remembers how they ended.
+
+    RFC 9113 5.1 needs two things of a closed stream: that it is told from
+    an idle one, which the highest stream id opened does for the whole
+    history, and that frames the peer sent before it saw the stream end
+    (DATA, WINDOW_UPDATE, RST_STREAM, trailers on a stream the proxy reset)
+    are answered as stream errors or ignored rather than ending the
+    connection. Those frames come within a round trip of the end, from
+    streams that were open together, so the last ``max_concurrent_streams``
+    ends (at least ``MIN_CLOSED_STREAMS_KEPT``) are enough; h2 itself keeps
+    65,536 per connection, about 120 bytes each in Python. A frame for an
+    older stream is still handled as h2 handles a closed stream whose end
+    it forgot: DATA is answered RST_STREAM(STREAM_CLOSED) and its bytes
+    given back to the connection window, WINDOW_UPDATE and RST_STREAM are
+    ignored, HEADERS end the connection (PROTOCOL_ERROR), which RFC 9113
+    5.1 allows for frames long after a stream closed.
+    """
+    return max(settings.max_concurrent_streams, MIN_CLOSED_STREAMS_KEPT)
+
+
+class ProxyH2Connection(H2Connection):
+    """h2's connection, except that a received GOAWAY leaves it open,
+    received header blocks and body lengths are checked by the ends, and
+    what it keeps does not grow with the connection's lifetime.
+
+    Stock h2 goes CLOSED on a GOAWAY and then refuses every later frame,
+    received or sent, even on streams the GOAWAY lets finish (a GOAWAY and
+    a spared stream's DATA in one read became a connection error), and it
+    drops the frames it had queued to send. Here the GOAWAY is only
+    reported (``ConnectionTerminated``); the ends decide what it means.
+
+    h2's inbound header validation is off in the configuration (a chain of
+    generators looping over every byte in Python, and a malformed block is a
+    connection error there, which would end every other stream of the
+    connection): the ends check each block where they translate it
+    (``request_head_from_h2``, ``response_head_from_h2``, ``trailers_from_h2``)
+    and refuse a malformed one as a stream error (RFC 9113 8.1.1). For the
+    same reason h2's content-length tracking is off (``_LengthBlindStream``):
+    ``Body`` holds a stream's DATA to its content-length.
+
+    h2 private names used, here only (``InternalNamesTests`` fails if they
+    go): ``H2Connection._begin_new_stream``, ``_receive_frame`` (the abuse
+    budget is told of each frame there), ``_receive_goaway_frame``,
+    ``_inbound_flow_control_window_manager``, ``_prepare_for_sending``,
+    ``MAX_CLOSED_STREAMS``, ``_closed_streams``, ``H2Stream.acknowledge_received_data``
+    (through h2's ``streams`` map), and
+    ``H2Stream._initialize_content_length``.
+
+    State bounded per connection, whatever it carries over its life:
+
+    * the record of how closed streams ended: h2 keeps the last
+      ``MAX_CLOSED_STREAMS`` (65,536) in ``_closed_streams``; here the last
+      ``closed_kept`` (``closed_streams_kept``);
+    * the HPACK encoder's dynamic table: at most ``ENCODER_TABLE_SIZE``
+      whatever the peer's SETTINGS_HEADER_TABLE_SIZE (the decoder's is ours,
+      4096, h2's default);
+    * h2's own stream map: h2 drops closed streams from it each time a new
+      one opens, so it holds the open streams and those closed since.
+    """
+
+    def __init__(self, config: H2Configuration, closed_kept: int = MIN_CLOSED_STREAMS_KEPT,
+                 ) -> None:
+        # h2's __init__ sizes its closed-stream record by this attribute.
+        self.MAX_CLOSED_STREAMS = closed_kept
+        super().__init__(config)
+
+    def receive_data(self, data: bytes) -> list:
+        events = super().receive_data(data)
+        # h2 applies a peer's SETTINGS_HEADER_TABLE_SIZE to the encoder as it
+        # is received; nothing has been encoded since, so the smaller size
+        # is what the next header block announces (a table size update).
+        if self.encoder.header_table_size > ENCODER_TABLE_SIZE:
+            self.encoder.header_table_size = ENCODER_TABLE_SIZE
+        return events
+
+    #: Told of each received frame that costs work and carries nothing
+    #: (``_frame_cost``); set by the protocol end.
+    budget: AbuseBudget | None = None
+
+    def _receive_frame(self, frame):
+        events = super()._receive_frame(frame)
+        budget = self.budget
+        if budget is not None:
+            kind = _frame_cost(frame, events)
+            if kind is not None:
+                budget.spend(kind)
+        return events
+
+    def _begin_new_stream(self, stream_id, allowed_ids):
+        stream = super()._begin_new_stream(stream_id, allowed_ids)
+        stream.__class__ = _LengthBlindStream
+        return stream
+
+    def acknowledge_stream_data(self, n: int, stream_id: int) -> None:
+        """``acknowledge_received_data`` for the stream window only: bytes
+        whose connection window was given back when they arrived (held for
+        a paused consumer). Nothing for a stream already closed."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.open:
+            self._prepare_for_sending(stream.acknowledge_received_data(n))
+
+    def acknowledge_connection_data(self, n: int) -> None:
+        """``acknowledge_received_data`` for the connection window only: the
+        bytes of streams the peer has ended, whose own windows no longer matter."""
+        increment = self._inbound_flow_control_window_manager.process_bytes(n)
+        if increment:
+            frame = WindowUpdateFrame(0)
+            frame.window_increment = increment
+            self._prepare_for_sending([frame])
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame):
+        event = ConnectionTerminated()
+        event.error_code = _code(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
+def _frame_cost(frame, events) -> str | None:
+    """The ``AbuseBudget`` kind a received frame spends a point on, or None
+    for a frame that carries something (a request, data, a window a stream
+    is waiting for, the end of a stream). PING and SETTINGS are answered
+    with an ACK, PRIORITY is not used, an empty DATA frame without
+    END_STREAM moves nothing, and a frame h2 turned into no event (a
+    WINDOW_UPDATE, RST_STREAM or DATA on a stream already closed, an
+    unknown frame type) had no effect."""
+    cls = type(frame)
+    if cls is DataFrame:
+        if not events:
+            return "no_effect"
+        if not frame.data and "END_STREAM" not in frame.flags:
+            return "empty_data"
+        return None
+    if cls is PingFrame:
+        return "ping"
+    if cls is SettingsFrame:
+        return None if "ACK" in frame.flags else "settings"
+    if cls is PriorityFrame:
+        return "priority"
+    if cls is ExtensionFrame:
+        return "no_effect"
+    if not events and (cls is WindowUpdateFrame or cls is RstStreamFrame):
+        return "no_effect"
+    return None
