@@ -22,7 +22,7 @@ from l5dproxy.exchange.message import (
     Response,
     ResponseHead,
 )
-from l5dproxy.http.h1.client import H1Client
+from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import H1Limits, H1Server, UpgradeRequest
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.telemetry import Metrics

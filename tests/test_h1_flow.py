@@ -24,7 +24,7 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import HostPort, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import Body, Response, ResponseHead
-from l5dproxy.http.h1.client import H1Client
+from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import H1Server
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy

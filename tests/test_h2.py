@@ -1922,7 +1922,7 @@ class H2ToH1:
     endpoints on StringTransports, for what an HTTP/1 endpoint receives."""
 
     def __init__(self) -> None:
-        from l5dproxy.http.h1.client import H1Client
+        from l5dproxy.http.h1.pool import H1Client
         from l5dproxy.route.dispatcher import HttpProxy
 
         self.clock = MemoryReactorClock()

@@ -43,8 +43,8 @@ from l5dproxy.exchange.message import (
     RequestHead,
     error_response,
 )
-from l5dproxy.http.h1 import client as h1client
-from l5dproxy.http.h1.client import H1Client
+from l5dproxy.http.h1 import pool as h1pool
+from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h2 import protocol as h2module
 from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.protocol import H2ServerProtocol
@@ -517,7 +517,7 @@ class H1PoolTests(SynchronousTestCase):
         self.assertEqual(list(self.pool().waiting), [])
 
     def test_the_waiting_queue_is_bounded(self) -> None:
-        self.patch(h1client, "WAITING_LIMIT", 2)
+        self.patch(h1pool, "WAITING_LIMIT", 2)
         ds = [self.request(b"/%d" % i) for i in range(6)]
         self.assertEqual([d.called for d in ds], [False] * 4 + [True] * 2)
         for d in ds[4:]:

@@ -37,7 +37,7 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import Config, ConfigError, load
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
-from l5dproxy.http.h1.client import H1Client
+from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.protocol import H2Client, h2_handler
