@@ -27,6 +27,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy.exchange.message import Body, Headers, ProxyError, Request, Response, ResponseHead
+from l5dproxy.http.h1.framing import (
+    SMALL_CHUNK,
+    chunk_head,
+    connection_tokens,
+    frame_chunk,
+    last_chunk,
+)
 from l5dproxy.http.h1.server import TunnelResponse, close_transport
 from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
@@ -379,10 +386,10 @@ class H1ClientConnection(TwistedProtocol):
     def body_data(self, data: bytes) -> None:
         if self._chunked:
             n = len(data)
-            if n < 16384:
-                self._write(b"%x\r\n%b\r\n" % (n, data))
+            if n < SMALL_CHUNK:
+                self._write(frame_chunk(data))
             else:
-                size = b"%x\r\n" % n
+                size = chunk_head(n)
                 self.dst.write_pending += len(size) + n + 2
                 self.transport.writeSequence((size, data, b"\r\n"))
         else:
@@ -390,14 +397,8 @@ class H1ClientConnection(TwistedProtocol):
 
     def body_end(self, trailers: Headers | None) -> None:
         if self._chunked:
-            if trailers:
-                parts = [b"0\r\n"]
-                for name, value in trailers:
-                    parts += (name, b": ", value, b"\r\n")
-                parts.append(b"\r\n")
-                self._write(b"".join(parts))
-            else:
-                self._write(b"0\r\n\r\n")
+            # Request trailers go as received, hop-by-hop ones included.
+            self._write(last_chunk(trailers, frozenset()))
         self._request_done = True
         if self._response_done and self.call is not None:
             self._finished()
@@ -462,11 +463,9 @@ class H1ClientConnection(TwistedProtocol):
             lname = name.lower()
             if lname in HOP_BY_HOP:
                 if lname == b"connection":
-                    for token in value.lower().split(b","):
-                        token = token.strip()
-                        if token and token not in (b"close", b"keep-alive", b"upgrade"):
-                            named = named or []
-                            named.append(token)
+                    tokens = connection_tokens(value)
+                    if tokens:
+                        named = tokens if named is None else named + tokens
                 elif lname == b"transfer-encoding":
                     codings += (c.strip().lower() for c in value.split(b","))
                 elif lname == b"upgrade":

@@ -49,7 +49,15 @@ from l5dproxy.exchange.message import (
     RequestHead,
     Response,
 )
-from l5dproxy.http.h1.framing import reason_phrase, status_line
+from l5dproxy.http.h1.framing import (
+    SMALL_CHUNK,
+    chunk_head,
+    connection_tokens,
+    frame_chunk,
+    last_chunk,
+    reason_phrase,
+    status_line,
+)
 from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
@@ -495,11 +503,9 @@ class H1Server(Protocol):
                     raise _RejectError(400, "unsupported transfer-encoding")
                 chunked = True
             elif lname == b"connection":
-                for token in value.lower().split(b","):
-                    token = token.strip()
-                    if token and token not in (b"close", b"keep-alive", b"upgrade"):
-                        named = named or []
-                        named.append(token)
+                tokens = connection_tokens(value)
+                if tokens:
+                    named = tokens if named is None else named + tokens
             elif lname == b"expect":
                 if value.strip().lower() == b"100-continue":
                     expect = True
@@ -828,16 +834,16 @@ class H1Server(Protocol):
         batch = self._batch
         if batch is not None:
             if self._out_chunked:
-                batch += (b"%x\r\n" % n, data, b"\r\n")
+                batch += (chunk_head(n), data, b"\r\n")
             else:
                 batch.append(data)
             return
         if not self._out_chunked:
             self._write(data)
-        elif n < 16384:   # one small write beats a sequence
-            self._write(b"%x\r\n%b\r\n" % (n, data))
+        elif n < SMALL_CHUNK:   # one small write beats a sequence
+            self._write(frame_chunk(data))
         else:             # a large chunk is not copied
-            size = b"%x\r\n" % n
+            size = chunk_head(n)
             self.conn.count_written(len(size) + n + 2)
             self.transport.writeSequence((size, data, b"\r\n"))
             self._bound.wrote(len(size) + n + 2)
@@ -845,15 +851,7 @@ class H1Server(Protocol):
     def body_end(self, trailers: Headers | None) -> None:
         self._out_body = None
         if self._out_chunked:
-            if trailers:
-                parts = [b"0\r\n"]
-                for name, value in trailers:
-                    if name.lower() not in HOP_BY_HOP:
-                        parts += (name, b": ", value, b"\r\n")
-                parts.append(b"\r\n")
-                end = b"".join(parts)
-            else:
-                end = b"0\r\n\r\n"
+            end = last_chunk(trailers, HOP_BY_HOP)
             if self._batch is not None:
                 self._batch.append(end)
             else:
