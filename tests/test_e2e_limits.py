@@ -222,11 +222,17 @@ class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
 
     timeout = 60
 
-    def proxy_for(self, endpoint: ThreadedServer) -> ProxyProcess:
+    #: The service's connect timeout (s); retries stay on (retry_limit 2, the default).
+    CONNECT_TIMEOUT = 2.0
+    #: What a busy machine may add to it: well under one more connect timeout
+    #: (a retry on the same endpoint used to add a whole one each).
+    MARGIN = 1.5
+
+    def proxy_for(self, *endpoints: ThreadedServer) -> ProxyProcess:
         return ProxyProcess(
             self, listeners=[{"name": "in", "service": "app"}],
-            services={"app": {"endpoints": [endpoint.address], "connect_timeout": 1,
-                              "retry_limit": 0}},
+            services={"app": {"endpoints": [e.address for e in endpoints],
+                              "connect_timeout": self.CONNECT_TIMEOUT}},
             proxy={"log_connections": False})
 
     def request(self, proxy: ProxyProcess) -> tuple[float, dict]:
@@ -250,16 +256,33 @@ class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
         gone.close()
         wait_for(lambda: proxy.metric_value("tcp_close_total", peer="src") == 1, 10,
                  "the proxy to see the client go")
-        # Another request: 503 with the reason, within the connect timeout (1 s).
+        # Another request: 503 with the reason, within the connect timeout,
+        # retries enabled (they used to try the same endpoint again: 3 x 2 s).
         elapsed, headers = self.request(proxy)
         self.assertEqual(headers[b":status"], b"503")
         self.assertEqual(headers[b"l5d-proxy-error"],
                          f"endpoint {endpoint.address} accepts no streams".encode())
-        self.assertLess(elapsed, 1.0 + 2.0)   # the connect timeout and a busy machine
+        self.assertGreaterEqual(elapsed, self.CONNECT_TIMEOUT - 0.1)
+        self.assertLess(elapsed, self.CONNECT_TIMEOUT + self.MARGIN)
         # One connection all along: no dialling for the client that left,
         # nor for the one that waited.
         self.assertEqual(endpoint.accepted, 1)
         self.assertEqual(proxy.metric_value("tcp_open_total", peer="dst"), 1)
+
+    def test_max_concurrent_streams_zero_on_every_endpoint(self) -> None:
+        """A variant: two endpoints, both MCS = 0. The first waited the
+        whole connect timeout, so the request is not tried on the second
+        (it used to be, and on the first again: 3 connect timeouts)."""
+        first = ThreadedServer(self, refusing_h2_endpoint(max_streams=0))
+        second = ThreadedServer(self, refusing_h2_endpoint(max_streams=0))
+        proxy = self.proxy_for(first, second)
+        elapsed, headers = self.request(proxy)
+        self.assertEqual(headers[b":status"], b"503")
+        self.assertIn(headers[b"l5d-proxy-error"],
+                      {f"endpoint {e.address} accepts no streams".encode()
+                       for e in (first, second)})
+        self.assertLess(elapsed, self.CONNECT_TIMEOUT + self.MARGIN)
+        self.assertEqual(first.accepted + second.accepted, 1)
 
     def test_goaway_before_any_stream(self) -> None:
         """A variant: every connection gets SETTINGS and a GOAWAY that

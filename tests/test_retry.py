@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -327,6 +330,103 @@ class RetryTests(SynchronousTestCase):
         self.assertNoResult(other)
         self.clock.advance(10)
         self.assertEqual(self.failureResultOf(other, ProxyError).value.status, 504)
+
+    # -- a request the proxy could not place (issue 11: MCS = 0 took 3 x 5 s) --
+
+    def not_placed(self, index: int) -> None:
+        self.client.calls[index][2].errback(
+            ProxyError.not_placed(f"endpoint {self.client.calls[index][0].label}"
+                                  " accepts no streams"))
+
+    def test_not_placed_on_the_only_endpoint_is_not_retried(self):
+        """One endpoint that took no stream for the connect timeout: 503 then,
+        not after ``retry_limit`` more waits on the same endpoint."""
+        self.make(n=1, connect_timeout=5.0)
+        d = self.dispatch()
+        self.clock.advance(5.0)   # the client end's wait for a place ran out
+        self.not_placed(0)
+        failure = self.failureResultOf(d, ProxyError)
+        self.assertEqual((failure.value.status, failure.value.reason),
+                         (503, "endpoint 127.0.0.1:8000 accepts no streams"))
+        self.assertEqual(len(self.client.calls), 1)
+        self.assertEqual(self.upstream.retries, 0)
+
+    def test_not_placed_at_once_is_retried_on_another_endpoint_only(self):
+        self.make(n=2, connect_timeout=5.0)
+        d = self.dispatch()
+        self.not_placed(0)   # e.g. the endpoint's queue was full
+        self.assertEqual(len(self.client.calls), 2)
+        self.assertIsNot(self.client.calls[1][0], self.client.calls[0][0])
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    def test_not_placed_after_the_connect_timeout_is_not_retried(self):
+        self.make(n=3, connect_timeout=5.0)
+        d = self.dispatch()
+        self.clock.advance(5.0)
+        self.not_placed(0)
+        self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 503)
+        self.assertEqual(len(self.client.calls), 1)
+
+    def test_not_placed_within_the_response_timeout_is_retried(self):
+        """With a response timeout the request's time to be placed is that."""
+        self.make(n=2, connect_timeout=5.0, response_timeout=20.0)
+        d = self.dispatch()
+        self.clock.advance(5.0)
+        self.not_placed(0)
+        self.assertEqual(len(self.client.calls), 2)
+        self.assertIsNot(self.client.calls[1][0], self.client.calls[0][0])
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    def test_upstream_refusal_on_the_only_endpoint_is_still_retried(self):
+        """The endpoint's own refusal (REFUSED_STREAM: RFC 9113 8.7, safe to
+        retry) is no ``NotPlacedError``: the same endpoint may take it next."""
+        self.make(n=1)
+        d = self.dispatch()
+        self.client.calls[0][2].errback(ProxyError.unavailable("upstream refused stream"))
+        self.assertEqual(len(self.client.calls), 2)
+        self.answer(1, 200)
+        self.assertEqual(self.successResultOf(d).head.status, 200)
+
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.differing_executors])  # run per subclass
+    @given(n=st.integers(1, 4), retry_limit=st.integers(0, 3),
+           delays=st.lists(st.floats(0.0, 3.0), min_size=4, max_size=4),
+           response_timeout=st.sampled_from([None, 4.0, 12.0]))
+    def test_not_placed_never_on_the_same_endpoint_nor_late(self, n, retry_limit, delays,
+                                                             response_timeout):
+        """Every attempt fails as not placed, each after some delay: a retry
+        never goes to the endpoint that just refused, no attempt starts after
+        the placement time, and the client gets the 503 (or the 504 of its
+        response timeout)."""
+        connect_timeout = 2.0
+        self.make(n=n, connect_timeout=connect_timeout, retry_limit=retry_limit,
+                  response_timeout=response_timeout,
+                  failure_accrual=FailureAccrualConfig(consecutive_failures=0))
+        start = self.clock.seconds()
+        place_by = start + (response_timeout or connect_timeout)
+        d = self.dispatch()
+        started = [self.clock.seconds()]
+        for delay in delays:
+            if len(self.client.calls) < len(started):
+                break
+            index = len(started) - 1
+            self.clock.advance(delay)
+            if self.client.calls[index][2].called:
+                break   # the response timeout answered
+            self.not_placed(index)
+            if len(self.client.calls) > len(started):
+                started.append(self.clock.seconds())
+        self.clock.advance(max(delays) + 20)
+        result = self.failureResultOf(d, ProxyError).value
+        self.assertIn(result.status, (503, 504))
+        endpoints = [call[0] for call in self.client.calls]
+        for before, after in itertools.pairwise(endpoints):
+            self.assertIsNot(before, after)
+        for at in started:
+            self.assertLess(at, place_by)
+        self.assertLessEqual(len(self.client.calls), retry_limit + 1)
 
 
 class RetryCallTests(RetryTests):

@@ -390,8 +390,23 @@ class ProxyError(Exception):
         return cls(504, reason, GRPC_DEADLINE_EXCEEDED)
 
     @classmethod
+    def not_placed(cls, reason: str) -> NotPlacedError:
+        """503: a client end could not place the request on its endpoint
+        (``NotPlacedError``)."""
+        return NotPlacedError(503, reason, GRPC_UNAVAILABLE)
+
+    @classmethod
     def bad_request(cls, reason: str, status: int = 400) -> ProxyError:
         return cls(status, reason, GRPC_INTERNAL)
+
+
+class NotPlacedError(ProxyError):
+    """The proxy itself could not place the request on the endpoint it was
+    given: the endpoint accepts no streams, its connection limit is reached
+    and the queue is full or the wait ran out. Nothing reached the
+    endpoint, and trying the same endpoint again would meet the same
+    refusal, so the dispatcher retries it only on another endpoint, within
+    the request's placement time (``route.dispatcher``)."""
 
 
 GRPC_DEADLINE_EXCEEDED = 4

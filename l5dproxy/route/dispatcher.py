@@ -13,6 +13,10 @@ spoke), and maps whatever goes wrong to the error Linkerd would answer:
 * no endpoint to pick: 503 ``no endpoints``
 * the client end cannot connect or loses the connection: 502
 * connect timeout or ``response_timeout`` (request head to response head): 504
+* the client end could not place the request (``NotPlacedError``: no
+  stream, connection limit): 503, retried only on another endpoint and
+  only before ``place_by`` (its timeout, else ``connect_timeout``): one
+  connect timeout in all, not ``retry_limit + 1`` (``_retry``)
 
 Before routing, every request field whose name has an underscore is dropped
 and counted, for HTTP/1 and h2 clients alike (``drop_underscore_fields`` in
@@ -45,6 +49,7 @@ from twisted.python.failure import Failure
 from l5dproxy.exchange.message import (
     UNDERSCORE_FIELD_REASON,
     Headers,
+    NotPlacedError,
     ProxyError,
     Request,
     RequestContext,
@@ -214,7 +219,7 @@ class _Exchange:
 
     __slots__ = (
         "client", "context", "delivered", "endpoint", "grpc", "head_latency", "labels",
-        "latency_seen", "pending", "proxy", "replay", "request", "response", "result",
+        "latency_seen", "pending", "place_by", "proxy", "replay", "request", "response", "result",
         "retries", "settled", "started", "status", "timer", "token", "upstream", "upstream_d",
         "waiter",
     )
@@ -247,6 +252,8 @@ class _Exchange:
         self.grpc = False
         #: Counted in ``upstream.pending`` (until the exchange is over).
         self.pending = False
+        #: After this, a request not placed is not tried elsewhere (_retry).
+        self.place_by = self.started
 
     def start(self) -> defer.Deferred[Response]:
         proxy = self.proxy
@@ -307,6 +314,7 @@ class _Exchange:
                 timeout = deadline
         if timeout:
             self.timer = proxy.reactor.callLater(timeout, self._timed_out)
+        self.place_by = self.started + (timeout or config.connect_timeout)
         self._send(endpoint)
         return self.result
 
@@ -343,9 +351,12 @@ class _Exchange:
         self.upstream_d = d
         d.addCallbacks(self._responded, self._upstream_failed)
 
-    def _retry(self, latency: float | None) -> bool:
+    def _retry(self, latency: float | None, not_placed: bool = False) -> bool:
         """Retry on another endpoint if the request, the service's retry
-        limit and its budget allow; the failed attempt's endpoint is released."""
+        limit and its budget allow; the failed attempt's endpoint is released.
+
+        ``not_placed`` (``NotPlacedError``): only to a different endpoint
+        (the same one would refuse it again) and only before ``place_by``."""
         replay = self.replay
         upstream = self.upstream
         if (replay is None or not replay.replayable or self.settled
@@ -353,7 +364,12 @@ class _Exchange:
             return False
         failed = self.endpoint
         endpoint = upstream.pick(avoid=failed)
-        if endpoint is None or not upstream.retry_allowed():
+        if endpoint is None:
+            return False
+        if not_placed and (endpoint is failed
+                           or self.proxy.reactor.seconds() >= self.place_by):
+            return False
+        if not upstream.retry_allowed():
             return False
         self.retries += 1
         self._release(latency, False)
@@ -432,7 +448,7 @@ class _Exchange:
         # No response head yet: a connect failure or a reset. Another
         # endpoint may serve it, if the request can be sent again.
         request_fault = failure.check(ProxyError) and failure.value.status < 500
-        if not request_fault and self._retry(None):
+        if not request_fault and self._retry(None, isinstance(failure.value, NotPlacedError)):
             return
         self._fail(as_proxy_error(failure))
 

@@ -128,7 +128,7 @@ class _Pool:
         elif self.open < self.client.max_connections:
             self.connect(call)
         elif len(self.waiting) >= WAITING_LIMIT:
-            call.fail(ProxyError.unavailable(
+            call.fail(ProxyError.not_placed(
                 f"endpoint {self.label}: connection limit reached"
                 f" ({len(self.waiting)} requests waiting)"))
         else:
@@ -146,7 +146,7 @@ class _Pool:
     def _waited_too_long(self, call: _Call) -> None:
         call.timer = None
         self.unqueue(call)
-        call.fail(ProxyError.unavailable(f"endpoint {self.label}: connection limit reached"))
+        call.fail(ProxyError.not_placed(f"endpoint {self.label}: connection limit reached"))
 
     def _next_waiting(self) -> _Call | None:
         waiting = self.waiting

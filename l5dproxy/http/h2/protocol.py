@@ -1177,7 +1177,7 @@ class _EndpointPool:
                 conn.start(pending)
                 return
         if len(self.waiting) >= WAITING_LIMIT:
-            pending.fail(ProxyError.unavailable(
+            pending.fail(ProxyError.not_placed(
                 f"endpoint {self.label}: connection limit reached"
                 f" ({len(self.waiting)} requests waiting)"))
             return
@@ -1197,11 +1197,11 @@ class _EndpointPool:
         pending.timer = None
         self.unqueue(pending)
         if self._refusing():
-            error = ProxyError.unavailable(f"endpoint {self.label} accepts no streams")
+            error = ProxyError.not_placed(f"endpoint {self.label} accepts no streams")
         elif self.connecting:
             error = ProxyError.timeout("connect timeout")
         else:
-            error = ProxyError.unavailable(f"endpoint {self.label}: connection limit reached")
+            error = ProxyError.not_placed(f"endpoint {self.label}: connection limit reached")
         pending.fail(error)
 
     def _refusing(self) -> bool:
@@ -1275,7 +1275,7 @@ class _EndpointPool:
         fail now."""
         log.info("h2 connection to {endpoint} {how} without taking a stream",
                  endpoint=self.label, how=how)
-        self._fail_waiting(ProxyError.unavailable(f"endpoint {self.label} accepts no streams"))
+        self._fail_waiting(ProxyError.not_placed(f"endpoint {self.label} accepts no streams"))
 
     def _fail_waiting(self, error: ProxyError) -> None:
         waiting, self.waiting = self.waiting, deque()
@@ -1541,7 +1541,7 @@ class H2ClientProtocol(_H2Protocol):
             if d is not None and not d.done:
                 request = pending.request
                 if fruitless:
-                    d.fail(ProxyError.unavailable(
+                    d.fail(ProxyError.not_placed(
                         f"endpoint {self.pool.label} accepts no streams"))
                 elif request.body.is_empty:
                     # Never processed (the GOAWAY says so) and nothing to
