@@ -23,7 +23,9 @@ from l5dproxy.exchange.message import (
     ResponseHead,
 )
 from l5dproxy.http.h1.pool import H1Client
-from l5dproxy.http.h1.server import H1Limits, H1Server, UpgradeRequest
+from l5dproxy.http.h1.request import H1Limits
+from l5dproxy.http.h1.server import H1Server
+from l5dproxy.http.h1.upgrade import UpgradeRequest
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.telemetry import Metrics
 

@@ -34,7 +34,8 @@ from l5dproxy.http.h1.framing import (
     frame_chunk,
     last_chunk,
 )
-from l5dproxy.http.h1.server import TunnelResponse, close_transport
+from l5dproxy.http.h1.server import close_transport
+from l5dproxy.http.h1.upgrade import TunnelResponse
 from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay

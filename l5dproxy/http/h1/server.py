@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections import deque
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from httptools import (
@@ -46,18 +45,26 @@ from l5dproxy.exchange.message import (
     ProxyError,
     Request,
     RequestContext,
-    RequestHead,
     Response,
 )
 from l5dproxy.http.h1.framing import (
     SMALL_CHUNK,
     chunk_head,
-    connection_tokens,
     frame_chunk,
     last_chunk,
     reason_phrase,
     status_line,
 )
+from l5dproxy.http.h1.request import (
+    H1Limits,
+    _ContinueBody,
+    _HaltError,
+    _Message,
+    _parser_reason,
+    _RejectError,
+    read_request_head,
+)
+from l5dproxy.http.h1.upgrade import UpgradeRequest
 from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
@@ -68,112 +75,8 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="l5dproxy.http")
 
-#: Request headers the server end looks at as it reads them.
-_SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
-
 #: Pipelined requests read ahead of the one being answered before reading stops.
 PIPELINE_DEPTH = 16
-
-
-@dataclass(frozen=True, slots=True)
-class H1Limits:
-    """Per-listener limits of the HTTP/1 server end."""
-
-    max_request_line: int = 8192      # request target bytes, else 414
-    max_header_bytes: int = 65536     # header block bytes, else 431
-    allow_connect: bool = False       # CONNECT is refused with 405 unless set
-    request_header_timeout: float = 10.0   # a request head read within, else 408 (0: none)
-    idle_timeout: float = 60.0        # a keep-alive connection idle longer is closed (0: none)
-    #: Upgrade protocol names forwarded (lowercase); any other is stripped.
-    upgrades: frozenset[bytes] = frozenset({b"websocket"})
-
-
-class UpgradeRequest(Request):
-    """A request asking to leave HTTP/1 (``Upgrade``) or to tunnel (``CONNECT``).
-
-    ``upgrade`` is the ``Upgrade`` header's value (``b"CONNECT"`` for a
-    CONNECT); the HTTP/1 client end forwards it and, on ``101`` (2xx for
-    CONNECT), answers with a ``TunnelResponse``. Headers the client's
-    ``Connection`` named stay in ``head.headers`` and in ``connection``.
-    """
-
-    __slots__ = ("connection", "upgrade")
-
-    def __init__(self, head: RequestHead, body: Body, upgrade: bytes,
-                 connection: tuple[bytes, ...] = ()) -> None:
-        super().__init__(head, body)
-        self.upgrade = upgrade
-        #: Headers the client's Connection named (kept for the upgrade, as
-        #: h2c's HTTP2-Settings): named again in the forwarded Connection.
-        self.connection = connection
-
-
-class TunnelResponse(Response):
-    """A response after which its connection carries raw bytes: ``tunnel``
-    is the upstream end (``tunnel_write``, ``tunnel_close_write``,
-    ``tunnel_close``, ``tunnel_attach``)."""
-
-    __slots__ = ("tunnel",)
-
-    def __init__(self, head, body, tunnel) -> None:
-        super().__init__(head, body)
-        self.tunnel = tunnel
-
-
-class _ContinueBody(Body):
-    """A body behind ``Expect: 100-continue``: the first consumer sends the 100."""
-
-    __slots__ = ("_hook",)
-
-    def __init__(self, length: int | None, hook) -> None:
-        super().__init__(length)
-        self._hook = hook
-
-    def consume(self, sink) -> None:
-        hook, self._hook = self._hook, None
-        if hook is not None:
-            hook()
-        super().consume(sink)
-
-
-class _RejectError(Exception):
-    """Malformed or refused input: answered with ``status`` and the connection closed."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
-class _HaltError(Exception):
-    """Stop parsing: nothing after a ``Connection: close`` request is read."""
-
-
-class _Message:
-    """One request on the connection, from its head to the end of its response."""
-
-    __slots__ = (
-        "body_done", "close_after", "continue_sent", "d", "dispatched", "error", "keep_alive",
-        "leftover",
-        "method", "raw_body", "request", "response", "version",
-    )
-
-    def __init__(self) -> None:
-        self.request: Request | None = None
-        self.method = b""
-        self.version = "1.1"
-        self.keep_alive = True
-        self.body_done = False
-        self.close_after = False
-        self.continue_sent = False
-        self.dispatched = False
-        self.d: defer.Deferred | None = None
-        self.error: ProxyError | None = None      # answered without dispatching
-        self.response: Response | None = None
-        self.leftover = b""                       # bytes after an Upgrade/CONNECT head
-        #: Body bytes still to read after a stripped upgrade's head (llhttp
-        #: stops at the head of any upgrade request; its body is counted here).
-        self.raw_body = 0
 
 
 class _RequestBodySource:
@@ -233,7 +136,7 @@ class H1Server(Protocol):
     """HTTP/1 on one client connection."""
 
     def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
-                 limits: H1Limits = H1Limits()) -> None:
+                 limits: H1Limits = _DEFAULT_LIMITS) -> None:
         self.conn = conn
         self.dispatcher = dispatcher
         self.limits = limits
@@ -441,9 +344,33 @@ class H1Server(Protocol):
         self._wait = None
         self._head_bytes = 0
         try:
-            msg = self._read_head()
+            head, upgrade, named, length, chunked, expect, stripped = read_request_head(
+                self.parser, self._url, self._headers, self.limits)
         except _RejectError as e:
             raise self._rejecting(e.status, e.reason) from None
+        msg = _Message()
+        msg.method = head.method
+        msg.version = version = head.version
+        msg.keep_alive = self.parser.should_keep_alive()
+        if stripped and length:
+            msg.raw_body = length   # llhttp leaves the body to us (see _parse)
+        if chunked or length:
+            if expect:
+                body = _ContinueBody(length, lambda: self._send_continue(msg))
+            else:
+                body = Body(length)
+            source = _RequestBodySource(self, msg)
+            body.set_source(source)
+            self._reading = msg
+        else:
+            body = Body.empty()
+            msg.body_done = True
+        if upgrade is not None:
+            msg.request = UpgradeRequest(head, body, upgrade, named)
+        else:   # no 1xx for HTTP/1.0 clients (RFC 9110 15.2)
+            # The server's own method, not one of the message's: a message
+            # that pointed at itself would be left to the cyclic GC.
+            msg.request = Request(head, body, self._send_interim if version == "1.1" else None)
         self._trailers = []
         if not msg.keep_alive:
             self._last = True   # no request after this one is read
@@ -472,132 +399,6 @@ class H1Server(Protocol):
     def _rejecting(self, status: int, reason: str) -> _RejectError:
         self._reject = _RejectError(status, reason)
         return self._reject
-
-    def _read_head(self) -> _Message:
-        parser = self.parser
-        version = parser.get_http_version()
-        if version != "1.1" and version != "1.0":
-            raise _RejectError(505 if version.startswith("2") else 400,
-                          f"unsupported HTTP version {version}")
-        method = parser.get_method()
-        url = b"".join(self._url) if len(self._url) != 1 else self._url[0]
-        headers: Headers = []
-        authority: bytes | None = None
-        named: list[bytes] | None = None
-        length: int | None = None
-        chunked = False
-        expect = False
-        upgrade: bytes | None = None
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname not in _SPECIAL:
-                if lname == b"content-length":
-                    length = int(value)   # llhttp allows digits only, and one
-                headers.append((name, value))
-            elif lname == b"host":
-                if authority is not None:
-                    raise _RejectError(400, "more than one Host header")
-                authority = value.strip()
-            elif lname == b"transfer-encoding":
-                if value.strip().lower() != b"chunked":
-                    raise _RejectError(400, "unsupported transfer-encoding")
-                chunked = True
-            elif lname == b"connection":
-                tokens = connection_tokens(value)
-                if tokens:
-                    named = tokens if named is None else named + tokens
-            elif lname == b"expect":
-                if value.strip().lower() == b"100-continue":
-                    expect = True
-                else:
-                    headers.append((name, value))
-            elif lname == b"upgrade":
-                upgrade = value
-        if chunked and version == "1.0":
-            raise _RejectError(400, "transfer-encoding in an HTTP/1.0 request")
-        if version == "1.0":
-            # No 1xx ever goes to an HTTP/1.0 client, so its 100-continue
-            # expectation is ignored (RFC 9110 10.1.1, 15.2).
-            expect = False
-        is_upgrade = parser.should_upgrade() and method != b"CONNECT"
-        stripped = is_upgrade and not self._forwards_upgrade(upgrade, version)
-        if stripped:
-            # Proxied as plain HTTP/1: the Upgrade header and the headers the
-            # Connection header names are dropped (Envoy and nginx do the same).
-            if chunked:
-                raise _RejectError(400, "chunked body on an upgrade request")
-            is_upgrade = False
-        if named and not is_upgrade:
-            headers = [(n, v) for n, v in headers if n.lower() not in named]
-        target = url
-        if url[:1] != b"/":
-            lowered = url[:8].lower()
-            if lowered.startswith((b"http://", b"https://")):
-                rest = url[url.index(b"//") + 2:]
-                cut = len(rest)
-                for sep in (b"/", b"?"):
-                    at = rest.find(sep)
-                    if 0 <= at < cut:
-                        cut = at
-                authority, target = rest[:cut], rest[cut:] or b"/"
-                if target[:1] == b"?":
-                    target = b"/" + target
-                if not authority:
-                    raise _RejectError(400, "bad request target")
-            elif method == b"CONNECT":
-                if authority is None:
-                    authority = url
-            elif not (url == b"*" and method == b"OPTIONS"):
-                raise _RejectError(400, "bad request target")
-        if authority is None:
-            if version == "1.1":
-                raise _RejectError(400, "missing Host header")
-            authority = b""
-        if method == b"CONNECT":
-            if not self.limits.allow_connect:
-                raise _RejectError(405, "CONNECT not allowed")
-            upgrade = b"CONNECT"
-        elif not is_upgrade:
-            upgrade = None
-        msg = _Message()
-        msg.method = method
-        msg.version = version
-        msg.keep_alive = parser.should_keep_alive()
-        if stripped and length:
-            msg.raw_body = length   # llhttp leaves the body to us (see _parse)
-        if chunked or length:
-            if expect:
-                body = _ContinueBody(length, lambda: self._send_continue(msg))
-            else:
-                body = Body(length)
-            source = _RequestBodySource(self, msg)
-            body.set_source(source)
-            self._reading = msg
-        else:
-            body = Body.empty()
-            msg.body_done = True
-        head = RequestHead(method, target, authority, headers, b"http", version)
-        if upgrade is not None:
-            msg.request = UpgradeRequest(head, body, upgrade, tuple(named or ()))
-        else:   # no 1xx for HTTP/1.0 clients (RFC 9110 15.2)
-            # The server's own method, not one of the message's: a message
-            # that pointed at itself would be left to the cyclic GC.
-            msg.request = Request(head, body, self._send_interim if version == "1.1" else None)
-        return msg
-
-    def _forwards_upgrade(self, upgrade: bytes | None, version: str) -> bool:
-        """Whether an ``Upgrade`` request is forwarded: HTTP/1.1 (RFC 9110 7.8:
-        a server ignores Upgrade in an HTTP/1.0 request) and every protocol
-        it offers (``name[/version]``, case-insensitive) is in the listener's
-        ``upgrades``. Anything else, ``h2c`` above all (h2c smuggling: after
-        its 101 the client would speak h2 straight to the endpoint, past the
-        routes), is stripped and the request proxied as plain HTTP/1."""
-        if version != "1.1" or not upgrade:
-            return False
-        allowed = self.limits.upgrades
-        offered = [p.strip().split(b"/", 1)[0].lower() for p in upgrade.split(b",")]
-        offered = [p for p in offered if p]
-        return bool(offered) and all(p in allowed for p in offered)
 
     def _upgrade_read(self, leftover: bytes) -> bytes:
         """The parser stopped after an Upgrade or CONNECT head: hold what
@@ -1025,12 +826,7 @@ def close_transport(transport) -> None:
     transport.loseConnection()
 
 
-def _parser_reason(e: HttpParserError) -> str:
-    text = str(e).strip() or "malformed request"
-    return text[:80]
-
-
 __all__ = [
-    "H1Limits", "H1Server", "TunnelResponse", "UpgradeRequest", "h1_handler",
+    "H1Server", "h1_handler",
 ]
 
