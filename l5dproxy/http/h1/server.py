@@ -731,8 +731,9 @@ class H1Server(Protocol):
         if timer is None:
             self._timer = self._clock.callLater(seconds, self._timer_fired)
             self._timer_at = deadline
-        elif self._timer_at > deadline:   # due later than this: bring it forward
-            timer.reset(seconds)
+        elif self._timer_at > deadline:   # sooner: a new one (reset() scans the timer heap)
+            timer.cancel()
+            self._timer = self._clock.callLater(seconds, self._timer_fired)
             self._timer_at = deadline
 
     def _timer_fired(self) -> None:
