@@ -84,6 +84,7 @@ from l5dproxy.http.h2.connection import (
     _code,
     closed_streams_kept,
 )
+from l5dproxy.http.h2.stream import OUT_LOW_WATER, Stream
 from l5dproxy.http.h2.translate import (
     MalformedError,
     _is_grpc,
@@ -108,9 +109,6 @@ if TYPE_CHECKING:
 log = Logger(namespace="l5dproxy.h2")
 
 
-#: Bytes queued for sending on one stream past which its body is paused.
-OUT_HIGH_WATER = 64 * 1024
-OUT_LOW_WATER = 16 * 1024
 #: How long a closing connection waits for the client to close its side.
 LINGER_SECONDS = 2.0
 #: Frames queued in h2 past which they are written at once rather than at
@@ -123,101 +121,16 @@ FLUSH_AT = 64 * 1024
 WAITING_LIMIT = 1024
 
 
-
-# -- one stream, either side --
-
-class _Stream:
-    """One h2 stream: the body coming in (we are its source) and the body
-    going out (we are its sink), plus what the side needs to finish it."""
-
-    __slots__ = (
-        "conn", "deferred", "grpc", "held", "in_body", "in_discard", "in_done", "in_paused",
-        "in_trailers", "out_body", "out_done", "out_end", "out_headers", "out_paused",
-        "out_queue", "out_queued", "out_trailers", "pending", "reset", "sid",
-    )
-
-    def __init__(self, conn: _H2Protocol, sid: int) -> None:
-        self.conn = conn
-        self.sid = sid
-        self.in_body: Body | None = None
-        self.in_done = False          # the peer ended its side (or we gave up on it)
-        self.in_paused = False
-        self.in_discard = False       # the consumer is gone: ack and drop
-        self.in_trailers: Headers | None = None
-        self.held = 0                 # flow-controlled bytes received, not yet acked
-        self.out_body: Body | None = None
-        self.out_headers: tuple[Headers, bool] | None = None  # not yet sent
-        self.out_queue: deque[memoryview] = deque()
-        self.out_queued = 0
-        self.out_end = False          # body_end seen
-        self.out_trailers: Headers | None = None
-        self.out_done = False         # END_STREAM sent
-        self.out_paused = False
-        self.reset = False
-        #: server: the dispatch (an exchange or a Deferred: cancel() gives it
-        #: up); client: the _Pending told of the response.
-        self.deferred = None
-        self.grpc = False
-        self.pending: _Pending | None = None          # client: the request it carries
-
-    # BodySource: the inbound body's consumer speaks
-
-    def pause_body(self) -> None:
-        self.in_paused = True
-
-    def resume_body(self) -> None:
-        self.in_paused = False
-        if self.held:
-            held, self.held = self.held, 0
-            self.conn._ack_stream(self.sid, held)
-
-    def stop_body(self) -> None:
-        self.in_discard = True
-        self.resume_body()
-        self.conn._inbound_stopped(self)
-
-    # BodySink: the outbound body speaks
-
-    def body_data(self, data: bytes) -> None:
-        if self.reset or self.out_done:
-            return
-        self.out_queue.append(memoryview(data))
-        self.out_queued += len(data)
-        if self.out_headers is None or not self.out_headers[1]:
-            self.conn._send_stream(self)
-        # else: the body is being attached (_start_outbound), which sends it
-        if self.out_queued > OUT_HIGH_WATER and not self.out_paused and not self.reset:
-            self.out_paused = True
-            self.out_body.pause()
-
-    def body_end(self, trailers: Headers | None) -> None:
-        if self.reset or self.out_done:
-            return
-        self.out_end = True
-        self.out_trailers = trailers or None
-        if self.out_headers is not None and self.out_headers[1]:
-            return   # attaching the body: sent by _start_outbound
-        self.conn._send_stream(self)
-
-    def body_error(self, reason: Exception) -> None:
-        if self.reset or self.out_done:
-            return
-        code = reason.code if isinstance(reason, StreamResetError) else ErrorCodes.CANCEL
-        if code == ErrorCodes.NO_ERROR:
-            code = ErrorCodes.CANCEL
-        self.conn._reset(self, code)
-
-
 @implementer(IPushProducer)
-class _H2Protocol(Protocol):
+class H2Protocol(Protocol):
     """What the server and client ends share: the h2 connection, writing,
     sending bodies within the windows, acknowledging what was consumed."""
 
     h2: H2Connection
 
     def __init__(self) -> None:
-        self.streams: dict[int, _Stream] = {}
-        self._blocked: dict[int, _Stream] = {}   # streams with data waiting for a window
+        self.streams: dict[int, Stream] = {}
+        self._blocked: dict[int, Stream] = {}   # streams with data waiting for a window
         self._write_paused = False
         self._lost = False
         #: Plain TCP: frames are taken from h2 and sent once per reactor
@@ -302,7 +215,7 @@ class _H2Protocol(Protocol):
 
     # -- sending bodies --
 
-    def _send_stream(self, stream: _Stream) -> None:
+    def send_stream(self, stream: Stream) -> None:
         """Send what the stream has queued, as far as windows and the
         transport allow; then its end (trailers or END_STREAM) once empty."""
         if stream.reset or self._lost:
@@ -318,8 +231,8 @@ class _H2Protocol(Protocol):
             stream.out_paused = False
             stream.out_body.resume()
 
-    def _send_frames(self, stream: _Stream) -> bool:
-        """The h2 side of ``_send_stream``; True once the stream's end is sent."""
+    def _send_frames(self, stream: Stream) -> bool:
+        """The h2 side of ``send_stream``; True once the stream's end is sent."""
         h2 = self.h2
         sid = stream.sid
         if stream.out_headers is not None and (stream.out_queue or not stream.out_end
@@ -375,7 +288,7 @@ class _H2Protocol(Protocol):
                 return True
         return False
 
-    def _send_failed(self, stream: _Stream, error: ProtocolError) -> None:
+    def _send_failed(self, stream: Stream, error: ProtocolError) -> None:
         """h2 refused to send on ``stream``: it (or the whole connection) is
         already closed on this side, by a RST_STREAM or GOAWAY whose event is
         still to be handled, or the connection is going down. This stream
@@ -402,9 +315,9 @@ class _H2Protocol(Protocol):
         for stream in list(self._blocked.values()):
             if self._write_paused:
                 return
-            self._send_stream(stream)
+            self.send_stream(stream)
 
-    def _start_outbound(self, stream: _Stream, headers: Headers, body: Body) -> None:
+    def _start_outbound(self, stream: Stream, headers: Headers, body: Body) -> None:
         """Send ``headers`` and then ``body`` on the stream. The headers wait
         for the body's first event, so an empty body ends on HEADERS."""
         stream.out_headers = (headers, True)
@@ -416,7 +329,7 @@ class _H2Protocol(Protocol):
         if stream.out_queue or stream.out_end:
             # What the body had buffered (a small response is often all of
             # it): HEADERS, then DATA ending the stream, in one go.
-            self._send_stream(stream)
+            self.send_stream(stream)
             return
         stream.out_headers = None
         try:
@@ -428,7 +341,7 @@ class _H2Protocol(Protocol):
 
     # -- receiving --
 
-    def _ack_stream(self, sid: int, n: int) -> None:
+    def ack(self, sid: int, n: int) -> None:
         """A paused consumer resumed: the stream window of what was held for
         it comes back (its connection window already did, as it arrived)."""
         if self._lost:
@@ -481,7 +394,7 @@ class _H2Protocol(Protocol):
         if spent:
             h2.acknowledge_connection_data(spent)
 
-    def _on_end(self, stream: _Stream) -> None:
+    def _on_end(self, stream: Stream) -> None:
         if stream.in_done:
             return
         body = stream.in_body
@@ -496,13 +409,13 @@ class _H2Protocol(Protocol):
         stream.in_done = True
         self._maybe_forget(stream)
 
-    def _malformed(self, stream: _Stream, reason: str) -> None:
+    def _malformed(self, stream: Stream, reason: str) -> None:
         """The peer's message on ``stream`` is malformed (RFC 9113 8.1.1):
         a stream error, RST_STREAM PROTOCOL_ERROR; what was forwarded of it
         fails (a client end aborts its upstream connection)."""
-        self._reset(stream, ErrorCodes.PROTOCOL_ERROR)
+        self.reset(stream, ErrorCodes.PROTOCOL_ERROR)
 
-    def _reset(self, stream: _Stream, code: int) -> None:
+    def reset(self, stream: Stream, code: int) -> None:
         """Reset the stream (our decision), and let go of both bodies."""
         if stream.reset:
             return
@@ -513,7 +426,7 @@ class _H2Protocol(Protocol):
             self._write()
         self._release(stream, StreamResetError(code))
 
-    def _release(self, stream: _Stream, reason: Exception) -> None:
+    def _release(self, stream: Stream, reason: Exception) -> None:
         """The stream is over, one way or another: fail or cancel what is left."""
         stream.reset = True
         self._blocked.pop(stream.sid, None)
@@ -529,7 +442,7 @@ class _H2Protocol(Protocol):
         self.streams.pop(stream.sid, None)
         self._stream_gone(stream)
 
-    def _maybe_forget(self, stream: _Stream) -> None:
+    def _maybe_forget(self, stream: Stream) -> None:
         if stream.in_done and stream.out_done and self.streams.get(stream.sid) is stream:
             del self.streams[stream.sid]
             if self.budget is not None:
@@ -560,7 +473,7 @@ class _H2Protocol(Protocol):
                 if event.stream_id:
                     stream = self._blocked.get(event.stream_id)
                     if stream is not None:
-                        self._send_stream(stream)
+                        self.send_stream(stream)
                 else:
                     self._send_blocked()
             elif kind is StreamEnded:
@@ -648,19 +561,19 @@ class _H2Protocol(Protocol):
     def _goaway(self, event: ConnectionTerminated) -> None:
         pass
 
-    def _peer_reset(self, stream: _Stream, code: int) -> None:
+    def _peer_reset(self, stream: Stream, code: int) -> None:
         raise NotImplementedError
 
-    def _inbound_stopped(self, stream: _Stream) -> None:
+    def inbound_stopped(self, stream: Stream) -> None:
         pass
 
-    def _outbound_done(self, stream: _Stream) -> None:
+    def _outbound_done(self, stream: Stream) -> None:
         self._maybe_forget(stream)
 
-    def _stream_gone(self, stream: _Stream) -> None:
+    def _stream_gone(self, stream: Stream) -> None:
         pass
 
-    def _connection_failed_stream(self, stream: _Stream, reason: Exception) -> None:
+    def _connection_failed_stream(self, stream: Stream, reason: Exception) -> None:
         raise NotImplementedError
 
 
@@ -677,7 +590,7 @@ def h2_handler(dispatcher: Dispatcher, settings: H2Settings | None = None,
     return handler
 
 
-class H2ServerProtocol(_H2Protocol):
+class H2ServerProtocol(H2Protocol):
     """Speaks HTTP/2 to one client: each stream becomes a dispatched Request."""
 
     def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
@@ -849,7 +762,7 @@ class H2ServerProtocol(_H2Protocol):
             self._count_error(e.reason)
             self.budget.spend("refused")
             if getattr(e, "status", 400) != 400:   # well-formed, refused: answered
-                stream = self.streams[sid] = _Stream(self, sid)
+                stream = self.streams[sid] = Stream(self, sid)
                 stream.in_body = Body.empty()
                 stream.in_discard = True
                 stream.in_done = ended
@@ -859,7 +772,7 @@ class H2ServerProtocol(_H2Protocol):
             with suppress(ProtocolError):
                 h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
             return
-        stream = _Stream(self, sid)
+        stream = Stream(self, sid)
         stream.grpc = head.is_grpc
         self.streams[sid] = stream
         if ended:
@@ -884,26 +797,26 @@ class H2ServerProtocol(_H2Protocol):
         d.addCallbacks(partial(self._respond, stream), partial(self._dispatch_failed, stream))
         d.addErrback(partial(self._respond_failed, stream))
 
-    def dispatch_responded(self, stream: _Stream, response: Response) -> None:
+    def dispatch_responded(self, stream: Stream, response: Response) -> None:
         try:
             self._respond(stream, response)
         except Exception:
             self._respond_failed(stream, Failure())
 
-    def dispatch_failed(self, stream: _Stream, failure: Failure) -> None:
+    def dispatch_failed(self, stream: Stream, failure: Failure) -> None:
         try:
             self._dispatch_failed(stream, failure)
         except Exception:
             self._respond_failed(stream, Failure())
 
-    def _respond(self, stream: _Stream, response: Response) -> None:
+    def _respond(self, stream: Stream, response: Response) -> None:
         stream.deferred = None
         if stream.reset or self._lost:
             response.body.cancel()
             return
         self._start_outbound(stream, h2_response_headers(response.head), response.body)
 
-    def _dispatch_failed(self, stream: _Stream, failure: Failure) -> None:
+    def _dispatch_failed(self, stream: Stream, failure: Failure) -> None:
         stream.deferred = None
         if stream.reset or self._lost:
             return
@@ -914,16 +827,16 @@ class H2ServerProtocol(_H2Protocol):
             error = ProxyError.bad_gateway("internal proxy error")
         self._respond(stream, error_response(error, stream.grpc))
 
-    def _respond_failed(self, stream: _Stream, failure: Failure) -> None:
+    def _respond_failed(self, stream: Stream, failure: Failure) -> None:
         # Writing the response raised (a bug: refusals end the stream in
         # _send_failed): this stream is reset, the connection lives on, and
         # nothing is left unhandled in the Deferred.
         log.failure("h2 response to {peer} stream {sid} failed", failure,
                     peer=self.conn.peer, sid=stream.sid)
         if not stream.reset:
-            self._reset(stream, ErrorCodes.INTERNAL_ERROR)
+            self.reset(stream, ErrorCodes.INTERNAL_ERROR)
 
-    def _peer_reset(self, stream: _Stream, code: int) -> None:
+    def _peer_reset(self, stream: Stream, code: int) -> None:
         if not stream.out_done:
             # Reset before its response was complete: whatever the request
             # cost (a dispatch, an upstream stream or connection) was for nothing.
@@ -934,7 +847,7 @@ class H2ServerProtocol(_H2Protocol):
         listener = self.conn.listener
         listener.metrics.http_errors_total.labels("inbound", listener.name, reason).inc()
 
-    def _malformed(self, stream: _Stream, reason: str) -> None:
+    def _malformed(self, stream: Stream, reason: str) -> None:
         # RST_STREAM first, then the dispatch is given up: whatever the
         # upstream answers meanwhile is not sent on a malformed stream.
         if stream.reset:
@@ -946,23 +859,23 @@ class H2ServerProtocol(_H2Protocol):
             self._write()
         self._abandon(stream, MalformedError(reason))
 
-    def _abandon(self, stream: _Stream, reason: Exception) -> None:
+    def _abandon(self, stream: Stream, reason: Exception) -> None:
         stream.reset = True
         d, stream.deferred = stream.deferred, None
         if d is not None:
             d.cancel()
         self._release(stream, reason)
 
-    def _connection_failed_stream(self, stream: _Stream, reason: Exception) -> None:
+    def _connection_failed_stream(self, stream: Stream, reason: Exception) -> None:
         self._abandon(stream, reason)
 
-    def _inbound_stopped(self, stream: _Stream) -> None:
+    def inbound_stopped(self, stream: Stream) -> None:
         # Nobody wants the rest of the request: once the response is out,
         # end the stream (RST_STREAM NO_ERROR, RFC 9113 8.1).
         if stream.out_done and not stream.in_done:
             self._reset_finished(stream)
 
-    def _outbound_done(self, stream: _Stream) -> None:
+    def _outbound_done(self, stream: Stream) -> None:
         # The response is complete and the request is not: nothing more of
         # it can matter (RFC 9113 8.1), and holding it would hold its
         # flow-control credit forever.
@@ -971,7 +884,7 @@ class H2ServerProtocol(_H2Protocol):
             self._reset_finished(stream)
         self._maybe_forget(stream)
 
-    def _reset_finished(self, stream: _Stream) -> None:
+    def _reset_finished(self, stream: Stream) -> None:
         stream.in_done = True
         if not self._lost:
             with suppress(ProtocolError):   # the client reset it meanwhile
@@ -979,7 +892,7 @@ class H2ServerProtocol(_H2Protocol):
             self._write()
         self._release(stream, ConnectionAbortedError("request body not needed"))
 
-    def _stream_gone(self, stream: _Stream) -> None:
+    def _stream_gone(self, stream: Stream) -> None:
         if not self.streams:
             if self._idle_timer is not None:
                 self._idle_since = self.conn.listener.reactor.seconds()
@@ -1048,7 +961,7 @@ class _Pending:
         self.waiter = waiter
         self.deferred: defer.Deferred | None = (
             defer.Deferred(self._cancel) if waiter is None else None)
-        self.stream: _Stream | None = None
+        self.stream: Stream | None = None
         self.done = False
         #: The pool whose queue it waits in, and the end of its wait.
         self.queued: _EndpointPool | None = None
@@ -1090,7 +1003,7 @@ class _Pending:
         stream = self.stream
         if stream is not None and not stream.reset:
             stream.deferred = None
-            stream.conn._reset(stream, ErrorCodes.CANCEL)
+            stream.conn.reset(stream, ErrorCodes.CANCEL)
 
 
 class H2Client:
@@ -1314,7 +1227,7 @@ class _ClientFactory(ClientFactory):
         self.pool.connect_failed(reason)
 
 
-class H2ClientProtocol(_H2Protocol):
+class H2ClientProtocol(H2Protocol):
     """One HTTP/2 connection to an endpoint, carrying many streams."""
 
     def __init__(self, pool: _EndpointPool) -> None:
@@ -1405,7 +1318,7 @@ class H2ClientProtocol(_H2Protocol):
                 self._lose_connection()
             return
         self.streams_started += 1
-        stream = _Stream(self, sid)
+        stream = Stream(self, sid)
         stream.pending = pending
         stream.deferred = pending
         stream.grpc = request.head.is_grpc
@@ -1457,10 +1370,10 @@ class H2ClientProtocol(_H2Protocol):
                 else:
                     pending.respond(response)
 
-    def _on_end(self, stream: _Stream) -> None:
+    def _on_end(self, stream: Stream) -> None:
         super()._on_end(stream)
 
-    def _peer_reset(self, stream: _Stream, code: int) -> None:
+    def _peer_reset(self, stream: Stream, code: int) -> None:
         stream.reset = True
         d, stream.deferred = stream.deferred, None
         if d is not None and not d.done:
@@ -1475,13 +1388,13 @@ class H2ClientProtocol(_H2Protocol):
             d.fail(error)
         self._release(stream, StreamResetError(code))
 
-    def _reset(self, stream: _Stream, code: int) -> None:
+    def reset(self, stream: Stream, code: int) -> None:
         d, stream.deferred = stream.deferred, None
-        super()._reset(stream, code)
+        super().reset(stream, code)
         if d is not None:
             d.fail(ProxyError.bad_gateway("request abandoned"))
 
-    def _malformed(self, stream: _Stream, reason: str) -> None:
+    def _malformed(self, stream: Stream, reason: str) -> None:
         # The endpoint's response is malformed: its stream is reset, the
         # request fails with 502 (before the response was handed on) or the
         # response body fails (after: the server end cuts its client off).
@@ -1497,12 +1410,12 @@ class H2ClientProtocol(_H2Protocol):
         if d is not None:
             d.fail(ProxyError.bad_gateway(f"invalid response: {reason}"))
 
-    def _inbound_stopped(self, stream: _Stream) -> None:
+    def inbound_stopped(self, stream: Stream) -> None:
         # The response body's consumer is gone: cancel the upstream stream.
         if not stream.in_done:
-            self._reset(stream, ErrorCodes.CANCEL)
+            self.reset(stream, ErrorCodes.CANCEL)
 
-    def _connection_failed_stream(self, stream: _Stream, reason: Exception) -> None:
+    def _connection_failed_stream(self, stream: Stream, reason: Exception) -> None:
         stream.reset = True
         d, stream.deferred = stream.deferred, None
         if d is not None:
@@ -1510,7 +1423,7 @@ class H2ClientProtocol(_H2Protocol):
                       else ProxyError.bad_gateway(str(reason)))
         self._release(stream, ConnectionAbortedError(str(reason)))
 
-    def _stream_gone(self, stream: _Stream) -> None:
+    def _stream_gone(self, stream: Stream) -> None:
         if self._lost:
             return
         if self.goaway:
