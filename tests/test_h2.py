@@ -58,7 +58,8 @@ from l5dproxy.http.h2.connection import (
     StreamResetError,
     closed_streams_kept,
 )
-from l5dproxy.http.h2.protocol import LINGER_SECONDS, H2Client, H2ServerProtocol
+from l5dproxy.http.h2.protocol import H2Client
+from l5dproxy.http.h2.server import LINGER_SECONDS, H2ServerProtocol
 from l5dproxy.http.h2.translate import (
     h2_request_headers,
     h2_response_headers,

@@ -47,7 +47,7 @@ from l5dproxy.http.h1 import pool as h1pool
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h2 import protocol as h2module
 from l5dproxy.http.h2.connection import H2Settings
-from l5dproxy.http.h2.protocol import H2ServerProtocol
+from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
