@@ -58,7 +58,7 @@ from l5dproxy.http.h2.connection import (
     StreamResetError,
     closed_streams_kept,
 )
-from l5dproxy.http.h2.protocol import H2Client
+from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import LINGER_SECONDS, H2ServerProtocol
 from l5dproxy.http.h2.translate import (
     h2_request_headers,

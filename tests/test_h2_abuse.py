@@ -28,7 +28,7 @@ from l5dproxy.config import ConfigError, parse
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import Body, ProxyError, Request, RequestHead, Response, ResponseHead
 from l5dproxy.http.h2.connection import H2Settings
-from l5dproxy.http.h2.protocol import H2Client
+from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.net.writebound import WriteBound

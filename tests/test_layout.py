@@ -129,7 +129,7 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/discovery.py", "l5dproxy/balance/backends.py"),  # discovery -> balance [run]
     ("l5dproxy/exchange/message.py", "l5dproxy/balance/backends.py"),  # exchange -> balance [tc]
     ("l5dproxy/http/h1/pool.py", "l5dproxy/balance/backends.py"),  # http -> balance [tc]
-    ("l5dproxy/http/h2/protocol.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
+    ("l5dproxy/http/h2/pool.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]
     ("l5dproxy/net/splice.py", "l5dproxy/tcp/relay.py"),  # net -> tcp [tc]
@@ -140,7 +140,6 @@ KNOWN_LARGE: frozenset[str] = frozenset({
     "l5dproxy/config.py",
     "l5dproxy/http/h1/server.py",
     "l5dproxy/http/h1/client.py",
-    "l5dproxy/http/h2/protocol.py",
 })
 
 #: (file, reach-in expression) -> how many times the file has it.

@@ -45,7 +45,7 @@ from l5dproxy.exchange.message import (
 )
 from l5dproxy.http.h1 import pool as h1pool
 from l5dproxy.http.h1.pool import H1Client
-from l5dproxy.http.h2 import protocol as h2module
+from l5dproxy.http.h2 import pool as h2pool
 from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
@@ -361,7 +361,7 @@ class H2PoolTests(SynchronousTestCase):
                          (503, "endpoint 127.0.0.1:9000: connection limit reached"))
 
     def test_the_waiting_queue_is_bounded(self) -> None:
-        self.patch(h2module, "WAITING_LIMIT", 3)
+        self.patch(h2pool, "WAITING_LIMIT", 3)
         ds = [self.send() for _ in range(5)]
         self.assertEqual([d.called for d in ds], [False] * 3 + [True] * 2)
         for d in ds[3:]:
