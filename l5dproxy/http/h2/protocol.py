@@ -1,7 +1,7 @@
 """The HTTP/2 protocol both ends share: writing, windows, acks, events, abuse.
 
 ``H2Protocol`` is the base of the server end facing clients (``server.py``)
-and the client end facing endpoints (``pool.py``). Both sit on
+and the client end facing endpoints (``client.py``, ``pool.py``). Both sit on
 ``ProxyH2Connection`` (``connection.py``) and translate streams
 (``stream.py``) to and from the protocol-neutral exchange
 (``l5dproxy.exchange.message``, through ``translate.py``), so routing,
@@ -36,7 +36,6 @@ other connection's ``dataReceived`` or a Deferred's callback.
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import TYPE_CHECKING
 
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
@@ -62,9 +61,6 @@ from l5dproxy.http.h2.stream import OUT_LOW_WATER, Stream
 from l5dproxy.http.h2.translate import MalformedError, h2_trailers, trailers_from_h2
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
-
-if TYPE_CHECKING:
-    pass
 
 log = Logger(namespace="l5dproxy.h2")
 
