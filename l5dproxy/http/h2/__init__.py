@@ -1,1 +1,1 @@
-"""l5dproxy.http.h2.protocol."""
+"""The HTTP/2 ends: translate, connection, stream, protocol, server, pool, client."""
