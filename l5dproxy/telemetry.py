@@ -95,6 +95,10 @@ class Metrics:
         self.connection_limit_total = Counter(
             "connection_limit", "Client connections closed at accept: a max_connections"
             " limit was reached", ("listener",), registry=r)
+        self.early_connect_limit_total = Counter(
+            "early_connect_limit", "Silent client connections given no early upstream"
+            " connection: the listener's EARLY_CONNECT_LIMIT was reached", ("listener",),
+            registry=r)
         self.load_shed_total = Counter(
             "load_shed", "HTTP requests shed with 503: the service's max_pending_requests"
             " was reached", ("service",), registry=r)

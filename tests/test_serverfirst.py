@@ -26,7 +26,12 @@ from l5dproxy.config import (
     parse_host_port,
 )
 from l5dproxy.detect.protocol import DetectProtocol
-from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
+from l5dproxy.detect.serverfirst import (
+    EARLY_CONNECT_LIMIT,
+    OpaqueMemory,
+    OpaqueResource,
+    ServerFirst,
+)
 from l5dproxy.tcp.relay import RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
 
@@ -172,9 +177,12 @@ class EarlyConnectTests(SynchronousTestCase):
         service = ServiceConfig("mail", tuple(parse_host_port(e) for e in endpoints))
         detect = DetectConfig(timeout=10.0, client_silence=silence)
         self.upstream = Upstream(service, detect.opaque_ports)
-        self.server_first = ServerFirst(self.memory, silence)
+        metrics = Metrics()
+        self.server_first = ServerFirst(
+            self.memory, silence,
+            lambda listener: metrics.early_connect_limit_total.labels(listener.name).inc())
         return Listener(ListenerConfig("in", "tcp:0", "mail"), detect,
-                        {"mail": self.upstream}, Metrics(), self.reactor,
+                        {"mail": self.upstream}, metrics, self.reactor,
                         log_connections=False, handlers=handlers,
                         server_first=self.server_first)
 
@@ -254,6 +262,32 @@ class EarlyConnectTests(SynchronousTestCase):
         client.protocol.connectionLost(Failure(ConnectionRefusedError()))
         self.assertTrue(server.disconnecting)
         self.assertEqual(self.endpoint.active, 0)
+
+    def test_a_flood_of_silent_clients_dials_at_most_the_limit(self) -> None:
+        """Issue 11: every silent flood connection dialled the endpoint. Past
+        EARLY_CONNECT_LIMIT held per listener, silent clients get no early
+        connection (counted); one that ends frees its place."""
+        clients = [self.accept() for _ in range(EARLY_CONNECT_LIMIT + 10)]
+        self.reactor.advance(SILENCE)
+        self.assertEqual(len(self.reactor.tcpClients), EARLY_CONNECT_LIMIT)
+        self.assertEqual(self.endpoint.active, EARLY_CONNECT_LIMIT)
+        self.assertEqual(self.listener.metrics.registry.get_sample_value(
+            "early_connect_limit_total", {"listener": "in"}), 10)
+        # Connected ones and connecting ones both hold a place until they go.
+        self.connect_upstream(0)
+        for client in clients[:2]:
+            client.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.endpoint.active, EARLY_CONNECT_LIMIT - 2)
+        self.assertEqual(self.server_first.held, {self.listener: EARLY_CONNECT_LIMIT - 2})
+        self.accept()
+        self.reactor.advance(SILENCE)
+        self.assertEqual(len(self.reactor.tcpClients), EARLY_CONNECT_LIMIT + 1)
+        # The ones without an early connection are still detected as they speak.
+        clients[-1].protocol.dataReceived(HTTP_REQUEST)
+        self.assertEqual(self.detections().get(("http1", "request_line")), 1.0)
+        for client in clients[2:]:
+            client.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.server_first.held, {self.listener: 1})
 
     def test_server_first_then_close(self) -> None:
         client = self.accept()

@@ -73,7 +73,8 @@ class ProxyService(Service):
         }
         self.server_first = ServerFirst(
             OpaqueMemory(reactor, config.detect.learned_max, config.detect.learned_ttl),
-            config.detect.client_silence)
+            config.detect.client_silence,
+            lambda listener: self.metrics.early_connect_limit_total.labels(listener.name).inc())
         # HTTP: one dispatcher for every listener; codec ends register here.
         self.http = HttpProxy(self.upstreams, self.metrics, reactor)
         h2_settings = H2Settings(**dataclasses.asdict(config.h2))

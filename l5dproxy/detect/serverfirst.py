@@ -26,6 +26,13 @@ oversubscribed; 25 ms stays above that, and a server-speaks-first banner
 still arrives ~26 ms after connect, against the 250 ms budget and the 10 s
 detect timeout. A client merely slower than the window costs an upstream
 connection made early (used by the relay, or closed), never a delay.
+
+Early connections are bounded per listener (``EARLY_CONNECT_LIMIT`` being
+made or held unadopted at once), so a flood of silent client connections
+cannot become a flood of upstream dials: past the bound a silent client gets
+no early connection (counted in ``early_connect_limit_total{listener}``) and
+waits for detection as if the window were off; destinations already learned
+to speak first skip the window and are not affected.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +64,11 @@ log = Logger(namespace="l5dproxy.detect.serverfirst")
 
 SERVER_FIRST = Verdict("opaque", "server_first")
 LEARNED_OPAQUE = Verdict("opaque", "learned_opaque")
+
+#: Early upstream connections one listener may have being made or held
+#: (not yet adopted or closed) at once. Under the bench's flood of 2,000
+#: silent connections each of them dialled the endpoint (issue 11).
+EARLY_CONNECT_LIMIT = 128
 
 
 # -- the memory (pure: a clock in, no I/O) --
@@ -180,11 +192,17 @@ class OpaqueResource(Resource):
 class ServerFirst:
     """What the listeners of one proxy share for server-speaks-first traffic."""
 
-    def __init__(self, memory: OpaqueMemory, client_silence: float) -> None:
+    def __init__(self, memory: OpaqueMemory, client_silence: float,
+                 on_limit: Callable[[Listener], None] | None = None) -> None:
         self.memory = memory
         #: Seconds of client silence before the upstream is dialled; 0 turns
         #: early connecting (and so learning) off.
         self.client_silence = client_silence
+        #: Early connections held per listener (EarlyConnect.counted).
+        self.held: dict[Listener, int] = {}
+        #: Told of each silent client refused an early connection (app/
+        #: counts it in ``early_connect_limit_total{listener}``).
+        self.on_limit = on_limit
 
     def learned_protocol(self, listener: Listener, conn: InboundConnection):
         """The relay for a connection whose destination is known to speak
@@ -234,6 +252,8 @@ class EarlyConnect:
         self.server_bytes: list[bytes] = []
         self.adopter = None
         self._adopter_protocol: Protocol | None = None
+        #: Counted in ``server_first.held`` (being made or held unadopted).
+        self.counted = False
         self.timer = listener.clock.callLater(server_first.client_silence, self._silence)
 
     # -- from the detect protocol --
@@ -264,6 +284,7 @@ class EarlyConnect:
     def close(self) -> None:
         """Give up the early connection (and the endpoint it holds)."""
         self._cancel_timer()
+        self._uncount()
         state, self.state = self.state, _DONE
         if state == _CONNECTING:
             with contextlib.suppress(NotConnectingError):
@@ -280,6 +301,7 @@ class EarlyConnect:
         (now, or once it is made), replaying what the server already sent.
         ``adopter`` gets ``upstream_failed(reason)`` if the connect fails.
         False when there is no connection to adopt: the adopter dials."""
+        self._uncount()
         if self.state == _CONNECTED:
             self.state = _ATTACHED
             self.endpoint = None  # the adopter owns it now
@@ -304,11 +326,20 @@ class EarlyConnect:
         self.timer = None
         if self.state != _WAITING:
             return
+        server_first, listener = self.server_first, self.listener
+        held = server_first.held
+        if held.get(listener, 0) >= EARLY_CONNECT_LIMIT:
+            self.state = _DONE   # detection goes on without an early connection
+            if server_first.on_limit is not None:
+                server_first.on_limit(listener)
+            return
         upstream = self.listener.upstream
         endpoint = upstream.pick_connection()
         if endpoint is None:
             self.state = _DONE
             return
+        held[listener] = held.get(listener, 0) + 1
+        self.counted = True
         endpoint.begin()
         self.endpoint = endpoint
         self.state = _CONNECTING
@@ -342,6 +373,7 @@ class EarlyConnect:
         detect.decide(SERVER_FIRST)
 
     def _failed(self, reason: Failure) -> None:
+        self._uncount()
         state, self.state = self.state, _DONE
         if state == _ATTACHED and self.adopter is not None:
             adopter, self.adopter, self._adopter_protocol = self.adopter, None, None
@@ -356,8 +388,17 @@ class EarlyConnect:
     def _lost(self) -> None:
         """The server closed before anyone adopted the connection."""
         if self.state == _CONNECTED:
+            self._uncount()
             self.state = _DONE
             self._release(success=True)
+
+    def _uncount(self) -> None:
+        if self.counted:
+            self.counted = False
+            held, listener = self.server_first.held, self.listener
+            held[listener] -= 1
+            if not held[listener]:
+                del held[listener]
 
     def _switch(self, protocol: Protocol) -> None:
         early = self.protocol
