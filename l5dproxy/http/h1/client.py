@@ -33,9 +33,11 @@ from l5dproxy.http.h1.framing import (
     connection_tokens,
     frame_chunk,
     last_chunk,
+    request_head,
+    transfer_codings_problem,
 )
 from l5dproxy.http.h1.server import close_transport
-from l5dproxy.http.h1.upgrade import TunnelResponse
+from l5dproxy.http.h1.upgrade import TunnelResponse, protocol_names
 from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
@@ -45,10 +47,6 @@ if TYPE_CHECKING:
 
 log = Logger(namespace="l5dproxy.http")
 
-#: Methods whose request carries ``content-length: 0`` when it has no body.
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
-
-
 class _StopAtHeadError(Exception):
     """Stops the parser after the head of a response to HEAD."""
 
@@ -56,31 +54,6 @@ class _StopAtHeadError(Exception):
 class _ResponseRefusedError(Exception):
     """A response the client cannot be given: 502 with this reason, and the
     connection (whose framing is then unknown) is closed."""
-
-
-def _protocol_names(upgrade: bytes) -> set[bytes]:
-    """The protocol names (lowercase, without versions) in Upgrade values."""
-    names = (p.strip().split(b"/", 1)[0].lower() for p in upgrade.split(b","))
-    return {n for n in names if n}
-
-
-def _transfer_codings_problem(codings: list[bytes], client_version: str) -> str | None:
-    """Why a response whose body still carries ``codings`` (transfer codings
-    other than a final chunked, in order) cannot reach the client, or None.
-
-    Only HTTP/1.1 carries transfer codings: HTTP/2 has none (RFC 9113 8.2.2)
-    and a server must not send Transfer-Encoding to an HTTP/1.0 client (RFC
-    9112 6.1), so they get a 502 rather than a body mislabelled as plain.
-    chunked anywhere but last is refused too: applied again for the client it
-    would be chunked twice (RFC 9112 6.1).
-    """
-    names = b", ".join(codings).decode("ascii", "replace")[:64]
-    if b"chunked" in codings:
-        return f"invalid response: transfer-encoding {names} (chunked not last)"
-    if client_version != "1.1":
-        client = "HTTP/2" if client_version == "2" else f"HTTP/{client_version}"
-        return f"response transfer-encoding {names} cannot be sent to an {client} client"
-    return None
 
 
 class ClientSide(Protocol):
@@ -236,44 +209,8 @@ class H1ClientConnection(TwistedProtocol):
         self._reason = []
         self._headers = []
         self._trailers = None
-        parts = [method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.authority, b"\r\n"]
-        has_length = False
-        te = False
-        for name, value in head.headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP or lname == b"host":
-                if lname == b"te" and not te and value.lower() == b"trailers":
-                    # An h2 client's "te: trailers" (gRPC): TE is hop-by-hop,
-                    # so it goes on named in Connection (RFC 9110 7.6.1,
-                    # 10.1.4); the endpoint may then send trailers.
-                    te = True
-                    parts.append(b"te: trailers\r\n")
-                continue
-            if lname == b"content-length":
-                has_length = True
-            parts += (name, b": ", value, b"\r\n")
-        self._chunked = False
-        if has_length:
-            pass
-        elif body.length is not None:
-            if body.length or method in _BODY_METHODS:
-                parts += (b"content-length: ", str(body.length).encode(), b"\r\n")
-        elif body.is_empty:
-            if method in _BODY_METHODS:
-                parts.append(b"content-length: 0\r\n")
-        else:
-            parts.append(b"transfer-encoding: chunked\r\n")
-            self._chunked = True
-        upgrade = self._upgrade
-        if upgrade is not None and upgrade != b"CONNECT":
-            tokens = b"".join(b", " + t for t in getattr(request, "connection", ()))
-            if te:
-                tokens += b", te"
-            parts += (b"connection: upgrade", tokens, b"\r\nupgrade: ", upgrade, b"\r\n")
-        elif te:
-            parts.append(b"connection: te\r\n")
-        parts.append(b"\r\n")
-        self._write(b"".join(parts))
+        data, self._chunked = request_head(request, self._upgrade)
+        self._write(data)
         if body.is_empty:
             self._request_done = True
         else:
@@ -486,7 +423,7 @@ class H1ClientConnection(TwistedProtocol):
             if chunked:
                 codings.pop()
             if codings:
-                problem = _transfer_codings_problem(codings, call.request.head.version)
+                problem = transfer_codings_problem(codings, call.request.head.version)
                 if problem is not None:
                     self._response_started = False   # the client gets a 502
                     raise _ResponseRefusedError(problem)
@@ -506,8 +443,8 @@ class H1ClientConnection(TwistedProtocol):
             # RFC 9110 7.8: the 101 names what the client offered. A switch
             # to anything else (an endpoint answering a WebSocket upgrade
             # with h2c) would relay a protocol the listener never allowed.
-            switched = _protocol_names(switched_to)
-            if not switched or not switched <= _protocol_names(upgrade):
+            switched = protocol_names(switched_to)
+            if not switched or not switched <= protocol_names(upgrade):
                 self._response_started = False
                 raise _ResponseRefusedError(
                     "101 response switching to a protocol not asked for")

@@ -10,6 +10,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from http import HTTPStatus
 
+from l5dproxy.exchange.message import Request
+from l5dproxy.http.headers import HOP_BY_HOP
+
+#: Methods whose request carries ``content-length: 0`` when it has no body.
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
 
 def reason_phrase(status: int) -> bytes:
     """The standard reason phrase of ``status`` (RFC 9110 15), ``b"Unknown"``
@@ -84,7 +90,79 @@ def connection_tokens(value: bytes) -> list[bytes]:
     return tokens
 
 
+def request_head(request: Request, upgrade: bytes | None) -> tuple[bytes, bool]:
+    """The request line and header section the client end writes for
+    ``request`` (RFC 9112 3, 5), and whether its body goes chunked.
+
+    Hop-by-hop fields and Host are not forwarded (Host is written from the
+    authority first); ``te: trailers`` is kept and named in Connection;
+    a body of unknown length goes ``transfer-encoding: chunked``; POST, PUT
+    and PATCH without a body get ``content-length: 0``. ``upgrade`` (not
+    ``b"CONNECT"``) is offered with ``connection: upgrade`` plus the fields
+    the client's Connection named.
+    """
+    head = request.head
+    body = request.body
+    method = head.method
+    parts = [method, b" ", head.target, b" HTTP/1.1\r\nHost: ", head.authority, b"\r\n"]
+    has_length = False
+    te = False
+    for name, value in head.headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname == b"host":
+            if lname == b"te" and not te and value.lower() == b"trailers":
+                # An h2 client's "te: trailers" (gRPC): TE is hop-by-hop,
+                # so it goes on named in Connection (RFC 9110 7.6.1,
+                # 10.1.4); the endpoint may then send trailers.
+                te = True
+                parts.append(b"te: trailers\r\n")
+            continue
+        if lname == b"content-length":
+            has_length = True
+        parts += (name, b": ", value, b"\r\n")
+    chunked = False
+    if has_length:
+        pass
+    elif body.length is not None:
+        if body.length or method in _BODY_METHODS:
+            parts += (b"content-length: ", str(body.length).encode(), b"\r\n")
+    elif body.is_empty:
+        if method in _BODY_METHODS:
+            parts.append(b"content-length: 0\r\n")
+    else:
+        parts.append(b"transfer-encoding: chunked\r\n")
+        chunked = True
+    if upgrade is not None and upgrade != b"CONNECT":
+        tokens = b"".join(b", " + t for t in getattr(request, "connection", ()))
+        if te:
+            tokens += b", te"
+        parts += (b"connection: upgrade", tokens, b"\r\nupgrade: ", upgrade, b"\r\n")
+    elif te:
+        parts.append(b"connection: te\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts), chunked
+
+
+def transfer_codings_problem(codings: list[bytes], client_version: str) -> str | None:
+    """Why a response whose body still carries ``codings`` (transfer codings
+    other than a final chunked, in order) cannot reach the client, or None.
+
+    Only HTTP/1.1 carries transfer codings: HTTP/2 has none (RFC 9113 8.2.2)
+    and a server must not send Transfer-Encoding to an HTTP/1.0 client (RFC
+    9112 6.1), so they get a 502 rather than a body mislabelled as plain.
+    chunked anywhere but last is refused too: applied again for the client it
+    would be chunked twice (RFC 9112 6.1).
+    """
+    names = b", ".join(codings).decode("ascii", "replace")[:64]
+    if b"chunked" in codings:
+        return f"invalid response: transfer-encoding {names} (chunked not last)"
+    if client_version != "1.1":
+        client = "HTTP/2" if client_version == "2" else f"HTTP/{client_version}"
+        return f"response transfer-encoding {names} cannot be sent to an {client} client"
+    return None
+
+
 __all__ = [
     "LAST_CHUNK", "SMALL_CHUNK", "chunk_head", "connection_tokens", "frame_chunk", "last_chunk",
-    "reason_phrase", "status_line",
+    "reason_phrase", "request_head", "status_line", "transfer_codings_problem",
 ]

@@ -8,6 +8,12 @@ from __future__ import annotations
 from l5dproxy.exchange.message import Body, Request, RequestHead, Response
 
 
+def protocol_names(upgrade: bytes) -> set[bytes]:
+    """The protocol names (lowercase, without versions) in Upgrade values."""
+    names = (p.strip().split(b"/", 1)[0].lower() for p in upgrade.split(b","))
+    return {n for n in names if n}
+
+
 def forwards_upgrade(upgrade: bytes | None, version: str, allowed: frozenset[bytes]) -> bool:
     """Whether an ``Upgrade`` request is forwarded: HTTP/1.1 (RFC 9110 7.8:
     a server ignores Upgrade in an HTTP/1.0 request) and every protocol
@@ -54,4 +60,4 @@ class TunnelResponse(Response):
         self.tunnel = tunnel
 
 
-__all__ = ["TunnelResponse", "UpgradeRequest", "forwards_upgrade"]
+__all__ = ["TunnelResponse", "UpgradeRequest", "forwards_upgrade", "protocol_names"]
