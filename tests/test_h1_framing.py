@@ -13,12 +13,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
+from l5dproxy.exchange.message import ResponseHead
 from l5dproxy.http.h1.framing import (
     LAST_CHUNK,
     SMALL_CHUNK,
     chunk_head,
     connection_tokens,
+    error_head,
     frame_chunk,
+    interim_head,
     last_chunk,
     reason_phrase,
     status_line,
@@ -131,3 +134,40 @@ class StatusLineTests(unittest.TestCase):
         self.assertIsInstance(event, h11.Response)
         self.assertEqual(event.status_code, status)
         self.assertEqual(event.reason, reason or reason_phrase(status))
+
+    @BOUNDED
+    @given(st.integers(400, 599), st.text(alphabet=_TCHAR + " ", max_size=30).map(str.encode),
+           st.booleans(), st.sampled_from(["1.0", "1.1"]))
+    def test_h11_reads_the_error_head(self, status, reason, close, version) -> None:
+        """The proxy's own answer: status line from status_line, the
+        l5d-proxy-error field, an empty body, the connection's fate."""
+        client = h11.Connection(h11.CLIENT)
+        # h11 sends HTTP/1.1 only; ``version`` changes what error_head writes.
+        client.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+        client.receive_data(error_head(status, reason, close, version))
+        event = client.next_event()
+        self.assertIsInstance(event, h11.Response)
+        self.assertEqual(event.status_code, status)
+        self.assertEqual(event.reason, reason_phrase(status))
+        fields = dict(event.headers)
+        self.assertEqual(fields[b"l5d-proxy-error"], reason.strip())
+        self.assertEqual(fields[b"content-length"], b"0")
+        self.assertEqual(fields.get(b"connection"),
+                         b"close" if close else (b"keep-alive" if version == "1.0" else None))
+        self.assertIsInstance(client.next_event(), h11.EndOfMessage)
+
+    @BOUNDED
+    @given(st.sampled_from([100, 102, 103]), st.one_of(st.just(b""), tokens),
+           st.lists(st.tuples(trailer_names, values), max_size=4))
+    def test_h11_reads_the_interim_head(self, status, reason, fields) -> None:
+        """A forwarded 1xx: h11 reads an informational response with its
+        end-to-end fields, the hop-by-hop ones dropped."""
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method="GET", target="/", headers=[("host", "a")]))
+        client.receive_data(interim_head(ResponseHead(status, fields, reason)))
+        event = client.next_event()
+        self.assertIsInstance(event, h11.InformationalResponse)
+        self.assertEqual(event.status_code, status)
+        self.assertEqual(event.reason, reason or reason_phrase(status))
+        self.assertEqual(list(event.headers),
+                         [(n.lower(), v) for n, v in fields if n.lower() not in HOP_BY_HOP])

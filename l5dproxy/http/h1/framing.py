@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from http import HTTPStatus
 
-from l5dproxy.exchange.message import Request
+from l5dproxy.exchange.message import PROXY_ERROR_HEADER, Body, Request, ResponseHead
 from l5dproxy.http.headers import HOP_BY_HOP
 
 #: Methods whose request carries ``content-length: 0`` when it has no body.
@@ -143,6 +143,89 @@ def request_head(request: Request, upgrade: bytes | None) -> tuple[bytes, bool]:
     return b"".join(parts), chunked
 
 
+def response_head(head: ResponseHead, status: int, version: str, close: bool, body: Body,
+                  bodyless: bool = False, upgrade: bytes | None = None
+                  ) -> tuple[bytes, bool, bool]:
+    """The status line and header section the server end writes for
+    ``head`` to an HTTP/``version`` client (RFC 9112 4, 6), with whether
+    the body then goes chunked and whether the connection closes after it.
+
+    Hop-by-hop fields are not forwarded (the client end's ``head.lines`` hold
+    end-to-end ones only). ``close`` (the request or the proxy wants it) is
+    announced ``connection: close``; HTTP/1.0 keep-alive is announced.
+    Without a Content-Length ``body`` is framed: remaining transfer codings
+    and chunked (HTTP/1.1), its known length, or the close (HTTP/1.0);
+    ``bodyless`` (HEAD, 1xx, 204, 304) frames none. ``upgrade`` (a 101 or a
+    CONNECT's 2xx) answers the tunnel's head only.
+    """
+    lines = head.lines
+    if lines is not None:   # the client end's lines, end-to-end headers only
+        parts = [status_line(status, head.reason), lines]
+        has_length = head.lines_length
+    else:
+        parts = [status_line(status, head.reason)]
+        has_length = False
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname in HOP_BY_HOP:
+                continue
+            if lname == b"content-length":
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+    chunked = False
+    if upgrade is not None:
+        if upgrade != b"CONNECT":
+            parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts), False, False
+    if not bodyless and not has_length:
+        if head.transfer_codings and version == "1.1":
+            # Codings the body still carries (the client end passes
+            # them to HTTP/1.1 clients only): kept, chunked applied last.
+            parts += (b"transfer-encoding: ", head.transfer_codings, b", chunked\r\n")
+            chunked = True
+        elif body.length is not None:
+            parts += (b"content-length: ", str(body.length).encode(), b"\r\n")
+        elif body.is_empty:
+            parts.append(b"content-length: 0\r\n")
+        elif version == "1.1":
+            parts.append(b"transfer-encoding: chunked\r\n")
+            chunked = True
+        else:
+            close = True   # an HTTP/1.0 client: the end of the body is the close
+    if close:
+        parts.append(b"connection: close\r\n")
+    elif version == "1.0":
+        parts.append(b"connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts), chunked, close
+
+
+def error_head(status: int, reason: bytes, close: bool, version: str) -> bytes:
+    """The head of the proxy's own bodiless answer ``status`` with
+    ``l5d-proxy-error: reason`` (Linkerd's header), ``connection: close``
+    when ``close``, keep-alive announced to an HTTP/1.0 client."""
+    parts = [status_line(status, b""),
+             b"content-length: 0\r\n", PROXY_ERROR_HEADER, b": ", reason, b"\r\n"]
+    if close:
+        parts.append(b"connection: close\r\n")
+    elif version == "1.0":
+        parts.append(b"connection: keep-alive\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def interim_head(head: ResponseHead) -> bytes:
+    """A 1xx response (RFC 9110 15.2, e.g. 103 Early Hints) as forwarded:
+    its status line and its end-to-end fields."""
+    parts = [status_line(head.status, head.reason)]
+    for name, value in head.headers:
+        if name.lower() not in HOP_BY_HOP:
+            parts += (name, b": ", value, b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
 def transfer_codings_problem(codings: list[bytes], client_version: str) -> str | None:
     """Why a response whose body still carries ``codings`` (transfer codings
     other than a final chunked, in order) cannot reach the client, or None.
@@ -163,6 +246,17 @@ def transfer_codings_problem(codings: list[bytes], client_version: str) -> str |
 
 
 __all__ = [
-    "LAST_CHUNK", "SMALL_CHUNK", "chunk_head", "connection_tokens", "frame_chunk", "last_chunk",
-    "reason_phrase", "request_head", "status_line", "transfer_codings_problem",
+    "LAST_CHUNK",
+    "SMALL_CHUNK",
+    "chunk_head",
+    "connection_tokens",
+    "error_head",
+    "frame_chunk",
+    "interim_head",
+    "last_chunk",
+    "reason_phrase",
+    "request_head",
+    "response_head",
+    "status_line",
+    "transfer_codings_problem",
 ]

@@ -39,7 +39,6 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy.exchange.message import (
-    PROXY_ERROR_HEADER,
     Body,
     Headers,
     ProxyError,
@@ -50,10 +49,11 @@ from l5dproxy.exchange.message import (
 from l5dproxy.http.h1.framing import (
     SMALL_CHUNK,
     chunk_head,
+    error_head,
     frame_chunk,
+    interim_head,
     last_chunk,
-    reason_phrase,
-    status_line,
+    response_head,
 )
 from l5dproxy.http.h1.request import (
     H1Limits,
@@ -507,14 +507,7 @@ class H1Server(Protocol):
         close = not msg.keep_alive or not msg.body_done or msg.close_after or \
             self._draining or error.status in (400, 408, 414, 431, 505, 501, 405)
         msg.close_after = close
-        parts = [b"HTTP/1.1 ", str(error.status).encode(), b" ", reason_phrase(error.status),
-                 b"\r\ncontent-length: 0\r\n", PROXY_ERROR_HEADER, b": ", reason, b"\r\n"]
-        if close:
-            parts.append(b"connection: close\r\n")
-        elif msg.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        self._write(b"".join(parts))
+        self._write(error_head(error.status, reason, close, msg.version))
         self._answered(msg)
 
     def _respond(self, response: Response, msg: _Message) -> None:
@@ -532,7 +525,9 @@ class H1Server(Protocol):
         body = response.body
         tunnel = getattr(response, "tunnel", None)
         if tunnel is not None and isinstance(msg.request, UpgradeRequest):
-            self._write(self._response_head(msg, head, status, tunnel=True))
+            data, self._out_chunked, _ = response_head(head, status, msg.version, False, body,
+                                                       upgrade=msg.request.upgrade)
+            self._write(data)
             self._start_tunnel(msg, tunnel)
             return
         if status == 101 or tunnel is not None:
@@ -543,7 +538,12 @@ class H1Server(Protocol):
             return
         # HEAD, 1xx, 204 and 304 have no body, whatever the headers say.
         if msg.method == b"HEAD" or status in (204, 304) or status < 200:
-            self._write(self._response_head(msg, head, status, bodyless=True))
+            data, self._out_chunked, close = response_head(
+                head, status, msg.version,
+                not msg.keep_alive or msg.close_after or self._draining, body, bodyless=True)
+            if close:
+                msg.close_after = True
+            self._write(data)
             if not body.ended:
                 body.cancel()
             self._answered(msg)
@@ -552,7 +552,12 @@ class H1Server(Protocol):
         if self._out_paused:
             body.pause()
         # What the body has already is written with the head, in one write.
-        self._batch = [self._response_head(msg, head, status)]
+        data, self._out_chunked, close = response_head(
+            head, status, msg.version, not msg.keep_alive or msg.close_after or self._draining,
+            body)
+        if close:
+            msg.close_after = True
+        self._batch = [data]
         body.consume(self)
         self._flush_batch()
 
@@ -561,67 +566,13 @@ class H1Server(Protocol):
         if batch:
             self._write(batch[0] if len(batch) == 1 else b"".join(batch))
 
-    def _response_head(self, msg: _Message, head, status: int, bodyless: bool = False,
-                    tunnel: bool = False) -> bytes:
-        lines = head.lines
-        if lines is not None:   # the client end's lines, end-to-end headers only
-            parts = [status_line(status, head.reason), lines]
-            has_length = head.lines_length
-        else:
-            parts = [status_line(status, head.reason)]
-            has_length = False
-            for name, value in head.headers:
-                lname = name.lower()
-                if lname in HOP_BY_HOP:
-                    continue
-                if lname == b"content-length":
-                    has_length = True
-                parts += (name, b": ", value, b"\r\n")
-        self._out_chunked = False
-        if tunnel:
-            upgrade = msg.request.upgrade
-            if upgrade != b"CONNECT":
-                parts += (b"connection: upgrade\r\nupgrade: ", upgrade, b"\r\n")
-            parts.append(b"\r\n")
-            return b"".join(parts)
-        close = not msg.keep_alive or msg.close_after or self._draining
-        if not bodyless and not has_length:
-            body = msg.response.body
-            if head.transfer_codings and msg.version == "1.1":
-                # Codings the body still carries (the client end passes
-                # them to HTTP/1.1 clients only): kept, chunked applied last.
-                parts += (b"transfer-encoding: ", head.transfer_codings, b", chunked\r\n")
-                self._out_chunked = True
-            elif body.length is not None:
-                parts += (b"content-length: ", str(body.length).encode(), b"\r\n")
-            elif body.is_empty:
-                parts.append(b"content-length: 0\r\n")
-            elif msg.version == "1.1":
-                parts.append(b"transfer-encoding: chunked\r\n")
-                self._out_chunked = True
-            else:
-                close = True   # an HTTP/1.0 client: the end of the body is the close
-        if close:
-            msg.close_after = True
-            parts.append(b"connection: close\r\n")
-        elif msg.version == "1.0":
-            parts.append(b"connection: keep-alive\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
-
     def _send_interim(self, head) -> None:
         """Forward a 1xx (103 Early Hints) to the client while the request
         being answered (the only one dispatched) awaits its response."""
         msg = self.queue[0] if self.queue else None
         if msg is None or not msg.dispatched or msg.response is not None or self._closed:
             return
-        parts = [b"HTTP/1.1 ", str(head.status).encode(), b" ",
-                 head.reason or reason_phrase(head.status), b"\r\n"]
-        for name, value in head.headers:
-            if name.lower() not in HOP_BY_HOP:
-                parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        self._write(b"".join(parts))
+        self._write(interim_head(head))
 
     def _send_continue(self, msg: _Message) -> None:
         if self.queue and self.queue[0] is msg and msg.response is None and not self._closed:
