@@ -1,1 +1,1 @@
-"""l5dproxy.http.h1.server."""
+"""The HTTP/1 ends: framing, request, upgrade, server, pool, client."""
