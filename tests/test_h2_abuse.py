@@ -18,6 +18,7 @@ from hyperframe.frame import (
     GoAwayFrame,
     PingFrame,
     PriorityFrame,
+    RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
 )
@@ -146,6 +147,62 @@ class ServerAbuseTests(SynchronousTestCase):
                         for _ in range(2000))
         frames = self.feed(data)
         self.assert_calmed(frames, "no_effect")
+
+    def made_you_reset(self, violation, post: bool = True, count: int = 3000) -> list:
+        """MadeYouReset (CVE-2025-8671): each stream is dispatched first (its
+        own read), then the client sends ``violation(sid)``, bytes that make
+        the *proxy* reset the stream (a stream error the peer caused)."""
+        frames = []
+        for _ in range(count):
+            if self.transport.disconnecting:
+                break
+            sid = self.client.get_next_available_stream_id()
+            if post:
+                self.client.send_headers(sid, [(b":method", b"POST"), *GET[1:],
+                                               (b"content-length", b"1")])
+            else:
+                self.client.send_headers(sid, GET, end_stream=True)
+            frames += self.feed(self.client.data_to_send())   # dispatched first
+            frames += self.feed(violation(sid))               # then the stream error
+        return frames
+
+    def assert_made_you_reset_cut_off(self, frames) -> None:
+        self.assert_calmed(frames, "reset")
+        self.assertLessEqual(len(self.dispatcher.calls), 501)
+        self.assertEqual(len(self.dispatcher.cancelled), len(self.dispatcher.calls))
+
+    def test_data_past_content_length_is_cut_off(self) -> None:
+        """content-length: 1, then DATA "xy": RST_STREAM(PROTOCOL_ERROR) by
+        the proxy each time. Before: 3,000 streams dispatched, no GOAWAY."""
+        frames = self.made_you_reset(lambda sid: DataFrame(sid, data=b"xy").serialize())
+        self.assertTrue(any(isinstance(f, RstStreamFrame) and f.error_code ==
+                            ErrorCodes.PROTOCOL_ERROR for f in frames))
+        self.assert_made_you_reset_cut_off(frames)
+
+    def test_end_short_of_content_length_is_cut_off(self) -> None:
+        """content-length: 1, then an empty DATA with END_STREAM."""
+        frames = self.made_you_reset(
+            lambda sid: DataFrame(sid, data=b"", flags=["END_STREAM"]).serialize())
+        self.assert_made_you_reset_cut_off(frames)
+
+    def test_malformed_trailers_are_cut_off(self) -> None:
+        """A trailer section with a pseudo-header field (RFC 9113 8.1.1)."""
+        self.client.config.validate_outbound_headers = False
+        self.client.config.normalize_outbound_headers = False
+
+        def violation(sid: int) -> bytes:
+            self.client.send_data(sid, b"x")
+            self.client.send_headers(sid, [(b":path", b"/x")], end_stream=True)
+            return self.client.data_to_send()
+        frames = self.made_you_reset(violation)
+        self.assert_made_you_reset_cut_off(frames)
+
+    def test_stream_window_overflow_is_cut_off(self) -> None:
+        """WINDOW_UPDATE past 2**31-1 on a stream: h2 resets it (FLOW_CONTROL_ERROR)."""
+        frames = self.made_you_reset(
+            lambda sid: WindowUpdateFrame(sid, window_increment=2**31 - 1).serialize(),
+            post=False)
+        self.assert_made_you_reset_cut_off(frames)
 
     def test_honest_client_with_resets_is_served(self) -> None:
         """A client that completes at least half of its streams may reset the

@@ -2,7 +2,10 @@
 
 Some frames cost the proxy work and carry nothing: a stream reset before
 its response was complete (rapid reset, CVE-2023-44487: every such request
-was dispatched upstream and cancelled there), an empty DATA frame without
+was dispatched upstream and cancelled there), a stream the proxy resets
+because of something the peer did (MadeYouReset, CVE-2025-8671: a DATA
+past its content-length, malformed trailers, a stream flow-control error;
+spent as ``reset``), an empty DATA frame without
 END_STREAM, a PING or SETTINGS frame (each answered with an ACK), a PRIORITY
 frame (the proxy does not use priorities), a frame on a stream that is
 already closed, a stream refused (over the concurrent-stream limit, or a

@@ -338,6 +338,10 @@ class H2ServerProtocol(H2Protocol):
         if stream.reset:
             return
         self._count_error(reason)
+        # A stream error the peer caused spends a point like a peer reset
+        # (MadeYouReset, CVE-2025-8671: the request was dispatched, and the
+        # peer made the proxy cancel it; Envoy, nginx and h2o count it so).
+        self.budget.spend("reset")
         if not self._lost and not (stream.out_done and stream.in_done):
             with suppress(ProtocolError):   # already closed in h2's view
                 self.h2.reset_stream(stream.sid, ErrorCodes.PROTOCOL_ERROR)
