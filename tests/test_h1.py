@@ -979,16 +979,37 @@ class UpgradeTests(SynchronousTestCase):
             d.callback(ok())
             self.assertEqual(self.dispatcher.requests[1][0].head.target, b"/next", cut)
 
-    def test_h2c_upgrade_with_a_chunked_body_is_refused(self) -> None:
-        server, transport = self.serve()
-        server.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
-                            b"Upgrade: h2c\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-        self.assertEqual(self.dispatcher.requests, [])
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"))
-        self.assertIn(b"l5d-proxy-error: chunked body on an upgrade request\r\n",
-                      transport.value())
-        self.assertEqual(self.listener.metrics.http_errors_total.labels(
-            "inbound", "in", "chunked body on an upgrade request")._value.get(), 1)
+    def test_body_on_an_upgrade_request_is_refused(self) -> None:
+        """One rule: a forwarded upgrade (WebSocket) with any body, and a
+        stripped one (h2c) with a chunked body, get 400 before anything is
+        dispatched: after a forwarded upgrade's head every byte is tunnel
+        data, so its Content-Length body would never reach the endpoint."""
+        ws = b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+        h2c = b"Connection: Upgrade\r\nUpgrade: h2c\r\n"
+        cases = [
+            (b"POST", ws, b"Content-Length: 5\r\n\r\nhello"),
+            (b"GET", ws, b"Content-Length: 1\r\n\r\nx"),
+            (b"GET", ws, b"Content-Length: 5\r\n\r\n"),      # body not yet sent
+            (b"POST", ws, b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"),
+            (b"POST", h2c, b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"),
+        ]
+        for n, (method, upgrade, rest) in enumerate(cases, 1):
+            server, transport = self.serve()
+            server.dataReceived(method + b" / HTTP/1.1\r\nHost: a\r\n" + upgrade + rest)
+            self.assertEqual(self.dispatcher.requests, [], rest)
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 Bad Request\r\n"), rest)
+            self.assertIn(b"l5d-proxy-error: body on an upgrade request\r\n",
+                          transport.value())
+            self.assertTrue(transport.disconnecting, rest)
+            self.assertEqual(self.listener.metrics.http_errors_total.labels(
+                "inbound", "in", "body on an upgrade request")._value.get(), n)
+
+    def test_websocket_upgrade_with_content_length_0_is_forwarded(self) -> None:
+        server, _ = self.serve()
+        server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
+                            b"Upgrade: websocket\r\nContent-Length: 0\r\n\r\n")
+        [(request, _d)] = self.dispatcher.requests
+        self.assertIsInstance(request, UpgradeRequest)
 
     def test_unlisted_and_mixed_offers_are_stripped(self) -> None:
         """Every offered protocol must be listed; HTTP/1.0 never upgrades

@@ -119,8 +119,9 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
 
     Raises ``_RejectError(status, reason)`` for a head to refuse: 505 for
     HTTP/2.0, 400 for another version, a second Host, a transfer coding other
-    than chunked, chunked on HTTP/1.0 or on a stripped upgrade, a bad request
-    target, no Host on HTTP/1.1; 405 for CONNECT unless ``limits.allow_connect``.
+    than chunked, chunked on HTTP/1.0, a body on an upgrade request (any on
+    a forwarded one, chunked on a stripped one), a bad request target, no
+    Host on HTTP/1.1; 405 for CONNECT unless ``limits.allow_connect``.
     """
     version = parser.get_http_version()
     if version != "1.1" and version != "1.0":
@@ -168,11 +169,16 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
         expect = False
     is_upgrade = parser.should_upgrade() and method != b"CONNECT"
     stripped = is_upgrade and not forwards_upgrade(upgrade, version, limits.upgrades)
+    if is_upgrade and (chunked or (length and not stripped)):
+        # One rule for a body the proxy cannot carry on an upgrade request:
+        # llhttp stops at its head, so after a forwarded upgrade every byte
+        # is tunnel data (a body would wait forever; WebSocket handshakes
+        # are bodiless GETs, RFC 6455 4.1), and a stripped one's body is
+        # only read raw by its Content-Length.
+        raise _RejectError(400, "body on an upgrade request")
     if stripped:
         # Proxied as plain HTTP/1: the Upgrade header and the headers the
         # Connection header names are dropped (Envoy and nginx do the same).
-        if chunked:
-            raise _RejectError(400, "chunked body on an upgrade request")
         is_upgrade = False
     if named and not is_upgrade:
         headers = [(n, v) for n, v in headers if n.lower() not in named]
