@@ -50,7 +50,10 @@ def dispatch_to_deferred(proxy, request, context):
     class Waiter:
         def dispatch_responded(self, token, response):
             assert token == "token"
-            d.callback(response)
+            if response.error is not None:   # the exchange answered an error itself
+                d.errback(response.error)
+            else:
+                d.callback(response)
 
         def dispatch_failed(self, token, failure):
             assert token == "token"

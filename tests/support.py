@@ -71,7 +71,7 @@ def wait_for(condition: Callable[[], Any], timeout: float = 10.0,
 # -- config -------------------------------------------------------------------
 
 def toml_value(value: Any) -> str:
-    """A Python value as a TOML value (strings, bools, numbers, arrays)."""
+    """A Python value as a TOML value (strings, bools, numbers, arrays, tables)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -80,6 +80,8 @@ def toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple, set, frozenset)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):   # an inline table: [service.x.failure_accrual] and such
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
 
 

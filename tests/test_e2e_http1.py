@@ -328,31 +328,57 @@ class Http1EndToEnd(TestCase):
         self.assertIn("response_timeout", config)
         # 504: the backend never answers within response_timeout
         with connect(self.port) as sock:
-            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+            sock.sendall(b"GET /slow HTTP/1.1\r\nHost: a\r\nAccept: application/json\r\n\r\n")
             status, headers, body = read_response(sock)
-            self.assertEqual((status, headers[b"l5d-proxy-error"], body),
-                             (504, b"response timeout", b""))
-            self.assertEqual(headers[b"content-length"], b"0")
+            self.assertEqual(status, 504)
+            self.assertRegex(headers[b"l5d-proxy-error"],
+                             rb"^service [a-z]+: 127\.0\.0\.1:\d+: response timeout$")
+            self.assertEqual((headers[b"content-length"], body), (b"0", b""))  # no text wanted
             # the client connection is kept
             sock.sendall(b"GET /hello HTTP/1.1\r\nHost: a\r\n\r\n")
             self.assertEqual(read_response(sock)[2], b"hello")
 
     def test_502_and_503(self) -> None:
+        port = refused_port()
         down = ProxyProcess(
             self,
             listeners=[{"name": "down", "service": "down"},
                        {"name": "none", "service": "none"}],
-            services={"down": {"endpoints": [f"127.0.0.1:{refused_port()}"]},
+            services={"down": {"endpoints": [f"127.0.0.1:{port}"], "retry_limit": 0,
+                               "failure_accrual": {"consecutive_failures": 3,
+                                                   "min_backoff": 30, "jitter": 0}},
                       "none": {"endpoints": []}},
         )
+        # curl-like clients (no Accept, */*, text/plain) get the cause as one line of text
+        for accept in (b"", b"Accept: */*\r\n", b"Accept: text/plain\r\n"):
+            with connect(down.port("down")) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n" + accept + b"\r\n")
+                status, headers, body = read_response(sock)
+            line = f"service down: 127.0.0.1:{port}: connection refused".encode()
+            self.assertEqual((status, headers[b"l5d-proxy-error"]), (502, line), accept)
+            self.assertEqual(body, b"l5dproxy: " + line + b"\n")
+            self.assertEqual(headers[b"content-type"], b"text/plain; charset=utf-8")
+            self.assertEqual(headers[b"content-length"], str(len(body)).encode())
+        # ejected by failure accrual (after 3 failures): not "no endpoints"
         with connect(down.port("down")) as sock:
-            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            status, headers, _ = read_response(sock)
-            self.assertEqual((status, headers[b"l5d-proxy-error"]), (502, b"connection refused"))
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nAccept: text/html\r\n\r\n")
+            status, headers, body = read_response(sock)
+        self.assertEqual(status, 503)
+        self.assertRegex(headers[b"l5d-proxy-error"],
+                         rb"^service down: all 1 endpoints ejected by failure accrual "
+                         rb"\(next probe in (2\d|30)\.\d s\)$")
+        self.assertEqual(body, b"")   # text/html only: no text body
         with connect(down.port("none")) as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
-            status, headers, _ = read_response(sock)
-            self.assertEqual((status, headers[b"l5d-proxy-error"]), (503, b"no endpoints"))
+            status, headers, body = read_response(sock)
+            self.assertEqual((status, headers[b"l5d-proxy-error"], body),
+                             (503, b"service none: no endpoints",
+                              b"l5dproxy: service none: no endpoints\n"))
+        # one warn line when "down" started failing (rate-limited: not one per request)
+        down.wait_log(r"service down is failing: service down: 127\.0\.0\.1:\d+: "
+                      r"connection refused")
+        self.assertEqual(down.log_text().count("service down is failing"), 1)
+        self.assertEqual(down.log_text().count("service none is failing"), 1)
 
     def test_metrics_after_known_sequence(self) -> None:
         with connect(self.port) as sock:

@@ -127,7 +127,8 @@ class LoadShedEndToEndTests(TestCase):
         head = read_http_response(third)
         elapsed = time.monotonic() - started
         self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
-        self.assertIn(b"l5d-proxy-error: service unavailable: load shed\r\n", head.lower())
+        self.assertIn(b"l5d-proxy-error: service app: service unavailable: load shed\r\n",
+                      head.lower())
         self.assertLess(elapsed, 5.0)   # at once, not after any timeout (there is none)
         self.assertEqual(backend.accepted, 2)   # it never reached the endpoint
         self.assertFalse(any(closed_by_peer(s) for s in slow))
@@ -158,7 +159,8 @@ class LoadShedEndToEndTests(TestCase):
         third = client.get(b"/third")
         read_until(lambda: third in ended)
         self.assertEqual(heads[third][b":status"], b"503")
-        self.assertEqual(heads[third][b"l5d-proxy-error"], b"service unavailable: load shed")
+        self.assertEqual(heads[third][b"l5d-proxy-error"],
+                         b"service app: service unavailable: load shed")
         self.assertFalse(ended & set(hanging))   # the two go on
         self.assertEqual(proxy.metric_value("load_shed_total", service="app"), 1)
 
@@ -177,9 +179,11 @@ class LoadShedEndToEndTests(TestCase):
         with self.assertRaises(grpc.RpcError) as caught:
             channel.unary_unary("/test.Echo/Unary")(b"x", timeout=10)
         self.assertEqual(caught.exception.code(), grpc.StatusCode.UNAVAILABLE)
-        self.assertEqual(caught.exception.details(), "service unavailable: load shed")
+        self.assertEqual(caught.exception.details(),
+                         "service app: service unavailable: load shed")
         metadata = dict(caught.exception.trailing_metadata() or ())
-        self.assertEqual(metadata.get("l5d-proxy-error"), "service unavailable: load shed")
+        self.assertEqual(metadata.get("l5d-proxy-error"),
+                         "service app: service unavailable: load shed")
         self.assertEqual(proxy.metric_value("load_shed_total", service="app"), 1)
         self.assertEqual(proxy.metric_value("response_total", grpc_status="14",
                                             error="service unavailable: load shed"), 1)
@@ -261,7 +265,7 @@ class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
         elapsed, headers = self.request(proxy)
         self.assertEqual(headers[b":status"], b"503")
         self.assertEqual(headers[b"l5d-proxy-error"],
-                         f"endpoint {endpoint.address} accepts no streams".encode())
+                         f"service app: endpoint {endpoint.address} accepts no streams".encode())
         self.assertGreaterEqual(elapsed, self.CONNECT_TIMEOUT - 0.1)
         self.assertLess(elapsed, self.CONNECT_TIMEOUT + self.MARGIN)
         # One connection all along: no dialling for the client that left,
@@ -279,7 +283,7 @@ class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
         elapsed, headers = self.request(proxy)
         self.assertEqual(headers[b":status"], b"503")
         self.assertIn(headers[b"l5d-proxy-error"],
-                      {f"endpoint {e.address} accepts no streams".encode()
+                      {f"service app: endpoint {e.address} accepts no streams".encode()
                        for e in (first, second)})
         self.assertLess(elapsed, self.CONNECT_TIMEOUT + self.MARGIN)
         self.assertEqual(first.accepted + second.accepted, 1)
@@ -293,7 +297,7 @@ class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
         _elapsed, headers = self.request(proxy)
         self.assertEqual(headers[b":status"], b"503")
         self.assertEqual(headers[b"l5d-proxy-error"],
-                         f"endpoint {endpoint.address} accepts no streams".encode())
+                         f"service app: endpoint {endpoint.address} accepts no streams".encode())
         self.assertEqual(endpoint.accepted, 1)
 
 
@@ -400,7 +404,7 @@ class LimitsReloadEndToEndTests(TestCase):
         second.sendall(b"GET /2 HTTP/1.1\r\nHost: app.test\r\n\r\n")
         head = read_http_response(second)
         self.assertTrue(head.startswith(b"HTTP/1.1 503 "), head)
-        self.assertIn(b"l5d-proxy-error: service unavailable: load shed", head)
+        self.assertIn(b"l5d-proxy-error: service app: service unavailable: load shed", head)
         self.assertEqual(proxy.metric_value("load_shed_total", service="app"), 1)
         self.assertEqual(backend.accepted, 1)
 

@@ -232,7 +232,8 @@ class LoadShedTests(SynchronousTestCase):
         headers = dict(response.head.headers)
         self.assertEqual(response.head.status, 200)
         self.assertEqual(headers[b"grpc-status"], b"14")
-        self.assertEqual(headers[b"l5d-proxy-error"], b"service unavailable: load shed")
+        self.assertEqual(headers[b"l5d-proxy-error"],
+                         b"service app: service unavailable: load shed")
 
     def test_room_comes_back_when_a_response_ends_or_fails_or_is_cancelled(self) -> None:
         from l5dproxy.exchange.message import Response, ResponseHead
@@ -415,8 +416,10 @@ class H2PoolTests(SynchronousTestCase):
                              "endpoint 127.0.0.1:9000 accepts no streams")
         [endpoint] = upstream.endpoints
         self.assertEqual((endpoint.state, endpoint.ejections), ("ejected", 1))
-        self.assertEqual(self.failureResultOf(dispatch(), ProxyError).value.reason,
-                         "no endpoints")
+        err = self.failureResultOf(dispatch(), ProxyError).value
+        self.assertEqual(err.reason, "endpoints ejected")   # not "no endpoints": one is there
+        self.assertRegex(err.message, r"^service app: all 1 endpoints ejected by failure "
+                                      r"accrual \(next probe in \d+\.\d s\)$")
         self.assertEqual(self.dials(), 1)
 
 

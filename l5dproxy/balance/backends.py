@@ -327,6 +327,10 @@ class Upstream:
         #: HTTP requests in flight to the service, from dispatch to the end
         #: of the response (l5dproxy.route.dispatcher: max_pending_requests).
         self.pending = 0
+        #: Whether its last answered request failed upstream, and when its
+        #: health was last logged (l5dproxy.route.dispatcher: warn on change).
+        self.failing = False
+        self.health_logged: float | None = None
         self.set_addresses(config.endpoints)
 
     def __repr__(self) -> str:
@@ -335,6 +339,22 @@ class Upstream:
     def pick(self, avoid: Endpoint | None = None) -> Endpoint | None:
         """The endpoint for an HTTP request, or None: answer 503 at once."""
         return self._requests.pick(self.endpoints, avoid)
+
+    def why_unavailable(self) -> tuple[str, str]:
+        """Why ``pick()`` found nothing, as (``reason``, ``detail``): the
+        reason from a fixed set (a metric label), the detail for a person.
+        ``no endpoints``: discovery gave none; ``endpoints ejected``: every
+        one is ejected by failure accrual (or on probation, its one probe in
+        flight), with when the next may be tried."""
+        endpoints = self.endpoints
+        if not endpoints:
+            return "no endpoints", ""
+        now = self.clock.seconds()
+        waits = [e.ejected_until - now for e in endpoints if e.state == EJECTED]
+        when = (f"next probe in {max(0.0, min(waits)):.1f} s" if waits
+                else "a probe is in flight")
+        return ("endpoints ejected",
+                f"all {len(endpoints)} endpoints ejected by failure accrual ({when})")
 
     def pick_connection(self, avoid: Endpoint | None = None) -> Endpoint | None:
         """The endpoint for a TCP connection, or None: close the client."""

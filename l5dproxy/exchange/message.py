@@ -362,13 +362,19 @@ class Request:
 class Response:
     head: ResponseHead
     body: Body
+    #: The error a proxy-made response answers (``error_response``), else None.
+    error: ProxyError | None = None
 
 
 class ProxyError(Exception):
     """An error the proxy answers itself, as Linkerd maps them.
 
-    ``reason`` goes into the ``l5d-proxy-error`` header; gRPC requests get
-    ``grpc_status`` in a trailers-only response instead of an HTTP error.
+    ``reason`` is the cause from a small fixed set (the ``error`` label of
+    ``response_total``); ``where`` (``service app: 127.0.0.1:8080``) and
+    ``detail`` (the cause with figures, instead of ``reason``) are added by
+    the dispatcher for the operator: ``message`` joins them and goes into the
+    ``l5d-proxy-error`` header (and the text body, see ``error_response``).
+    gRPC requests get ``grpc_status`` in a trailers-only response instead.
     """
 
     def __init__(self, status: int, reason: str, grpc_status: int) -> None:
@@ -376,6 +382,15 @@ class ProxyError(Exception):
         self.status = status
         self.reason = reason
         self.grpc_status = grpc_status
+        self.where = ""
+        self.detail = ""
+
+    @property
+    def message(self) -> str:
+        """``where: detail-or-reason``, e.g.
+        ``service app: 127.0.0.1:8080: connection refused``."""
+        cause = self.detail or self.reason
+        return f"{self.where}: {cause}" if self.where else cause
 
     @classmethod
     def bad_gateway(cls, reason: str) -> ProxyError:
@@ -415,9 +430,34 @@ GRPC_UNAVAILABLE = 14
 PROXY_ERROR_HEADER = b"l5d-proxy-error"
 
 
-def error_response(error: ProxyError, grpc: bool = False) -> Response:
-    """The response the proxy sends for ``error``: empty, marked, gRPC-aware."""
-    reason = error.reason.encode("ascii", "replace")
+def accepts_text(head: RequestHead) -> bool:
+    """Whether a plain HTTP client would read a text error body: it sent no
+    ``Accept``, or one that lists ``*/*``, ``text/*`` or ``text/plain``
+    (RFC 9110 section 12.5.1; a q of 0 refuses). Never a gRPC request."""
+    if head.is_grpc:
+        return False
+    values = [value for name, value in head.headers if name.lower() == b"accept"]
+    if not values:
+        return True
+    for value in values:
+        for item in value.split(b","):
+            media, _, params = item.partition(b";")
+            if media.strip().lower() not in (b"*/*", b"text/*", b"text/plain"):
+                continue
+            q = params.replace(b" ", b"").lower().partition(b"q=")[2]
+            if q and q.strip(b"0.") == b"":
+                continue   # q=0: "not acceptable"
+            return True
+    return False
+
+
+def error_response(error: ProxyError, grpc: bool = False, text: bool = False) -> Response:
+    """The response the proxy sends for ``error``: marked with
+    ``l5d-proxy-error: <error.message>``, gRPC-aware (a trailers-only
+    response), and with ``text`` a one-line ``text/plain`` body
+    ``l5dproxy: <error.message>`` for a person at a terminal (``curl``
+    prints nothing for an empty 502); see ``accepts_text``."""
+    reason = error.message.encode("ascii", "replace")
     if grpc:
         head = ResponseHead(200, [
             (b"content-type", b"application/grpc"),
@@ -426,11 +466,22 @@ def error_response(error: ProxyError, grpc: bool = False) -> Response:
             (PROXY_ERROR_HEADER, reason),
         ])
     else:
+        if text:
+            line = b"l5dproxy: " + reason + b"\n"
+            head = ResponseHead(error.status, [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(line)).encode()),
+                (PROXY_ERROR_HEADER, reason),
+            ])
+            body = Body(len(line))
+            body.write(line)
+            body.finish()
+            return Response(head, body, error)
         head = ResponseHead(error.status, [
             (b"content-length", b"0"),
             (PROXY_ERROR_HEADER, reason),
         ])
-    return Response(head, Body.empty())
+    return Response(head, Body.empty(), error)
 
 
 @dataclass(slots=True)

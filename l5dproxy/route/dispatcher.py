@@ -10,13 +10,22 @@ spoke), and maps whatever goes wrong to the error Linkerd would answer:
 * the service already has ``max_pending_requests`` in flight: 503
   ``service unavailable: load shed``, at once (Linkerd's load shedding),
   counted in ``load_shed_total{service}``
-* no endpoint to pick: 503 ``no endpoints``
+* no endpoint to pick: 503 ``no endpoints`` when discovery gave none,
+  ``all N endpoints ejected by failure accrual (next probe in T s)`` when
+  failure accrual ejected them all
 * the client end cannot connect or loses the connection: 502
 * connect timeout or ``response_timeout`` (request head to response head): 504
 * the client end could not place the request (``NotPlacedError``: no
   stream, connection limit): 503, retried only on another endpoint and
   only before ``place_by`` (its timeout, else ``connect_timeout``): one
   connect timeout in all, not ``retry_limit + 1`` (``_retry``)
+
+Each such answer names the service and the endpoint before the cause
+(``l5d-proxy-error: service app: 127.0.0.1:8080: connection refused``) and,
+for a plain HTTP client that accepts text, says it in a one-line body
+(``exchange.message.error_response``). A warn-level line is logged when a
+service starts failing and when it recovers, at most one per service per
+``HEALTH_LOG_INTERVAL`` seconds.
 
 Before routing, every request field whose name has an underscore is dropped
 and counted, for HTTP/1 and h2 clients alike (``drop_underscore_fields`` in
@@ -42,7 +51,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer, error
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -54,9 +63,12 @@ from l5dproxy.exchange.message import (
     Request,
     RequestContext,
     Response,
+    accepts_text,
     drop_underscore_fields,
+    error_response,
 )
 from l5dproxy.route import classify as grpc
+from l5dproxy.route.errors import LOAD_SHED, as_proxy_error, name_error, note_health
 from l5dproxy.route.labels import OTHER, Labels
 from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
@@ -286,13 +298,16 @@ class _Exchange:
             # Linkerd's load shedding: past the concurrency limit a request
             # is refused at once rather than queued behind the others.
             proxy.metrics.load_shed_total.labels(service).inc()
-            self._fail(ProxyError.unavailable("service unavailable: load shed"))
+            self._fail(ProxyError.unavailable(LOAD_SHED))
             return self.result
         upstream.pending += 1
         self.pending = True
         endpoint = upstream.pick()
         if endpoint is None:
-            self._fail(ProxyError.unavailable("no endpoints"))
+            reason, detail = upstream.why_unavailable()
+            err = ProxyError.unavailable(reason)
+            err.detail = detail
+            self._fail(err)
             return self.result
         protocol = config.protocol or context.protocol
         if getattr(self.request, "upgrade", None) is not None and config.protocol != "h2":
@@ -405,6 +420,8 @@ class _Exchange:
         self.head_latency = now - self.started
         self.response = response
         self.status = response.head.status
+        if self.status < 500 and self.upstream.failing:
+            note_health(self.upstream, False, "", now)
         body = response.body
         body.on_first_data(self._first_byte)
         self._deliver(response, None)
@@ -462,7 +479,15 @@ class _Exchange:
             d.cancel()
 
     def _fail(self, err: ProxyError) -> None:
-        """Answer ``err`` (the server end writes it) and count it."""
+        """Answer ``err``, named (errors.py), and count it. A 5xx goes to a
+        ``dispatch_to`` codec end as a response (``error_response``: a text
+        body if the client reads text); ``dispatch()`` fails with ``err``, as
+        does a request fault (4xx: the codec end may close the connection)."""
+        upstream = self.upstream
+        if upstream is not None:
+            name_error(err, upstream, self.endpoint)
+            if err.status >= 500 and err.reason != LOAD_SHED:
+                note_health(upstream, True, err.message, self.proxy.reactor.seconds())
         self.settled = True
         self._cancel_timer()
         self.status = err.status
@@ -480,7 +505,10 @@ class _Exchange:
         self._leave()
         if getattr(self.context.listener.config, "access_log", False):
             self._log_access(err.status, err.reason)
-        self._deliver(None, Failure(err))
+        if err.status >= 500 and self.waiter is not None:
+            self._deliver(error_response(err, self.grpc, accepts_text(self.request.head)), None)
+        else:
+            self._deliver(None, Failure(err))
 
     def _deliver(self, response: Response | None, failure: Failure | None) -> None:
         self.delivered = True
@@ -564,27 +592,6 @@ def _int_or_unknown(grpc_status: str) -> int | None:
     if not grpc_status:
         return None
     return int(grpc_status) if grpc_status.isdigit() else grpc.GRPC_UNKNOWN
-
-
-def as_proxy_error(failure: Failure) -> ProxyError:
-    """What the client sees for an upstream failure, as Linkerd maps them."""
-    exc = failure.value
-    if isinstance(exc, ProxyError):
-        return exc
-    if isinstance(exc, error.TimeoutError | error.TCPTimedOutError):
-        return ProxyError.timeout("connect timeout")
-    if isinstance(exc, error.ConnectionRefusedError):
-        return ProxyError.bad_gateway("connection refused")
-    if isinstance(exc, error.DNSLookupError):
-        return ProxyError.bad_gateway("dns lookup failed")
-    if isinstance(exc, error.ConnectError):
-        return ProxyError.bad_gateway("connect failed")
-    if isinstance(exc, error.ConnectionDone | error.ConnectionLost | ConnectionError):
-        return ProxyError.bad_gateway("connection closed by upstream")
-    if isinstance(exc, defer.CancelledError):
-        return ProxyError.bad_gateway("cancelled")
-    log.failure("unexpected upstream error", failure)
-    return ProxyError.bad_gateway("upstream error")
 
 
 #: A callable a client end is given to find an endpoint's service config.
