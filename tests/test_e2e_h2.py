@@ -527,7 +527,7 @@ class H1H2TranslationTests(TestCase):
              os.devnull, f"http://127.0.0.1:{proxy.port('in')}/"],
             capture_output=True, timeout=30).stdout
         self.assertTrue(out.startswith(b"HTTP/2 502"), out)
-        self.assertIn(b"l5d-proxy-error: 127.0.0.1:", out)
+        self.assertIn(b"l5d-proxy-error: service app: 127.0.0.1:", out)
         # One try and the service's default retry_limit (2) of retries.
         self.assertLessEqual(proxy.metric_value("tcp_open_total", peer="dst", protocol="h2"), 3)
 

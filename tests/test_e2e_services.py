@@ -508,5 +508,6 @@ class HttpServicesTests(SynchronousTestCase):
         r.read()
         elapsed = time.monotonic() - started
         self.assertEqual(r.status, 504)
-        self.assertEqual(r.getheader("l5d-proxy-error"), "response timeout")
+        self.assertRegex(r.getheader("l5d-proxy-error"),
+                         r"^service app: 127\.0\.0\.1:\d+: response timeout$")
         self.assertLess(elapsed, 1.5)
