@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.base import DelayedCall
 from twisted.internet.error import ConnectionDone, ConnectionLost
@@ -1139,3 +1141,78 @@ class PipelineGarbageTests(SynchronousTestCase):
             self.assertEqual(gc.collect(), 0, request)
             gc.enable()
         self.assertEqual(len(clock.tcpClients), 1)   # one pooled connection throughout
+
+
+class HostTests(SynchronousTestCase):
+    """RFC 9112 3.2: a Host with an invalid value gets 400; RFC 9110 4.2.4:
+    userinfo is an error. One check with h2's ``:authority``
+    (``headers.valid_authority``), for a non-empty Host and for an
+    absolute-form request target's authority."""
+
+    def setUp(self) -> None:
+        self.listener = FakeListener(MemoryReactorClock())
+        self.dispatcher = FakeDispatcher()
+
+    def send(self, data: bytes) -> bytes:
+        transport = StringTransport()
+        conn = InboundConnection(self.listener, transport, 0.0)
+        conn.detected(Verdict("http1", "request_line"))
+        server = H1Server(conn, self.dispatcher, H1Limits())
+        server.makeConnection(transport)
+        server.dataReceived(data)
+        return transport.value()
+
+    def refused(self) -> int:
+        return self.listener.metrics.http_errors_total.labels(
+            "inbound", "in", "invalid host")._value.get()
+
+    def assertRefused(self, data: bytes) -> None:
+        before = self.refused()
+        out = self.send(data)
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 Bad Request\r\n"), data)
+        self.assertIn(b"\r\nl5d-proxy-error: invalid host\r\n", out)
+        self.assertEqual(self.dispatcher.requests, [], data)
+        self.assertEqual(self.refused(), before + 1, data)
+
+    def test_invalid_host_values_are_refused(self) -> None:
+        for host in (b"a/admin", b"x@internal.example", b"user:pw@a", b"a:80/x", b"a?b",
+                     b"a#b", b"a b", b"a\\b", b"[::1", b"a:b", b":80", b'a"b'):
+            self.assertRefused(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        self.assertRefused(b"GET / HTTP/1.0\r\nHost: x@a\r\n\r\n")
+
+    def test_invalid_absolute_form_authority_is_refused(self) -> None:
+        for target in (b"http://internal.example@a/", b"http://u:p@a/x", b"https://a:b/",
+                       b"http://:80/", b"http://a%zz/"):
+            self.assertRefused(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+
+    def test_valid_hosts_are_forwarded(self) -> None:
+        cases = [
+            (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", b"a"),
+            (b"GET / HTTP/1.1\r\nHost: a.example:8080\r\n\r\n", b"a.example:8080"),
+            (b"GET / HTTP/1.1\r\nHost: [::1]:80\r\n\r\n", b"[::1]:80"),
+            (b"GET / HTTP/1.1\r\nHost: internal.example.\r\n\r\n", b"internal.example."),
+            (b"GET / HTTP/1.1\r\nHost: %41b\r\n\r\n", b"%41b"),
+            (b"GET / HTTP/1.1\r\nHost:\r\n\r\n", b""),       # RFC 9112 3.2: empty is allowed
+            (b"GET http://b:81/x HTTP/1.1\r\nHost: a\r\n\r\n", b"b:81"),
+        ]
+        for n, (data, authority) in enumerate(cases, 1):
+            self.send(data)
+            self.assertEqual(len(self.dispatcher.requests), n, data)
+            self.assertEqual(self.dispatcher.requests[-1][0].head.authority, authority)
+        self.assertEqual(self.refused(), 0)
+
+    @settings(max_examples=60, derandomize=True, deadline=None, database=None)
+    @given(st.from_regex(rb"\A[a-z0-9][a-z0-9.\-]{0,20}(:[0-9]{1,5})?\Z", fullmatch=True),
+           st.sampled_from([b"/", b"@", b"?", b"#", b"\\", b"\"", b"<", b"{", b"%"]),
+           st.integers(min_value=0, max_value=30))
+    def test_a_valid_host_with_a_foreign_byte_is_refused(self, host: bytes, bad: bytes,
+                                                         at: int) -> None:
+        """A generated ``host[:port]`` is forwarded as it is; the same with
+        any byte outside RFC 3986's authority put anywhere is refused."""
+        self.dispatcher.requests.clear()
+        self.send(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+        self.assertEqual(self.dispatcher.requests[0][0].head.authority, host)
+        at = min(at, len(host))
+        mutated = host[:at] + bad + host[at:]
+        self.dispatcher.requests.clear()
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: " + mutated + b"\r\n\r\n")

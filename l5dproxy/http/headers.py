@@ -1,7 +1,9 @@
-"""Header fields that belong to one connection (RFC 9110 7.6.1), shared by
-the HTTP ends."""
+"""Header fields that belong to one connection (RFC 9110 7.6.1), and the
+authority check, shared by the HTTP ends."""
 
 from __future__ import annotations
+
+import re
 
 #: Headers that belong to one connection, never forwarded (RFC 9110 7.6.1;
 #: ``HTTP2-Settings`` is h2c's upgrade payload, RFC 7540 3.2.1).
@@ -10,4 +12,23 @@ HOP_BY_HOP = frozenset({
     b"transfer-encoding", b"upgrade", b"http2-settings",
 })
 
-__all__ = ["HOP_BY_HOP"]
+#: RFC 3986 3.2 authority without userinfo (RFC 9110 4.2.4, RFC 9113 8.3.1):
+#: an IP literal or a non-empty reg-name (RFC 9110 4.2.1: no empty host),
+#: then ":" port.
+_AUTHORITY = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?"
+).fullmatch
+
+
+def valid_authority(value: bytes) -> bool:
+    """Whether ``value`` (the bytes of a ``Host`` field, an h2 ``:authority``
+    or an absolute-form request target's authority) is an RFC 3986
+    ``host[:port]``: an IP literal or a non-empty reg-name, no userinfo
+    (RFC 9110 4.2.4 calls a sender's userinfo an error), no path, ``/``,
+    ``@``, whitespace or control byte. An empty value is not valid (the
+    HTTP/1 end allows an empty ``Host`` before calling this, RFC 9112 3.2).
+    """
+    return _AUTHORITY(value) is not None
+
+
+__all__ = ["HOP_BY_HOP", "valid_authority"]

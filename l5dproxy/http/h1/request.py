@@ -17,7 +17,7 @@ from twisted.internet import defer
 from l5dproxy.exchange.message import Body, Headers, ProxyError, Request, RequestHead, Response
 from l5dproxy.http.h1.framing import connection_tokens
 from l5dproxy.http.h1.upgrade import forwards_upgrade
-from l5dproxy.http.headers import HOP_BY_HOP
+from l5dproxy.http.headers import HOP_BY_HOP, valid_authority
 
 #: Request headers the server end looks at as it reads them.
 _SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
@@ -121,7 +121,9 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
     HTTP/2.0, 400 for another version, a second Host, a transfer coding other
     than chunked, chunked on HTTP/1.0, a body on an upgrade request (any on
     a forwarded one, chunked on a stripped one), a bad request target, no
-    Host on HTTP/1.1; 405 for CONNECT unless ``limits.allow_connect``.
+    Host on HTTP/1.1, a non-empty Host or an absolute-form authority that is
+    not ``host[:port]`` (``invalid host``, ``headers.valid_authority``);
+    405 for CONNECT unless ``limits.allow_connect``.
     """
     version = parser.get_http_version()
     if version != "1.1" and version != "1.0":
@@ -146,6 +148,10 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
             if authority is not None:
                 raise _RejectError(400, "more than one Host header")
             authority = value.strip()
+            # RFC 9112 3.2: 400 for a Host with an invalid value; RFC 9110
+            # 4.2.4: userinfo is an error. An empty Host is allowed (3.2).
+            if authority and not valid_authority(authority):
+                raise _RejectError(400, "invalid host")
         elif lname == b"transfer-encoding":
             if value.strip().lower() != b"chunked":
                 raise _RejectError(400, "unsupported transfer-encoding")
@@ -197,6 +203,8 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
                 target = b"/" + target
             if not authority:
                 raise _RejectError(400, "bad request target")
+            if not valid_authority(authority):
+                raise _RejectError(400, "invalid host")
         elif method == b"CONNECT":
             if authority is None:
                 authority = url

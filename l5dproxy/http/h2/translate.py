@@ -16,6 +16,7 @@ import re
 from h2.utilities import CONNECTION_HEADERS as _H2_CONNECTION_HEADERS
 
 from l5dproxy.exchange.message import Headers, RequestHead, ResponseHead
+from l5dproxy.http.headers import valid_authority
 
 #: Headers that mean something to one HTTP/1 connection only: never in h2.
 CONNECTION_HEADERS = frozenset({
@@ -51,11 +52,6 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]|\A[ \t]|[ \t]\Z").search
 _ORIGIN_FORM = re.compile(rb"/[\x21\x22\x24-\x7e]*").fullmatch
 #: RFC 3986 3.1 scheme.
 _SCHEME = re.compile(rb"[A-Za-z][A-Za-z0-9+\-.]*").fullmatch
-#: RFC 3986 3.2 authority without userinfo (RFC 9113 8.3.1): an IP literal
-#: or a non-empty reg-name (RFC 9110 4.2.1: no empty host), then ":" port.
-_AUTHORITY = re.compile(
-    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})+)(?::[0-9]*)?"
-).fullmatch
 #: RFC 9110 15: three digits, 100-599.
 _STATUS = re.compile(rb"[1-5][0-9][0-9]").fullmatch
 
@@ -139,10 +135,10 @@ def request_head_from_h2(headers: Headers) -> RequestHead:
         raise MalformedError("missing :method")
     if _TOKEN(method) is None:
         raise MalformedError("invalid :method")
-    if authority is not None and _AUTHORITY(authority) is None:
+    if authority is not None and not valid_authority(authority):
         raise MalformedError("invalid :authority")
     if host is not None:
-        if _AUTHORITY(host) is None:
+        if not valid_authority(host):
             raise MalformedError("invalid host")
         if authority is not None and host != authority:
             raise MalformedError("host differs from :authority")
