@@ -7,6 +7,8 @@ of the process (``l5dproxy.app.lean``).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from importlib import resources
 
@@ -62,6 +64,9 @@ def make_service(options: Options):
     if options["check"]:
         print(f"{path}: ok")
         raise SystemExit(0)
+    # Absolute from here on: twistd -d changes to / before SIGHUP re-reads it.
+    path = os.path.abspath(path)
+    config = dataclasses.replace(config, source=path)
     from l5dproxy.app import logs
     logs.set_level(config.proxy.log_level)
     index = options["worker-index"]

@@ -128,6 +128,8 @@ class ProxyService(Service):
         self.bind()
 
     def startService(self) -> None:
+        log.info("l5dproxy {version} starting, config {path}", version=__version__,
+                 path=self.config.source)
         if not self.ports and self.listeners:
             self.bind()
         super().startService()
