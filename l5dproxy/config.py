@@ -7,6 +7,8 @@ round instead of one error per restart. Unknown keys are errors, not silence.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -244,6 +246,10 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
     """Validate already-decoded TOML; raise ConfigError listing every problem."""
     errors: list[str] = []
     root = _Table(data, source, "", errors)
+    return _parse_root(root, source, errors)
+
+
+def _parse_root(root: _Table, source: str, errors: list[str]) -> Config:
     admin = _parse_admin(root.table("admin"))
     detect = _parse_detect(root.table("detect"))
     proxy = _parse_proxy(root.table("proxy"))
@@ -260,12 +266,19 @@ def parse(data: dict[str, Any], source: str = "<config>") -> Config:
 
 class _Table:
     """One TOML table being read: typed getters that record errors and
-    remember which keys were used, so the leftovers can be reported."""
+    remember which keys were used, so the leftovers can be reported.
 
-    def __init__(self, data: Any, source: str, path: str, errors: list[str]) -> None:
+    ``kind`` names the table as a config file spells it (``[detect]``,
+    ``[service.<name>]``, ``[[listener.route]]``); ``registry``, when given,
+    collects the keys each kind reads (see ``_known_keys``)."""
+
+    def __init__(self, data: Any, source: str, path: str, errors: list[str],
+                 kind: str = "", registry: dict[str, set[str]] | None = None) -> None:
         self.source = source
         self.path = path
         self.errors = errors
+        self.kind = kind
+        self.registry = registry
         self.used: set[str] = set()
         if not isinstance(data, dict):
             self.error("", f"expected a table, got {_type_name(data)}")
@@ -287,7 +300,9 @@ class _Table:
             return default
         value = self.data[key]
         if not _is_kind(value, kind):
-            self.error(key, f"expected {_kind_name(kind)}, got {_type_name(value)}")
+            hint = _TYPE_HINTS.get(check) if check else None
+            self.error(key, f"expected {_kind_name(kind)}, got {_type_name(value)}"
+                       + (f"; {hint}" if hint else ""))
             return default
         reason = check(value) if check else None
         if reason:
@@ -303,9 +318,13 @@ class _Table:
             return None
         return self.get(key, kind, None, check)
 
-    def table(self, key: str) -> _Table:
+    def table(self, key: str, kind: str | None = None) -> _Table:
         self.used.add(key)
-        return _Table(self.data.get(key, {}), self.source, self.key_path(key), self.errors)
+        inner = self.kind.strip("[]")
+        if kind is None:
+            kind = f"[{inner}.{key}]" if inner else f"[{key}]"
+        return _Table(self.data.get(key, {}), self.source, self.key_path(key), self.errors,
+                      kind, self.registry)
 
     def array(self, key: str) -> list[_Table]:
         self.used.add(key)
@@ -313,13 +332,51 @@ class _Table:
         if not isinstance(items, list):
             self.error(key, f"expected an array of tables ([[{key}]]), got {_type_name(items)}")
             return []
-        return [_Table(item, self.source, f"{self.key_path(key)}[{i}]", self.errors)
+        inner = self.kind.strip("[]")
+        kind = f"[[{inner}.{key}]]" if inner else f"[[{key}]]"
+        return [_Table(item, self.source, f"{self.key_path(key)}[{i}]", self.errors,
+                       kind, self.registry)
                 for i, item in enumerate(items)]
 
     def finish(self) -> None:
+        if self.registry is not None:
+            self.registry.setdefault(self.kind, set()).update(self.used)
         for key in self.data:
             if key not in self.used:
-                self.error(key, "unknown key")
+                hint = _unknown_key_hint(self.kind, key)
+                self.error(key, "unknown key" + (f"; {hint}" if hint else ""))
+
+
+#: A config with one table of every kind, read only to learn each kind's keys.
+_PROBE: dict[str, Any] = {
+    "service": {"s": {"endpoints": ["127.0.0.1:1"], "failure_accrual": {}}},
+    "listener": [{"name": "l", "listen": "tcp:0", "service": "s",
+                  "route": [{"service": "s"}]}],
+}
+
+
+@functools.cache
+def _known_keys() -> dict[str, frozenset[str]]:
+    """Each table kind's keys, learned by reading ``_PROBE`` with the parsers
+    themselves, so the hints can never disagree with what is accepted."""
+    registry: dict[str, set[str]] = {}
+    errors: list[str] = []
+    _parse_root(_Table(_PROBE, "<probe>", "", errors, "", registry), "<probe>", errors)
+    assert not errors, errors
+    del registry["[service]"]  # its keys are service names, not settings
+    return {kind: frozenset(keys) for kind, keys in registry.items()}
+
+
+def _unknown_key_hint(kind: str, key: str) -> str | None:
+    """How to fix an unknown ``key`` in a table of ``kind``: the tables it
+    belongs in when another kind reads it, else the closest key of this kind
+    (``difflib``, as Python's own NameError suggestions), else None."""
+    known = _known_keys()
+    elsewhere = sorted(k for k, keys in known.items() if k != kind and key in keys)
+    if elsewhere:
+        return "belongs in " + " or ".join(elsewhere)
+    close = difflib.get_close_matches(key, sorted(known.get(kind, ())), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}?" if close else None
 
 
 def _parse_admin(t: _Table) -> AdminConfig:
@@ -436,7 +493,7 @@ def _parse_http(t: _Table) -> HttpConfig:
 def _parse_services(t: _Table) -> dict[str, ServiceConfig]:
     services = {}
     for name in t.data:
-        s = t.table(name)
+        s = t.table(name, "[service.<name>]")
         sources = [k for k in ("endpoints", "dns", "srv") if k in s.data]
         if len(sources) > 1:
             s.error("", f"exactly one of endpoints, dns or srv, not {' and '.join(sources)}")
@@ -615,9 +672,9 @@ def check_endpoint(text: str) -> str | None:
     except (KeyError, IndexError):
         if text.startswith("systemd:"):
             return None  # the descriptor is looked up when systemd hands it over
-        return f"unparsable endpoint string {text!r}"
+        return f"unparsable endpoint string {text!r}; {_LISTEN_HINT}"
     except (ValueError, TypeError, AttributeError) as e:
-        return f"unparsable endpoint string {text!r}: {e}"
+        return f"unparsable endpoint string {text!r}: {e}; {_LISTEN_HINT}"
     except ImportError as e:  # TLS, in a process started without OpenSSL (l5dproxy.app.lean)
         return f"unusable endpoint string {text!r}: {e}"
     except OSError as e:  # ssl: reads its certificate files while parsing
@@ -629,12 +686,22 @@ def check_endpoint(text: str) -> str | None:
     return None
 
 
+_LISTEN_HINT = "listen takes a Twisted endpoint string such as tcp:4143:interface=127.0.0.1"
+_DURATION_HINT = "durations are numbers of seconds, e.g. 10"
+
+
 def check_duration(value: float) -> str | None:
     return "must be a duration in seconds, not negative" if value < 0 else None
 
 
 def check_positive_duration(value: float) -> str | None:
     return "must be a duration in seconds, greater than 0" if value <= 0 else None
+
+
+#: What to add to "expected X, got Y", by the check the key has.
+_TYPE_HINTS: dict[Callable[[Any], str | None], str] = {
+    check_duration: _DURATION_HINT, check_positive_duration: _DURATION_HINT,
+    check_endpoint: _LISTEN_HINT}
 
 
 def _check_peek_limit(value: int) -> str | None:

@@ -217,11 +217,68 @@ class ErrorTests(unittest.TestCase):
             """,
             r"service\.app\.bogus: unknown key",
             r"admin\.bind: unknown key",
-            r"detect\.timout: unknown key",
+            r"detect\.timout: unknown key; did you mean 'timeout'\?",
             r"proxy\.drain: unknown key",
-            r"listener\[1\]\.opaqe: unknown key",
+            r"listener\[1\]\.opaqe: unknown key; did you mean 'opaque'\?",
         )
         self.assertEqual(len(errors), 5)
+
+    def test_unknown_key_hints(self) -> None:
+        """A misspelt key names the closest key of its table; a key of
+        another table names the tables that take it (issue 15 part 5)."""
+        errors = errors_of(MINIMAL + """
+            endpoint = ["127.0.0.1:1"]
+            [proxy]
+            peek_limit = 4096
+            timeout = 10
+            drian_timeout = 1
+            xyzzy = 1
+            [detect]
+            drain_timeout = 1
+            [[listener]]
+            name = "b"
+            listen = "tcp:0"
+            service = "app"
+            [[listener.route]]
+            service = "app"
+            timeot = 1
+        """)
+        self.assertEqual(sorted(errors), sorted([
+            "f.toml: service.app.endpoint: unknown key; did you mean 'endpoints'?",
+            "f.toml: proxy.peek_limit: unknown key; belongs in [detect]",
+            "f.toml: proxy.timeout: unknown key; "
+            "belongs in [[listener.route]] or [detect] or [discovery]",
+            "f.toml: proxy.drian_timeout: unknown key; did you mean 'drain_timeout'?",
+            "f.toml: proxy.xyzzy: unknown key",
+            "f.toml: detect.drain_timeout: unknown key; belongs in [proxy]",
+            "f.toml: listener[1].route[0].timeot: unknown key; did you mean 'timeout'?",
+        ]))
+
+    def test_fix_hints_for_values(self) -> None:
+        """A duration written as a string and an unparsable listen say what
+        is expected, with an example."""
+        errors = errors_of(MINIMAL + """
+            connect_timeout = "10s"
+            [admin]
+            listen = "tcp:x"
+            [detect]
+            timeout = "10s"
+            [[listener]]
+            name = "b"
+            listen = "4143"
+            service = "app"
+        """)
+        hint = "listen takes a Twisted endpoint string such as tcp:4143:interface=127.0.0.1"
+        self.assertEqual(sorted(errors), sorted([
+            "f.toml: service.app.connect_timeout: expected a number, got a string; "
+            "durations are numbers of seconds, e.g. 10",
+            "f.toml: detect.timeout: expected a number, got a string; "
+            "durations are numbers of seconds, e.g. 10",
+            "f.toml: admin.listen: unparsable endpoint string 'tcp:x': "
+            f"invalid literal for int() with base 10: 'x'; {hint}",
+            "f.toml: listener[1].listen: unparsable endpoint string '4143': "
+            f"Unknown endpoint type: '4143'; {hint}",
+        ]))
 
     def test_unknown_top_level_table(self) -> None:
         self.assertErrors(MINIMAL + "[metrics]\nport = 1\n", r"metrics: unknown key")
@@ -247,11 +304,14 @@ class ErrorTests(unittest.TestCase):
             endpoints = "127.0.0.1:8080"
             opaque = 1
             """,
-            r"admin\.listen: expected a string, got an integer",
-            r"detect\.timeout: expected a number, got a string",
+            r"admin\.listen: expected a string, got an integer; listen takes a Twisted "
+            r"endpoint string such as tcp:4143:interface=127\.0\.0\.1",
+            r"detect\.timeout: expected a number, got a string; "
+            r"durations are numbers of seconds, e\.g\. 10",
             r"detect\.peek_limit: expected an integer, got a number",
             r"detect\.opaque_ports: expected an array, got an integer",
-            r"proxy\.drain_timeout: expected a number, got true or false",
+            r"proxy\.drain_timeout: expected a number, got true or false; "
+            r"durations are numbers of seconds, e\.g\. 10",
             r"proxy\.log_connections: expected true or false, got a string",
             r"listener\[0\]\.name: expected a string, got an integer",
             r"listener\[0\]\.opaque: expected true or false, got a string",
