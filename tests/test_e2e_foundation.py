@@ -409,6 +409,27 @@ class DrainTests(TestCase):
         self.assertIn(proxy.wait_exit(30), (0, -signal.SIGTERM))
         self.assertIn("drain timeout: closing 1 connections", proxy.log_text())
 
+    def test_second_signal_exits_at_once(self) -> None:
+        """A second SIGTERM or SIGINT (Ctrl-C) during the drain closes the
+        open connection and exits at once, with no ReactorNotRunning
+        traceback (issue 15 part 5)."""
+        for second in (signal.SIGTERM, signal.SIGINT):
+            proxy, s = self.start(drain_timeout=30)
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait_log(r"draining 1 connections")
+            start = time.monotonic()
+            proxy.send_signal(second)
+            code = proxy.wait_exit(10)
+            self.assertLess(time.monotonic() - start, 2)
+            self.assertIn(code, (0, -signal.SIGTERM))
+            with contextlib.suppress(ConnectionResetError):  # aborted: as good as closed
+                self.assertEqual(recv_until_eof(s), b"")
+            s.close()
+            self.assertIn("second signal: closing 1 connections", proxy.log_text())
+            for text in (proxy.log_text(), proxy.stderr_text()):
+                self.assertNotIn("Traceback", text)
+                self.assertNotIn("ReactorNotRunning", text)
+
     def test_idle_exit_is_prompt(self) -> None:
         server = echo_server(self)
         proxy = ProxyProcess(self, listeners=[opaque_listener()],

@@ -388,10 +388,45 @@ class ProxyService(Service):
         if open_connections:
             log.info("draining {n} connections for up to {timeout} s",
                      n=len(open_connections), timeout=self.config.proxy.drain_timeout)
-            yield self._drain(self.config.proxy.drain_timeout)
+            drained = self._drain(self.config.proxy.drain_timeout)
+            previous = self._install_hurry(drained)
+            try:
+                yield drained
+            finally:
+                for signum, handler in previous.items():
+                    with contextlib.suppress(ValueError):
+                        signal.signal(signum, handler)
         if self.admin_port is not None:
             yield defer.maybeDeferred(self.admin_port.stopListening)
             self.admin_port = None
+
+    def _install_hurry(self, drained: defer.Deferred) -> dict[int, Any]:
+        """While draining, a second SIGTERM or SIGINT (Ctrl-C) closes what is
+        left at once, so the process exits now; the reactor's own handler
+        would call ``reactor.stop`` again and log a ``ReactorNotRunning``
+        traceback. Returns the handlers replaced, to put back."""
+        def hurry() -> None:
+            if not drained.called:
+                self._close_remaining("second signal")
+                drained.callback(None)
+
+        def on_signal(signum, frame) -> None:
+            self.reactor.callFromThread(hurry)
+
+        previous: dict[int, Any] = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                previous[signum] = signal.signal(signum, on_signal)
+            except ValueError:  # not the main thread (tests): no signal handling
+                break
+        return previous
+
+    def _close_remaining(self, why: str) -> None:
+        remaining = [c for listener in self._all_listeners() for c in listener.connections]
+        log.info("{why}: closing {n} connections", why=why, n=len(remaining))
+        for conn in remaining:
+            conn.transport.abortConnection()
+            conn.listener.connections.discard(conn)
 
     def _drain(self, timeout: float) -> defer.Deferred:
         """Fires when every connection has closed, aborting stragglers at ``timeout``."""
@@ -400,13 +435,12 @@ class ProxyService(Service):
 
         def check() -> None:
             remaining = [c for listener in self._all_listeners() for c in listener.connections]
+            if done.called:  # cut short by a second signal
+                return
             if not remaining:
                 done.callback(None)
             elif self.reactor.seconds() >= deadline:
-                log.info("drain timeout: closing {n} connections", n=len(remaining))
-                for conn in remaining:
-                    conn.transport.abortConnection()
-                    conn.listener.connections.discard(conn)
+                self._close_remaining("drain timeout")
                 done.callback(None)
             else:
                 self.reactor.callLater(min(0.05, timeout), check)
