@@ -93,9 +93,11 @@ def is_ip(host: str) -> bool:
 
 
 @defer.inlineCallbacks
-def lookup_addresses(resolver, name: str, timeout: float):
+def lookup_addresses(resolver, name: str, timeout: float,
+                     failures: list | None = None):
     """A and AAAA of ``name``: ``{"A": (addresses, ttl) or None, "AAAA": ...}``,
-    None for a family whose lookup failed. NXDOMAIN answers ``((), 0)``."""
+    None for a family whose lookup failed (its Failure appended to
+    ``failures`` when given). NXDOMAIN answers ``((), 0)``."""
     results = yield defer.DeferredList(
         [_family(resolver.lookupAddress, name, timeout, dns.A),
          _family(resolver.lookupIPV6Address, name, timeout, dns.AAAA)],
@@ -103,7 +105,18 @@ def lookup_addresses(resolver, name: str, timeout: float):
     out = {}
     for family, (ok, value) in zip(("A", "AAAA"), results, strict=True):
         out[family] = value if ok else None
+        if not ok and failures is not None:
+            failures.append(value)
     return out
+
+
+def resolvers_named(config: DiscoveryConfig) -> str:
+    """The DNS servers lookups go to, for log lines: ``resolver 10.0.0.2:53``,
+    ``resolvers A, B`` or the system's (``/etc/resolv.conf``)."""
+    names = [f"{r.host}:{r.port}" for r in config.resolvers]
+    if not names:
+        return "the system's resolvers (/etc/resolv.conf)"
+    return ("resolver " if len(names) == 1 else "resolvers ") + ", ".join(names)
 
 
 @defer.inlineCallbacks
@@ -219,7 +232,8 @@ class Discovery:
     def _addresses(self, name: str, port: int, key: Any):
         """Addresses of ``name`` (last good per family when a family fails);
         raises NoAnswerError when no family answered and nothing is known."""
-        families = yield lookup_addresses(self.resolver, name, self.config.timeout)
+        failures: list = []
+        families = yield lookup_addresses(self.resolver, name, self.config.timeout, failures)
         addresses: list[HostPort] = []
         ttls = []
         answered = False
@@ -236,6 +250,11 @@ class Discovery:
             if answer[0]:
                 ttls.append(answer[1])
         if not answered:
+            if any(f.check(defer.TimeoutError) for f in failures):
+                # twisted.names' DNSQueryTimeoutError is a defer.TimeoutError
+                raise NoAnswerError(
+                    f"{resolvers_named(self.config)} timed out after "
+                    f"{self.config.timeout:g} s looking up {name}")
             raise NoAnswerError(f"no answer for {name}")
         return addresses, (min(ttls) if ttls else _NO_TTL)
 

@@ -6,6 +6,7 @@ import random
 
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from l5dproxy.balance.backends import Upstream
@@ -121,9 +122,18 @@ class DiscoveryTests(TestCase):
         yield d.start()
         before = list(self.upstream.endpoints)
         self.dns.records["app.test"] = "drop"
+        seen: list[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
         yield self.refresh(d)
         self.assertEqual(self.upstream.endpoints, before)
         self.assertEqual(d.lookups["failure"], 1)
+        # the warning names the resolver and says it timed out (issue 15)
+        lines = [formatEvent(e) for e in seen if "lookup failed" in e.get("log_format", "")]
+        resolver = f"127.0.0.1:{self.config.resolvers[0].port}"
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"lookup failed (resolver {resolver} timed out after", lines[0])
+        self.assertIn("looking up app.test", lines[0])
 
     @defer.inlineCallbacks
     def test_nxdomain_is_no_endpoints(self):
