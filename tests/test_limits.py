@@ -51,8 +51,9 @@ from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
+from tests import test_h2
 from tests.test_detect import SwitchableTransport
-from tests.test_h2 import ClientTests, ServerHarness, Transport, raw_frames
+from tests.test_h2 import ServerHarness, Transport, raw_frames
 from tests.test_proxy import FakeClient, FakeConnection, FakeListener
 
 MINIMAL = """
@@ -283,10 +284,10 @@ class H2PoolTests(SynchronousTestCase):
 
     settings = H2Settings(initial_window_size=65535, connection_window_size=65535,
                           max_connections_per_endpoint=2)
-    setUp = ClientTests.setUp
-    connect = ClientTests.connect
-    pump = ClientTests.pump
-    send = ClientTests.send
+    setUp = test_h2.ClientTests.setUp
+    connect = test_h2.ClientTests.connect
+    pump = test_h2.ClientTests.pump
+    send = test_h2.ClientTests.send
 
     def dials(self) -> int:
         return len(self.reactor.tcpClients)
