@@ -20,6 +20,7 @@ from l5dproxy.exchange.message import (
     Response,
     ResponseHead,
 )
+from l5dproxy.route import dispatcher
 from l5dproxy.route.dispatcher import HttpProxy, as_proxy_error
 from l5dproxy.route.labels import MAX_CACHED_CHILDREN
 from l5dproxy.telemetry import Metrics
@@ -314,6 +315,20 @@ class LabelBoundTests(SynchronousTestCase):
                                                            "request_total")}
         self.assertLessEqual(values, {"api.example", "slow.example", "other"})
         self.assertLessEqual(len(self.proxy._labels), 4 * 3)
+
+    def test_label_set_cache_starts_over_past_its_bound(self) -> None:
+        """Past ``MAX_CACHED_LABEL_SETS`` (a safety net: the keys come from
+        the config, so only reloads add sets) the cache starts over, and the
+        counts of the sets it drops are flushed first, not lost."""
+        self.patch(dispatcher, "MAX_CACHED_LABEL_SETS", 2)
+        for protocol in ("http1", "h2", "grpc"):
+            labels = self.proxy.labels("in", "app", "other", protocol)
+            labels.requests.inc()
+        self.assertLessEqual(len(self.proxy._labels), 2)
+        self.assertIn(("in", "app", "other", "grpc"), self.proxy._labels)
+        for protocol in ("http1", "h2", "grpc"):
+            self.assertEqual(self.value("request_total", listener="in", service="app",
+                                        authority="other", protocol=protocol), 1)
 
     def test_20000_hosts_leave_one_label_set(self) -> None:
         for n in range(20000):
