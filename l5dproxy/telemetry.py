@@ -108,6 +108,12 @@ class Metrics:
             ("kind",), registry=r)
         self.config_reload_total = Counter(
             "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
+        #: Callables giving ``(listener, service, name, not_after)`` for each
+        #: loaded TLS certificate (one of listener/service is ""), read at
+        #: scrape time by ``tls_certificate_expiry_timestamp_seconds``: a
+        #: rotated or removed certificate is exported as it is now.
+        self.certificate_sources: list[Callable[[], Iterable[tuple[str, str, str, float]]]] = []
+        r.register(_CertificatesCollector(self.certificate_sources))
         from l5dproxy import __version__
 
         self.build_info = Gauge("build_info", "The running l5dproxy: always 1",
@@ -257,6 +263,35 @@ class PendingHistogram:
             if n:
                 buckets[i].inc(n)
         self.child._sum.inc(total)
+
+
+class _CertificatesCollector:
+    """``tls_certificate_expiry_timestamp_seconds{listener, service, name}``:
+    when each loaded certificate expires (UNIX seconds: its notAfter), so an
+    operator can alert before it does (``... - time() < 7 * 86400``). A
+    listener's certificates have ``service=""``, a service's (the client
+    certificate it presents) ``listener=""``; ``name`` is the certificate's
+    first SAN DNS name (else URI, else common name, else its file)."""
+
+    def __init__(self, sources: list[Callable[[], Iterable[tuple[str, str, str, float]]]],
+                 ) -> None:
+        self.sources = sources
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When a loaded TLS certificate expires (its notAfter, UNIX seconds)",
+            labels=("listener", "service", "name"))
+        seen = set()
+        for source in self.sources:
+            for listener, service, name, not_after in source():
+                key = (listener, service, name)
+                if key not in seen:  # two files for one name: the first loaded
+                    seen.add(key)
+                    family.add_metric(key, not_after)
+        yield family
 
 
 class ServicesCollector:

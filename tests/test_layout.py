@@ -69,7 +69,11 @@ LIBRARY_INTERNALS = "tests/test_library_internals.py"
 #: telemetry, config imports net for check_endpoint, discovery imports config).
 LEAVES = ("discovery", "config", "net", "telemetry")
 #: Folders in pipeline order, then the leaves (the order of the code map).
-FOLDERS = ("app", "accept", "detect", "tcp", "http", "route", "balance", "exchange", *LEAVES)
+#: tls/ (termination, origination, identities) sits below every folder that
+#: dials or accepts TLS (accept, detect, tcp, http, app) and imports only the
+#: leaves, so any of them may use it and it uses none of them.
+FOLDERS = ("app", "accept", "detect", "tcp", "http", "route", "balance", "exchange", "tls",
+           *LEAVES)
 
 #: What each folder may import besides itself (ARCH-PLAN §2). Not simply
 #: "everything below": http and route never import each other (each sees the
@@ -77,13 +81,14 @@ FOLDERS = ("app", "accept", "detect", "tcp", "http", "route", "balance", "exchan
 #: handlers injected by app/.
 ALLOWED: Mapping[str, frozenset[str]] = {
     "app": frozenset(FOLDERS) - {"app"},
-    "accept": frozenset({"detect", "balance", *LEAVES}),
-    "detect": frozenset({"tcp", "balance", *LEAVES}),
-    "tcp": frozenset({"balance", *LEAVES}),
-    "http": frozenset({"exchange", *LEAVES}),
+    "accept": frozenset({"detect", "balance", "tls", *LEAVES}),
+    "detect": frozenset({"tcp", "balance", "tls", *LEAVES}),
+    "tcp": frozenset({"balance", "tls", *LEAVES}),
+    "http": frozenset({"exchange", "tls", *LEAVES}),
     "route": frozenset({"balance", "exchange", *LEAVES}),
     "balance": frozenset(LEAVES),
     "exchange": frozenset({"config", "net"}),
+    "tls": frozenset(LEAVES),
     "discovery": frozenset({"config", "net", "telemetry"}),
     "config": frozenset({"net", "telemetry"}),
     "net": frozenset({"telemetry"}),

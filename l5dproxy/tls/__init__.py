@@ -1,0 +1,1 @@
+"""TLS: certificates (certs), peer identities (identity), termination (server)."""
