@@ -28,6 +28,7 @@ from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfi
 from l5dproxy.exchange.message import Body, ProxyError, Response, ResponseHead
 from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.telemetry import Metrics
+from tests.fakes import DeferredDispatcher
 from tests.support import parse_metrics
 from tests.test_detect import Recorder, SwitchableTransport
 
@@ -59,7 +60,7 @@ def http1_by_rule(data: bytes, eof: bool) -> bool:
                 and (eof or len(data) >= PEEK_LIMIT))
 
 
-class Endpoint:
+class Endpoint(DeferredDispatcher):
     """The dispatcher: records each request as an endpoint would see it
     (head and whole body) and answers 200 once the body has ended."""
 

@@ -22,8 +22,7 @@ from l5dproxy.exchange.message import (
 )
 from l5dproxy.route.errors import HEALTH_LOG_INTERVAL
 from tests import test_proxy
-from tests.dispatchfakes import as_call_client
-from tests.test_proxy import FakeConnection
+from tests.fakes import FakeConnection, as_call_client
 
 
 def read_body(body: Body) -> bytes:

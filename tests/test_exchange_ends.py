@@ -36,7 +36,7 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config import HostPort, ServiceConfig
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.route.dispatcher import HttpProxy
-from tests.test_h1 import FakeListener
+from tests.fakes import FakeListener
 from tests.test_h1_flow import server_on
 
 #: What one upstream connection attempt does (in the order attempts are made).

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance.backends import Endpoint
-from l5dproxy.config import HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config import HostPort, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import (
     Body,
@@ -31,46 +31,7 @@ from l5dproxy.http.h1.server import H1Server
 from l5dproxy.http.h1.upgrade import UpgradeRequest
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.telemetry import Metrics
-
-
-class FakeListener:
-    def __init__(self, clock) -> None:
-        self.config = ListenerConfig("in", "tcp:0", "app")
-        self.name = "in"
-        self.metrics = Metrics()
-        self.clock = clock
-        self.connections: set = set()
-        self.log_connections = False
-
-
-class FakeDispatcher:
-    def __init__(self) -> None:
-        self.requests: list[tuple[Request, defer.Deferred]] = []
-
-    def dispatch(self, request, context):
-        d = defer.Deferred()
-        self.requests.append((request, d))
-        return d
-
-
-class Collect:
-    """A body sink that keeps what it gets."""
-
-    def __init__(self) -> None:
-        self.data: list[bytes] = []
-        self.trailers = None
-        self.ended = False
-        self.error = None
-
-    def body_data(self, data):
-        self.data.append(data)
-
-    def body_end(self, trailers):
-        self.ended = True
-        self.trailers = trailers
-
-    def body_error(self, reason):
-        self.error = reason
+from tests.fakes import FakeDispatcher, FakeListener, Sink
 
 
 def ok(body: bytes = b"hi", headers=None) -> Response:
@@ -141,7 +102,7 @@ class ServerTests(SynchronousTestCase):
                   b"3\r\nabc\r\n")
         request, _d = self.dispatcher.requests[0]
         self.assertIsNone(request.body.length)
-        sink = Collect()
+        sink = Sink()
         request.body.consume(sink)
         self.assertEqual(sink.data, [b"abc"])
         self.feed(b"2\r\nde\r\n0\r\nX-Sum: 5\r\n\r\n")
@@ -197,7 +158,7 @@ class ServerTests(SynchronousTestCase):
         request, _d = self.dispatcher.requests[0]
         self.assertEqual(request.head.headers, [(b"Content-Length", b"3")])
         self.assertEqual(self.out(), b"")
-        sink = Collect()
+        sink = Sink()
         request.body.consume(sink)
         self.assertEqual(self.out(), b"HTTP/1.1 100 Continue\r\n\r\n")
         self.feed(b"abc")
@@ -210,7 +171,7 @@ class ServerTests(SynchronousTestCase):
         request, d = self.dispatcher.requests[0]
         self.assertEqual(request.head.headers, [(b"Content-Length", b"5")])
         self.assertIsNone(request.interim)
-        sink = Collect()
+        sink = Sink()
         request.body.consume(sink)
         self.feed(b"hello")
         self.assertEqual((sink.data, sink.ended), ([b"hello"], True))
@@ -272,7 +233,7 @@ class ServerTests(SynchronousTestCase):
     def test_bad_chunk_after_dispatch_answers_400(self) -> None:
         self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         request, d = self.dispatcher.requests[0]
-        sink = Collect()
+        sink = Sink()
         request.body.consume(sink)
         self.feed(b"zz\r\n")
         self.assertIsNotNone(sink.error)   # the upstream never sees a whole request
@@ -345,7 +306,7 @@ class ServerTests(SynchronousTestCase):
         request, _ = self.dispatcher.requests[0]
         self.feed(b"x" * 70000)   # past the body's high water with no consumer
         self.assertEqual(self.transport.producerState, "paused")
-        request.body.consume(Collect())
+        request.body.consume(Sink())
         self.assertEqual(self.transport.producerState, "producing")
 
     def test_upstream_dies_mid_response_aborts(self) -> None:
@@ -468,7 +429,7 @@ class HalfCloseTests(SynchronousTestCase):
         # the upstream); the answer is what the dispatcher makes of it.
         self.server.dataReceived(b"POST /0 HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\npin")
         request, d = self.dispatcher.requests[0]
-        sink = Collect()
+        sink = Sink()
         request.body.consume(sink)
         self.server.readConnectionLost()
         self.assertIsInstance(sink.error, ConnectionLost)
@@ -660,7 +621,7 @@ class ClientTests(SynchronousTestCase):
                 continue
             response = self.successResultOf(d)
             self.assertEqual(response.head.transfer_codings, codings, te)
-            sink = Collect()
+            sink = Sink()
             response.body.consume(sink)
             if not te.endswith(b"chunked"):
                 self.assertFalse(sink.ended)   # until the close
@@ -679,7 +640,7 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(response.head.status, 200)
         self.assertEqual(response.head.reason, b"OK")
         self.assertEqual(response.head.headers, [(b"Content-Length", b"2"), (b"X-A", b"1")])
-        sink = Collect()
+        sink = Sink()
         response.body.consume(sink)
         self.assertEqual((sink.data, sink.ended), ([b"hi"], True))
         d2 = self.request(method=b"POST", body=Body.empty())
@@ -734,7 +695,7 @@ class ClientTests(SynchronousTestCase):
             b"transfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"))
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n")
         response = self.successResultOf(d)
-        sink = Collect()
+        sink = Sink()
         response.body.consume(sink)
         proto.dataReceived(b"0\r\nT: 2\r\n\r\n")
         self.assertEqual((sink.data, sink.trailers), ([b"hi"], [(b"T", b"2")]))
@@ -745,7 +706,7 @@ class ClientTests(SynchronousTestCase):
         proto, transport = self.accept()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
         body = self.successResultOf(d).body
-        sink = Collect()
+        sink = Sink()
         body.consume(sink)
         body.pause()                      # a slow client
         self.assertEqual(transport.producerState, "paused")
@@ -763,7 +724,7 @@ class ClientTests(SynchronousTestCase):
         d = self.request()
         proto, _transport = self.accept()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\n\r\nsome")
-        sink = Collect()
+        sink = Sink()
         self.successResultOf(d).body.consume(sink)
         proto.dataReceived(b"more")
         proto.connectionLost(Failure(ConnectionDone()))
@@ -773,7 +734,7 @@ class ClientTests(SynchronousTestCase):
         d = self.request()
         proto, _transport = self.accept()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
-        sink = Collect()
+        sink = Sink()
         self.successResultOf(d).body.consume(sink)
         proto.connectionLost(Failure(ConnectionDone()))
         self.assertIsNotNone(sink.error)
@@ -817,7 +778,7 @@ class ClientTests(SynchronousTestCase):
             self.assertEqual(len(self.reactor.tcpClients), 1)
             self.assertTrue(transport.value().startswith(b"GET /x HTTP/1.1\r\n"))
             proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
-            sink = Collect()
+            sink = Sink()
             self.successResultOf(d2).body.consume(sink)
             self.assertEqual((sink.data, sink.ended), ([b"hi"], True))
             self.assertFalse(transport.disconnecting)
@@ -974,7 +935,7 @@ class UpgradeTests(SynchronousTestCase):
             server.dataReceived(data[:cut])
             server.dataReceived(data[cut:])
             request, d = self.dispatcher.requests[0]
-            sink = Collect()
+            sink = Sink()
             request.body.consume(sink)
             self.assertEqual((b"".join(sink.data), sink.ended), (b"hello", True), cut)
             self.assertEqual(request.head.headers, [(b"Content-Length", b"5")])

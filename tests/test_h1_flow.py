@@ -28,26 +28,7 @@ from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import H1Server
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
-from tests.test_h1 import FakeDispatcher, FakeListener
-
-
-class Source:
-    """A response body's source that records the flow control it is asked for."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.stopped = False
-        self.pauses = 0
-
-    def pause_body(self) -> None:
-        self.paused = True
-        self.pauses += 1
-
-    def resume_body(self) -> None:
-        self.paused = False
-
-    def stop_body(self) -> None:
-        self.stopped = True
+from tests.fakes import FakeDispatcher, FakeListener, Source
 
 
 def server_on(transport, listener, dispatcher) -> H1Server:

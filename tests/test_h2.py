@@ -33,7 +33,6 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -69,6 +68,18 @@ from l5dproxy.http.h2.translate import (
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route import classify as grpc
 from l5dproxy.telemetry import Metrics
+from tests.fakes import (
+    LOOSE,
+    Endpoint,
+    FakeConnection,
+    FakeDispatcher,
+    FakeListener,
+    H2ClientRig,
+    Sink,
+    Source,
+    Transport,
+    make_listener,
+)
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a?b=1"),
        (b":authority", b"svc.test")]
@@ -79,82 +90,7 @@ GRPC = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/pkg.Svc/Call
         (b"te", b"trailers")]
 
 
-#: An h2 peer that sends whatever it is told (for malformed blocks).
-LOOSE = {"validate_outbound_headers": False, "normalize_outbound_headers": False}
-
-
 # -- doubles ------------------------------------------------------------------
-
-class FakeDispatcher:
-    """Records what it is asked; the test answers through the Deferreds."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Request, object, defer.Deferred]] = []
-        self.cancelled: list[Request] = []
-
-    def dispatch(self, request: Request, context) -> defer.Deferred:
-        d = defer.Deferred(lambda _: self.cancelled.append(request))
-        self.calls.append((request, context, d))
-        return d
-
-
-class Sink:
-    """A BodySink that records, and can pause its body."""
-
-    def __init__(self, body: Body, paused: bool = False) -> None:
-        self.body = body
-        self.data: list[bytes] = []
-        self.trailers = None
-        self.ended = False
-        self.error: Exception | None = None
-        if paused:
-            body.pause()
-        body.consume(self)
-
-    def body_data(self, data: bytes) -> None:
-        self.data.append(data)
-
-    def body_end(self, trailers) -> None:
-        self.ended = True
-        self.trailers = trailers
-
-    def body_error(self, reason: Exception) -> None:
-        self.error = reason
-
-    @property
-    def bytes(self) -> bytes:
-        return b"".join(self.data)
-
-
-class Source:
-    """A BodySource that records what its consumer asks of it."""
-
-    def __init__(self, body: Body) -> None:
-        self.paused = 0
-        self.resumed = 0
-        self.stopped = 0
-        body.set_source(self)
-
-    def pause_body(self) -> None:
-        self.paused += 1
-
-    def resume_body(self) -> None:
-        self.resumed += 1
-
-    def stop_body(self) -> None:
-        self.stopped += 1
-
-
-class Transport(StringTransport):
-    def __init__(self) -> None:
-        super().__init__(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
-                         hostAddress=IPv4Address("TCP", "127.0.0.1", 4143))
-
-    def take(self) -> bytes:
-        data = self.value()
-        self.clear()
-        return data
-
 
 def send_chunks(conn: H2Connection, sid: int, data: bytes, end: bool = False) -> None:
     """Send ``data`` in frames of the largest allowed size."""
@@ -173,14 +109,6 @@ def raw_frames(data: bytes) -> list[Frame]:
         frames.append(frame)
         view = view[9 + length:]
     return frames
-
-
-def make_listener(clock) -> Listener:
-    service = ServiceConfig("app", (HostPort("127.0.0.1", 8080),))
-    detect = DetectConfig()
-    upstreams = {"app": Upstream(service, detect.opaque_ports, clock=clock)}
-    config = ListenerConfig("inbound", "tcp:0", "app")
-    return Listener(config, detect, upstreams, Metrics(), clock, log_connections=False)
 
 
 # -- the server end -----------------------------------------------------------
@@ -983,55 +911,7 @@ class H2BoundedStateTests(SynchronousTestCase):
         self.assertLessEqual(self.server.h2.encoder.header_table_size, ENCODER_TABLE_SIZE)
 
 
-class Endpoint:
-    def __init__(self, port: int = 9000) -> None:
-        self.address = HostPort("127.0.0.1", port)
-
-
-class ClientTests(SynchronousTestCase):
-    settings = H2Settings(initial_window_size=65535, connection_window_size=65535)
-
-    def setUp(self) -> None:
-        self.reactor = MemoryReactorClock()
-        self.client = H2Client(self.reactor, settings=self.settings)
-        self.servers: list[tuple[H2Connection, Transport, object]] = []
-        self.seen: list[list] = []
-
-    def connect(self, max_streams: int = 100):
-        """Complete the newest pending connectTCP with a fake h2 server."""
-        _host, _port, factory, _timeout, _ = self.reactor.tcpClients[len(self.servers)]
-        protocol = factory.buildProtocol(None)
-        transport = Transport()
-        protocol.makeConnection(transport)
-        server = H2Connection(H2Configuration(client_side=False, header_encoding=None,
-                                              **LOOSE))
-        server.local_settings.max_concurrent_streams = max_streams
-        server.local_settings.acknowledge()
-        server.initiate_connection()
-        self.servers.append((server, transport, protocol))
-        self.seen.append([])
-        self.pump(len(self.servers) - 1)
-        return server, transport, protocol
-
-    def pump(self, index: int = 0):
-        server, transport, protocol = self.servers[index]
-        events = []
-        for _ in range(20):
-            out = transport.take()
-            if out:
-                events.extend(server.receive_data(out))
-            back = server.data_to_send()
-            if back:
-                protocol.dataReceived(back)
-            if not out and not back:
-                break
-        self.seen[index].extend(events)
-        return events
-
-    def send(self, head=None, body=None) -> defer.Deferred:
-        head = head or RequestHead(b"GET", b"/x", b"svc.test",
-                                   [(b"accept", b"*/*"), (b"connection", b"keep-alive")])
-        return self.client.request(Endpoint(), Request(head, body or Body.empty()))
+class ClientTests(H2ClientRig, SynchronousTestCase):
 
     def test_streams_multiplex_up_to_the_peer_limit(self) -> None:
         ds = [self.send() for _ in range(3)]
@@ -1682,14 +1562,14 @@ class DispatcherGrpcTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         from l5dproxy.route.dispatcher import HttpProxy
-        from tests.test_proxy import FakeClient, FakeConnection, FakeListener
+        from tests.test_proxy import FakeClient
         self.clock = MemoryReactorClock()
         self.metrics = Metrics()
         config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="h2")
         self.h2 = FakeClient()
         self.proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=self.clock)},
                                self.metrics, self.clock, {"h2": self.h2})
-        self.listener = FakeListener(ListenerConfig("in", "tcp:0", "app"))
+        self.listener = FakeListener(config=ListenerConfig("in", "tcp:0", "app"))
         self.connection = FakeConnection()
 
     def call(self, headers=()):

@@ -34,7 +34,8 @@ from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.net.writebound import WriteBound
 from l5dproxy.telemetry import Metrics
-from tests.test_h2 import GET, Endpoint, FakeDispatcher, Transport, make_listener, raw_frames
+from tests.fakes import Endpoint, FakeDispatcher, Transport, make_listener
+from tests.test_h2 import GET, raw_frames
 
 #: Twisted reads at most this much per dataReceived.
 READ = 65536

@@ -51,10 +51,11 @@ from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
-from tests import test_h2
+from tests import fakes
+from tests.fakes import FakeConnection, FakeListener, H2ClientRig, Transport
 from tests.test_detect import SwitchableTransport
-from tests.test_h2 import ServerHarness, Transport, raw_frames
-from tests.test_proxy import FakeClient, FakeConnection, FakeListener
+from tests.test_h2 import ServerHarness, raw_frames
+from tests.test_proxy import FakeClient
 
 MINIMAL = """
 [[listener]]
@@ -203,13 +204,13 @@ class LoadShedTests(SynchronousTestCase):
             frozenset())}
         self.proxy = HttpProxy(self.upstreams, self.metrics, self.clock,
                                {"http1": self.client, "h2": self.client})
-        self.listener = FakeListener(ListenerConfig("in", "tcp:0", "app"))
+        self.listener = FakeListener(config=ListenerConfig("in", "tcp:0", "app"))
 
     def dispatch(self, grpc: bool = False):
         headers = [(b"content-type", b"application/grpc")] if grpc else []
         head = RequestHead(b"POST" if grpc else b"GET", b"/", b"app.test", headers)
         context = RequestContext(self.listener, FakeConnection(), "h2" if grpc else "http1")
-        return self.proxy.dispatch(Request(head, Body.empty()), context)
+        return fakes.dispatch(self.proxy, Request(head, Body.empty()), context)
 
     def shed(self) -> float:
         return self.metrics.registry.get_sample_value(
@@ -278,16 +279,12 @@ class LoadShedTests(SynchronousTestCase):
 
 # -- [h2] max_connections_per_endpoint, the waiting queue ---------------------
 
-class H2PoolTests(SynchronousTestCase):
+class H2PoolTests(H2ClientRig, SynchronousTestCase):
     """The h2 client end's per-endpoint pool against fake h2 servers
-    (tests/test_h2.py ClientTests' rig), on a MemoryReactorClock."""
+    (tests/fakes.py H2ClientRig), on a MemoryReactorClock."""
 
     settings = H2Settings(initial_window_size=65535, connection_window_size=65535,
                           max_connections_per_endpoint=2)
-    setUp = test_h2.ClientTests.setUp
-    connect = test_h2.ClientTests.connect
-    pump = test_h2.ClientTests.pump
-    send = test_h2.ClientTests.send
 
     def dials(self) -> int:
         return len(self.reactor.tcpClients)
@@ -401,12 +398,12 @@ class H2PoolTests(SynchronousTestCase):
             failure_accrual=FailureAccrualConfig(consecutive_failures=2)),
             frozenset(), clock=clock)
         proxy = HttpProxy({"app": upstream}, Metrics(), clock, {"h2": self.client})
-        listener = FakeListener(ListenerConfig("in", "tcp:0", "app"))
+        listener = FakeListener(config=ListenerConfig("in", "tcp:0", "app"))
         context = RequestContext(listener, FakeConnection(), "h2")
 
         def dispatch():
             head = RequestHead(b"GET", b"/", b"app.test")
-            return proxy.dispatch(Request(head, Body.empty()), context)
+            return fakes.dispatch(proxy, Request(head, Body.empty()), context)
 
         d1 = dispatch()
         self.connect(max_streams=0)

@@ -24,7 +24,7 @@ from l5dproxy.route import dispatcher
 from l5dproxy.route.dispatcher import HttpProxy, as_proxy_error
 from l5dproxy.route.labels import MAX_CACHED_CHILDREN
 from l5dproxy.telemetry import Metrics
-from tests.dispatchfakes import as_call_client, dispatch_to_deferred
+from tests.fakes import as_call_client, dispatch_to_deferred
 
 
 class FakeClient:

@@ -31,7 +31,7 @@ from l5dproxy.exchange.message import (
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.route.retry import Replay, replay_for, retryable
 from l5dproxy.telemetry import Metrics
-from tests.dispatchfakes import as_call_client, dispatch_to_deferred
+from tests.fakes import as_call_client, dispatch_to_deferred
 
 
 class Sink:
