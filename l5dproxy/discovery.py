@@ -33,7 +33,7 @@ from twisted.names import client, dns, hosts, resolve
 from twisted.names.error import DNSNameError
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import DiscoveryConfig, HostPort, ServiceConfig
+from l5dproxy.config.model import DiscoveryConfig, HostPort, ServiceConfig
 
 log = Logger(namespace="l5dproxy.discovery")
 

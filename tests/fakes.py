@@ -20,7 +20,13 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, RouteConfig, ServiceConfig
+from l5dproxy.config.model import (
+    DetectConfig,
+    HostPort,
+    ListenerConfig,
+    RouteConfig,
+    ServiceConfig,
+)
 from l5dproxy.exchange.message import Body, Request, RequestContext, RequestHead
 from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.pool import H2Client

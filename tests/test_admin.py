@@ -11,7 +11,7 @@ from twisted.web.client import Agent, readBody
 
 from l5dproxy.app.admin import admin_site
 from l5dproxy.app.service import ProxyService
-from l5dproxy.config import AdminConfig, Config, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config.model import AdminConfig, Config, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.telemetry import Metrics
 from tests.support import metric_value, parse_metrics
 

@@ -21,7 +21,7 @@ from l5dproxy.balance.backends import (
     outstanding_cost,
     peak_ewma_cost,
 )
-from l5dproxy.config import HostPort, ServiceConfig
+from l5dproxy.config.model import HostPort, ServiceConfig
 
 
 def hp(i: int) -> HostPort:

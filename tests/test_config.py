@@ -9,17 +9,11 @@ import tomllib
 
 from twisted.trial import unittest
 
-from l5dproxy import config
 from l5dproxy.app import cli
-from l5dproxy.config import (
-    DEFAULT_OPAQUE_PORTS,
-    ConfigError,
-    HostPort,
-    ServiceConfig,
-    load,
-    parse,
-    parse_host_port,
-)
+from l5dproxy.config import checks
+from l5dproxy.config.checks import parse_host_port
+from l5dproxy.config.model import DEFAULT_OPAQUE_PORTS, HostPort, ServiceConfig
+from l5dproxy.config.parse import ConfigError, load, parse
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -363,7 +357,7 @@ class ErrorTests(unittest.TestCase):
                        "systemd:domain=INET:index=0", "systemd:domain=INET:name=inbound",
                        "unix:/tmp/l5dproxy.sock"):
             with self.subTest(listen=listen):
-                self.assertIsNone(config.check_endpoint(listen))
+                self.assertIsNone(checks.check_endpoint(listen))
 
     def test_missing_service(self) -> None:
         self.assertErrors(

@@ -6,14 +6,8 @@ import tomllib
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.config import (
-    ConfigError,
-    DiscoveryConfig,
-    FailureAccrualConfig,
-    HostPort,
-    ServiceConfig,
-    parse,
-)
+from l5dproxy.config.model import DiscoveryConfig, FailureAccrualConfig, HostPort, ServiceConfig
+from l5dproxy.config.parse import ConfigError, parse
 
 
 def parse_text(text: str):

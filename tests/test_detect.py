@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.sniff import H2_PREFACE
 from l5dproxy.telemetry import Metrics

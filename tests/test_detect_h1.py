@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.exchange.message import Body, ProxyError, Response, ResponseHead
 from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.telemetry import Metrics

@@ -10,7 +10,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import DiscoveryConfig, HostPort, ServiceConfig
+from l5dproxy.config.model import DiscoveryConfig, HostPort, ServiceConfig
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
 from tests.dnsserver import DnsServer
 

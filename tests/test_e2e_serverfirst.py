@@ -31,7 +31,7 @@ from email.message import EmailMessage
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from l5dproxy.config import DEFAULT_OPAQUE_PORTS
+from l5dproxy.config.model import DEFAULT_OPAQUE_PORTS
 from tests.support import (
     HttpServer,
     ProxyProcess,

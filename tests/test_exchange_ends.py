@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import HostPort, ServiceConfig
+from l5dproxy.config.model import HostPort, ServiceConfig
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.route.dispatcher import HttpProxy
 from tests.fakes import FakeListener

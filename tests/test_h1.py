@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance.backends import Endpoint
-from l5dproxy.config import HostPort, ServiceConfig
+from l5dproxy.config.model import HostPort, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import (
     Body,

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import HostPort, ServiceConfig
+from l5dproxy.config.model import HostPort, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import Body, Response, ResponseHead
 from l5dproxy.http.h1.pool import H1Client

@@ -25,7 +25,7 @@ from hyperframe.frame import (
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.config import ConfigError, parse
+from l5dproxy.config.parse import ConfigError, parse
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import Body, ProxyError, Request, RequestHead, Response, ResponseHead
 from l5dproxy.http.h2.connection import H2Settings

@@ -2,7 +2,7 @@
 
 Issue 12 gives l5dproxy a layout in pipeline order (ARCH-PLAN.md §1, §2):
 folders ``app/ accept/ detect/ tcp/ http/ route/ balance/ exchange/`` and the
-leaves ``discovery.py config.py net/ telemetry.py``, each importing only what
+leaves ``discovery.py config/ net/ telemetry.py``, each importing only what
 ``ALLOWED`` names. This module reads the AST of every ``l5dproxy/**/*.py``
 (nothing is imported, so it runs in well under a second) and checks:
 
@@ -142,7 +142,6 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
 
 #: Files over MAX_LINES lines.
 KNOWN_LARGE: frozenset[str] = frozenset({
-    "l5dproxy/config.py",
     "l5dproxy/http/h1/server.py",
     "l5dproxy/http/h1/client.py",
 })
@@ -258,7 +257,7 @@ def shown(folder: str) -> str:
     """How messages name a folder: ``http/``, ``config.py``, the package root."""
     if folder == "":
         return "l5dproxy/__init__.py"
-    return f"{folder}.py" if folder in LEAVES and folder != "net" else f"{folder}/"
+    return f"{folder}.py" if folder in LEAVES and folder not in ("net", "config") else f"{folder}/"
 
 
 def _module_name(path: Path) -> str:

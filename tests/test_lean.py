@@ -34,7 +34,8 @@ def _run(config: bytes, tmp: str, env: dict | None = None) -> str:
         print("blocked" if lean.skip_openssl_unless_needed({path!r}) else "allowed")
         import twisted.internet.endpoints, twisted.internet.tcp, twisted.web.server
         from twisted.internet import reactor
-        from l5dproxy.config import check_endpoint, load
+        from l5dproxy.config.checks import check_endpoint
+        from l5dproxy.config.parse import load
         load({path!r})
         print("OpenSSL" in sys.modules)
         print(check_endpoint("ssl:4143:privateKey=k.pem:certKey=c.pem"))

@@ -25,15 +25,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from l5dproxy.accept.listener import ConnectionLimits, Listener
 from l5dproxy.balance.backends import Endpoint as BalancerEndpoint
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import (
-    ConfigError,
+from l5dproxy.config.model import (
     DetectConfig,
     FailureAccrualConfig,
     HostPort,
     ListenerConfig,
     ServiceConfig,
-    parse,
 )
+from l5dproxy.config.parse import ConfigError, parse
 from l5dproxy.detect.sniff import H2_PREFACE, Verdict
 from l5dproxy.exchange.message import (
     Body,

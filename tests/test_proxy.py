@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import HostPort, ListenerConfig, RouteConfig, ServiceConfig
+from l5dproxy.config.model import HostPort, ListenerConfig, RouteConfig, ServiceConfig
 from l5dproxy.exchange.message import (
     Body,
     ProxyError,

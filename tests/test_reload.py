@@ -10,7 +10,7 @@ from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from l5dproxy.app.service import ProxyService
-from l5dproxy.config import load
+from l5dproxy.config.parse import load
 from tests.support import build_config, metric_value, parse_metrics
 
 

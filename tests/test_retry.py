@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import (
+from l5dproxy.config.model import (
     FailureAccrualConfig,
     HostPort,
     ListenerConfig,

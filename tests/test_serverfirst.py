@@ -17,14 +17,9 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import (
-    ConfigError,
-    DetectConfig,
-    ListenerConfig,
-    ServiceConfig,
-    parse,
-    parse_host_port,
-)
+from l5dproxy.config.checks import parse_host_port
+from l5dproxy.config.model import DetectConfig, ListenerConfig, ServiceConfig
+from l5dproxy.config.parse import ConfigError, parse
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import (
     EARLY_CONNECT_LIMIT,

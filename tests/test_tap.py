@@ -20,7 +20,7 @@ from twisted.web.server import Site
 
 from l5dproxy.app.service import ProxyService
 from l5dproxy.app.tap import Filter, TapError
-from l5dproxy.config import AdminConfig, Config, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config.model import AdminConfig, Config, HostPort, ListenerConfig, ServiceConfig
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 

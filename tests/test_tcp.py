@@ -21,7 +21,7 @@ from zope.interface import implementer
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.net import splice
 from l5dproxy.tcp.relay import CONNECT_BUFFER_LIMIT, RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics

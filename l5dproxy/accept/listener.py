@@ -16,7 +16,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import DetectConfig, ListenerConfig
+from l5dproxy.config.model import DetectConfig, ListenerConfig
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import ServerFirst
 from l5dproxy.detect.sniff import Verdict

@@ -52,7 +52,7 @@ class Options(usage.Options):
 def make_service(options: Options):
     """Load the config; on errors print every one and exit non-zero, binding nothing."""
     from l5dproxy.app.service import ProxyService
-    from l5dproxy.config import ConfigError, load
+    from l5dproxy.config.parse import ConfigError, load
 
     path = options["config"]
     try:

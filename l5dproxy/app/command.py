@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
 # -- check ------------------------------------------------------------------------------
 
 def _check(args: argparse.Namespace) -> int:
-    from l5dproxy.config import ConfigError, load
+    from l5dproxy.config.parse import ConfigError, load
 
     path = args.path
     try:

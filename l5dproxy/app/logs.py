@@ -36,10 +36,10 @@ LEVELS = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
 
 
 def set_level(name: str) -> None:
-    """Write events of level ``name`` (``l5dproxy.config.LOG_LEVELS``) and above.
+    """Write events of level ``name`` (``l5dproxy.config.model.LOG_LEVELS``) and above.
 
     Raises ValueError for a name that is not a level."""
-    from l5dproxy.config import check_log_level, normal_log_level
+    from l5dproxy.config.checks import check_log_level, normal_log_level
 
     reason = check_log_level(name)
     if reason:

@@ -34,7 +34,8 @@ from l5dproxy.app.admin import admin_site, config_document
 from l5dproxy.app.stats import Stats
 from l5dproxy.app.tap import TapHub
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config import Config, ConfigError, load
+from l5dproxy.config.model import Config
+from l5dproxy.config.parse import ConfigError, load
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
 from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
 from l5dproxy.http.h1.pool import H1Client

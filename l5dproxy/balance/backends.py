@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from l5dproxy.config import HostPort, ServiceConfig
+from l5dproxy.config.model import HostPort, ServiceConfig
 
 #: The latency assumed for an endpoint with no data yet (Linkerd: 30 ms).
 DEFAULT_RTT = 0.030

@@ -75,7 +75,7 @@ from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint, Upstream
-    from l5dproxy.config import HostPort, RouteConfig, ServiceConfig
+    from l5dproxy.config.model import HostPort, RouteConfig, ServiceConfig
     from l5dproxy.exchange.message import UpstreamClient
     from l5dproxy.telemetry import Metrics
 

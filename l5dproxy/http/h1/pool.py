@@ -46,7 +46,7 @@ from l5dproxy.net.connection import errno_name
 
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint
-    from l5dproxy.config import ServiceConfig
+    from l5dproxy.config.model import ServiceConfig
     from l5dproxy.telemetry import Metrics
 
 log = Logger(namespace="l5dproxy.http")
