@@ -67,13 +67,13 @@ LIBRARY_INTERNALS = "tests/test_library_internals.py"
 
 #: The leaves, lowest last: each may import the leaves after it (net imports
 #: telemetry, config imports net for check_endpoint, discovery imports config).
-LEAVES = ("discovery", "config", "net", "telemetry")
+#: tls/ (certificates, identities, termination, origination) is a leaf below
+#: config: every folder that accepts or dials TLS may use it, config reads
+#: certificate files with it (a broken one fails --check with file and
+#: reason), and it imports only net and telemetry.
+LEAVES = ("discovery", "config", "tls", "net", "telemetry")
 #: Folders in pipeline order, then the leaves (the order of the code map).
-#: tls/ (termination, origination, identities) sits below every folder that
-#: dials or accepts TLS (accept, detect, tcp, http, app) and imports only the
-#: leaves, so any of them may use it and it uses none of them.
-FOLDERS = ("app", "accept", "detect", "tcp", "http", "route", "balance", "exchange", "tls",
-           *LEAVES)
+FOLDERS = ("app", "accept", "detect", "tcp", "http", "route", "balance", "exchange", *LEAVES)
 
 #: What each folder may import besides itself (ARCH-PLAN §2). Not simply
 #: "everything below": http and route never import each other (each sees the
@@ -81,16 +81,16 @@ FOLDERS = ("app", "accept", "detect", "tcp", "http", "route", "balance", "exchan
 #: handlers injected by app/.
 ALLOWED: Mapping[str, frozenset[str]] = {
     "app": frozenset(FOLDERS) - {"app"},
-    "accept": frozenset({"detect", "balance", "tls", *LEAVES}),
-    "detect": frozenset({"tcp", "balance", "tls", *LEAVES}),
-    "tcp": frozenset({"balance", "tls", *LEAVES}),
-    "http": frozenset({"exchange", "tls", *LEAVES}),
+    "accept": frozenset({"detect", "balance", *LEAVES}),
+    "detect": frozenset({"tcp", "balance", *LEAVES}),
+    "tcp": frozenset({"balance", *LEAVES}),
+    "http": frozenset({"exchange", *LEAVES}),
     "route": frozenset({"balance", "exchange", *LEAVES}),
     "balance": frozenset(LEAVES),
     "exchange": frozenset({"config", "net"}),
-    "tls": frozenset(LEAVES),
-    "discovery": frozenset({"config", "net", "telemetry"}),
-    "config": frozenset({"net", "telemetry"}),
+    "discovery": frozenset({"config", "tls", "net", "telemetry"}),
+    "config": frozenset({"tls", "net", "telemetry"}),
+    "tls": frozenset({"net", "telemetry"}),
     "net": frozenset({"telemetry"}),
     "telemetry": frozenset(),
     # l5dproxy/__init__.py: its docstring is the code map; it imports nothing.

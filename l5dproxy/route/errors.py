@@ -19,7 +19,8 @@ from twisted.internet import defer, error
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from l5dproxy.exchange.message import ProxyError
+from l5dproxy.exchange.message import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, ProxyError
+from l5dproxy.tls.errors import TlsError
 
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint, Upstream
@@ -69,6 +70,11 @@ def as_proxy_error(failure: Failure) -> ProxyError:
     exc = failure.value
     if isinstance(exc, ProxyError):
         return exc
+    if isinstance(exc, TlsError):  # its reason is the label, its detail the header
+        err = ProxyError(exc.status, exc.reason,
+                         GRPC_DEADLINE_EXCEEDED if exc.status == 504 else GRPC_UNAVAILABLE)
+        err.detail = exc.detail
+        return err
     if isinstance(exc, error.TimeoutError | error.TCPTimedOutError):
         return ProxyError.timeout("connect timeout")
     if isinstance(exc, error.ConnectionRefusedError):
