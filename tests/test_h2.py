@@ -1289,19 +1289,10 @@ class H2ClientBoundedStateTests(SynchronousTestCase):
         self.assertLessEqual(protocol.h2.encoder.header_table_size, ENCODER_TABLE_SIZE)
 
 
-class Forwarder:
-    """The dispatcher reduced to forwarding every request to the h2 client end."""
-
-    def __init__(self, client: H2Client) -> None:
-        self.client = client
-
-    def dispatch(self, request: Request, context) -> defer.Deferred:
-        return self.client.request(Endpoint(), request)
-
-
 class DirectForwarder:
-    """Forwarder without Deferreds, as HttpProxy does it: the server end
-    calls ``dispatch_to``, which uses the client end's ``call``."""
+    """The dispatcher reduced to forwarding every request to the h2 client
+    end, as HttpProxy does it: the server end calls ``dispatch_to``, which
+    uses the client end's ``call``."""
 
     def __init__(self, client: H2Client) -> None:
         self.client = client
@@ -1339,7 +1330,7 @@ class WiredTests(SynchronousTestCase):
     one client does to its streams must never break the other's."""
 
     settings = H2Settings(initial_window_size=65535, connection_window_size=65535)
-    forwarder = Forwarder
+    forwarder = DirectForwarder
 
     def setUp(self) -> None:
         self.clock = MemoryReactorClock()
@@ -1501,13 +1492,6 @@ class WiredTests(SynchronousTestCase):
 
 
 # -- translation and gRPC helpers -----------------------------------------------
-
-class WiredDirectTests(WiredTests):
-    """The same, through the ends' direct (no-Deferred) paths: the server
-    end's ``dispatch_to`` waiter and the client end's ``call``."""
-
-    forwarder = DirectForwarder
-
 
 class TranslationTests(SynchronousTestCase):
     def test_request_head_from_h2(self) -> None:

@@ -494,14 +494,6 @@ class RequestContext:
     routes: object = None           # the dispatcher's route table, kept per connection
 
 
-class Dispatcher(Protocol):
-    """The middle: route, balance, time out, retry, count. Fails the Deferred
-    with ProxyError for errors it answers itself; cancelling the Deferred
-    (the client went away) cancels the upstream request."""
-
-    def dispatch(self, request: Request, context: RequestContext) -> Deferred[Response]: ...
-
-
 class UpstreamClient(Protocol):
     """A client end: sends requests to one endpoint address over h1 or h2."""
 

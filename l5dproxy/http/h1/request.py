@@ -9,15 +9,17 @@ Transfer-Encoding, Connection options, Expect, Upgrade and CONNECT.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from httptools import HttpParserError, HttpRequestParser
-from twisted.internet import defer
 
 from l5dproxy.exchange.message import Body, Headers, ProxyError, Request, RequestHead, Response
 from l5dproxy.http.h1.framing import connection_tokens
 from l5dproxy.http.h1.upgrade import forwards_upgrade
 from l5dproxy.http.headers import HOP_BY_HOP, valid_authority
+
+if TYPE_CHECKING:
+    from l5dproxy.exchange.contracts import Dispatched
 
 #: Request headers the server end looks at as it reads them.
 _SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
@@ -69,8 +71,8 @@ class _Message:
     """One request on the connection, from its head to the end of its response."""
 
     __slots__ = (
-        "body_done", "close_after", "continue_sent", "d", "dispatched", "error", "keep_alive",
-        "leftover",
+        "body_done", "close_after", "continue_sent", "dispatched", "error", "exchange",
+        "keep_alive", "leftover",
         "method", "raw_body", "request", "response", "version",
     )
 
@@ -83,7 +85,7 @@ class _Message:
         self.close_after = False
         self.continue_sent = False
         self.dispatched = False
-        self.d: defer.Deferred | None = None
+        self.exchange: Dispatched | None = None   # in the middle; cancel() gives it up
         self.error: ProxyError | None = None      # answered without dispatching
         self.response: Response | None = None
         self.leftover = b""                       # bytes after an Upgrade/CONNECT head

@@ -30,7 +30,6 @@ from httptools import (
     HttpParserUpgrade,
     HttpRequestParser,
 )
-from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
@@ -70,7 +69,7 @@ from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
-    from l5dproxy.exchange.message import Dispatcher
+    from l5dproxy.exchange.contracts import Dispatcher
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.http")
@@ -291,9 +290,9 @@ class H1Server(Protocol):
             tunnel.tunnel_close()
             self._ended_by = "tunnel closed"
         for msg in self.queue:
-            if msg.d is not None:
-                d, msg.d = msg.d, None
-                d.cancel()
+            if msg.exchange is not None:
+                exchange, msg.exchange = msg.exchange, None
+                exchange.cancel()
             if msg.request is not None and not msg.body_done:
                 msg.request.body.fail(ConnectionLost("client gone"))
                 msg.body_done = True
@@ -469,34 +468,21 @@ class H1Server(Protocol):
             self._write_error(msg, msg.error)
             return
         try:
-            dispatch_to = getattr(self.dispatcher, "dispatch_to", None)
-            if dispatch_to is not None:   # told directly, no Deferred
-                exchange = dispatch_to(msg.request, self.context, self, msg)
-                if not exchange.delivered:
-                    msg.d = exchange   # cancel() gives it up if the client goes
-                return
-            d = self.dispatcher.dispatch(msg.request, self.context)
+            exchange = self.dispatcher.dispatch_to(msg.request, self.context, self, msg)
+            if not exchange.delivered:
+                msg.exchange = exchange   # cancel() gives it up if the client goes
         except Exception:
             log.failure("dispatcher failed")
             self._write_error(msg, ProxyError.bad_gateway("proxy error"))
-            return
-        msg.d = d
-        d.addCallbacks(self._respond, self._dispatch_failed, (msg,), None, (msg,))
-
-    def dispatch_responded(self, msg: _Message, response: Response) -> None:
-        self._respond(response, msg)
 
     def dispatch_failed(self, msg: _Message, failure: Failure) -> None:
-        self._dispatch_failed(failure, msg)
-
-    def _dispatch_failed(self, failure: Failure, msg: _Message) -> None:
-        msg.d = None
+        """``ResponseWaiter``: no response; a ``ProxyError`` is answered as
+        it says, anything else (a bug) as 502 ``proxy error``."""
+        msg.exchange = None
         if self._closed:
             return
         if failure.check(ProxyError):
             error = failure.value
-        elif failure.check(defer.CancelledError):
-            return
         else:
             log.failure("dispatch failed", failure)
             error = ProxyError.bad_gateway("proxy error")
@@ -510,8 +496,9 @@ class H1Server(Protocol):
         self._write(error_head(error.status, reason, close, msg.version))
         self._answered(msg)
 
-    def _respond(self, response: Response, msg: _Message) -> None:
-        msg.d = None
+    def dispatch_responded(self, msg: _Message, response: Response) -> None:
+        """``ResponseWaiter``: ``msg``'s response, answered in its turn."""
+        msg.exchange = None
         if self._closed:
             response.body.cancel()
             return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from functools import partial
 from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
@@ -54,7 +53,7 @@ from l5dproxy.http.h2.translate import (
 from l5dproxy.net.connection import set_no_delay
 
 if TYPE_CHECKING:
-    from l5dproxy.exchange.message import Dispatcher
+    from l5dproxy.exchange.contracts import Dispatcher
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger(namespace="l5dproxy.h2")
@@ -271,26 +270,30 @@ class H2ServerProtocol(H2Protocol):
             self._respond(stream, error_response(
                 ProxyError.bad_request("request header list too large", 431), stream.grpc))
             return
-        dispatch_to = getattr(self.dispatcher, "dispatch_to", None)
-        if dispatch_to is not None:   # told directly, no Deferred
-            exchange = dispatch_to(Request(head, body), self.context, self, stream)
-            if not exchange.delivered:
-                stream.deferred = exchange   # cancel() gives it up if the stream goes
-            return
-        d = self.dispatcher.dispatch(Request(head, body), self.context)
-        stream.deferred = d
-        d.addCallbacks(partial(self._respond, stream), partial(self._dispatch_failed, stream))
-        d.addErrback(partial(self._respond_failed, stream))
+        exchange = self.dispatcher.dispatch_to(Request(head, body), self.context, self, stream)
+        if not exchange.delivered:
+            stream.deferred = exchange   # cancel() gives it up if the stream goes
 
     def dispatch_responded(self, stream: Stream, response: Response) -> None:
+        """``ResponseWaiter``: the stream's response."""
         try:
             self._respond(stream, response)
         except Exception:
             self._respond_failed(stream, Failure())
 
     def dispatch_failed(self, stream: Stream, failure: Failure) -> None:
+        """``ResponseWaiter``: no response; a ``ProxyError`` is answered as
+        it says, anything else (a bug) as 502 ``internal proxy error``."""
         try:
-            self._dispatch_failed(stream, failure)
+            stream.deferred = None
+            if stream.reset or self._lost:
+                return
+            if failure.check(ProxyError):
+                error = failure.value
+            else:
+                log.failure("dispatch failed", failure)
+                error = ProxyError.bad_gateway("internal proxy error")
+            self._respond(stream, error_response(error, stream.grpc))
         except Exception:
             self._respond_failed(stream, Failure())
 
@@ -301,21 +304,9 @@ class H2ServerProtocol(H2Protocol):
             return
         self._start_outbound(stream, h2_response_headers(response.head), response.body)
 
-    def _dispatch_failed(self, stream: Stream, failure: Failure) -> None:
-        stream.deferred = None
-        if stream.reset or self._lost:
-            return
-        if failure.check(ProxyError):
-            error = failure.value
-        else:
-            log.failure("dispatch failed", failure)
-            error = ProxyError.bad_gateway("internal proxy error")
-        self._respond(stream, error_response(error, stream.grpc))
-
     def _respond_failed(self, stream: Stream, failure: Failure) -> None:
         # Writing the response raised (a bug: refusals end the stream in
-        # _send_failed): this stream is reset, the connection lives on, and
-        # nothing is left unhandled in the Deferred.
+        # _send_failed): this stream is reset, the connection lives on.
         log.failure("h2 response to {peer} stream {sid} failed", failure,
                     peer=self.conn.peer, sid=stream.sid)
         if not stream.reset:
