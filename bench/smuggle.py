@@ -638,10 +638,12 @@ def check_h2_case(report: Report, endpoint: Endpoint, port: int, case: int,
 def config_text(endpoint: Endpoint) -> str:
     return "\n".join([
         "[admin]", 'listen = "tcp:0:interface=127.0.0.1"', "",
+        # forwarded = "off": the endpoint must see exactly the fields the
+        # client sent (the forwarding fields have tests of their own).
         "[[listener]]", 'name = "in"', 'listen = "tcp:0:interface=127.0.0.1"',
-        'service = "app"', "",
+        'service = "app"', 'forwarded = "off"', "",
         "[[listener]]", 'name = "h2"', 'listen = "tcp:0:interface=127.0.0.1"',
-        'service = "app"', "",
+        'service = "app"', 'forwarded = "off"', "",
         "[service.app]", f'endpoints = ["{endpoint.address}"]', 'protocol = "http1"', "",
     ])
 

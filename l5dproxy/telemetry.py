@@ -99,6 +99,10 @@ class Metrics:
             "early_connect_limit", "Silent client connections given no early upstream"
             " connection: the listener's EARLY_CONNECT_LIMIT was reached", ("listener",),
             registry=r)
+        self.proxy_protocol_total = Counter(
+            "proxy_protocol", "PROXY protocol headers read on listeners with proxy_protocol,"
+            " by result (v1, v2, local, absent, missing, invalid, timeout, closed)",
+            ("listener", "result"), registry=r)
         self.load_shed_total = Counter(
             "load_shed", "HTTP requests shed with 503: the service's max_pending_requests"
             " was reached", ("service",), registry=r)

@@ -58,6 +58,8 @@ class FakeConnection:
     """The dispatcher's view of an inbound connection: no endpoint known."""
 
     endpoint = ""
+    client_host = "192.0.2.10"   # the client's address (InboundConnection.client_host)
+    secure = False
 
 
 def make_listener(clock) -> Listener:

@@ -87,7 +87,9 @@ class RetryWithHalfABodyTests(TestCase):
 
     def run_case(self, first: str) -> bytes:
         endpoints = Endpoints(self, first)
-        proxy = ProxyProcess(self, listeners=[{"name": "in", "service": "app"}], services={
+        # forwarded off: the endpoint sees the head exactly as sent (no X-Forwarded-For)
+        proxy = ProxyProcess(self, listeners=[{"name": "in", "service": "app",
+                                               "forwarded": "off"}], services={
             "app": {"endpoints": [s.address for s in endpoints.servers], "protocol": "http1",
                     "retry_limit": 2}})
         sock = connect(proxy.port("in"))

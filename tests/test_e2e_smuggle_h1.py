@@ -142,6 +142,8 @@ log_connections = false
 name = "in"
 listen = "{LISTEN_ANY}"
 service = "app"
+# the endpoints must see the heads exactly as sent (no X-Forwarded-For)
+forwarded = "off"
 {extra}
 [[listener.route]]
 path_prefix = "/search"

@@ -291,11 +291,13 @@ class BothEndsTests(SynchronousTestCase):
         up, up_transport = self.upstream(0)
         self.assertEqual(up_transport.value(),
                          b"POST /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n"
-                         b"X-Real-IP: 1.2.3.4\r\n\r\nhello")
+                         b"X-Real-IP: 1.2.3.4\r\nx-forwarded-for: 192.168.1.1\r\n"
+                         b"x-forwarded-proto: http\r\n\r\nhello")
         up_transport.clear()
         up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertEqual(transport.value(), b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-        self.assertEqual(up_transport.value(), b"GET /n HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(up_transport.value(), b"GET /n HTTP/1.1\r\nHost: a\r\n"
+                         b"x-forwarded-for: 192.168.1.1\r\nx-forwarded-proto: http\r\n\r\n")
         self.assertEqual(self.listener.metrics.registry.get_sample_value(
             "http_errors_total", {"direction": "inbound", "listener": "in",
                                   "reason": "underscore in field name"}), 3)

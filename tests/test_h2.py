@@ -2059,6 +2059,8 @@ class H2ToH1PropertyTests(SynchronousTestCase):
                 expected.append((b"connection", b"te"))
             if method in (b"POST", b"PUT", b"PATCH") and b"content-length" not in dict(fields):
                 expected.append((b"content-length", b"0"))
+            # The client's address, added by the proxy (l5dproxy.route.forwarded).
+            expected += [(b"x-forwarded-for", b"127.0.0.1"), (b"x-forwarded-proto", b"http")]
             self.assertEqual(sorted(got_fields), sorted(expected), headers)
 
         check()

@@ -29,6 +29,11 @@ Users today:
   ``l5dproxy/http/h2/protocol.py`` (reads ``state_machine.state`` and
   ``h2.connection.ConnectionState``); ``l5dproxy/http/h2/translate.py`` (uses
   ``h2.utilities.CONNECTION_HEADERS``).
+* Twisted: ``l5dproxy/accept/proxyproto.py`` (the PROXY protocol parsers
+  ``twisted.protocols.haproxy._v1parser.V1Parser.parse``,
+  ``_v2parser.V2Parser.parse`` and ``_exceptions.InvalidProxyHeader``: the
+  package's one public name, ``proxyEndpoint``, wraps a whole listening
+  endpoint and cannot do ``optional``, a timeout or protocol switching).
 * prometheus-client: ``l5dproxy/telemetry.py`` (``PendingHistogram`` adds to a
   histogram child's ``_buckets`` and ``_sum``).
 """
@@ -36,6 +41,7 @@ Users today:
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import socket
 from importlib.metadata import version
 
@@ -187,6 +193,49 @@ class TwistedTransportInternalsTests(_Canary):
                      "twisted.internet.tcp.Connection.protocol",
                      "l5dproxy/detect/protocol.py, accept/listener.py, detect/serverfirst.py",
                      "assigned no longer receives what doRead reads")
+
+
+class TwistedHAProxyParserTests(_Canary):
+    """``twisted.protocols.haproxy``'s parsers as l5dproxy/accept/proxyproto.py
+    calls them: a class method ``parse(header)`` returning an object with
+    ``source`` and ``destination`` addresses, raising ``InvalidProxyHeader``."""
+
+    user = "l5dproxy/accept/proxyproto.py"
+
+    def test_v1_parse(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from twisted.protocols.haproxy._v1parser import V1Parser
+
+        info = V1Parser.parse(b"PROXY TCP4 192.0.2.1 192.0.2.2 1000 80")
+        self.require(info.source == IPv4Address("TCP", "192.0.2.1", 1000)
+                     and info.destination == IPv4Address("TCP", "192.0.2.2", 80),
+                     "Twisted", "twisted.protocols.haproxy._v1parser.V1Parser.parse",
+                     self.user, "no longer gives the source and destination addresses")
+        with self.assertRaises(InvalidProxyHeader):
+            V1Parser.parse(b"PROXY TCP9 x")
+
+    def test_v2_parse(self) -> None:
+        from twisted.internet.address import IPv6Address
+        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from twisted.protocols.haproxy._v2parser import V2Parser
+
+        header = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24" + b"\x00" * 15 + b"\x01"
+                  + b"\x00" * 15 + b"\x02" + b"\x03\xe8\x00\x50")
+        info = V2Parser.parse(header)
+        # (Twisted writes IPv6 uncompressed, "0:0:0:0:0:0:0:1"; proxyproto.py
+        # makes every address canonical.)
+        self.require(isinstance(info.source, IPv6Address)
+                     and ipaddress.ip_address(info.source.host) == ipaddress.ip_address("::1")
+                     and info.source.port == 1000 and info.destination.port == 80,
+                     "Twisted", "twisted.protocols.haproxy._v2parser.V2Parser.parse",
+                     self.user, "no longer gives the source and destination addresses")
+        local = V2Parser.parse(b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00")
+        self.require(local.source is None, "Twisted",
+                     "twisted.protocols.haproxy._v2parser.V2Parser.parse", self.user,
+                     "a LOCAL command no longer gives no source address")
+        with self.assertRaises(InvalidProxyHeader):
+            V2Parser.parse(b"\r\n\r\n\x00\r\nQUIT\n\x10\x00\x00\x00")
 
 
 class TwistedPortInternalsTests(_Canary):

@@ -48,6 +48,8 @@ class FakeListener:
 
 class FakeConnection:
     endpoint = ""
+    client_host = "192.0.2.10"   # the client's address (InboundConnection.client_host)
+    secure = False
 
 
 def sample(registry: CollectorRegistry, name: str, **labels) -> float | None:
@@ -103,13 +105,14 @@ class DispatcherTests(SynchronousTestCase):
                   (b"_", b"x"), (b"X-A", b"2"), (b"x_forwarded_for", b"10.0.0.1")]
         self.dispatch(headers=fields)
         [(_, sent, _)] = self.h1.calls
-        self.assertEqual(sent.head.headers, [(b"x-a", b"1"), (b"X-A", b"2")])
+        forwarding = [(b"x-forwarded-for", b"192.0.2.10"), (b"x-forwarded-proto", b"http")]
+        self.assertEqual(sent.head.headers, [(b"x-a", b"1"), (b"X-A", b"2"), *forwarding])
         self.assertEqual(sample(self.metrics.registry, "http_errors_total",
                                 direction="inbound", listener="in",
                                 reason="underscore in field name"), 4)
         clean = [(b"x-a", b"1")]
         self.dispatch(headers=clean)
-        self.assertEqual(self.h1.calls[1][1].head.headers, clean)
+        self.assertEqual(self.h1.calls[1][1].head.headers, [*clean, *forwarding])
         self.assertEqual(sample(self.metrics.registry, "http_errors_total",
                                 direction="inbound", listener="in",
                                 reason="underscore in field name"), 4)

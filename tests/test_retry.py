@@ -71,6 +71,8 @@ class FakeListener:
 
 class FakeConnection:
     endpoint = ""
+    client_host = "192.0.2.10"   # the client's address (InboundConnection.client_host)
+    secure = False
 
 
 class RetryTests(SynchronousTestCase):

@@ -15,11 +15,13 @@ from twisted.internet.interfaces import IProtocol, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from l5dproxy.accept.proxyproto import ProxyHeaderProtocol
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DetectConfig, ListenerConfig
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import ServerFirst
 from l5dproxy.detect.sniff import Verdict
+from l5dproxy.net import proxyheader
 from l5dproxy.net.connection import InboundConnection, set_no_delay
 from l5dproxy.tcp.relay import relay_handler
 from l5dproxy.telemetry import Metrics
@@ -86,6 +88,21 @@ class Listener(Factory):
         conn = InboundConnection(self, transport, self.clock.seconds())
         self.connections.add(conn)
         set_no_delay(transport)
+        mode = self.config.proxy_protocol
+        if mode != "off":   # the client's address first, then the rest as usual
+            return ProxyHeaderProtocol(conn, mode, self.config.proxy_protocol_timeout,
+                                       self.clock, lambda: self._after_accept(conn),
+                                       self._count_proxy_protocol)
+        return self._after_accept(conn)
+
+    def _count_proxy_protocol(self, result: str) -> None:
+        self.metrics.proxy_protocol_total.labels(self.name, result).inc()
+
+    def _after_accept(self, conn: InboundConnection) -> IProtocol:
+        """Skip detection on opaque targets, else detect."""
+        version = self.upstream.config.send_proxy_protocol
+        if version is not None:   # the client is known now, PROXY header in or not
+            conn.proxy_header = proxyheader.encode(version, conn.client, conn.destination)
         if self._opaque_verdict is not None:
             return self.protocol_for(conn, self._opaque_verdict)
         if self.server_first is not None:

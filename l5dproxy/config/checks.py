@@ -7,12 +7,21 @@ added to those lines (``TYPE_HINTS``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ipaddress
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 
-from l5dproxy.config.model import LOG_FORMATS, LOG_LEVELS, PROTOCOLS, HostPort
+from l5dproxy.config.model import (
+    FORWARDED_MODES,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    PROTOCOLS,
+    PROXY_PROTOCOL_MODES,
+    PROXY_PROTOCOL_VERSIONS,
+    HostPort,
+)
 
 
 def parse_host_port(text: str) -> HostPort:
@@ -146,6 +155,42 @@ def check_ratio(value: float) -> str | None:
 
 def check_protocol(value: str) -> str | None:
     return None if value in PROTOCOLS else f"must be one of {', '.join(PROTOCOLS)}"
+
+
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str | None]:
+    """A check that the value is one of ``choices``."""
+    return lambda value: (None if value in choices
+                          else f"expected one of {', '.join(choices)}, got {value!r}")
+
+
+check_proxy_protocol = one_of(PROXY_PROTOCOL_MODES)
+check_forwarded = one_of(FORWARDED_MODES)
+check_proxy_protocol_version = one_of(PROXY_PROTOCOL_VERSIONS)
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(cidrs: Iterable[Any]) -> tuple[IPNetwork, ...]:
+    """``trusted_proxies``: ``"10.0.0.0/8"``, ``"::1"`` (a single address is a
+    /32 or /128). Raises ValueError naming the value for anything else, or a
+    network with host bits set (``10.0.0.1/8``: probably a typo)."""
+    networks = []
+    for cidr in cidrs:
+        try:
+            if not isinstance(cidr, str):
+                raise ValueError(f"expected a string, got {type_name(cidr)}")
+            networks.append(ipaddress.ip_network(cidr, strict=True))
+        except ValueError as e:
+            raise ValueError(f"{cidr!r} is not an address or CIDR network ({e})") from None
+    return tuple(networks)
+
+
+def check_networks(value: list[Any]) -> str | None:
+    try:
+        parse_networks(value)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def check_name(value: str) -> str | None:

@@ -10,6 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
+#: ``[[listener]] proxy_protocol`` and ``forwarded``, ``[service] send_proxy_protocol``.
+PROXY_PROTOCOL_MODES = ("off", "required", "optional")
+FORWARDED_MODES = ("append", "replace", "off")
+PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
+
 PROTOCOLS = ("http1", "h2")
 
 
@@ -119,6 +124,15 @@ class ListenerConfig:
     #: lowercase; any other upgrade is stripped and the request proxied as
     #: plain HTTP/1.
     upgrades: tuple[str, ...] = ("websocket",)
+    #: PROXY protocol in: "off", "required" or "optional" (l5dproxy.accept.proxyproto).
+    proxy_protocol: str = "off"
+    #: Seconds a connection has to send its whole PROXY protocol header.
+    proxy_protocol_timeout: float = 5.0
+    #: X-Forwarded-For/-Proto and Forwarded: "append", "replace" or "off"
+    #: (l5dproxy.route.forwarded).
+    forwarded: str = "append"
+    #: Peers (CIDR networks) whose forwarding fields are kept as they came.
+    trusted_proxies: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,9 @@ class ServiceConfig:
     retry_limit: int = 2
     #: Request bodies up to this size are kept so the request can be retried.
     retry_max_body: int = 65536
+    #: PROXY protocol out: "v1" or "v2" header first on every upstream
+    #: connection (TCP relay only; l5dproxy.net.proxyheader). None: none.
+    send_proxy_protocol: str | None = None
     #: Retry budget: ratio of original requests + min_per_second over ttl seconds.
     retry_budget_ratio: float = 0.2
     retry_budget_min_per_second: float = 10.0

@@ -17,16 +17,20 @@ from l5dproxy.config.checks import (
     check_count,
     check_duration,
     check_endpoint,
+    check_forwarded,
     check_host_port,
     check_learned_max,
     check_log_format,
     check_log_level,
     check_name,
+    check_networks,
     check_path_prefix,
     check_peek_limit,
     check_ports,
     check_positive_duration,
     check_protocol,
+    check_proxy_protocol,
+    check_proxy_protocol_version,
     check_ratio,
     check_srv,
     check_statuses,
@@ -86,6 +90,7 @@ def _parse_root(root: Table, source: str, errors: list[str]) -> Config:
     proxy = _parse_proxy(root.table("proxy"))
     services = _parse_services(root.table("service"))
     listeners = _parse_listeners(root.array("listener"), services)
+    _check_proxy_protocol_out(root, services, listeners)
     discovery = _parse_discovery(root.table("discovery"))
     h2 = _parse_h2(root.table("h2"))
     http = _parse_http(root.table("http"))
@@ -258,6 +263,8 @@ def _parse_services(t: Table) -> dict[str, ServiceConfig]:
                                          check_positive_duration)),
             max_pending_requests=s.get("max_pending_requests", int, D.max_pending_requests,
                                        check_count),
+            send_proxy_protocol=s.get("send_proxy_protocol", str, None,
+                                      check_proxy_protocol_version),
         )
         s.finish()
     t.finish()
@@ -346,10 +353,46 @@ def _parse_listeners(tables: list[Table], services: dict[str, ServiceConfig],
             max_connections=t.get("max_connections", int, 0, check_count),
             upgrades=tuple(u.lower() for u in t.get("upgrades", list, ["websocket"],
                                                     check_upgrades)),
+            proxy_protocol=t.get("proxy_protocol", str, "off", check_proxy_protocol),
+            proxy_protocol_timeout=float(t.get("proxy_protocol_timeout", (int, float),
+                                               ListenerConfig.proxy_protocol_timeout,
+                                               check_positive_duration)),
+            forwarded=t.get("forwarded", str, "append", check_forwarded),
+            trusted_proxies=tuple(t.get("trusted_proxies", list, [], check_networks)),
         ))
         t.finish()
     return tuple(listeners)
 
+
+
+def _check_proxy_protocol_out(root: Table, services: dict[str, ServiceConfig],
+                              listeners: tuple[ListenerConfig, ...]) -> None:
+    """``send_proxy_protocol`` is for services only the TCP relay reaches.
+
+    HTTP requests go over pooled upstream connections that carry requests
+    of many clients one after another, so one header at the start of a
+    connection cannot name the client of each request. Pools per client
+    address (HAProxy makes such connections private, Envoy keys its pools
+    by downstream address) would turn every client into upstream
+    connections of its own, unbounded by the pool limits; HTTP endpoints
+    get the client's address in ``X-Forwarded-For`` instead. So a service
+    that HTTP may reach (a route's, or a listener's that detects protocols,
+    unless the service is ``opaque``) is refused.
+    """
+    for name, service in services.items():
+        if service.send_proxy_protocol is None or service.opaque:
+            continue
+        reached = [f"listener {lc.name!r} detects protocols" for lc in listeners
+                   if lc.service == name and not lc.opaque]
+        reached += [f"a route of listener {lc.name!r} sends requests to it"
+                    for lc in listeners for r in lc.routes if r.service == name]
+        if reached:
+            root.errors.append(
+                f"{root.source}: service.{name}.send_proxy_protocol: HTTP traffic reaches this"
+                f" service ({reached[0]}); a PROXY protocol header names one client per"
+                " connection and HTTP pools share connections between clients: set opaque ="
+                " true on the service or the listener, or drop the key (HTTP endpoints get"
+                " X-Forwarded-For)")
 
 
 def _parse_endpoints(s: Table) -> tuple[HostPort, ...]:

@@ -350,6 +350,9 @@ class EarlyConnect:
 
     def _connected(self, protocol: _EarlyProtocol) -> None:
         self.protocol = protocol
+        header = self.detect.conn.proxy_header   # first, as on the relay's own connections
+        if header and self.state in (_CONNECTING, _ATTACHED) and protocol.transport is not None:
+            protocol.transport.write(header)
         if self.state == _CONNECTING:
             self.state = _CONNECTED
         elif self.state == _ATTACHED and self._adopter_protocol is not None:

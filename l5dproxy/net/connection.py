@@ -13,7 +13,14 @@ from contextlib import suppress
 from typing import TYPE_CHECKING
 
 from twisted.internet import error
-from twisted.internet.interfaces import IConsumer, IPushProducer, ITCPTransport
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import (
+    IAddress,
+    IConsumer,
+    IPushProducer,
+    ISSLTransport,
+    ITCPTransport,
+)
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -62,16 +69,30 @@ class InboundConnection:
     """What is known of one client connection, from accept to close."""
 
     __slots__ = (
-        "accepted_at", "bytes_read", "bytes_written", "endpoint", "listener", "local",
-        "on_drain", "peer", "protocol", "service", "sni", "src", "transport",
+        "accepted_at", "bytes_read", "bytes_written", "client", "destination", "endpoint",
+        "listener", "local",
+        "on_drain", "peer", "protocol", "proxy_header", "service", "sni", "src", "transport", "via",
     )
 
     def __init__(self, listener: Listener, transport, accepted_at: float) -> None:
         self.listener = listener
         self.transport = transport
         self.accepted_at = accepted_at
-        self.peer = _address(transport.getPeer())
-        self.local = _address(transport.getHost())
+        #: The client's address (an IAddress): the peer's, or the one a
+        #: PROXY protocol header named (set_client). ``peer`` is it as text
+        #: ("10.0.0.1:5000", "[::1]:5000"), ``local`` the address the client
+        #: connected to.
+        self.client = transport.getPeer()
+        self.peer = _address(self.client)
+        self.destination = transport.getHost()
+        self.local = _address(self.destination)
+        #: The peer the connection came from when a PROXY protocol header
+        #: named another client (a load balancer), else "".
+        self.via = ""
+        #: What every upstream connection the TCP relay makes for this
+        #: connection starts with: the PROXY protocol header naming its
+        #: client when the service has ``send_proxy_protocol``, else b"".
+        self.proxy_header = b""
         self.protocol: str | None = None
         self.sni: str | None = None
         self.service = listener.config.service
@@ -81,6 +102,30 @@ class InboundConnection:
         self.src: TcpSideMetrics | None = None
         #: Set by a protocol that can end gracefully (HTTP: close once idle).
         self.on_drain: Callable[[], None] | None = None
+
+    def set_client(self, client: IAddress, destination: IAddress | None) -> None:
+        """A PROXY protocol header (l5dproxy.accept.proxyproto) named the
+        client and the address it connected to: from now on they are this
+        connection's, in logs, labels, headers and what goes upstream; the
+        peer that sent the header is kept as ``via``."""
+        self.via = self.peer
+        self.client = client
+        self.peer = _address(client)
+        if destination is not None:
+            self.destination = destination
+            self.local = _address(destination)
+
+    @property
+    def client_host(self) -> str | None:
+        """The client's IP address as text (no port, IPv6 without
+        brackets), or None for a connection without one (``unix:``)."""
+        client = self.client
+        return client.host if isinstance(client, IPv4Address | IPv6Address) else None
+
+    @property
+    def secure(self) -> bool:
+        """Whether the client's bytes reach the proxy over TLS it terminates."""
+        return ISSLTransport.providedBy(self.transport)
 
     def detected(self, verdict: Verdict) -> None:
         """The protocol is known: the connection counts as open under it."""
@@ -116,15 +161,23 @@ class InboundConnection:
         if src is not None:
             src.closed(errno, duration)
         if self.listener.log_connections:
-            log.info(
-                "closed listener={listener} peer={peer} protocol={protocol} sni={sni}"
-                " service={service} endpoint={endpoint} bytes_in={bytes_in} bytes_out={bytes_out}"
-                " duration_ms={duration_ms:.1f} end={end}",
+            fields = dict(
                 listener=self.listener.name, peer=self.peer, protocol=self.protocol or "none",
                 service=self.service, endpoint=self.endpoint or "-", sni=self.sni or "-",
                 bytes_in=self.bytes_read, bytes_out=self.bytes_written,
                 duration_ms=duration * 1000.0, end=how + (f" {errno}" if errno else ""),
             )
+            if self.via:   # a PROXY protocol header named the client: who sent it
+                log.info(_CLOSED_LINE.replace("{peer}", "{peer} via={via}"), via=self.via,
+                         **fields)
+            else:
+                log.info(_CLOSED_LINE, **fields)
+
+
+_CLOSED_LINE = (
+    "closed listener={listener} peer={peer} protocol={protocol} sni={sni}"
+    " service={service} endpoint={endpoint} bytes_in={bytes_in} bytes_out={bytes_out}"
+    " duration_ms={duration_ms:.1f} end={end}")
 
 
 def set_no_delay(transport) -> None:

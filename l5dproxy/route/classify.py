@@ -58,3 +58,23 @@ def classify(status_code: int, grpc_status: int | None, is_grpc: bool) -> str:
             grpc_status = GRPC_UNKNOWN
         return "failure" if grpc_status in FAILURE_STATUSES or status_code >= 500 else "success"
     return "failure" if status_code >= 500 else "success"
+
+
+def status_text(trailers: Headers | None, headers: Headers) -> str:
+    """The ``grpc-status`` of a response as text, from its trailers or else
+    its head (a trailers-only response); "" when it has none (the
+    ``grpc_status`` label's value)."""
+    for source in (trailers, headers):
+        if source:
+            for name, value in source:
+                if len(name) == 11 and name.lower() == b"grpc-status":
+                    return value.decode("latin-1")
+    return ""
+
+
+def status_int(grpc_status: str) -> int | None:
+    """``status_text``'s value as a number for ``classify``: None when
+    empty, UNKNOWN when not digits."""
+    if not grpc_status:
+        return None
+    return int(grpc_status) if grpc_status.isdigit() else GRPC_UNKNOWN

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -69,6 +69,7 @@ from l5dproxy.exchange.message import (
 )
 from l5dproxy.route import classify as grpc
 from l5dproxy.route.errors import LOAD_SHED, as_proxy_error, name_error, note_health
+from l5dproxy.route.forwarded import ForwardedRule
 from l5dproxy.route.labels import OTHER, Labels
 from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
@@ -173,10 +174,11 @@ class HttpProxy:
 class _RouteTable:
     """A listener's routes, compiled: (host, path prefix, service), first match wins."""
 
-    __slots__ = ("default", "hosts", "routes")
+    __slots__ = ("default", "forwarded", "hosts", "routes")
 
     def __init__(self, config) -> None:
         self.default: str = config.service
+        self.forwarded = ForwardedRule.from_config(config.forwarded, config.trusted_proxies)
         self.routes: list[tuple[bytes | None, bytes | None, str, RouteConfig]] = [
             (route.host.lower().encode("idna") if route.host else None,
              route.path_prefix.encode() if route.path_prefix else None,
@@ -277,9 +279,10 @@ class _Exchange:
         if dropped:   # one rule for every request, whatever protocol it came in
             proxy.metrics.http_errors_total.labels(
                 DIRECTION, listener_name, UNDERSCORE_FIELD_REASON).inc(dropped)
-        table = context.routes
+        table = cast("_RouteTable | None", context.routes)
         if table is None:   # once per connection (its listener's routes)
             table = context.routes = proxy.route_table(listener)
+        table.forwarded.apply_to(head, context.connection)  # the client's address (one rule)
         service, route = table.match_route(head.authority, head.target)
         labels = self.labels = proxy.labels(listener_name, service,
                                             table.authority_label(head.authority),
@@ -437,7 +440,7 @@ class _Exchange:
         self._first_byte()
         response = self.response
         status = self.status
-        grpc_status = _grpc_status(trailers, response.head.headers)
+        grpc_status = grpc.status_text(trailers, response.head.headers)
         if reason is not None:
             error = "cancelled" if isinstance(reason, ConnectionAbortedError) else "stream"
             failed = True
@@ -445,7 +448,7 @@ class _Exchange:
         else:
             error = ""
             # Linkerd's gRPC failure set; a gRPC stream with no status is UNKNOWN.
-            failed = grpc.classify(status, _int_or_unknown(grpc_status),
+            failed = grpc.classify(status, grpc.status_int(grpc_status),
                                    self.grpc or bool(grpc_status)) == "failure"
             endpoint_ok = status < 500
         self.labels.response(status, grpc_status, "failure" if failed else "success",
@@ -567,7 +570,7 @@ class _Exchange:
         response = self.response
         access_log.info(
             "{method} {authority} {path} {status} req_bytes={req_bytes} resp_bytes={resp_bytes}"
-            " duration_ms={duration_ms:.1f} endpoint={endpoint}{error}",
+            " duration_ms={duration_ms:.1f} endpoint={endpoint} client={client}{error}",
             listener=self.context.listener.name,
             method=head.method.decode("latin-1"), authority=head.authority.decode("latin-1")
             or "-", path=head.target.decode("latin-1"), status=status,
@@ -575,23 +578,10 @@ class _Exchange:
             resp_bytes=response.body.received if response is not None else 0,
             duration_ms=(self.proxy.reactor.seconds() - self.started) * 1000.0,
             endpoint=getattr(self.context.connection, "endpoint", "") or "-",
+            client=getattr(self.context.connection, "peer", "") or "-",
             error=f' error="{error}"' if error else "",
         )
 
-
-def _grpc_status(trailers: Headers | None, headers: Headers) -> str:
-    for source in (trailers, headers):
-        if source:
-            for name, value in source:
-                if len(name) == 11 and name.lower() == b"grpc-status":
-                    return value.decode("latin-1")
-    return ""
-
-
-def _int_or_unknown(grpc_status: str) -> int | None:
-    if not grpc_status:
-        return None
-    return int(grpc_status) if grpc_status.isdigit() else grpc.GRPC_UNKNOWN
 
 
 #: A callable a client end is given to find an endpoint's service config.

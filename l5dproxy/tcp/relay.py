@@ -55,6 +55,8 @@ class RelayProtocol(Protocol):
         self.connect_retries = 0
         #: An upstream connection made before the relay (adopt_upstream).
         self.early = None
+        #: The upstream connection is an early one, adopted (adopt_upstream).
+        self.adopted = False
         #: The endpoint to dial instead of picking one (use_endpoint).
         self.chosen: Endpoint | None = None
         #: Set while the kernel moves the bytes (l5dproxy.net.splice).
@@ -76,6 +78,7 @@ class RelayProtocol(Protocol):
             self.endpoint = early.endpoint
             conn.endpoint = early.endpoint.label
             if early.attach(self, UpstreamProtocol(self)):
+                self.adopted = True
                 return
             self.endpoint = None
         upstream = conn.listener.upstream
@@ -140,6 +143,8 @@ class RelayProtocol(Protocol):
         if self.endpoint is not None:
             self.endpoint.report(True)  # failure accrual: the endpoint answered
         pending, self.pending, self.pending_size = self.pending, [], 0
+        if self.conn.proxy_header and not self.adopted:   # an early one sent it when made
+            pending.insert(0, self.conn.proxy_header)
         if not self.client_eof and splice.can_splice(self.transport, upstream.transport):
             # Steady from here: the kernel moves the bytes (held ones first).
             self.splice = splice.Splice(self, upstream, self.conn.listener.reactor)

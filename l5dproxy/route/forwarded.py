@@ -1,0 +1,146 @@
+"""The client's address in an HTTP request: ``X-Forwarded-For``,
+``X-Forwarded-Proto`` and RFC 7239 ``Forwarded``.
+
+One rule for every request, whatever protocol it came in on and goes out
+on (HTTP/1, h2, and h1<->h2 translation): the dispatcher applies it to the
+neutral ``RequestHead`` before routing, so each codec end only writes what
+it is given.
+
+A listener's ``forwarded`` mode and ``trusted_proxies`` decide
+(``ForwardedRule.apply``):
+
+* ``append`` (the default): from a *trusted* peer (its address in one of
+  ``trusted_proxies``) the fields are kept as they came and the client's
+  address is appended to ``X-Forwarded-For`` (and, when the request has a
+  ``Forwarded`` field, a ``for=...;proto=...`` element to it);
+  ``X-Forwarded-Proto`` is kept when present, else set. From any other
+  peer the fields it sent are dropped and set anew, so a client cannot
+  forge its address (what nginx's ``real_ip`` and Envoy's
+  ``xff_num_trusted_hops`` guard against from the other side).
+* ``replace``: the fields are always set anew, whoever the peer is.
+* ``off``: the request is forwarded as it came.
+
+``X-Forwarded-For`` holds addresses without ports (as nginx's
+``$proxy_add_x_forwarded_for`` and Envoy write them), IPv6 without
+brackets; ``Forwarded`` quotes an IPv6 node as RFC 7239 section 6 requires
+(``for="[2001:db8::1]"``). A ``Forwarded`` field is only added to when the
+request has one: the rule keeps the two consistent (the last ``for=`` is the
+last ``X-Forwarded-For`` entry), it does not introduce a field an
+application does not expect. The fields the rule writes come after the
+request's other fields, names lowercase (valid for HTTP/1 and required by
+h2, RFC 9113 8.2.1).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from l5dproxy.config.checks import IPNetwork, parse_networks
+from l5dproxy.exchange.message import Headers, RequestHead
+
+
+class ClientSide(Protocol):
+    """What the rule reads of a client connection
+    (``l5dproxy.net.connection.InboundConnection``)."""
+
+    @property
+    def client_host(self) -> str | None: ...
+    @property
+    def secure(self) -> bool: ...
+
+
+MODES = ("append", "replace", "off")
+
+XFF = b"x-forwarded-for"
+XFP = b"x-forwarded-proto"
+FORWARDED = b"forwarded"
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedRule:
+    """A listener's ``forwarded`` and ``trusted_proxies``, compiled."""
+
+    mode: str = "append"
+    trusted: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def from_config(cls, mode: str, trusted_proxies: Sequence[str]) -> ForwardedRule:
+        if mode not in MODES:
+            raise ValueError(f"forwarded must be one of {', '.join(MODES)}, not {mode!r}")
+        return cls(mode, parse_networks(trusted_proxies))
+
+    def trusts(self, host: str | None) -> bool:
+        """Whether ``host`` (an IP address as text) is in ``trusted``; an
+        IPv4-mapped IPv6 address (``::ffff:10.0.0.1``, a dual-stack socket's
+        view of an IPv4 peer) counts as its IPv4 address."""
+        if host is None or not self.trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted)
+
+    def apply_to(self, head: RequestHead, connection: object) -> None:
+        """``apply`` for a request that came in on ``connection`` (its
+        ``client_host``; ``https`` when ``secure``); nothing without one."""
+        if connection is not None and self.mode != "off":
+            side = cast(ClientSide, connection)   # RequestContext.connection is untyped
+            self.apply(head, side.client_host, b"https" if side.secure else b"http")
+
+    def apply(self, head: RequestHead, client_host: str | None, proto: bytes) -> None:
+        """Set the forwarding fields of ``head`` for a request from
+        ``client_host`` (the connection's client address, after any PROXY
+        protocol header; None: not an IP connection) that came in over
+        ``proto`` (``b"http"`` or ``b"https"``). ``head.headers`` is
+        replaced, never changed in place."""
+        if self.mode == "off":
+            return
+        keep = self.mode == "append" and self.trusts(client_host)
+        node = _node(client_host)
+        kept: Headers = []
+        xff: list[bytes] = []
+        xfp: list[bytes] = []
+        forwarded: list[bytes] = []
+        had_forwarded = False
+        for name, value in head.headers:
+            if len(name) == 15 and name.lower() == XFF:
+                xff.append(value)
+            elif len(name) == 17 and name.lower() == XFP:
+                xfp.append(value)
+            elif len(name) == 9 and name.lower() == FORWARDED:
+                had_forwarded = True
+                forwarded.append(value)
+            else:
+                kept.append((name, value))
+        if not keep:
+            xff, xfp, forwarded = [], [], []
+        xff.append(node)
+        kept.append((XFF, b", ".join(v for v in (x.strip() for x in xff) if v)))
+        kept.append((XFP, b", ".join(xfp) if xfp else proto))
+        if had_forwarded:
+            element = b"for=" + _forwarded_node(client_host, node) + b";proto=" + proto
+            forwarded.append(element)
+            kept.append((FORWARDED, b", ".join(v for v in (f.strip() for f in forwarded) if v)))
+        head.headers = kept
+
+
+def _node(host: str | None) -> bytes:
+    """The client as an ``X-Forwarded-For`` entry: its IP address, or
+    ``unknown`` (RFC 7239 6.2's obfuscated-node word) for a connection
+    without one (a ``unix:`` listener)."""
+    if not host:
+        return b"unknown"
+    return host.encode("ascii", "replace")
+
+
+def _forwarded_node(host: str | None, node: bytes) -> bytes:
+    """RFC 7239 6: an IPv6 node is bracketed and so must be quoted."""
+    if host and ":" in host:
+        return b'"[' + node + b']"'
+    return node
