@@ -2,9 +2,11 @@
 
 One copy of each stand-in: the listener a connection belongs to, the
 dispatcher a server end hands its requests to (through the production entry,
-``dispatch_to(request, context, waiter, token)``), body sinks and sources, the
-h2 client end's rig, and the bridges that let a test written against
-Deferreds drive the waiter-based production path.
+``dispatch_to(request, context, waiter, token)``), the client end the
+dispatcher sends to (``FakeClient``: ``send(target, endpoint, request,
+waiter)``), body sinks and sources, the h2 client end's rig, and the bridges
+that let a test written against Deferreds drive the waiter-based production
+path: ``dispatch`` (an exchange) and ``send`` (a client end's attempt).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from h2.connection import H2Connection
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
@@ -26,8 +29,9 @@ from l5dproxy.config.model import (
     ListenerConfig,
     RouteConfig,
     ServiceConfig,
+    Target,
 )
-from l5dproxy.exchange.message import Body, Request, RequestContext, RequestHead
+from l5dproxy.exchange.message import Body, Request, RequestContext, RequestHead, Response
 from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.telemetry import Metrics
@@ -154,41 +158,85 @@ def dispatch(proxy: Any, request: Request, context: RequestContext) -> defer.Def
     return d
 
 
-#: The name tests/test_proxy.py and tests/test_retry.py know it by.
-dispatch_to_deferred = dispatch
-
-
 # -- client ends, seen from the dispatcher ------------------------------------
 
-def as_call_client(client):
-    """``client`` as a client end without Deferreds (``call(endpoint, request,
-    waiter)``, as H1Client has): the same attempts, reported to the waiter."""
+#: The target a client end is given when a test names none: the settings a
+#: pool had before targets existed (no service, 5 s connect, 60 s idle).
+DEFAULT_TARGET = Target("")
 
-    class _Handle:
-        def __init__(self, d) -> None:
-            self.d = d
-            self.cancelled = False
 
-        def cancel(self) -> None:
+def send(client: Any, endpoint: Any, request: Request,
+         target: Target = DEFAULT_TARGET) -> defer.Deferred[Response]:
+    """``client.send(target, endpoint, request, waiter)`` seen through a
+    Deferred: it fires with the response, or fails with what the attempt
+    failed with; cancelling it cancels the attempt (CancelledError)."""
+    attempt = None
+    d: defer.Deferred[Response] = defer.Deferred(lambda _d: attempt.cancel())
+
+    class Waiter:
+        def attempt_responded(self, response: Response) -> None:
+            d.callback(response)
+
+        def attempt_failed(self, failure: Failure) -> None:
+            d.errback(failure)
+
+    attempt = client.send(target, endpoint, request, Waiter())
+    return d
+
+
+class _FakeAttempt:
+    """A ``FakeClient`` attempt: ``d`` is what the test answers; it tells
+    the dispatcher's waiter unless the dispatcher cancelled the attempt."""
+
+    def __init__(self, client: FakeClient, waiter: Any) -> None:
+        self.cancelled = False
+        self.client = client
+        self.waiter = waiter
+        self.d: defer.Deferred[Response] = defer.Deferred(self._counted)
+        self.d.addCallbacks(self._responded, self._failed)
+
+    def _counted(self, _d: defer.Deferred) -> None:
+        self.client.cancelled += 1
+
+    def _responded(self, response: Response) -> None:
+        if not self.cancelled:
+            self.waiter.attempt_responded(response)
+
+    def _failed(self, failure: Failure) -> None:
+        if not self.cancelled:
+            self.waiter.attempt_failed(failure)
+
+    def cancel(self) -> None:
+        if not self.cancelled:
             self.cancelled = True
             self.d.cancel()
 
-    def call(endpoint, request, waiter):
-        d = client.request(endpoint, request)
-        handle = _Handle(d)
 
-        def responded(response):
-            if not handle.cancelled:
-                waiter.upstream_responded(response)
+class FakeClient:
+    """A client end (``contracts.ClientEnd``) that records each attempt as
+    ``(endpoint, request, d, sink)`` for the test to answer through ``d``
+    (``callback(response)``, ``errback(error)``); ``sink`` (a ``Sink``)
+    consumes the request body when ``consume_bodies``, else it is None.
+    ``targets`` holds the target of each attempt, ``retargeted`` what each
+    reload handed over; ``cancelled`` counts the attempts given up."""
 
-        def failed(failure):
-            if not handle.cancelled:
-                waiter.upstream_failed(failure)
-        d.addCallbacks(responded, failed)
-        return handle
+    def __init__(self, consume_bodies: bool = False) -> None:
+        self.calls: list[tuple[Any, Request, defer.Deferred[Response], Sink | None]] = []
+        self.targets: list[Target] = []
+        self.retargeted: list[dict[str, Target]] = []
+        self.cancelled = 0
+        self.consume_bodies = consume_bodies
 
-    client.call = call
-    return client
+    def send(self, target: Target, endpoint: Any, request: Request,
+             waiter: Any) -> _FakeAttempt:
+        attempt = _FakeAttempt(self, waiter)
+        self.targets.append(target)
+        sink = Sink(request.body) if self.consume_bodies else None
+        self.calls.append((endpoint, request, attempt.d, sink))
+        return attempt
+
+    def retarget(self, targets: dict[str, Target]) -> None:
+        self.retargeted.append(dict(targets))
 
 
 # -- bodies -------------------------------------------------------------------
@@ -265,10 +313,12 @@ class Transport(StringTransport):
 
 
 class Endpoint:
-    """An endpoint as the client ends see it: an address."""
+    """An endpoint as the client ends see it (``contracts.Dialable``): an
+    address and its label."""
 
     def __init__(self, port: int = 9000) -> None:
         self.address = HostPort("127.0.0.1", port)
+        self.label = str(self.address)
 
 
 class H2ClientRig:
@@ -323,11 +373,11 @@ class H2ClientRig:
     def send(self, head=None, body=None) -> defer.Deferred:
         head = head or RequestHead(b"GET", b"/x", b"svc.test",
                                    [(b"accept", b"*/*"), (b"connection", b"keep-alive")])
-        return self.client.request(Endpoint(), Request(head, body or Body.empty()))
+        return send(self.client, Endpoint(), Request(head, body or Body.empty()))
 
 
 __all__ = [
-    "LOOSE", "DeferredDispatcher", "Endpoint", "FakeConnection", "FakeDispatcher",
-    "FakeListener", "H2ClientRig", "Sink", "Source", "Transport", "as_call_client",
-    "dispatch", "dispatch_to_deferred", "make_listener",
+    "DEFAULT_TARGET", "LOOSE", "DeferredDispatcher", "Endpoint", "FakeClient",
+    "FakeConnection", "FakeDispatcher", "FakeListener", "H2ClientRig", "Sink", "Source",
+    "Transport", "dispatch", "make_listener", "send",
 ]

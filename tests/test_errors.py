@@ -22,7 +22,7 @@ from l5dproxy.exchange.message import (
 )
 from l5dproxy.route.errors import HEALTH_LOG_INTERVAL
 from tests import test_proxy
-from tests.fakes import FakeConnection, as_call_client
+from tests.fakes import FakeConnection
 
 
 def read_body(body: Body) -> bytes:
@@ -106,7 +106,6 @@ class DispatchedErrorTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         test_proxy.DispatcherTests.setUp(self)
-        as_call_client(self.h1)
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)

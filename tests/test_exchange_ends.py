@@ -258,8 +258,7 @@ class Rig:
             retry_max_body=case.retry_max_body, response_timeout=case.response_timeout)
         self.upstream = Upstream(config, frozenset(), clock=self.clock, rng=random.Random(0))
         self.proxy = HttpProxy({"app": self.upstream}, listener.metrics, self.clock)
-        self.proxy.clients["http1"] = H1Client(self.clock, listener.metrics,
-                                               self.proxy.target_of)
+        self.proxy.clients["http1"] = H1Client(self.clock, listener.metrics)
         self.metrics = listener.metrics
         self.transport = StringTransport(peerAddress=None)
         self.server = server_on(self.transport, listener, self.proxy)

@@ -31,7 +31,7 @@ from l5dproxy.http.h1.server import H1Server
 from l5dproxy.http.h1.upgrade import UpgradeRequest
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.telemetry import Metrics
-from tests.fakes import FakeDispatcher, FakeListener, Sink
+from tests.fakes import FakeDispatcher, FakeListener, Sink, send
 
 
 def ok(body: bytes = b"hi", headers=None) -> Response:
@@ -574,13 +574,13 @@ class ClientTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.metrics = Metrics()
         self.config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), idle_timeout=30.0)
-        self.client = H1Client(self.reactor, self.metrics, lambda ep: self.config, max_idle=2)
+        self.client = H1Client(self.reactor, self.metrics, max_idle=2)
         self.endpoint = Endpoint(HostPort("127.0.0.1", 8080))
 
     def request(self, method=b"GET", body=None, headers=None):
         request = Request(RequestHead(method, b"/x", b"example.com", headers or []),
                           body if body is not None else Body.empty())
-        return self.client.request(self.endpoint, request)
+        return send(self.client, self.endpoint, request, self.config.target)
 
     def accept(self, index=-1):
         _host, _port, factory, timeout, _ = self.reactor.tcpClients[index]
@@ -611,7 +611,7 @@ class ClientTests(SynchronousTestCase):
             self.setUp()   # a new pool: one connection per case
             request = Request(RequestHead(b"GET", b"/x", b"example.com", [], b"http", version),
                               Body.empty())
-            d = self.client.request(self.endpoint, request)
+            d = send(self.client, self.endpoint, request, self.config.target)
             proto, transport = self.accept()
             body = b"3\r\nabc\r\n0\r\n\r\n" if te.endswith(b"chunked") else b"abc"
             proto.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + te + b"\r\n\r\n" + body)
@@ -655,15 +655,15 @@ class ClientTests(SynchronousTestCase):
             def __init__(self) -> None:
                 self.outcomes: list = []
 
-            def upstream_responded(self, response) -> None:
+            def attempt_responded(self, response) -> None:
                 self.outcomes.append(response)
 
-            def upstream_failed(self, failure) -> None:
+            def attempt_failed(self, failure) -> None:
                 self.outcomes.append(failure)
 
         waiter = Waiter()
         request = Request(RequestHead(b"GET", b"/x", b"example.com", []), Body.empty())
-        call = self.client.call(self.endpoint, request, waiter)
+        call = self.client.send(self.config.target, self.endpoint, request, waiter)
         proto, transport = self.accept()
         proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
         [response] = waiter.outcomes
@@ -672,13 +672,13 @@ class ClientTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         # Cancelled before a response: the connection is aborted, nothing reported.
         waiter2 = Waiter()
-        call2 = self.client.call(self.endpoint, request, waiter2)
+        call2 = self.client.send(self.config.target, self.endpoint, request, waiter2)
         call2.cancel()
         self.assertEqual(waiter2.outcomes, [])
         self.assertTrue(transport.disconnecting)
         # A failure is reported as a Failure.
         waiter3 = Waiter()
-        self.client.call(self.endpoint, request, waiter3)
+        self.client.send(self.config.target, self.endpoint, request, waiter3)
         proto3, _ = self.accept()
         proto3.connectionLost(Failure(ConnectionLost("gone")))
         [failure] = waiter3.outcomes
@@ -699,7 +699,7 @@ class ClientTests(SynchronousTestCase):
         response.body.consume(sink)
         proto.dataReceived(b"0\r\nT: 2\r\n\r\n")
         self.assertEqual((sink.data, sink.trailers), ([b"hi"], [(b"T", b"2")]))
-        self.assertEqual(self.client.pools[self.endpoint.address].idle, [proto])
+        self.assertEqual(self.client.pools[("app", self.endpoint.label)].idle, [proto])
 
     def test_paused_reader_then_end_resumes_reading_for_the_pool(self) -> None:
         d = self.request()
@@ -794,7 +794,7 @@ class ClientTests(SynchronousTestCase):
         seen = []
         request = Request(RequestHead(b"GET", b"/x", b"example.com", []), Body.empty(),
                           seen.append)
-        d = self.client.request(self.endpoint, request)
+        d = send(self.client, self.endpoint, request, self.config.target)
         proto, _ = self.accept()
         proto.dataReceived(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
                            b"Connection: x\r\n\r\nHTTP/1.1 100 Continue\r\n\r\n")
@@ -847,7 +847,7 @@ class ClientTests(SynchronousTestCase):
             proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         for d in ds:
             self.successResultOf(d)
-        pool = self.client.pools[self.endpoint.address]
+        pool = self.client.pools[("app", self.endpoint.label)]
         self.assertEqual(len(pool.idle), 2)   # max_idle
         self.assertTrue(conns[2][1].disconnecting)
         self.reactor.advance(31)
@@ -900,8 +900,8 @@ class UpgradeTests(SynchronousTestCase):
 
     def upstream_bytes(self, request) -> tuple[bytes, H1Client, object, defer.Deferred]:
         reactor = MemoryReactorClock()
-        client = H1Client(reactor, Metrics(), lambda ep: None)
-        d = client.request(Endpoint(HostPort("127.0.0.1", 1)), request)
+        client = H1Client(reactor, Metrics())
+        d = send(client, Endpoint(HostPort("127.0.0.1", 1)), request)
         proto = reactor.tcpClients[0][2].buildProtocol(None)
         upstream = StringTransport()
         proto.makeConnection(upstream)
@@ -1071,7 +1071,7 @@ class PipelineGarbageTests(SynchronousTestCase):
         config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="http1")
         proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=clock)},
                           listener.metrics, clock)
-        proxy.clients["http1"] = H1Client(clock, listener.metrics, proxy.target_of)
+        proxy.clients["http1"] = H1Client(clock, listener.metrics)
         transport = StringTransport(peerAddress=None)
         conn = InboundConnection(listener, transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))

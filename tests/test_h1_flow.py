@@ -122,7 +122,7 @@ class BothEndsTests(SynchronousTestCase):
         config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="http1")
         self.proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=self.clock)},
                                self.listener.metrics, self.clock)
-        self.client = H1Client(self.clock, self.listener.metrics, self.proxy.target_of)
+        self.client = H1Client(self.clock, self.listener.metrics)
         self.proxy.clients["http1"] = self.client
         self.upstreams: list = []
 

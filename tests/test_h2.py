@@ -69,8 +69,10 @@ from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route import classify as grpc
 from l5dproxy.telemetry import Metrics
 from tests.fakes import (
+    DEFAULT_TARGET,
     LOOSE,
     Endpoint,
+    FakeClient,
     FakeConnection,
     FakeDispatcher,
     FakeListener,
@@ -78,7 +80,9 @@ from tests.fakes import (
     Sink,
     Source,
     Transport,
+    dispatch,
     make_listener,
+    send,
 )
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a?b=1"),
@@ -1254,7 +1258,7 @@ class H2ClientBoundedStateTests(SynchronousTestCase):
     def exchange(self, server, n: int, first: int = 0) -> None:
         for i in range(first, first + n):
             head = RequestHead(b"GET", b"/item/%d/" % i + b"p" * 100, b"svc.test", [])
-            d = self.client.request(Endpoint(), Request(head, Body.empty()))
+            d = send(self.client, Endpoint(), Request(head, Body.empty()))
             self.pump()
             [sid] = [e.stream_id for e in self.seen[0][-3:] if isinstance(e, RequestReceived)]
             server.send_headers(sid, [(b":status", b"204")], end_stream=True)
@@ -1262,7 +1266,7 @@ class H2ClientBoundedStateTests(SynchronousTestCase):
             self.assertEqual(self.successResultOf(d).head.status, 204)
 
     def test_closed_stream_record_is_bounded_client_end(self) -> None:
-        self.client.request(Endpoint(), Request(
+        send(self.client, Endpoint(), Request(
             RequestHead(b"GET", b"/", b"svc.test", []), Body.empty()))
         server, _, protocol = self.connect()
         server.send_headers(1, [(b":status", b"204")], end_stream=True)
@@ -1277,7 +1281,7 @@ class H2ClientBoundedStateTests(SynchronousTestCase):
         """An endpoint allowing a 1 MiB HPACK table, then 200 requests with
         paths never sent before: the client end announces and keeps a table
         of at most ``ENCODER_TABLE_SIZE`` bytes."""
-        self.client.request(Endpoint(), Request(
+        send(self.client, Endpoint(), Request(
             RequestHead(b"GET", b"/", b"svc.test", []), Body.empty()))
         server, _, protocol = self.connect()
         server.update_settings({SettingCodes.HEADER_TABLE_SIZE: 1 << 20})
@@ -1292,7 +1296,7 @@ class H2ClientBoundedStateTests(SynchronousTestCase):
 class DirectForwarder:
     """The dispatcher reduced to forwarding every request to the h2 client
     end, as HttpProxy does it: the server end calls ``dispatch_to``, which
-    uses the client end's ``call``."""
+    uses the client end's ``send``."""
 
     def __init__(self, client: H2Client) -> None:
         self.client = client
@@ -1306,15 +1310,15 @@ class _DirectCall:
         self.waiter, self.token = waiter, token
         self.delivered = False
         self.handle = None
-        handle = client.call(Endpoint(), request, self)
+        handle = client.send(DEFAULT_TARGET, Endpoint(), request, self)
         if not self.delivered:
             self.handle = handle
 
-    def upstream_responded(self, response: Response) -> None:
+    def attempt_responded(self, response: Response) -> None:
         self.delivered = True
         self.waiter.dispatch_responded(self.token, response)
 
-    def upstream_failed(self, failure: Failure) -> None:
+    def attempt_failed(self, failure: Failure) -> None:
         self.delivered = True
         self.waiter.dispatch_failed(self.token, failure)
 
@@ -1464,7 +1468,7 @@ class WiredTests(SynchronousTestCase):
         data, ended = self.body_of(b, sb)
         self.assertEqual((len(data), ended), (32000, True))
         self.assertFalse(self.endpoint["transport"].disconnecting)
-        self.assertEqual(self.upstream.pools["127.0.0.1:9000"].connections,
+        self.assertEqual(self.upstream.pools[("", "127.0.0.1:9000")].connections,
                          [self.endpoint["protocol"]])
 
     def test_client_connection_closed_in_h2s_view_only_fails_its_stream(self) -> None:
@@ -1546,7 +1550,6 @@ class DispatcherGrpcTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         from l5dproxy.route.dispatcher import HttpProxy
-        from tests.test_proxy import FakeClient
         self.clock = MemoryReactorClock()
         self.metrics = Metrics()
         config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="h2")
@@ -1560,7 +1563,7 @@ class DispatcherGrpcTests(SynchronousTestCase):
         head = RequestHead(b"POST", b"/pkg.Svc/M", b"svc", [
             (b"content-type", b"application/grpc"), *headers], version="2")
         context = RequestContext(self.listener, self.connection, "h2")
-        return self.proxy.dispatch(Request(head, Body.empty()), context)
+        return dispatch(self.proxy, Request(head, Body.empty()), context)
 
     def answered(self, trailers, head_headers=()):
         self.call()
@@ -1798,7 +1801,7 @@ class H2ToH1:
         self.listener = Listener(ListenerConfig("inbound", "tcp:0", "app"), DetectConfig(),
                                  upstreams, metrics, self.clock, log_connections=False)
         proxy = HttpProxy(upstreams, metrics, self.clock)
-        proxy.clients["http1"] = H1Client(self.clock, metrics, proxy.target_of)
+        proxy.clients["http1"] = H1Client(self.clock, metrics)
         self.transport = Transport()
         conn = InboundConnection(self.listener, self.transport, 0.0)
         conn.detected(Verdict("h2", "preface"))

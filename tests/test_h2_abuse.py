@@ -34,7 +34,7 @@ from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.net.writebound import WriteBound
 from l5dproxy.telemetry import Metrics
-from tests.fakes import Endpoint, FakeDispatcher, Transport, make_listener
+from tests.fakes import Endpoint, FakeDispatcher, Transport, make_listener, send
 from tests.test_h2 import GET, raw_frames
 
 #: Twisted reads at most this much per dataReceived.
@@ -255,7 +255,7 @@ class ClientAbuseTests(SynchronousTestCase):
         metrics = Metrics()
         client = H2Client(reactor, settings=H2Settings(abuse_budget=100), metrics=metrics)
         head = RequestHead(b"GET", b"/x", b"svc.test", [])
-        d = client.request(Endpoint(), Request(head, Body.empty()))
+        d = send(client, Endpoint(), Request(head, Body.empty()))
         _host, _port, factory, _timeout, _ = reactor.tcpClients[0]
         protocol = factory.buildProtocol(None)
         transport = Transport()

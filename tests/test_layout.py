@@ -132,8 +132,6 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/net/connection.py", "l5dproxy/accept/listener.py"),  # net -> accept [tc]
     ("l5dproxy/net/connection.py", "l5dproxy/detect/sniff.py"),  # net -> detect [tc]
     ("l5dproxy/discovery.py", "l5dproxy/balance/backends.py"),  # discovery -> balance [run]
-    ("l5dproxy/exchange/message.py", "l5dproxy/balance/backends.py"),  # exchange -> balance [tc]
-    ("l5dproxy/http/h1/pool.py", "l5dproxy/balance/backends.py"),  # http -> balance [tc]
     ("l5dproxy/http/h2/pool.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]

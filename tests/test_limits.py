@@ -51,10 +51,9 @@ from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
 from tests import fakes
-from tests.fakes import FakeConnection, FakeListener, H2ClientRig, Transport
+from tests.fakes import FakeClient, FakeConnection, FakeListener, H2ClientRig, Transport
 from tests.test_detect import SwitchableTransport
 from tests.test_h2 import ServerHarness, raw_frames
-from tests.test_proxy import FakeClient
 
 MINIMAL = """
 [[listener]]
@@ -303,7 +302,7 @@ class H2PoolTests(H2ClientRig, SynchronousTestCase):
         self.assertEqual((err.status, err.reason),
                          (503, "endpoint 127.0.0.1:9000 accepts no streams"))
         self.assertEqual(self.dials(), 1)
-        self.assertEqual(list(self.client.pools["127.0.0.1:9000"].waiting), [])
+        self.assertEqual(list(self.client.pools[("", "127.0.0.1:9000")].waiting), [])
 
     def test_settings_that_open_streams_later_place_the_waiting_request(self) -> None:
         d = self.send()
@@ -319,13 +318,15 @@ class H2PoolTests(H2ClientRig, SynchronousTestCase):
         d = self.send()
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
-        pool = self.client.pools["127.0.0.1:9000"]
+        pool = self.client.pools[("", "127.0.0.1:9000")]
         self.assertEqual(list(pool.waiting), [])
         # The connection dialled for it comes up full: no new dial for nobody.
         self.connect(max_streams=0)
         self.reactor.advance(10)
         self.assertEqual(self.dials(), 1)
-        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        # Nothing waits (no request timer); only the idle connection's deadline.
+        self.assertEqual([c.func.__name__ for c in self.reactor.getDelayedCalls()],
+                         ["_idle_check"])
 
     def test_connections_bounded_per_endpoint_and_waiters_served_in_order(self) -> None:
         ds = [self.send(RequestHead(b"GET", f"/{i}".encode(), b"svc.test"))
@@ -428,14 +429,13 @@ class H1PoolTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),))
-        self.client = H1Client(self.reactor, Metrics(), lambda ep: self.config,
-                               max_connections=2)
+        self.client = H1Client(self.reactor, Metrics(), max_connections=2)
         self.endpoint = BalancerEndpoint(HostPort("127.0.0.1", 8080), self.reactor)
         self.conns: list[tuple[object, StringTransport]] = []
 
     def request(self, path: bytes) -> defer.Deferred:
-        return self.client.request(self.endpoint, Request(
-            RequestHead(b"GET", path, b"app.test", []), Body.empty()))
+        return fakes.send(self.client, self.endpoint, Request(
+            RequestHead(b"GET", path, b"app.test", []), Body.empty()), self.config.target)
 
     def accept(self):
         _host, _port, factory, _timeout, _ = self.reactor.tcpClients[len(self.conns)]
@@ -446,7 +446,7 @@ class H1PoolTests(SynchronousTestCase):
         return protocol, transport
 
     def pool(self):
-        return self.client.pools[self.endpoint.address]
+        return self.client.pools[("app", self.endpoint.label)]
 
     def test_at_its_limit_the_pool_queues_then_serves_in_order(self) -> None:
         ds = [self.request(b"/%d" % i) for i in range(5)]
@@ -562,7 +562,7 @@ class H1PoolTests(SynchronousTestCase):
                 requests[i % len(requests)][1].cancel()
             elif op == "wait":
                 self.reactor.advance(1.0)
-            pool = self.client.pools.get(self.endpoint.address)
+            pool = self.client.pools.get(("app", self.endpoint.label))
             if pool is None:
                 continue
             self.assertLessEqual(pool.open, 2)
@@ -576,7 +576,7 @@ class H1PoolTests(SynchronousTestCase):
         self.assertEqual(len(numbers), len(set(numbers)))   # each sent once
         # No request lost: each is answered, waiting, on a connection, or
         # on one being made.
-        pool = self.client.pools.get(self.endpoint.address)
+        pool = self.client.pools.get(("app", self.endpoint.label))
         if pool is None:
             return
         somewhere = {c.request.head.target for c in pool.waiting}

@@ -24,32 +24,7 @@ from l5dproxy.route import dispatcher
 from l5dproxy.route.dispatcher import HttpProxy, as_proxy_error
 from l5dproxy.route.labels import MAX_CACHED_CHILDREN
 from l5dproxy.telemetry import Metrics
-from tests.fakes import as_call_client, dispatch_to_deferred
-
-
-class FakeClient:
-    def __init__(self) -> None:
-        self.calls: list[tuple[object, Request, defer.Deferred]] = []
-        self.cancelled = 0
-
-    def request(self, endpoint, request):
-        def cancel(d):
-            self.cancelled += 1
-        d = defer.Deferred(cancel)
-        self.calls.append((endpoint, request, d))
-        return d
-
-
-class FakeListener:
-    def __init__(self, config: ListenerConfig) -> None:
-        self.config = config
-        self.name = config.name
-
-
-class FakeConnection:
-    endpoint = ""
-    client_host = "192.0.2.10"   # the client's address (InboundConnection.client_host)
-    secure = False
+from tests.fakes import FakeClient, FakeConnection, FakeListener, dispatch
 
 
 def sample(registry: CollectorRegistry, name: str, **labels) -> float | None:
@@ -77,7 +52,7 @@ class DispatcherTests(SynchronousTestCase):
         self.h2 = FakeClient()
         self.proxy = HttpProxy(self.upstreams, self.metrics, self.clock,
                                {"http1": self.h1, "h2": self.h2})
-        self.listener = FakeListener(ListenerConfig(
+        self.listener = FakeListener(config=ListenerConfig(
             "in", "tcp:0", "app", routes=(
                 RouteConfig("api", host="api.example"),
                 RouteConfig("empty", path_prefix="/empty"),
@@ -87,7 +62,7 @@ class DispatcherTests(SynchronousTestCase):
     def dispatch(self, authority=b"web.example", target=b"/", method=b"GET", headers=()):
         request = Request(RequestHead(method, target, authority, list(headers)), Body.empty())
         context = RequestContext(self.listener, FakeConnection(), "http1")
-        return request, self.proxy.dispatch(request, context)
+        return request, dispatch(self.proxy, request, context)
 
     def value(self, name, **labels):
         base = {"direction": "inbound", "listener": "in", "protocol": "http1"}
@@ -95,7 +70,7 @@ class DispatcherTests(SynchronousTestCase):
 
     def test_default_service(self) -> None:
         request, _d = self.dispatch()
-        [(endpoint, sent, _)] = self.h1.calls
+        [(endpoint, sent, _, _)] = self.h1.calls
         self.assertIs(sent, request)
         self.assertEqual(endpoint.address, HostPort("127.0.0.1", 8080))
         self.assertEqual(endpoint.active, 1)
@@ -104,7 +79,7 @@ class DispatcherTests(SynchronousTestCase):
         fields = [(b"Transfer_Encoding", b"chunked"), (b"x-a", b"1"), (b"Content_Length", b"5"),
                   (b"_", b"x"), (b"X-A", b"2"), (b"x_forwarded_for", b"10.0.0.1")]
         self.dispatch(headers=fields)
-        [(_, sent, _)] = self.h1.calls
+        [(_, sent, _, _)] = self.h1.calls
         forwarding = [(b"x-forwarded-for", b"192.0.2.10"), (b"x-forwarded-proto", b"http")]
         self.assertEqual(sent.head.headers, [(b"x-a", b"1"), (b"X-A", b"2"), *forwarding])
         self.assertEqual(sample(self.metrics.registry, "http_errors_total",
@@ -223,55 +198,21 @@ class DispatcherTests(SynchronousTestCase):
         _, d = self.dispatch(authority=b"api.example")
         self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 502)
 
-    def test_target_of(self) -> None:
+    def test_each_send_carries_the_services_target(self) -> None:
+        """The client end is handed the routed service's target with every
+        attempt (no map keyed by endpoint address): its timeouts and name."""
         self.dispatch()
-        endpoint = self.h1.calls[0][0]
-        self.assertIs(self.proxy.target_of(endpoint), self.services["app"])
+        self.dispatch(authority=b"slow.example", target=b"/s/1")
+        self.assertEqual(self.h1.targets,
+                         [self.services["app"].target, self.services["slow"].target])
+        self.assertIs(self.h1.targets[0], self.services["app"].target)
+        self.assertIs(self.h1.targets[1], self.services["slow"].target)
 
     def test_unknown_exception_is_502(self) -> None:
         from twisted.python.failure import Failure
         err = as_proxy_error(Failure(RuntimeError("boom")))
         self.assertEqual(err.status, 502)
         self.flushLoggedErrors(RuntimeError)
-
-
-class DispatcherCallTests(DispatcherTests):
-    """The same, through a client end told without Deferreds (H1Client.call)."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        as_call_client(self.h1)
-
-
-class DispatchToTests(DispatcherTests):
-    """The same, through HttpProxy.dispatch_to (no Deferred: the HTTP/1 server end)."""
-
-    def dispatch(self, authority=b"web.example", target=b"/", method=b"GET", headers=()):
-        request = Request(RequestHead(method, target, authority, list(headers)), Body.empty())
-        context = RequestContext(self.listener, FakeConnection(), "http1")
-        return request, dispatch_to_deferred(self.proxy, request, context)
-
-
-
-class TargetsBoundTests(SynchronousTestCase):
-    """``HttpProxy.targets`` (endpoint address -> service config) forgets
-    addresses no service has any more once it holds ``MAX_TARGETS``: a
-    service whose addresses churn (discovery) does not grow it forever."""
-
-    setUp = DispatcherTests.setUp
-    dispatch = DispatcherTests.dispatch
-
-    def test_churning_addresses_stay_bounded(self) -> None:
-        from l5dproxy.route import dispatcher as proxy_module
-        self.patch(proxy_module, "MAX_TARGETS", 8)
-        app = self.upstreams["app"]
-        for port in range(10000, 10040):
-            app.set_addresses([HostPort("127.0.0.1", port)])
-            self.dispatch()
-            self.assertLessEqual(len(self.proxy.targets), 8)
-            endpoint = self.h1.calls[-1][0]
-            self.assertEqual(endpoint.address.port, port)
-            self.assertIs(self.proxy.target_of(endpoint), self.services["app"])
 
 
 def series(registry: CollectorRegistry, name: str) -> list[dict[str, str]]:

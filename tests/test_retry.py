@@ -7,7 +7,7 @@ import random
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer, error
+from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -15,7 +15,6 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
     FailureAccrualConfig,
     HostPort,
-    ListenerConfig,
     RouteConfig,
     ServiceConfig,
 )
@@ -31,48 +30,7 @@ from l5dproxy.exchange.message import (
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.route.retry import Replay, replay_for, retryable
 from l5dproxy.telemetry import Metrics
-from tests.fakes import as_call_client, dispatch_to_deferred
-
-
-class Sink:
-    def __init__(self, body: Body) -> None:
-        self.data = b""
-        self.ended = False
-        self.error = None
-        body.consume(self)
-
-    def body_data(self, data):
-        self.data += data
-
-    def body_end(self, trailers):
-        self.ended = True
-
-    def body_error(self, reason):
-        self.error = reason
-
-
-class FakeClient:
-    """Records each attempt; the test answers it. Consumes request bodies."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[object, Request, defer.Deferred, Sink]] = []
-
-    def request(self, endpoint, request):
-        d = defer.Deferred()
-        self.calls.append((endpoint, request, d, Sink(request.body)))
-        return d
-
-
-class FakeListener:
-    def __init__(self, routes=()) -> None:
-        self.config = ListenerConfig("in", "tcp:0", "app", routes=tuple(routes))
-        self.name = "in"
-
-
-class FakeConnection:
-    endpoint = ""
-    client_host = "192.0.2.10"   # the client's address (InboundConnection.client_host)
-    secure = False
+from tests.fakes import FakeClient, FakeConnection, FakeListener, dispatch
 
 
 class RetryTests(SynchronousTestCase):
@@ -82,7 +40,7 @@ class RetryTests(SynchronousTestCase):
         config = ServiceConfig("app", tuple(HostPort("127.0.0.1", 8000 + i) for i in range(n)),
                                **kw)
         self.upstream = Upstream(config, frozenset(), clock=self.clock, rng=random.Random(0))
-        self.client = FakeClient()
+        self.client = FakeClient(consume_bodies=True)
         self.proxy = HttpProxy({"app": self.upstream}, Metrics(), self.clock,
                                {"http1": self.client})
 
@@ -91,8 +49,8 @@ class RetryTests(SynchronousTestCase):
 
     def dispatch(self, method=b"GET", body: Body | None = None, target=b"/", listener=None):
         request = Request(RequestHead(method, target, b"app"), body or Body.empty())
-        return self.proxy.dispatch(request, RequestContext(listener or FakeListener(),
-                                                           FakeConnection(), "http1"))
+        return dispatch(self.proxy, request, RequestContext(listener or FakeListener(),
+                                                            FakeConnection(), "http1"))
 
     def answer(self, index: int, status: int) -> Body:
         body = Body()
@@ -157,16 +115,16 @@ class RetryTests(SynchronousTestCase):
         body = Body()
         d = self.dispatch(method=b"PUT", body=body)
         body.write(b"ab")
-        self.assertEqual(self.client.calls[0][3].data, b"ab")
+        self.assertEqual(self.client.calls[0][3].bytes, b"ab")
         self.client.calls[0][2].errback(error.ConnectionLost())
         # The retry gets what was sent so far, then the rest as it comes.
         retry = self.client.calls[1][3]
-        self.assertEqual(retry.data, b"ab")
+        self.assertEqual(retry.bytes, b"ab")
         body.write(b"cd")
         body.finish()
-        self.assertEqual(retry.data, b"abcd")
+        self.assertEqual(retry.bytes, b"abcd")
         self.assertTrue(retry.ended)
-        self.assertEqual(self.client.calls[0][3].data, b"ab")  # the failed attempt: no more
+        self.assertEqual(self.client.calls[0][3].bytes, b"ab")  # the failed attempt: no more
         self.answer(1, 200)
         self.successResultOf(d)
 
@@ -233,7 +191,7 @@ class RetryTests(SynchronousTestCase):
         self.client.calls[0][1].body.cancel()
         self.client.calls[0][2].errback(error.ConnectionLost())
         retry = self.client.calls[1][3]
-        self.assertEqual((retry.data, retry.ended), (b"abcd", True))
+        self.assertEqual((retry.bytes, retry.ended), (b"abcd", True))
         self.answer(1, 200)
         self.assertEqual(self.successResultOf(d).head.status, 200)
 
@@ -313,7 +271,7 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, ProxyError).value.status, 504)
 
     def test_route_marked_retryable_retries_post(self):
-        listener = FakeListener([RouteConfig("app", path_prefix="/idem", retryable=True)])
+        listener = FakeListener(routes=[RouteConfig("app", path_prefix="/idem", retryable=True)])
         d = self.dispatch(method=b"POST", target=b"/idem/x", listener=listener)
         self.client.calls[0][2].errback(error.ConnectionRefusedError())
         self.answer(1, 200)
@@ -324,7 +282,7 @@ class RetryTests(SynchronousTestCase):
 
     def test_route_timeout_overrides_the_service(self):
         self.make(n=1, response_timeout=10.0)
-        listener = FakeListener([RouteConfig("app", path_prefix="/fast", timeout=0.5)])
+        listener = FakeListener(routes=[RouteConfig("app", path_prefix="/fast", timeout=0.5)])
         d = self.dispatch(target=b"/fast", listener=listener)
         other = self.dispatch(target=b"/slow", listener=listener)
         self.clock.advance(0.6)
@@ -429,21 +387,3 @@ class RetryTests(SynchronousTestCase):
         for at in started:
             self.assertLess(at, place_by)
         self.assertLessEqual(len(self.client.calls), retry_limit + 1)
-
-
-class RetryCallTests(RetryTests):
-    """The same, through a client end told without Deferreds (H1Client.call)."""
-
-    def make(self, n: int = 2, **kw) -> None:
-        super().make(n, **kw)
-        as_call_client(self.client)
-
-
-class RetryDispatchToTests(RetryCallTests):
-    """The same, through HttpProxy.dispatch_to as well."""
-
-    def dispatch(self, method=b"GET", body: Body | None = None, target=b"/", listener=None):
-        request = Request(RequestHead(method, target, b"app"), body or Body.empty())
-        return dispatch_to_deferred(self.proxy, request, RequestContext(
-            listener or FakeListener(), FakeConnection(), "http1"))
-

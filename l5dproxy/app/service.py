@@ -79,10 +79,9 @@ class ProxyService(Service):
         # HTTP: one dispatcher for every listener; codec ends register here.
         self.http = HttpProxy(self.upstreams, self.metrics, reactor)
         h2_settings = H2Settings(**dataclasses.asdict(config.h2))
-        self.http.clients["h2"] = H2Client(reactor, settings=h2_settings, metrics=self.metrics,
-                                           target_of=self.http.target_of)
+        self.http.clients["h2"] = H2Client(reactor, settings=h2_settings, metrics=self.metrics)
         self.handlers = {"h2": h2_handler(self.http, h2_settings)}
-        self.http.clients["http1"] = H1Client(reactor, self.metrics, self.http.target_of,
+        self.http.clients["http1"] = H1Client(reactor, self.metrics,
                                               max_idle=config.http.pool_max_idle,
                                               max_connections=(
                                                   config.http.max_connections_per_endpoint))
@@ -272,6 +271,11 @@ class ProxyService(Service):
             for name in new.services:
                 if name not in self.discoveries:
                     self._start_discovery(name)
+        # Pools: every existing one takes its service's new target (connect
+        # and idle timeouts); a removed service's are forgotten.
+        targets = {name: service.target for name, service in new.services.items()}
+        for client in self.http.clients.values():
+            client.retarget(targets)
         # 3. Listeners: each rebuilt on the new config; ports kept or swapped.
         listeners = []
         for lc in new.listeners:

@@ -7,6 +7,7 @@ bounds; README.rst's configuration reference documents every key.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
@@ -135,6 +136,21 @@ class ListenerConfig:
     trusted_proxies: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """How a client end reaches one service's endpoints, handed over with
+    every request (``ClientEnd.send``): the pool key with the endpoint, so
+    two services whose endpoints share an address never share a
+    connection, a label or a timeout."""
+
+    #: The service's name: half of the pool key, the dst metrics' ``service`` label.
+    service: str
+    #: Seconds each dial may take (and a request's wait for a connection or stream).
+    connect_timeout: float = 5.0
+    #: Seconds an unused upstream connection is kept (HTTP/1 and h2).
+    idle_timeout: float = 60.0
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     name: str
@@ -175,6 +191,13 @@ class ServiceConfig:
         if self.dns is not None:
             return self.dns.port in opaque_ports
         return bool(self.endpoints) and all(e.port in opaque_ports for e in self.endpoints)
+
+    @functools.cached_property
+    def target(self) -> Target:
+        """This service as its client ends see it; one object per config, so
+        a reload (a new ``ServiceConfig``) is a new target, and a pool tells
+        a change by identity (``pool.target is not target``)."""
+        return Target(self.name, self.connect_timeout, self.idle_timeout)
 
 
 @dataclass(frozen=True)

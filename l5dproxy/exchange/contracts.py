@@ -10,20 +10,33 @@ Server side (a server end hands each request to the dispatcher)::
                <--waiter.dispatch_responded(token, response)--
                <--waiter.dispatch_failed(token, failure)------
     client gone: Dispatched.cancel() (the waiter then hears nothing)
+
+Client side (the dispatcher sends each attempt of a request to a client end,
+with the routed service's ``Target``)::
+
+    Dispatcher --send(target, endpoint, request, waiter)--> ClientEnd
+               <--waiter.attempt_responded(response)------
+               <--waiter.attempt_failed(failure)----------
+    given up: Attempt.cancel() (the waiter then hears nothing)
+    reload:   ClientEnd.retarget({service: target})
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
+    from l5dproxy.config.model import HostPort, Target
     from l5dproxy.exchange.message import Request, RequestContext, Response
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
 
+
+# -- server side ---------------------------------------------------------------
 
 class ResponseWaiter(Protocol[T_contra]):
     """Told the outcome of one dispatched request, exactly once, unless the
@@ -58,4 +71,59 @@ class Dispatcher(Protocol):
                     waiter: ResponseWaiter[T], token: T) -> Dispatched: ...
 
 
-__all__ = ["Dispatched", "Dispatcher", "ResponseWaiter"]
+# -- client side ---------------------------------------------------------------
+
+class AttemptWaiter(Protocol):
+    """Who hears how an attempt went (``route.dispatcher._Exchange``).
+    Exactly one of the two is called, at most once, maybe before
+    ``ClientEnd.send`` returns."""
+
+    def attempt_responded(self, response: Response) -> None:
+        """The endpoint's response head arrived; ``response.body`` follows."""
+
+    def attempt_failed(self, failure: Failure) -> None:
+        """No response: ``failure`` wraps a ``ProxyError`` (502/503/504,
+        ``NotPlacedError`` when the request was never placed) or a
+        connection error that ``as_proxy_error`` maps."""
+
+
+class Attempt(Protocol):
+    """One try of a request on one endpoint (``H1Attempt``, ``H2Attempt``)."""
+
+    def cancel(self) -> None:
+        """Give it up (the client left, a deadline passed): a queued request
+        leaves its queue, a dial stops, a sent request's connection is
+        aborted (HTTP/1) or its stream reset with CANCEL (h2). The waiter
+        hears nothing after this."""
+
+
+class Dialable(Protocol):
+    """An endpoint as a client end sees it (``balance.backends.Endpoint``)."""
+
+    @property
+    def address(self) -> HostPort: ...
+
+    @property
+    def label(self) -> str:
+        """``str(address)``: with the target's service, the pool key."""
+
+
+class ClientEnd(Protocol):
+    """An HTTP client end (``H1Client``, ``H2Client``): pools of upstream
+    connections, one pool per (``target.service``, ``endpoint.label``)."""
+
+    def send(self, target: Target, endpoint: Dialable, request: Request,
+             waiter: AttemptWaiter) -> Attempt:
+        """Send ``request`` to ``endpoint`` with ``target``'s settings
+        (connect timeout, idle timeout, service label); the outcome goes to
+        ``waiter``."""
+
+    def retarget(self, targets: Mapping[str, Target]) -> None:
+        """A reload: every pool of a service in ``targets`` takes its new
+        target (a shorter idle timeout applies to connections already idle);
+        the pools of every other service are forgotten (their idle
+        connections closed, busy ones closed once they finish)."""
+
+
+__all__ = ["Attempt", "AttemptWaiter", "ClientEnd", "Dialable", "Dispatched", "Dispatcher",
+           "ResponseWaiter"]

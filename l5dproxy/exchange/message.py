@@ -24,12 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-from twisted.internet.defer import Deferred
-
-if TYPE_CHECKING:
-    from l5dproxy.balance.backends import Endpoint
+from typing import Protocol
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -492,12 +487,6 @@ class RequestContext:
     connection: object              # l5dproxy.net.connection.InboundConnection
     protocol: str                   # "http1" or "h2": what the client speaks
     routes: object = None           # the dispatcher's route table, kept per connection
-
-
-class UpstreamClient(Protocol):
-    """A client end: sends requests to one endpoint address over h1 or h2."""
-
-    def request(self, endpoint: Endpoint, request: Request) -> Deferred[Response]: ...
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:

@@ -48,10 +48,8 @@ each request's real authority.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -76,8 +74,8 @@ from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint, Upstream
-    from l5dproxy.config.model import HostPort, RouteConfig, ServiceConfig
-    from l5dproxy.exchange.message import UpstreamClient
+    from l5dproxy.config.model import RouteConfig
+    from l5dproxy.exchange.contracts import Attempt, ClientEnd
     from l5dproxy.telemetry import Metrics
 
 log = Logger(namespace="l5dproxy.http")
@@ -89,23 +87,16 @@ access_log = Logger(namespace="l5dproxy.access")
 #: the cache (not the registry's series) across any number of them.
 MAX_CACHED_LABEL_SETS = 10_000
 
-#: Endpoint addresses whose service config is remembered (``HttpProxy.targets``)
-#: before those no longer in any service are dropped.
-MAX_TARGETS = 4096
-
 class HttpProxy:
     """Route, balance, time out and count every HTTP request."""
 
     def __init__(self, upstreams: dict[str, Upstream], metrics: Metrics, reactor,
-                 clients: dict[str, UpstreamClient] | None = None) -> None:
+                 clients: dict[str, ClientEnd] | None = None) -> None:
         self.upstreams = upstreams
         self.metrics = metrics
         self.reactor = reactor
         #: Client ends by protocol name ("http1", "h2"); codecs register theirs.
-        self.clients: dict[str, UpstreamClient] = dict(clients or {})
-        #: The service config of every endpoint address requests went to, so
-        #: client ends can find its connect timeout and name (see target_of).
-        self.targets: dict[HostPort, ServiceConfig] = {}
+        self.clients: dict[str, ClientEnd] = dict(clients or {})
         #: Compiled routes by listener; weak, so listeners a reload replaced go.
         self._routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._labels: dict[tuple[str, str, str, str], Labels] = {}
@@ -114,36 +105,16 @@ class HttpProxy:
         self.tap = None
         self.tap_start = None
 
-    # -- what client ends may ask --
-
-    def target_of(self, endpoint: Endpoint) -> ServiceConfig | None:
-        """The service config of the last request sent to ``endpoint``'s address."""
-        return self.targets.get(endpoint.address)
-
-    def set_target(self, address: HostPort, config: ServiceConfig) -> None:
-        """Remember ``address``'s service config. Addresses come and go with
-        discovery (a pod's address, once), so past ``MAX_TARGETS`` those no
-        service has any more are forgotten (a client end asking for one
-        then gets None: the defaults)."""
-        targets = self.targets
-        if address not in targets and len(targets) >= MAX_TARGETS:
-            current = {e.address for upstream in self.upstreams.values()
-                       for e in upstream.endpoints}
-            for gone in [a for a in targets if a not in current]:
-                del targets[gone]
-        targets[address] = config
-
     # -- the dispatcher --
 
-    def dispatch(self, request: Request, context: RequestContext) -> defer.Deferred[Response]:
-        return _Exchange(self, request, context).start()
-
     def dispatch_to(self, request: Request, context: RequestContext, waiter, token) -> _Exchange:
-        """``dispatch`` without a Deferred: ``waiter.dispatch_responded(token,
+        """Route, balance and send ``request``: ``waiter.dispatch_responded(token,
         response)`` or ``waiter.dispatch_failed(token, failure)`` is called
         once (maybe before this returns: then ``delivered`` is set); the
         returned exchange's ``cancel()`` gives the request up, and nothing is
-        called after it."""
+        called after it. An error the middle answers itself is a response
+        (``error_response``, 5xx) or, for a request fault (4xx), a failure
+        with ``ProxyError``."""
         exchange = _Exchange(self, request, context, waiter, token)
         exchange.start()
         return exchange
@@ -232,34 +203,32 @@ class _Exchange:
     """One request through the middle, from its head to the end of its response."""
 
     __slots__ = (
-        "client", "context", "delivered", "endpoint", "grpc", "head_latency", "labels",
-        "latency_seen", "pending", "place_by", "proxy", "replay", "request", "response", "result",
-        "retries", "settled", "started", "status", "timer", "token", "upstream", "upstream_d",
-        "waiter",
+        "attempt", "client", "context", "delivered", "endpoint", "grpc", "head_latency",
+        "labels", "latency_seen", "pending", "place_by", "proxy", "replay", "request", "response",
+        "retries", "settled", "started", "status", "timer", "token", "upstream", "waiter",
     )
 
     def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext,
-                 waiter=None, token=None) -> None:
+                 waiter, token) -> None:
         self.proxy = proxy
         self.request = request
         self.context = context
         self.started = proxy.reactor.seconds()
         self.endpoint: Endpoint | None = None
         self.upstream: Upstream | None = None
-        self.upstream_d: defer.Deferred | None = None
+        #: The attempt under way (ClientEnd.send), while its outcome is awaited.
+        self.attempt: Attempt | None = None
         self.response: Response | None = None
         self.timer = None
         self.status = 0
         self.head_latency: float | None = None
         self.latency_seen = False
-        self.settled = False  # the result has fired or was cancelled
-        #: Told the outcome directly (dispatch_to), else through ``result``.
+        self.settled = False  # answered, or cancelled
+        #: Told the outcome, once (then None).
         self.waiter = waiter
         self.token = token
         self.delivered = False
-        self.result: defer.Deferred[Response] | None = (
-            defer.Deferred(self._cancel) if waiter is None else None)
-        self.client: UpstreamClient | None = None
+        self.client: ClientEnd | None = None
         #: The request body's tee when the request may be retried (retry.py).
         self.replay: Replay | EmptyReplay | None = None
         self.retries = 0
@@ -269,7 +238,7 @@ class _Exchange:
         #: After this, a request not placed is not tried elsewhere (_retry).
         self.place_by = self.started
 
-    def start(self) -> defer.Deferred[Response]:
+    def start(self) -> None:
         proxy = self.proxy
         head = self.request.head
         context = self.context
@@ -294,7 +263,7 @@ class _Exchange:
             proxy.tap_start.started(self)
         if upstream is None:  # pragma: no cover - config validation names every service
             self._fail(ProxyError.unavailable("unknown service"))
-            return self.result
+            return
         config = upstream.config
         limit = config.max_pending_requests
         if limit and upstream.pending >= limit:
@@ -302,7 +271,7 @@ class _Exchange:
             # is refused at once rather than queued behind the others.
             proxy.metrics.load_shed_total.labels(service).inc()
             self._fail(ProxyError.unavailable(LOAD_SHED))
-            return self.result
+            return
         upstream.pending += 1
         self.pending = True
         endpoint = upstream.pick()
@@ -311,14 +280,14 @@ class _Exchange:
             err = ProxyError.unavailable(reason)
             err.detail = detail
             self._fail(err)
-            return self.result
+            return
         protocol = config.protocol or context.protocol
         if getattr(self.request, "upgrade", None) is not None and config.protocol != "h2":
             protocol = "http1"  # Upgrade and CONNECT tunnels are HTTP/1 only
         client = self.client = proxy.clients.get(protocol)
         if client is None:
             self._fail(ProxyError.bad_gateway(f"no {protocol} client"))
-            return self.result
+            return
         upstream.deposit()  # an original request earns the retry budget
         if config.retry_limit and retryable(self.request, config.retry_max_body,
                                             route is not None and route.retryable):
@@ -334,15 +303,9 @@ class _Exchange:
             self.timer = proxy.reactor.callLater(timeout, self._timed_out)
         self.place_by = self.started + (timeout or config.connect_timeout)
         self._send(endpoint)
-        return self.result
 
     def _send(self, endpoint: Endpoint) -> None:
         """One attempt (the first, or a retry) to ``endpoint``."""
-        proxy = self.proxy
-        config = self.upstream.config
-        address = endpoint.address
-        if proxy.targets.get(address) is not config:
-            proxy.set_target(address, config)
         self.endpoint = endpoint
         endpoint.begin()
         connection = self.context.connection
@@ -351,23 +314,18 @@ class _Exchange:
         request = self.request
         if self.replay is not None:
             request = self.replay.request_for_attempt(request, self.retries)
-        client = self.client
+        self.attempt = None
+        retries = self.retries
         try:
-            call = getattr(client, "call", None)
-            if call is not None:   # no Deferred: told through upstream_responded/failed
-                self.upstream_d = None
-                attempt = self.retries
-                handle = call(endpoint, request, self)
-                if not self.settled and self.retries == attempt and self.endpoint is endpoint:
-                    self.upstream_d = handle   # still waiting: cancel() gives it up
-                return
-            d = client.request(endpoint, request)
+            # The service's current target: its connect and idle timeouts
+            # and name (the pool key, with the endpoint).
+            attempt = self.client.send(self.upstream.config.target, endpoint, request, self)
         except Exception as e:  # a client end bug must not hang the request
             log.failure("client end failed", Failure(e))
             self._upstream_failed(Failure(e))
             return
-        self.upstream_d = d
-        d.addCallbacks(self._responded, self._upstream_failed)
+        if not self.settled and self.retries == retries and self.endpoint is endpoint:
+            self.attempt = attempt   # still waiting: cancel() gives it up
 
     def _retry(self, latency: float | None, not_placed: bool = False) -> bool:
         """Retry on another endpoint if the request, the service's retry
@@ -399,14 +357,16 @@ class _Exchange:
 
     # -- outcomes --
 
-    def upstream_responded(self, response: Response) -> None:
+    def attempt_responded(self, response: Response) -> None:
+        """The attempt's response head (``contracts.AttemptWaiter``)."""
         self._responded(response)
 
-    def upstream_failed(self, failure: Failure) -> None:
+    def attempt_failed(self, failure: Failure) -> None:
+        """The attempt failed without a response (``contracts.AttemptWaiter``)."""
         self._upstream_failed(failure)
 
     def _responded(self, response: Response) -> None:
-        self.upstream_d = None
+        self.attempt = None
         if self.settled:  # timed out or cancelled meanwhile
             self._cancel_timer()
             response.body.cancel()
@@ -462,7 +422,7 @@ class _Exchange:
             self._log_access(status)
 
     def _upstream_failed(self, failure: Failure) -> None:
-        self.upstream_d = None
+        self.attempt = None
         if self.settled:  # we timed out or were cancelled: already answered
             return
         # No response head yet: a connect failure or a reset. Another
@@ -477,15 +437,15 @@ class _Exchange:
         if self.settled:
             return
         self._fail(ProxyError.timeout("response timeout"))
-        d, self.upstream_d = self.upstream_d, None
-        if d is not None:
-            d.cancel()
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.cancel()
 
     def _fail(self, err: ProxyError) -> None:
-        """Answer ``err``, named (errors.py), and count it. A 5xx goes to a
-        ``dispatch_to`` codec end as a response (``error_response``: a text
-        body if the client reads text); ``dispatch()`` fails with ``err``, as
-        does a request fault (4xx: the codec end may close the connection)."""
+        """Answer ``err``, named (errors.py), and count it. A 5xx goes to the
+        codec end as a response (``error_response``: a text body if the
+        client reads text); a request fault (4xx) as a failure with ``err``
+        (the codec end may close the connection)."""
         upstream = self.upstream
         if upstream is not None:
             name_error(err, upstream, self.endpoint)
@@ -517,10 +477,6 @@ class _Exchange:
         self.delivered = True
         waiter = self.waiter
         if waiter is None:
-            if failure is None:
-                self.result.callback(response)
-            else:
-                self.result.errback(failure)
             return
         self.waiter = None
         try:
@@ -532,19 +488,17 @@ class _Exchange:
             log.failure("handing on a response failed")
 
     def cancel(self) -> None:
-        """The client went away (dispatch_to): give the request up."""
-        if not self.delivered and not self.settled:
-            self.delivered = True
-            self.waiter = None
-            self._cancel(None)
-
-    def _cancel(self, result: defer.Deferred) -> None:
-        """The client went away before the response head."""
+        """The client went away before the response head: give the request
+        up (the attempt under way is cancelled); nothing is called after."""
+        if self.delivered or self.settled:
+            return
+        self.delivered = True
+        self.waiter = None
         self.settled = True
         self._cancel_timer()
-        d, self.upstream_d = self.upstream_d, None
-        if d is not None:
-            d.cancel()
+        attempt, self.attempt = self.attempt, None
+        if attempt is not None:
+            attempt.cancel()
         self._release(None, True)
         self._leave()
 
@@ -581,8 +535,3 @@ class _Exchange:
             client=getattr(self.context.connection, "peer", "") or "-",
             error=f' error="{error}"' if error else "",
         )
-
-
-
-#: A callable a client end is given to find an endpoint's service config.
-TargetOf = Callable[["Endpoint"], "ServiceConfig | None"]

@@ -87,7 +87,7 @@ class PoolSide(Protocol):
 
 class AttemptSide(Protocol):
     """One request's way to a response, as its connection sees it
-    (``l5dproxy.http.h1.pool._Call``)."""
+    (``l5dproxy.http.h1.pool.H1Attempt``)."""
 
     request: Request
     conn: H1ClientConnection | None

@@ -1,14 +1,20 @@
 """The HTTP/1.1 client end's pools: exchanges out to endpoints over pooled connections.
 
-``H1Client`` keeps one pool of keep-alive connections per endpoint address,
-shared by every client connection of the proxy. A request takes the most
+``H1Client`` keeps one pool of keep-alive connections per service and
+endpoint (the ``Target`` handed over with each request names the service,
+its connect and idle timeouts), shared by every client connection of the
+proxy: two services whose endpoints share an address never share a
+connection. A request takes the most
 recently used idle connection (or opens one), writes its head, streams its
 body (paused while the endpoint's socket buffer is full), and turns the
 endpoint's answer into a ``Response`` whose body pauses the endpoint's
 connection while the client is slow. When the response and the request are
 both complete and the endpoint allows it, the connection goes back to the
-pool; idle connections beyond ``max_idle`` or older than ``idle_timeout``
-are closed.
+pool; idle connections beyond ``max_idle`` or older than the target's
+``idle_timeout`` are closed. A reload hands existing pools their service's
+new target (``retarget``): a shorter idle timeout applies to the connections
+already idle, and a removed service's pools close their idle connections
+and drop the rest as they finish.
 
 A pool opens at most ``max_connections`` connections to its endpoint (those
 being made, busy, idle and tunnelling included). A request that finds none
@@ -31,11 +37,11 @@ The connection itself (writing a request, reading its response) is
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Mapping
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
+from twisted.internet.interfaces import IConnector, IDelayedCall
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -45,8 +51,8 @@ from l5dproxy.http.h1.client import H1ClientConnection
 from l5dproxy.net.connection import errno_name
 
 if TYPE_CHECKING:
-    from l5dproxy.balance.backends import Endpoint
-    from l5dproxy.config.model import ServiceConfig
+    from l5dproxy.config.model import Target
+    from l5dproxy.exchange.contracts import AttemptWaiter, Dialable
     from l5dproxy.telemetry import Metrics
 
 log = Logger(namespace="l5dproxy.http")
@@ -60,57 +66,96 @@ WAITING_LIMIT = 1024
 class H1Client:
     """Sends requests to endpoints over pooled HTTP/1.1 connections."""
 
-    def __init__(self, reactor, metrics: Metrics,
-                 target_of: Callable[[Endpoint], ServiceConfig | None] | None = None,
+    def __init__(self, reactor: Any, metrics: Metrics,
                  max_idle: int = 256, max_connections: int = 1024) -> None:
         self.reactor = reactor
         self.metrics = metrics
-        #: The service config of an endpoint (connect and idle timeouts, name).
-        self.target_of = target_of or (lambda endpoint: None)
+        #: Idle connections kept per pool ([http] pool_max_idle).
         self.max_idle = max_idle
-        #: Connections to one endpoint at most ([http] max_connections_per_endpoint).
+        #: Connections per pool at most ([http] max_connections_per_endpoint):
+        #: a pool is one service's, so two services sharing an address may
+        #: open this many each.
         self.max_connections = max_connections
-        self.pools: dict[object, _Pool] = {}
+        #: (service, endpoint label) -> its pool.
+        self.pools: dict[tuple[str, str], _Pool] = {}
 
-    def request(self, endpoint: Endpoint, request: Request) -> defer.Deferred[Response]:
-        pool = self.pools.get(endpoint.address)
+    def send(self, target: Target, endpoint: Dialable, request: Request,
+             waiter: AttemptWaiter) -> H1Attempt:
+        """Send ``request`` to ``endpoint`` on ``target``'s pool:
+        ``waiter.attempt_responded(response)`` or
+        ``waiter.attempt_failed(failure)`` is called once (maybe before this
+        returns); the returned attempt's ``cancel()`` gives it up (nothing is
+        called then)."""
+        key = (target.service, endpoint.label)
+        pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[endpoint.address] = _Pool(self, endpoint)
-        return _Call(pool, request).start()
+            pool = self.pools[key] = _Pool(self, target, endpoint)
+        elif pool.target is not target:
+            pool.retarget(target)
+        attempt = H1Attempt(pool, request, waiter)
+        pool.place(attempt)
+        return attempt
 
-    def call(self, endpoint: Endpoint, request: Request, waiter) -> _Call:
-        """``request`` without a Deferred: ``waiter.upstream_responded(response)``
-        or ``waiter.upstream_failed(failure)`` is called once; the returned
-        call's ``cancel()`` gives it up (nothing is called then)."""
-        pool = self.pools.get(endpoint.address)
-        if pool is None:
-            pool = self.pools[endpoint.address] = _Pool(self, endpoint)
-        call = _Call(pool, request, waiter)
-        call.start()
-        return call
+    def retarget(self, targets: Mapping[str, Target]) -> None:
+        """A reload: each pool takes its service's target from ``targets``;
+        the pools of services not in it are forgotten (idle connections
+        closed now, busy ones when they finish)."""
+        for key, pool in list(self.pools.items()):
+            target = targets.get(key[0])
+            if target is None:
+                del self.pools[key]
+                pool.retire()
+            elif pool.target is not target:
+                pool.retarget(target)
 
 
 class _Pool:
-    """The keep-alive connections to one endpoint address."""
+    """The keep-alive connections of one service to one endpoint."""
 
-    __slots__ = ("address", "client", "connect_timeout", "endpoint", "idle", "idle_timeout",
-                 "label", "open", "service", "sweep", "waiting")
+    __slots__ = ("address", "client", "idle", "label", "open", "retired", "sweep", "target",
+                 "waiting")
 
-    def __init__(self, client: H1Client, endpoint: Endpoint) -> None:
+    def __init__(self, client: H1Client, target: Target, endpoint: Dialable) -> None:
         self.client = client
-        self.endpoint = endpoint
+        #: The service's settings: connect and idle timeouts, the dst label.
+        self.target = target
         self.address = endpoint.address
         self.label = endpoint.label
-        config = client.target_of(endpoint)
-        self.service = config.name if config is not None else ""
-        self.connect_timeout = config.connect_timeout if config is not None else 5.0
-        self.idle_timeout = getattr(config, "idle_timeout", 60.0)
         self.idle: list[H1ClientConnection] = []   # most recently used last
-        self.sweep = None
+        self.sweep: IDelayedCall | None = None
         #: Connections dialled and not yet closed (connecting, busy, idle, tunnels).
         self.open = 0
         #: Requests waiting for a connection while the pool is at its limit.
-        self.waiting: deque[_Call] = deque()
+        self.waiting: deque[H1Attempt] = deque()
+        #: Its service is gone (a reload): connections close as they come free.
+        self.retired = False
+
+    @property
+    def service(self) -> str:
+        """The ``service`` label of its connections' dst metrics."""
+        return self.target.service
+
+    def retarget(self, target: Target) -> None:
+        """The service's settings changed (a reload): the next dial uses the
+        new connect timeout, and the idle sweep is re-armed, so a shorter
+        idle timeout reaches the connections already idle."""
+        self.target = target
+        sweep, self.sweep = self.sweep, None
+        if sweep is not None:
+            if sweep.active():
+                sweep.cancel()
+            self._sweep()
+
+    def retire(self) -> None:
+        """The service is gone (a reload): idle connections close now, busy
+        ones when their exchange ends; requests already queued still go."""
+        self.retired = True
+        sweep, self.sweep = self.sweep, None
+        if sweep is not None and sweep.active():
+            sweep.cancel()
+        idle, self.idle = self.idle, []
+        for conn in idle:
+            conn.close()
 
     def take(self) -> H1ClientConnection | None:
         idle = self.idle
@@ -120,7 +165,7 @@ class _Pool:
                 return conn
         return None
 
-    def place(self, call: _Call) -> None:
+    def place(self, call: H1Attempt) -> None:
         """An idle connection for ``call``, or a new one, or a place in the queue."""
         conn = self.take()
         if conn is not None:
@@ -134,21 +179,21 @@ class _Pool:
         else:
             call.queued = True
             call.timer = self.client.reactor.callLater(
-                self.connect_timeout, self._waited_too_long, call)
+                self.target.connect_timeout, self._waited_too_long, call)
             self.waiting.append(call)
 
-    def unqueue(self, call: _Call) -> None:
+    def unqueue(self, call: H1Attempt) -> None:
         """``call`` leaves the queue (given up or timed out)."""
         _stop_waiting(call)
         with suppress(ValueError):
             self.waiting.remove(call)
 
-    def _waited_too_long(self, call: _Call) -> None:
+    def _waited_too_long(self, call: H1Attempt) -> None:
         call.timer = None
         self.unqueue(call)
         call.fail(ProxyError.not_placed(f"endpoint {self.label}: connection limit reached"))
 
-    def _next_waiting(self) -> _Call | None:
+    def _next_waiting(self) -> H1Attempt | None:
         waiting = self.waiting
         while waiting:
             call = waiting.popleft()
@@ -157,13 +202,13 @@ class _Pool:
                 return call
         return None
 
-    def connect(self, call: _Call) -> None:
+    def connect(self, call: H1Attempt) -> None:
         client = self.client
         self.open += 1
         factory = _Factory(self, call)
         call.connector = client.reactor.connectTCP(
             self.address.host, self.address.port, factory,
-            timeout=self.connect_timeout)
+            timeout=self.target.connect_timeout)
 
     def closed(self) -> None:
         """A connection dialled by this pool is gone (closed or never made):
@@ -183,13 +228,13 @@ class _Pool:
             if call is not None:
                 conn.send(call)
                 return
-        if len(self.idle) >= self.client.max_idle:
+        if len(self.idle) >= self.client.max_idle or self.retired:
             conn.close()
             return
         conn.idle_since = self.client.reactor.seconds()
         self.idle.append(conn)
         if self.sweep is None:
-            self.sweep = self.client.reactor.callLater(self.idle_timeout, self._sweep)
+            self.sweep = self.client.reactor.callLater(self.target.idle_timeout, self._sweep)
 
     def forget(self, conn: H1ClientConnection) -> None:
         if conn in self.idle:
@@ -198,7 +243,8 @@ class _Pool:
     def _sweep(self) -> None:
         self.sweep = None
         now = self.client.reactor.seconds()
-        deadline = now - self.idle_timeout
+        idle_timeout = self.target.idle_timeout
+        deadline = now - idle_timeout
         keep = []
         for conn in self.idle:
             if conn.idle_since <= deadline:
@@ -207,11 +253,11 @@ class _Pool:
                 keep.append(conn)
         self.idle = keep
         if keep:
-            wait = keep[0].idle_since + self.idle_timeout - now
+            wait = keep[0].idle_since + idle_timeout - now
             self.sweep = self.client.reactor.callLater(max(wait, 0.01), self._sweep)
 
 
-def _stop_waiting(call: _Call) -> None:
+def _stop_waiting(call: H1Attempt) -> None:
     """``call`` is out of its pool's queue: its wait ends."""
     call.queued = False
     timer, call.timer = call.timer, None
@@ -219,30 +265,25 @@ def _stop_waiting(call: _Call) -> None:
         timer.cancel()
 
 
-class _Call:
-    """One request's way to a response: a connection, maybe a second try."""
+class H1Attempt:
+    """One try of a request on one endpoint (``contracts.Attempt``): a
+    connection, maybe a second one (``lost_before_response``)."""
 
-    __slots__ = ("conn", "connector", "d", "done", "pool", "queued", "request", "retried",
-                 "timer", "waiter")
+    __slots__ = ("conn", "connector", "done", "pool", "queued", "request", "retried", "timer",
+                 "waiter")
 
-    def __init__(self, pool: _Pool, request: Request, waiter=None) -> None:
+    def __init__(self, pool: _Pool, request: Request, waiter: AttemptWaiter) -> None:
         self.pool = pool
         self.request = request
         self.conn: H1ClientConnection | None = None
-        self.connector = None
+        self.connector: IConnector | None = None
         self.retried = False
         self.done = False
-        #: Told the outcome directly (H1Client.call), else through ``d``.
+        #: Told the outcome, once.
         self.waiter = waiter
-        self.d: defer.Deferred[Response] | None = (
-            defer.Deferred(self._cancel) if waiter is None else None)
         #: Waiting in the pool's queue, until ``timer`` (the connect timeout).
         self.queued = False
-        self.timer = None
-
-    def start(self) -> defer.Deferred[Response]:
-        self.pool.place(self)
-        return self.d
+        self.timer: IDelayedCall | None = None
 
     def connected(self, conn: H1ClientConnection) -> None:
         self.connector = None
@@ -255,7 +296,7 @@ class _Call:
         self.connector = None
         pool = self.pool
         pool.client.metrics.connect_errors_total.labels(
-            pool.service, pool.label, errno_name(reason) or "closed").inc()
+            pool.target.service, pool.label, errno_name(reason) or "closed").inc()
         self.fail(reason)
 
     def lost_before_response(self, conn: H1ClientConnection, reason: Failure) -> None:
@@ -271,12 +312,8 @@ class _Call:
     def responded(self, response: Response) -> None:
         if not self.done:
             self.done = True
-            waiter = self.waiter
-            if waiter is None:
-                self.d.callback(response)
-                return
             try:
-                waiter.upstream_responded(response)
+                self.waiter.attempt_responded(response)
             except Exception:
                 log.failure("handling a response failed")
         else:
@@ -285,23 +322,17 @@ class _Call:
     def fail(self, reason: Failure | Exception) -> None:
         if not self.done:
             self.done = True
-            waiter = self.waiter
-            if waiter is None:
-                self.d.errback(reason)
-                return
             try:
-                waiter.upstream_failed(reason if isinstance(reason, Failure)
-                                       else Failure(reason))
+                self.waiter.attempt_failed(reason if isinstance(reason, Failure)
+                                           else Failure(reason))
             except Exception:
                 log.failure("handling a failed request failed")
 
     def cancel(self) -> None:
-        """Give the request up (H1Client.call); nothing is reported after."""
-        if not self.done:
-            self._cancel(None)
-
-    def _cancel(self, d: defer.Deferred) -> None:
-        """Timed out or the client went away before the response head."""
+        """Timed out or the client went away before the response head: give
+        the request up; nothing is reported after."""
+        if self.done:
+            return
         self.done = True
         if self.queued:
             self.pool.unqueue(self)
@@ -316,17 +347,17 @@ class _Call:
 class _Factory(ClientFactory):
     noisy = False
 
-    def __init__(self, pool: _Pool, call: _Call) -> None:
+    def __init__(self, pool: _Pool, call: H1Attempt) -> None:
         self.pool = pool
         self.call = call
 
-    def buildProtocol(self, addr) -> H1ClientConnection:
+    def buildProtocol(self, addr: Any) -> H1ClientConnection:
         return H1ClientConnection(self.pool, self.call)
 
-    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         if not self.call.done:
             self.call.connect_failed(reason)
         self.pool.closed()
 
 
-__all__ = ["WAITING_LIMIT", "H1Client"]
+__all__ = ["WAITING_LIMIT", "H1Attempt", "H1Client"]

@@ -6,14 +6,22 @@ malformed one failing that request with 502), honours the endpoint's
 SETTINGS_MAX_CONCURRENT_STREAMS and GOAWAY, and tells its pool when it is
 ready, settled, retired or lost. The pool and the requests are declared
 here as ``PoolSide`` and ``AttemptSide`` (``pool._EndpointPool`` and
-``pool._Pending``) so that only ``pool.py`` imports this module.
+``pool.H2Attempt``) so that only ``pool.py`` imports this module.
+
+A connection with no stream open for its pool's ``target.idle_timeout``
+sends GOAWAY(NO_ERROR) and closes (README: ``idle_timeout``; Envoy's
+``idle_timeout`` of upstream HTTP/2 connections does the same). The timer is
+armed when the last stream ends (or at the endpoint's first SETTINGS) and
+not touched while streams come and go: at expiry a busy connection is left
+alone (the next idle period arms it again), a recently busy one waits for
+the rest of its idle time.
 """
 
 
 from __future__ import annotations
 
 from contextlib import suppress
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
@@ -42,11 +50,16 @@ from l5dproxy.http.h2.translate import (
 )
 from l5dproxy.net.connection import errno_name, set_no_delay
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+
+    from l5dproxy.config.model import Target
+
 log = Logger(namespace="l5dproxy.h2")
 
 
 class AttemptSide(Protocol):
-    """A request a connection carries (``pool._Pending``)."""
+    """A request a connection carries (``pool.H2Attempt``)."""
 
     request: Request
     stream: Stream | None
@@ -63,8 +76,11 @@ class PoolSide(Protocol):
 
     #: ``pool.H2Client``: its ``settings``, ``metrics`` and ``reactor``.
     client: Any
-    service: str
+    #: The service's settings: its name labels the dst metrics; idle_timeout.
+    target: Target
     label: str
+    #: The service is gone (a reload): close as soon as no stream is open.
+    retired: bool
 
     def connected(self, conn: H2ClientProtocol) -> None:
         """``conn``'s TCP connection is made."""
@@ -99,6 +115,10 @@ class H2ClientProtocol(H2Protocol):
         self._responses: list[tuple[AttemptSide, Response]] = []
         self.dst = None
         self.connected_at = 0.0
+        #: The idle deadline's timer (while no stream is open) and when the
+        #: last stream ended.
+        self._idle_timer: IDelayedCall | None = None
+        self._idle_since = 0.0
 
     def connectionMade(self) -> None:
         s = self.pool.client.settings
@@ -117,7 +137,7 @@ class H2ClientProtocol(H2Protocol):
         self._new_budget(s, client.reactor)
         if client.metrics is not None:
             # Shared by every listener that routes here: no listener label.
-            self.dst = client.metrics.tcp_side("dst", "", self.pool.service, "h2",
+            self.dst = client.metrics.tcp_side("dst", "", self.pool.target.service, "h2",
                                                self.pool.label)
             self.dst.opened()
         self.connected_at = client.reactor.seconds()
@@ -145,6 +165,9 @@ class H2ClientProtocol(H2Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
+        timer, self._idle_timer = self._idle_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
         self._fail_all(ProxyError.bad_gateway(f"connection to {self.pool.label} lost"))
         if self.dst is not None:
             self.dst.closed(errno_name(reason),
@@ -161,6 +184,10 @@ class H2ClientProtocol(H2Protocol):
         if not self.settings_received:
             self.settings_received = True
             self.pool.settled(self)
+            self.pool.ready(self)
+            if not self.streams and not self._lost:
+                self._went_idle()   # usable, and nothing for it yet
+            return
         self.pool.ready(self)
 
     def start(self, pending: AttemptSide) -> None:
@@ -289,6 +316,49 @@ class H2ClientProtocol(H2Protocol):
                 self._lose_connection()
         else:
             self.pool.ready(self)
+            if not self.streams:
+                self._went_idle()
+
+    # -- idle timeout --
+
+    def _went_idle(self) -> None:
+        """The last stream ended: the idle time starts (the timer is armed
+        once; a connection whose pool is retired closes at once)."""
+        reactor = self.pool.client.reactor
+        self._idle_since = reactor.seconds()
+        if self._idle_timer is None:
+            pool = self.pool
+            self._idle_timer = reactor.callLater(
+                0 if pool.retired else pool.target.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """The idle deadline: a connection without streams for the target's
+        ``idle_timeout`` sends GOAWAY(NO_ERROR) and closes; a busy one is
+        left alone (``_went_idle`` arms the timer again)."""
+        self._idle_timer = None
+        if self._lost or self.goaway or self.streams:
+            return
+        pool = self.pool
+        reactor = pool.client.reactor
+        if not pool.retired:
+            wait = self._idle_since + pool.target.idle_timeout - reactor.seconds()
+            if wait > 0:
+                self._idle_timer = reactor.callLater(wait, self._idle_check)
+                return
+        self.goaway = True
+        pool.retire(self)
+        with suppress(ProtocolError):
+            self.h2.close_connection(error_code=ErrorCodes.NO_ERROR)
+        self._lose_connection()
+
+    def idle_timeout_changed(self) -> None:
+        """Its pool's target changed or was retired (a reload): an idle
+        connection checks its deadline against the new idle timeout now."""
+        timer, self._idle_timer = self._idle_timer, None
+        if timer is not None:
+            if timer.active():
+                timer.cancel()
+            self._idle_check()
 
     def _goaway(self, event: ConnectionTerminated) -> None:
         self.goaway = True

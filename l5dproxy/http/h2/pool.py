@@ -1,21 +1,26 @@
-"""The HTTP/2 client end's pool: per endpoint, connections and a queue.
+"""The HTTP/2 client end's pool: per service and endpoint, connections and a queue.
 
-``H2Client`` keeps, per endpoint address, an ``_EndpointPool``: connections
-that each carry streams up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS,
-another dialled when they are all full (up to
-``max_connections_per_endpoint``), and requests waiting for a stream (at most
-``WAITING_LIMIT``; more are answered 503 at once). ``_Pending`` is one
-request waiting for, or carried by, an upstream stream.
+``H2Client`` keeps, per service and endpoint (the ``Target`` handed over with
+each request names the service and its connect and idle timeouts), an
+``_EndpointPool``: connections that each carry streams up to the peer's
+SETTINGS_MAX_CONCURRENT_STREAMS, another dialled when they are all full (up
+to ``max_connections_per_endpoint``, per pool), and requests waiting for a
+stream (at most ``WAITING_LIMIT``; more are answered 503 at once).
+``H2Attempt`` is one request waiting for, or carried by, an upstream stream.
+A connection without streams for the target's ``idle_timeout`` sends GOAWAY
+and closes (``H2ClientProtocol``); a reload hands existing pools their
+service's new target (``H2Client.retarget``).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Mapping
 from contextlib import suppress
+from typing import TYPE_CHECKING, Any
 
 from h2.errors import ErrorCodes
-from twisted.internet import defer
+from twisted.internet.interfaces import IConnector, IDelayedCall
 from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,6 +32,11 @@ from l5dproxy.http.h2.stream import Stream
 from l5dproxy.net.connection import errno_name
 from l5dproxy.route.dispatcher import as_proxy_error
 
+if TYPE_CHECKING:
+    from l5dproxy.config.model import HostPort, Target
+    from l5dproxy.exchange.contracts import AttemptWaiter, Dialable
+    from l5dproxy.telemetry import Metrics
+
 log = Logger(namespace="l5dproxy.h2")
 
 
@@ -36,53 +46,45 @@ log = Logger(namespace="l5dproxy.h2")
 WAITING_LIMIT = 1024
 
 
-class _Pending:
-    """A request waiting for, or carried by, an upstream stream; its outcome
-    goes to ``waiter`` (``H2Client.call``) or to ``deferred`` (``request``)."""
+class H2Attempt:
+    """One try of a request on one endpoint (``contracts.Attempt``): waiting
+    for, or carried by, an upstream stream; its outcome goes to ``waiter``."""
 
-    __slots__ = ("deferred", "done", "queued", "request", "stream", "timer", "waiter")
+    __slots__ = ("done", "queued", "request", "stream", "timer", "waiter")
 
-    def __init__(self, request: Request, waiter=None) -> None:
+    def __init__(self, request: Request, waiter: AttemptWaiter) -> None:
         self.request = request
-        self.waiter = waiter
-        self.deferred: defer.Deferred | None = (
-            defer.Deferred(self._cancel) if waiter is None else None)
+        self.waiter: AttemptWaiter | None = waiter
         self.stream: Stream | None = None
         self.done = False
         #: The pool whose queue it waits in, and the end of its wait.
         self.queued: _EndpointPool | None = None
-        self.timer = None
+        self.timer: IDelayedCall | None = None
 
     def respond(self, response: Response) -> None:
         if self.done:
             return
         self.done = True
         waiter, self.waiter = self.waiter, None
-        if waiter is None:
-            self.deferred.callback(response)
-        else:
-            waiter.upstream_responded(response)
+        if waiter is not None:
+            waiter.attempt_responded(response)
 
     def fail(self, error: Exception) -> None:
         if self.done:
             return
         self.done = True
         waiter, self.waiter = self.waiter, None
-        if waiter is None:
-            self.deferred.errback(error)
-        else:
-            waiter.upstream_failed(Failure(error))
+        if waiter is not None:
+            waiter.attempt_failed(Failure(error))
 
     def cancel(self) -> None:
-        """Give the request up (``H2Client.call``); nothing is reported after."""
-        if not self.done:
-            self.waiter = None
-            self._cancel(None)
-
-    def _cancel(self, d) -> None:
-        # The dispatcher gave up (the client reset its stream, a deadline
-        # passed): the upstream stream is reset with CANCEL, or the request
-        # leaves the queue at once (nothing is dialled for it any more).
+        """Give the request up; nothing is reported after. The dispatcher
+        gave up (the client reset its stream, a deadline passed): the
+        upstream stream is reset with CANCEL, or the request leaves the
+        queue at once (nothing is dialled for it any more)."""
+        if self.done:
+            return
+        self.waiter = None
         self.done = True
         if self.queued is not None:
             self.queued.unqueue(self)
@@ -93,49 +95,46 @@ class _Pending:
 
 
 class H2Client:
-    """The ``h2`` upstream client: per endpoint address, connections that
-    each carry streams up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS;
+    """The ``h2`` upstream client: per service and endpoint, connections
+    that each carry streams up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS;
     another connection opens when they are all full."""
 
-    def __init__(self, reactor, connect_timeout: float = 5.0,
-                 settings: H2Settings | None = None, metrics=None,
-                 target_of: Callable | None = None) -> None:
+    def __init__(self, reactor: Any, settings: H2Settings | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.reactor = reactor
-        self.connect_timeout = connect_timeout
         self.settings = settings or H2Settings()
         self.metrics = metrics
-        #: endpoint -> its ServiceConfig (HttpProxy.target_of): connect
-        #: timeout and the service label of the dst metrics.
-        self.target_of = target_of
-        self.pools: dict[str, _EndpointPool] = {}
+        #: (service, endpoint label) -> its pool.
+        self.pools: dict[tuple[str, str], _EndpointPool] = {}
 
-    def request(self, endpoint, request: Request) -> defer.Deferred:
-        pool = self._pool(endpoint)
-        pending = _Pending(request)
-        pool.submit(pending)
-        return pending.deferred
-
-    def call(self, endpoint, request: Request, waiter) -> _Pending:
-        """``request`` without a Deferred: ``waiter.upstream_responded(response)``
-        or ``waiter.upstream_failed(failure)`` is called once; the returned
-        handle's ``cancel()`` gives it up (nothing is called then)."""
-        pool = self._pool(endpoint)
-        pending = _Pending(request, waiter)
-        pool.submit(pending)
-        return pending
-
-    def _pool(self, endpoint) -> _EndpointPool:
-        address = endpoint.address
-        key = str(address)
+    def send(self, target: Target, endpoint: Dialable, request: Request,
+             waiter: AttemptWaiter) -> H2Attempt:
+        """Send ``request`` to ``endpoint`` on ``target``'s pool:
+        ``waiter.attempt_responded(response)`` or
+        ``waiter.attempt_failed(failure)`` is called once (maybe before this
+        returns); the returned attempt's ``cancel()`` gives it up (nothing is
+        called then)."""
+        key = (target.service, endpoint.label)
         pool = self.pools.get(key)
         if pool is None:
-            pool = self.pools[key] = _EndpointPool(self, address, key)
-        if self.target_of is not None:
-            config = self.target_of(endpoint)
-            if config is not None:
-                pool.service = config.name
-                pool.connect_timeout = config.connect_timeout
-        return pool
+            pool = self.pools[key] = _EndpointPool(self, target, endpoint.address, endpoint.label)
+        elif pool.target is not target:
+            pool.retarget(target)
+        attempt = H2Attempt(request, waiter)
+        pool.submit(attempt)
+        return attempt
+
+    def retarget(self, targets: Mapping[str, Target]) -> None:
+        """A reload: each pool takes its service's target from ``targets``;
+        the pools of services not in it are forgotten (connections without
+        streams close now, the others when their last stream ends)."""
+        for key, pool in list(self.pools.items()):
+            target = targets.get(key[0])
+            if target is None:
+                del self.pools[key]
+                pool.retire_all()
+            elif pool.target is not target:
+                pool.retarget(target)
 
 
 class _EndpointPool:
@@ -156,8 +155,10 @@ class _EndpointPool:
     counts each failure for failure accrual and may retry elsewhere).
     """
 
-    def __init__(self, client: H2Client, address, label: str) -> None:
+    def __init__(self, client: H2Client, target: Target, address: HostPort, label: str) -> None:
         self.client = client
+        #: The service's settings: connect and idle timeouts, the dst label.
+        self.target = target
         self.address = address
         self.label = label
         self.connections: list[H2ClientProtocol] = []
@@ -166,11 +167,26 @@ class _EndpointPool:
         #: Dialled and not yet lost: usable, connecting and retired ones.
         self.open = 0
         self.max_connections = client.settings.max_connections_per_endpoint
-        self.waiting: deque[_Pending] = deque()
-        self.service = ""
-        self.connect_timeout = client.connect_timeout
+        self.waiting: deque[H2Attempt] = deque()
+        #: Its service is gone (a reload): connections close once idle.
+        self.retired = False
 
-    def submit(self, pending: _Pending) -> None:
+    def retarget(self, target: Target) -> None:
+        """The service's settings changed (a reload): the next dial and wait
+        use the new connect timeout; idle connections re-check their idle
+        deadline against the new idle timeout."""
+        self.target = target
+        for conn in list(self.connections):
+            conn.idle_timeout_changed()
+
+    def retire_all(self) -> None:
+        """The service is gone (a reload): connections without streams send
+        GOAWAY and close now, the others once their last stream ends."""
+        self.retired = True
+        for conn in list(self.connections):
+            conn.idle_timeout_changed()
+
+    def submit(self, pending: H2Attempt) -> None:
         for conn in self.connections:
             if conn.capacity() > 0:
                 conn.start(pending)
@@ -182,17 +198,17 @@ class _EndpointPool:
             return
         pending.queued = self
         pending.timer = self.client.reactor.callLater(
-            self.connect_timeout, self._waited_too_long, pending)
+            self.target.connect_timeout, self._waited_too_long, pending)
         self.waiting.append(pending)
         self._maybe_connect()
 
-    def unqueue(self, pending: _Pending) -> None:
+    def unqueue(self, pending: H2Attempt) -> None:
         """``pending`` leaves the queue (cancelled or timed out)."""
         _stop_waiting(pending)
         with suppress(ValueError):
             self.waiting.remove(pending)
 
-    def _waited_too_long(self, pending: _Pending) -> None:
+    def _waited_too_long(self, pending: H2Attempt) -> None:
         pending.timer = None
         self.unqueue(pending)
         if self._refusing():
@@ -217,7 +233,7 @@ class _EndpointPool:
             self.open += 1
             self.client.reactor.connectTCP(
                 self.address.host, self.address.port, _ClientFactory(self),
-                timeout=self.connect_timeout)
+                timeout=self.target.connect_timeout)
 
     def ready(self, conn: H2ClientProtocol) -> None:
         """A connection has the peer's settings, or a stream slot came free."""
@@ -243,7 +259,7 @@ class _EndpointPool:
         client = self.client
         if client.metrics is not None:
             client.metrics.connect_errors_total.labels(
-                self.service, self.label, errno_name(reason) or "closed").inc()
+                self.target.service, self.label, errno_name(reason) or "closed").inc()
         log.info("h2 connect to {endpoint} failed: {reason}", endpoint=self.label,
                  reason=reason.getErrorMessage())
         self._fail_waiting(as_proxy_error(reason))  # refused: 502, timeout: 504
@@ -292,7 +308,7 @@ class _EndpointPool:
         self._maybe_connect()
 
 
-def _stop_waiting(pending: _Pending) -> None:
+def _stop_waiting(pending: H2Attempt) -> None:
     """``pending`` is out of its pool's queue: its wait ends."""
     pending.queued = None
     timer, pending.timer = pending.timer, None
@@ -306,8 +322,8 @@ class _ClientFactory(ClientFactory):
     def __init__(self, pool: _EndpointPool) -> None:
         self.pool = pool
 
-    def buildProtocol(self, addr) -> H2ClientProtocol:
+    def buildProtocol(self, addr: Any) -> H2ClientProtocol:
         return H2ClientProtocol(self.pool)
 
-    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.pool.connect_failed(reason)
