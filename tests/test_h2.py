@@ -1534,9 +1534,7 @@ class GrpcTests(SynchronousTestCase):
         for bad in (None, b"", b"S", b"1x", b"123456789S", b"-1S"):
             self.assertIsNone(grpc.parse_timeout(bad), bad)
 
-    def test_status_and_classification(self) -> None:
-        self.assertEqual(grpc.status_of([(b"grpc-status", b"7")]), 7)
-        self.assertIsNone(grpc.status_of([]))
+    def test_classification(self) -> None:
         self.assertEqual(grpc.classify(200, 0, True), "success")
         self.assertEqual(grpc.classify(200, 5, True), "success")
         for status in (2, 4, 7, 13, 14, 15, None):

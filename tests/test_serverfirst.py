@@ -103,14 +103,6 @@ class OpaqueMemoryTests(SynchronousTestCase):
         self.assertFalse(m.knows("db", "a:1", "v2"))
         self.assertFalse(m.knows("db", "a:1", "v1"))  # dropped, not just hidden
 
-    def test_forget_service(self) -> None:
-        m = self.memory
-        m.learn("db", "a:1")
-        m.learn("db", "a:2")
-        m.learn("smtp", "b:1")
-        m.forget_service("db")
-        self.assertEqual([e["service"] for e in m.entries()], ["smtp"])
-
     def test_entries(self) -> None:
         m = self.memory
         m.learn("db", "a:1")

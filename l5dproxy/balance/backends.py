@@ -251,7 +251,6 @@ class RetryBudget:
         self._slots: deque[list[int]] = deque()
         self._deposits = 0
         self._withdrawals = 0
-        self.exhausted = 0  # refused withdrawals, in all
         # The current slot and the times it covers: a deposit within them
         # (one per request) needs no index, no walk of the window. Until the
         # first deposit the range is empty, so that one finds its slot.
@@ -290,7 +289,6 @@ class RetryBudget:
         slot = self._current()
         if (self._deposits * self.ratio + self.min_per_second * self.ttl
                 - self._withdrawals) < 1.0:
-            self.exhausted += 1
             return False
         slot[2] += 1
         self._withdrawals += 1

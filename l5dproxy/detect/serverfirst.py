@@ -134,10 +134,6 @@ class OpaqueMemory:
         entry.hits += 1
         return True
 
-    def forget_service(self, service: str) -> None:
-        for key in [k for k in self._entries if k[0] == service]:
-            self._remove(key)
-
     def prune(self) -> None:
         now = self.clock.seconds()
         for key in [k for k, e in self._entries.items() if e.expires_at <= now]:

@@ -1,8 +1,7 @@
 """gRPC, as the proxy sees it: a status in the trailers, a deadline in a header.
 
-Pure functions, no reactor: the dispatcher and the codec ends use them to
-label and classify responses the way Linkerd does, and to bound a request by
-its ``grpc-timeout``.
+Pure functions, no reactor: the dispatcher uses them to label and classify
+responses the way Linkerd does, and to bound a request by its ``grpc-timeout``.
 """
 
 from __future__ import annotations
@@ -31,20 +30,6 @@ def parse_timeout(value: bytes | None) -> float | None:
     if not digits.isdigit() or unit not in _TIMEOUT_UNITS:
         return None
     return int(digits) * _TIMEOUT_UNITS[unit]
-
-
-def status_of(headers: Headers | None) -> int | None:
-    """The ``grpc-status`` in a header block (trailers, or the head of a
-    trailers-only response), or None when there is none or it is garbage."""
-    if not headers:
-        return None
-    for name, value in headers:
-        if name.lower() == b"grpc-status":
-            try:
-                return int(value)
-            except ValueError:
-                return GRPC_UNKNOWN
-    return None
 
 
 def classify(status_code: int, grpc_status: int | None, is_grpc: bool) -> str:
