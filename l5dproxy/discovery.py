@@ -20,20 +20,19 @@ the balancer while whatever is in flight to them holds its own reference.
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
-from twisted.names import client, dns, hosts, resolve
+from twisted.names import dns, hosts, resolve
 from twisted.names.error import DNSNameError
 
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DiscoveryConfig, HostPort, ServiceConfig
+from l5dproxy.net.dns import QuietResolver
 
 log = Logger(namespace="l5dproxy.discovery")
 
@@ -45,43 +44,15 @@ class NoAnswerError(Exception):
     """A lookup that gave no answer (as opposed to an answer of none)."""
 
 
-class _QuietProtocol(dns.DNSDatagramProtocol):
-    noisy = False
-
-
-class _QuietResolver(client.Resolver):
-    """A DNS client whose per-query protocols (one per query, on a random
-    port, as twisted.names does) do not log their start and stop."""
-
-    def _connectedProtocol(self, interface=""):
-        proto = _QuietProtocol(self, reactor=self._reactor)
-        for attempt in range(1000):
-            try:
-                self._reactor.listenUDP(dns.randomSource(), proto, interface=interface)
-            except CannotListenError as e:
-                if getattr(e.socketError, "errno", None) == errno.EMFILE or attempt == 999:
-                    raise
-            else:
-                return proto
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
 def make_resolver(config: DiscoveryConfig, reactor: Any):
-    """/etc/hosts, then the configured DNS servers (or the system's)."""
+    """/etc/hosts, then the configured DNS servers (or the system's);
+    ``l5dproxy.net.dns.stop_resolver`` stops it."""
     servers = [(r.host, r.port) for r in config.resolvers]
     if servers:
-        dns_resolver = _QuietResolver(servers=servers, reactor=reactor)
+        dns_resolver = QuietResolver(servers=servers, reactor=reactor)
     else:
-        dns_resolver = _QuietResolver(resolv="/etc/resolv.conf", reactor=reactor)
+        dns_resolver = QuietResolver(resolv="/etc/resolv.conf", reactor=reactor)
     return resolve.ResolverChain([hosts.Resolver(), dns_resolver])
-
-
-def stop_resolver(resolver) -> None:
-    """Cancel what a resolver keeps scheduled (resolv.conf re-reading)."""
-    for r in getattr(resolver, "resolvers", [resolver]):
-        call = getattr(r, "_parseCall", None)
-        if call is not None and call.active():
-            call.cancel()
 
 
 def is_ip(host: str) -> bool:

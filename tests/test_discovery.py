@@ -11,7 +11,8 @@ from twisted.trial.unittest import TestCase
 
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DiscoveryConfig, HostPort, ServiceConfig
-from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
+from l5dproxy.discovery import Discovery, make_resolver
+from l5dproxy.net.dns import stop_resolver
 from tests.dnsserver import DnsServer
 
 

@@ -17,7 +17,10 @@ Users today:
   ``_tempDataLen``, ``_writeDisconnecting``, ``_maybePauseProducer``, and the
   undocumented ``dataBuffer``, ``offset``, ``TLS``, ``socket``),
   ``l5dproxy/net/splice.py`` (``dataBuffer``, ``offset``, ``_tempDataLen``,
-  ``_writeDisconnecting``), ``detect/protocol.py``/``accept/listener.py``/``detect/serverfirst.py``
+  ``_writeDisconnecting``), ``l5dproxy/net/dns.py`` (overrides
+  ``twisted.names.client.Resolver._connectedProtocol``, reads its ``_reactor``,
+  cancels its ``_parseCall``), ``l5dproxy/net/listening.py`` (reads a server
+  endpoint's ``_port``), ``detect/protocol.py``/``accept/listener.py``/``detect/serverfirst.py``
   (protocol switching by assigning ``transport.protocol``, as Twisted's own
   ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
@@ -51,8 +54,12 @@ from h2.events import Event
 from hyperframe.frame import GoAwayFrame, WindowUpdateFrame
 from prometheus_client import CollectorRegistry, Histogram
 from twisted.internet import abstract, defer, tcp
-from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.protocol import ClientCreator, DatagramProtocol, Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.names import client, dns
 from twisted.trial import unittest
 
 
@@ -270,6 +277,104 @@ class TwistedPortInternalsTests(_Canary):
         except defer.TimeoutError:
             self.fail(f"{_where('Twisted', name, 'l5dproxy/app/service.py')} assigned does not "
                       f"build the next connection's protocol")
+
+
+class TwistedNamesInternalsTests(_Canary):
+    """``twisted.names.client.Resolver`` as l5dproxy/net/dns.py subclasses and stops it."""
+
+    user = "l5dproxy/net/dns.py"
+
+    @defer.inlineCallbacks
+    def test_quiet_resolver_answers_without_logging_each_query_protocol(self):
+        """A query goes through ``_connectedProtocol`` (so the override makes
+        each query's protocol), built on ``_reactor``: answered, and no
+        "Starting protocol"/"Stopping protocol" line per query (stock Twisted
+        logs both; the UDP port's own "... starting on PORT" line stays)."""
+        from twisted.internet import reactor
+
+        from l5dproxy.net.dns import QuietResolver
+
+        name = "twisted.names.client.Resolver._connectedProtocol"
+        self.require_params(getattr(client.Resolver, "_connectedProtocol", None),
+                            ["self", "interface"], "Twisted", name, self.user)
+
+        class Server(DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                query = dns.Message()
+                query.fromStr(data)
+                answer = dns.Message(id=query.id, answer=1)
+                answer.queries = query.queries
+                answer.answers = [dns.RRHeader(query.queries[0].name.name, ttl=60,
+                                               payload=dns.Record_A("127.0.0.9", 60))]
+                self.transport.write(answer.toStr(), addr)
+
+        server = reactor.listenUDP(0, Server(), interface="127.0.0.1")
+        self.addCleanup(server.stopListening)
+        made: list[dns.DNSDatagramProtocol] = []
+        stopped: list[defer.Deferred[None]] = []
+
+        class Recording(QuietResolver):
+            def _connectedProtocol(self, interface=""):
+                proto = super()._connectedProtocol(interface)
+                made.append(proto)
+                port = proto.transport
+                stop = port.stopListening  # the resolver stops it after the answer
+                port.stopListening = lambda: stopped.append(stop()) or stopped[-1]
+                return proto
+
+        logged: list[str] = []
+
+        def observe(event):
+            text = formatEvent(event)
+            if text.startswith(("Starting protocol", "Stopping protocol")):
+                logged.append(text)
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        resolver = Recording(servers=[("127.0.0.1", server.getHost().port)], reactor=reactor)
+        answers, _, _ = yield resolver.lookupAddress("canary.test", timeout=[5])
+        yield defer.gatherResults(stopped)
+        self.require([a.payload.dottedQuad() for a in answers] == ["127.0.0.9"], "Twisted",
+                     name, self.user, f"answered {answers!r}")
+        self.require(len(made) >= 1 and getattr(made[0], "_reactor", None) is reactor,
+                     "Twisted", name, self.user,
+                     f"was not called for a query (made {made!r}), or _reactor is gone")
+        self.require(logged == [], "Twisted", name, self.user,
+                     f"overridden, still logs each query's protocol: {logged!r}")
+
+    def test_parse_call_is_the_resolv_conf_timer(self) -> None:
+        """A resolver reading resolv.conf keeps its re-read timer as
+        ``_parseCall``: ``stop_resolver`` cancels it, leaving no call behind."""
+        from l5dproxy.net.dns import stop_resolver
+
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("nameserver 127.0.0.1\n")
+        clock = Clock()
+        resolver = client.Resolver(resolv=path, reactor=clock)
+        name = "twisted.names.client.Resolver._parseCall"
+        self.require(getattr(resolver, "_parseCall", None) in clock.getDelayedCalls(), "Twisted",
+                     name, self.user, "is not the scheduled resolv.conf re-read")
+        stop_resolver(resolver)
+        self.require(clock.getDelayedCalls() == [], "Twisted", name, self.user,
+                     f"cancelled, still leaves {clock.getDelayedCalls()!r}")
+
+
+class TwistedEndpointInternalsTests(_Canary):
+    """A parsed server endpoint's port, as l5dproxy/net/listening.py reads it."""
+
+    def test_out_of_range_tcp_port_is_kept_as_port(self) -> None:
+        from l5dproxy.net.listening import server_endpoint_port
+
+        for text, expected in (("tcp:70000", 70000), ("tcp6:70000", 70000),
+                               ("tcp:8080:interface=127.0.0.1", 8080)):
+            endpoint = serverFromString(MemoryReactor(), text)
+            port = server_endpoint_port(endpoint)
+            self.require(port == expected, "Twisted",
+                         f"{type(endpoint).__module__}.{type(endpoint).__name__}._port",
+                         "l5dproxy/net/listening.py",
+                         f"read {port!r} from {text!r}, not {expected}: the config check "
+                         f"would let an out-of-range port through to bind")
 
 
 class H2InternalsTests(_Canary):

@@ -37,12 +37,13 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import Config
 from l5dproxy.config.parse import ConfigError, load
 from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
-from l5dproxy.discovery import Discovery, make_resolver, stop_resolver
+from l5dproxy.discovery import Discovery, make_resolver
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import h2_handler
+from l5dproxy.net.dns import stop_resolver
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
 

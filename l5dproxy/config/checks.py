@@ -22,6 +22,7 @@ from l5dproxy.config.model import (
     PROXY_PROTOCOL_VERSIONS,
     HostPort,
 )
+from l5dproxy.net.listening import server_endpoint_port
 
 
 def parse_host_port(text: str) -> HostPort:
@@ -56,8 +57,8 @@ def check_endpoint(text: str) -> str | None:
     except OSError as e:  # ssl: reads its certificate files while parsing
         return f"unusable endpoint string {text!r}: {e.strerror or e}: {e.filename}"
     # TCP endpoints take any integer as the port; catch it here, not at bind.
-    port = getattr(endpoint, "_port", None)
-    if isinstance(port, int) and not 0 <= port <= 65535:
+    port = server_endpoint_port(endpoint)
+    if port is not None and not 0 <= port <= 65535:
         return f"unparsable endpoint string {text!r}: port {port} is not from 0 to 65535"
     return None
 
