@@ -34,7 +34,7 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DiscoveryConfig, HostPort, ServiceConfig
 from l5dproxy.net.dns import QuietResolver
 
-log = Logger(namespace="l5dproxy.discovery")
+log = Logger()
 
 #: A TTL for answers that carry none (NXDOMAIN, empty): the floor applies.
 _NO_TTL = 0

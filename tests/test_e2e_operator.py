@@ -42,7 +42,7 @@ class LogTests(TestCase):
         status, _, body = request(proxy.admin_port, "PUT", "/log-level", b"debug")
         self.assertEqual((status, body), (200, b"debug\n"))
         self.assertEqual(request(port, "GET", "/loud")[0], 502)
-        line = proxy.wait_log(r"\[l5dproxy\.http#debug\] retry 1 of .*").group(0)
+        line = proxy.wait_log(r"\[l5dproxy\.route\.dispatcher#debug\] retry 1 of .*").group(0)
         self.assertRegex(line, r"retry 1 of GET /loud on 127\.0\.0\.1:\d+$")
         self.assertNotIn("b'", proxy.log_text())
 
@@ -56,7 +56,7 @@ class LogTests(TestCase):
         records = [json.loads(line) for line in proxy.log_text().splitlines() if line]
         retry = next(r for r in records if r["message"].startswith("retry 1 "))
         self.assertEqual((retry["level"], retry["namespace"], retry["method"], retry["path"],
-                          retry["n"]), ("debug", "l5dproxy.http", "GET", "/j?x=1", 1))
+                          retry["n"]), ("debug", "l5dproxy.route.dispatcher", "GET", "/j?x=1", 1))
         self.assertRegex(retry["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
         (closed,) = [r for r in records if r["message"].startswith("closed listener=in")]
         self.assertEqual((closed["level"], closed["listener"], closed["protocol"]),

@@ -129,7 +129,7 @@ class DispatchedErrorTests(SynchronousTestCase):
     def warnings(self) -> list[str]:
         from twisted.logger import formatEvent
         return [formatEvent(e) for e in self.events
-                if e.get("log_namespace") == "l5dproxy.http"
+                if e.get("log_namespace") == "l5dproxy.route.errors"
                 and e.get("log_level").name == "warn"]
 
     def test_refused_names_service_and_endpoint(self) -> None:

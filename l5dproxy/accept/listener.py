@@ -29,7 +29,7 @@ from l5dproxy.telemetry import Metrics
 #: Builds the protocol that speaks a detected protocol on a connection.
 Handler = Callable[[InboundConnection], IProtocol]
 
-log = Logger(namespace="l5dproxy.accept.listener")
+log = Logger()
 
 #: At most one log line per listener per this many seconds about the
 #: connections a max_connections limit closed (with how many since the last).

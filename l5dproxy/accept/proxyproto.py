@@ -62,7 +62,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-log = Logger(namespace="l5dproxy.accept.proxyproto")
+log = Logger()
 
 MODES = ("off", "required", "optional")
 

@@ -47,7 +47,7 @@ from l5dproxy.net.dns import stop_resolver
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
 
-log = Logger(namespace="l5dproxy.app.service")
+log = Logger()
 
 
 class StartupError(SystemExit):

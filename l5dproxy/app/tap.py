@@ -37,7 +37,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-log = Logger(namespace="l5dproxy.app.tap")
+log = Logger()
 
 #: Events one watcher may have waiting while its connection is full.
 QUEUE_MAX = 256

@@ -36,7 +36,7 @@ from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 
-log = Logger(namespace="l5dproxy.app.workers")
+log = Logger()
 
 _TCP = re.compile(r"^tcp:")
 _SPLIT = re.compile(r"(?<!\\):")

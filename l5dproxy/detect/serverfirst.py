@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from l5dproxy.detect.protocol import DetectProtocol
     from l5dproxy.net.connection import InboundConnection
 
-log = Logger(namespace="l5dproxy.detect.serverfirst")
+log = Logger()
 
 SERVER_FIRST = Verdict("opaque", "server_first")
 LEARNED_OPAQUE = Verdict("opaque", "learned_opaque")

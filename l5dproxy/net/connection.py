@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from l5dproxy.detect.sniff import Verdict
     from l5dproxy.telemetry import TcpSideMetrics
 
-log = Logger(namespace="l5dproxy.net.connection")
+log = Logger()
 
 
 class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):

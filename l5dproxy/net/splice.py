@@ -45,7 +45,7 @@ from zope.interface import implementer
 if TYPE_CHECKING:
     from l5dproxy.tcp.relay import RelayProtocol, UpstreamProtocol
 
-log = Logger(namespace="l5dproxy.net.splice")
+log = Logger()
 
 _splice = getattr(os, "splice", None)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from l5dproxy.exchange.contracts import Attempt, ClientEnd
     from l5dproxy.telemetry import Metrics
 
-log = Logger(namespace="l5dproxy.http")
+log = Logger()
 access_log = Logger(namespace="l5dproxy.access")
 
 #: Distinct label sets kept per proxy before the cache starts over. Every

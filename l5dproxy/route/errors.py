@@ -25,7 +25,7 @@ from l5dproxy.tls.errors import TlsError
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint, Upstream
 
-log = Logger(namespace="l5dproxy.http")
+log = Logger()
 
 #: Seconds between two "failing"/"recovered" log lines of one service.
 HEALTH_LOG_INTERVAL = 10.0

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from l5dproxy.net.connection import InboundConnection
     from l5dproxy.telemetry import TcpSideMetrics
 
-log = Logger(namespace="l5dproxy.tcp.relay")
+log = Logger()
 
 #: Client bytes held while the upstream connection is being made; past this
 #: the client is paused until the upstream can take them.

@@ -34,7 +34,7 @@ __all__ = [
     "name_matches",
 ]
 
-log = Logger(namespace="l5dproxy.tls.certs")
+log = Logger()
 
 #: A PEM file larger than this is refused (a certificate chain is a few KiB).
 MAX_PEM_BYTES = 1 << 20

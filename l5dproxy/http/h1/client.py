@@ -45,7 +45,7 @@ from l5dproxy.net.connection import errno_name, set_no_delay
 if TYPE_CHECKING:
     from l5dproxy.telemetry import Metrics, TcpSideMetrics
 
-log = Logger(namespace="l5dproxy.http")
+log = Logger()
 
 class _StopAtHeadError(Exception):
     """Stops the parser after the head of a response to HEAD."""

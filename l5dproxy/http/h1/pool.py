@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from l5dproxy.exchange.contracts import AttemptWaiter, Dialable
     from l5dproxy.telemetry import Metrics
 
-log = Logger(namespace="l5dproxy.http")
+log = Logger()
 
 #: Requests one endpoint's pool keeps waiting for a connection when it is at
 #: ``max_connections``; more are answered 503 at once. Envoy's default

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from l5dproxy.exchange.contracts import Dispatcher
     from l5dproxy.net.connection import InboundConnection
 
-log = Logger(namespace="l5dproxy.http")
+log = Logger()
 
 #: Pipelined requests read ahead of the one being answered before reading stops.
 PIPELINE_DEPTH = 16

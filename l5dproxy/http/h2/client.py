@@ -55,7 +55,7 @@ if TYPE_CHECKING:
 
     from l5dproxy.config.model import Target
 
-log = Logger(namespace="l5dproxy.h2")
+log = Logger()
 
 
 class AttemptSide(Protocol):

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from l5dproxy.exchange.contracts import AttemptWaiter, Dialable
     from l5dproxy.telemetry import Metrics
 
-log = Logger(namespace="l5dproxy.h2")
+log = Logger()
 
 
 #: Requests one endpoint's pool keeps waiting for a stream (connections at

@@ -62,7 +62,7 @@ from l5dproxy.http.h2.translate import MalformedError, h2_trailers, trailers_fro
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.writebound import WriteBound
 
-log = Logger(namespace="l5dproxy.h2")
+log = Logger()
 
 
 #: Frames queued in h2 past which they are written at once rather than at

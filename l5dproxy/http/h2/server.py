@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from l5dproxy.exchange.contracts import Dispatcher
     from l5dproxy.net.connection import InboundConnection
 
-log = Logger(namespace="l5dproxy.h2")
+log = Logger()
 
 
 #: How long a closing connection waits for the client to close its side.
