@@ -20,6 +20,9 @@ leaves ``discovery.py config/ net/ telemetry.py``, each importing only what
   is missing from the wheel though the checkout's tests pass);
 * every file path named in tests/test_library_internals.py exists (the one
   list of library-internals users must follow the code when it moves).
+* README.rst's "Code map" names every module, and the docstring of
+  ``l5dproxy/__init__.py`` every folder in ``FOLDERS`` order (the code maps a
+  newcomer reads must not fall behind the tree).
 
 **The allowlists are a ratchet.** ``KNOWN_CYCLE_EDGES``,
 ``KNOWN_ORDER_EDGES``, ``KNOWN_LARGE`` and ``KNOWN_REACH_INS`` hold the
@@ -533,6 +536,45 @@ def package_problems(root: Path) -> list[str]:
     return problems
 
 
+def code_map_problems(root: Path) -> list[str]:
+    r"""Where the two code maps disagree with the tree.
+
+    README.rst's "Code map" section (up to the next section or the end) must
+    name every ``l5dproxy/**/*.py`` but the package ``__init__`` modules, as
+    ``\`\`l5dproxy/.../x.py\`\```, and name no file that is gone; the docstring
+    of ``l5dproxy/__init__.py`` must name every folder of ``FOLDERS`` (as
+    ``\`\`x/\`\``` or, for a leaf module, ``\`\`x.py\`\```), in that order.
+    """
+    problems = []
+    readme = (root / "README.rst").read_text(encoding="utf-8")
+    start = readme.find("\nCode map\n--------\n")
+    if start < 0:
+        return ["README.rst has no 'Code map' section (a title underlined with '-')"]
+    body = readme[start + len("\nCode map\n--------\n"):]
+    following = re.search(r"\n[^\n]+\n[-=~^]{3,}\n", body)
+    body = body[:following.start()] if following else body
+    named = set(re.findall(r"``(l5dproxy/[\w/]+\.py)``", body))
+    modules = {p.relative_to(root).as_posix() for p in (root / PACKAGE).rglob("*.py")
+               if "__pycache__" not in p.parts and p.name != "__init__.py"}
+    problems += [f"README.rst Code map does not name {m}: add a line for it where a "
+                 f"connection meets it" for m in sorted(modules - named)]
+    problems += [f"README.rst Code map names {m}, which does not exist: rename or delete it"
+                 for m in sorted(named - modules) if not (root / m).is_file()]
+    init = root / PACKAGE / "__init__.py"
+    doc = ast.get_docstring(ast.parse(init.read_text(encoding="utf-8"))) or ""
+    names = [f"``{f}.py``" if (root / PACKAGE / f"{f}.py").exists() else f"``{f}/``"
+             for f in FOLDERS]
+    problems += [f"l5dproxy/__init__.py's docstring (the code map) does not name {name}"
+                 for name in names if name not in doc]
+    present = [name for name in names if name in doc]
+    seen = sorted(present, key=doc.index)
+    if seen != present:
+        problems.append(f"l5dproxy/__init__.py's docstring (the code map) names "
+                        f"{', '.join(seen)}: put them in the order of FOLDERS, "
+                        f"{', '.join(present)}")
+    return problems
+
+
 _PATH = re.compile(r"(?<![\w./-])((?:[\w-]+/)*[\w-]+\.py)\b")
 _TOP = ("l5dproxy", "tests", "bench", "twisted", "conf")
 
@@ -711,6 +753,11 @@ class LayoutTests(unittest.TestCase):
         self.fail_with("setup.cfg [options] packages does not match l5dproxy/:",
                        package_problems(ROOT), "")
 
+    def test_code_maps_current(self) -> None:
+        self.fail_with("the code maps do not match l5dproxy/:", code_map_problems(ROOT),
+                       "README.rst's Code map names every module (one line: what it is); the "
+                       "l5dproxy/__init__.py docstring names every folder in pipeline order.")
+
     def test_library_internals_paths_exist(self) -> None:
         source = (ROOT / LIBRARY_INTERNALS).read_text(encoding="utf-8")
         named = named_paths(source)
@@ -874,6 +921,34 @@ class CheckerTests(unittest.TestCase):
         self.assertIn("l5dproxy/net/ is a package missing", problems[0])
         self.assertIn("l5dproxy/tcp/ holds Python files but no __init__.py", problems[1])
         self.assertIn("lists l5dproxy.route, which is no package", problems[2])
+
+    def test_code_maps(self) -> None:
+        """A module missing from README's Code map, one named there that is gone,
+        and a folder missing from (or out of order in) the package docstring."""
+        root = Path(self.mktemp())
+        files = {
+            "l5dproxy/__init__.py": '"""Map.\n\n``app/`` runs; ``tcp/`` relays; ``accept/``."""\n',
+            "l5dproxy/app/__init__.py": "", "l5dproxy/app/cli.py": "",
+            "l5dproxy/tcp/__init__.py": "", "l5dproxy/tcp/relay.py": "",
+            "l5dproxy/telemetry.py": "",
+            "README.rst": "Intro\n=====\n\n* ``l5dproxy/tcp/relay.py`` outside the map\n\n"
+                          "Code map\n--------\n\n* ``l5dproxy/app/cli.py``: options.\n"
+                          "* ``l5dproxy/tcp/splice.py``: gone.\n",
+        }
+        for rel, text in files.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_text(text)
+        problems = code_map_problems(root)
+        self.assertIn("README.rst Code map does not name l5dproxy/tcp/relay.py: add a line for "
+                      "it where a connection meets it", problems)
+        self.assertIn("README.rst Code map names l5dproxy/tcp/splice.py, which does not exist: "
+                      "rename or delete it", problems)
+        self.assertIn("l5dproxy/__init__.py's docstring (the code map) does not name "
+                      "``telemetry.py``", problems)
+        self.assertIn("l5dproxy/__init__.py's docstring (the code map) names ``app/``, "
+                      "``tcp/``, ``accept/``: put them in the order of FOLDERS, ``app/``, "
+                      "``accept/``, ``tcp/``", problems)
+        self.assertNotIn("l5dproxy/app/cli.py", " ".join(problems))
 
     def test_named_paths(self) -> None:
         source = ('"""Users: ``l5dproxy/batchsend.py``, ``detect.py``/``listener.py``."""\n'

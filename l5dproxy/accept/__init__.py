@@ -1,1 +1,1 @@
-"""l5dproxy.accept."""
+"""A connection arrives: the listener (admit, count, start detection) and PROXY protocol in."""

@@ -1,1 +1,1 @@
-"""l5dproxy.balance.backends."""
+"""Which endpoint: endpoints, P2C peak-EWMA, failure accrual, the retry budget."""

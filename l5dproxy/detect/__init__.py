@@ -1,1 +1,2 @@
-"""l5dproxy.detect.protocol."""
+"""What does the client speak? Sniffing the first bytes, the detect protocol,
+server-speaks-first."""

@@ -1,1 +1,1 @@
-"""l5dproxy.exchange."""
+"""What the HTTP ends and the middle hand each other: messages, bodies, errors, contracts."""

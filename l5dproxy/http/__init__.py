@@ -1,1 +1,2 @@
-"""HTTP proxying: the neutral exchange, the h1 and h2 codec ends, the dispatcher."""
+"""The wire: HTTP/1 (h1/) and HTTP/2 (h2/) to and from the neutral exchange, both
+ends, no policy."""

@@ -1,1 +1,2 @@
-"""l5dproxy.route."""
+"""The middle of the HTTP pipeline: routing, retries, gRPC classification, the proxy's answers to
+upstream failures, metric labels."""

@@ -1,1 +1,1 @@
-"""l5dproxy.tcp.relay."""
+"""Opaque connections: the TCP relay."""
