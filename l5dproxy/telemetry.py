@@ -110,6 +110,10 @@ class Metrics:
             "h2_abuse", "HTTP/2 connections closed with GOAWAY(ENHANCE_YOUR_CALM) or past"
             " their write bound, by the kind of frame that spent most of their budget",
             ("kind",), registry=r)
+        self.authz_denied_total = Counter(
+            "authz_denied", "TLS client connections refused: the client's identity"
+            " matches no [listener.tls] allow pattern (HTTP: each request 403)",
+            ("listener", "protocol"), registry=r)
         self.config_reload_total = Counter(
             "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
         #: Callables giving ``(listener, service, name, not_after)`` for each

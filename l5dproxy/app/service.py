@@ -92,13 +92,19 @@ class ProxyService(Service):
                                             config.http.idle_timeout)
         self.limits = ConnectionLimits(lambda: self.config.proxy.max_connections,
                                        self._all_listeners)
+        #: TLS termination ([listener.tls]); None while no listener has it, so
+        #: OpenSSL is imported only by a config that uses it (app/lean.py).
+        self.terminations: Any = None
+        tls_contexts = self._prepare_tls(config)
         self.listeners = [
             Listener(lc, config.detect, self.upstreams, self.metrics, reactor,
                      log_connections=config.proxy.log_connections,
-                     server_first=self.server_first, handlers=self.handlers,
+                     server_first=self.server_first,
+                     handlers=self._handlers_for(lc, config, tls_contexts),
                      limits=self.limits)
             for lc in config.listeners
         ]
+        self._commit_tls(config, tls_contexts)
         self.ports: dict[str, IListeningPort] = {}
         self.admin_port: IListeningPort | None = None
         self.ready = False
@@ -116,6 +122,34 @@ class ProxyService(Service):
         self.stats = Stats(self.metrics.registry, reactor, lambda: self.upstreams,
                            self._listener_rows, self.server_first.memory.entries,
                            __version__)
+
+    def _prepare_tls(self, config: Config) -> dict[str, Any]:
+        """The TLS contexts of ``config``'s terminating listeners (see
+        app/tlsterm.py); a certificate that cannot be loaded is a StartupError."""
+        if not any(lc.tls is not None for lc in config.listeners):
+            return {}
+        if self.terminations is None:
+            from l5dproxy.app.tlsterm import Terminations
+
+            self.terminations = Terminations(self.metrics, self.reactor)
+        from l5dproxy.tls.certs import CertificateError
+
+        try:
+            return self.terminations.prepare(config.listeners)
+        except CertificateError as e:
+            raise StartupError(f"tls: {e}") from None
+
+    def _commit_tls(self, config: Config, contexts: dict[str, Any]) -> None:
+        if self.terminations is not None:
+            self.terminations.commit(config.listeners, contexts)
+
+    def _handlers_for(self, lc, config: Config, tls_contexts: dict[str, Any]) -> dict:
+        """The verdict handlers of listener ``lc``: the shared ones, plus TLS
+        termination when it has ``[listener.tls]``."""
+        if lc.tls is None:
+            return self.handlers
+        return self.terminations.handlers(lc, config.detect, self.handlers,
+                                          tls_contexts[lc.name])
 
     def _listener_rows(self) -> list[tuple[str, str, str]]:
         """(name, bound address, service) of each listener, for /stats.json."""
@@ -194,6 +228,9 @@ class ProxyService(Service):
                 self._watched = state
                 log.info("config file {path} changed", path=self.config.source)
                 self.reload()
+            elif self.terminations is not None and self.terminations.changed():
+                log.info("tls certificate files changed: reloading them")
+                self.terminations.reload_changed()
 
         self._watch = LoopingCall(check)
         self._watch.clock = self.reactor
@@ -238,6 +275,7 @@ class ProxyService(Service):
             if name not in upstreams:
                 upstreams[name] = Upstream(service, opaque_ports, clock=self.reactor)
         try:
+            tls_contexts = self._prepare_tls(new)
             for lc in to_bind:
                 bound[lc.name] = self._listen(f"listener {lc.name!r}", lc.listen, _Deferred())
         except StartupError:
@@ -282,7 +320,8 @@ class ProxyService(Service):
         for lc in new.listeners:
             listener = Listener(lc, new.detect, self.upstreams, self.metrics, self.reactor,
                                 log_connections=new.proxy.log_connections,
-                                server_first=self.server_first, handlers=self.handlers,
+                                server_first=self.server_first,
+                                handlers=self._handlers_for(lc, new, tls_contexts),
                                 limits=self.limits)
             listeners.append(listener)
             if lc.name in bound:
@@ -302,6 +341,7 @@ class ProxyService(Service):
         self.retired = [listener for listener in [*self.retired, *self.listeners]
                         if listener.connections]
         self.listeners = listeners
+        self._commit_tls(new, tls_contexts)
         self._set_watch(new)
         if new.proxy.log_level != old.proxy.log_level:
             logs.set_level(new.proxy.log_level)

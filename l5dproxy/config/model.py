@@ -105,6 +105,35 @@ class RouteConfig:
     timeout: float | None = None
     #: Retry this route's requests whatever their method (they are safe to repeat).
     retryable: bool = False
+    #: SNI passthrough: a glob matched against a TLS ClientHello's server
+    #: name on a listener without [listener.tls]; the connection goes to
+    #: ``service`` as opaque TCP, unterminated (l5dproxy.tcp.sni). Such a
+    #: route has no host or path_prefix and takes no part in HTTP routing.
+    sni: str | None = None
+
+
+@dataclass(frozen=True)
+class CertificateConfig:
+    """One ``{ cert = "PATH", key = "PATH" }`` (absolute paths)."""
+
+    cert: str
+    key: str
+
+
+@dataclass(frozen=True)
+class ListenerTlsConfig:
+    """``[listener.tls]``: the listener terminates TLS (l5dproxy.tls.server)."""
+
+    #: PEM certificate (chain allowed) and key pairs; the first is the default.
+    certificates: tuple[CertificateConfig, ...]
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    min_version: str = "1.2"
+    handshake_timeout: float = 10.0
+    session_tickets: bool = False
+    #: PEM roots client certificates must chain to (mTLS); None: none asked for.
+    client_ca: str | None = None
+    #: Glob patterns over the client's identity; None: any verified client.
+    allow: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +163,8 @@ class ListenerConfig:
     forwarded: str = "append"
     #: Peers (CIDR networks) whose forwarding fields are kept as they came.
     trusted_proxies: tuple[str, ...] = ()
+    #: [listener.tls]: terminate TLS; None: TLS is relayed (or SNI-routed) opaque.
+    tls: ListenerTlsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

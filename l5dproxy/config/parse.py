@@ -55,6 +55,7 @@ from l5dproxy.config.model import (
     ServiceConfig,
 )
 from l5dproxy.config.table import Table
+from l5dproxy.config.tls import check_sni_glob, parse_listener_tls
 
 
 class ConfigError(Exception):
@@ -333,15 +334,28 @@ def _parse_listeners(tables: list[Table], services: dict[str, ServiceConfig],
             seen.add(name)
         routes = []
         for r in t.array("route"):
-            routes.append(RouteConfig(
+            route = RouteConfig(
                 service=r.required("service", str, known_service),
                 host=r.get("host", str, None),
                 path_prefix=r.get("path_prefix", str, None, check_path_prefix),
                 timeout=_optional_float(r.get("timeout", (int, float), None,
                                               check_positive_duration)),
                 retryable=r.get("retryable", bool, False),
-            ))
+                sni=r.get("sni", str, None, check_sni_glob),
+            )
+            if route.sni is not None and (route.host or route.path_prefix):
+                r.error("sni", "an sni route matches TLS connections, not HTTP requests:"
+                        " it takes no host or path_prefix")
+            routes.append(route)
             r.finish()
+        if t.data.get("opaque") is True and any(r.sni is not None for r in routes):
+            t.error("route", "sni routes need detection (the ClientHello is read):"
+                    " not on an opaque listener")
+        tls = parse_listener_tls(t.table("tls")) if "tls" in t.data else None
+        if tls is not None and any(r.sni is not None for r in routes):
+            t.error("route", "sni routes pass TLS through unterminated: a listener with"
+                    " [listener.tls] terminates it instead (route after termination by"
+                    " host)")
         listeners.append(ListenerConfig(
             name=name,
             listen=t.required("listen", str, check_endpoint),
@@ -359,6 +373,7 @@ def _parse_listeners(tables: list[Table], services: dict[str, ServiceConfig],
                                                check_positive_duration)),
             forwarded=t.get("forwarded", str, "append", check_forwarded),
             trusted_proxies=tuple(t.get("trusted_proxies", list, [], check_networks)),
+            tls=tls,
         ))
         t.finish()
     return tuple(listeners)

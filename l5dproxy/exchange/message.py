@@ -104,6 +104,39 @@ def drop_underscore_fields(head: RequestHead) -> int:
     return len(headers) - len(kept)
 
 
+CLIENT_ID = b"l5d-client-id"
+#: The ``l5d-proxy-error`` of a request refused by ``[listener.tls] allow``.
+UNAUTHORIZED = "unauthorized"
+
+
+def identify_client(head: RequestHead, connection: object) -> ProxyError | None:
+    """The one rule for the client's TLS identity, applied by the dispatcher
+    to every request: ``l5d-client-id`` set from the connection's verified
+    client certificate (:func:`set_client_id`), and the 403 to answer when
+    ``[listener.tls] allow`` refused the client (``connection.authorized``
+    false; l5dproxy.detect.terminate). ``connection`` is the
+    InboundConnection (anything without those attributes: plaintext)."""
+    set_client_id(head, getattr(connection, "client_id", None))
+    if getattr(connection, "authorized", True):
+        return None
+    return ProxyError.forbidden(UNAUTHORIZED)
+
+
+def set_client_id(head: RequestHead, client_id: str | None) -> None:
+    """Remove every ``l5d-client-id`` field the client sent and, when the
+    connection's client certificate was verified (mTLS), add one with its
+    identity (``l5d-client-id: spiffe://...``), as Linkerd's inbound proxy
+    does (an identity that is not visible ASCII is not sent). Applied by
+    the dispatcher to every request, HTTP/1 and h2 alike, so an endpoint can
+    trust the field: only the proxy sets it."""
+    headers = head.headers
+    if any(name.lower() == CLIENT_ID for name, _ in headers):
+        headers = head.headers = [(n, v) for n, v in headers if n.lower() != CLIENT_ID]
+    if client_id is not None and client_id.isascii() and client_id.isprintable() \
+            and " " not in client_id:
+        headers.append((CLIENT_ID, client_id.encode("ascii")))
+
+
 @dataclass(slots=True)
 class ResponseHead:
     """A response as both protocols can say it; the same invariant as
@@ -409,6 +442,12 @@ class ProxyError(Exception):
     def bad_request(cls, reason: str, status: int = 400) -> ProxyError:
         return cls(status, reason, GRPC_INTERNAL)
 
+    @classmethod
+    def forbidden(cls, reason: str) -> ProxyError:
+        """403, gRPC PERMISSION_DENIED (Linkerd's answer to a request its
+        authorization policy refuses)."""
+        return cls(403, reason, GRPC_PERMISSION_DENIED)
+
 
 class NotPlacedError(ProxyError):
     """The proxy itself could not place the request on the endpoint it was
@@ -420,6 +459,7 @@ class NotPlacedError(ProxyError):
 
 
 GRPC_DEADLINE_EXCEEDED = 4
+GRPC_PERMISSION_DENIED = 7
 GRPC_INTERNAL = 13
 GRPC_UNAVAILABLE = 14
 PROXY_ERROR_HEADER = b"l5d-proxy-error"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -69,9 +69,9 @@ class InboundConnection:
     """What is known of one client connection, from accept to close."""
 
     __slots__ = (
-        "accepted_at", "bytes_read", "bytes_written", "client", "destination", "endpoint",
-        "listener", "local",
-        "on_drain", "peer", "protocol", "proxy_header", "service", "sni", "src", "transport", "via",
+        "accepted_at", "authorized", "bytes_read", "bytes_written", "client", "client_id",
+        "destination", "endpoint", "listener", "local", "on_drain", "peer", "protocol",
+        "proxy_header", "service", "sni", "src", "tls", "transport", "via",
     )
 
     def __init__(self, listener: Listener, transport, accepted_at: float) -> None:
@@ -102,6 +102,14 @@ class InboundConnection:
         self.src: TcpSideMetrics | None = None
         #: Set by a protocol that can end gracefully (HTTP: close once idle).
         self.on_drain: Callable[[], None] | None = None
+        #: A terminated TLS connection's handshake (l5dproxy.tls.server.TlsInfo:
+        #: version, alpn, sni, client_id; net/ sits below tls/, hence Any).
+        self.tls: Any = None
+        #: The verified client certificate's identity (mTLS), else None.
+        self.client_id: str | None = None
+        #: False when [listener.tls] allow refuses the client: every HTTP
+        #: request is answered 403 (gRPC PERMISSION_DENIED), TCP is closed.
+        self.authorized = True
 
     def set_client(self, client: IAddress, destination: IAddress | None) -> None:
         """A PROXY protocol header (l5dproxy.accept.proxyproto) named the
@@ -125,7 +133,7 @@ class InboundConnection:
     @property
     def secure(self) -> bool:
         """Whether the client's bytes reach the proxy over TLS it terminates."""
-        return ISSLTransport.providedBy(self.transport)
+        return self.tls is not None or ISSLTransport.providedBy(self.transport)
 
     def detected(self, verdict: Verdict) -> None:
         """The protocol is known: the connection counts as open under it."""
@@ -166,6 +174,7 @@ class InboundConnection:
                 service=self.service, endpoint=self.endpoint or "-", sni=self.sni or "-",
                 bytes_in=self.bytes_read, bytes_out=self.bytes_written,
                 duration_ms=duration * 1000.0, end=how + (f" {errno}" if errno else ""),
+                tls=self._tls_fields(),
             )
             if self.via:   # a PROXY protocol header named the client: who sent it
                 log.info(_CLOSED_LINE.replace("{peer}", "{peer} via={via}"), via=self.via,
@@ -173,11 +182,21 @@ class InboundConnection:
             else:
                 log.info(_CLOSED_LINE, **fields)
 
+    def _tls_fields(self) -> str:
+        """`` tls=... alpn=... client_id=... spliced=no`` for a terminated
+        TLS connection (the proxy reads the plaintext, so the kernel cannot
+        splice it), else ""."""
+        tls = self.tls
+        if tls is None:
+            return ""
+        return (f" tls={tls.version} alpn={tls.alpn or '-'} client_id={self.client_id or '-'}"
+                f"{'' if self.authorized else ' unauthorized'} spliced=no")
+
 
 _CLOSED_LINE = (
     "closed listener={listener} peer={peer} protocol={protocol} sni={sni}"
     " service={service} endpoint={endpoint} bytes_in={bytes_in} bytes_out={bytes_out}"
-    " duration_ms={duration_ms:.1f} end={end}")
+    " duration_ms={duration_ms:.1f} end={end}{tls}")
 
 
 def set_no_delay(transport) -> None:

@@ -64,6 +64,7 @@ from l5dproxy.exchange.message import (
     accepts_text,
     drop_underscore_fields,
     error_response,
+    identify_client,
 )
 from l5dproxy.route import classify as grpc
 from l5dproxy.route.errors import LOAD_SHED, as_proxy_error, name_error, note_health
@@ -154,7 +155,7 @@ class _RouteTable:
             (route.host.lower().encode("idna") if route.host else None,
              route.path_prefix.encode() if route.path_prefix else None,
              route.service, route)
-            for route in getattr(config, "routes", ())
+            for route in getattr(config, "routes", ()) if getattr(route, "sni", None) is None
         ]
         #: The routes' hosts (as matched) -> their ``authority`` label.
         self.hosts: dict[bytes, str] = {
@@ -258,11 +259,12 @@ class _Exchange:
                                             context.protocol)
         labels.requests.n += 1
         self.grpc = head.is_grpc
-        upstream = self.upstream = proxy.upstreams.get(service)
+        refused = identify_client(head, context.connection)  # mTLS: l5d-client-id, allow
+        upstream = self.upstream = proxy.upstreams.get(service) if refused is None else None
         if proxy.tap_start is not None:
             proxy.tap_start.started(self)
-        if upstream is None:  # pragma: no cover - config validation names every service
-            self._fail(ProxyError.unavailable("unknown service"))
+        if upstream is None:  # refused (config validation names every service)
+            self._fail(refused or ProxyError.unavailable("unknown service"))
             return
         config = upstream.config
         limit = config.max_pending_requests
