@@ -60,6 +60,11 @@ class _EchoHeaders(BaseHTTPRequestHandler):
         pass
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def header_app(testcase) -> str:
     """An HTTP/1.1 app on 127.0.0.1:0 echoing what it saw; its address."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHeaders)
@@ -208,8 +213,8 @@ class TerminationTests(unittest.TestCase):
                 self.assertNotIn("Reused", again)
 
     def test_expiry_metric(self) -> None:
-        a = x509.load_pem_x509_certificate(open(self.certs.a[0], "rb").read())
-        b = x509.load_pem_x509_certificate(open(self.certs.b[0], "rb").read())
+        a = x509.load_pem_x509_certificate(_read(self.certs.a[0]))
+        b = x509.load_pem_x509_certificate(_read(self.certs.b[0]))
         samples = self.proxy.metrics()
         expiry = "tls_certificate_expiry_timestamp_seconds"
         self.assertEqual(samples[(expiry, frozenset({
@@ -295,7 +300,7 @@ class MutualTlsTests(unittest.TestCase):
         self.proxy.wait_log(rf"client_id={re.escape(DB_ID)} unauthorized spliced=no")
 
     def test_no_client_certificate_fails_the_handshake(self) -> None:
-        code, out, err = curl(self.port, "a.example.com", cafile=self.certs.ca_path)
+        code, _, _ = curl(self.port, "a.example.com", cafile=self.certs.ca_path)
         self.assertNotEqual(code, 0)
         self.proxy.wait_log(r"end=tls handshake failed: .*certificate")
 
@@ -347,10 +352,10 @@ def _grpc_server(testcase, grpc) -> int:
 def _tls_channel(grpc, port: int, certs: Certificates, client: tuple[str, str] | None = None):
     key = cert = None
     if client is not None:
-        cert = open(client[0], "rb").read()
-        key = open(client[1], "rb").read()
+        cert = _read(client[0])
+        key = _read(client[1])
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=open(certs.ca_path, "rb").read(), private_key=key,
+        root_certificates=_read(certs.ca_path), private_key=key,
         certificate_chain=cert)
     return grpc.secure_channel(f"127.0.0.1:{port}", credentials,
                                options=[("grpc.ssl_target_name_override", "a.example.com")])
@@ -599,3 +604,98 @@ class RotationTests(unittest.TestCase):
         self.assertEqual(samples[("tls_certificate_expiry_timestamp_seconds", frozenset({
             "listener": "in", "service": "", "name": "a.example.com"}.items()))],
             datetime.datetime(2033, 3, 3, tzinfo=datetime.UTC).timestamp())
+
+
+def tls_backend(testcase, certs_dir: str, ca: trustme.CA, name: str) -> str:
+    """A TLS server (Python's ssl) on 127.0.0.1:0 presenting a certificate for
+    ``name``: each line read is answered ``NAME: line``. Its address."""
+    cert, key = write_pair(ca.issue_cert(name), certs_dir, name)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    testcase.addCleanup(listener.close)
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                reader = tls.makefile("rb")
+                for line in reader:
+                    tls.sendall(name.encode() + b": " + line)
+        except (OSError, ssl.SSLError):
+            pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return f"127.0.0.1:{listener.getsockname()[1]}"
+
+
+class SniPassthroughTests(unittest.TestCase):
+    """[[listener.route]] sni: TLS relayed unterminated by its ClientHello's SNI."""
+
+    def test_two_tls_backends_by_sni(self) -> None:
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        ca = trustme.CA()
+        ca_path = write_ca(ca, d)
+        backends = {name: tls_backend(self, d, ca, name)
+                    for name in ("db1.example.com", "db2.example.com", "other.example.com")}
+        proxy = ProxyProcess(self, config=f"""
+[admin]
+listen = "{{listen}}"
+[[listener]]
+name = "in"
+listen = "{{listen}}"
+service = "other"
+[[listener.route]]
+sni = "db1.*"
+service = "db1"
+[[listener.route]]
+sni = "*2.EXAMPLE.com"
+service = "db2"
+[service.db1]
+endpoints = ["{backends['db1.example.com']}"]
+[service.db2]
+endpoints = ["{backends['db2.example.com']}"]
+[service.other]
+endpoints = ["{backends['other.example.com']}"]
+""")
+        port = proxy.port("in")
+        context = ssl.create_default_context(cafile=ca_path)
+        for name in ("db1.example.com", "db2.example.com", "other.example.com"):
+            # The backend's own certificate verifies for the name: the
+            # proxy did not terminate, the backend did.
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                    context.wrap_socket(raw, server_hostname=name) as tls:
+                tls.sendall(b"hello\n")
+                self.assertEqual(tls.makefile("rb").readline(), f"{name}: hello\n".encode())
+        output = s_client(port, "-servername", "db2.example.com")
+        self.assertEqual(san_names(presented(output)), ["db2.example.com"])
+        proxy.wait_log(r"closed listener=in .*protocol=tls sni=db1\.example\.com service=db1 ")
+        proxy.wait_log(r"closed listener=in .*protocol=tls sni=db2\.example\.com service=db2 ")
+        proxy.wait_log(r"closed listener=in .*protocol=tls sni=other\.example\.com "
+                       r"service=other ")
+        self.assertNotIn("spliced=no", proxy.log_text())
+
+    def test_sni_routes_are_refused_beside_termination_and_on_opaque_listeners(self) -> None:
+        d = os.path.abspath(self.mktemp())
+        os.makedirs(d)
+        cert, key = Certificates(d).a
+        for extra, expected in (
+                (f'[listener.tls]\ncertificates = [{{cert = "{cert}", key = "{key}"}}]',
+                 r"listener\[0\]\.route: sni routes pass TLS through unterminated"),
+                ("opaque = true", r"listener\[0\]\.route: sni routes need detection")):
+            text = ('[[listener]]\nname = "in"\nlisten = "tcp:0"\nservice = "app"\n'
+                    + (extra + "\n" if extra.startswith("opaque") else "")
+                    + '[[listener.route]]\nsni = "a.*"\nservice = "app"\n'
+                    + (extra + "\n" if extra.startswith("[") else "")
+                    + '[service.app]\nendpoints = ["127.0.0.1:1"]\n')
+            result = run_l5dproxy("--config", write_config(self, text), "--check")
+            self.assertNotEqual(result.returncode, 0)
+            self.assertRegex(result.stderr, expected)

@@ -183,7 +183,7 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/detect/serverfirst.py", "self.listener.upstream"): 3,
     ("l5dproxy/tcp/relay.py", "conn.listener.metrics"): 2,
     ("l5dproxy/tcp/relay.py", "conn.listener.reactor"): 1,
-    ("l5dproxy/tcp/relay.py", "conn.listener.upstream"): 3,
+    ("l5dproxy/tcp/relay.py", "conn.listener.upstream"): 1,
     ("l5dproxy/tcp/relay.py", "listener.clock"): 1,
     ("l5dproxy/tcp/relay.py", "listener.metrics"): 1,
     ("l5dproxy/tcp/relay.py", "listener.name"): 1,

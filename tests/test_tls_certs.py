@@ -231,3 +231,62 @@ class IdentityTests(unittest.TestCase):
         self.assertTrue(allowed("a[b]", ["a[b]"]))
         self.assertFalse(allowed(None, ["*"]))
         self.assertTrue(allowed("x\ny", compile_patterns(["x*"])))
+
+
+class ClientIdTests(unittest.TestCase):
+    """exchange.message.identify_client: the one rule for l5d-client-id."""
+
+    def _head(self, *headers: tuple[bytes, bytes]):
+        from l5dproxy.exchange.message import RequestHead
+
+        return RequestHead(b"GET", b"/", b"a", list(headers))
+
+    def test_forged_fields_removed_whatever_their_case(self) -> None:
+        from l5dproxy.exchange.message import identify_client
+
+        class Plain:  # a plaintext connection: no client_id, authorized
+            pass
+
+        class Mtls:
+            client_id = "spiffe://example.org/ns/web/sa/x"
+            authorized = True
+
+        for conn, expected in ((Plain(), []),
+                               (Mtls(), [(b"l5d-client-id", b"spiffe://example.org/ns/web/sa/x")])):
+            head = self._head((b"L5D-Client-Id", b"forged"), (b"x", b"1"),
+                              (b"l5d-client-id", b"again"))
+            self.assertIsNone(identify_client(head, conn))
+            self.assertEqual([h for h in head.headers if h[0].lower() == b"l5d-client-id"],
+                             expected)
+            self.assertIn((b"x", b"1"), head.headers)
+
+    def test_refused_client_gets_403_permission_denied(self) -> None:
+        from l5dproxy.exchange.message import identify_client
+
+        class Refused:
+            client_id = "spiffe://example.org/ns/db/sa/x"
+            authorized = False
+
+        error = identify_client(self._head(), Refused())
+        assert error is not None
+        self.assertEqual((error.status, error.reason, error.grpc_status),
+                         (403, "unauthorized", 7))
+
+    def test_identity_with_control_characters_is_not_sent(self) -> None:
+        from l5dproxy.exchange.message import set_client_id
+
+        for bad in ("a\r\nx: y", "a b", "caf\u00e9"):
+            head = self._head()
+            set_client_id(head, bad)
+            self.assertEqual(head.headers, [])
+
+
+class SniGlobTests(unittest.TestCase):
+    def test_globs(self) -> None:
+        from l5dproxy.tcp.sni import sni_glob
+
+        self.assertTrue(sni_glob("db1.*").fullmatch("DB1.example.com"))
+        self.assertTrue(sni_glob("*.example.com").fullmatch("a.b.example.com"))
+        self.assertFalse(sni_glob("*.example.com").fullmatch("example.com"))
+        self.assertFalse(sni_glob("db?.example.com").fullmatch("db12.example.com"))
+        self.assertFalse(sni_glob("a.b").fullmatch("axb"))

@@ -45,6 +45,7 @@ from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import h2_handler
 from l5dproxy.net.dns import stop_resolver
 from l5dproxy.route.dispatcher import HttpProxy
+from l5dproxy.tcp.sni import sni_handler
 from l5dproxy.telemetry import Metrics
 
 log = Logger()
@@ -145,9 +146,13 @@ class ProxyService(Service):
 
     def _handlers_for(self, lc, config: Config, tls_contexts: dict[str, Any]) -> dict:
         """The verdict handlers of listener ``lc``: the shared ones, plus TLS
-        termination when it has ``[listener.tls]``."""
+        termination when it has ``[listener.tls]``, or SNI routes when it has
+        routes with ``sni``."""
         if lc.tls is None:
-            return self.handlers
+            sni = [(r.sni, r.service) for r in lc.routes if r.sni is not None]
+            if not sni:
+                return self.handlers
+            return {**self.handlers, "tls": sni_handler(sni, self.upstreams)}
         return self.terminations.handlers(lc, config.detect, self.handlers,
                                           tls_contexts[lc.name])
 

@@ -20,7 +20,7 @@ from l5dproxy.net import splice
 from l5dproxy.net.connection import IStreamTransport, errno_name, set_no_delay
 
 if TYPE_CHECKING:
-    from l5dproxy.balance.backends import Endpoint
+    from l5dproxy.balance.backends import Endpoint, Upstream
     from l5dproxy.net.connection import InboundConnection
     from l5dproxy.telemetry import TcpSideMetrics
 
@@ -41,8 +41,11 @@ class RelayProtocol(Protocol):
 
     transport: IStreamTransport
 
-    def __init__(self, conn: InboundConnection) -> None:
+    def __init__(self, conn: InboundConnection, target: Upstream | None = None) -> None:
         self.conn = conn
+        #: The service dialled: the listener's, or an SNI route's (tcp/sni.py).
+        self.target: Upstream = target if target is not None else conn.listener.upstream
+        self.routed = target is not None
         self.upstream: UpstreamProtocol | None = None
         self.endpoint: Endpoint | None = None
         self.pending: list[bytes] = []
@@ -64,7 +67,11 @@ class RelayProtocol(Protocol):
 
     def adopt_upstream(self, early) -> None:
         """Use ``early`` (``l5dproxy.detect.serverfirst.EarlyConnect``: an upstream
-        connection made, or being made, before the relay) instead of dialling."""
+        connection made, or being made, before the relay) instead of dialling;
+        closed instead when the relay dials another service (an SNI route)."""
+        if self.routed:
+            early.close()
+            return
         self.early = early
 
     def use_endpoint(self, endpoint: Endpoint) -> None:
@@ -81,7 +88,7 @@ class RelayProtocol(Protocol):
                 self.adopted = True
                 return
             self.endpoint = None
-        upstream = conn.listener.upstream
+        upstream = self.target
         endpoint, self.chosen = self.chosen or upstream.pick_connection(), None
         if endpoint is None:
             conn.listener.metrics.connect_errors_total.labels(
@@ -100,7 +107,7 @@ class RelayProtocol(Protocol):
         address = endpoint.address
         conn.listener.reactor.connectTCP(
             address.host, address.port, _UpstreamFactory(self),
-            timeout=conn.listener.upstream.config.connect_timeout)
+            timeout=self.target.config.connect_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.count_read(len(data))
@@ -179,7 +186,7 @@ class RelayProtocol(Protocol):
 
     def upstream_failed(self, reason: Failure) -> None:
         conn = self.conn
-        upstream = conn.listener.upstream
+        upstream = self.target
         errno = errno_name(reason) or "closed"
         conn.listener.metrics.connect_errors_total.labels(
             upstream.name, conn.endpoint, errno).inc()
