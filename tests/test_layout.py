@@ -258,7 +258,8 @@ def shown(folder: str) -> str:
     """How messages name a folder: ``http/``, ``config.py``, the package root."""
     if folder == "":
         return "l5dproxy/__init__.py"
-    return f"{folder}.py" if folder in LEAVES and folder not in ("net", "config", "tls") else f"{folder}/"
+    packages = ("net", "config", "tls")
+    return f"{folder}.py" if folder in LEAVES and folder not in packages else f"{folder}/"
 
 
 def _module_name(path: Path) -> str:
