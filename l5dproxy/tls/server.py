@@ -35,6 +35,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -46,6 +47,8 @@ __all__ = [
     "MIN_VERSIONS", "Handshake", "ServerContexts", "ServerSettings", "TlsInfo",
     "load_client_ca", "terminate",
 ]
+
+log = Logger()
 
 #: ``min_version`` values: nothing below TLS 1.2 (RFC 8996 deprecates 1.0 and 1.1).
 MIN_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
@@ -185,9 +188,7 @@ class ServerContexts:
             try:
                 pem = self._read_ca()
             except CertificateError as e:
-                from twisted.logger import Logger
-
-                Logger(namespace="l5dproxy.tls.server").error(
+                log.error(
                     "{owner}: {error}; keeping the client_ca loaded before",
                     owner=self.store.owner or "tls", error=str(e))
                 errors.append(e)
