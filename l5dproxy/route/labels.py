@@ -92,5 +92,5 @@ class Labels:
         self.requests.flush()
         for child in self._responses.values():
             child.flush()
-        for child in self._latency.values():
-            child.flush()
+        for histogram in self._latency.values():
+            histogram.flush()

@@ -11,11 +11,12 @@ the limits and windows both ends configure their connections with.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import ConnectionTerminated
+from h2.events import ConnectionTerminated, Event
 from h2.stream import H2Stream
 from hyperframe.frame import (
     DataFrame,
@@ -29,6 +30,9 @@ from hyperframe.frame import (
 )
 
 from l5dproxy.http.h2.abuse import AbuseBudget
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 #: h2's largest stream id; the first GOAWAY of a graceful drain names it.
 _MAX_STREAM_ID = 2**31 - 1
@@ -178,7 +182,7 @@ class ProxyH2Connection(H2Connection):
         self.MAX_CLOSED_STREAMS = closed_kept
         super().__init__(config)
 
-    def receive_data(self, data: bytes) -> list:
+    def receive_data(self, data: Buffer) -> list[Event]:
         events = super().receive_data(data)
         # h2 applies a peer's SETTINGS_HEADER_TABLE_SIZE to the encoder as it
         # is received; nothing has been encoded since, so the smaller size
