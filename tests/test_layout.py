@@ -143,8 +143,6 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
 
 #: Files over MAX_LINES lines.
 KNOWN_LARGE: frozenset[str] = frozenset({
-    "l5dproxy/http/h1/server.py",
-    "l5dproxy/http/h1/client.py",
 })
 
 #: (file, reach-in expression) -> how many times the file has it.

@@ -29,12 +29,12 @@ from zope.interface import implementer
 from l5dproxy.exchange.message import Body, Headers, ProxyError, Request, Response, ResponseHead
 from l5dproxy.http.h1.framing import (
     SMALL_CHUNK,
+    ResponseRefusedError,
     chunk_head,
-    connection_tokens,
     frame_chunk,
     last_chunk,
+    read_response_head,
     request_head,
-    transfer_codings_problem,
 )
 from l5dproxy.http.h1.server import close_transport
 from l5dproxy.http.h1.upgrade import TunnelResponse, protocol_names
@@ -49,11 +49,6 @@ log = Logger()
 
 class _StopAtHeadError(Exception):
     """Stops the parser after the head of a response to HEAD."""
-
-
-class _ResponseRefusedError(Exception):
-    """A response the client cannot be given: 502 with this reason, and the
-    connection (whose framing is then unknown) is closed."""
 
 
 class ClientSide(Protocol):
@@ -240,7 +235,7 @@ class H1ClientConnection(TwistedProtocol):
         except HttpParserCallbackError as e:
             if isinstance(e.__context__, _StopAtHeadError):
                 self._head_done()
-            elif isinstance(e.__context__, _ResponseRefusedError):
+            elif isinstance(e.__context__, ResponseRefusedError):
                 self._protocol_error(str(e.__context__), str(e.__context__))
             else:
                 self._protocol_error(f"invalid response: {e}")
@@ -391,50 +386,13 @@ class H1ClientConnection(TwistedProtocol):
             return
         self._response_started = True
         self._keep_alive = parser.should_keep_alive()
-        headers: Headers = []
-        lines: list[bytes] = []   # the same headers as the server end writes them
-        named: list[bytes] | None = None
-        length: int | None = None
-        codings: list[bytes] = []
-        switched_to = b""
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname in HOP_BY_HOP:
-                if lname == b"connection":
-                    tokens = connection_tokens(value)
-                    if tokens:
-                        named = tokens if named is None else named + tokens
-                elif lname == b"transfer-encoding":
-                    codings += (c.strip().lower() for c in value.split(b","))
-                elif lname == b"upgrade":
-                    switched_to += b"," + value
-                continue
-            if lname == b"content-length":
-                length = int(value)
-            headers.append((name, value))
-            lines += (name, b": ", value, b"\r\n")
-        self._headers = []
-        chunked = False
-        if codings:
-            codings = [c for c in codings if c]
-            # llhttp dechunks a final chunked coding; a body whose final
-            # coding is another is read until the close (RFC 9112 6.3).
-            chunked = bool(codings) and codings[-1] == b"chunked"
-            if chunked:
-                codings.pop()
-            if codings:
-                problem = transfer_codings_problem(codings, call.request.head.version)
-                if problem is not None:
-                    self._response_started = False   # the client gets a 502
-                    raise _ResponseRefusedError(problem)
-        if named:
-            headers = [(n, v) for n, v in headers if n.lower() not in named]
-            head = ResponseHead(status, headers, b"".join(self._reason))
-        else:
-            head = ResponseHead(status, headers, b"".join(self._reason), b"".join(lines),
-                                length is not None)
-        if codings:
-            head.transfer_codings = b", ".join(codings)
+        raw, self._headers = self._headers, []
+        try:
+            head, length, chunked, switched_to = read_response_head(
+                status, raw, b"".join(self._reason), call.request.head.version)
+        except ResponseRefusedError:
+            self._response_started = False   # the client gets a 502
+            raise
         self._trailers = []
         upgrade = self._upgrade
         tunnel = (upgrade is not None and
@@ -446,7 +404,7 @@ class H1ClientConnection(TwistedProtocol):
             switched = protocol_names(switched_to)
             if not switched or not switched <= protocol_names(upgrade):
                 self._response_started = False
-                raise _ResponseRefusedError(
+                raise ResponseRefusedError(
                     "101 response switching to a protocol not asked for")
         if tunnel:
             self._tunnel_pending = True

@@ -1,5 +1,6 @@
 """HTTP/1 bytes (RFC 9112): status lines and reason phrases, chunks, the
-last chunk and its trailer section, ``Connection`` tokens.
+last chunk and its trailer section, ``Connection`` tokens, request and
+response heads (written, and a response head read).
 
 Pure functions shared by the server and client ends; they write what the
 ends send and import no policy.
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from http import HTTPStatus
+from typing import NamedTuple
 
-from l5dproxy.exchange.message import PROXY_ERROR_HEADER, Body, Request, ResponseHead
+from l5dproxy.exchange.message import PROXY_ERROR_HEADER, Body, Headers, Request, ResponseHead
 from l5dproxy.http.headers import HOP_BY_HOP
 
 #: Methods whose request carries ``content-length: 0`` when it has no body.
@@ -245,15 +247,87 @@ def transfer_codings_problem(codings: list[bytes], client_version: str) -> str |
     return None
 
 
+class ResponseRefusedError(Exception):
+    """A response the client cannot be given: 502 with this reason, and the
+    connection (whose framing is then unknown) is closed."""
+
+
+class ResponseFacts(NamedTuple):
+    """What ``read_response_head`` read: the neutral head and the framing facts."""
+
+    head: ResponseHead
+    length: int | None     # Content-Length, if given
+    chunked: bool          # the final transfer coding is chunked (llhttp dechunks it)
+    switched_to: bytes     # the Upgrade values (each after a comma), for a 101
+
+
+def read_response_head(status: int, raw: Headers, reason: bytes,
+                       client_version: str) -> ResponseFacts:
+    """An endpoint's response head, as llhttp read it (``raw``: the fields
+    in order), made neutral for the client: hop-by-hop fields (RFC 9110
+    7.6.1) and those its ``Connection`` names dropped; the head's wire
+    lines kept when nothing was dropped, so the server end writes them as
+    they came. Transfer codings other than a final chunked stay on the
+    head (``transfer_codings``) if ``client_version`` can be sent them.
+
+    Raises ``ResponseRefusedError`` (see ``transfer_codings_problem``).
+    """
+    headers: Headers = []
+    lines: list[bytes] = []   # the same headers as the server end writes them
+    named: list[bytes] | None = None
+    length: int | None = None
+    codings: list[bytes] = []
+    switched_to = b""
+    for name, value in raw:
+        lname = name.lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"connection":
+                tokens = connection_tokens(value)
+                if tokens:
+                    named = tokens if named is None else named + tokens
+            elif lname == b"transfer-encoding":
+                codings += (c.strip().lower() for c in value.split(b","))
+            elif lname == b"upgrade":
+                switched_to += b"," + value
+            continue
+        if lname == b"content-length":
+            length = int(value)
+        headers.append((name, value))
+        lines += (name, b": ", value, b"\r\n")
+    chunked = False
+    if codings:
+        codings = [c for c in codings if c]
+        # llhttp dechunks a final chunked coding; a body whose final
+        # coding is another is read until the close (RFC 9112 6.3).
+        chunked = bool(codings) and codings[-1] == b"chunked"
+        if chunked:
+            codings.pop()
+        if codings:
+            problem = transfer_codings_problem(codings, client_version)
+            if problem is not None:
+                raise ResponseRefusedError(problem)
+    if named:
+        headers = [(n, v) for n, v in headers if n.lower() not in named]
+        head = ResponseHead(status, headers, reason)
+    else:
+        head = ResponseHead(status, headers, reason, b"".join(lines), length is not None)
+    if codings:
+        head.transfer_codings = b", ".join(codings)
+    return ResponseFacts(head, length, chunked, switched_to)
+
+
 __all__ = [
     "LAST_CHUNK",
     "SMALL_CHUNK",
+    "ResponseFacts",
+    "ResponseRefusedError",
     "chunk_head",
     "connection_tokens",
     "error_head",
     "frame_chunk",
     "interim_head",
     "last_chunk",
+    "read_response_head",
     "reason_phrase",
     "request_head",
     "response_head",

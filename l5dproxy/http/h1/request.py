@@ -8,14 +8,23 @@ Transfer-Encoding, Connection options, Expect, Upgrade and CONNECT.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from httptools import HttpParserError, HttpRequestParser
 
-from l5dproxy.exchange.message import Body, Headers, ProxyError, Request, RequestHead, Response
+from l5dproxy.exchange.message import (
+    Body,
+    Headers,
+    ProxyError,
+    Request,
+    RequestHead,
+    Response,
+    ResponseHead,
+)
 from l5dproxy.http.h1.framing import connection_tokens
-from l5dproxy.http.h1.upgrade import forwards_upgrade
+from l5dproxy.http.h1.upgrade import UpgradeRequest, forwards_upgrade
 from l5dproxy.http.headers import HOP_BY_HOP, valid_authority
 
 if TYPE_CHECKING:
@@ -231,4 +240,158 @@ def _parser_reason(e: HttpParserError) -> str:
     return text[:80]
 
 
-__all__ = ["H1Limits", "RequestFacts", "read_request_head"]
+#: Pipelined requests read ahead of the one being answered before reading stops.
+PIPELINE_DEPTH = 16
+
+
+class _RequestBodySource:
+    """A request body's flow control, tied to the message it belongs to."""
+
+    __slots__ = ("msg", "server")
+
+    def __init__(self, server: RequestReader, msg: _Message) -> None:
+        self.server = server
+        self.msg = msg
+
+    def pause_body(self) -> None:
+        if self.server._reading is self.msg:
+            self.server._pause_reading("body")
+
+    def resume_body(self) -> None:
+        if self.server._reading is self.msg:
+            self.server._resume_reading("body")
+
+    def stop_body(self) -> None:
+        """The upstream does not want the rest: discard it, close afterwards."""
+        self.msg.close_after = True
+        if self.server._reading is self.msg:
+            self.server._discarding = True
+            self.server._resume_reading("body")
+
+
+
+class RequestReader:
+    """The HTTP/1 server end's reading of requests, mixed into ``H1Server``:
+    llhttp's callbacks (methods, so a header or a body chunk costs no extra
+    call), each head checked by ``read_request_head``, and the ``_Message``
+    queued for its turn, its body's source this connection."""
+
+    # What it uses of H1Server (set there).
+    limits: H1Limits
+    parser: HttpRequestParser | None
+    queue: deque[_Message]
+    _reading: _Message | None
+    _url: list[bytes]
+    _url_len: int
+    _headers: list[tuple[bytes, bytes]]
+    _head_bytes: int
+    _in_head: bool
+    _trailers: list[tuple[bytes, bytes]] | None
+    _reject: _RejectError | None
+    _discarding: bool
+    _stopped: bool
+    _last: bool
+    _timeout: Any
+
+    def _pause_reading(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _resume_reading(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _send_continue(self, msg: _Message) -> None:
+        raise NotImplementedError
+
+    def _send_interim(self, head: ResponseHead) -> None:
+        raise NotImplementedError
+
+    def on_message_begin(self) -> None:
+        if self._last or self._stopped:
+            raise _HaltError()
+        self._in_head = True   # timed once this read is parsed, if still unfinished
+        self._url = []
+        self._url_len = 0
+        self._headers = []
+        self._head_bytes = 0
+        self._trailers = None
+
+    def on_url(self, url: bytes) -> None:
+        self._url.append(url)
+        self._url_len += len(url)
+        if self._url_len > self.limits.max_request_line:
+            raise self._rejecting(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._trailers is not None:
+            self._trailers.append((name, value))
+            return
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise self._rejecting(431, "request header fields too large")
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._timeout.wait = None
+        self._head_bytes = 0
+        try:
+            head, upgrade, named, length, chunked, expect, stripped = read_request_head(
+                self.parser, self._url, self._headers, self.limits)
+        except _RejectError as e:
+            raise self._rejecting(e.status, e.reason) from None
+        msg = _Message()
+        msg.method = head.method
+        msg.version = version = head.version
+        msg.keep_alive = self.parser.should_keep_alive()
+        if stripped and length:
+            msg.raw_body = length   # llhttp leaves the body to us (see _parse)
+        if chunked or length:
+            if expect:
+                body = _ContinueBody(length, lambda: self._send_continue(msg))
+            else:
+                body = Body(length)
+            source = _RequestBodySource(self, msg)
+            body.set_source(source)
+            self._reading = msg
+        else:
+            body = Body.empty()
+            msg.body_done = True
+        if upgrade is not None:
+            msg.request = UpgradeRequest(head, body, upgrade, named)
+        else:   # no 1xx for HTTP/1.0 clients (RFC 9110 15.2)
+            # The server's own method, not one of the message's: a message
+            # that pointed at itself would be left to the cyclic GC.
+            msg.request = Request(head, body, self._send_interim if version == "1.1" else None)
+        self._trailers = []
+        if not msg.keep_alive:
+            self._last = True   # no request after this one is read
+        self.queue.append(msg)   # dispatched once this read is parsed (see _kick)
+        if len(self.queue) > PIPELINE_DEPTH:
+            self._pause_reading("pipeline")
+
+    def on_body(self, data: bytes) -> None:
+        msg = self._reading
+        if msg is not None and not self._discarding:
+            msg.request.body.write(data)
+
+    def on_message_complete(self) -> None:
+        msg = self._reading
+        if msg is None or msg.raw_body:
+            return
+        self._reading = None
+        trailers, self._trailers = self._trailers, None
+        if not msg.body_done:
+            msg.body_done = True
+            if not self._discarding:
+                msg.request.body.finish(trailers or None)
+        self._discarding = False
+        self._resume_reading("body")
+
+    def _rejecting(self, status: int, reason: str) -> _RejectError:
+        self._reject = _RejectError(status, reason)
+        return self._reject
+
+
+__all__ = [
+    "PIPELINE_DEPTH", "H1Limits", "RequestFacts", "RequestReader", "read_request_head",
+]

@@ -41,7 +41,6 @@ from l5dproxy.exchange.message import (
     Body,
     Headers,
     ProxyError,
-    Request,
     RequestContext,
     Response,
 )
@@ -55,17 +54,17 @@ from l5dproxy.http.h1.framing import (
     response_head,
 )
 from l5dproxy.http.h1.request import (
+    PIPELINE_DEPTH,
     H1Limits,
-    _ContinueBody,
-    _HaltError,
+    RequestReader,
     _Message,
     _parser_reason,
     _RejectError,
-    read_request_head,
 )
-from l5dproxy.http.h1.upgrade import UpgradeRequest
+from l5dproxy.http.h1.upgrade import ServerTunnel, UpgradeRequest
 from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
+from l5dproxy.net.deadline import Deadline
 from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
@@ -73,34 +72,6 @@ if TYPE_CHECKING:
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger()
-
-#: Pipelined requests read ahead of the one being answered before reading stops.
-PIPELINE_DEPTH = 16
-
-
-class _RequestBodySource:
-    """A request body's flow control, tied to the message it belongs to."""
-
-    __slots__ = ("msg", "server")
-
-    def __init__(self, server: H1Server, msg: _Message) -> None:
-        self.server = server
-        self.msg = msg
-
-    def pause_body(self) -> None:
-        if self.server._reading is self.msg:
-            self.server._pause_reading("body")
-
-    def resume_body(self) -> None:
-        if self.server._reading is self.msg:
-            self.server._resume_reading("body")
-
-    def stop_body(self) -> None:
-        """The upstream does not want the rest: discard it, close afterwards."""
-        self.msg.close_after = True
-        if self.server._reading is self.msg:
-            self.server._discarding = True
-            self.server._resume_reading("body")
 
 
 #: The defaults (a slots dataclass's class attributes are its slots, not its
@@ -131,7 +102,7 @@ def h1_handler(dispatcher: Dispatcher,
 
 
 @implementer(IHalfCloseableProtocol, IPushProducer)
-class H1Server(Protocol):
+class H1Server(RequestReader, ServerTunnel, Protocol):
     """HTTP/1 on one client connection."""
 
     def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
@@ -163,12 +134,8 @@ class H1Server(Protocol):
         self._closed = False
         self._ended_by = "client closed"
         self.tunnel = None
-        # One timer per connection for the request-head and idle timeouts:
-        # arming moves a deadline; the timer, when it fires early, sleeps on.
-        self._wait: str | None = None   # "head", "idle" or None (nothing timed)
-        self._deadline = 0.0
-        self._timer = None
-        self._timer_at = 0.0
+        #: The request-head and idle timeouts: times "head", "idle" or nothing.
+        self._timeout = Deadline(self.conn.listener.clock, self._timed_out)
 
     # -- connection --
 
@@ -176,11 +143,10 @@ class H1Server(Protocol):
         self._send = BatchSender(self.transport).write
         self._bound = WriteBound(lambda: self._pause_reading("write"),
                                  lambda: self._resume_reading("write"), self._write_overflow)
-        self._clock = self.conn.listener.clock
         self.parser = HttpRequestParser(self)
         self.transport.registerProducer(self, True)
         self.conn.on_drain = self.drain
-        self._arm("idle", self.limits.idle_timeout)
+        self._timeout.arm("idle", self.limits.idle_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.count_read(len(data))
@@ -189,10 +155,10 @@ class H1Server(Protocol):
             return
         while data:
             data = self._parse(data)
-        if self._in_head and self._wait != "head" and not self._closed:
+        if self._in_head and self._timeout.wait != "head" and not self._closed:
             # A head begun in this read and not finished in it: its deadline
             # counts from now (a head read whole needs no timer moved).
-            self._arm("head", self.limits.request_header_timeout)
+            self._timeout.arm("head", self.limits.request_header_timeout)
         self._kick()
 
     def _parse(self, data: bytes) -> bytes:
@@ -268,8 +234,8 @@ class H1Server(Protocol):
             return
         self._stopped = True
         self._in_head = False   # a head cut short: never completed, never timed
-        if self._wait == "head":
-            self._wait = None
+        if self._timeout.wait == "head":
+            self._timeout.wait = None
         if self.queue:
             self.queue[-1].close_after = True   # the last answer closes
         else:
@@ -281,10 +247,7 @@ class H1Server(Protocol):
 
     def connectionLost(self, reason: Failure) -> None:
         self._closed = True
-        self._wait = None
-        timer, self._timer = self._timer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        self._timeout.cancel()
         if self.tunnel is not None:
             tunnel, self.tunnel = self.tunnel, None
             tunnel.tunnel_close()
@@ -311,115 +274,10 @@ class H1Server(Protocol):
             self._ended_by = "drained"
             close_transport(self.transport)
 
-    # -- reading: httptools callbacks --
-
-    def on_message_begin(self) -> None:
-        if self._last or self._stopped:
-            raise _HaltError()
-        self._in_head = True   # timed once this read is parsed, if still unfinished
-        self._url = []
-        self._url_len = 0
-        self._headers = []
-        self._head_bytes = 0
-        self._trailers = None
-
-    def on_url(self, url: bytes) -> None:
-        self._url.append(url)
-        self._url_len += len(url)
-        if self._url_len > self.limits.max_request_line:
-            raise self._rejecting(414, "request target too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._trailers is not None:
-            self._trailers.append((name, value))
-            return
-        self._headers.append((name, value))
-        self._head_bytes += len(name) + len(value) + 4
-        if self._head_bytes > self.limits.max_header_bytes:
-            raise self._rejecting(431, "request header fields too large")
-
-    def on_headers_complete(self) -> None:
-        self._in_head = False
-        self._wait = None
-        self._head_bytes = 0
-        try:
-            head, upgrade, named, length, chunked, expect, stripped = read_request_head(
-                self.parser, self._url, self._headers, self.limits)
-        except _RejectError as e:
-            raise self._rejecting(e.status, e.reason) from None
-        msg = _Message()
-        msg.method = head.method
-        msg.version = version = head.version
-        msg.keep_alive = self.parser.should_keep_alive()
-        if stripped and length:
-            msg.raw_body = length   # llhttp leaves the body to us (see _parse)
-        if chunked or length:
-            if expect:
-                body = _ContinueBody(length, lambda: self._send_continue(msg))
-            else:
-                body = Body(length)
-            source = _RequestBodySource(self, msg)
-            body.set_source(source)
-            self._reading = msg
-        else:
-            body = Body.empty()
-            msg.body_done = True
-        if upgrade is not None:
-            msg.request = UpgradeRequest(head, body, upgrade, named)
-        else:   # no 1xx for HTTP/1.0 clients (RFC 9110 15.2)
-            # The server's own method, not one of the message's: a message
-            # that pointed at itself would be left to the cyclic GC.
-            msg.request = Request(head, body, self._send_interim if version == "1.1" else None)
-        self._trailers = []
-        if not msg.keep_alive:
-            self._last = True   # no request after this one is read
-        self.queue.append(msg)   # dispatched once this read is parsed (see _kick)
-        if len(self.queue) > PIPELINE_DEPTH:
-            self._pause_reading("pipeline")
-
-    def on_body(self, data: bytes) -> None:
-        msg = self._reading
-        if msg is not None and not self._discarding:
-            msg.request.body.write(data)
-
-    def on_message_complete(self) -> None:
-        msg = self._reading
-        if msg is None or msg.raw_body:
-            return
-        self._reading = None
-        trailers, self._trailers = self._trailers, None
-        if not msg.body_done:
-            msg.body_done = True
-            if not self._discarding:
-                msg.request.body.finish(trailers or None)
-        self._discarding = False
-        self._resume_reading("body")
-
-    def _rejecting(self, status: int, reason: str) -> _RejectError:
-        self._reject = _RejectError(status, reason)
-        return self._reject
-
-    def _upgrade_read(self, leftover: bytes) -> bytes:
-        """The parser stopped after an Upgrade or CONNECT head: hold what
-        follows; after an upgrade that is not forwarded, a new parser reads
-        on (the bytes to parse are returned)."""
-        msg = self.queue[-1] if self.queue else None
-        if msg is not None and not isinstance(msg.request, UpgradeRequest):
-            self.parser = HttpRequestParser(self)
-            return leftover
-        self._stopped = True
-        self._pause_reading("upgrade")
-        msg = self.queue[-1] if self.queue else None
-        if msg is not None and isinstance(msg.request, UpgradeRequest):
-            msg.leftover += leftover
-            # Without a 101 what follows cannot be told from HTTP: close after.
-            msg.close_after = True
-        return b""
-
     def _bad_input(self, reject: _RejectError) -> None:
         """Malformed input: answer it in turn, read nothing more, then close."""
         self._reject = None
-        self._wait = None
+        self._timeout.wait = None
         self._stopped = True
         self._in_head = False
         self.parser = None
@@ -653,38 +511,14 @@ class H1Server(Protocol):
         elif self._client_eof:
             close_transport(self.transport)
         elif not self._in_head:
-            self._arm("idle", self.limits.idle_timeout)
+            self._timeout.arm("idle", self.limits.idle_timeout)
 
     # -- timeouts: the request head (slowloris) and keep-alive idleness --
 
-    def _arm(self, wait: str, seconds: float) -> None:
-        """Time ``wait`` from now (a request head, or idleness)."""
-        if not seconds:
-            self._wait = None
+    def _timed_out(self, wait: str) -> None:
+        """``Deadline``: the request head or idleness was timed out."""
+        if self._closed or self.tunnel is not None:
             return
-        deadline = self._clock.seconds() + seconds
-        self._wait = wait
-        self._deadline = deadline
-        timer = self._timer
-        if timer is None:
-            self._timer = self._clock.callLater(seconds, self._timer_fired)
-            self._timer_at = deadline
-        elif self._timer_at > deadline:   # sooner: a new one (reset() scans the timer heap)
-            timer.cancel()
-            self._timer = self._clock.callLater(seconds, self._timer_fired)
-            self._timer_at = deadline
-
-    def _timer_fired(self) -> None:
-        self._timer = None
-        wait = self._wait
-        if wait is None or self._closed or self.tunnel is not None:
-            return
-        now = self._clock.seconds()
-        if now < self._deadline:   # re-armed since: sleep until the new deadline
-            self._timer = self._clock.callLater(self._deadline - now, self._timer_fired)
-            self._timer_at = self._deadline
-            return
-        self._wait = None
         if wait == "head":
             self._bad_input(_RejectError(408, "request header timeout"))
             self._kick()
@@ -714,33 +548,7 @@ class H1Server(Protocol):
     def stopProducing(self) -> None:
         pass
 
-    # -- tunnels (after 101 or a CONNECT's 2xx) --
-
-    def _start_tunnel(self, msg: _Message, upstream) -> None:
-        """From the next byte on, both connections are one byte relay."""
-        self._wait = None   # a tunnel is not timed here
-        self.queue.clear()
-        self.tunnel = upstream
-        self._ended_by = "tunnel closed"
-        self.conn.protocol = f"{self.conn.protocol}+tunnel" if self.conn.protocol else "tunnel"
-        upstream.tunnel_attach(self)
-        if msg.leftover:
-            upstream.tunnel_write(msg.leftover)
-            msg.leftover = b""
-        self._pauses.clear()
-        self._stopped = False
-        self.parser = None
-        self.transport.resumeProducing()
-        if self._client_eof:
-            upstream.tunnel_close_write()
-
-    def tunnel_write(self, data: bytes) -> None:
-        self.conn.count_written(len(data))
-        self._send(data)
-
-    def tunnel_close_write(self) -> None:
-        if not self._closed:
-            self.transport.loseWriteConnection()
+    # -- tunnels (after 101 or a CONNECT's 2xx; the rest: upgrade.ServerTunnel) --
 
     def tunnel_close(self) -> None:
         if not self._closed:

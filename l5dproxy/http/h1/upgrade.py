@@ -1,9 +1,16 @@
 """HTTP/1 upgrades (RFC 9110 7.8) and CONNECT (RFC 9110 9.3.6): which are
-forwarded, and the request and response types that carry a tunnel after a
-``101`` (a ``2xx`` to CONNECT), when both connections become a byte relay.
+forwarded, the request and response types that carry a tunnel after a
+``101`` (a ``2xx`` to CONNECT), when both connections become a byte relay,
+and the server end's side of that relay (``ServerTunnel``).
 """
 
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from httptools import HttpRequestParser
 
 from l5dproxy.exchange.message import Body, Request, RequestHead, Response
 
@@ -60,4 +67,94 @@ class TunnelResponse(Response):
         self.tunnel = tunnel
 
 
-__all__ = ["TunnelResponse", "UpgradeRequest", "forwards_upgrade", "protocol_names"]
+class HeldMessage(Protocol):
+    """What ``ServerTunnel`` reads and writes of the server end's message."""
+
+    request: Request | None
+    leftover: bytes      # bytes read after its Upgrade/CONNECT head
+    close_after: bool
+
+
+class Tunnel(Protocol):
+    """The upstream end of a tunnel (the HTTP/1 client end's connection)."""
+
+    transport: Any
+
+    def tunnel_attach(self, peer: Any) -> None: ...
+    def tunnel_write(self, data: bytes) -> None: ...
+    def tunnel_close_write(self) -> None: ...
+    def tunnel_close(self) -> None: ...
+
+
+class ServerTunnel:
+    """The HTTP/1 server end's part in upgrades and tunnels, mixed into
+    ``H1Server`` (methods, so relaying a read costs no extra call): what is
+    read after an upgrade's head, the switch to relaying, and the writes
+    the upstream end makes to the client (``tunnel_write``,
+    ``tunnel_close_write``; ``tunnel_close`` is the server end's)."""
+
+    # What it uses of H1Server (set there).
+    conn: Any
+    transport: Any
+    parser: HttpRequestParser | None
+    queue: deque[Any]
+    tunnel: Tunnel | None
+    _timeout: Any
+    _ended_by: str
+    _pauses: set[str]
+    _stopped: bool
+    _closed: bool
+    _client_eof: bool
+    _send: Callable[[bytes], None]
+
+    def _pause_reading(self, why: str) -> None:
+        raise NotImplementedError
+
+    def _upgrade_read(self, leftover: bytes) -> bytes:
+        """The parser stopped after an Upgrade or CONNECT head: hold what
+        follows; after an upgrade that is not forwarded, a new parser reads
+        on (the bytes to parse are returned)."""
+        msg: HeldMessage | None = self.queue[-1] if self.queue else None
+        if msg is not None and not isinstance(msg.request, UpgradeRequest):
+            self.parser = HttpRequestParser(self)
+            return leftover
+        self._stopped = True
+        self._pause_reading("upgrade")
+        msg = self.queue[-1] if self.queue else None
+        if msg is not None and isinstance(msg.request, UpgradeRequest):
+            msg.leftover += leftover
+            # Without a 101 what follows cannot be told from HTTP: close after.
+            msg.close_after = True
+        return b""
+
+    def _start_tunnel(self, msg: HeldMessage, upstream: Tunnel) -> None:
+        """From the next byte on, both connections are one byte relay."""
+        self._timeout.wait = None   # a tunnel is not timed here
+        self.queue.clear()
+        self.tunnel = upstream
+        self._ended_by = "tunnel closed"
+        self.conn.protocol = f"{self.conn.protocol}+tunnel" if self.conn.protocol else "tunnel"
+        upstream.tunnel_attach(self)
+        if msg.leftover:
+            upstream.tunnel_write(msg.leftover)
+            msg.leftover = b""
+        self._pauses.clear()
+        self._stopped = False
+        self.parser = None
+        self.transport.resumeProducing()
+        if self._client_eof:
+            upstream.tunnel_close_write()
+
+    def tunnel_write(self, data: bytes) -> None:
+        self.conn.count_written(len(data))
+        self._send(data)
+
+    def tunnel_close_write(self) -> None:
+        if not self._closed:
+            self.transport.loseWriteConnection()
+
+
+__all__ = [
+    "HeldMessage", "ServerTunnel", "Tunnel", "TunnelResponse", "UpgradeRequest",
+    "forwards_upgrade", "protocol_names",
+]
