@@ -103,6 +103,10 @@ class Metrics:
             "proxy_protocol", "PROXY protocol headers read on listeners with proxy_protocol,"
             " by result (v1, v2, local, absent, missing, invalid, timeout, closed)",
             ("listener", "result"), registry=r)
+        self.original_dst_refused_total = Counter(
+            "original_dst_refused", "Connections of transparent listeners to original_dst"
+            " refused: loop (the original destination is the proxy), unknown (none)",
+            ("listener", "reason"), registry=r)
         self.load_shed_total = Counter(
             "load_shed", "HTTP requests shed with 503: the service's max_pending_requests"
             " was reached", ("service",), registry=r)

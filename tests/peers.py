@@ -37,11 +37,19 @@ def _listening(host: str, port: int) -> bool:
     return False
 
 
+def _connectable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 class _Peer:
     name = ""
 
     def __init__(self, testcase, argv: list[str], ports: list[int], config_name: str,
-                 config: str, host: str = "127.0.0.1") -> None:
+                 config: str, host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
         self.directory = tempfile.mkdtemp(prefix=f"l5dproxy-{self.name}-")
         testcase.addCleanup(shutil.rmtree, self.directory, True)
         self.config_path = os.path.join(self.directory, config_name)
@@ -49,13 +57,17 @@ class _Peer:
             f.write(config.replace("{dir}", self.directory))
         self.stderr_path = os.path.join(self.directory, "stderr.log")
         with open(self.stderr_path, "wb") as err:
+            argv = [arg.replace("{config}", self.config_path).replace("{dir}", self.directory)
+                    for arg in argv]
             self.process = subprocess.Popen(
-                [arg.replace("{config}", self.config_path).replace("{dir}", self.directory)
-                 for arg in argv],
+                [*prefix, *argv],
                 stdout=err, stderr=err, stdin=subprocess.DEVNULL, cwd=self.directory)
         testcase.addCleanup(self.stop)
+        # In another network namespace (``prefix``) the port is probed by
+        # connecting (it cannot be bound from here).
+        ready = _connectable if prefix else _listening
         for port in ports:
-            wait_for(lambda p=port: _listening(host, p) or self.process.poll() is not None,
+            wait_for(lambda p=port: ready(host, p) or self.process.poll() is not None,
                      timeout=20, message=f"{self.name} listening on {port}")
             if self.process.poll() is not None:
                 raise AssertionError(f"{self.name} exited {self.process.returncode}:"
@@ -81,7 +93,8 @@ class Nginx(_Peer):
 
     name = "nginx"
 
-    def __init__(self, testcase, server_blocks: str, ports: list[int]) -> None:
+    def __init__(self, testcase, server_blocks: str, ports: list[int],
+                 host: str = "127.0.0.1", prefix: tuple[str, ...] = ()) -> None:
         nginx = require_tool("nginx")
         config = (
             "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n"
@@ -91,7 +104,7 @@ class Nginx(_Peer):
             "  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n"
             f"{server_blocks}\n}}\n")
         super().__init__(testcase, [nginx, "-e", "stderr", "-p", "{dir}", "-c", "{config}"],
-                         ports, "nginx.conf", config)
+                         ports, "nginx.conf", config, host, prefix)
 
 
 class HAProxy(_Peer):

@@ -68,3 +68,27 @@ class AddressConfigTests(SynchronousTestCase):
         self.assertIn("(a route of listener 'in' sends requests to it)", error)
         # An opaque service is relayed whatever the listener detects.
         parse(config(service={"send_proxy_protocol": "v1", "opaque": True}))
+
+
+class TransparentConfigTests(SynchronousTestCase):
+    def test_original_dst_is_built_in(self) -> None:
+        c = parse({"listener": [{"name": "t", "listen": "tcp:0", "service": "original_dst",
+                                 "transparent": True}]})
+        self.assertEqual((c.listeners[0].transparent, c.services["original_dst"].endpoints),
+                         (True, ()))
+        # Its settings may be set, its endpoints not.
+        c = parse({"listener": [{"name": "t", "listen": "tcp:0", "service": "original_dst",
+                                 "transparent": True}],
+                   "service": {"original_dst": {"protocol": "http1", "connect_timeout": 1}}})
+        self.assertEqual(c.services["original_dst"].protocol, "http1")
+
+    def test_refused(self) -> None:
+        with self.assertRaises(ConfigError) as cm:
+            parse({"listener": [{"name": "t", "listen": "tcp:0", "service": "original_dst"}],
+                   "service": {"original_dst": {"endpoints": ["127.0.0.1:1"]}}}, "f.toml")
+        self.assertEqual(cm.exception.errors, [
+            "f.toml: service.original_dst.endpoints: the original_dst service's endpoint is"
+            " each connection's original destination (transparent listeners)",
+            "f.toml: listener[0].service: 'original_dst' needs transparent = true (the"
+            " original destination of each connection is where it goes)",
+        ])

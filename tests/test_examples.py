@@ -27,6 +27,9 @@ class ExamplesTests(TestCase):
         """The keys of issue 14 each appear in the example README names."""
         with open(os.path.join(EXAMPLES, "client-address.toml")) as f:
             text = f.read()
+        with open(os.path.join(EXAMPLES, "transparent.toml")) as f:
+            text += f.read()
         for key in ("proxy_protocol", "proxy_protocol_timeout", "forwarded",
-                    "trusted_proxies", "send_proxy_protocol"):
+                    "trusted_proxies", "send_proxy_protocol", "transparent"):
             self.assertIn(f"\n{key} = ", text)
+        self.assertIn('\nservice = "original_dst"', text)

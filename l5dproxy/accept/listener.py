@@ -16,8 +16,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from l5dproxy.accept.proxyproto import ProxyHeaderProtocol
+from l5dproxy.accept.transparent import OriginalDestinations, Refused
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config.model import DetectConfig, ListenerConfig
+from l5dproxy.config.model import ORIGINAL_DST, DetectConfig, ListenerConfig
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import ServerFirst
 from l5dproxy.detect.sniff import Verdict
@@ -68,6 +69,11 @@ class Listener(Factory):
         self._detect_children: dict[tuple[str, str], tuple] = {}
         #: The max_connections limits (None: none).
         self.limits = limits
+        #: A transparent listener's original destinations (l5dproxy.accept.transparent).
+        self.transparent = OriginalDestinations(
+            self.upstream, config.service == ORIGINAL_DST,
+            lambda reason: metrics.original_dst_refused_total.labels(self.name, reason).inc(),
+        ) if config.transparent else None
 
     def _skip_detection_verdict(self) -> Verdict | None:
         if self.config.opaque:
@@ -88,6 +94,10 @@ class Listener(Factory):
         conn = InboundConnection(self, transport, self.clock.seconds())
         self.connections.add(conn)
         set_no_delay(transport)
+        if self.transparent is not None:
+            refused = self.transparent.accepted(conn, transport)
+            if refused is not None:
+                return Refused(conn, refused)
         mode = self.config.proxy_protocol
         if mode != "off":   # the client's address first, then the rest as usual
             return ProxyHeaderProtocol(conn, mode, self.config.proxy_protocol_timeout,
@@ -105,6 +115,8 @@ class Listener(Factory):
             conn.proxy_header = proxyheader.encode(version, conn.client, conn.destination)
         if self._opaque_verdict is not None:
             return self.protocol_for(conn, self._opaque_verdict)
+        if conn.pinned is not None and conn.pinned.address.port in self.detect.opaque_ports:
+            return self.protocol_for(conn, OPAQUE_PORT)   # its original destination's port
         if self.server_first is not None:
             learned = self.server_first.learned_protocol(self, conn)
             if learned is not None:

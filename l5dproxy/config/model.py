@@ -15,6 +15,9 @@ DEFAULT_OPAQUE_PORTS = frozenset({25, 587, 3306, 4444, 5432, 6379, 9300, 11211})
 PROXY_PROTOCOL_MODES = ("off", "required", "optional")
 FORWARDED_MODES = ("append", "replace", "off")
 PROXY_PROTOCOL_VERSIONS = ("v1", "v2")
+#: The service of a transparent listener that sends each connection to its
+#: original destination (built in, never a [service.NAME] table).
+ORIGINAL_DST = "original_dst"
 
 PROTOCOLS = ("http1", "h2")
 
@@ -165,6 +168,10 @@ class ListenerConfig:
     trusted_proxies: tuple[str, ...] = ()
     #: [listener.tls]: terminate TLS; None: TLS is relayed (or SNI-routed) opaque.
     tls: ListenerTlsConfig | None = None
+    #: Each connection's destination is its original one (SO_ORIGINAL_DST,
+    #: after an iptables REDIRECT); with service = "original_dst" the proxy
+    #: connects there.
+    transparent: bool = False
 
 
 @dataclass(frozen=True, slots=True)

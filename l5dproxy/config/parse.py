@@ -41,6 +41,7 @@ from l5dproxy.config.checks import (
 )
 from l5dproxy.config.model import (
     DEFAULT_OPAQUE_PORTS,
+    ORIGINAL_DST,
     AdminConfig,
     Config,
     DetectConfig,
@@ -231,6 +232,10 @@ def _parse_services(t: Table) -> dict[str, ServiceConfig]:
     for name in t.data:
         s = t.table(name, "[service.<name>]")
         sources = [k for k in ("endpoints", "dns", "srv") if k in s.data]
+        if name == ORIGINAL_DST and sources:   # its settings only: each connection brings
+            s.error(sources[0], "the original_dst service's endpoint is each connection's"
+                                " original destination (transparent listeners)")
+            s.used.update(sources)
         if len(sources) > 1:
             s.error("", f"exactly one of endpoints, dns or srv, not {' and '.join(sources)}")
         dns = s.get("dns", str, None, check_host_port)
@@ -239,7 +244,8 @@ def _parse_services(t: Table) -> dict[str, ServiceConfig]:
         D = ServiceConfig
         services[name] = ServiceConfig(
             name=name,
-            endpoints=_parse_endpoints(s) if not sources or "endpoints" in s.data else (),
+            endpoints=_parse_endpoints(s) if name != ORIGINAL_DST and (
+                not sources or "endpoints" in s.data) else (),
             opaque=s.get("opaque", bool, False),
             protocol=s.get("protocol", str, None, check_protocol),
             connect_timeout=float(
@@ -324,6 +330,8 @@ def _parse_listeners(tables: list[Table], services: dict[str, ServiceConfig],
     seen: set[str] = set()
 
     def known_service(name: str) -> str | None:
+        if name == ORIGINAL_DST:
+            return None   # checked with transparent below
         return None if name in services else f"no service named {name!r} ([service.{name}])"
 
     for t in tables:
@@ -374,7 +382,14 @@ def _parse_listeners(tables: list[Table], services: dict[str, ServiceConfig],
             forwarded=t.get("forwarded", str, "append", check_forwarded),
             trusted_proxies=tuple(t.get("trusted_proxies", list, [], check_networks)),
             tls=tls,
+            transparent=t.get("transparent", bool, False),
         ))
+        if listeners[-1].service == ORIGINAL_DST:
+            if not listeners[-1].transparent:
+                t.error("service", f"{ORIGINAL_DST!r} needs transparent = true (the original"
+                                   " destination of each connection is where it goes)")
+            # A service of its own, no endpoints: each connection brings one.
+            services.setdefault(ORIGINAL_DST, ServiceConfig(ORIGINAL_DST, ()))
         t.finish()
     return tuple(listeners)
 

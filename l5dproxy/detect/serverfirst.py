@@ -206,7 +206,7 @@ class ServerFirst:
         upstream = listener.upstream
         if not self.memory.has_service(upstream.name):
             return None
-        endpoint = upstream.pick_connection()
+        endpoint = conn.pinned or upstream.pick_connection()
         if endpoint is None or not self.memory.knows(
                 upstream.name, endpoint.label, upstream.config):
             return None
@@ -330,7 +330,7 @@ class EarlyConnect:
                 server_first.on_limit(listener)
             return
         upstream = self.listener.upstream
-        endpoint = upstream.pick_connection()
+        endpoint = self.detect.conn.pinned or upstream.pick_connection()
         if endpoint is None:
             self.state = _DONE
             return

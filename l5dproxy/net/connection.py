@@ -70,8 +70,8 @@ class InboundConnection:
 
     __slots__ = (
         "accepted_at", "authorized", "bytes_read", "bytes_written", "client", "client_id",
-        "destination", "endpoint", "listener", "local", "on_drain", "peer", "protocol",
-        "proxy_header", "service", "sni", "src", "tls", "transport", "via",
+        "destination", "endpoint", "listener", "local", "on_drain", "original_dst", "peer",
+        "pinned", "protocol", "proxy_header", "service", "sni", "src", "tls", "transport", "via",
     )
 
     def __init__(self, listener: Listener, transport, accepted_at: float) -> None:
@@ -93,6 +93,12 @@ class InboundConnection:
         #: connection starts with: the PROXY protocol header naming its
         #: client when the service has ``send_proxy_protocol``, else b"".
         self.proxy_header = b""
+        #: A transparent listener's: the address the client asked for before
+        #: NAT redirected it ("" otherwise), and with service "original_dst"
+        #: the endpoint every upstream connection and request of this
+        #: connection goes to (an l5dproxy.balance.backends.Endpoint).
+        self.original_dst = ""
+        self.pinned: Any = None   # Endpoint | None (balance/ is above net/)
         self.protocol: str | None = None
         self.sni: str | None = None
         self.service = listener.config.service
@@ -110,6 +116,12 @@ class InboundConnection:
         #: False when [listener.tls] allow refuses the client: every HTTP
         #: request is answered 403 (gRPC PERMISSION_DENIED), TCP is closed.
         self.authorized = True
+
+    def set_original_destination(self, destination: IAddress) -> None:
+        """A transparent listener read where the client was going (before an
+        iptables REDIRECT): it is this connection's destination."""
+        self.destination = destination
+        self.local = self.original_dst = _address(destination)
 
     def set_client(self, client: IAddress, destination: IAddress | None) -> None:
         """A PROXY protocol header (l5dproxy.accept.proxyproto) named the
@@ -176,11 +188,14 @@ class InboundConnection:
                 duration_ms=duration * 1000.0, end=how + (f" {errno}" if errno else ""),
                 tls=self._tls_fields(),
             )
+            line = _CLOSED_LINE
             if self.via:   # a PROXY protocol header named the client: who sent it
-                log.info(_CLOSED_LINE.replace("{peer}", "{peer} via={via}"), via=self.via,
-                         **fields)
-            else:
-                log.info(_CLOSED_LINE, **fields)
+                line = line.replace("{peer}", "{peer} via={via}")
+                fields["via"] = self.via
+            if self.original_dst:   # a transparent listener: where the client was going
+                line = line.replace("{protocol}", "{protocol} original_dst={original_dst}")
+                fields["original_dst"] = self.original_dst
+            log.info(line, **fields)
 
     def _tls_fields(self) -> str:
         """`` tls=... alpn=... client_id=... spliced=no`` for a terminated

@@ -276,7 +276,8 @@ class _Exchange:
             return
         upstream.pending += 1
         self.pending = True
-        endpoint = upstream.pick()
+        # A transparent listener's connection to original_dst brings its endpoint.
+        endpoint = getattr(context.connection, "pinned", None) or upstream.pick()
         if endpoint is None:
             reason, detail = upstream.why_unavailable()
             err = ProxyError.unavailable(reason)

@@ -89,7 +89,7 @@ class RelayProtocol(Protocol):
                 return
             self.endpoint = None
         upstream = self.target
-        endpoint, self.chosen = self.chosen or upstream.pick_connection(), None
+        endpoint, self.chosen = self.chosen or conn.pinned or upstream.pick_connection(), None
         if endpoint is None:
             conn.listener.metrics.connect_errors_total.labels(
                 upstream.name, "", "no_endpoints").inc()
