@@ -57,6 +57,7 @@ MODES = ("append", "replace", "off")
 XFF = b"x-forwarded-for"
 XFP = b"x-forwarded-proto"
 FORWARDED = b"forwarded"
+_FIELDS = frozenset((XFF, XFP, FORWARDED))
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +102,22 @@ class ForwardedRule:
         replaced, never changed in place."""
         if self.mode == "off":
             return
-        keep = self.mode == "append" and self.trusts(client_host)
         node = _node(client_host)
+        headers = head.headers
+        for name, _ in headers:   # per request: lengths first
+            n = len(name)
+            if (n == 15 or n == 17 or n == 9) and name.lower() in _FIELDS:
+                break
+        else:   # the common case: none of the fields, nothing to keep or drop
+            head.headers = [*headers, (XFF, node), (XFP, proto)]
+            return
+        keep = self.mode == "append" and self.trusts(client_host)
         kept: Headers = []
         xff: list[bytes] = []
         xfp: list[bytes] = []
         forwarded: list[bytes] = []
         had_forwarded = False
-        for name, value in head.headers:
+        for name, value in headers:
             if len(name) == 15 and name.lower() == XFF:
                 xff.append(value)
             elif len(name) == 17 and name.lower() == XFP:
