@@ -215,7 +215,7 @@ class Discovery:
                     addresses.extend(kept[0])
                 continue
             answered = True
-            found = tuple(HostPort(a, port) for a in answer[0])
+            found = tuple(HostPort(a, port, name) for a in answer[0])
             self._last[(key, family)] = (found,)
             addresses.extend(found)
             if answer[0]:

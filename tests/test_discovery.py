@@ -176,3 +176,21 @@ class DiscoveryTests(TestCase):
         self.assertEqual(self.addresses(), {hp("127.0.0.1", 1), hp("127.0.0.5", 2),
                                             hp("nowhere.test", 3)})
         self.assertIsNone(d._call)  # no refresh
+
+    @defer.inlineCallbacks
+    def test_addresses_keep_the_name_they_were_found_under(self):
+        """TLS origination verifies an endpoint against the name it came
+        from (tls.server_name's default), not the address it resolved to."""
+        d = self.discovery(endpoints=(hp("127.0.0.1", 1), hp("web.test", 2),
+                                      hp("nowhere.test", 3)))
+        yield d.start()
+        names = {(e.address.host, e.address.name) for e in self.upstream.endpoints}
+        self.assertEqual(names, {("127.0.0.1", ""), ("127.0.0.5", "web.test"),
+                                 ("nowhere.test", "")})
+        d = self.discovery(srv="_http._tcp.app.test")
+        yield d.start()
+        self.assertEqual({(e.address.host, e.address.name) for e in self.upstream.endpoints},
+                         {("127.0.1.1", "a.app.test"), ("127.0.1.2", "b.app.test")})
+        d = self.discovery(dns=hp("web.test", 8080))
+        yield d.start()
+        self.assertEqual([e.address.name for e in self.upstream.endpoints], ["web.test"])

@@ -26,6 +26,10 @@ PROTOCOLS = ("http1", "h2")
 class HostPort:
     host: str
     port: int
+    #: The DNS name ``host`` was found under (``endpoints``, ``dns``, an SRV
+    #: target), "" when it was given as an address; not part of equality.
+    #: TLS origination verifies it (a service's ``tls.server_name`` default).
+    name: str = field(default="", compare=False)
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
