@@ -10,12 +10,13 @@ from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, Servic
 from l5dproxy.telemetry import Metrics
 
 
-def start_opaque_relay(testcase, server_protocol) -> None:
+def start_opaque_relay(testcase, server_protocol, server_tls=None, tls=None) -> None:
     """A server on 127.0.0.1 port 0 and an opaque listener in front of it.
 
     Sets on ``testcase``: ``servers`` (every server protocol built, in
     order), ``metrics``, ``listener`` and ``proxy_port``; both ports stop
-    listening at cleanup.
+    listening at cleanup. With ``server_tls`` (server TLS options) the server
+    speaks TLS, and ``tls`` (a ``ServiceTlsConfig``) is the service's.
     """
     testcase.servers = []
 
@@ -24,11 +25,15 @@ def start_opaque_relay(testcase, server_protocol) -> None:
         testcase.servers.append(p)
         return p
 
-    server_port = reactor.listenTCP(0, protocol.Factory.forProtocol(build),
-                                    interface="127.0.0.1")
+    factory = protocol.Factory.forProtocol(build)
+    if server_tls is not None:
+        server_port = reactor.listenSSL(0, factory, server_tls, interface="127.0.0.1")
+    else:
+        server_port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     testcase.addCleanup(server_port.stopListening)
     testcase.metrics = Metrics()
-    service = ServiceConfig("app", (HostPort("127.0.0.1", server_port.getHost().port),))
+    service = ServiceConfig("app", (HostPort("127.0.0.1", server_port.getHost().port),),
+                            tls=tls)
     detect = DetectConfig()
     testcase.listener = Listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
                                  {"app": Upstream(service, detect.opaque_ports)},

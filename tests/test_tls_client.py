@@ -87,7 +87,8 @@ def server_options(cert: trustme.LeafCert, alpn: list[bytes] | None = None,
                                   acceptableProtocols=alpn, **extra)
 
 
-class OriginationTests(unittest.TestCase):
+class Rig(unittest.TestCase):
+    """A CA, a server certificate for localhost and 127.0.0.1, a clock."""
 
     def setUp(self) -> None:
         self.ca = trustme.CA()
@@ -126,6 +127,9 @@ class OriginationTests(unittest.TestCase):
         exc = self.end.failed[0].value
         self.assertIsInstance(exc, TlsError)
         return exc
+
+
+class OriginationTests(Rig):
 
     def test_verified_endpoint_gets_the_protocol_after_the_handshake(self) -> None:
         tls = ClientTls.load(ca=self.ca_path)
@@ -320,3 +324,53 @@ class AnswerTests(unittest.TestCase):
         self.assertEqual(err.message, "tls: certificate verify failed: certificate has expired")
         timeout = as_proxy_error(Failure(TlsError("tls: handshake timeout", "5 s", status=504)))
         self.assertEqual((timeout.status, timeout.grpc_status), (504, 4))
+
+
+class DialTests(Rig):
+    """``dial``: a service's settings and an endpoint address."""
+
+    def settings(self, **kwargs):
+        from l5dproxy.config.model import ServiceTlsConfig
+        return ServiceTlsConfig(ca=self.ca_path, **kwargs)
+
+    def wire(self, connector) -> None:
+        wrapping = self.reactor.tcpClients[-1][2]
+        inner = Factory.forProtocol(Echo)
+        inner.connections = self.server_connections  # type: ignore[attr-defined]
+        inner.received = self.server_received  # type: ignore[attr-defined]
+        server_factory = TLSMemoryBIOFactory(server_options(self.ca.issue_cert("app.example"),
+                                                            alpn=[b"h2", b"http/1.1"]),
+                                             False, inner, clock=self.reactor)
+        client_proto = wrapping.buildProtocol(None)
+        server_proto = server_factory.buildProtocol(None)
+        pump = connect(server_proto, FakeTransport(server_proto, True),
+                       client_proto, FakeTransport(client_proto, False),
+                       greet=False, clock=self.reactor)
+        pump.flush()
+        self.reactor.advance(0)
+        pump.flush()
+
+    def test_the_name_the_address_was_found_under_is_verified(self) -> None:
+        from l5dproxy.config.model import HostPort
+        settings = self.settings()
+        self.wire(tlsclient.dial(self.reactor, settings, HostPort("127.0.0.1", 443, "app.example"),
+                                 self.end, 5.0))
+        self.assertEqual([p.received for p in self.end.built], [b"echo:hello"])
+        self.assertIs(tlsclient.client_tls_for(settings), tlsclient.client_tls_for(settings))
+
+    def test_an_address_without_a_name_is_verified_as_an_address(self) -> None:
+        from l5dproxy.config.model import HostPort
+        self.wire(tlsclient.dial(self.reactor, self.settings(), HostPort("127.0.0.1", 443),
+                                 self.end, 5.0))
+        self.assertEqual(self.failure().detail, "tls: certificate verify failed: certificate "
+                         "is for DNS:app.example, not '127.0.0.1'")
+
+    def test_server_name_and_alpn_from_the_settings_win(self) -> None:
+        from l5dproxy.config.model import HostPort
+        settings = self.settings(server_name="other.example", alpn=("h2",))
+        self.wire(tlsclient.dial(self.reactor, settings,
+                                 HostPort("127.0.0.1", 443, "app.example"), self.end, 5.0,
+                                 alpn=("http/1.1",)))
+        self.assertIn("not 'other.example'", self.failure().detail)
+        self.assertEqual(list(tlsclient.client_tls_for(settings)._creators),
+                         [("other.example", (b"h2",))])

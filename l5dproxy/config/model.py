@@ -193,6 +193,26 @@ class Target:
     idle_timeout: float = 60.0
 
 
+@dataclass(frozen=True, eq=False)
+class ServiceTlsConfig:
+    """``[service.NAME.tls]``: connections to the service's endpoints
+    originate TLS (``l5dproxy.tls.client``). Paths are absolute (a relative
+    one is taken from the config file's folder). Compared by identity: each
+    parse (start, reload) makes a new record, and its files are read anew."""
+
+    #: PEM trust roots the endpoints' certificates must chain to; None: the system's.
+    ca: str | None = None
+    #: SNI and the identity verified; None: the name each endpoint was found
+    #: under (``endpoints``, ``dns``, an SRV target), else its address.
+    server_name: str | None = None
+    #: ALPN protocols offered; None: the client end's own (``h2`` for h2,
+    #: ``http/1.1`` for HTTP/1, none for the TCP relay).
+    alpn: tuple[str, ...] | None = None
+    #: Client certificate (PEM chain, leaf first) and its PEM key, for mTLS.
+    cert: str | None = None
+    key: str | None = None
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     name: str
@@ -225,6 +245,8 @@ class ServiceConfig:
     #: HTTP requests in flight to the service (waiting for an endpoint or a
     #: connection included) past which new ones are shed with 503; 0: none.
     max_pending_requests: int = 10000
+    #: [service.NAME.tls]: originate TLS to the endpoints; None: plaintext.
+    tls: ServiceTlsConfig | None = None
 
     def is_opaque(self, opaque_ports: frozenset[int]) -> bool:
         """Opaque by flag, or because every endpoint is on a server-speaks-first port."""

@@ -38,6 +38,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 from typing import Any
+from typing import Protocol as Protocol_
+from weakref import WeakKeyDictionary
 
 import service_identity
 from cryptography import x509
@@ -420,6 +422,16 @@ class _TlsTransport(BufferingTLSTransport):
         super().connectionLost(reason)
 
 
+    def loseWriteConnection(self) -> None:
+        """Half-close, as the relay and HTTP/1 tunnels ask for it: TLS has
+        none of its own, so this sends ``close_notify`` once what is
+        buffered is written and goes on reading until the endpoint closes
+        (RFC 8446 6.1 lets it write after our ``close_notify``). Without
+        this the wrapper would pass the call to the socket under the TLS
+        records."""
+        self.loseConnection()
+
+
 class _Translated(Protocol):
     """The client end's protocol as its connection ends: an ``SSL.Error``
     reason becomes a ``TlsError`` (``tls: error: ...``)."""
@@ -455,6 +467,49 @@ class _TlsFactory(TLSMemoryBIOFactory):
     protocol = _TlsTransport
 
 
+class Origination(Protocol_):
+    """A service's ``[service.NAME.tls]`` (``config.model.ServiceTlsConfig``,
+    structurally: tls/ imports nothing of config)."""
+
+    @property
+    def ca(self) -> str | None: ...
+    @property
+    def server_name(self) -> str | None: ...
+    @property
+    def alpn(self) -> tuple[str, ...] | None: ...
+    @property
+    def cert(self) -> str | None: ...
+    @property
+    def key(self) -> str | None: ...
+
+
+#: Each settings record's loaded context, for as long as the record lives (a
+#: config holds it; a reload makes new records, so it re-reads the files).
+_loaded: WeakKeyDictionary[Any, ClientTls] = WeakKeyDictionary()
+
+
+def client_tls_for(settings: Origination) -> ClientTls:
+    """The ``ClientTls`` of ``settings``, loaded on first use (config
+    parsing does it, so a broken file fails the start or the reload) and
+    then kept with the record. Raises ``TlsSettingsError``."""
+    found = _loaded.get(settings)
+    if found is None:
+        found = _loaded[settings] = ClientTls.load(settings.ca, settings.cert, settings.key)
+    return found
+
+
+def dial(reactor: Any, settings: Origination, address: Any, factory: ClientFactory,
+         timeout: float, require_alpn: str | None = None, alpn: Sequence[str] = ()) -> _Dial:
+    """``connect`` to ``address`` (``config.model.HostPort``) with a
+    service's settings: the server name is ``settings.server_name``, else
+    the name the address was found under, else the address itself; ALPN
+    offers ``settings.alpn``, else ``alpn`` (the client end's own)."""
+    name = settings.server_name or address.name or address.host
+    offered = settings.alpn if settings.alpn is not None else alpn
+    return connect(reactor, client_tls_for(settings), address.host, address.port, factory,
+                   timeout, server_name=name, alpn=offered, require_alpn=require_alpn)
+
+
 def connect(reactor: Any, client_tls: ClientTls, host: str, port: int,
             factory: ClientFactory, timeout: float, server_name: str | None = None,
             alpn: Sequence[str] = (), require_alpn: str | None = None) -> _Dial:
@@ -476,5 +531,6 @@ def connect(reactor: Any, client_tls: ClientTls, host: str, port: int,
     return dial
 
 
-__all__ = ["MAX_CREATORS", "ClientTls", "TlsError", "TlsSettingsError", "certificate_names",
-           "connect", "identity_mismatch", "load_certificates", "ssl_error_text"]
+__all__ = ["MAX_CREATORS", "ClientTls", "Origination", "TlsError", "TlsSettingsError",
+           "certificate_names", "client_tls_for", "connect", "dial", "identity_mismatch",
+           "load_certificates", "ssl_error_text"]

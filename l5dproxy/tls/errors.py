@@ -19,6 +19,10 @@ class TlsError(Exception):
     (``tls: certificate verify failed: unable to get local issuer
     certificate``), and is ``str()``."""
 
+    #: The ``errno`` label of ``endpoint_connect_errors_total`` and
+    #: ``tcp_close_total`` (``net.connection.errno_name`` reads it).
+    errno = "tls"
+
     def __init__(self, reason: str, what: str = "", status: int = 502) -> None:
         self.reason = reason
         self.status = status
