@@ -119,6 +119,7 @@ class ProxyService(Service):
         self._watched: tuple | None = None
         self.metrics.watch_services(lambda: list(self.upstreams.values()),
                                     lambda: self.discoveries)
+        self.metrics.certificate_sources.append(lambda: client_certificates(self.config))
         self.tap = TapHub(self.http, reactor)
         self.stats = Stats(self.metrics.registry, reactor, lambda: self.upstreams,
                            self._listener_rows, self.server_first.memory.entries,
@@ -524,6 +525,20 @@ class _NotListening:
 #: connections wait for SYN retries (1 s and more); nginx asks for 511 and
 #: HAProxy for the kernel's somaxconn. The kernel caps it at somaxconn.
 LISTEN_BACKLOG = 1024
+
+
+def client_certificates(config: Config) -> list[tuple[str, str, str, float]]:
+    """``("", service, name, not_after)`` of each service's TLS client
+    certificate (``[service.NAME.tls] cert``), as the running config has
+    them, for ``tls_certificate_expiry_timestamp_seconds``."""
+    found = []
+    for name, service in config.services.items():
+        if service.tls is not None and service.tls.cert is not None:
+            from l5dproxy.tls.client import client_tls_for
+            pair = client_tls_for(service.tls).client_certificate
+            if pair is not None:
+                found.append(("", name, pair.name, pair.not_after))
+    return found
 
 
 def with_listen_backlog(description: str) -> str:

@@ -340,15 +340,15 @@ class EarlyConnect:
         self.endpoint = endpoint
         self.state = _CONNECTING
         address = endpoint.address
+        reactor = self.listener.reactor
         if upstream.config.tls is not None:  # as the relay dials it (tcp/relay.py)
             from l5dproxy.tls.client import dial
-            connector: Any = dial(self.listener.reactor, upstream.config.tls, address,
-                                  _EarlyFactory(self), upstream.config.connect_timeout)
+            connector: Any = dial(reactor, upstream.config.tls, address, _EarlyFactory(self),
+                                  upstream.config.connect_timeout)
             self.connector = connector
             return
-        self.connector = self.listener.reactor.connectTCP(
-            address.host, address.port, _EarlyFactory(self),
-            timeout=upstream.config.connect_timeout)
+        self.connector = reactor.connectTCP(address.host, address.port, _EarlyFactory(self),
+                                            timeout=upstream.config.connect_timeout)
 
     def _connected(self, protocol: _EarlyProtocol) -> None:
         self.protocol = protocol

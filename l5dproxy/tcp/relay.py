@@ -106,14 +106,13 @@ class RelayProtocol(Protocol):
         conn.endpoint = endpoint.label
         address = endpoint.address
         service = self.target.config
+        reactor = conn.listener.reactor
         if service.tls is not None:  # TLS origination (issue 13): never spliced
             from l5dproxy.tls.client import dial
-            dial(conn.listener.reactor, service.tls, address, _UpstreamFactory(self),
-                 service.connect_timeout)
+            dial(reactor, service.tls, address, _UpstreamFactory(self), service.connect_timeout)
             return
-        conn.listener.reactor.connectTCP(
-            address.host, address.port, _UpstreamFactory(self),
-            timeout=service.connect_timeout)
+        reactor.connectTCP(address.host, address.port, _UpstreamFactory(self),
+                           timeout=service.connect_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         self.conn.count_read(len(data))
