@@ -89,3 +89,14 @@ class ServiceTlsTests(SynchronousTestCase):
     def test_ip_address_server_name(self) -> None:
         self.assertEqual(self.parse('server_name = "10.0.0.1"').services["app"].tls.server_name,
                          "10.0.0.1")
+
+    def test_not_with_send_proxy_protocol(self) -> None:
+        errors = self.errors("", 'send_proxy_protocol = "v1"')
+        self.assertEqual(errors, [f"{self.source}: service.app.send_proxy_protocol: not with "
+                                  "[service.NAME.tls]: the PROXY header must precede the TLS "
+                                  "handshake, which l5dproxy does not do yet"])
+
+    def test_the_target_carries_the_settings(self) -> None:
+        """Client ends read TLS from the per-request target (config.Target)."""
+        service = self.parse('ca = "ca.pem"').services["app"]
+        self.assertIs(service.target.tls, service.tls)

@@ -191,6 +191,8 @@ class Target:
     connect_timeout: float = 5.0
     #: Seconds an unused upstream connection is kept (HTTP/1 and h2).
     idle_timeout: float = 60.0
+    #: [service.NAME.tls]: dial TLS (l5dproxy.tls.client.dial); None: plaintext.
+    tls: ServiceTlsConfig | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -261,7 +263,7 @@ class ServiceConfig:
         """This service as its client ends see it; one object per config, so
         a reload (a new ``ServiceConfig``) is a new target, and a pool tells
         a change by identity (``pool.target is not target``)."""
-        return Target(self.name, self.connect_timeout, self.idle_timeout)
+        return Target(self.name, self.connect_timeout, self.idle_timeout, self.tls)
 
 
 @dataclass(frozen=True)

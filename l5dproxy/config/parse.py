@@ -278,6 +278,9 @@ def _parse_services(t: Table) -> dict[str, ServiceConfig]:
             tls=(_parse_service_tls(s.table("tls"), s.data.get("protocol"))
                  if "tls" in s.data else None),
         )
+        if "tls" in s.data and s.data.get("send_proxy_protocol") is not None:
+            s.error("send_proxy_protocol", "not with [service.NAME.tls]: the PROXY header"
+                    " must precede the TLS handshake, which l5dproxy does not do yet")
         s.finish()
     t.finish()
     return services

@@ -206,9 +206,16 @@ class _Pool:
         client = self.client
         self.open += 1
         factory = _Factory(self, call)
+        target = self.target
+        if target.tls is not None:  # TLS origination: ALPN http/1.1 (or none)
+            from l5dproxy.tls.client import dial
+            connector: Any = dial(client.reactor, target.tls, self.address, factory,
+                                  target.connect_timeout, "http/1.1", ("http/1.1",))
+            call.connector = connector  # stopConnecting() works in either step
+            return
         call.connector = client.reactor.connectTCP(
             self.address.host, self.address.port, factory,
-            timeout=self.target.connect_timeout)
+            timeout=target.connect_timeout)
 
     def closed(self) -> None:
         """A connection dialled by this pool is gone (closed or never made):

@@ -108,6 +108,8 @@ class H2ClientProtocol(H2Protocol):
         super().__init__()
         self.pool = pool
         self.settings_received = False
+        #: Why the connection ended (the pool reads it: a TLS error names itself).
+        self.lost_reason: Failure | None = None
         self.goaway = False
         #: Streams started on it so far (0 at the end: it took no work).
         self.streams_started = 0
@@ -165,6 +167,7 @@ class H2ClientProtocol(H2Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self._lost = True
+        self.lost_reason = reason
         timer, self._idle_timer = self._idle_timer, None
         if timer is not None and timer.active():
             timer.cancel()

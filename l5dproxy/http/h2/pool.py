@@ -31,6 +31,7 @@ from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.stream import Stream
 from l5dproxy.net.connection import errno_name
 from l5dproxy.route.dispatcher import as_proxy_error
+from l5dproxy.tls.errors import TlsError
 
 if TYPE_CHECKING:
     from l5dproxy.config.model import HostPort, Target
@@ -231,9 +232,15 @@ class _EndpointPool:
                 and not self._refusing()):
             self.connecting += 1
             self.open += 1
+            target = self.target
+            if target.tls is not None:  # TLS origination: the endpoint must choose h2
+                from l5dproxy.tls.client import dial
+                dial(self.client.reactor, target.tls, self.address, _ClientFactory(self),
+                     target.connect_timeout, "h2", ("h2",))
+                return
             self.client.reactor.connectTCP(
                 self.address.host, self.address.port, _ClientFactory(self),
-                timeout=self.target.connect_timeout)
+                timeout=target.connect_timeout)
 
     def ready(self, conn: H2ClientProtocol) -> None:
         """A connection has the peer's settings, or a stream slot came free."""
@@ -270,6 +277,12 @@ class _EndpointPool:
             self.connections.remove(conn)
         if not conn.settings_received:
             self.connecting -= 1
+            reason = conn.lost_reason
+            if reason is not None and reason.check(TlsError):
+                # After the handshake, before SETTINGS: a TLS 1.3 endpoint
+                # refusing the client certificate says so now.
+                self._fail_waiting(as_proxy_error(reason))
+                return
             # The endpoint never said HTTP/2: an HTTP/1-only server answers
             # the preface with an error and closes. Connecting again would
             # only repeat that, as fast as the reactor turns, so the requests
