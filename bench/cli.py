@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench import abuse, backends
+from bench import abuse, backends, tls
 from bench.backends import Backends, Target, WorkerSet, pid_for
 from bench.h2ceiling import h2_round_trips
 from bench.memory import hold_connections, long_h2_connection, stream_body
@@ -44,7 +44,7 @@ from bench.workers import WorkersSection, measure, missing_tools, worker_counts
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
-EXTRA_SECTIONS = ("memory", "ceiling", "workers", "abuse", "soak")
+EXTRA_SECTIONS = ("memory", "ceiling", "workers", "tls", "abuse", "soak")
 ALL_SECTIONS = (*SCENARIOS, *EXTRA_SECTIONS)
 # Run only when named with --only: an attacked proxy and a 10-minute soak are not part
 # of the comparison run (nor of --quick).
@@ -239,6 +239,7 @@ class Harness:
         self.abuse: abuse.AbuseResult | None = None
         self.abuse_each: abuse.AbuseEach | None = None
         self.soak: abuse.SoakResult | None = None
+        self.tls: tls.TlsResult | None = None
 
     # -- startup -------------------------------------------------------------
 
@@ -495,6 +496,12 @@ class Harness:
                     f"{lc.seconds:.1f} s: RSS {lc.rss_before_kib / MIB:.1f} -> peak "
                     f"{lc.peak_kib / MIB:.1f} MiB, {lc.rss_after_kib / MIB:.1f} after close")
 
+    # -- tls (an l5dproxy and a HAProxy of its own) ------------------------------
+
+    def run_tls(self) -> None:
+        if "tls" in self.selected and self.b is not None:
+            self.tls = tls.run_tls(self.sup, self.b, self.s, self.ready_timeout, log)
+
     # -- abuse and soak (an l5dproxy of their own each) --------------------------
 
     def run_abuse(self) -> None:
@@ -543,7 +550,7 @@ class Harness:
         return Report(meta=meta, settings=dataclasses.asdict(self.s), targets=targets,
                       sections=self.sections, ceiling=self.ceiling, health=self.health,
                       workers=self.workers, abuse=self.abuse, abuse_each=self.abuse_each,
-                      soak=self.soak)
+                      soak=self.soak, tls=self.tls)
 
 
 def _health(child: Any, admin_ports: list[int]) -> dict[str, Any]:
@@ -604,6 +611,7 @@ def main(argv: list[str] | None = None) -> int:
                 h.warmup()
                 h.run_rounds()
                 h.run_memory()
+                h.run_tls()
                 h.run_abuse()
                 h.collect_health()
             except KeyboardInterrupt:
@@ -623,7 +631,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.workers is not None:
         print()
         print(report.workers.table())
-    for extra in (report.abuse, report.abuse_each, report.soak):
+    for extra in (report.tls, report.abuse, report.abuse_each, report.soak):
         if extra is not None:
             print()
             print(extra.table())

@@ -66,6 +66,7 @@ class Report:
     abuse: Any = None  # bench.abuse.AbuseResult: the abuse scenario (its own tables)
     abuse_each: Any = None  # bench.abuse.AbuseEach: every attacker alone
     soak: Any = None  # bench.abuse.SoakResult
+    tls: Any = None  # bench.tls.TlsResult: the tls scenario (its own table)
 
     def ceiling_median(self, key: str = "m10") -> float | None:
         values = self.ceiling.get(key)
@@ -221,6 +222,7 @@ class Report:
             "scenarios": sections,
             "workers": self.workers.to_json() if self.workers is not None else None,
             "abuse": self.abuse.to_json() if self.abuse is not None else None,
+            "tls": self.tls.to_json() if self.tls is not None else None,
             "abuse_each": self.abuse_each.to_json() if self.abuse_each is not None else None,
             "soak": self.soak.to_json() if self.soak is not None else None,
             "table": [

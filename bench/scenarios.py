@@ -85,11 +85,11 @@ def _tool_failure(run: ToolRun, exc: Exception | None = None) -> str:
     return f"{reason}{run.argv[0].rsplit('/', 1)[-1]} exit {run.returncode}: {' | '.join(err)}"
 
 
-def run_wrk(sup: Supervisor, port: int, s: Settings) -> Sample:
+def run_wrk(sup: Supervisor, port: int, s: Settings, scheme: str = "http") -> Sample:
     secs = max(1, round(s.duration))
     run = sup.run(
         [str(which("wrk")), "-t1", f"-c{s.wrk_connections}", f"-d{secs}s", "--latency",
-         f"http://{HOST}:{port}/"],
+         f"{scheme}://{HOST}:{port}/"],
         timeout=secs + 30,
     )
     try:
