@@ -4,6 +4,7 @@ made by trustme; real clients (sockets, curl)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -22,6 +23,8 @@ from tests.support import (
     run_l5dproxy,
     wait_for,
 )
+from tests.test_e2e_tls import WEB_ID, Certificates, header_app, tls_table
+from tests.tlsfixtures import issue_uri_cert
 
 
 def write_files(directory: str, ca: trustme.CA, leaf: trustme.LeafCert | None = None,
@@ -303,3 +306,56 @@ class CheckTests(unittest.TestCase):
                     ca.issue_cert("web.example.org"), name="client")
         result = run_l5dproxy("--config", example, "--check")
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+
+
+class MeshTests(unittest.TestCase):
+    """Two l5dproxy processes in mTLS (issue 13 part 3, "the mesh case"): one
+    beside the client app originates TLS with a client certificate, one in
+    front of the server app terminates it with ``client_ca`` and ``allow``;
+    neither app changes, and the server app sees the caller's identity."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.certs = Certificates(self.dir)
+        self.server = ProxyProcess(
+            self, listeners=[{"name": "in", "service": "app", "tls": tls_table(
+                self.certs, client_ca=self.certs.ca_path,
+                allow=["spiffe://example.org/ns/web/*"])}],
+            services={"app": {"endpoints": [header_app(self)], "protocol": "http1"}})
+
+    def client_proxy(self, identity: tuple[str, str], protocol: str = "http1") -> ProxyProcess:
+        return ProxyProcess(
+            self, listeners=[{"name": "out", "service": "mesh"}],
+            services={"mesh": {
+                "endpoints": [f"127.0.0.1:{self.server.port('in')}"], "protocol": protocol,
+                "tls": {"ca": self.certs.ca_path, "server_name": "a.example.com",
+                        "cert": identity[0], "key": identity[1]}}})
+
+    def test_the_app_sees_the_callers_identity(self) -> None:
+        for protocol in ("http1", "h2"):
+            client = self.client_proxy(self.certs.web, protocol)
+            status, _, body = curl(client.port("out"), "-H", "l5d-client-id: forged")
+            self.assertEqual(status, 200, (protocol, body))
+            self.assertEqual(json.loads(body), {"path": "/", "client_id": [WEB_ID]}, protocol)
+
+    def test_an_identity_outside_allow_is_refused(self) -> None:
+        client = self.client_proxy(self.certs.db)
+        status, headers, _ = curl(client.port("out"))
+        self.assertEqual(status, 403)
+        self.assertEqual(headers["l5d-proxy-error"], "unauthorized")
+        self.assertEqual(self.server.metric_value("authz_denied_total", listener="in"), 1)
+
+    def test_a_certificate_the_server_does_not_trust_is_a_502(self) -> None:
+        stranger = trustme.CA()
+        cert, key = issue_uri_cert(stranger, WEB_ID)
+        paths = (os.path.join(self.dir, "stranger.crt"), os.path.join(self.dir, "stranger.key"))
+        for path, data in zip(paths, (cert, key), strict=True):
+            with open(path, "wb") as f:
+                f.write(data)
+        for protocol in ("http1", "h2"):
+            client = self.client_proxy(paths, protocol)
+            status, headers, _ = curl(client.port("out"))
+            self.assertEqual(status, 502, protocol)
+            self.assertRegex(headers["l5d-proxy-error"],
+                             r"^service mesh: 127\.0\.0\.1:\d+: tls: .*(unknown ca|certificate)")
