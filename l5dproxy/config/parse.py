@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import ipaddress
-import os
 import tomllib
 from collections.abc import Callable
 from typing import Any
@@ -56,10 +54,9 @@ from l5dproxy.config.model import (
     ProxyConfig,
     RouteConfig,
     ServiceConfig,
-    ServiceTlsConfig,
 )
 from l5dproxy.config.table import Table
-from l5dproxy.config.tls import check_sni_glob, parse_listener_tls
+from l5dproxy.config.tls import check_sni_glob, parse_listener_tls, parse_service_tls
 
 
 class ConfigError(Exception):
@@ -275,7 +272,7 @@ def _parse_services(t: Table) -> dict[str, ServiceConfig]:
                                        check_count),
             send_proxy_protocol=s.get("send_proxy_protocol", str, None,
                                       check_proxy_protocol_version),
-            tls=(_parse_service_tls(s.table("tls"), s.data.get("protocol"))
+            tls=(parse_service_tls(s.table("tls"), s.data.get("protocol"))
                  if "tls" in s.data else None),
         )
         if "tls" in s.data and s.data.get("send_proxy_protocol") is not None:
@@ -449,70 +446,3 @@ def _parse_endpoints(s: Table) -> tuple[HostPort, ...]:
 
 
 
-
-#: ALPN protocol a client end needs (``protocol`` of the service -> name).
-_ALPN_OF = {"h2": "h2", "http1": "http/1.1"}
-
-
-def _parse_service_tls(t: Table, protocol: Any) -> ServiceTlsConfig:
-    """``[service.NAME.tls]``: TLS origination. The ``ca``, ``cert`` and
-    ``key`` files are read here (``l5dproxy.tls.client``, so OpenSSL is
-    imported only for a config naming them), so ``--check``, the start and
-    a reload refuse a broken one with its file, key and reason."""
-    def path(key: str) -> str | None:
-        value = t.get(key, str, None, _check_path)
-        if value is None:
-            return None
-        return os.path.join(os.path.dirname(os.path.abspath(t.source)), value)
-
-    alpn = t.get("alpn", list, None, _check_alpn)
-    settings = ServiceTlsConfig(
-        ca=path("ca"),
-        server_name=t.get("server_name", str, None, _check_server_name),
-        alpn=tuple(alpn) if alpn is not None else None,
-        cert=path("cert"),
-        key=path("key"),
-    )
-    need = _ALPN_OF.get(protocol) if isinstance(protocol, str) else None
-    if need is not None and settings.alpn is not None and need not in settings.alpn:
-        t.error("alpn", f"protocol = {protocol!r} speaks {need}: list it (or leave alpn out,"
-                f" which offers [{need!r}])")
-    if (settings.cert is None) != (settings.key is None):
-        t.error("key" if settings.key is None else "cert",
-                "cert and key go together (the client certificate and its private key)")
-    elif any(v is not None for v in (settings.ca, settings.cert)):
-        from l5dproxy.tls.client import TlsSettingsError, client_tls_for
-        try:
-            client_tls_for(settings)
-        except TlsSettingsError as e:
-            t.error(e.key, str(e))
-    t.finish()
-    return settings
-
-
-def _check_path(value: str) -> str | None:
-    return None if value else "must name a file"
-
-
-def _check_alpn(value: list[Any]) -> str | None:
-    bad = [v for v in value if not isinstance(v, str) or not 0 < len(v.encode()) < 256
-           or not v.isascii()]
-    if bad or not value:
-        return f"expected protocol names (e.g. [\"h2\"], [\"http/1.1\"]), got {value!r}"
-    return None
-
-
-def _check_server_name(value: str) -> str | None:
-    """A DNS name (no wildcard: it is the identity verified) or an IP address."""
-    try:
-        ipaddress.ip_address(value)
-        return None
-    except ValueError:
-        pass
-    labels = value.rstrip(".").split(".")
-    if len(value) > 253 or not all(
-            label and len(label) <= 63 and all(c.isalnum() or c == "-" for c in label)
-            and label.isascii() and not label.startswith("-") for label in labels):
-        return f"{value!r}: expected a DNS name (as the endpoints' certificates name it) or an" \
-               " IP address"
-    return None

@@ -1,4 +1,5 @@
-"""``[listener.tls]`` (TLS termination) and the ``sni`` of a route.
+"""``[listener.tls]`` (TLS termination), the ``sni`` of a route and
+``[service.NAME.tls]`` (TLS origination).
 
 The certificate, key and ``client_ca`` files are read here, so ``--check``
 and a reload report a broken one with its file, key and reason. l5dproxy.tls
@@ -9,11 +10,12 @@ Relative paths are relative to the config file's folder.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from typing import Any
 
 from l5dproxy.config.checks import check_positive_duration
-from l5dproxy.config.model import CertificateConfig, ListenerTlsConfig
+from l5dproxy.config.model import CertificateConfig, ListenerTlsConfig, ServiceTlsConfig
 from l5dproxy.config.table import Table
 
 #: ALPN protocol names a terminating listener can speak after the handshake.
@@ -97,4 +99,70 @@ def check_sni_glob(value: str) -> str | None:
     """A route's ``sni``: visible ASCII, ``*`` and ``?`` as wildcards."""
     if not value or any(not 0x21 <= ord(ch) <= 0x7E for ch in value):
         return f"{value!r}: a server name glob (visible ASCII, * and ? as wildcards)"
+    return None
+
+
+#: ALPN protocol a client end needs (``protocol`` of the service -> name).
+_ALPN_OF = {"h2": "h2", "http1": "http/1.1"}
+
+
+def parse_service_tls(t: Table, protocol: Any) -> ServiceTlsConfig:
+    """``[service.NAME.tls]``: TLS origination. The ``ca``, ``cert`` and
+    ``key`` files are read here (``l5dproxy.tls.client``, so OpenSSL is
+    imported only for a config naming them), so ``--check``, the start and
+    a reload refuse a broken one with its file, key and reason."""
+    def path(key: str) -> str | None:
+        value = t.get(key, str, None, _check_path)
+        return None if value is None else config_relative(t.source, value)
+
+    alpn = t.get("alpn", list, None, _check_alpn)
+    settings = ServiceTlsConfig(
+        ca=path("ca"),
+        server_name=t.get("server_name", str, None, _check_server_name),
+        alpn=tuple(alpn) if alpn is not None else None,
+        cert=path("cert"),
+        key=path("key"),
+    )
+    need = _ALPN_OF.get(protocol) if isinstance(protocol, str) else None
+    if need is not None and settings.alpn is not None and need not in settings.alpn:
+        t.error("alpn", f"protocol = {protocol!r} speaks {need}: list it (or leave alpn out,"
+                f" which offers [{need!r}])")
+    if (settings.cert is None) != (settings.key is None):
+        t.error("key" if settings.key is None else "cert",
+                "cert and key go together (the client certificate and its private key)")
+    elif any(v is not None for v in (settings.ca, settings.cert)):
+        from l5dproxy.tls.client import TlsSettingsError, client_tls_for
+        try:
+            client_tls_for(settings)
+        except TlsSettingsError as e:
+            t.error(e.key, str(e))
+    t.finish()
+    return settings
+
+
+def _check_path(value: str) -> str | None:
+    return None if value else "must name a file"
+
+
+def _check_alpn(value: list[Any]) -> str | None:
+    bad = [v for v in value if not isinstance(v, str) or not 0 < len(v.encode()) < 256
+           or not v.isascii()]
+    if bad or not value:
+        return f"expected protocol names (e.g. [\"h2\"], [\"http/1.1\"]), got {value!r}"
+    return None
+
+
+def _check_server_name(value: str) -> str | None:
+    """A DNS name (no wildcard: it is the identity verified) or an IP address."""
+    try:
+        ipaddress.ip_address(value)
+        return None
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or not all(
+            label and len(label) <= 63 and all(c.isalnum() or c == "-" for c in label)
+            and label.isascii() and not label.startswith("-") for label in labels):
+        return f"{value!r}: expected a DNS name (as the endpoints' certificates name it) or an" \
+               " IP address"
     return None
