@@ -9,7 +9,9 @@ other hop's (127.0.0.1).
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import tempfile
 
 from twisted.trial.unittest import TestCase
 
@@ -63,13 +65,23 @@ class ForwardedEndToEnd(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
+        import trustme
+
+        from tests.tlsfixtures import write_ca, write_pair
         self.app = App(self)
+        directory = tempfile.mkdtemp(prefix="l5dproxy-addr-tls-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        ca = trustme.CA()
+        self.ca_path = write_ca(ca, directory)
+        cert, key = write_pair(ca.issue_cert("localhost"), directory, "localhost")
         self.proxy = ProxyProcess(
             self,
             listeners=[{"name": "in", "service": "app", "access_log": True},
                        {"name": "trusting", "service": "app",
                         "trusted_proxies": ["127.0.0.0/8"]},
-                       {"name": "off", "service": "app", "forwarded": "off"}],
+                       {"name": "off", "service": "app", "forwarded": "off"},
+                       {"name": "tls", "service": "app",
+                        "tls": {"certificates": [{"cert": cert, "key": key}]}}],
             services={"app": {"endpoints": [self.app.address], "protocol": "http1"}})
 
     def url(self, listener: str) -> str:
@@ -92,6 +104,17 @@ class ForwardedEndToEnd(TestCase):
         body = curl("--http2-prior-knowledge", "-H", "x-forwarded-for: 6.6.6.6",
                     self.url("trusting"))
         self.assertEqual(body, f"remote=127.0.0.1 xff=6.6.6.6, {CLIENT} proto=http fwd=\n")
+
+    def test_terminated_tls_is_https(self) -> None:
+        """X-Forwarded-Proto says https for a connection whose TLS the proxy
+        terminates (a forged one replaced), HTTP/1 and h2 (ALPN) alike."""
+        port = self.proxy.port("tls")
+        for version in ("--http1.1", "--http2"):
+            body = curl(version, "--cacert", self.ca_path, "--resolve",
+                        f"localhost:{port}:127.0.0.1", "-H", "X-Forwarded-Proto: http",
+                        "-H", "Forwarded: for=6.6.6.6", f"https://localhost:{port}/")
+            self.assertEqual(body, f"remote=127.0.0.1 xff={CLIENT} proto=https"
+                                   f" fwd=for={CLIENT};proto=https\n", version)
 
     def test_off_forwards_as_it_came(self) -> None:
         body = curl("-H", "X-Forwarded-For: 6.6.6.6", self.url("off"))

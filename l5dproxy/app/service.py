@@ -552,7 +552,9 @@ def with_listen_backlog(description: str) -> str:
 
 def _port_address(port: IListeningPort) -> str:
     address = port.getHost()
-    if isinstance(address, (IPv4Address, IPv6Address)):
+    if isinstance(address, IPv6Address):   # bracketed, so the port can be told apart
+        return f"[{address.host}]:{address.port}"
+    if isinstance(address, IPv4Address):
         return f"{address.host}:{address.port}"
     return str(address)
 
