@@ -24,7 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from l5dproxy.config.model import ListenerConfig
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -519,11 +522,22 @@ def error_response(error: ProxyError, grpc: bool = False, text: bool = False) ->
     return Response(head, Body.empty(), error)
 
 
+class ListenerView(Protocol):
+    """What the dispatcher reads of the listener a request came in on
+    (``l5dproxy.accept.listener.Listener``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def config(self) -> ListenerConfig: ...
+
+
 @dataclass(slots=True)
 class RequestContext:
     """What the dispatcher knows of where a request came from."""
 
-    listener: object                # l5dproxy.accept.listener.Listener
+    listener: ListenerView          # l5dproxy.accept.listener.Listener
     connection: object              # l5dproxy.net.connection.InboundConnection
     protocol: str                   # "http1" or "h2": what the client speaks
     routes: object = None           # the dispatcher's route table, kept per connection

@@ -48,7 +48,7 @@ each request's real authority.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -74,6 +74,8 @@ from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IDelayedCall
+
     from l5dproxy.balance.backends import Endpoint, Upstream
     from l5dproxy.config.model import RouteConfig
     from l5dproxy.exchange.contracts import Attempt, ClientEnd
@@ -209,18 +211,23 @@ class _Exchange:
         "retries", "settled", "started", "status", "timer", "token", "upstream", "waiter",
     )
 
+    #: The routed service, and the client end speaking its protocol: set by
+    #: ``start`` before anything reads them (an exchange that fails before
+    #: they are known never does).
+    upstream: Upstream
+    client: ClientEnd
+
     def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext,
-                 waiter, token) -> None:
+                 waiter: Any, token: Any) -> None:
         self.proxy = proxy
         self.request = request
         self.context = context
         self.started = proxy.reactor.seconds()
         self.endpoint: Endpoint | None = None
-        self.upstream: Upstream | None = None
         #: The attempt under way (ClientEnd.send), while its outcome is awaited.
         self.attempt: Attempt | None = None
         self.response: Response | None = None
-        self.timer = None
+        self.timer: IDelayedCall | None = None
         self.status = 0
         self.head_latency: float | None = None
         self.latency_seen = False
@@ -229,7 +236,6 @@ class _Exchange:
         self.waiter = waiter
         self.token = token
         self.delivered = False
-        self.client: ClientEnd | None = None
         #: The request body's tee when the request may be retried (retry.py).
         self.replay: Replay | EmptyReplay | None = None
         self.retries = 0
@@ -249,7 +255,7 @@ class _Exchange:
         if dropped:   # one rule for every request, whatever protocol it came in
             proxy.metrics.http_errors_total.labels(
                 DIRECTION, listener_name, UNDERSCORE_FIELD_REASON).inc(dropped)
-        table = cast("_RouteTable | None", context.routes)
+        table: Any = context.routes   # RequestContext types it object (exchange/ cannot name it)
         if table is None:   # once per connection (its listener's routes)
             table = context.routes = proxy.route_table(listener)
         table.forwarded.apply_to(head, context.connection)  # the client's address (one rule)
@@ -260,12 +266,13 @@ class _Exchange:
         labels.requests.n += 1
         self.grpc = head.is_grpc
         refused = identify_client(head, context.connection)  # mTLS: l5d-client-id, allow
-        upstream = self.upstream = proxy.upstreams.get(service) if refused is None else None
+        upstream = proxy.upstreams.get(service) if refused is None else None
         if proxy.tap_start is not None:
             proxy.tap_start.started(self)
         if upstream is None:  # refused (config validation names every service)
-            self._fail(refused or ProxyError.unavailable("unknown service"))
+            self._fail(refused or ProxyError.unavailable("unknown service"), named=False)
             return
+        self.upstream = upstream
         config = upstream.config
         limit = config.max_pending_requests
         if limit and upstream.pending >= limit:
@@ -287,10 +294,11 @@ class _Exchange:
         protocol = config.protocol or context.protocol
         if getattr(self.request, "upgrade", None) is not None and config.protocol != "h2":
             protocol = "http1"  # Upgrade and CONNECT tunnels are HTTP/1 only
-        client = self.client = proxy.clients.get(protocol)
+        client = proxy.clients.get(protocol)
         if client is None:
             self._fail(ProxyError.bad_gateway(f"no {protocol} client"))
             return
+        self.client = client
         upstream.deposit()  # an original request earns the retry budget
         if config.retry_limit and retryable(self.request, config.retry_max_body,
                                             route is not None and route.retryable):
@@ -311,7 +319,7 @@ class _Exchange:
         """One attempt (the first, or a retry) to ``endpoint``."""
         self.endpoint = endpoint
         endpoint.begin()
-        connection = self.context.connection
+        connection: Any = self.context.connection
         if connection is not None:
             connection.endpoint = endpoint.label
         request = self.request
@@ -403,7 +411,8 @@ class _Exchange:
         self._first_byte()
         response = self.response
         status = self.status
-        grpc_status = grpc.status_text(trailers, response.head.headers)
+        headers = response.head.headers if response is not None else []
+        grpc_status = grpc.status_text(trailers, headers)
         if reason is not None:
             error = "cancelled" if isinstance(reason, ConnectionAbortedError) else "stream"
             failed = True
@@ -421,7 +430,7 @@ class _Exchange:
             tap.ended(self, status, grpc_status, error)
         self._release(self.head_latency, endpoint_ok)
         self._leave()
-        if getattr(self.context.listener.config, "access_log", False):
+        if self.context.listener.config.access_log:
             self._log_access(status)
 
     def _upstream_failed(self, failure: Failure) -> None:
@@ -430,8 +439,9 @@ class _Exchange:
             return
         # No response head yet: a connect failure or a reset. Another
         # endpoint may serve it, if the request can be sent again.
-        request_fault = failure.check(ProxyError) and failure.value.status < 500
-        if not request_fault and self._retry(None, isinstance(failure.value, NotPlacedError)):
+        error = failure.value
+        request_fault = isinstance(error, ProxyError) and error.status < 500
+        if not request_fault and self._retry(None, isinstance(error, NotPlacedError)):
             return
         self._fail(as_proxy_error(failure))
 
@@ -444,13 +454,14 @@ class _Exchange:
         if attempt is not None:
             attempt.cancel()
 
-    def _fail(self, err: ProxyError) -> None:
-        """Answer ``err``, named (errors.py), and count it. A 5xx goes to the
-        codec end as a response (``error_response``: a text body if the
-        client reads text); a request fault (4xx) as a failure with ``err``
-        (the codec end may close the connection)."""
-        upstream = self.upstream
-        if upstream is not None:
+    def _fail(self, err: ProxyError, named: bool = True) -> None:
+        """Answer ``err``, named (errors.py; not when no service was routed to),
+        and count it. A 5xx goes to the codec end as a response
+        (``error_response``: a text body if the client reads text); a
+        request fault (4xx) as a failure with ``err`` (the codec end may
+        close the connection)."""
+        if named:
+            upstream = self.upstream
             name_error(err, upstream, self.endpoint)
             if err.status >= 500 and err.reason != LOAD_SHED:
                 note_health(upstream, True, err.message, self.proxy.reactor.seconds())
@@ -469,7 +480,7 @@ class _Exchange:
                       str(err.grpc_status) if self.grpc else "", err.reason)
         self._release(None, False)
         self._leave()
-        if getattr(self.context.listener.config, "access_log", False):
+        if self.context.listener.config.access_log:
             self._log_access(err.status, err.reason)
         if err.status >= 500 and self.waiter is not None:
             self._deliver(error_response(err, self.grpc, accepts_text(self.request.head)), None)

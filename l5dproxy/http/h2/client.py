@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
     from l5dproxy.config.model import Target
+    from l5dproxy.telemetry import TcpSideMetrics
 
 log = Logger()
 
@@ -97,8 +98,9 @@ class PoolSide(Protocol):
     def lost(self, conn: H2ClientProtocol) -> None:
         """``conn`` closed."""
 
-    def submit(self, pending: AttemptSide) -> None:
-        """Carry ``pending`` on another connection (or queue it)."""
+    def submit(self, pending: Any) -> None:
+        """Carry ``pending`` (an attempt this pool started on the
+        connection: ``pool.H2Attempt``) on another connection (or queue it)."""
 
 
 class H2ClientProtocol(H2Protocol):
@@ -115,7 +117,7 @@ class H2ClientProtocol(H2Protocol):
         self.streams_started = 0
         #: (pending, response) received in this read, passed on at its end.
         self._responses: list[tuple[AttemptSide, Response]] = []
-        self.dst = None
+        self.dst: TcpSideMetrics | None = None
         self.connected_at = 0.0
         #: The idle deadline's timer (while no stream is open) and when the
         #: last stream ended.
@@ -124,8 +126,9 @@ class H2ClientProtocol(H2Protocol):
 
     def connectionMade(self) -> None:
         s = self.pool.client.settings
+        checks: dict[str, Any] = _H2_CONFIG   # h2's own header checks: off (translate.py)
         h2 = ProxyH2Connection(H2Configuration(
-            client_side=True, header_encoding=None, **_H2_CONFIG), closed_streams_kept(s))
+            client_side=True, header_encoding=None, **checks), closed_streams_kept(s))
         h2.local_settings = Settings(client=True, initial_values={
             SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
@@ -139,12 +142,13 @@ class H2ClientProtocol(H2Protocol):
         self._new_budget(s, client.reactor)
         if client.metrics is not None:
             # Shared by every listener that routes here: no listener label.
-            self.dst = client.metrics.tcp_side("dst", "", self.pool.target.service, "h2",
-                                               self.pool.label)
-            self.dst.opened()
+            dst = self.dst = client.metrics.tcp_side("dst", "", self.pool.target.service, "h2",
+                                                     self.pool.label)
+            dst.opened()
         self.connected_at = client.reactor.seconds()
-        set_no_delay(self.transport)
-        self.transport.registerProducer(self, True)
+        transport: Any = self.transport   # a TCP transport: ITCPTransport and IConsumer
+        set_no_delay(transport)
+        transport.registerProducer(self, True)
         self._start_writing()
         self.pool.connected(self)
         self._write()
@@ -165,7 +169,7 @@ class H2ClientProtocol(H2Protocol):
             self.dst.read_bytes.inc(len(data))
         self._receive(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self.lost_reason = reason
         timer, self._idle_timer = self._idle_timer, None

@@ -212,6 +212,7 @@ class _EndpointPool:
     def _waited_too_long(self, pending: H2Attempt) -> None:
         pending.timer = None
         self.unqueue(pending)
+        error: ProxyError
         if self._refusing():
             error = ProxyError.not_placed(f"endpoint {self.label} accepts no streams")
         elif self.connecting:

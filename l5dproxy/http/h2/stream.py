@@ -69,7 +69,7 @@ class Stream:
         self.reset = False
         #: server: the dispatch (an exchange or a Deferred: cancel() gives it
         #: up); client: the _Pending told of the response.
-        self.deferred = None
+        self.deferred: Any = None   # server: the exchange; client: the attempt waiting
         self.grpc = False
         self.pending: Any = None          # client: the request it carries (pool._Pending)
 
