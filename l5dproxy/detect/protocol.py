@@ -11,30 +11,33 @@ forwarder.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IProtocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy.detect.sniff import Verdict, ended, sniff, timed_out
 
 if TYPE_CHECKING:
-    from l5dproxy.net.connection import InboundConnection
+    from l5dproxy.net.connection import InboundConnection, IStreamTransport
 
 
 @implementer(IHalfCloseableProtocol)
 class DetectProtocol(Protocol):
     """Buffers the first bytes of one connection until its protocol is known."""
 
+    transport: IStreamTransport
+
     def __init__(self, conn: InboundConnection) -> None:
         self.conn = conn
         listener = conn.listener
         self.peek_limit = listener.detect.peek_limit
         self.buffer = b""
-        self.next_protocol = None
-        self._timer = listener.clock.callLater(listener.detect.timeout, self._timed_out)
+        self.next_protocol: IProtocol | None = None
+        self._timer: IDelayedCall | None = listener.clock.callLater(
+            listener.detect.timeout, self._timed_out)
         # The client-silence window: see l5dproxy.detect.serverfirst.
         server_first = getattr(listener, "server_first", None)
         self.early = server_first.watch(self) if server_first is not None else None
@@ -70,7 +73,7 @@ class DetectProtocol(Protocol):
         if half_closeable is not None:
             half_closeable.writeConnectionLost()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.next_protocol is not None:
             self.next_protocol.connectionLost(reason)
             return
@@ -110,8 +113,11 @@ class DetectProtocol(Protocol):
             self.early.hand_to(protocol)  # adopted by the protocol, or closed
         transport = self.transport
         buffered, self.buffer = self.buffer, b""
-        if getattr(transport, "protocol", None) is self:
-            transport.protocol = protocol
+        # Twisted's TCP transport reads its protocol from this attribute on
+        # each read (tests/test_library_internals.py); no interface has it.
+        switchable: Any = transport
+        if getattr(switchable, "protocol", None) is self:
+            switchable.protocol = protocol
         self.next_protocol = protocol
         protocol.makeConnection(transport)
         if buffered:

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import NotConnectingError
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.internet.interfaces import IConnector, IDelayedCall, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from l5dproxy.accept.listener import Listener
     from l5dproxy.balance.backends import Endpoint
     from l5dproxy.detect.protocol import DetectProtocol
-    from l5dproxy.net.connection import InboundConnection
+    from l5dproxy.net.connection import InboundConnection, IStreamTransport
 
 log = Logger()
 
@@ -243,14 +243,15 @@ class EarlyConnect:
         self.listener = listener
         self.state = _WAITING
         self.endpoint: Endpoint | None = None
-        self.connector = None
+        self.connector: IConnector | None = None
         self.protocol: _EarlyProtocol | None = None
         self.server_bytes: list[bytes] = []
         self.adopter = None
         self._adopter_protocol: Protocol | None = None
         #: Counted in ``server_first.held`` (being made or held unadopted).
         self.counted = False
-        self.timer = listener.clock.callLater(server_first.client_silence, self._silence)
+        self.timer: IDelayedCall | None = listener.clock.callLater(
+            server_first.client_silence, self._silence)
 
     # -- from the detect protocol --
 
@@ -283,11 +284,13 @@ class EarlyConnect:
         self._uncount()
         state, self.state = self.state, _DONE
         if state == _CONNECTING:
-            with contextlib.suppress(NotConnectingError):
-                self.connector.stopConnecting()  # -> _failed, a no-op now
+            if self.connector is not None:
+                with contextlib.suppress(NotConnectingError):
+                    self.connector.stopConnecting()  # -> _failed, a no-op now
             self._release(success=None)  # given up, not failed: no accrual verdict
         elif state == _CONNECTED:
-            self.protocol.transport.loseConnection()
+            if self.protocol is not None:  # always, once _CONNECTED
+                self.protocol.transport.loseConnection()
             self._release(success=True)  # the endpoint did answer
 
     # -- from the adopter (the TCP relay) --
@@ -370,7 +373,7 @@ class EarlyConnect:
         if self.state != _CONNECTED:
             return
         detect = self.detect
-        if not detect.buffer:
+        if not detect.buffer and self.endpoint is not None:  # held while _CONNECTED
             upstream = self.listener.upstream
             self.server_first.memory.learn(upstream.name, self.endpoint.label, upstream.config)
             log.info("{service} endpoint {endpoint} speaks first: relaying as opaque TCP",
@@ -384,7 +387,7 @@ class EarlyConnect:
             adopter, self.adopter, self._adopter_protocol = self.adopter, None, None
             adopter.upstream_failed(reason)  # the adopter owns the endpoint now
             return
-        if state == _CONNECTING:
+        if state == _CONNECTING and self.endpoint is not None:  # held while _CONNECTING
             upstream = self.listener.upstream
             self.listener.metrics.connect_errors_total.labels(
                 upstream.name, self.endpoint.label, errno_name(reason) or "closed").inc()
@@ -407,10 +410,15 @@ class EarlyConnect:
 
     def _switch(self, protocol: Protocol) -> None:
         early = self.protocol
+        if early is None:  # called from _connected, which has set it
+            return
         transport = early.transport
-        if getattr(transport, "protocol", None) is early:
-            transport.protocol = protocol
+        # Twisted's TCP transport reads its protocol from this attribute on
+        # each read (tests/test_library_internals.py); no interface has it.
         early.forward_to = protocol
+        switchable: Any = transport
+        if getattr(switchable, "protocol", None) is early:
+            switchable.protocol = protocol
         protocol.makeConnection(transport)
         pending, self.server_bytes = self.server_bytes, []
         for data in pending:
@@ -426,6 +434,8 @@ class _EarlyProtocol(Protocol):
     """The early connection's protocol until an adopter takes over; where the
     transport cannot switch protocols it stays as a forwarder."""
 
+    transport: IStreamTransport
+
     def __init__(self, early: EarlyConnect) -> None:
         self.early = early
         self.forward_to: Protocol | None = None
@@ -439,7 +449,7 @@ class _EarlyProtocol(Protocol):
         else:
             self.early._server_data(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.forward_to is not None:
             self.forward_to.connectionLost(reason)
         else:
