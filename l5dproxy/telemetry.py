@@ -43,7 +43,12 @@ LATENCY_MS_BUCKETS = (
 DETECT_SECONDS_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30)
 
 TCP_LABELS = ("direction", "peer", "listener", "service", "protocol", "target_addr")
-HTTP_LABELS = ("direction", "listener", "service", "authority", "protocol")
+#: ``tls``, ``client_id`` and ``no_tls_reason`` as Linkerd's inbound proxy
+#: labels them: ``tls="true"`` and the client's verified identity (empty
+#: without a client certificate) on a terminated connection, else
+#: ``tls="no_identity", no_tls_reason="no_tls_from_remote"``.
+HTTP_LABELS = ("direction", "listener", "service", "authority", "protocol", "tls", "client_id",
+               "no_tls_reason")
 
 
 class Metrics:

@@ -177,7 +177,7 @@ class TerminationTests(unittest.TestCase):
         # No client certificate: the forged identity is removed, none added.
         self.assertEqual(json.loads(body), {"path": "/two", "client_id": []})
         self.assertEqual(self.proxy.metric_value("request_total", listener="in",
-                                                 protocol="h2"), 1)
+                                                 protocol="h2", tls="true", client_id=""), 1)
 
     def test_s_client_picks_the_certificate_by_sni(self) -> None:
         for sni, expected in (("a.example.com", ["a.example.com", "localhost"]),
@@ -287,6 +287,9 @@ class MutualTlsTests(unittest.TestCase):
             self.assertEqual(figures, f"200 {shown}")
             self.assertEqual(json.loads(body), {"path": "/who", "client_id": [WEB_ID]})
         self.proxy.wait_log(rf"tls=TLSv1\.3 alpn=h2 client_id={re.escape(WEB_ID)} spliced=no")
+        # Linkerd's labels: tls="true" and the client's identity.
+        self.assertEqual(self.proxy.metric_value(
+            "request_total", listener="in", tls="true", client_id=WEB_ID, no_tls_reason=""), 2)
 
     def test_identity_outside_allow_is_refused(self) -> None:
         for version in ("--http1.1", "--http2"):

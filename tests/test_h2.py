@@ -1574,6 +1574,7 @@ class DispatcherGrpcTests(SynchronousTestCase):
         return self.metrics.registry.get_sample_value("response_total", {
             "direction": "inbound", "listener": "in", "service": "app", "authority": "other",
             "protocol": "h2", "status_code": status_code, "grpc_status": grpc_status,
+            "tls": "no_identity", "client_id": "", "no_tls_reason": "no_tls_from_remote",
             "classification": classification, "error": error})
 
     def test_failure_set(self) -> None:

@@ -70,3 +70,37 @@ class LeanTests(TestCase):
         path = self.mktemp()
         os.makedirs(path)
         return path
+
+
+SNI = PLAIN.replace(b"[service.app]", b'[[listener.route]]\nsni = "db.*"\nservice = "db"\n'
+                    b'[service.db]\nendpoints = ["127.0.0.1:5432"]\n[service.app]')
+
+
+class LeanServiceTests(TestCase):
+    """The running service, not only the config, keeps OpenSSL out: TLS
+    termination (app/tlsterm.py, l5dproxy.tls) is imported only for a config
+    with [listener.tls]; SNI passthrough (tcp/sni.py) needs no OpenSSL."""
+
+    def test_sni_routes_without_openssl(self) -> None:
+        tmp = self.mktemp()
+        os.makedirs(tmp)
+        path = os.path.join(tmp, "c.toml")
+        with open(path, "wb") as f:
+            f.write(SNI)
+        code = textwrap.dedent(f"""
+            import sys
+            from l5dproxy.app import lean
+            print("blocked" if lean.skip_openssl_unless_needed({path!r}) else "allowed")
+            from twisted.internet import reactor
+            from l5dproxy.app.service import ProxyService
+            from l5dproxy.config.parse import load
+            service = ProxyService(load({path!r}), reactor)
+            print("tls" in service.listeners[0].handlers)
+            print(sorted(m for m in sys.modules
+                         if m.split(".")[0] in ("OpenSSL", "cryptography", "service_identity")
+                         or m in ("l5dproxy.tls.server", "l5dproxy.tls.certs",
+                                  "l5dproxy.app.tlsterm", "l5dproxy.detect.terminate")))
+        """)
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertEqual(done.stdout.splitlines(), ["blocked", "True", "[]"])

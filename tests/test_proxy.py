@@ -22,7 +22,7 @@ from l5dproxy.exchange.message import (
 )
 from l5dproxy.route import dispatcher
 from l5dproxy.route.dispatcher import HttpProxy, as_proxy_error
-from l5dproxy.route.labels import MAX_CACHED_CHILDREN
+from l5dproxy.route.labels import MAX_CACHED_CHILDREN, NO_TLS
 from l5dproxy.telemetry import Metrics
 from tests.fakes import FakeClient, FakeConnection, FakeListener, dispatch
 
@@ -65,7 +65,8 @@ class DispatcherTests(SynchronousTestCase):
         return request, dispatch(self.proxy, request, context)
 
     def value(self, name, **labels):
-        base = {"direction": "inbound", "listener": "in", "protocol": "http1"}
+        base = {"direction": "inbound", "listener": "in", "protocol": "http1",
+                "tls": "no_identity", "client_id": "", "no_tls_reason": "no_tls_from_remote"}
         return sample(self.metrics.registry, name, **{**base, **labels})
 
     def test_default_service(self) -> None:
@@ -269,7 +270,7 @@ class LabelBoundTests(SynchronousTestCase):
             labels = self.proxy.labels("in", "app", "other", protocol)
             labels.requests.inc()
         self.assertLessEqual(len(self.proxy._labels), 2)
-        self.assertIn(("in", "app", "other", "grpc"), self.proxy._labels)
+        self.assertIn(("in", "app", "other", "grpc", *NO_TLS), self.proxy._labels)
         for protocol in ("http1", "h2", "grpc"):
             self.assertEqual(self.value("request_total", listener="in", service="app",
                                         authority="other", protocol=protocol), 1)

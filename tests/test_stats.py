@@ -52,7 +52,7 @@ class QuantileTests(SynchronousTestCase):
         clock = Clock()
         clock.advance(1000)
         stats = Stats(metrics.registry, clock, dict, lambda: [("in", "x:1", "app")])
-        labels = ("inbound", "in", "app", "a", "http1")
+        labels = ("inbound", "in", "app", "a", "http1", "no_identity", "", "no_tls_from_remote")
         requests = metrics.request_total.labels(*labels)
         ok = metrics.response_total.labels(*labels, "200", "", "success", "")
         bad = metrics.response_total.labels(*labels, "502", "", "failure", "refused")

@@ -35,12 +35,13 @@ class PendingTests(SynchronousTestCase):
 
     def test_scrape_text_sees_pending(self) -> None:
         child = PendingCount(self.metrics.request_total.labels(
-            "inbound", "in", "app", "a", "http1"))
+            "inbound", "in", "app", "a", "http1", "true", "web", ""))
         self.metrics.flushers.add(child)
         child.inc()
         child.inc(2)
-        self.assertIn(b'request_total{authority="a",direction="inbound",listener="in",'
-                      b'protocol="http1",service="app"} 3.0',
+        self.assertIn(b'request_total{authority="a",client_id="web",direction="inbound",'
+                      b'listener="in",no_tls_reason="",protocol="http1",service="app",'
+                      b'tls="true"} 3.0',
                       generate_latest(self.metrics.registry))
 
     def test_histogram_matches_observe(self) -> None:

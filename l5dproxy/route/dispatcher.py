@@ -69,7 +69,7 @@ from l5dproxy.exchange.message import (
 from l5dproxy.route import classify as grpc
 from l5dproxy.route.errors import LOAD_SHED, as_proxy_error, name_error, note_health
 from l5dproxy.route.forwarded import ForwardedRule
-from l5dproxy.route.labels import OTHER, Labels
+from l5dproxy.route.labels import NO_TLS, OTHER, Labels, tls_labels
 from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
 
@@ -102,7 +102,7 @@ class HttpProxy:
         self.clients: dict[str, ClientEnd] = dict(clients or {})
         #: Compiled routes by listener; weak, so listeners a reload replaced go.
         self._routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._labels: dict[tuple[str, str, str, str], Labels] = {}
+        self._labels: dict[tuple[str, ...], Labels] = {}
         #: The tap (l5dproxy.app.tap.TapHub) while anyone watches, else None;
         #: ``tap_start`` while anyone wants request-start events too.
         self.tap = None
@@ -128,10 +128,11 @@ class HttpProxy:
             table = self._routes[listener] = _RouteTable(listener.config)
         return table
 
-    def labels(self, listener: str, service: str, authority: str, protocol: str) -> Labels:
+    def labels(self, listener: str, service: str, authority: str, protocol: str,
+               tls: tuple[str, str, str] = NO_TLS) -> Labels:
         """The children of one label set; ``authority`` is already a label
         value (``_RouteTable.authority_label``), never a raw authority."""
-        key = (listener, service, authority, protocol)
+        key = (listener, service, authority, protocol, *tls)
         labels = self._labels.get(key)
         if labels is None:
             if len(self._labels) >= MAX_CACHED_LABEL_SETS:
@@ -139,8 +140,7 @@ class HttpProxy:
                     dropped.flush()
                     self.metrics.flushers.discard(dropped)
                 self._labels.clear()
-            labels = self._labels[key] = Labels(
-                self.metrics, (DIRECTION, listener, service, authority, protocol))
+            labels = self._labels[key] = Labels(self.metrics, (DIRECTION, *key))
             self.metrics.flushers.add(labels)
         return labels
 
@@ -262,7 +262,7 @@ class _Exchange:
         service, route = table.match_route(head.authority, head.target)
         labels = self.labels = proxy.labels(listener_name, service,
                                             table.authority_label(head.authority),
-                                            context.protocol)
+                                            context.protocol, tls_labels(context.connection))
         labels.requests.n += 1
         self.grpc = head.is_grpc
         refused = identify_client(head, context.connection)  # mTLS: l5d-client-id, allow

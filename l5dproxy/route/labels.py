@@ -29,6 +29,21 @@ MAX_CACHED_CHILDREN = 256
 OTHER = "other"
 
 
+#: The tls labels of a plaintext connection (Linkerd's names).
+NO_TLS = ("no_identity", "", "no_tls_from_remote")
+
+
+def tls_labels(connection: object) -> tuple[str, str, str]:
+    """``(tls, client_id, no_tls_reason)`` of a request's connection: TLS
+    terminated by the proxy (``connection.tls``, l5dproxy.detect.terminate)
+    gives ``("true", IDENTITY or "", "")``, anything else ``NO_TLS``. The
+    identity is a verified certificate's, so its values are bounded by the
+    identities a CA issued and ``allow`` admits."""
+    if getattr(connection, "tls", None) is None:
+        return NO_TLS
+    return ("true", getattr(connection, "client_id", None) or "", "")
+
+
 def status_label(status: int) -> str:
     """The ``status_code`` label: the status when it is a valid one
     (100-599, RFC 9110 15), else ``other``."""
@@ -46,7 +61,8 @@ def grpc_status_label(grpc_status: str) -> str:
 
 class Labels:
     """The labelled metric children of one (listener, service, authority,
-    protocol), counted in ints until the registry is collected (telemetry)."""
+    protocol, tls, client_id, no_tls_reason), counted in ints until the
+    registry is collected (telemetry)."""
 
     __slots__ = ("_latency", "_responses", "labels", "metrics", "requests")
 
