@@ -168,7 +168,6 @@ KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
     ("l5dproxy/http/h2/server.py", "listener.name"): 2,
     ("l5dproxy/http/h2/server.py", "self.conn.listener.clock"): 1,
     ("l5dproxy/http/h2/server.py", "self.conn.listener.metrics"): 1,
-    ("l5dproxy/http/h2/server.py", "self.conn.listener.reactor"): 5,
     ("l5dproxy/route/dispatcher.py", "listener.config"): 1,
     ("l5dproxy/route/dispatcher.py", "listener.name"): 1,
     ("l5dproxy/route/dispatcher.py", "self.context.listener.config"): 2,

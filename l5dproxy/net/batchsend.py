@@ -25,7 +25,15 @@ other transport (``StringTransport`` in tests, a TLS wrapper) gets
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from twisted.internet import tcp
+
+
+class Flushable(Protocol):
+    """What a batch sends at the end of the turn: ``flush()`` writes what it queued."""
+
+    def flush(self) -> None: ...
 
 
 class _Batch:
@@ -33,10 +41,10 @@ class _Batch:
 
     def __init__(self, reactor) -> None:
         self.reactor = reactor
-        self.pending: list[BatchSender] = []
+        self.pending: list[Flushable] = []
         self.call = None
 
-    def add(self, sender: BatchSender) -> None:
+    def add(self, sender: Flushable) -> None:
         self.pending.append(sender)
         if self.call is None:
             self.call = self.reactor.callLater(0, self.flush)

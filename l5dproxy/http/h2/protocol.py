@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -56,10 +56,11 @@ from zope.interface import implementer
 
 from l5dproxy.exchange.message import Body, BodyLengthError, Headers, ProxyError
 from l5dproxy.http.h2.abuse import AbuseBudget
-from l5dproxy.http.h2.connection import H2Settings, StreamResetError
+from l5dproxy.http.h2.connection import H2Settings, ProxyH2Connection, StreamResetError
 from l5dproxy.http.h2.stream import OUT_LOW_WATER, Stream
 from l5dproxy.http.h2.translate import MalformedError, h2_trailers, trailers_from_h2
 from l5dproxy.net.batchsend import BatchSender
+from l5dproxy.net.connection import IStreamTransport
 from l5dproxy.net.writebound import WriteBound
 
 log = Logger()
@@ -75,7 +76,10 @@ class H2Protocol(Protocol):
     """What the server and client ends share: the h2 connection, writing,
     sending bodies within the windows, acknowledging what was consumed."""
 
-    h2: H2Connection
+    h2: ProxyH2Connection
+    transport: IStreamTransport
+    #: What we have queued for a peer that does not read (set at connectionMade).
+    _bound: WriteBound
 
     def __init__(self) -> None:
         self.streams: dict[int, Stream] = {}
@@ -92,8 +96,6 @@ class H2Protocol(Protocol):
         self._acks: dict[int, int] = {}
         #: What the peer has made us do for nothing (set at connectionMade).
         self.budget: AbuseBudget | None = None
-        #: What we have queued for a peer that does not read (_start_writing).
-        self._bound: WriteBound | None = None
 
     # -- writing --
 
@@ -108,11 +110,12 @@ class H2Protocol(Protocol):
     def _write(self) -> None:
         """h2 has frames to send: now, or (plain TCP) at the end of this
         reactor turn, together with whatever the rest of the turn adds."""
-        if self._sender is None:
+        batch = self._sender.batch if self._sender is not None else None
+        if batch is None:
             self._flush_now()
         elif not self._flush_queued:
             self._flush_queued = True
-            self._sender.batch.add(self)
+            batch.add(self)
 
     def flush(self) -> None:
         """The end of the reactor turn (batchsend): send what h2 queued."""
@@ -178,7 +181,8 @@ class H2Protocol(Protocol):
             self._outbound_done(stream)
         elif stream.out_paused and stream.out_queued < OUT_LOW_WATER:
             stream.out_paused = False
-            stream.out_body.resume()
+            if stream.out_body is not None:
+                stream.out_body.resume()
 
     def _send_frames(self, stream: Stream) -> bool:
         """The h2 side of ``send_stream``; True once the stream's end is sent."""
@@ -406,7 +410,7 @@ class H2Protocol(Protocol):
                 self._send_acks()
         budget = self.budget
         if budget is not None and budget.exceeded and not self._lost:
-            self._enhance_your_calm()
+            self._enhance_your_calm(budget)
             return
         self._write()
 
@@ -470,13 +474,13 @@ class H2Protocol(Protocol):
                                   clock)
         self.h2.budget = self.budget
 
-    def _enhance_your_calm(self) -> None:
+    def _enhance_your_calm(self, budget: AbuseBudget) -> None:
         """The peer crossed its ``AbuseBudget``: GOAWAY(ENHANCE_YOUR_CALM),
         every stream ends (its upstream work cancelled), and the connection
         closes (RFC 9113 5.4.1; Envoy, nginx and Linkerd do the same)."""
-        kind = self.budget.worst()
+        kind = budget.worst()
         log.info("h2 peer {peer} crossed its abuse budget ({spent}): GOAWAY ENHANCE_YOUR_CALM",
-                 peer=self._peer(), spent=self.budget.spent)
+                 peer=self._peer(), spent=budget.spent)
         self._count_abuse(kind)
         with suppress(ProtocolError):
             self.h2.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
@@ -20,6 +20,8 @@ from h2.events import RemoteSettingsChanged, RequestReceived
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -54,6 +56,7 @@ from l5dproxy.net.connection import set_no_delay
 
 if TYPE_CHECKING:
     from l5dproxy.exchange.contracts import Dispatcher
+    from l5dproxy.http.h2.abuse import AbuseBudget
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger()
@@ -77,6 +80,11 @@ def h2_handler(dispatcher: Dispatcher, settings: H2Settings | None = None,
 class H2ServerProtocol(H2Protocol):
     """Speaks HTTP/2 to one client: each stream becomes a dispatched Request."""
 
+    #: Made at connectionMade (``_new_budget``), before any frame is read.
+    budget: AbuseBudget
+    #: The listener's clock (timers, idleness), from connectionMade on.
+    _clock: IReactorTime
+
     def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
                  settings: H2Settings) -> None:
         super().__init__()
@@ -87,24 +95,25 @@ class H2ServerProtocol(H2Protocol):
         self.draining = False
         self._last_stream_id = 0
         self._how = "client closed"
-        self._linger_timer = None
+        self._linger_timer: IDelayedCall | None = None
         #: Until the client's SETTINGS: closes the connection (preface_timeout).
-        self._preface_timer = None
+        self._preface_timer: IDelayedCall | None = None
         #: Checks the connection for idleness every idle_timeout seconds;
         #: ``_idle_since``: when its last stream ended (or it opened).
-        self._idle_timer = None
+        self._idle_timer: IDelayedCall | None = None
         self._idle_since = 0.0
 
     def connectionMade(self) -> None:
         s = self.settings
-        reactor = self.conn.listener.reactor
+        clock = self._clock = self.conn.listener.clock
         if s.preface_timeout:
-            self._preface_timer = reactor.callLater(s.preface_timeout, self._preface_timed_out)
+            self._preface_timer = clock.callLater(s.preface_timeout, self._preface_timed_out)
         if s.idle_timeout:
-            self._idle_since = reactor.seconds()
-            self._idle_timer = reactor.callLater(s.idle_timeout, self._idle_check)
+            self._idle_since = clock.seconds()
+            self._idle_timer = clock.callLater(s.idle_timeout, self._idle_check)
+        checks: dict[str, Any] = _H2_CONFIG   # h2's own header checks: off (translate.py)
         h2 = ProxyH2Connection(H2Configuration(
-            client_side=False, header_encoding=None, **_H2_CONFIG), closed_streams_kept(s))
+            client_side=False, header_encoding=None, **checks), closed_streams_kept(s))
         advertised = {
             SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
             SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
@@ -122,7 +131,7 @@ class H2ServerProtocol(H2Protocol):
             **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAM_ID})
         h2.decoder.max_header_list_size = max(4 * s.max_header_list_size, 256 * 1024)
         self.h2 = h2
-        self._new_budget(s, self.conn.listener.clock)
+        self._new_budget(s, clock)
         set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
         self._start_writing()
@@ -157,7 +166,7 @@ class H2ServerProtocol(H2Protocol):
         self._how = "write buffer limit"
         super()._write_overflow()
 
-    def connectionLost(self, reason: Failure = None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._lost = True
         for timer in (self._linger_timer, self._preface_timer, self._idle_timer):
             if timer is not None and timer.active():
@@ -197,15 +206,15 @@ class H2ServerProtocol(H2Protocol):
         if self._lost:
             return
         timeout = self.settings.idle_timeout
-        reactor = self.conn.listener.reactor
+        clock = self._clock
         wait = timeout
         if not self.streams:
-            wait = self._idle_since + timeout - reactor.seconds()
+            wait = self._idle_since + timeout - clock.seconds()
             if wait <= 0:
                 self.draining = True
                 self._end("idle timeout", ErrorCodes.NO_ERROR)
                 return
-        self._idle_timer = reactor.callLater(wait, self._idle_check)
+        self._idle_timer = clock.callLater(wait, self._idle_check)
 
     def _end(self, how: str, code: ErrorCodes) -> None:
         """Close now with a GOAWAY carrying ``code`` (no stream is in flight
@@ -245,13 +254,14 @@ class H2ServerProtocol(H2Protocol):
         except (MalformedError, BodyLengthError) as e:
             self._count_error(e.reason)
             self.budget.spend("refused")
-            if getattr(e, "status", 400) != 400:   # well-formed, refused: answered
+            status = e.status if isinstance(e, MalformedError) else 400
+            if status != 400:   # well-formed, refused: answered
                 stream = self.streams[sid] = Stream(self, sid)
                 stream.in_body = Body.empty()
                 stream.in_discard = True
                 stream.in_done = ended
                 self._respond(stream, error_response(ProxyError.bad_request(
-                    e.reason, e.status), _is_grpc(headers)))
+                    e.reason, status), _is_grpc(headers)))
                 return
             with suppress(ProtocolError):
                 h2.reset_stream(sid, ErrorCodes.PROTOCOL_ERROR)
@@ -288,7 +298,7 @@ class H2ServerProtocol(H2Protocol):
             stream.deferred = None
             if stream.reset or self._lost:
                 return
-            if failure.check(ProxyError):
+            if isinstance(failure.value, ProxyError):
                 error = failure.value
             else:
                 log.failure("dispatch failed", failure)
@@ -375,9 +385,9 @@ class H2ServerProtocol(H2Protocol):
     def _stream_gone(self, stream: Stream) -> None:
         if not self.streams:
             if self._idle_timer is not None:
-                self._idle_since = self.conn.listener.reactor.seconds()
+                self._idle_since = self._clock.seconds()
             if self.draining and not self._lost:
-                self.conn.listener.reactor.callLater(0, self._close)
+                self._clock.callLater(0, self._close)
 
     # -- ending the connection --
 
@@ -424,5 +434,5 @@ class H2ServerProtocol(H2Protocol):
             transport.loseConnection()
             return
         close_write()
-        self._linger_timer = self.conn.listener.reactor.callLater(
+        self._linger_timer = self._clock.callLater(
             LINGER_SECONDS, transport.abortConnection)

@@ -101,7 +101,8 @@ class Stream:
         # else: the body is being attached (_start_outbound), which sends it
         if self.out_queued > OUT_HIGH_WATER and not self.out_paused and not self.reset:
             self.out_paused = True
-            self.out_body.pause()
+            if self.out_body is not None:  # attached before any of its data comes
+                self.out_body.pause()
 
     def body_end(self, trailers: Headers | None) -> None:
         if self.reset or self.out_done:
