@@ -302,6 +302,29 @@ class MutualTlsTests(unittest.TestCase):
                                                  status_code="403"), 2)
         self.proxy.wait_log(rf"client_id={re.escape(DB_ID)} unauthorized spliced=no")
 
+    def test_plaintext_is_refused_on_an_mtls_listener(self) -> None:
+        # Red-team finding: plaintext HTTP/1, h2 (prior knowledge) and opaque
+        # bytes sent to a client_ca listener were proxied with no identity,
+        # past allow. They are refused as a client allow refuses is.
+        tool = require_tool("curl")
+        for version, shown in (("--http1.1", "1.1"), ("--http2-prior-knowledge", "2")):
+            result = subprocess.run(
+                [tool, "-sS", "-i", "--max-time", "20", version, "-H",
+                 f"l5d-client-id: {WEB_ID}", "-w", "\n%{http_code} %{http_version}",
+                 f"http://127.0.0.1:{self.port}/who"],
+                capture_output=True, text=True, timeout=30)
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assertTrue(result.stdout.endswith(f"\n403 {shown}"), result.stdout)
+            self.assertRegex(result.stdout, r"(?im)^l5d-proxy-error: unauthorized\r?$")
+            self.assertNotIn("client_id", result.stdout)   # the app never answered
+        with socket.create_connection(("127.0.0.1", self.port), timeout=20) as sock:
+            sock.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+            self.assertEqual(sock.recv(100), b"")           # closed, nothing relayed
+        self.proxy.wait_log(r"protocol=opaque .*end=unauthorized")
+        for protocol in ("http1", "h2", "opaque"):
+            self.assertEqual(self.proxy.metric_value(
+                "authz_denied_total", listener="in", protocol=protocol), 1)
+
     def test_no_client_certificate_fails_the_handshake(self) -> None:
         code, _, _ = curl(self.port, "a.example.com", cafile=self.certs.ca_path)
         self.assertNotEqual(code, 0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from l5dproxy.config.model import DetectConfig, ListenerConfig, ListenerTlsConfig
-from l5dproxy.detect.terminate import Handler, tls_handler
+from l5dproxy.detect.terminate import Handler, plaintext_refused, tls_handler
 from l5dproxy.telemetry import Metrics
 from l5dproxy.tls.certs import CertificateError, CertificateStore
 from l5dproxy.tls.server import ServerContexts, ServerSettings
@@ -78,6 +78,8 @@ class Terminations:
         terminating["tls"] = tls_handler(
             contexts, handlers, self.reactor, self.metrics, lc.name,
             tls.handshake_timeout, tls.allow, detect.peek_limit, detect.timeout)
+        if tls.client_ca is not None:   # mTLS required: no plaintext past it
+            terminating.update(plaintext_refused(handlers, self.metrics, lc.name))
         return terminating
 
     def changed(self) -> bool:

@@ -74,11 +74,7 @@ def tls_handler(contexts: ServerContexts, handlers: Mapping[str, Handler],
             return InnerDetect(conn, _speak, clock, peek_limit, detect_timeout)
 
         def _speak(conn: InboundConnection, protocol: str) -> IProtocol:
-            if not conn.authorized:  # counted once per connection
-                metrics.authz_denied_total.labels(listener, protocol).inc()
-                if protocol not in ("h2", "http1"):
-                    return _Refused(conn)
-            return handlers.get(protocol, relay_handler)(conn)
+            return _speak_or_refuse(conn, protocol, handlers, metrics, listener)
 
         def on_lost(reason: Failure, how: str) -> None:
             conn.closed(reason, how)
@@ -86,6 +82,38 @@ def tls_handler(contexts: ServerContexts, handlers: Mapping[str, Handler],
         return terminate(factory, on_handshake, on_lost, clock, handshake_timeout)
 
     return handler
+
+
+def _speak_or_refuse(conn: InboundConnection, protocol: str,
+                     handlers: Mapping[str, Handler], metrics: Metrics,
+                     listener: str) -> IProtocol:
+    """The protocol speaking ``protocol`` for ``conn``; a refused client
+    (``conn.authorized`` false) is counted once in
+    ``authz_denied_total{listener, protocol}``, and its opaque stream is
+    closed (its HTTP requests are answered 403 by the dispatcher)."""
+    if not conn.authorized:  # counted once per connection
+        metrics.authz_denied_total.labels(listener, protocol).inc()
+        if protocol not in ("h2", "http1"):
+            return _Refused(conn)
+    return handlers.get(protocol, relay_handler)(conn)
+
+
+def plaintext_refused(handlers: Mapping[str, Handler], metrics: Metrics,
+                      listener: str) -> dict[str, Handler]:
+    """The handlers of the plaintext verdicts (``h2``, ``http1``, ``opaque``)
+    on a listener whose ``[listener.tls]`` has ``client_ca``: a client
+    certificate is required there, and a connection without TLS has none, so
+    it is refused as a client ``allow`` refuses is (HTTP: each request 403
+    ``l5d-proxy-error: unauthorized``; opaque: closed; counted in
+    ``authz_denied_total``). Without this, plaintext sent to an mTLS port
+    would be proxied with no identity, past ``allow`` (Linkerd's
+    ``all-authenticated`` policy likewise refuses plaintext)."""
+    def refusing(protocol: str) -> Handler:
+        def handler(conn: InboundConnection) -> IProtocol:
+            conn.authorized = False
+            return _speak_or_refuse(conn, protocol, handlers, metrics, listener)
+        return handler
+    return {protocol: refusing(protocol) for protocol in ("h2", "http1", "opaque")}
 
 
 class _Refused(Protocol):
