@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -57,6 +57,23 @@ class ParseTests(SynchronousTestCase):
     def test_v1_unknown_keeps_own_address(self) -> None:
         header, n = parse(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\nx")
         self.assertEqual((header.source, header.destination, n), (None, None, 35))
+
+    def test_v1_bare_unknown_keeps_own_address(self) -> None:
+        # Red-team finding: "PROXY UNKNOWN\r\n" (the spec's own example, and
+        # what encode() sends for a unix: client) was refused as invalid.
+        unix = UNIXAddress(b"/run/l5d.sock")
+        for line in (b"PROXY UNKNOWN\r\n", encode("v1", unix, unix),
+                     b"PROXY UNKNOWN anything at all\r\n"):
+            header, n = parse(line + b"GET")
+            self.assertEqual((header.version, header.source, header.destination, n),
+                             (1, None, None, len(line)))
+
+    def test_v1_ports_are_decimal_digits(self) -> None:
+        for port in (b"+80", b"8_0", b" 80", b"-0", b"0x50"):
+            with self.assertRaises(ProxyHeaderError, msg=port):
+                parse(b"PROXY TCP4 192.0.2.1 198.51.100.2 " + port + b" 443\r\n")
+            with self.assertRaises(ProxyHeaderError, msg=port):
+                parse(b"PROXY TCP4 192.0.2.1 198.51.100.2 443 " + port + b"\r\n")
 
     def test_v2_tcp4_with_tlvs(self) -> None:
         tlv = b"\x05\x00\x04abcd"   # PP2_TYPE_UNIQUE_ID

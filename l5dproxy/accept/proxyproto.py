@@ -135,6 +135,15 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
             raise ProxyHeaderError("v1 header longer than 107 bytes")
         return None
     line = data[:end]
+    fields = line.split(b" ")
+    if fields[1:2] == [b"UNKNOWN"]:
+        # The specification's 2.1: "PROXY UNKNOWN" may stand alone (what
+        # encode() sends for a unix: client), and the receiver ignores the
+        # rest of the line; Twisted's V1Parser refuses the bare form.
+        return ProxyHeader(1, None, None), end + 2
+    if len(fields) == 6 and not (fields[4].isdigit() and fields[5].isdigit()):
+        # Ports are decimal digits (2.1); int() would also take "+1", "1_0".
+        raise ProxyHeaderError("v1 port is not decimal digits")
     try:
         info = V1Parser.parse(line)
     except (InvalidProxyHeader, ValueError) as e:
