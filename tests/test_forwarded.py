@@ -70,6 +70,20 @@ class RuleTests(SynchronousTestCase):
                          [b'for=192.0.2.60;proto=https, for="[2001:db8::5]";proto=http'])
         self.assertEqual(values(h, b"x-forwarded-for"), [b"192.0.2.60, 2001:db8::5"])
 
+    def test_malformed_forwarded_from_trusted_is_dropped_not_extended(self) -> None:
+        # Red-team finding: 'Forwarded: for="1.2.3.4' relayed by a trusted
+        # balancer got ', for=10.1.2.3;proto=http' appended inside its open
+        # quoted-string, so the endpoint saw no element from the proxy.
+        for bad in (b'for="1.2.3.4', b'for="a\\"', b'for=a"b', b'for=', b"for==x"):
+            h = head((b"forwarded", bad), (b"Forwarded", b"for=192.0.2.60"))
+            TRUSTED.apply(h, "10.1.2.3", b"http")
+            self.assertEqual(values(h, b"forwarded"),
+                             [b"for=192.0.2.60, for=10.1.2.3;proto=http"], bad)
+        good = b'for="[2001:db8::1]:4711";by=x, ;for=_hidden , for="a\\"b"'
+        h = head((b"forwarded", good))
+        TRUSTED.apply(h, "10.1.2.3", b"http")
+        self.assertEqual(values(h, b"forwarded"), [good + b", for=10.1.2.3;proto=http"])
+
     def test_forged_forwarded_from_untrusted_is_replaced(self) -> None:
         h = head((b"forwarded", b"for=127.0.0.1"))
         TRUSTED.apply(h, "198.51.100.1", b"https")
@@ -105,7 +119,38 @@ _forged = st.lists(st.tuples(
     max_size=6)
 
 
+def _top_level_elements(value: bytes) -> list[bytes]:
+    """RFC 7239's list split at the commas outside quoted-strings (a
+    backslash escapes inside one); AssertionError when a quote is open at
+    the end."""
+    elements, current, quoted, escaped = [], b"", False, False
+    for byte in value:
+        c = bytes([byte])
+        if escaped:
+            escaped = False
+        elif quoted and c == b"\\":
+            escaped = True
+        elif c == b'"':
+            quoted = not quoted
+        elif c == b"," and not quoted:
+            elements.append(current.strip())
+            current = b""
+            continue
+        current += c
+    assert not quoted and not escaped, value
+    return [*elements, current.strip()]
+
+
 class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, derandomize=True, deadline=None)
+    @given(st.lists(st.lists(st.sampled_from(b'for="\\,;= a\t'), max_size=12).map(bytes),
+                    max_size=3))
+    def test_the_proxy_element_is_always_the_last_for_a_trusted_peer(self, sent) -> None:
+        h = head(*[(b"forwarded", v) for v in sent], (b"forwarded", b"for=192.0.2.1"))
+        TRUSTED.apply(h, "10.1.2.3", b"http")
+        (value,) = values(h, b"forwarded")
+        self.assertEqual(_top_level_elements(value)[-1], b"for=10.1.2.3;proto=http")
+
     @BOUNDED
     @given(_forged, _ips, st.sampled_from([b"http", b"https"]))
     def test_an_untrusted_client_cannot_choose_what_the_endpoint_sees(

@@ -12,7 +12,9 @@ A listener's ``forwarded`` mode and ``trusted_proxies`` decide
 * ``append`` (the default): from a *trusted* peer (its address in one of
   ``trusted_proxies``) the fields are kept as they came and the client's
   address is appended to ``X-Forwarded-For`` (and, when the request has a
-  ``Forwarded`` field, a ``for=...;proto=...`` element to it);
+  ``Forwarded`` field, a ``for=...;proto=...`` element to it; a ``Forwarded``
+  line that is not RFC 7239 syntax, as an unterminated quoted-string, is
+  dropped rather than appended to);
   ``X-Forwarded-Proto`` is kept when present, else set. From any other
   peer the fields it sent are dropped and set anew, so a client cannot
   forge its address (what nginx's ``real_ip`` and Envoy's
@@ -34,6 +36,7 @@ h2, RFC 9113 8.2.1).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -58,6 +61,25 @@ XFF = b"x-forwarded-for"
 XFP = b"x-forwarded-proto"
 FORWARDED = b"forwarded"
 _FIELDS = frozenset((XFF, XFP, FORWARDED))
+
+# RFC 7239 section 4: Forwarded = 1#forwarded-element; forwarded-element =
+# [forwarded-pair] *( ";" [forwarded-pair] ); forwarded-pair = token "=" value;
+# value = token / quoted-string (RFC 9110 5.6.2, 5.6.4); empty list elements
+# allowed (RFC 9110 5.6.1). Token and quoted-string start with different
+# bytes and the separators are required, so matching is linear.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_QUOTED = rb'"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t -~\x80-\xff])*"'
+_PAIR = _TOKEN + rb"=(?:" + _TOKEN + rb"|" + _QUOTED + rb")"
+_ELEMENT = rb"(?:" + _PAIR + rb")?(?:[ \t]*;[ \t]*(?:" + _PAIR + rb")?)*"
+_FORWARDED_VALUE = re.compile(
+    rb"[ \t]*" + _ELEMENT + rb"(?:[ \t]*,[ \t]*" + _ELEMENT + rb")*[ \t]*")
+
+
+def well_formed_forwarded(value: bytes) -> bool:
+    """Whether ``value`` is a ``Forwarded`` field value by RFC 7239 section
+    4. One that is not (an unterminated quoted-string, a stray ``"``) is not
+    appended to: the proxy's own element would land inside it."""
+    return _FORWARDED_VALUE.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +151,8 @@ class ForwardedRule:
                 kept.append((name, value))
         if not keep:
             xff, xfp, forwarded = [], [], []
+        else:   # a trusted peer's malformed Forwarded is dropped, not extended
+            forwarded = [f for f in forwarded if well_formed_forwarded(f)]
         xff.append(node)
         kept.append((XFF, b", ".join(v for v in (x.strip() for x in xff) if v)))
         kept.append((XFP, b", ".join(xfp) if xfp else proto))
