@@ -249,6 +249,7 @@ class RelayOriginationTests(unittest.TestCase):
             self.assertEqual(read_line(sock), b"slt revo olleh\n")
         wait_for(lambda: proxy.metric_value("tcp_close_total", peer="dst") == 1,
                  message="the upstream connection closed")
+        proxy.wait_log(r"closed listener=in .* service=db .* upstream_tls=yes spliced=no")
         self.assertEqual(proxy.metric_value("endpoint_connect_errors_total"), 0)
 
     def test_wrong_name_closes_the_client_connection(self) -> None:

@@ -71,7 +71,8 @@ class InboundConnection:
     __slots__ = (
         "accepted_at", "authorized", "bytes_read", "bytes_written", "client", "client_id",
         "destination", "endpoint", "listener", "local", "on_drain", "original_dst", "peer",
-        "pinned", "protocol", "proxy_header", "service", "sni", "src", "tls", "transport", "via",
+        "pinned", "protocol", "proxy_header", "service", "sni", "src", "tls", "transport",
+        "upstream_tls", "via",
     )
 
     def __init__(self, listener: Listener, transport, accepted_at: float) -> None:
@@ -111,6 +112,8 @@ class InboundConnection:
         #: A terminated TLS connection's handshake (l5dproxy.tls.server.TlsInfo:
         #: version, alpn, sni, client_id; net/ sits below tls/, hence Any).
         self.tls: Any = None
+        #: The TCP relay originated TLS to the endpoint ([service.NAME.tls]).
+        self.upstream_tls = False
         #: The verified client certificate's identity (mTLS), else None.
         self.client_id: str | None = None
         #: False when [listener.tls] allow refuses the client: every HTTP
@@ -200,12 +203,15 @@ class InboundConnection:
     def _tls_fields(self) -> str:
         """`` tls=... alpn=... client_id=... spliced=no`` for a terminated
         TLS connection (the proxy reads the plaintext, so the kernel cannot
-        splice it), else ""."""
+        splice it), `` upstream_tls=yes`` for one the relay carried over TLS
+        to its endpoint (not spliced either), else ""."""
         tls = self.tls
         if tls is None:
-            return ""
+            # Originated to the endpoint: relayed through Twisted, not spliced.
+            return " upstream_tls=yes spliced=no" if self.upstream_tls else ""
         return (f" tls={tls.version} alpn={tls.alpn or '-'} client_id={self.client_id or '-'}"
-                f"{'' if self.authorized else ' unauthorized'} spliced=no")
+                f"{'' if self.authorized else ' unauthorized'} spliced=no"
+                f"{' upstream_tls=yes' if self.upstream_tls else ''}")
 
 
 _CLOSED_LINE = (

@@ -109,6 +109,7 @@ class RelayProtocol(Protocol):
         reactor = conn.listener.reactor
         if service.tls is not None:  # TLS origination (issue 13): never spliced
             from l5dproxy.tls.client import dial
+            conn.upstream_tls = True
             dial(reactor, service.tls, address, _UpstreamFactory(self), service.connect_timeout)
             return
         reactor.connectTCP(address.host, address.port, _UpstreamFactory(self),
