@@ -11,6 +11,7 @@ path: ``dispatch`` (an exchange) and ``send`` (a client end's attempt).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -22,17 +23,19 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from l5dproxy.accept.listener import Listener
+from l5dproxy.app.sites import http_site
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
     DetectConfig,
+    H2Config,
     HostPort,
     ListenerConfig,
     RouteConfig,
     ServiceConfig,
     Target,
 )
+from l5dproxy.exchange.contracts import HttpSite
 from l5dproxy.exchange.message import Body, Request, RequestContext, RequestHead, Response
-from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.telemetry import Metrics
 
@@ -73,6 +76,12 @@ def make_listener(clock) -> Listener:
     upstreams = {"app": Upstream(service, detect.opaque_ports, clock=clock)}
     config = ListenerConfig("inbound", "tcp:0", "app")
     return Listener(config, detect, upstreams, Metrics(), clock, log_connections=False)
+
+
+def site(listener: Any, **changes: Any) -> HttpSite:
+    """``listener``'s ``HttpSite`` as app builds it (``app.sites.http_site``),
+    with ``changes`` (``upgrades=frozenset({b"foo"})``, ``allow_connect=True``)."""
+    return dataclasses.replace(http_site(listener), **changes)
 
 
 # -- the dispatcher, seen from a server end ------------------------------------
@@ -327,7 +336,7 @@ class H2ClientRig:
     h2 servers on StringTransports (``connect``), bytes exchanged by
     ``pump``, requests sent with ``send``."""
 
-    settings = H2Settings(initial_window_size=65535, connection_window_size=65535)
+    settings = H2Config(initial_window_size=65535, connection_window_size=65535)
     reactor: MemoryReactorClock
     client: H2Client
     servers: list[tuple[H2Connection, Transport, Any]]
@@ -377,7 +386,20 @@ class H2ClientRig:
 
 
 __all__ = [
-    "DEFAULT_TARGET", "LOOSE", "DeferredDispatcher", "Endpoint", "FakeClient",
-    "FakeConnection", "FakeDispatcher", "FakeListener", "H2ClientRig", "Sink", "Source",
-    "Transport", "dispatch", "make_listener", "send",
+    "DEFAULT_TARGET",
+    "LOOSE",
+    "DeferredDispatcher",
+    "Endpoint",
+    "FakeClient",
+    "FakeConnection",
+    "FakeDispatcher",
+    "FakeListener",
+    "H2ClientRig",
+    "Sink",
+    "Source",
+    "Transport",
+    "dispatch",
+    "make_listener",
+    "send",
+    "site",
 ]

@@ -23,8 +23,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept.listener import Listener
+from l5dproxy.app.sites import HttpSites
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config.model import DetectConfig, HostPort, HttpConfig, ListenerConfig, ServiceConfig
 from l5dproxy.exchange.message import Body, ProxyError, Response, ResponseHead
 from l5dproxy.http.h1.server import h1_handler
 from l5dproxy.telemetry import Metrics
@@ -111,8 +112,10 @@ class Run:
             return recorder
 
         handlers = dict.fromkeys(("h2", "tls", "opaque"), relay)
-        # The timeouts are h1_handler's defaults (10 s and 60 s).
-        handlers["http1"] = h1_handler(self.endpoint, MAX_REQUEST_LINE, MAX_HEADER_BYTES)
+        # The timeouts are [http]'s defaults (10 s and 60 s).
+        handlers["http1"] = h1_handler(
+            self.endpoint, HttpConfig(max_request_line=MAX_REQUEST_LINE,
+                                      max_header_bytes=MAX_HEADER_BYTES), HttpSites())
         self.listener = Listener(config, detect, {"app": Upstream(service, ())}, self.metrics,
                                  self.clock, log_connections=False, handlers=handlers)
         self.transport = SwitchableTransport()

@@ -15,7 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.balance.backends import Endpoint
-from l5dproxy.config.model import HostPort, ServiceConfig
+from l5dproxy.config.model import HostPort, HttpConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import (
     Body,
@@ -26,12 +26,11 @@ from l5dproxy.exchange.message import (
     ResponseHead,
 )
 from l5dproxy.http.h1.pool import H1Client
-from l5dproxy.http.h1.request import H1Limits
 from l5dproxy.http.h1.server import H1Server
 from l5dproxy.http.h1.upgrade import UpgradeRequest
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.telemetry import Metrics
-from tests.fakes import FakeDispatcher, FakeListener, Sink, send
+from tests.fakes import FakeDispatcher, FakeListener, Sink, send, site
 
 
 def ok(body: bytes = b"hi", headers=None) -> Response:
@@ -50,11 +49,11 @@ class ServerTests(SynchronousTestCase):
         self.dispatcher = FakeDispatcher()
         self.server, self.transport = self.connect()
 
-    def connect(self, limits: H1Limits | None = None):
+    def connect(self, limits: HttpConfig | None = None):
         transport = StringTransport(peerAddress=None)
         conn = InboundConnection(self.listener, transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))
-        server = H1Server(conn, self.dispatcher, limits or H1Limits())
+        server = H1Server(conn, self.dispatcher, limits or HttpConfig(), site(conn.listener))
         server.makeConnection(transport)
         return server, transport
 
@@ -242,7 +241,7 @@ class ServerTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_limits_414_431(self) -> None:
-        limits = H1Limits(max_request_line=300, max_header_bytes=1024)
+        limits = HttpConfig(max_request_line=300, max_header_bytes=1024)
         self.server, self.transport = self.connect(limits)
         self.feed(b"GET /" + b"a" * 400 + b" HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertTrue(self.out().startswith(b"HTTP/1.1 414 "))
@@ -345,7 +344,7 @@ class HalfCloseTests(SynchronousTestCase):
         self.transport = StringTransport(peerAddress=None)
         conn = InboundConnection(self.listener, self.transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))
-        self.server = H1Server(conn, self.dispatcher, H1Limits())
+        self.server = H1Server(conn, self.dispatcher, HttpConfig(), site(conn.listener))
         self.server.makeConnection(self.transport)
 
     def out(self) -> bytes:
@@ -401,7 +400,7 @@ class HalfCloseTests(SynchronousTestCase):
         # before it are answered, then the close; no 408 comes for it later.
         self.server.dataReceived(self.REQUESTS[0] + b"GET /1 HTTP/1.1\r\nHo")
         self.server.readConnectionLost()
-        self.clock.advance(H1Limits().request_header_timeout + 1)
+        self.clock.advance(HttpConfig().request_header_timeout + 1)
         self.assertEqual(self.out(), b"")
         self.dispatcher.requests[0][1].callback(ok(b"zero"))
         out = self.out()
@@ -450,12 +449,13 @@ class TimeoutAndInterimTests(SynchronousTestCase):
         self.dispatcher = FakeDispatcher()
         self.connect()
 
-    def connect(self, limits: H1Limits | None = None) -> None:
+    def connect(self, limits: HttpConfig | None = None) -> None:
         self.transport = StringTransport(peerAddress=None)
         conn = InboundConnection(self.listener, self.transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))
         self.server = H1Server(conn, self.dispatcher,
-                               limits or H1Limits(request_header_timeout=10.0, idle_timeout=60.0))
+                               limits or HttpConfig(request_header_timeout=10.0, idle_timeout=60.0),
+                               site(conn.listener))
         self.server.makeConnection(self.transport)
 
     def out(self) -> bytes:
@@ -540,7 +540,7 @@ class TimeoutAndInterimTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_zero_turns_timeouts_off(self) -> None:
-        self.connect(H1Limits(request_header_timeout=0, idle_timeout=0))
+        self.connect(HttpConfig(request_header_timeout=0, idle_timeout=0))
         self.server.dataReceived(b"GET / HTTP/1.1\r\n")
         self.clock.advance(3600)
         self.assertEqual(self.out(), b"")
@@ -889,12 +889,12 @@ class UpgradeTests(SynchronousTestCase):
         self.listener = FakeListener(self.clock)
         self.dispatcher = FakeDispatcher()
 
-    def serve(self, limits: H1Limits | None = None):
-        limits = limits or H1Limits()
+    def serve(self, upgrades: frozenset[bytes] | None = None):
+        changes = {} if upgrades is None else {"upgrades": upgrades}
         transport = StringTransport()
         conn = InboundConnection(self.listener, transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))
-        server = H1Server(conn, self.dispatcher, limits)
+        server = H1Server(conn, self.dispatcher, HttpConfig(), site(conn.listener, **changes))
         server.makeConnection(transport)
         return server, transport
 
@@ -978,14 +978,14 @@ class UpgradeTests(SynchronousTestCase):
         """Every offered protocol must be listed; HTTP/1.0 never upgrades
         (RFC 9110 7.8); an empty ``upgrades`` strips WebSocket too."""
         cases = [
-            (H1Limits(), b"HTTP/1.1", b"websocket, h2c"),
-            (H1Limits(), b"HTTP/1.1", b"foo"),
-            (H1Limits(), b"HTTP/1.0", b"websocket"),
-            (H1Limits(upgrades=frozenset()), b"HTTP/1.1", b"websocket"),
+            (None, b"HTTP/1.1", b"websocket, h2c"),
+            (None, b"HTTP/1.1", b"foo"),
+            (None, b"HTTP/1.0", b"websocket"),
+            (frozenset(), b"HTTP/1.1", b"websocket"),
         ]
-        for limits, version, offer in cases:
+        for upgrades, version, offer in cases:
             self.dispatcher.requests.clear()
-            server, _ = self.serve(limits)
+            server, _ = self.serve(upgrades)
             server.dataReceived(b"GET /ws " + version + b"\r\nHost: a\r\nConnection: Upgrade\r\n"
                                 b"Upgrade: " + offer + b"\r\nSec-WebSocket-Key: k\r\n\r\n")
             [(request, _)] = self.dispatcher.requests
@@ -994,11 +994,11 @@ class UpgradeTests(SynchronousTestCase):
 
     def test_listed_upgrades_are_forwarded(self) -> None:
         """WebSocket by default, any case, with a version; others when listed."""
-        for limits, offer in ((H1Limits(), b"WebSocket"), (H1Limits(), b"websocket/13"),
-                              (H1Limits(upgrades=frozenset({b"foo", b"websocket"})),
+        for upgrades, offer in ((None, b"WebSocket"), (None, b"websocket/13"),
+                              (frozenset({b"foo", b"websocket"}),
                                b"foo, websocket")):
             self.dispatcher.requests.clear()
-            server, _ = self.serve(limits)
+            server, _ = self.serve(upgrades)
             server.dataReceived(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\n"
                                 b"Upgrade: " + offer + b"\r\n\r\n")
             [(request, _)] = self.dispatcher.requests
@@ -1031,7 +1031,7 @@ class UpgradeTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).head.status, 101)
 
     def test_forwarded_upgrade_keeps_named_headers(self) -> None:
-        server, transport = self.serve(H1Limits(upgrades=frozenset({b"foo"})))
+        server, transport = self.serve(frozenset({b"foo"}))
         server.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, Foo-Settings\r\n"
                             b"Upgrade: foo\r\nFoo-Settings: AAMA\r\n\r\n")
         [(request, _)] = self.dispatcher.requests
@@ -1075,7 +1075,7 @@ class PipelineGarbageTests(SynchronousTestCase):
         transport = StringTransport(peerAddress=None)
         conn = InboundConnection(listener, transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))
-        server = H1Server(conn, proxy)
+        server = H1Server(conn, proxy, HttpConfig(), site(conn.listener))
         server.makeConnection(transport)
         cases = [
             (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
@@ -1118,7 +1118,7 @@ class HostTests(SynchronousTestCase):
         transport = StringTransport()
         conn = InboundConnection(self.listener, transport, 0.0)
         conn.detected(Verdict("http1", "request_line"))
-        server = H1Server(conn, self.dispatcher, H1Limits())
+        server = H1Server(conn, self.dispatcher, HttpConfig(), site(conn.listener))
         server.makeConnection(transport)
         server.dataReceived(data)
         return transport.value()

@@ -21,20 +21,20 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config.model import HostPort, ServiceConfig
+from l5dproxy.config.model import HostPort, HttpConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import Body, Response, ResponseHead
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import H1Server
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
-from tests.fakes import FakeDispatcher, FakeListener, Source
+from tests.fakes import FakeDispatcher, FakeListener, Source, site
 
 
 def server_on(transport, listener, dispatcher) -> H1Server:
     conn = InboundConnection(listener, transport, 0.0)
     conn.detected(Verdict("http1", "request_line"))
-    server = H1Server(conn, dispatcher)
+    server = H1Server(conn, dispatcher, HttpConfig(), site(conn.listener))
     server.makeConnection(transport)
     return server
 

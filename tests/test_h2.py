@@ -40,7 +40,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.config.model import DetectConfig, H2Config, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import (
     Body,
@@ -53,7 +53,6 @@ from l5dproxy.exchange.message import (
 )
 from l5dproxy.http.h2.connection import (
     ENCODER_TABLE_SIZE,
-    H2Settings,
     StreamResetError,
     closed_streams_kept,
 )
@@ -83,6 +82,7 @@ from tests.fakes import (
     dispatch,
     make_listener,
     send,
+    site,
 )
 
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/a?b=1"),
@@ -122,7 +122,7 @@ class ServerHarness(SynchronousTestCase):
 
     client_options: dict = {}
 
-    settings = H2Settings(max_concurrent_streams=4, max_header_list_size=4096,
+    settings = H2Config(max_concurrent_streams=4, max_header_list_size=4096,
                           initial_window_size=65535, connection_window_size=65535)
 
     def setUp(self) -> None:
@@ -133,7 +133,7 @@ class ServerHarness(SynchronousTestCase):
         conn = InboundConnection(self.listener, self.transport, 0.0)
         conn.detected(Verdict("h2", "preface"))
         self.conn = conn
-        self.server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+        self.server = H2ServerProtocol(conn, self.dispatcher, self.settings, site(conn.listener))
         self.server.makeConnection(self.transport)
         self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None,
                                                    **self.client_options))
@@ -639,7 +639,7 @@ class ServerTests(ServerHarness):
             transport = Transport()
             conn = InboundConnection(self.listener, transport, 0.0)
             conn.detected(Verdict("h2", "preface"))
-            server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+            server = H2ServerProtocol(conn, self.dispatcher, self.settings, site(conn.listener))
             server.makeConnection(transport)
             client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
             client.initiate_connection()
@@ -1333,7 +1333,7 @@ class WiredTests(SynchronousTestCase):
     one shared upstream connection by the client end, as in the proxy: what
     one client does to its streams must never break the other's."""
 
-    settings = H2Settings(initial_window_size=65535, connection_window_size=65535)
+    settings = H2Config(initial_window_size=65535, connection_window_size=65535)
     forwarder = DirectForwarder
 
     def setUp(self) -> None:
@@ -1348,7 +1348,7 @@ class WiredTests(SynchronousTestCase):
         transport = Transport()
         conn = InboundConnection(self.listener, transport, 0.0)
         conn.detected(Verdict("h2", "preface"))
-        server = H2ServerProtocol(conn, self.forwarder, self.settings)
+        server = H2ServerProtocol(conn, self.forwarder, self.settings, site(conn.listener))
         server.makeConnection(transport)
         client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         client.initiate_connection()
@@ -1804,7 +1804,7 @@ class H2ToH1:
         self.transport = Transport()
         conn = InboundConnection(self.listener, self.transport, 0.0)
         conn.detected(Verdict("h2", "preface"))
-        self.server = H2ServerProtocol(conn, proxy, H2Settings())
+        self.server = H2ServerProtocol(conn, proxy, H2Config(), site(conn.listener))
         self.server.makeConnection(self.transport)
         self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None,
                                                    **LOOSE))

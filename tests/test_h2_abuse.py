@@ -25,16 +25,16 @@ from hyperframe.frame import (
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
+from l5dproxy.config.model import H2Config, HttpConfig
 from l5dproxy.config.parse import ConfigError, parse
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import Body, ProxyError, Request, RequestHead, Response, ResponseHead
-from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.net.writebound import WriteBound
 from l5dproxy.telemetry import Metrics
-from tests.fakes import Endpoint, FakeDispatcher, Transport, make_listener, send
+from tests.fakes import Endpoint, FakeDispatcher, Transport, make_listener, send, site
 from tests.test_h2 import GET, raw_frames
 
 #: Twisted reads at most this much per dataReceived.
@@ -55,7 +55,7 @@ def samples(metrics: Metrics, name: str) -> dict[str, float]:
 
 
 class ServerAbuseTests(SynchronousTestCase):
-    settings = H2Settings(max_concurrent_streams=100, abuse_budget=500,
+    settings = H2Config(max_concurrent_streams=100, abuse_budget=500,
                           abuse_refill_per_second=100.0)
 
     def setUp(self) -> None:
@@ -65,7 +65,7 @@ class ServerAbuseTests(SynchronousTestCase):
         self.transport = Transport()
         conn = InboundConnection(self.listener, self.transport, 0.0)
         conn.detected(Verdict("h2", "preface"))
-        self.server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+        self.server = H2ServerProtocol(conn, self.dispatcher, self.settings, site(conn.listener))
         self.server.makeConnection(self.transport)
         self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.client.initiate_connection()
@@ -253,7 +253,7 @@ class ClientAbuseTests(SynchronousTestCase):
     def test_endpoint_ping_flood_is_cut_off(self) -> None:
         reactor = MemoryReactorClock()
         metrics = Metrics()
-        client = H2Client(reactor, settings=H2Settings(abuse_budget=100), metrics=metrics)
+        client = H2Client(reactor, settings=H2Config(abuse_budget=100), metrics=metrics)
         head = RequestHead(b"GET", b"/x", b"svc.test", [])
         d = send(client, Endpoint(), Request(head, Body.empty()))
         _host, _port, factory, _timeout, _ = reactor.tcpClients[0]
@@ -282,7 +282,7 @@ class ConfigTests(SynchronousTestCase):
     def test_abuse_keys(self) -> None:
         c = parse(tomllib.loads(self.BASE + "[h2]\nabuse_budget = 20\n"
                                 "abuse_refill_per_second = 2.5\n"), "f.toml")
-        settings = H2Settings(**dataclasses.asdict(c.h2))
+        settings = H2Config(**dataclasses.asdict(c.h2))
         self.assertEqual((settings.abuse_budget, settings.abuse_refill_per_second), (20, 2.5))
         defaults = parse(tomllib.loads(self.BASE), "f.toml").h2
         self.assertEqual((defaults.abuse_budget, defaults.abuse_refill_per_second), (500, 100.0))
@@ -323,7 +323,8 @@ class WriteBoundTests(SynchronousTestCase):
         conn = InboundConnection(listener, transport, 0.0)
         conn.detected(Verdict("h2", "preface"))
         dispatcher = FakeDispatcher()
-        server = H2ServerProtocol(conn, dispatcher, H2Settings(abuse_budget=budget))
+        server = H2ServerProtocol(conn, dispatcher, H2Config(abuse_budget=budget),
+                                  site(conn.listener))
         server.makeConnection(transport)
         client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         client.initiate_connection()
@@ -380,7 +381,7 @@ class WriteBoundTests(SynchronousTestCase):
         conn = InboundConnection(listener, transport, 0.0)
         conn.detected(Verdict("http1", "request line"))
         dispatcher = FakeDispatcher()
-        server = H1Server(conn, dispatcher)
+        server = H1Server(conn, dispatcher, HttpConfig(), site(conn.listener))
         server.makeConnection(transport)
         server.pauseProducing()
         self.assertEqual(transport.producerState, "paused")

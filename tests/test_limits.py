@@ -28,6 +28,7 @@ from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
     DetectConfig,
     FailureAccrualConfig,
+    H2Config,
     HostPort,
     ListenerConfig,
     ServiceConfig,
@@ -45,13 +46,12 @@ from l5dproxy.exchange.message import (
 from l5dproxy.http.h1 import pool as h1pool
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h2 import pool as h2pool
-from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net.connection import InboundConnection
 from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.telemetry import Metrics
 from tests import fakes
-from tests.fakes import FakeClient, FakeConnection, FakeListener, H2ClientRig, Transport
+from tests.fakes import FakeClient, FakeConnection, FakeListener, H2ClientRig, Transport, site
 from tests.test_detect import SwitchableTransport
 from tests.test_h2 import ServerHarness, raw_frames
 
@@ -281,7 +281,7 @@ class H2PoolTests(H2ClientRig, SynchronousTestCase):
     """The h2 client end's per-endpoint pool against fake h2 servers
     (tests/fakes.py H2ClientRig), on a MemoryReactorClock."""
 
-    settings = H2Settings(initial_window_size=65535, connection_window_size=65535,
+    settings = H2Config(initial_window_size=65535, connection_window_size=65535,
                           max_connections_per_endpoint=2)
 
     def dials(self) -> int:
@@ -594,14 +594,14 @@ class H1PoolTests(SynchronousTestCase):
 class H2ServerTimeoutTests(ServerHarness):
     """The h2 server end's timeouts on a MemoryReactorClock."""
 
-    settings = H2Settings(initial_window_size=65535, connection_window_size=65535,
+    settings = H2Config(initial_window_size=65535, connection_window_size=65535,
                           preface_timeout=10.0, idle_timeout=60.0)
 
     def fresh_server(self) -> tuple[H2ServerProtocol, Transport]:
         transport = Transport()
         conn = InboundConnection(self.listener, transport, self.clock.seconds())
         conn.detected(Verdict("h2", "preface"))
-        server = H2ServerProtocol(conn, self.dispatcher, self.settings)
+        server = H2ServerProtocol(conn, self.dispatcher, self.settings, site(conn.listener))
         server.makeConnection(transport)
         return server, transport
 
@@ -654,7 +654,7 @@ class H2ServerTimeoutTests(ServerHarness):
         self.assertTrue(self.transport.disconnecting)
 
     def test_zero_turns_both_off(self) -> None:
-        self.settings = H2Settings(preface_timeout=0, idle_timeout=0)
+        self.settings = H2Config(preface_timeout=0, idle_timeout=0)
         server, transport = self.fresh_server()
         server.dataReceived(H2_PREFACE)
         self.clock.advance(10_000)

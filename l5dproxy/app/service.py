@@ -9,7 +9,6 @@ connections finish for ``drain_timeout`` and then closes what is left.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import signal
 from collections.abc import Callable
@@ -28,9 +27,10 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from l5dproxy import __version__
-from l5dproxy.accept.listener import ConnectionLimits, Listener
+from l5dproxy.accept.listener import ConnectionLimits, Handler, Listener
 from l5dproxy.app import logs, workers
 from l5dproxy.app.admin import admin_site, config_document
+from l5dproxy.app.sites import HttpSites
 from l5dproxy.app.stats import Stats
 from l5dproxy.app.tap import TapHub
 from l5dproxy.balance.backends import Upstream
@@ -40,7 +40,6 @@ from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirs
 from l5dproxy.discovery import Discovery, make_resolver
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import h1_handler
-from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import h2_handler
 from l5dproxy.net.dns import stop_resolver
@@ -80,17 +79,14 @@ class ProxyService(Service):
             lambda listener: self.metrics.early_connect_limit_total.labels(listener.name).inc())
         # HTTP: one dispatcher for every listener; codec ends register here.
         self.http = HttpProxy(self.upstreams, self.metrics, reactor)
-        h2_settings = H2Settings(**dataclasses.asdict(config.h2))
-        self.http.clients["h2"] = H2Client(reactor, settings=h2_settings, metrics=self.metrics)
-        self.handlers = {"h2": h2_handler(self.http, h2_settings)}
+        sites = HttpSites()
+        self.http.clients["h2"] = H2Client(reactor, settings=config.h2, metrics=self.metrics)
+        self.handlers: dict[str, Handler] = {"h2": h2_handler(self.http, config.h2, sites)}
         self.http.clients["http1"] = H1Client(reactor, self.metrics,
                                               max_idle=config.http.pool_max_idle,
                                               max_connections=(
                                                   config.http.max_connections_per_endpoint))
-        self.handlers["http1"] = h1_handler(self.http, config.http.max_request_line,
-                                            config.http.max_header_bytes,
-                                            config.http.request_header_timeout,
-                                            config.http.idle_timeout)
+        self.handlers["http1"] = h1_handler(self.http, config.http, sites)
         self.limits = ConnectionLimits(lambda: self.config.proxy.max_connections,
                                        self._all_listeners)
         #: TLS termination ([listener.tls]); None while no listener has it, so

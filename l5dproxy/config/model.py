@@ -279,7 +279,7 @@ class Config:
     http: HttpConfig = field(default_factory=lambda: HttpConfig())
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HttpConfig:
     """``[http]``: limits of the HTTP/1 server end and the upstream pools."""
 
@@ -298,7 +298,7 @@ class HttpConfig:
     max_connections_per_endpoint: int = 1024
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class H2Config:
     """``[h2]``: limits and windows of the HTTP/2 ends."""
 

@@ -58,6 +58,11 @@ from l5dproxy.config.model import (
 from l5dproxy.config.table import Table
 from l5dproxy.config.tls import check_sni_glob, parse_listener_tls, parse_service_tls
 
+#: The defaults of ``[h2]`` and ``[http]`` (a slots dataclass's class
+#: attributes are its slots, not its default values).
+_H2_DEFAULTS = H2Config()
+_HTTP_DEFAULTS = HttpConfig()
+
 
 class ConfigError(Exception):
     """A config that cannot be used; ``errors`` holds one line per problem."""
@@ -180,24 +185,24 @@ def _parse_h2(t: Table) -> H2Config:
 
     h2 = H2Config(
         max_concurrent_streams=t.get("max_concurrent_streams", int,
-                                     H2Config.max_concurrent_streams, between(1, 2**31 - 1)),
+                                     _H2_DEFAULTS.max_concurrent_streams, between(1, 2**31 - 1)),
         max_header_list_size=t.get("max_header_list_size", int,
-                                   H2Config.max_header_list_size, between(1024, 2**24)),
+                                   _H2_DEFAULTS.max_header_list_size, between(1024, 2**24)),
         initial_window_size=t.get("initial_window_size", int,
-                                  H2Config.initial_window_size, between(65535, 2**31 - 1)),
+                                  _H2_DEFAULTS.initial_window_size, between(65535, 2**31 - 1)),
         connection_window_size=t.get("connection_window_size", int,
-                                     H2Config.connection_window_size,
+                                     _H2_DEFAULTS.connection_window_size,
                                      between(65535, 2**31 - 1)),
         max_connections_per_endpoint=t.get("max_connections_per_endpoint", int,
-                                           H2Config.max_connections_per_endpoint,
+                                           _H2_DEFAULTS.max_connections_per_endpoint,
                                            between(1, 100000)),
-        abuse_budget=t.get("abuse_budget", int, H2Config.abuse_budget, between(1, 2**31 - 1)),
+        abuse_budget=t.get("abuse_budget", int, _H2_DEFAULTS.abuse_budget, between(1, 2**31 - 1)),
         abuse_refill_per_second=float(t.get(
-            "abuse_refill_per_second", (int, float), H2Config.abuse_refill_per_second,
+            "abuse_refill_per_second", (int, float), _H2_DEFAULTS.abuse_refill_per_second,
             lambda v: None if v >= 0 else "must be 0 or more")),
-        preface_timeout=float(t.get("preface_timeout", (int, float), H2Config.preface_timeout,
+        preface_timeout=float(t.get("preface_timeout", (int, float), _H2_DEFAULTS.preface_timeout,
                                     check_duration)),
-        idle_timeout=float(t.get("idle_timeout", (int, float), H2Config.idle_timeout,
+        idle_timeout=float(t.get("idle_timeout", (int, float), _H2_DEFAULTS.idle_timeout,
                                  check_duration)),
     )
     t.finish()
@@ -209,18 +214,18 @@ def _parse_http(t: Table) -> HttpConfig:
         return lambda v: None if low <= v <= high else f"must be between {low} and {high}"
 
     http = HttpConfig(
-        max_request_line=t.get("max_request_line", int, HttpConfig.max_request_line,
+        max_request_line=t.get("max_request_line", int, _HTTP_DEFAULTS.max_request_line,
                                between(256, 2**20)),
-        max_header_bytes=t.get("max_header_bytes", int, HttpConfig.max_header_bytes,
+        max_header_bytes=t.get("max_header_bytes", int, _HTTP_DEFAULTS.max_header_bytes,
                                between(1024, 2**24)),
-        pool_max_idle=t.get("pool_max_idle", int, HttpConfig.pool_max_idle, between(0, 10000)),
+        pool_max_idle=t.get("pool_max_idle", int, _HTTP_DEFAULTS.pool_max_idle, between(0, 10000)),
         request_header_timeout=float(t.get(
-            "request_header_timeout", (int, float), HttpConfig.request_header_timeout,
+            "request_header_timeout", (int, float), _HTTP_DEFAULTS.request_header_timeout,
             check_duration)),
-        idle_timeout=float(t.get("idle_timeout", (int, float), HttpConfig.idle_timeout,
+        idle_timeout=float(t.get("idle_timeout", (int, float), _HTTP_DEFAULTS.idle_timeout,
                                  check_duration)),
         max_connections_per_endpoint=t.get("max_connections_per_endpoint", int,
-                                           HttpConfig.max_connections_per_endpoint,
+                                           _HTTP_DEFAULTS.max_connections_per_endpoint,
                                            between(1, 100000)),
     )
     t.finish()

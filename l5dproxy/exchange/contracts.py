@@ -19,12 +19,16 @@ with the routed service's ``Target``)::
                <--waiter.attempt_failed(failure)----------
     given up: Attempt.cancel() (the waiter then hears nothing)
     reload:   ClientEnd.retarget({service: target})
+
+``HttpSite`` is what a server end uses of the listener it serves, one
+record per listener built by ``app`` (``app.sites.http_site``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
@@ -125,5 +129,26 @@ class ClientEnd(Protocol):
         connections closed, busy ones closed once they finish)."""
 
 
+# -- what a server end is given of its listener ---------------------------------
+
+@dataclass(frozen=True, slots=True, eq=False)
+class HttpSite:
+    """One listener as its HTTP server ends see it (built once per listener;
+    a reload's new listener gets a new one)."""
+
+    #: The listener's name (the ``listener`` metric label).
+    listener: str
+    #: IReactorTime: timeouts and timers, the h2 abuse budget's refill.
+    clock: Any
+    #: CONNECT is tunnelled (else 405): ``[[listener]] allow_connect``.
+    allow_connect: bool
+    #: Upgrade protocol names forwarded (lowercase): ``[[listener]] upgrades``.
+    upgrades: frozenset[bytes]
+    #: Counts ``http_errors_total{direction="inbound", listener, reason}``.
+    count_error: Callable[[str], None]
+    #: Counts ``h2_abuse_total{kind}``.
+    count_abuse: Callable[[str], None]
+
+
 __all__ = ["Attempt", "AttemptWaiter", "ClientEnd", "Dialable", "Dispatched", "Dispatcher",
-           "ResponseWaiter"]
+           "HttpSite", "ResponseWaiter"]

@@ -9,7 +9,6 @@ Transfer-Encoding, Connection options, Expect, Upgrade and CONNECT.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from httptools import HttpParserError, HttpRequestParser
@@ -28,23 +27,11 @@ from l5dproxy.http.h1.upgrade import UpgradeRequest, forwards_upgrade
 from l5dproxy.http.headers import HOP_BY_HOP, valid_authority
 
 if TYPE_CHECKING:
-    from l5dproxy.exchange.contracts import Dispatched
+    from l5dproxy.config.model import HttpConfig
+    from l5dproxy.exchange.contracts import Dispatched, HttpSite
 
 #: Request headers the server end looks at as it reads them.
 _SPECIAL = HOP_BY_HOP | {b"host", b"expect"}
-
-
-@dataclass(frozen=True, slots=True)
-class H1Limits:
-    """Per-listener limits of the HTTP/1 server end."""
-
-    max_request_line: int = 8192      # request target bytes, else 414
-    max_header_bytes: int = 65536     # header block bytes, else 431
-    allow_connect: bool = False       # CONNECT is refused with 405 unless set
-    request_header_timeout: float = 10.0   # a request head read within, else 408 (0: none)
-    idle_timeout: float = 60.0        # a keep-alive connection idle longer is closed (0: none)
-    #: Upgrade protocol names forwarded (lowercase); any other is stripped.
-    upgrades: frozenset[bytes] = frozenset({b"websocket"})
 
 
 class _ContinueBody(Body):
@@ -122,7 +109,7 @@ class RequestFacts(NamedTuple):
 
 def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
                       fields: list[tuple[bytes, bytes]],
-                      limits: H1Limits) -> RequestFacts:
+                      site: HttpSite) -> RequestFacts:
     """The request head llhttp just read (``parser``, the request target in
     ``url_parts``, the header fields in ``fields``) checked and made neutral
     (RFC 9112 3, 6; RFC 9110 7.2, 7.6.1, 7.8), with the framing facts the
@@ -134,7 +121,8 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
     a forwarded one, chunked on a stripped one), a bad request target, no
     Host on HTTP/1.1, a non-empty Host or an absolute-form authority that is
     not ``host[:port]`` (``invalid host``, ``headers.valid_authority``);
-    405 for CONNECT unless ``limits.allow_connect``.
+    405 for CONNECT unless ``site.allow_connect``; an Upgrade is forwarded
+    only if ``site.upgrades`` lists every protocol it offers.
     """
     version = parser.get_http_version()
     if version != "1.1" and version != "1.0":
@@ -185,7 +173,7 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
         # expectation is ignored (RFC 9110 10.1.1, 15.2).
         expect = False
     is_upgrade = parser.should_upgrade() and method != b"CONNECT"
-    stripped = is_upgrade and not forwards_upgrade(upgrade, version, limits.upgrades)
+    stripped = is_upgrade and not forwards_upgrade(upgrade, version, site.upgrades)
     if is_upgrade and (chunked or (length and not stripped)):
         # One rule for a body the proxy cannot carry on an upgrade request:
         # llhttp stops at its head, so after a forwarded upgrade every byte
@@ -226,7 +214,7 @@ def read_request_head(parser: HttpRequestParser, url_parts: list[bytes],
             raise _RejectError(400, "missing Host header")
         authority = b""
     if method == b"CONNECT":
-        if not limits.allow_connect:
+        if not site.allow_connect:
             raise _RejectError(405, "CONNECT not allowed")
         upgrade = b"CONNECT"
     elif not is_upgrade:
@@ -277,7 +265,8 @@ class RequestReader:
     queued for its turn, its body's source this connection."""
 
     # What it uses of H1Server (set there).
-    limits: H1Limits
+    limits: HttpConfig
+    site: HttpSite
     parser: HttpRequestParser | None
     queue: deque[_Message]
     _reading: _Message | None
@@ -336,7 +325,7 @@ class RequestReader:
         self._head_bytes = 0
         try:
             head, upgrade, named, length, chunked, expect, stripped = read_request_head(
-                self.parser, self._url, self._headers, self.limits)
+                self.parser, self._url, self._headers, self.site)
         except _RejectError as e:
             raise self._rejecting(e.status, e.reason) from None
         msg = _Message()
@@ -393,5 +382,5 @@ class RequestReader:
 
 
 __all__ = [
-    "PIPELINE_DEPTH", "H1Limits", "RequestFacts", "RequestReader", "read_request_head",
+    "PIPELINE_DEPTH", "RequestFacts", "RequestReader", "read_request_head",
 ]

@@ -21,8 +21,9 @@ connection and the upstream connection become a byte relay.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from httptools import (
     HttpParserCallbackError,
@@ -55,7 +56,6 @@ from l5dproxy.http.h1.framing import (
 )
 from l5dproxy.http.h1.request import (
     PIPELINE_DEPTH,
-    H1Limits,
     RequestReader,
     _Message,
     _parser_reason,
@@ -68,36 +68,20 @@ from l5dproxy.net.deadline import Deadline
 from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
-    from l5dproxy.exchange.contracts import Dispatcher
+    from l5dproxy.config.model import HttpConfig
+    from l5dproxy.exchange.contracts import Dispatcher, HttpSite
     from l5dproxy.net.connection import InboundConnection
 
 log = Logger()
 
 
-#: The defaults (a slots dataclass's class attributes are its slots, not its
-#: default values).
-_DEFAULT_LIMITS = H1Limits()
-
-
-def h1_handler(dispatcher: Dispatcher,
-               max_request_line: int = _DEFAULT_LIMITS.max_request_line,
-               max_header_bytes: int = _DEFAULT_LIMITS.max_header_bytes,
-               request_header_timeout: float = _DEFAULT_LIMITS.request_header_timeout,
-               idle_timeout: float = _DEFAULT_LIMITS.idle_timeout):
-    """A listener handler for the ``http1`` verdict (limits per listener)."""
-    limits_of: dict[object, H1Limits] = {}
+def h1_handler(dispatcher: Dispatcher, config: HttpConfig,
+               sites: Callable[[Any], HttpSite]) -> Callable[[InboundConnection], H1Server]:
+    """The listener handler for the ``http1`` verdict: ``config`` is
+    ``[http]``; ``sites`` gives each connection's listener's ``HttpSite``."""
 
     def build(conn: InboundConnection) -> H1Server:
-        listener = conn.listener
-        limits = limits_of.get(listener)
-        if limits is None:
-            upgrades = getattr(listener.config, "upgrades", ("websocket",))
-            limits = limits_of[listener] = H1Limits(
-                max_request_line, max_header_bytes,
-                bool(getattr(listener.config, "allow_connect", False)),
-                request_header_timeout, idle_timeout,
-                frozenset(u.lower().encode("ascii") for u in upgrades))
-        return H1Server(conn, dispatcher, limits)
+        return H1Server(conn, dispatcher, config, sites(conn.listener))
     return build
 
 
@@ -105,11 +89,12 @@ def h1_handler(dispatcher: Dispatcher,
 class H1Server(RequestReader, ServerTunnel, Protocol):
     """HTTP/1 on one client connection."""
 
-    def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
-                 limits: H1Limits = _DEFAULT_LIMITS) -> None:
+    def __init__(self, conn: InboundConnection, dispatcher: Dispatcher, limits: HttpConfig,
+                 site: HttpSite) -> None:
         self.conn = conn
         self.dispatcher = dispatcher
         self.limits = limits
+        self.site = site
         self.context = RequestContext(conn.listener, conn, "http1")
         self.parser: HttpRequestParser | None = None
         self.queue: deque[_Message] = deque()   # answered in order; [0] is current
@@ -135,7 +120,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         self._ended_by = "client closed"
         self.tunnel = None
         #: The request-head and idle timeouts: times "head", "idle" or nothing.
-        self._timeout = Deadline(self.conn.listener.clock, self._timed_out)
+        self._timeout = Deadline(site.clock, self._timed_out)
 
     # -- connection --
 
@@ -227,7 +212,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
             reading.close_after = True
             self._reading = None
             if not reading.dispatched and reading.error is None:
-                self._count_error("client closed mid-body")
+                self.site.count_error("client closed mid-body")
                 reading.error = ProxyError.bad_request("client closed mid-body")
         if self.tunnel is not None:
             self.tunnel.tunnel_close_write()
@@ -281,7 +266,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         self._stopped = True
         self._in_head = False
         self.parser = None
-        self._count_error(reject.reason)
+        self.site.count_error(reject.reason)
         error = ProxyError.bad_request(reject.reason, reject.status)
         reading = self._reading
         if reading is not None and not reading.body_done:
@@ -471,15 +456,10 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         self._send(data)
         self._bound.wrote(len(data))
 
-    def _count_error(self, reason: str) -> None:
-        """``http_errors_total{reason}`` for this connection's listener."""
-        listener = self.conn.listener
-        listener.metrics.http_errors_total.labels("inbound", listener.name, reason).inc()
-
     def _write_overflow(self) -> None:
         """``WriteBound``: the client left more than the hard limit unread
         (pipelined requests whose responses it does not read): aborted, counted."""
-        self._count_error("write buffer limit")
+        self.site.count_error("write buffer limit")
         log.info("HTTP/1 client {peer} does not read: more than {limit} bytes queued, aborted",
                  peer=self.conn.peer, limit=self._bound.limit)
         self._ended_by = "write buffer limit"

@@ -4,13 +4,12 @@
 in its docstring; ``tests/test_library_internals.py`` fails loudly if one
 goes): a received GOAWAY only reports itself, the ends check header blocks
 and body lengths, and what a connection keeps is bounded. ``_frame_cost``
-tells the abuse budget what each received frame cost. ``H2Settings`` holds
-the limits and windows both ends configure their connections with.
+tells the abuse budget what each received frame cost. Both ends configure
+their connections with ``[h2]`` (``config.model.H2Config``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from h2.config import H2Configuration
@@ -34,6 +33,8 @@ from l5dproxy.http.h2.abuse import AbuseBudget
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
+    from l5dproxy.config.model import H2Config
+
 #: h2's largest stream id; the first GOAWAY of a graceful drain names it.
 _MAX_STREAM_ID = 2**31 - 1
 
@@ -45,34 +46,6 @@ _MAX_STREAM_ID = 2**31 - 1
 #: also join cookie crumbs), not by h2.
 _H2_CONFIG = {"validate_outbound_headers": False, "normalize_outbound_headers": False,
               "validate_inbound_headers": False, "normalize_inbound_headers": False}
-
-
-@dataclass(frozen=True)
-class H2Settings:
-    """The limits and windows of the h2 ends (``[h2]`` in the config)."""
-
-    #: Streams a client may have open at once; more are refused (REFUSED_STREAM).
-    max_concurrent_streams: int = 256
-    #: Largest request header list (RFC 9113 size: name + value + 32 each);
-    #: a larger one is answered 431 (gRPC: INTERNAL).
-    max_header_list_size: int = 64 * 1024
-    #: Receive window of each stream, and of each connection as a whole.
-    initial_window_size: int = 1024 * 1024
-    connection_window_size: int = 4 * 1024 * 1024
-    #: Upstream connections to one endpoint at most (connecting ones included).
-    max_connections_per_endpoint: int = 64
-    #: Points of work a peer may cause that yields nothing (``AbuseBudget``):
-    #: resets before the response, empty DATA, PING, SETTINGS, PRIORITY,
-    #: frames on closed streams, refused streams; past it GOAWAY(ENHANCE_YOUR_CALM).
-    abuse_budget: int = 500
-    #: Points that come back each second (and one per completed stream).
-    abuse_refill_per_second: float = 100.0
-    #: Seconds a client connection detected as h2 has to send its SETTINGS
-    #: (the end of its connection preface, RFC 9113 3.4); 0: no limit.
-    preface_timeout: float = 10.0
-    #: Seconds a client connection may stay with no stream open before a
-    #: graceful GOAWAY closes it; 0: never.
-    idle_timeout: float = 60.0
 
 
 class StreamResetError(Exception):
@@ -115,7 +88,7 @@ ENCODER_TABLE_SIZE = 4096
 MIN_CLOSED_STREAMS_KEPT = 128
 
 
-def closed_streams_kept(settings: H2Settings) -> int:
+def closed_streams_kept(settings: H2Config) -> int:
     """How many closed streams one connection remembers how they ended.
 
     RFC 9113 5.1 needs two things of a closed stream: that it is told from

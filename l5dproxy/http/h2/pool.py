@@ -25,9 +25,9 @@ from twisted.internet.protocol import ClientFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from l5dproxy.config.model import H2Config
 from l5dproxy.exchange.message import ProxyError, Request, Response
 from l5dproxy.http.h2.client import H2ClientProtocol
-from l5dproxy.http.h2.connection import H2Settings
 from l5dproxy.http.h2.stream import Stream
 from l5dproxy.net.connection import errno_name
 from l5dproxy.route.dispatcher import as_proxy_error
@@ -100,10 +100,10 @@ class H2Client:
     that each carry streams up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS;
     another connection opens when they are all full."""
 
-    def __init__(self, reactor: Any, settings: H2Settings | None = None,
+    def __init__(self, reactor: Any, settings: H2Config | None = None,
                  metrics: Metrics | None = None) -> None:
         self.reactor = reactor
-        self.settings = settings or H2Settings()
+        self.settings = settings or H2Config()
         self.metrics = metrics
         #: (service, endpoint label) -> its pool.
         self.pools: dict[tuple[str, str], _EndpointPool] = {}

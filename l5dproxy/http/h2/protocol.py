@@ -36,6 +36,7 @@ other connection's ``dataReceived`` or a Deferred's callback.
 from __future__ import annotations
 
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
@@ -56,12 +57,15 @@ from zope.interface import implementer
 
 from l5dproxy.exchange.message import Body, BodyLengthError, Headers, ProxyError
 from l5dproxy.http.h2.abuse import AbuseBudget
-from l5dproxy.http.h2.connection import H2Settings, ProxyH2Connection, StreamResetError
+from l5dproxy.http.h2.connection import ProxyH2Connection, StreamResetError
 from l5dproxy.http.h2.stream import OUT_LOW_WATER, Stream
 from l5dproxy.http.h2.translate import MalformedError, h2_trailers, trailers_from_h2
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import IStreamTransport
 from l5dproxy.net.writebound import WriteBound
+
+if TYPE_CHECKING:
+    from l5dproxy.config.model import H2Config
 
 log = Logger()
 
@@ -468,7 +472,7 @@ class H2Protocol(Protocol):
             self._connection_failed_stream(stream, reason)
         self._blocked.clear()
 
-    def _new_budget(self, settings: H2Settings, clock) -> None:
+    def _new_budget(self, settings: H2Config, clock) -> None:
         """connectionMade: the peer's ``AbuseBudget``, told of its frames."""
         self.budget = AbuseBudget(settings.abuse_budget, settings.abuse_refill_per_second,
                                   clock)

@@ -37,7 +37,6 @@ from l5dproxy.exchange.message import (
 from l5dproxy.http.h2.connection import (
     _H2_CONFIG,
     _MAX_STREAM_ID,
-    H2Settings,
     ProxyH2Connection,
     StreamResetError,
     closed_streams_kept,
@@ -55,7 +54,8 @@ from l5dproxy.http.h2.translate import (
 from l5dproxy.net.connection import set_no_delay
 
 if TYPE_CHECKING:
-    from l5dproxy.exchange.contracts import Dispatcher
+    from l5dproxy.config.model import H2Config
+    from l5dproxy.exchange.contracts import Dispatcher, HttpSite
     from l5dproxy.http.h2.abuse import AbuseBudget
     from l5dproxy.net.connection import InboundConnection
 
@@ -66,13 +66,13 @@ log = Logger()
 LINGER_SECONDS = 2.0
 
 
-def h2_handler(dispatcher: Dispatcher, settings: H2Settings | None = None,
+def h2_handler(dispatcher: Dispatcher, settings: H2Config, sites: Callable[[Any], HttpSite],
                ) -> Callable[[InboundConnection], H2ServerProtocol]:
-    """The listener handler for the ``h2`` verdict."""
-    settings = settings or H2Settings()
+    """The listener handler for the ``h2`` verdict: ``settings`` is ``[h2]``;
+    ``sites`` gives each connection's listener's ``HttpSite``."""
 
     def handler(conn: InboundConnection) -> H2ServerProtocol:
-        return H2ServerProtocol(conn, dispatcher, settings)
+        return H2ServerProtocol(conn, dispatcher, settings, sites(conn.listener))
 
     return handler
 
@@ -86,11 +86,12 @@ class H2ServerProtocol(H2Protocol):
     _clock: IReactorTime
 
     def __init__(self, conn: InboundConnection, dispatcher: Dispatcher,
-                 settings: H2Settings) -> None:
+                 settings: H2Config, site: HttpSite) -> None:
         super().__init__()
         self.conn = conn
         self.dispatcher = dispatcher
         self.settings = settings
+        self.site = site
         self.context = RequestContext(conn.listener, conn, "h2")
         self.draining = False
         self._last_stream_id = 0
@@ -105,7 +106,7 @@ class H2ServerProtocol(H2Protocol):
 
     def connectionMade(self) -> None:
         s = self.settings
-        clock = self._clock = self.conn.listener.clock
+        clock = self._clock = self.site.clock
         if s.preface_timeout:
             self._preface_timer = clock.callLater(s.preface_timeout, self._preface_timed_out)
         if s.idle_timeout:
@@ -153,7 +154,7 @@ class H2ServerProtocol(H2Protocol):
         return self.conn.peer
 
     def _count_abuse(self, kind: str) -> None:
-        self.conn.listener.metrics.h2_abuse_total.labels(kind).inc()
+        self.site.count_abuse(kind)
 
     def _last_stream_seen(self) -> int | None:
         return self._last_stream_id
@@ -192,9 +193,7 @@ class H2ServerProtocol(H2Protocol):
         self._preface_timer = None
         if self._lost:
             return
-        listener = self.conn.listener
-        listener.metrics.http_errors_total.labels(
-            "inbound", listener.name, "h2 preface timeout").inc()
+        self.site.count_error("h2 preface timeout")
         self._end("preface timeout", ErrorCodes.SETTINGS_TIMEOUT)
 
     def _idle_check(self) -> None:
@@ -330,8 +329,7 @@ class H2ServerProtocol(H2Protocol):
         self._abandon(stream, StreamResetError(code))
 
     def _count_error(self, reason: str) -> None:
-        listener = self.conn.listener
-        listener.metrics.http_errors_total.labels("inbound", listener.name, reason).inc()
+        self.site.count_error(reason)
 
     def _malformed(self, stream: Stream, reason: str) -> None:
         # RST_STREAM first, then the dispatch is given up: whatever the
