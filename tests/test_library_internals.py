@@ -21,8 +21,8 @@ Users today:
   ``twisted.names.client.Resolver._connectedProtocol``, reads its ``_reactor``,
   cancels its ``_parseCall``), ``l5dproxy/net/listening.py`` (reads a server
   endpoint's ``_port``), ``detect/protocol.py``/``accept/listener.py``/``detect/serverfirst.py``
-  (protocol switching by assigning ``transport.protocol``, as Twisted's own
-  ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
+  /``accept/proxyproto.py`` (protocol switching by assigning ``transport.protocol``,
+  as Twisted's own ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
 * h2: ``l5dproxy/http/h2/connection.py`` (overrides ``H2Connection._begin_new_stream``,
   ``_receive_frame`` and ``_receive_goaway_frame``, and
@@ -198,7 +198,8 @@ class TwistedTransportInternalsTests(_Canary):
         conn.doRead()
         self.require(second.data == b"after the switch" and first.data == b"", "Twisted",
                      "twisted.internet.tcp.Connection.protocol",
-                     "l5dproxy/detect/protocol.py, accept/listener.py, detect/serverfirst.py",
+                     "l5dproxy/detect/protocol.py, accept/listener.py, detect/serverfirst.py,"
+                     " accept/proxyproto.py",
                      "assigned no longer receives what doRead reads")
 
 
