@@ -23,6 +23,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import Attribute
 
 if TYPE_CHECKING:
     from l5dproxy.accept.listener import Listener
@@ -41,6 +42,8 @@ class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
     ``transport: IStreamTransport``, true from ``makeConnection`` on.
     Nothing declares it at run time; never ask ``providedBy``.
     """
+
+    connected = Attribute("1 while the connection is open (Twisted's FileDescriptor.connected)")
 
 #: Twisted's connection errors, as the errno names Linkerd puts in tcp_close_total.
 _ERRNO_NAMES: tuple[tuple[type[BaseException], str], ...] = (

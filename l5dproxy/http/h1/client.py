@@ -22,6 +22,7 @@ from httptools import (
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.protocol import Protocol as TwistedProtocol
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -43,6 +44,7 @@ from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
 
 if TYPE_CHECKING:
+    from l5dproxy.net.connection import IStreamTransport
     from l5dproxy.telemetry import Metrics, TcpSideMetrics
 
 log = Logger()
@@ -127,6 +129,8 @@ class _ResponseSource:
 class H1ClientConnection(TwistedProtocol):
     """One HTTP/1.1 connection to an endpoint: one request at a time."""
 
+    transport: IStreamTransport
+
     def __init__(self, pool: PoolSide, first: AttemptSide) -> None:
         self.pool = pool
         self._first: AttemptSide | None = first
@@ -170,13 +174,14 @@ class H1ClientConnection(TwistedProtocol):
         pool = self.pool
         client = pool.client
         self.connected_at = client.reactor.seconds()
-        self.dst = client.metrics.tcp_side("dst", "", pool.service, "http1", pool.label)
-        self.dst.opened()
+        dst = self.dst = client.metrics.tcp_side("dst", "", pool.service, "http1", pool.label)
+        dst.opened()
         set_no_delay(self.transport)
         self._send = BatchSender(self.transport).write
         self.transport.registerProducer(self, True)
         first, self._first = self._first, None
-        first.connected(self)
+        if first is not None:  # the attempt that dialled this connection
+            first.connected(self)
 
     def reusable(self) -> bool:
         """Open, idle (no request, no response under way) and reading: a
@@ -215,7 +220,8 @@ class H1ClientConnection(TwistedProtocol):
             body.consume(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.dst.read_pending += len(data)
+        if self.dst is not None:  # from connectionMade on
+            self.dst.read_pending += len(data)
         if self.tunnel is not None:
             self.tunnel.tunnel_write(data)
             return
@@ -263,7 +269,7 @@ class H1ClientConnection(TwistedProtocol):
         if self.tunnel is None:
             close_transport(self.transport)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         try:
             self._connection_lost(reason)
         finally:
@@ -323,7 +329,8 @@ class H1ClientConnection(TwistedProtocol):
                 self._write(frame_chunk(data))
             else:
                 size = chunk_head(n)
-                self.dst.write_pending += len(size) + n + 2
+                if self.dst is not None:
+                    self.dst.write_pending += len(size) + n + 2
                 self.transport.writeSequence((size, data, b"\r\n"))
         else:
             self._write(data)
@@ -347,7 +354,8 @@ class H1ClientConnection(TwistedProtocol):
         self.abort()
 
     def _write(self, data: bytes) -> None:
-        self.dst.write_pending += len(data)
+        if self.dst is not None:
+            self.dst.write_pending += len(data)
         self._send(data)
 
     # -- the response: httptools callbacks --
@@ -397,7 +405,7 @@ class H1ClientConnection(TwistedProtocol):
         upgrade = self._upgrade
         tunnel = (upgrade is not None and
                   (status == 101 if upgrade != b"CONNECT" else 200 <= status < 300))
-        if tunnel and upgrade != b"CONNECT":
+        if tunnel and upgrade is not None and upgrade != b"CONNECT":
             # RFC 9110 7.8: the 101 names what the client offered. A switch
             # to anything else (an endpoint answering a WebSocket upgrade
             # with h2c) would relay a protocol the listener never allowed.

@@ -323,17 +323,20 @@ class RequestReader:
         self._in_head = False
         self._timeout.wait = None
         self._head_bytes = 0
+        parser = self.parser
+        assert parser is not None  # this is its callback: it is parsing
         try:
             head, upgrade, named, length, chunked, expect, stripped = read_request_head(
-                self.parser, self._url, self._headers, self.site)
+                parser, self._url, self._headers, self.site)
         except _RejectError as e:
             raise self._rejecting(e.status, e.reason) from None
         msg = _Message()
         msg.method = head.method
         msg.version = version = head.version
-        msg.keep_alive = self.parser.should_keep_alive()
+        msg.keep_alive = parser.should_keep_alive()
         if stripped and length:
             msg.raw_body = length   # llhttp leaves the body to us (see _parse)
+        body: Body
         if chunked or length:
             if expect:
                 body = _ContinueBody(length, lambda: self._send_continue(msg))
@@ -360,7 +363,7 @@ class RequestReader:
 
     def on_body(self, data: bytes) -> None:
         msg = self._reading
-        if msg is not None and not self._discarding:
+        if msg is not None and not self._discarding and msg.request is not None:
             msg.request.body.write(data)
 
     def on_message_complete(self) -> None:
@@ -371,7 +374,7 @@ class RequestReader:
         trailers, self._trailers = self._trailers, None
         if not msg.body_done:
             msg.body_done = True
-            if not self._discarding:
+            if not self._discarding and msg.request is not None:
                 msg.request.body.finish(trailers or None)
         self._discarding = False
         self._resume_reading("body")

@@ -33,7 +33,7 @@ from httptools import (
 )
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -154,7 +154,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
             n = min(reading.raw_body, len(data))
             chunk, data = data[:n], data[n:]
             reading.raw_body -= n
-            if not self._discarding:
+            if not self._discarding and reading.request is not None:
                 reading.request.body.write(chunk)
             if not reading.raw_body:
                 self.on_message_complete()
@@ -207,7 +207,8 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         self._client_eof = True
         reading = self._reading
         if reading is not None and not reading.body_done:
-            reading.request.body.fail(ConnectionLost("client closed mid-body"))
+            if reading.request is not None:  # the message being read has its request
+                reading.request.body.fail(ConnectionLost("client closed mid-body"))
             reading.body_done = True
             reading.close_after = True
             self._reading = None
@@ -230,7 +231,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         if self.tunnel is None:
             close_transport(self.transport)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
         self._timeout.cancel()
         if self.tunnel is not None:
@@ -276,7 +277,8 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
             reading.body_done = True
             reading.close_after = True
             reading.error = error
-            reading.request.body.fail(ValueError(reject.reason))
+            if reading.request is not None:  # the message being read has its request
+                reading.request.body.fail(ValueError(reject.reason))
             return
         msg = _Message()
         msg.error = error
@@ -310,8 +312,10 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         if msg.error is not None:
             self._write_error(msg, msg.error)
             return
+        request = msg.request
+        assert request is not None  # an error (_bad_input) or a request (on_headers_complete)
         try:
-            exchange = self.dispatcher.dispatch_to(msg.request, self.context, self, msg)
+            exchange = self.dispatcher.dispatch_to(request, self.context, self, msg)
             if not exchange.delivered:
                 msg.exchange = exchange   # cancel() gives it up if the client goes
         except Exception:
@@ -324,7 +328,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         msg.exchange = None
         if self._closed:
             return
-        if failure.check(ProxyError):
+        if isinstance(failure.value, ProxyError):
             error = failure.value
         else:
             log.failure("dispatch failed", failure)
