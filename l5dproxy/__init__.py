@@ -9,17 +9,22 @@ run before Twisted imports OpenSSL).
 ``app/``
     Running it, everything below built from a config: ``command`` (the
     ``l5dproxy`` command), ``cli`` (twistd's options, ``--check``), ``lean``,
-    ``service`` (listeners, ends, dispatcher; reload, drain), ``workers``,
-    ``logs``, and the admin server: ``admin``, ``stats``, ``tap``.
+    ``service`` (listeners, ends, dispatcher; reload, drain), ``sites`` (what
+    each HTTP server end is given), ``tlsterm`` (terminating listeners' TLS
+    state), ``workers``, ``logs``, and the admin server: ``admin``,
+    ``stats``, ``tap``.
 ``accept/``
     A connection arrives: ``listener`` (admit, count, start detection),
-    ``proxyproto`` (PROXY protocol in).
+    ``proxyproto`` (PROXY protocol in), ``transparent`` (the original
+    destination of a redirected connection).
 ``detect/``
     What does the client speak? ``sniff`` (first bytes to a verdict, pure),
-    ``protocol`` (peek until a verdict, hand over), ``serverfirst`` (early
-    connect, destinations that spoke first).
+    ``protocol`` (peek until a verdict, hand over), ``terminate`` (TLS
+    handshake on a terminating listener, then detect inside),
+    ``serverfirst`` (early connect, destinations that spoke first).
 ``tcp/``
-    Opaque connections: ``relay`` (bytes both ways, half-close, splice).
+    Opaque connections: ``relay`` (bytes both ways, half-close, splice),
+    ``sni`` (SNI passthrough: TLS relayed by its ClientHello's name).
 ``http/``
     The wire, HTTP/1 and HTTP/2 to and from the neutral exchange, both ends,
     no policy: ``headers``; ``h1/`` (``framing``, ``request``, ``upgrade``,
@@ -41,15 +46,15 @@ The leaves, each importing only the leaves after it:
 ``discovery.py``
     A service's endpoints from a static list, DNS A/AAAA or SRV.
 ``config/``
-    The TOML file in, frozen records out: ``model``, ``parse``, ``table``,
-    ``checks``.
+    The TOML file in, frozen records out: ``model``, ``parse``, ``tls``
+    (the TLS tables), ``table``, ``checks``.
 ``tls/``
-    Certificates, peer identities, TLS origination: ``certs``, ``identity``,
-    ``client``, ``errors``.
+    Certificates, peer identities, termination and origination: ``certs``,
+    ``identity``, ``server``, ``client``, ``errors``.
 ``net/``
     Connections and transports, the only users of Twisted's internals:
-    ``connection``, ``proxyheader``, ``batchsend``, ``splice``,
-    ``writebound``, ``dns``, ``listening``.
+    ``connection``, ``proxyheader``, ``origdst``, ``batchsend``, ``splice``,
+    ``writebound``, ``deadline``, ``dns``, ``listening``.
 ``telemetry.py``
     The metrics, under Linkerd's names and labels.
 """
