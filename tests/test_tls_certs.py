@@ -260,6 +260,44 @@ class ClientIdTests(unittest.TestCase):
                              expected)
             self.assertIn((b"x", b"1"), head.headers)
 
+    def test_forged_fields_removed_from_the_trailer_section(self) -> None:
+        # Red-team finding: 'l5d-client-id: forged' in a chunked HTTP/1
+        # request's trailer section or an h2 request's trailing HEADERS
+        # reached the endpoint. Both orders: trailers received before the
+        # dispatcher runs (a small request in one read) and after.
+        from l5dproxy.exchange.message import Body, identify_client
+
+        class Sink:
+            trailers = None
+
+            def body_data(self, data: bytes) -> None:
+                pass
+
+            def body_end(self, trailers) -> None:
+                self.trailers = trailers
+
+            def body_error(self, reason: Exception) -> None:
+                raise AssertionError(reason)
+
+        forged = [(b"L5D-Client-Id", b"forged"), (b"grpc-status", b"0"),
+                  (b"l5d-client-id", b"again")]
+        for finished_first in (True, False):
+            body, sink = Body(), Sink()
+            if finished_first:
+                body.write(b"hi")
+                body.finish(list(forged))
+            self.assertIsNone(identify_client(self._head(), object(), body))
+            body.consume(sink)
+            if not finished_first:
+                body.write(b"hi")
+                body.finish(list(forged))
+            self.assertEqual(sink.trailers, [(b"grpc-status", b"0")], finished_first)
+        body, sink = Body(), Sink()   # no trailer section: none made up
+        identify_client(self._head(), object(), body)
+        body.consume(sink)
+        body.finish(None)
+        self.assertIsNone(sink.trailers)
+
     def test_refused_client_gets_403_permission_denied(self) -> None:
         from l5dproxy.exchange.message import identify_client
 

@@ -112,17 +112,31 @@ CLIENT_ID = b"l5d-client-id"
 UNAUTHORIZED = "unauthorized"
 
 
-def identify_client(head: RequestHead, connection: object) -> ProxyError | None:
+def identify_client(head: RequestHead, connection: object,
+                    body: Body | None = None) -> ProxyError | None:
     """The one rule for the client's TLS identity, applied by the dispatcher
     to every request: ``l5d-client-id`` set from the connection's verified
-    client certificate (:func:`set_client_id`), and the 403 to answer when
+    client certificate (:func:`set_client_id`), every ``l5d-client-id`` the
+    client sent in the trailer section of ``body`` removed (an application
+    that merges trailers into the header section must not see a forged
+    one), and the 403 to answer when
     ``[listener.tls] allow`` refused the client (``connection.authorized``
     false; l5dproxy.detect.terminate). ``connection`` is the
     InboundConnection (anything without those attributes: plaintext)."""
     set_client_id(head, getattr(connection, "client_id", None))
+    if body is not None:
+        body.rule_trailers(without_client_id)
     if getattr(connection, "authorized", True):
         return None
     return ProxyError.forbidden(UNAUTHORIZED)
+
+
+def without_client_id(fields: Headers) -> Headers:
+    """``fields`` without any ``l5d-client-id`` (any case); ``fields``
+    itself when it has none."""
+    if any(name.lower() == CLIENT_ID for name, _ in fields):
+        return [(n, v) for n, v in fields if n.lower() != CLIENT_ID]
+    return fields
 
 
 def set_client_id(head: RequestHead, client_id: str | None) -> None:
@@ -132,9 +146,7 @@ def set_client_id(head: RequestHead, client_id: str | None) -> None:
     does (an identity that is not visible ASCII is not sent). Applied by
     the dispatcher to every request, HTTP/1 and h2 alike, so an endpoint can
     trust the field: only the proxy sets it."""
-    headers = head.headers
-    if any(name.lower() == CLIENT_ID for name, _ in headers):
-        headers = head.headers = [(n, v) for n, v in headers if n.lower() != CLIENT_ID]
+    headers = head.headers = without_client_id(head.headers)
     if client_id is not None and client_id.isascii() and client_id.isprintable() \
             and " " not in client_id:
         headers.append((CLIENT_ID, client_id.encode("ascii")))
@@ -207,7 +219,8 @@ class Body:
 
     __slots__ = (
         "_buffer", "_buffered", "_ended", "_error", "_on_end", "_on_first_data", "_paused",
-        "_sink", "_source", "_source_paused", "_trailers", "length", "received",
+        "_sink", "_source", "_source_paused", "_trailer_rule", "_trailers", "length",
+        "received",
     )
 
     def __init__(self, length: int | None = None) -> None:
@@ -219,6 +232,7 @@ class Body:
         self._buffered = 0
         self._ended = False
         self._trailers: Headers | None = None
+        self._trailer_rule: Callable[[Headers], Headers] | None = None
         self._error: Exception | None = None
         self._paused = False                   # the sink asked for a pause
         self._source_paused = False
@@ -275,6 +289,8 @@ class Body:
         # back at its body would leave both to the cyclic GC (per request).
         self._source = None
         self._on_first_data = None   # no data is coming: no cycle through the hook
+        if trailers and self._trailer_rule is not None:
+            trailers = self._trailer_rule(trailers)
         self._trailers = trailers
         if self._sink is not None:
             self._sink.body_end(trailers)
@@ -292,6 +308,16 @@ class Body:
             self._sink.body_error(reason)
         if self._on_end is not None:
             self._fire_end(None, reason)
+
+    def rule_trailers(self, rule: Callable[[Headers], Headers]) -> None:
+        """Apply ``rule`` (fields -> the fields to keep) to the trailer
+        section before any consumer sees it: to one already received, else
+        when it comes. For fields only the proxy may set (l5d-client-id)."""
+        if self._ended:
+            if self._trailers:
+                self._trailers = rule(self._trailers)
+        else:
+            self._trailer_rule = rule
 
     # -- sink side --
 

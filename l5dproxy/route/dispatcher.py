@@ -265,7 +265,8 @@ class _Exchange:
                                             context.protocol, tls_labels(context.connection))
         labels.requests.n += 1
         self.grpc = head.is_grpc
-        refused = identify_client(head, context.connection)  # mTLS: l5d-client-id, allow
+        refused = identify_client(head, context.connection,  # mTLS: l5d-client-id, allow
+                                  self.request.body)
         upstream = proxy.upstreams.get(service) if refused is None else None
         if proxy.tap_start is not None:
             proxy.tap_start.started(self)
