@@ -125,9 +125,7 @@ KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/net/connection.py"),
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/detect/protocol.py"),
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),
-    ("l5dproxy/net/splice.py", "l5dproxy/tcp/relay.py"),
     ("l5dproxy/tcp/relay.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/tcp/relay.py", "l5dproxy/net/splice.py"),
 })
 
 #: Import edges (importer, imported) against ALLOWED (comment: folders [kinds]).
@@ -138,7 +136,6 @@ KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/http/h2/pool.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]
-    ("l5dproxy/net/splice.py", "l5dproxy/tcp/relay.py"),  # net -> tcp [tc]
 })
 
 #: Files over MAX_LINES lines.

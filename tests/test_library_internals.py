@@ -20,9 +20,9 @@ Users today:
   ``_writeDisconnecting``), ``l5dproxy/net/dns.py`` (overrides
   ``twisted.names.client.Resolver._connectedProtocol``, reads its ``_reactor``,
   cancels its ``_parseCall``), ``l5dproxy/net/listening.py`` (reads a server
-  endpoint's ``_port``), ``detect/protocol.py``/``accept/listener.py``/``detect/serverfirst.py``
-  /``accept/proxyproto.py`` (protocol switching by assigning ``transport.protocol``,
-  as Twisted's own ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
+  endpoint's ``_port``), ``l5dproxy/net/transport.py`` (``switch_protocol``:
+  protocol switching by assigning ``transport.protocol``, as Twisted's own
+  ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
 * h2: ``l5dproxy/http/h2/connection.py`` (overrides ``H2Connection._begin_new_stream``,
   ``_receive_frame`` and ``_receive_goaway_frame``, and
@@ -189,7 +189,7 @@ class TwistedTransportInternalsTests(_Canary):
                      "is not set by loseWriteConnection")
 
     def test_protocol_switch_by_assignment(self) -> None:
-        """detect/protocol.py hands a connection to another protocol by assigning
+        """net/transport.py hands a connection to another protocol by assigning
         ``transport.protocol``; later reads must reach the new one."""
         conn, peer, first = self._connection()
         second = _Sink()
@@ -198,8 +198,7 @@ class TwistedTransportInternalsTests(_Canary):
         conn.doRead()
         self.require(second.data == b"after the switch" and first.data == b"", "Twisted",
                      "twisted.internet.tcp.Connection.protocol",
-                     "l5dproxy/detect/protocol.py, accept/listener.py, detect/serverfirst.py,"
-                     " accept/proxyproto.py",
+                     "l5dproxy/net/transport.py (switch_protocol)",
                      "assigned no longer receives what doRead reads")
 
 

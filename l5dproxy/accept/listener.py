@@ -24,6 +24,7 @@ from l5dproxy.detect.serverfirst import ServerFirst
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net import proxyheader
 from l5dproxy.net.connection import InboundConnection, set_no_delay
+from l5dproxy.net.transport import switch_protocol
 from l5dproxy.tcp.relay import relay_handler
 from l5dproxy.telemetry import Metrics
 
@@ -223,8 +224,7 @@ class _Accepting(Protocol):
 
     def makeConnection(self, transport) -> None:
         protocol = self.listener.accepted(transport)
-        if getattr(transport, "protocol", None) is self:
-            transport.protocol = protocol
-        else:  # pragma: no cover - every transport we listen with sets .protocol
+        if not switch_protocol(transport, self, protocol):
+            # pragma: no cover - every transport we listen with sets .protocol
             raise RuntimeError("transport does not allow protocol switching")
         protocol.makeConnection(transport)

@@ -11,7 +11,7 @@ forwarder.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IProtocol
 from twisted.internet.protocol import Protocol, connectionDone
@@ -19,9 +19,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy.detect.sniff import Verdict, ended, sniff, timed_out
+from l5dproxy.net.transport import switch_protocol
 
 if TYPE_CHECKING:
-    from l5dproxy.net.connection import InboundConnection, IStreamTransport
+    from l5dproxy.net.connection import InboundConnection
+    from l5dproxy.net.transport import IStreamTransport
 
 
 @implementer(IHalfCloseableProtocol)
@@ -113,11 +115,7 @@ class DetectProtocol(Protocol):
             self.early.hand_to(protocol)  # adopted by the protocol, or closed
         transport = self.transport
         buffered, self.buffer = self.buffer, b""
-        # Twisted's TCP transport reads its protocol from this attribute on
-        # each read (tests/test_library_internals.py); no interface has it.
-        switchable: Any = transport
-        if getattr(switchable, "protocol", None) is self:
-            switchable.protocol = protocol
+        switch_protocol(transport, self, protocol)  # else: forward (dataReceived)
         self.next_protocol = protocol
         protocol.makeConnection(transport)
         if buffered:

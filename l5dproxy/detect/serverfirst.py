@@ -53,12 +53,14 @@ from twisted.web.resource import Resource
 
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net.connection import errno_name
+from l5dproxy.net.transport import switch_protocol
 
 if TYPE_CHECKING:
     from l5dproxy.accept.listener import Listener
     from l5dproxy.balance.backends import Endpoint
     from l5dproxy.detect.protocol import DetectProtocol
-    from l5dproxy.net.connection import InboundConnection, IStreamTransport
+    from l5dproxy.net.connection import InboundConnection
+    from l5dproxy.net.transport import IStreamTransport
 
 log = Logger()
 
@@ -413,12 +415,8 @@ class EarlyConnect:
         if early is None:  # called from _connected, which has set it
             return
         transport = early.transport
-        # Twisted's TCP transport reads its protocol from this attribute on
-        # each read (tests/test_library_internals.py); no interface has it.
+        switch_protocol(transport, early, protocol)  # else: early forwards
         early.forward_to = protocol
-        switchable: Any = transport
-        if getattr(switchable, "protocol", None) is early:
-            switchable.protocol = protocol
         protocol.makeConnection(transport)
         pending, self.server_bytes = self.server_bytes, []
         for data in pending:

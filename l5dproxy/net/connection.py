@@ -14,16 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import (
-    IAddress,
-    IConsumer,
-    IPushProducer,
-    ISSLTransport,
-    ITCPTransport,
-)
+from twisted.internet.interfaces import IAddress, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute
 
 if TYPE_CHECKING:
     from l5dproxy.accept.listener import Listener
@@ -32,18 +25,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-
-class IStreamTransport(ITCPTransport, IConsumer, IPushProducer):
-    """The transport of a connected stream protocol, as the protocols here
-    use it: Twisted's TCP and TLS transports provide all three interfaces.
-
-    For the type checker only (zope interfaces have no intersection type):
-    a protocol narrows Twisted's ``transport: ITransport | None`` with
-    ``transport: IStreamTransport``, true from ``makeConnection`` on.
-    Nothing declares it at run time; never ask ``providedBy``.
-    """
-
-    connected = Attribute("1 while the connection is open (Twisted's FileDescriptor.connected)")
 
 #: Twisted's connection errors, as the errno names Linkerd puts in tcp_close_total.
 _ERRNO_NAMES: tuple[tuple[type[BaseException], str], ...] = (

@@ -33,7 +33,7 @@ import fcntl
 import os
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet import error
 from twisted.internet.interfaces import IReadWriteDescriptor
@@ -43,7 +43,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 if TYPE_CHECKING:
-    from l5dproxy.tcp.relay import RelayProtocol, UpstreamProtocol
+    from l5dproxy.net.transport import IStreamTransport
+    from l5dproxy.telemetry import TcpSideMetrics
 
 log = Logger()
 
@@ -122,6 +123,39 @@ def can_splice(*transports) -> bool:
     return True
 
 
+class ByteCounts(Protocol):
+    """Where a connection's client-side bytes are counted
+    (``l5dproxy.net.connection.InboundConnection``)."""
+
+    def count_read(self, n: int) -> None: ...
+    def count_written(self, n: int) -> None: ...
+
+
+class SpliceOwner(Protocol):
+    """The client side of a relayed connection, as a ``Splice`` uses it
+    (``l5dproxy.tcp.relay.RelayProtocol``)."""
+
+    transport: IStreamTransport
+
+    @property
+    def conn(self) -> ByteCounts:
+        """Counts the client's bytes."""
+    #: How the connection ended, for its log line; set when splice saw both EOFs.
+    ended_by: str
+
+    def splice_ended(self, spliced: Splice, restore: bool = True) -> None:
+        """The splice gave the sockets back (``restore``: relay on in Python)."""
+
+
+class SpliceUpstream(Protocol):
+    """The server side of a relayed connection, as a ``Splice`` uses it
+    (``l5dproxy.tcp.relay.UpstreamProtocol``)."""
+
+    transport: IStreamTransport
+    #: The dst-side metrics (``read_bytes``, ``write_bytes``).
+    dst: TcpSideMetrics
+
+
 class _Direction:
     """Bytes from one socket to the other."""
 
@@ -183,7 +217,7 @@ class _Side:
 class Splice:
     """Splices one relayed connection (client <-> upstream) in the kernel."""
 
-    def __init__(self, relay: RelayProtocol, upstream: UpstreamProtocol, reactor) -> None:
+    def __init__(self, relay: SpliceOwner, upstream: SpliceUpstream, reactor) -> None:
         self.relay = relay
         self.upstream = upstream
         self.reactor = reactor

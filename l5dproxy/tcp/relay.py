@@ -17,7 +17,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy.net import splice
-from l5dproxy.net.connection import IStreamTransport, errno_name, set_no_delay
+from l5dproxy.net.connection import errno_name, set_no_delay
+from l5dproxy.net.transport import IStreamTransport, close, close_write
 
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint, Upstream
@@ -173,9 +174,10 @@ class RelayProtocol(Protocol):
         """The splice gave the sockets back: relay through Twisted again
         (unless the connection is closing)."""
         self.splice = None
-        if restore and not self.closed:
-            spliced.upstream.transport.resumeProducing()
-            self._relay_through_twisted(spliced.upstream)
+        upstream = self.upstream
+        if restore and not self.closed and upstream is not None:
+            upstream.transport.resumeProducing()
+            self._relay_through_twisted(upstream)
 
     def _relay_through_twisted(self, upstream: UpstreamProtocol) -> None:
         # Each side is the other's producer: a full write buffer on one
@@ -224,12 +226,12 @@ class RelayProtocol(Protocol):
             self.transport.write(data)
 
     def close_write(self) -> None:
-        _close_write(self.transport)
+        close_write(self.transport)
 
     def close(self) -> None:
         if not self.closed:
             self.ended_by = "server closed"
-        _close(self.transport)
+        close(self.transport)
 
     def _release_endpoint(self, success: bool | None = None) -> None:
         """Done with the endpoint; ``success`` is the failure-accrual verdict
@@ -295,10 +297,10 @@ class UpstreamProtocol(Protocol):
             self.transport.write(data)
 
     def close_write(self) -> None:
-        _close_write(self.transport)
+        close_write(self.transport)
 
     def close(self) -> None:
-        _close(self.transport)
+        close(self.transport)
 
 
 class _UpstreamFactory(ClientFactory):
@@ -313,17 +315,3 @@ class _UpstreamFactory(ClientFactory):
     def clientConnectionFailed(self, connector, reason: Failure) -> None:
         self.relay.upstream_failed(reason)
 
-
-def _close_write(transport) -> None:
-    """Send EOF once what is buffered is written.
-
-    A registered producer would keep the transport from finishing the
-    half-close (Twisted waits for it to unregister), so it goes first.
-    """
-    transport.unregisterProducer()
-    transport.loseWriteConnection()
-
-
-def _close(transport) -> None:
-    transport.unregisterProducer()
-    transport.loseConnection()

@@ -44,7 +44,7 @@ from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.connection import errno_name, set_no_delay
 
 if TYPE_CHECKING:
-    from l5dproxy.net.connection import IStreamTransport
+    from l5dproxy.net.transport import IStreamTransport
     from l5dproxy.telemetry import Metrics, TcpSideMetrics
 
 log = Logger()

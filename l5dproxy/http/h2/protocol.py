@@ -61,7 +61,7 @@ from l5dproxy.http.h2.connection import ProxyH2Connection, StreamResetError
 from l5dproxy.http.h2.stream import OUT_LOW_WATER, Stream
 from l5dproxy.http.h2.translate import MalformedError, h2_trailers, trailers_from_h2
 from l5dproxy.net.batchsend import BatchSender
-from l5dproxy.net.connection import IStreamTransport
+from l5dproxy.net.transport import IStreamTransport
 from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
