@@ -37,6 +37,7 @@ from l5dproxy.config.model import (
 from l5dproxy.exchange.contracts import HttpSite
 from l5dproxy.exchange.message import Body, Request, RequestContext, RequestHead, Response
 from l5dproxy.http.h2.pool import H2Client
+from l5dproxy.net.connection import ListenerSite
 from l5dproxy.telemetry import Metrics
 
 #: An h2 peer that sends whatever it is told (for malformed blocks).
@@ -59,6 +60,9 @@ class FakeListener:
         self.reactor = clock
         self.connections: set = set()
         self.log_connections = False
+        #: The connection records' view (l5dproxy.net.connection.ListenerSite).
+        self.site = ListenerSite(self.name, self.config.service, clock, self.metrics,
+                                 self.log_connections, self.connections)
 
 
 class FakeConnection:

@@ -51,7 +51,7 @@ class ServerTests(SynchronousTestCase):
 
     def connect(self, limits: HttpConfig | None = None):
         transport = StringTransport(peerAddress=None)
-        conn = InboundConnection(self.listener, transport, 0.0)
+        conn = InboundConnection(self.listener.site, transport, 0.0, self.listener)
         conn.detected(Verdict("http1", "request_line"))
         server = H1Server(conn, self.dispatcher, limits or HttpConfig(), site(conn.listener))
         server.makeConnection(transport)
@@ -342,7 +342,7 @@ class HalfCloseTests(SynchronousTestCase):
         self.listener = FakeListener(self.clock)
         self.dispatcher = FakeDispatcher()
         self.transport = StringTransport(peerAddress=None)
-        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn = InboundConnection(self.listener.site, self.transport, 0.0, self.listener)
         conn.detected(Verdict("http1", "request_line"))
         self.server = H1Server(conn, self.dispatcher, HttpConfig(), site(conn.listener))
         self.server.makeConnection(self.transport)
@@ -451,7 +451,7 @@ class TimeoutAndInterimTests(SynchronousTestCase):
 
     def connect(self, limits: HttpConfig | None = None) -> None:
         self.transport = StringTransport(peerAddress=None)
-        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn = InboundConnection(self.listener.site, self.transport, 0.0, self.listener)
         conn.detected(Verdict("http1", "request_line"))
         self.server = H1Server(conn, self.dispatcher,
                                limits or HttpConfig(request_header_timeout=10.0, idle_timeout=60.0),
@@ -892,7 +892,7 @@ class UpgradeTests(SynchronousTestCase):
     def serve(self, upgrades: frozenset[bytes] | None = None):
         changes = {} if upgrades is None else {"upgrades": upgrades}
         transport = StringTransport()
-        conn = InboundConnection(self.listener, transport, 0.0)
+        conn = InboundConnection(self.listener.site, transport, 0.0, self.listener)
         conn.detected(Verdict("http1", "request_line"))
         server = H1Server(conn, self.dispatcher, HttpConfig(), site(conn.listener, **changes))
         server.makeConnection(transport)
@@ -1073,7 +1073,7 @@ class PipelineGarbageTests(SynchronousTestCase):
                           listener.metrics, clock)
         proxy.clients["http1"] = H1Client(clock, listener.metrics)
         transport = StringTransport(peerAddress=None)
-        conn = InboundConnection(listener, transport, 0.0)
+        conn = InboundConnection(listener.site, transport, 0.0, listener)
         conn.detected(Verdict("http1", "request_line"))
         server = H1Server(conn, proxy, HttpConfig(), site(conn.listener))
         server.makeConnection(transport)
@@ -1116,7 +1116,7 @@ class HostTests(SynchronousTestCase):
 
     def send(self, data: bytes) -> bytes:
         transport = StringTransport()
-        conn = InboundConnection(self.listener, transport, 0.0)
+        conn = InboundConnection(self.listener.site, transport, 0.0, self.listener)
         conn.detected(Verdict("http1", "request_line"))
         server = H1Server(conn, self.dispatcher, HttpConfig(), site(conn.listener))
         server.makeConnection(transport)

@@ -32,7 +32,7 @@ from tests.fakes import FakeDispatcher, FakeListener, Source, site
 
 
 def server_on(transport, listener, dispatcher) -> H1Server:
-    conn = InboundConnection(listener, transport, 0.0)
+    conn = InboundConnection(listener.site, transport, 0.0, listener)
     conn.detected(Verdict("http1", "request_line"))
     server = H1Server(conn, dispatcher, HttpConfig(), site(conn.listener))
     server.makeConnection(transport)

@@ -130,7 +130,7 @@ class ServerHarness(SynchronousTestCase):
         self.listener = make_listener(self.clock)
         self.dispatcher = FakeDispatcher()
         self.transport = Transport()
-        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn = InboundConnection(self.listener.site, self.transport, 0.0, self.listener)
         conn.detected(Verdict("h2", "preface"))
         self.conn = conn
         self.server = H2ServerProtocol(conn, self.dispatcher, self.settings, site(conn.listener))
@@ -637,7 +637,7 @@ class ServerTests(ServerHarness):
         goaways = 0
         for _ in range(300):
             transport = Transport()
-            conn = InboundConnection(self.listener, transport, 0.0)
+            conn = InboundConnection(self.listener.site, transport, 0.0, self.listener)
             conn.detected(Verdict("h2", "preface"))
             server = H2ServerProtocol(conn, self.dispatcher, self.settings, site(conn.listener))
             server.makeConnection(transport)
@@ -1346,7 +1346,7 @@ class WiredTests(SynchronousTestCase):
 
     def client_connection(self):
         transport = Transport()
-        conn = InboundConnection(self.listener, transport, 0.0)
+        conn = InboundConnection(self.listener.site, transport, 0.0, self.listener)
         conn.detected(Verdict("h2", "preface"))
         server = H2ServerProtocol(conn, self.forwarder, self.settings, site(conn.listener))
         server.makeConnection(transport)
@@ -1802,7 +1802,7 @@ class H2ToH1:
         proxy = HttpProxy(upstreams, metrics, self.clock)
         proxy.clients["http1"] = H1Client(self.clock, metrics)
         self.transport = Transport()
-        conn = InboundConnection(self.listener, self.transport, 0.0)
+        conn = InboundConnection(self.listener.site, self.transport, 0.0, self.listener)
         conn.detected(Verdict("h2", "preface"))
         self.server = H2ServerProtocol(conn, proxy, H2Config(), site(conn.listener))
         self.server.makeConnection(self.transport)

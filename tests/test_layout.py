@@ -116,22 +116,12 @@ REACH_IN_ALLOWED = frozenset({"accept", "app"})
 
 #: Import edges (importer, imported) inside an import cycle.
 KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/net/connection.py", "l5dproxy/accept/listener.py"),
-    ("l5dproxy/detect/protocol.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/accept/listener.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/accept/listener.py", "l5dproxy/detect/protocol.py"),
     ("l5dproxy/accept/listener.py", "l5dproxy/detect/serverfirst.py"),
-    ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),
-    ("l5dproxy/detect/serverfirst.py", "l5dproxy/net/connection.py"),
-    ("l5dproxy/detect/serverfirst.py", "l5dproxy/detect/protocol.py"),
     ("l5dproxy/detect/serverfirst.py", "l5dproxy/accept/listener.py"),
-    ("l5dproxy/tcp/relay.py", "l5dproxy/net/connection.py"),
 })
 
 #: Import edges (importer, imported) against ALLOWED (comment: folders [kinds]).
 KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/net/connection.py", "l5dproxy/accept/listener.py"),  # net -> accept [tc]
-    ("l5dproxy/net/connection.py", "l5dproxy/detect/sniff.py"),  # net -> detect [tc]
     ("l5dproxy/discovery.py", "l5dproxy/balance/backends.py"),  # discovery -> balance [run]
     ("l5dproxy/http/h2/pool.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
     ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
@@ -144,12 +134,6 @@ KNOWN_LARGE: frozenset[str] = frozenset({
 
 #: (file, reach-in expression) -> how many times the file has it.
 KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
-    ("l5dproxy/net/connection.py", "listener.config"): 1,
-    ("l5dproxy/net/connection.py", "self.listener.clock"): 1,
-    ("l5dproxy/net/connection.py", "self.listener.connections"): 1,
-    ("l5dproxy/net/connection.py", "self.listener.log_connections"): 1,
-    ("l5dproxy/net/connection.py", "self.listener.metrics"): 1,
-    ("l5dproxy/net/connection.py", "self.listener.name"): 2,
     ("l5dproxy/detect/protocol.py", "conn.listener.protocol_for"): 1,
     ("l5dproxy/detect/protocol.py", "getattr(listener, 'server_first', None)"): 1,
     ("l5dproxy/detect/protocol.py", "listener.clock"): 1,

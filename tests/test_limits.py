@@ -599,7 +599,7 @@ class H2ServerTimeoutTests(ServerHarness):
 
     def fresh_server(self) -> tuple[H2ServerProtocol, Transport]:
         transport = Transport()
-        conn = InboundConnection(self.listener, transport, self.clock.seconds())
+        conn = InboundConnection(self.listener.site, transport, self.clock.seconds(), self.listener)
         conn.detected(Verdict("h2", "preface"))
         server = H2ServerProtocol(conn, self.dispatcher, self.settings, site(conn.listener))
         server.makeConnection(transport)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from types import SimpleNamespace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,8 +20,9 @@ from l5dproxy.accept.proxyproto import (
     ProxyHeaderProtocol,
     parse,
 )
-from l5dproxy.net.connection import InboundConnection
+from l5dproxy.net.connection import InboundConnection, ListenerSite
 from l5dproxy.net.proxyheader import encode
+from l5dproxy.telemetry import Metrics
 
 BOUNDED = settings(max_examples=150, deadline=None, derandomize=True)
 
@@ -146,9 +146,8 @@ class Rig:
         self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5000),
                                          hostAddress=IPv4Address("TCP", "127.0.0.1", 4143))
         self.closed: list[str] = []
-        listener = SimpleNamespace(config=SimpleNamespace(service="app"), connections=set(),
-                                   clock=self.clock, log_connections=False, name="in")
-        self.conn = RecordedConnection(listener, self.transport, 0.0)  # type: ignore[arg-type]
+        site = ListenerSite("in", "app", self.clock, Metrics(), log_connections=False)
+        self.conn = RecordedConnection(site, self.transport, 0.0)
         self.conn.ends = self.closed
         self.counted: list[str] = []
         self.next = Next()

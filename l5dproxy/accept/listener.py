@@ -23,7 +23,7 @@ from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.serverfirst import ServerFirst
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net import proxyheader
-from l5dproxy.net.connection import InboundConnection, set_no_delay
+from l5dproxy.net.connection import InboundConnection, ListenerSite, set_no_delay
 from l5dproxy.net.transport import switch_protocol
 from l5dproxy.tcp.relay import relay_handler
 from l5dproxy.telemetry import Metrics
@@ -63,7 +63,9 @@ class Listener(Factory):
         self.reactor: IReactorTCP = reactor
         self.log_connections = log_connections
         self.handlers: dict[str, Handler] = dict(handlers or {})
-        self.connections: set[InboundConnection] = set()
+        #: What its connections' records share (their set of open connections too).
+        self.site = ListenerSite(config.name, config.service, reactor, metrics, log_connections)
+        self.connections: set[InboundConnection] = self.site.connections
         #: Early connects and learned opaque destinations (l5dproxy.detect.serverfirst).
         self.server_first = server_first
         self._opaque_verdict = self._skip_detection_verdict()
@@ -92,7 +94,7 @@ class Listener(Factory):
         limits = self.limits
         if limits is not None and not limits.admit(self):
             return _Refused()
-        conn = InboundConnection(self, transport, self.clock.seconds())
+        conn = InboundConnection(self.site, transport, self.clock.seconds(), self)
         self.connections.add(conn)
         set_no_delay(transport)
         if self.transparent is not None:

@@ -474,7 +474,7 @@ class ProxyService(Service):
         log.info("{why}: closing {n} connections", why=why, n=len(remaining))
         for conn in remaining:
             conn.transport.abortConnection()
-            conn.listener.connections.discard(conn)
+            conn.site.connections.discard(conn)
 
     def _drain(self, timeout: float) -> defer.Deferred:
         """Fires when every connection has closed, aborting stragglers at ``timeout``."""

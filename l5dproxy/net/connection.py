@@ -3,25 +3,26 @@
 Whichever protocol ends up speaking on a connection (the TCP relay, an HTTP
 server end) shares this record: it carries the src-side metrics, counts the
 bytes, and writes the one log line per closed connection, so every protocol
-is counted and logged the same way.
+is counted and logged the same way. What it needs of its listener comes in a
+``ListenerSite``, built once per listener (a reload's new listener gets a new
+one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IAddress, ISSLTransport
+from twisted.internet.interfaces import IAddress, IReactorTime, ISSLTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 if TYPE_CHECKING:
-    from l5dproxy.accept.listener import Listener
-    from l5dproxy.detect.sniff import Verdict
-    from l5dproxy.telemetry import TcpSideMetrics
+    from l5dproxy.telemetry import Metrics, TcpSideMetrics
 
 log = Logger()
 
@@ -49,17 +50,51 @@ def errno_name(reason: Failure | None) -> str:
     return str(os_errno) if os_errno else "EIO"
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class ListenerSite:
+    """What the connections of one listener share, as their record uses it.
+
+    Built once per listener; a reload's new listener gets a new one, so a
+    connection keeps the site it was accepted on. ``connections`` is the
+    listener's set of open connections: a record leaves it when it closes.
+    """
+
+    #: The listener's name: the ``listener`` label and the log lines.
+    name: str
+    #: The service the listener sends to (a connection's until a protocol says otherwise).
+    service: str
+    clock: IReactorTime
+    metrics: Metrics
+    #: One log line per closed connection (``[proxy] log_connections``).
+    log_connections: bool
+    connections: set[InboundConnection] = field(default_factory=set)
+
+
+class Detected(Protocol):
+    """A detection verdict, as the record keeps it (``l5dproxy.detect.sniff.Verdict``)."""
+
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def sni(self) -> str | None: ...
+
+
 class InboundConnection:
     """What is known of one client connection, from accept to close."""
 
     __slots__ = (
         "accepted_at", "authorized", "bytes_read", "bytes_written", "client", "client_id",
         "destination", "endpoint", "listener", "local", "on_drain", "original_dst", "peer",
-        "pinned", "protocol", "proxy_header", "service", "sni", "src", "tls", "transport",
-        "upstream_tls", "via",
+        "pinned", "protocol", "proxy_header", "service", "site", "sni", "src", "tls",
+        "transport", "upstream_tls", "via",
     )
 
-    def __init__(self, listener: Listener, transport, accepted_at: float) -> None:
+    def __init__(self, site: ListenerSite, transport, accepted_at: float,
+                 listener: Any = None) -> None:
+        self.site = site
+        #: The ``Listener``, for the HTTP server ends and the dispatcher until
+        #: they are given what they use (issue 12 plan D3b); nothing on the
+        #: accept, detect or relay path reads it.
         self.listener = listener
         self.transport = transport
         self.accepted_at = accepted_at
@@ -86,7 +121,7 @@ class InboundConnection:
         self.pinned: Any = None   # Endpoint | None (balance/ is above net/)
         self.protocol: str | None = None
         self.sni: str | None = None
-        self.service = listener.config.service
+        self.service = site.service
         self.endpoint = ""
         self.bytes_read = 0
         self.bytes_written = 0
@@ -134,12 +169,13 @@ class InboundConnection:
         """Whether the client's bytes reach the proxy over TLS it terminates."""
         return self.tls is not None or ISSLTransport.providedBy(self.transport)
 
-    def detected(self, verdict: Verdict) -> None:
+    def detected(self, verdict: Detected) -> None:
         """The protocol is known: the connection counts as open under it."""
         self.protocol = verdict.protocol
         self.sni = verdict.sni
-        self.src = self.listener.metrics.tcp_side(
-            "src", self.listener.name, self.service, verdict.protocol, self.local)
+        site = self.site
+        self.src = site.metrics.tcp_side(
+            "src", site.name, self.service, verdict.protocol, self.local)
         self.src.opened()
 
     def drain(self) -> None:
@@ -161,15 +197,16 @@ class InboundConnection:
 
     def closed(self, reason: Failure | None, how: str) -> None:
         """Record the end of the connection: metrics, then one log line."""
-        self.listener.connections.discard(self)
-        duration = self.listener.clock.seconds() - self.accepted_at
+        site = self.site
+        site.connections.discard(self)
+        duration = site.clock.seconds() - self.accepted_at
         errno = errno_name(reason)
         src = self.src
         if src is not None:
             src.closed(errno, duration)
-        if self.listener.log_connections:
+        if site.log_connections:
             fields = dict(
-                listener=self.listener.name, peer=self.peer, protocol=self.protocol or "none",
+                listener=site.name, peer=self.peer, protocol=self.protocol or "none",
                 service=self.service, endpoint=self.endpoint or "-", sni=self.sni or "-",
                 bytes_in=self.bytes_read, bytes_out=self.bytes_written,
                 duration_ms=duration * 1000.0, end=how + (f" {errno}" if errno else ""),
