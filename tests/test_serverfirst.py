@@ -16,17 +16,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from l5dproxy.accept.listener import Listener
+from l5dproxy.app.admin import OpaqueResource
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.checks import parse_host_port
 from l5dproxy.config.model import DetectConfig, ListenerConfig, ServiceConfig
 from l5dproxy.config.parse import ConfigError, parse
+from l5dproxy.detect.early import EARLY_CONNECT_LIMIT, ServerFirst
+from l5dproxy.detect.memory import OpaqueMemory
 from l5dproxy.detect.protocol import DetectProtocol
-from l5dproxy.detect.serverfirst import (
-    EARLY_CONNECT_LIMIT,
-    OpaqueMemory,
-    OpaqueResource,
-    ServerFirst,
-)
 from l5dproxy.tcp.relay import RelayProtocol, UpstreamProtocol
 from l5dproxy.telemetry import Metrics
 

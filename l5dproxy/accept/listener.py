@@ -19,8 +19,8 @@ from l5dproxy.accept.proxyproto import ProxyHeaderProtocol
 from l5dproxy.accept.transparent import OriginalDestinations, Refused
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import ORIGINAL_DST, DetectConfig, ListenerConfig
+from l5dproxy.detect.early import ServerFirst
 from l5dproxy.detect.protocol import DetectProtocol
-from l5dproxy.detect.serverfirst import ServerFirst
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net import proxyheader
 from l5dproxy.net.connection import InboundConnection, ListenerSite, set_no_delay
@@ -66,7 +66,7 @@ class Listener(Factory):
         #: What its connections' records share (their set of open connections too).
         self.site = ListenerSite(config.name, config.service, reactor, metrics, log_connections)
         self.connections: set[InboundConnection] = self.site.connections
-        #: Early connects and learned opaque destinations (l5dproxy.detect.serverfirst).
+        #: Early connects and learned opaque destinations (l5dproxy.detect.early).
         self.server_first = server_first
         self._opaque_verdict = self._skip_detection_verdict()
         self._detect_children: dict[tuple[str, str], tuple] = {}

@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 if TYPE_CHECKING:
     from l5dproxy.app.stats import Stats
     from l5dproxy.app.tap import TapHub
+    from l5dproxy.detect.early import ServerFirst
 
 PLAIN = "text/plain; charset=utf-8"
 JSON = "application/json"
@@ -212,6 +213,28 @@ class _Tap(_Resource):
     def render_HEAD(self, request) -> bytes:
         request.setHeader(b"content-type", b"application/x-ndjson")
         return b""
+
+
+class OpaqueResource(Resource):
+    """``/opaque`` on the admin server: the learned destinations, as JSON."""
+
+    isLeaf = True
+
+    def __init__(self, server_first: ServerFirst) -> None:
+        super().__init__()
+        self.server_first = server_first
+
+    def render_GET(self, request) -> bytes:
+        sf = self.server_first
+        memory = sf.memory
+        body = {
+            "client_silence_seconds": sf.client_silence,
+            "ttl_seconds": memory.ttl,
+            "max_entries": memory.max_entries,
+            "learned": memory.entries(),
+        }
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(body, indent=1).encode() + b"\n"
 
 
 def _plain(request, status: int, text: str) -> bytes:

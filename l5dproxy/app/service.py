@@ -29,14 +29,15 @@ from zope.interface import implementer
 from l5dproxy import __version__
 from l5dproxy.accept.listener import ConnectionLimits, Handler, Listener
 from l5dproxy.app import logs, workers
-from l5dproxy.app.admin import admin_site, config_document
+from l5dproxy.app.admin import OpaqueResource, admin_site, config_document
 from l5dproxy.app.sites import HttpSites
 from l5dproxy.app.stats import Stats
 from l5dproxy.app.tap import TapHub
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import Config
 from l5dproxy.config.parse import ConfigError, load
-from l5dproxy.detect.serverfirst import OpaqueMemory, OpaqueResource, ServerFirst
+from l5dproxy.detect.early import ServerFirst
+from l5dproxy.detect.memory import OpaqueMemory
 from l5dproxy.discovery import Discovery, make_resolver
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import h1_handler

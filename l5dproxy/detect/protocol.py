@@ -40,7 +40,7 @@ class DetectProtocol(Protocol):
         self.next_protocol: IProtocol | None = None
         self._timer: IDelayedCall | None = listener.clock.callLater(
             listener.detect.timeout, self._timed_out)
-        # The client-silence window: see l5dproxy.detect.serverfirst.
+        # The client-silence window: see l5dproxy.detect.early.
         server_first = getattr(listener, "server_first", None)
         self.early = server_first.watch(self) if server_first is not None else None
 

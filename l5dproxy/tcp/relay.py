@@ -67,7 +67,7 @@ class RelayProtocol(Protocol):
         self.splice: splice.Splice | None = None
 
     def adopt_upstream(self, early) -> None:
-        """Use ``early`` (``l5dproxy.detect.serverfirst.EarlyConnect``: an upstream
+        """Use ``early`` (``l5dproxy.detect.early.EarlyConnect``: an upstream
         connection made, or being made, before the relay) instead of dialling;
         closed instead when the relay dials another service (an SNI route)."""
         if self.routed:

@@ -13,10 +13,10 @@ server waits for a connection. Two things here remove the stall:
   replayed to the client at once. If the client speaks first after all,
   detection goes on; the connection is then adopted by the verdict's
   protocol if it can take one (the TCP relay can), or closed.
-* ``OpaqueMemory``: destinations (service, endpoint) that spoke first are
-  remembered, so later connections to them go straight to the relay with no
-  window at all (reason ``learned_opaque``). Bounded, expiring, and keyed by
-  the service's config so a changed service starts afresh.
+* ``ServerFirst.learned_protocol``: destinations (service, endpoint) that
+  spoke first are remembered (``l5dproxy.detect.memory.OpaqueMemory``), so
+  later connections to them go straight to the relay with no window at all
+  (reason ``learned_opaque``).
 
 The default window (25 ms, ``DetectConfig.client_silence``) comes from
 measurement: from accept to a client-speaks-first client's first bytes (curl,
@@ -38,19 +38,16 @@ to speak first skip the window and are not affected.
 from __future__ import annotations
 
 import contextlib
-import json
-from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import NotConnectingError
-from twisted.internet.interfaces import IConnector, IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IConnector, IDelayedCall
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
 
+from l5dproxy.detect.memory import OpaqueMemory
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net.connection import errno_name
 from l5dproxy.net.transport import switch_protocol
@@ -71,120 +68,6 @@ LEARNED_OPAQUE = Verdict("opaque", "learned_opaque")
 #: (not yet adopted or closed) at once. Under the bench's flood of 2,000
 #: silent connections each of them dialled the endpoint (issue 11).
 EARLY_CONNECT_LIMIT = 128
-
-
-# -- the memory (pure: a clock in, no I/O) --
-
-
-@dataclass(slots=True)
-class _Entry:
-    generation: Hashable
-    learned_at: float
-    expires_at: float
-    hits: int = 0
-
-
-class OpaqueMemory:
-    """Destinations that spoke first, each for ``ttl`` seconds, at most
-    ``max_entries`` of them (the least recently learned goes first).
-
-    A destination is ``(service, endpoint)``; ``generation`` is anything that
-    changes when the service's config changes (the ServiceConfig itself), so
-    a lookup under a new config never trusts what the old one taught.
-    """
-
-    def __init__(self, clock: IReactorTime, max_entries: int = 1024,
-                 ttl: float = 600.0) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self.clock = clock
-        self.max_entries = max_entries
-        self.ttl = ttl
-        self._entries: OrderedDict[tuple[str, str], _Entry] = OrderedDict()
-        self._per_service: dict[str, int] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def has_service(self, service: str) -> bool:
-        """Whether anything (maybe expired) is remembered for ``service``: the
-        cheap test that keeps services with nothing learned off the slow path."""
-        return service in self._per_service
-
-    def learn(self, service: str, endpoint: str, generation: Hashable = None) -> None:
-        now = self.clock.seconds()
-        key = (service, endpoint)
-        if key in self._entries:
-            self._remove(key)
-        else:
-            self.prune()
-            while len(self._entries) >= self.max_entries:
-                self._remove(next(iter(self._entries)))
-        self._entries[key] = _Entry(generation, now, now + self.ttl)
-        self._per_service[service] = self._per_service.get(service, 0) + 1
-
-    def knows(self, service: str, endpoint: str, generation: Hashable = None) -> bool:
-        """Whether ``endpoint`` of ``service`` (as configured now) spoke first
-        within the last ``ttl`` seconds; counts a hit when it did."""
-        key = (service, endpoint)
-        entry = self._entries.get(key)
-        if entry is None:
-            return False
-        if entry.expires_at <= self.clock.seconds() or entry.generation != generation:
-            self._remove(key)
-            return False
-        entry.hits += 1
-        return True
-
-    def prune(self) -> None:
-        now = self.clock.seconds()
-        for key in [k for k, e in self._entries.items() if e.expires_at <= now]:
-            self._remove(key)
-
-    def entries(self) -> list[dict[str, Any]]:
-        """What is remembered now, oldest first, for the admin endpoint."""
-        self.prune()
-        now = self.clock.seconds()
-        return [
-            {"service": service, "endpoint": endpoint,
-             "age_seconds": round(now - e.learned_at, 3),
-             "expires_in_seconds": round(e.expires_at - now, 3), "hits": e.hits}
-            for (service, endpoint), e in self._entries.items()
-        ]
-
-    def _remove(self, key: tuple[str, str]) -> None:
-        del self._entries[key]
-        service = key[0]
-        left = self._per_service[service] - 1
-        if left:
-            self._per_service[service] = left
-        else:
-            del self._per_service[service]
-
-
-class OpaqueResource(Resource):
-    """``/opaque`` on the admin server: the learned destinations, as JSON."""
-
-    isLeaf = True
-
-    def __init__(self, server_first: ServerFirst) -> None:
-        super().__init__()
-        self.server_first = server_first
-
-    def render_GET(self, request) -> bytes:
-        sf = self.server_first
-        memory = sf.memory
-        body = {
-            "client_silence_seconds": sf.client_silence,
-            "ttl_seconds": memory.ttl,
-            "max_entries": memory.max_entries,
-            "learned": memory.entries(),
-        }
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(body, indent=1).encode() + b"\n"
-
-
-# -- the run-time side --
 
 
 class ServerFirst:
