@@ -9,10 +9,11 @@ run before Twisted imports OpenSSL).
 ``app/``
     Running it, everything below built from a config: ``command`` (the
     ``l5dproxy`` command), ``cli`` (twistd's options, ``--check``), ``lean``,
-    ``service`` (listeners, ends, dispatcher; reload, drain), ``sites`` (what
-    each HTTP server end is given), ``tlsterm`` (terminating listeners' TLS
-    state), ``workers``, ``logs``, and the admin server: ``admin``,
-    ``stats``, ``tap``.
+    ``service`` (listeners, ends, dispatcher; reload, drain), ``listeners``
+    (each listener's records and handler table), ``sites`` (what each HTTP
+    server end is given), ``tlsterm`` (terminating listeners' TLS state),
+    ``workers``, ``logs``, and the admin server: ``admin``, ``stats``,
+    ``tap``.
 ``accept/``
     A connection arrives: ``listener`` (admit, count, start detection),
     ``proxyproto`` (PROXY protocol in), ``transparent`` (the original
@@ -20,8 +21,9 @@ run before Twisted imports OpenSSL).
 ``detect/``
     What does the client speak? ``sniff`` (first bytes to a verdict, pure),
     ``protocol`` (peek until a verdict, hand over), ``terminate`` (TLS
-    handshake on a terminating listener, then detect inside),
-    ``serverfirst`` (early connect, destinations that spoke first).
+    handshake on a terminating listener, then detect inside), ``early``
+    (early connect while the client is silent), ``memory`` (destinations
+    that spoke first).
 ``tcp/``
     Opaque connections: ``relay`` (bytes both ways, half-close, splice),
     ``sni`` (SNI passthrough: TLS relayed by its ClientHello's name).

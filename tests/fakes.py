@@ -23,6 +23,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from l5dproxy.accept.listener import Listener
+from l5dproxy.app.listeners import build_listener
 from l5dproxy.app.sites import http_site
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
@@ -79,7 +80,7 @@ def make_listener(clock) -> Listener:
     detect = DetectConfig()
     upstreams = {"app": Upstream(service, detect.opaque_ports, clock=clock)}
     config = ListenerConfig("inbound", "tcp:0", "app")
-    return Listener(config, detect, upstreams, Metrics(), clock, log_connections=False)
+    return build_listener(config, detect, upstreams, Metrics(), clock, log_connections=False)
 
 
 def site(listener: Any, **changes: Any) -> HttpSite:

@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from l5dproxy.accept.listener import Listener
+from l5dproxy.app.listeners import build_listener
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.protocol import DetectProtocol
@@ -116,8 +117,8 @@ class DetectTestsMixin:
             return recorder
 
         handlers = dict.fromkeys(("h2", "http1", "tls", "opaque"), record)
-        return Listener(config, detect, upstreams, self.metrics, self.clock,
-                        handlers=handlers)
+        return build_listener(config, detect, upstreams, self.metrics, self.clock,
+                              handlers=handlers)
 
     def accept(self, listener: Listener | None = None) -> SwitchableTransport:
         """Accept one connection the way the reactor does."""

@@ -22,7 +22,7 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.accept.listener import Listener
+from l5dproxy.app.listeners import build_listener
 from l5dproxy.app.sites import HttpSites
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DetectConfig, HostPort, HttpConfig, ListenerConfig, ServiceConfig
@@ -116,8 +116,8 @@ class Run:
         handlers["http1"] = h1_handler(
             self.endpoint, HttpConfig(max_request_line=MAX_REQUEST_LINE,
                                       max_header_bytes=MAX_HEADER_BYTES), HttpSites())
-        self.listener = Listener(config, detect, {"app": Upstream(service, ())}, self.metrics,
-                                 self.clock, log_connections=False, handlers=handlers)
+        self.listener = build_listener(config, detect, {"app": Upstream(service, ())}, self.metrics,
+                                       self.clock, log_connections=False, handlers=handlers)
         self.transport = SwitchableTransport()
         protocol = self.listener.buildProtocol(self.transport.getPeer())
         self.transport.protocol = protocol

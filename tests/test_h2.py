@@ -38,7 +38,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.accept.listener import Listener
+from l5dproxy.app.listeners import build_listener
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DetectConfig, H2Config, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
@@ -1797,8 +1797,8 @@ class H2ToH1:
                                 retry_limit=0)
         upstreams = {"app": Upstream(service, frozenset(), clock=self.clock)}
         metrics = Metrics()
-        self.listener = Listener(ListenerConfig("inbound", "tcp:0", "app"), DetectConfig(),
-                                 upstreams, metrics, self.clock, log_connections=False)
+        self.listener = build_listener(ListenerConfig("inbound", "tcp:0", "app"), DetectConfig(),
+                                       upstreams, metrics, self.clock, log_connections=False)
         proxy = HttpProxy(upstreams, metrics, self.clock)
         proxy.clients["http1"] = H1Client(self.clock, metrics)
         self.transport = Transport()

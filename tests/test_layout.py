@@ -116,16 +116,12 @@ REACH_IN_ALLOWED = frozenset({"accept", "app"})
 
 #: Import edges (importer, imported) inside an import cycle.
 KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/accept/listener.py", "l5dproxy/detect/early.py"),
-    ("l5dproxy/detect/early.py", "l5dproxy/accept/listener.py"),
 })
 
 #: Import edges (importer, imported) against ALLOWED (comment: folders [kinds]).
 KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
     ("l5dproxy/discovery.py", "l5dproxy/balance/backends.py"),  # discovery -> balance [run]
     ("l5dproxy/http/h2/pool.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
-    ("l5dproxy/accept/listener.py", "l5dproxy/tcp/relay.py"),  # accept -> tcp [run]
-    ("l5dproxy/detect/early.py", "l5dproxy/accept/listener.py"),  # detect -> accept [tc]
 })
 
 #: Files over MAX_LINES lines.
@@ -134,31 +130,10 @@ KNOWN_LARGE: frozenset[str] = frozenset({
 
 #: (file, reach-in expression) -> how many times the file has it.
 KNOWN_REACH_INS: Mapping[tuple[str, str], int] = {
-    ("l5dproxy/detect/protocol.py", "conn.listener.protocol_for"): 1,
-    ("l5dproxy/detect/protocol.py", "getattr(listener, 'server_first', None)"): 1,
-    ("l5dproxy/detect/protocol.py", "listener.clock"): 1,
-    ("l5dproxy/detect/protocol.py", "listener.detect"): 2,
-    ("l5dproxy/detect/protocol.py", "self.conn.listener.clock"): 1,
-    ("l5dproxy/detect/protocol.py", "self.conn.listener.detect"): 1,
-    ("l5dproxy/detect/protocol.py", "self.conn.listener.detection_abandoned"): 1,
     ("l5dproxy/route/dispatcher.py", "listener.config"): 1,
     ("l5dproxy/route/dispatcher.py", "listener.name"): 1,
     ("l5dproxy/route/dispatcher.py", "self.context.listener.config"): 2,
     ("l5dproxy/route/dispatcher.py", "self.context.listener.name"): 1,
-    ("l5dproxy/detect/early.py", "listener.clock"): 1,
-    ("l5dproxy/detect/early.py", "listener.protocol_for"): 1,
-    ("l5dproxy/detect/early.py", "listener.upstream"): 1,
-    ("l5dproxy/detect/early.py", "self.listener.metrics"): 1,
-    ("l5dproxy/detect/early.py", "self.listener.reactor"): 1,
-    ("l5dproxy/detect/early.py", "self.listener.upstream"): 3,
-    ("l5dproxy/tcp/relay.py", "conn.listener.metrics"): 2,
-    ("l5dproxy/tcp/relay.py", "conn.listener.reactor"): 1,
-    ("l5dproxy/tcp/relay.py", "conn.listener.upstream"): 1,
-    ("l5dproxy/tcp/relay.py", "listener.clock"): 1,
-    ("l5dproxy/tcp/relay.py", "listener.metrics"): 1,
-    ("l5dproxy/tcp/relay.py", "listener.name"): 1,
-    ("l5dproxy/tcp/relay.py", "self.conn.listener.reactor"): 1,
-    ("l5dproxy/tcp/relay.py", "self.relay.conn.listener.clock"): 1,
 }
 
 

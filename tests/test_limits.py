@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept.listener import ConnectionLimits, Listener
+from l5dproxy.app.listeners import build_listener
 from l5dproxy.balance.backends import Endpoint as BalancerEndpoint
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
@@ -111,10 +112,10 @@ class Refusing(SynchronousTestCase):
             ServiceConfig("app", (HostPort("127.0.0.1", 8080),)), frozenset())}
 
     def listener(self, name: str, max_connections: int = 0) -> Listener:
-        listener = Listener(ListenerConfig(name, "tcp:0", "app",
-                                           max_connections=max_connections),
-                            DetectConfig(), self.upstreams, self.metrics, self.clock,
-                            log_connections=False, limits=self.limits)
+        listener = build_listener(ListenerConfig(name, "tcp:0", "app",
+                                                 max_connections=max_connections),
+                                  DetectConfig(), self.upstreams, self.metrics, self.clock,
+                                  log_connections=False, limits=self.limits)
         self.all.append(listener)
         return listener
 

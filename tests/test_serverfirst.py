@@ -17,6 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.app.admin import OpaqueResource
+from l5dproxy.app.listeners import build_listener
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.checks import parse_host_port
 from l5dproxy.config.model import DetectConfig, ListenerConfig, ServiceConfig
@@ -164,11 +165,11 @@ class EarlyConnectTests(SynchronousTestCase):
         metrics = Metrics()
         self.server_first = ServerFirst(
             self.memory, silence,
-            lambda listener: metrics.early_connect_limit_total.labels(listener.name).inc())
-        return Listener(ListenerConfig("in", "tcp:0", "mail"), detect,
-                        {"mail": self.upstream}, metrics, self.reactor,
-                        log_connections=False, handlers=handlers,
-                        server_first=self.server_first)
+            lambda listener: metrics.early_connect_limit_total.labels(listener).inc())
+        return build_listener(ListenerConfig("in", "tcp:0", "mail"), detect,
+                              {"mail": self.upstream}, metrics, self.reactor,
+                              log_connections=False, handlers=handlers,
+                              server_first=self.server_first)
 
     def accept(self, listener: Listener | None = None) -> StringTransport:
         listener = listener or self.listener
@@ -196,6 +197,11 @@ class EarlyConnectTests(SynchronousTestCase):
                     if s.name == "protocol_detect_total":
                         out[(s.labels["protocol"], s.labels["reason"])] = s.value
         return out
+
+    def held(self) -> dict[str, int]:
+        """Early connections held, by listener name (held is keyed by each
+        listener's RelaySite)."""
+        return {site.listener: n for site, n in self.server_first.held.items()}
 
     @property
     def endpoint(self):
@@ -262,7 +268,7 @@ class EarlyConnectTests(SynchronousTestCase):
         for client in clients[:2]:
             client.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.endpoint.active, EARLY_CONNECT_LIMIT - 2)
-        self.assertEqual(self.server_first.held, {self.listener: EARLY_CONNECT_LIMIT - 2})
+        self.assertEqual(self.held(), {"in": EARLY_CONNECT_LIMIT - 2})
         self.accept()
         self.reactor.advance(SILENCE)
         self.assertEqual(len(self.reactor.tcpClients), EARLY_CONNECT_LIMIT + 1)
@@ -271,7 +277,7 @@ class EarlyConnectTests(SynchronousTestCase):
         self.assertEqual(self.detections().get(("http1", "request_line")), 1.0)
         for client in clients[2:]:
             client.protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.server_first.held, {self.listener: 1})
+        self.assertEqual(self.held(), {"in": 1})
 
     def test_server_first_then_close(self) -> None:
         client = self.accept()

@@ -20,6 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
 from l5dproxy.accept.listener import Listener
+from l5dproxy.app.listeners import build_listener
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.net import splice
@@ -66,7 +67,7 @@ class RelayTestsMixin:
         detect = DetectConfig()
         upstreams = {"app": Upstream(service, detect.opaque_ports)}
         config = ListenerConfig("in", "tcp:0", "app", opaque=True)
-        return Listener(config, detect, upstreams, self.metrics, self.clock)
+        return build_listener(config, detect, upstreams, self.metrics, self.clock)
 
     def accept(self, client_port: int = 50000) -> tuple[HalfCloseTransport, RelayProtocol]:
         transport = HalfCloseTransport(client_port)
@@ -504,9 +505,9 @@ class LoopbackTests(TestCase):
         self.metrics = Metrics()
         service = ServiceConfig("app", (HostPort("127.0.0.1", _refused_port()),))
         detect = DetectConfig()
-        self.listener = Listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
-                                 {"app": Upstream(service, detect.opaque_ports)},
-                                 self.metrics, reactor, log_connections=False)
+        self.listener = build_listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
+                                       {"app": Upstream(service, detect.opaque_ports)},
+                                       self.metrics, reactor, log_connections=False)
         port = reactor.listenTCP(0, self.listener, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.proxy_port = port.getHost().port

@@ -1,9 +1,12 @@
 """A listener at run time: accepts connections, detects, dispatches.
 
 A ``Listener`` owns what its connections share: its config, the service it
-targets, the metrics, the clock, and the table of *handlers* that build the
-protocol for each detected protocol name ("http1", "h2"). A verdict without
-a handler ("tls", "opaque") goes to the opaque TCP relay.
+targets, the records its connections and detect protocols read
+(``ListenerSite``, ``DetectSite``), and the table of *handlers* that build
+the protocol for each detected protocol name ("http1", "h2", "opaque"). A
+verdict without a handler of its own ("tls") goes to the "opaque" one, the
+TCP relay. The table is built by ``l5dproxy.app.listeners``: nothing here
+imports a protocol that speaks after detection.
 """
 
 from __future__ import annotations
@@ -19,14 +22,12 @@ from l5dproxy.accept.proxyproto import ProxyHeaderProtocol
 from l5dproxy.accept.transparent import OriginalDestinations, Refused
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import ORIGINAL_DST, DetectConfig, ListenerConfig
-from l5dproxy.detect.early import ServerFirst
-from l5dproxy.detect.protocol import DetectProtocol
+from l5dproxy.detect.early import Detecting, EarlyConnect, ServerFirst
+from l5dproxy.detect.protocol import DetectProtocol, DetectSite
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net import proxyheader
 from l5dproxy.net.connection import InboundConnection, ListenerSite, set_no_delay
 from l5dproxy.net.transport import switch_protocol
-from l5dproxy.tcp.relay import relay_handler
-from l5dproxy.telemetry import Metrics
 
 #: Builds the protocol that speaks a detected protocol on a connection.
 Handler = Callable[[InboundConnection], IProtocol]
@@ -46,26 +47,34 @@ class Listener(Factory):
 
     noisy = False
 
-    def __init__(self, config: ListenerConfig, detect: DetectConfig,
-                 upstreams: dict[str, Upstream], metrics: Metrics,
-                 reactor: Any, log_connections: bool = True,
-                 handlers: Mapping[str, Handler] | None = None,
+    def __init__(self, config: ListenerConfig, site: ListenerSite, detect: DetectConfig,
+                 backends: Upstream, reactor: Any, handlers: Mapping[str, Handler], *,
                  server_first: ServerFirst | None = None,
+                 watch: Callable[[Detecting], EarlyConnect | None] | None = None,
                  limits: ConnectionLimits | None = None) -> None:
+        """``handlers`` must have "opaque"; ``watch`` starts a detect
+        protocol's client-silence window and ``server_first`` knows the
+        destinations that spoke first (both ``l5dproxy.detect.early``)."""
+        if "opaque" not in handlers:
+            raise ValueError("a listener's handlers need an 'opaque' one (the TCP relay)")
         self.config = config
         self.name = config.name
         self.detect = detect
-        self.upstream = upstreams[config.service]
-        self.metrics = metrics
+        self.upstream = backends
+        self.metrics = site.metrics
         #: ``reactor`` provides both (Twisted's reactors do; zope interfaces
         #: have no intersection type, so the parameter is Any).
         self.clock: IReactorTime = reactor
         self.reactor: IReactorTCP = reactor
-        self.log_connections = log_connections
-        self.handlers: dict[str, Handler] = dict(handlers or {})
+        self.log_connections = site.log_connections
+        self.handlers: dict[str, Handler] = dict(handlers)
+        self._opaque_handler = self.handlers["opaque"]
         #: What its connections' records share (their set of open connections too).
-        self.site = ListenerSite(config.name, config.service, reactor, metrics, log_connections)
-        self.connections: set[InboundConnection] = self.site.connections
+        self.site = site
+        self.connections: set[InboundConnection] = site.connections
+        #: What its detect protocols share, the verdict callables included.
+        self.detect_site = DetectSite(detect.peek_limit, detect.timeout, reactor,
+                                      self.protocol_for, self.detection_abandoned, watch)
         #: Early connects and learned opaque destinations (l5dproxy.detect.early).
         self.server_first = server_first
         self._opaque_verdict = self._skip_detection_verdict()
@@ -75,7 +84,7 @@ class Listener(Factory):
         #: A transparent listener's original destinations (l5dproxy.accept.transparent).
         self.transparent = OriginalDestinations(
             self.upstream, config.service == ORIGINAL_DST,
-            lambda reason: metrics.original_dst_refused_total.labels(self.name, reason).inc(),
+            lambda reason: site.metrics.original_dst_refused_total.labels(self.name, reason).inc(),
         ) if config.transparent else None
 
     def _skip_detection_verdict(self) -> Verdict | None:
@@ -121,16 +130,16 @@ class Listener(Factory):
         if conn.pinned is not None and conn.pinned.address.port in self.detect.opaque_ports:
             return self.protocol_for(conn, OPAQUE_PORT)   # its original destination's port
         if self.server_first is not None:
-            learned = self.server_first.learned_protocol(self, conn)
+            learned = self.server_first.learned_protocol(self.upstream, conn, self.protocol_for)
             if learned is not None:
                 return learned
-        return DetectProtocol(conn)
+        return DetectProtocol(conn, self.detect_site)
 
     def protocol_for(self, conn: InboundConnection, verdict: Verdict) -> IProtocol:
         """Count the verdict and build the protocol that speaks it."""
         self._count_detection(conn, verdict)
         conn.detected(verdict)
-        handler = self.handlers.get(verdict.protocol, relay_handler)
+        handler = self.handlers.get(verdict.protocol, self._opaque_handler)
         return handler(conn)
 
     def detection_abandoned(self, conn: InboundConnection) -> None:

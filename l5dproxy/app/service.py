@@ -30,11 +30,12 @@ from l5dproxy import __version__
 from l5dproxy.accept.listener import ConnectionLimits, Handler, Listener
 from l5dproxy.app import logs, workers
 from l5dproxy.app.admin import OpaqueResource, admin_site, config_document
+from l5dproxy.app.listeners import build_listener, relay_site
 from l5dproxy.app.sites import HttpSites
 from l5dproxy.app.stats import Stats
 from l5dproxy.app.tap import TapHub
 from l5dproxy.balance.backends import Upstream
-from l5dproxy.config.model import Config
+from l5dproxy.config.model import Config, ListenerConfig
 from l5dproxy.config.parse import ConfigError, load
 from l5dproxy.detect.early import ServerFirst
 from l5dproxy.detect.memory import OpaqueMemory
@@ -45,6 +46,7 @@ from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import h2_handler
 from l5dproxy.net.dns import stop_resolver
 from l5dproxy.route.dispatcher import HttpProxy
+from l5dproxy.tcp.relay import RelaySite, relay_handler
 from l5dproxy.tcp.sni import sni_handler
 from l5dproxy.telemetry import Metrics
 
@@ -77,7 +79,7 @@ class ProxyService(Service):
         self.server_first = ServerFirst(
             OpaqueMemory(reactor, config.detect.learned_max, config.detect.learned_ttl),
             config.detect.client_silence,
-            lambda listener: self.metrics.early_connect_limit_total.labels(listener.name).inc())
+            lambda listener: self.metrics.early_connect_limit_total.labels(listener).inc())
         # HTTP: one dispatcher for every listener; codec ends register here.
         self.http = HttpProxy(self.upstreams, self.metrics, reactor)
         sites = HttpSites()
@@ -95,11 +97,7 @@ class ProxyService(Service):
         self.terminations: Any = None
         tls_contexts = self._prepare_tls(config)
         self.listeners = [
-            Listener(lc, config.detect, self.upstreams, self.metrics, reactor,
-                     log_connections=config.proxy.log_connections,
-                     server_first=self.server_first,
-                     handlers=self._handlers_for(lc, config, tls_contexts),
-                     limits=self.limits)
+            self._build_listener(lc, config, tls_contexts)
             for lc in config.listeners
         ]
         self._commit_tls(config, tls_contexts)
@@ -142,17 +140,29 @@ class ProxyService(Service):
         if self.terminations is not None:
             self.terminations.commit(config.listeners, contexts)
 
-    def _handlers_for(self, lc, config: Config, tls_contexts: dict[str, Any]) -> dict:
+    def _build_listener(self, lc: ListenerConfig, config: Config,
+                        tls_contexts: dict[str, Any]) -> Listener:
+        """The listener of ``lc`` (at start and at each reload: new records)."""
+        relay = relay_site(lc, self.upstreams, self.metrics, self.reactor)
+        return build_listener(lc, config.detect, self.upstreams, self.metrics, self.reactor,
+                              log_connections=config.proxy.log_connections,
+                              server_first=self.server_first,
+                              handlers=self._handlers_for(lc, config, tls_contexts, relay),
+                              relay=relay, limits=self.limits)
+
+    def _handlers_for(self, lc: ListenerConfig, config: Config, tls_contexts: dict[str, Any],
+                      relay: RelaySite) -> dict:
         """The verdict handlers of listener ``lc``: the shared ones, plus TLS
         termination when it has ``[listener.tls]``, or SNI routes when it has
-        routes with ``sni``."""
+        routes with ``sni``; ``relay`` is what its TCP relays share."""
         if lc.tls is None:
             sni = [(r.sni, r.service) for r in lc.routes if r.sni is not None]
             if not sni:
                 return self.handlers
-            return {**self.handlers, "tls": sni_handler(sni, self.upstreams)}
-        return self.terminations.handlers(lc, config.detect, self.handlers,
-                                          tls_contexts[lc.name])
+            return {**self.handlers, "tls": sni_handler(sni, self.upstreams, relay)}
+        return self.terminations.handlers(
+            lc, config.detect, {**self.handlers, "opaque": relay_handler(relay)},
+            tls_contexts[lc.name])
 
     def _listener_rows(self) -> list[tuple[str, str, str]]:
         """(name, bound address, service) of each listener, for /stats.json."""
@@ -321,11 +331,7 @@ class ProxyService(Service):
         # 3. Listeners: each rebuilt on the new config; ports kept or swapped.
         listeners = []
         for lc in new.listeners:
-            listener = Listener(lc, new.detect, self.upstreams, self.metrics, self.reactor,
-                                log_connections=new.proxy.log_connections,
-                                server_first=self.server_first,
-                                handlers=self._handlers_for(lc, new, tls_contexts),
-                                limits=self.limits)
+            listener = self._build_listener(lc, new, tls_contexts)
             listeners.append(listener)
             if lc.name in bound:
                 port = bound[lc.name]

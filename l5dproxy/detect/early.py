@@ -39,25 +39,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from twisted.internet import protocol
 from twisted.internet.error import NotConnectingError
-from twisted.internet.interfaces import IConnector, IDelayedCall
-from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
+from twisted.internet.interfaces import IConnector, IDelayedCall, IProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l5dproxy.detect.memory import OpaqueMemory
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.net.connection import errno_name
-from l5dproxy.net.transport import switch_protocol
+from l5dproxy.net.transport import IStreamTransport, switch_protocol
+from l5dproxy.tcp.relay import IAdoptsConnection
 
 if TYPE_CHECKING:
-    from l5dproxy.accept.listener import Listener
-    from l5dproxy.balance.backends import Endpoint
-    from l5dproxy.detect.protocol import DetectProtocol
+    from l5dproxy.balance.backends import Endpoint, Upstream
     from l5dproxy.net.connection import InboundConnection
-    from l5dproxy.net.transport import IStreamTransport
+    from l5dproxy.tcp.relay import RelaySite
 
 log = Logger()
 
@@ -70,42 +69,62 @@ LEARNED_OPAQUE = Verdict("opaque", "learned_opaque")
 EARLY_CONNECT_LIMIT = 128
 
 
+class Detecting(Protocol):
+    """The detect protocol, as its early connection uses it
+    (``l5dproxy.detect.protocol.DetectProtocol``)."""
+
+    @property
+    def buffer(self) -> bytes:
+        """What the client has sent so far (empty: it has not spoken)."""
+
+    @property
+    def conn(self) -> InboundConnection:
+        """The client's connection (its ``proxy_header`` goes upstream first)."""
+
+    def decide(self, verdict: Verdict) -> None:
+        """A verdict from here (the server spoke first), unless one is in."""
+
+
 class ServerFirst:
     """What the listeners of one proxy share for server-speaks-first traffic."""
 
     def __init__(self, memory: OpaqueMemory, client_silence: float,
-                 on_limit: Callable[[Listener], None] | None = None) -> None:
+                 on_limit: Callable[[str], None] | None = None) -> None:
         self.memory = memory
         #: Seconds of client silence before the upstream is dialled; 0 turns
         #: early connecting (and so learning) off.
         self.client_silence = client_silence
-        #: Early connections held per listener (EarlyConnect.counted).
-        self.held: dict[Listener, int] = {}
-        #: Told of each silent client refused an early connection (app/
-        #: counts it in ``early_connect_limit_total{listener}``).
+        #: Early connections held per listener (by its RelaySite; EarlyConnect.counted).
+        self.held: dict[RelaySite, int] = {}
+        #: Told (with the listener's name) of each silent client refused an
+        #: early connection (app/ counts it in ``early_connect_limit_total{listener}``).
         self.on_limit = on_limit
 
-    def learned_protocol(self, listener: Listener, conn: InboundConnection):
-        """The relay for a connection whose destination is known to speak
-        first, or None when detection should run."""
-        upstream = listener.upstream
-        if not self.memory.has_service(upstream.name):
+    def learned_protocol(
+            self, backends: Upstream, conn: InboundConnection,
+            protocol_for: Callable[[InboundConnection, Verdict], IProtocol],
+    ) -> IProtocol | None:
+        """The relay (``protocol_for`` the verdict ``learned_opaque``) for a
+        connection to ``backends`` whose picked endpoint is known to speak
+        first, dialling that endpoint; None when detection should run."""
+        if not self.memory.has_service(backends.name):
             return None
-        endpoint = conn.pinned or upstream.pick_connection()
+        endpoint = conn.pinned or backends.pick_connection()
         if endpoint is None or not self.memory.knows(
-                upstream.name, endpoint.label, upstream.config):
+                backends.name, endpoint.label, backends.config):
             return None
-        protocol = listener.protocol_for(conn, LEARNED_OPAQUE)
-        use_endpoint = getattr(protocol, "use_endpoint", None)
-        if use_endpoint is not None:
-            use_endpoint(endpoint)
+        protocol = protocol_for(conn, LEARNED_OPAQUE)
+        adopter = IAdoptsConnection(protocol, None)
+        if adopter is not None:
+            adopter.use_endpoint(endpoint)
         return protocol
 
-    def watch(self, detect: DetectProtocol) -> EarlyConnect | None:
-        """Start the client-silence window for a detect protocol."""
+    def watch(self, detect: Detecting, relay: RelaySite) -> EarlyConnect | None:
+        """Start the client-silence window for a detect protocol on the
+        listener whose relays share ``relay``."""
         if self.client_silence <= 0:
             return None
-        return EarlyConnect(self, detect)
+        return EarlyConnect(self, detect, relay)
 
 
 # EarlyConnect states
@@ -115,27 +134,27 @@ _WAITING, _CONNECTING, _CONNECTED, _ATTACHED, _DONE = range(5)
 class EarlyConnect:
     """The upstream connection one detect protocol opens while its client is
     silent, until the detect protocol's verdict gives it to a protocol that
-    adopts it (the TCP relay) or closes it.
+    adopts it (``IAdoptsConnection``: the TCP relay) or closes it.
 
     Never leaked: every path ends in ``attach`` (the adopter owns the
     connection and the endpoint's begin/end from then on) or ``close``.
     """
 
-    def __init__(self, server_first: ServerFirst, detect: DetectProtocol) -> None:
+    def __init__(self, server_first: ServerFirst, detect: Detecting, relay: RelaySite) -> None:
         self.server_first = server_first
         self.detect = detect
-        listener = detect.conn.listener
-        self.listener = listener
+        #: The listener's relay site: its service, reactor, clock and metrics.
+        self.relay = relay
         self.state = _WAITING
         self.endpoint: Endpoint | None = None
         self.connector: IConnector | None = None
         self.protocol: _EarlyProtocol | None = None
         self.server_bytes: list[bytes] = []
-        self.adopter = None
-        self._adopter_protocol: Protocol | None = None
+        self.adopter: IAdoptsConnection | None = None
+        self._adopter_protocol: IProtocol | None = None
         #: Counted in ``server_first.held`` (being made or held unadopted).
         self.counted = False
-        self.timer: IDelayedCall | None = listener.clock.callLater(
+        self.timer: IDelayedCall | None = relay.clock.callLater(
             server_first.client_silence, self._silence)
 
     # -- from the detect protocol --
@@ -152,14 +171,14 @@ class EarlyConnect:
         first is noticed from now on, whenever it speaks."""
         return self.state == _CONNECTED
 
-    def hand_to(self, protocol) -> None:
+    def hand_to(self, protocol: IProtocol) -> None:
         """The verdict is in and ``protocol`` will speak it: let it adopt the
-        connection (``adopt_upstream``) if it can, else close it."""
+        connection (``IAdoptsConnection``) if it can, else close it."""
         self._cancel_timer()
         if self.state in (_CONNECTING, _CONNECTED):
-            adopt = getattr(protocol, "adopt_upstream", None)
-            if adopt is not None:
-                adopt(self)
+            adopter = IAdoptsConnection(protocol, None)
+            if adopter is not None:
+                adopter.adopt_connection(self)
                 return
         self.close()
 
@@ -169,18 +188,18 @@ class EarlyConnect:
         self._uncount()
         state, self.state = self.state, _DONE
         if state == _CONNECTING:
-            if self.connector is not None:
-                with contextlib.suppress(NotConnectingError):
-                    self.connector.stopConnecting()  # -> _failed, a no-op now
+            assert self.connector is not None  # set with _CONNECTING
+            with contextlib.suppress(NotConnectingError):
+                self.connector.stopConnecting()  # -> _failed, a no-op now
             self._release(success=None)  # given up, not failed: no accrual verdict
         elif state == _CONNECTED:
-            if self.protocol is not None:  # always, once _CONNECTED
-                self.protocol.transport.loseConnection()
+            assert self.protocol is not None  # set with _CONNECTED
+            self.protocol.transport.loseConnection()
             self._release(success=True)  # the endpoint did answer
 
     # -- from the adopter (the TCP relay) --
 
-    def attach(self, adopter, upstream_protocol: Protocol) -> bool:
+    def attach(self, adopter: IAdoptsConnection, upstream_protocol: IProtocol) -> bool:
         """Make ``upstream_protocol`` the protocol of the early connection
         (now, or once it is made), replaying what the server already sent.
         ``adopter`` gets ``upstream_failed(reason)`` if the connect fails.
@@ -210,33 +229,33 @@ class EarlyConnect:
         self.timer = None
         if self.state != _WAITING:
             return
-        server_first, listener = self.server_first, self.listener
+        server_first, relay = self.server_first, self.relay
         held = server_first.held
-        if held.get(listener, 0) >= EARLY_CONNECT_LIMIT:
+        if held.get(relay, 0) >= EARLY_CONNECT_LIMIT:
             self.state = _DONE   # detection goes on without an early connection
             if server_first.on_limit is not None:
-                server_first.on_limit(listener)
+                server_first.on_limit(relay.listener)
             return
-        upstream = self.listener.upstream
-        endpoint = self.detect.conn.pinned or upstream.pick_connection()
+        backends = relay.backends
+        endpoint = self.detect.conn.pinned or backends.pick_connection()
         if endpoint is None:
             self.state = _DONE
             return
-        held[listener] = held.get(listener, 0) + 1
+        held[relay] = held.get(relay, 0) + 1
         self.counted = True
         endpoint.begin()
         self.endpoint = endpoint
         self.state = _CONNECTING
         address = endpoint.address
-        reactor = self.listener.reactor
-        if upstream.config.tls is not None:  # as the relay dials it (tcp/relay.py)
+        reactor = relay.reactor
+        if backends.config.tls is not None:  # as the relay dials it (tcp/relay.py)
             from l5dproxy.tls.client import dial
-            connector: Any = dial(reactor, upstream.config.tls, address, _EarlyFactory(self),
-                                  upstream.config.connect_timeout)
+            connector: Any = dial(reactor, backends.config.tls, address, _EarlyFactory(self),
+                                  backends.config.connect_timeout)
             self.connector = connector
             return
         self.connector = reactor.connectTCP(address.host, address.port, _EarlyFactory(self),
-                                            timeout=upstream.config.connect_timeout)
+                                            timeout=backends.config.connect_timeout)
 
     def _connected(self, protocol: _EarlyProtocol) -> None:
         self.protocol = protocol
@@ -258,11 +277,12 @@ class EarlyConnect:
         if self.state != _CONNECTED:
             return
         detect = self.detect
-        if not detect.buffer and self.endpoint is not None:  # held while _CONNECTED
-            upstream = self.listener.upstream
-            self.server_first.memory.learn(upstream.name, self.endpoint.label, upstream.config)
+        if not detect.buffer:
+            backends, endpoint = self.relay.backends, self.endpoint
+            assert endpoint is not None  # held while _CONNECTED
+            self.server_first.memory.learn(backends.name, endpoint.label, backends.config)
             log.info("{service} endpoint {endpoint} speaks first: relaying as opaque TCP",
-                     service=upstream.name, endpoint=self.endpoint.label)
+                     service=backends.name, endpoint=endpoint.label)
         detect.decide(SERVER_FIRST)
 
     def _failed(self, reason: Failure) -> None:
@@ -272,10 +292,11 @@ class EarlyConnect:
             adopter, self.adopter, self._adopter_protocol = self.adopter, None, None
             adopter.upstream_failed(reason)  # the adopter owns the endpoint now
             return
-        if state == _CONNECTING and self.endpoint is not None:  # held while _CONNECTING
-            upstream = self.listener.upstream
-            self.listener.metrics.connect_errors_total.labels(
-                upstream.name, self.endpoint.label, errno_name(reason) or "closed").inc()
+        if state == _CONNECTING:
+            relay, endpoint = self.relay, self.endpoint
+            assert endpoint is not None  # held while _CONNECTING
+            relay.metrics.connect_errors_total.labels(
+                relay.backends.name, endpoint.label, errno_name(reason) or "closed").inc()
             self._release(success=False)
 
     def _lost(self) -> None:
@@ -288,15 +309,14 @@ class EarlyConnect:
     def _uncount(self) -> None:
         if self.counted:
             self.counted = False
-            held, listener = self.server_first.held, self.listener
-            held[listener] -= 1
-            if not held[listener]:
-                del held[listener]
+            held, relay = self.server_first.held, self.relay
+            held[relay] -= 1
+            if not held[relay]:
+                del held[relay]
 
-    def _switch(self, protocol: Protocol) -> None:
+    def _switch(self, protocol: IProtocol) -> None:
         early = self.protocol
-        if early is None:  # called from _connected, which has set it
-            return
+        assert early is not None  # connected
         transport = early.transport
         switch_protocol(transport, early, protocol)  # else: early forwards
         early.forward_to = protocol
@@ -311,7 +331,7 @@ class EarlyConnect:
             self.endpoint = None
 
 
-class _EarlyProtocol(Protocol):
+class _EarlyProtocol(protocol.Protocol):
     """The early connection's protocol until an adopter takes over; where the
     transport cannot switch protocols it stays as a forwarder."""
 
@@ -319,7 +339,7 @@ class _EarlyProtocol(Protocol):
 
     def __init__(self, early: EarlyConnect) -> None:
         self.early = early
-        self.forward_to: Protocol | None = None
+        self.forward_to: IProtocol | None = None
 
     def connectionMade(self) -> None:
         self.early._connected(self)
@@ -330,21 +350,21 @@ class _EarlyProtocol(Protocol):
         else:
             self.early._server_data(data)
 
-    def connectionLost(self, reason: Failure = connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.forward_to is not None:
             self.forward_to.connectionLost(reason)
         else:
             self.early._lost()
 
 
-class _EarlyFactory(ClientFactory):
+class _EarlyFactory(protocol.ClientFactory):
     noisy = False
 
     def __init__(self, early: EarlyConnect) -> None:
         self.early = early
 
-    def buildProtocol(self, addr) -> _EarlyProtocol:
+    def buildProtocol(self, addr: object) -> _EarlyProtocol:
         return _EarlyProtocol(self.early)
 
-    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.early._failed(reason)

@@ -11,9 +11,16 @@ forwarder.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol, IProtocol
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IReactorTime,
+)
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -22,27 +29,42 @@ from l5dproxy.detect.sniff import Verdict, ended, sniff, timed_out
 from l5dproxy.net.transport import switch_protocol
 
 if TYPE_CHECKING:
+    from l5dproxy.detect.early import Detecting, EarlyConnect
     from l5dproxy.net.connection import InboundConnection
-    from l5dproxy.net.transport import IStreamTransport
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class DetectSite:
+    """What the detect protocols of one listener share: its ``[detect]``
+    settings and the verdict callables of the listener (``accept``), built
+    once per listener."""
+
+    #: Bytes buffered at most before the verdict is forced (``[detect] peek_limit``).
+    peek_limit: int
+    #: Seconds to a verdict once the client has spoken (``[detect] timeout``).
+    timeout: float
+    clock: IReactorTime
+    #: Counts the verdict and builds the protocol that speaks it.
+    protocol_for: Callable[[InboundConnection, Verdict], IProtocol]
+    #: Told when the client goes away before a verdict (counted).
+    abandoned: Callable[[InboundConnection], None]
+    #: Starts the client-silence window (``l5dproxy.detect.early``); None: no window.
+    watch: Callable[[Detecting], EarlyConnect | None] | None = None
 
 
 @implementer(IHalfCloseableProtocol)
 class DetectProtocol(Protocol):
     """Buffers the first bytes of one connection until its protocol is known."""
 
-    transport: IStreamTransport
-
-    def __init__(self, conn: InboundConnection) -> None:
+    def __init__(self, conn: InboundConnection, site: DetectSite) -> None:
         self.conn = conn
-        listener = conn.listener
-        self.peek_limit = listener.detect.peek_limit
+        self.site = site
+        self.peek_limit = site.peek_limit
         self.buffer = b""
         self.next_protocol: IProtocol | None = None
-        self._timer: IDelayedCall | None = listener.clock.callLater(
-            listener.detect.timeout, self._timed_out)
+        self._timer: IDelayedCall | None = site.clock.callLater(site.timeout, self._timed_out)
         # The client-silence window: see l5dproxy.detect.early.
-        server_first = getattr(listener, "server_first", None)
-        self.early = server_first.watch(self) if server_first is not None else None
+        self.early = site.watch(self) if site.watch is not None else None
 
     def dataReceived(self, data: bytes) -> None:
         if self.next_protocol is not None:
@@ -53,8 +75,8 @@ class DetectProtocol(Protocol):
         if self._timer is None:
             # The first bytes after a quiet timeout (see _timed_out): they
             # get a detect timeout of their own.
-            self._timer = self.conn.listener.clock.callLater(
-                self.conn.listener.detect.timeout, self._timed_out)
+            site = self.site
+            self._timer = site.clock.callLater(site.timeout, self._timed_out)
         self.buffer += data
         verdict = sniff(self.buffer, self.peek_limit)
         if verdict is not None:
@@ -68,6 +90,7 @@ class DetectProtocol(Protocol):
         if half_closeable is not None:
             half_closeable.readConnectionLost()
         else:
+            assert self.transport is not None  # connected
             self.transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
@@ -82,7 +105,7 @@ class DetectProtocol(Protocol):
         self._cancel_timer()
         if self.early is not None:
             self.early.close()
-        self.conn.listener.detection_abandoned(self.conn)
+        self.site.abandoned(self.conn)
         self.conn.closed(reason, "closed during detection")
 
     def decide(self, verdict: Verdict) -> None:
@@ -109,11 +132,11 @@ class DetectProtocol(Protocol):
     def _switch(self, verdict: Verdict) -> None:
         """Hand the transport and the buffered bytes to the verdict's protocol."""
         self._cancel_timer()
-        conn = self.conn
-        protocol = conn.listener.protocol_for(conn, verdict)
+        protocol = self.site.protocol_for(self.conn, verdict)
         if self.early is not None:
             self.early.hand_to(protocol)  # adopted by the protocol, or closed
         transport = self.transport
+        assert transport is not None  # connected
         buffered, self.buffer = self.buffer, b""
         switch_protocol(transport, self, protocol)  # else: forward (dataReceived)
         self.next_protocol = protocol

@@ -33,7 +33,6 @@ from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from l5dproxy.detect.sniff import Verdict, sniff, timed_out
-from l5dproxy.tcp.relay import relay_handler
 from l5dproxy.tls.identity import allowed, compile_patterns
 from l5dproxy.tls.server import TlsInfo, terminate, tls_factory
 
@@ -55,8 +54,8 @@ def tls_handler(contexts: ServerContexts, handlers: Mapping[str, Handler],
     """The handler of one terminating listener's ``tls`` verdict.
 
     ``handlers`` speak the plaintext (``h2``, ``http1``; anything else goes
-    to the TCP relay); ``allow`` (None: any verified client) are glob
-    patterns over the client's identity; ``peek_limit`` and
+    to ``opaque``, the TCP relay, which it must have); ``allow`` (None: any
+    verified client) are glob patterns over the client's identity; ``peek_limit`` and
     ``detect_timeout`` bound the sniffing of plaintext without ALPN.
     """
     factory = tls_factory(contexts, clock)
@@ -95,7 +94,7 @@ def _speak_or_refuse(conn: InboundConnection, protocol: str,
         metrics.authz_denied_total.labels(listener, protocol).inc()
         if protocol not in ("h2", "http1"):
             return _Refused(conn)
-    return handlers.get(protocol, relay_handler)(conn)
+    return handlers.get(protocol, handlers["opaque"])(conn)
 
 
 def plaintext_refused(handlers: Mapping[str, Handler], metrics: Metrics,

@@ -8,13 +8,22 @@ client's EOF reaches the server as EOF and the server can still answer.
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import (
+    IConnector,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IReactorTCP,
+    IReactorTime,
+)
 from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from l5dproxy.net import splice
 from l5dproxy.net.connection import errno_name, set_no_delay
@@ -23,7 +32,7 @@ from l5dproxy.net.transport import IStreamTransport, close, close_write
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint, Upstream
     from l5dproxy.net.connection import InboundConnection
-    from l5dproxy.telemetry import TcpSideMetrics
+    from l5dproxy.telemetry import Metrics, TcpSideMetrics
 
 log = Logger()
 
@@ -32,20 +41,72 @@ log = Logger()
 CONNECT_BUFFER_LIMIT = 64 * 1024
 
 
-def relay_handler(conn: InboundConnection) -> RelayProtocol:
-    return RelayProtocol(conn)
+@dataclass(frozen=True, slots=True, eq=False)
+class RelaySite:
+    """What the relays of one listener share. Built once per listener
+    (``l5dproxy.app.listeners``): a reload's new listener gets a new one, so
+    a relay keeps the service it was accepted for."""
+
+    #: The listener's name: the ``listener`` label of the dst-side metrics.
+    listener: str
+    #: The listener's service at run time: endpoints, balancer, retry budget.
+    backends: Upstream
+    reactor: IReactorTCP
+    clock: IReactorTime
+    metrics: Metrics
 
 
-@implementer(IHalfCloseableProtocol)
+def relay_handler(site: RelaySite) -> Callable[[InboundConnection], RelayProtocol]:
+    """The handler (connection -> protocol) that relays a listener's opaque
+    connections: the ``opaque`` entry of its handler table."""
+    def relay(conn: InboundConnection) -> RelayProtocol:
+        return RelayProtocol(conn, site)
+    return relay
+
+
+class EarlyConnection(typing.Protocol):
+    """An upstream connection made, or being made, before the relay
+    (``l5dproxy.detect.early.EarlyConnect``), as its adopter uses it."""
+
+    @property
+    def endpoint(self) -> Endpoint | None:
+        """The endpoint dialled (None once nothing is left to adopt)."""
+
+    def attach(self, adopter: IAdoptsConnection, upstream_protocol: IProtocol) -> bool:
+        """Make ``upstream_protocol`` the connection's protocol, now or once
+        it is made; False when there is nothing to adopt."""
+
+    def close(self) -> None:
+        """Give the connection up (the relay dials another service)."""
+
+
+class IAdoptsConnection(Interface):
+    """A protocol that can take an upstream connection made before it
+    (``l5dproxy.detect.early``) instead of dialling, or dial a given endpoint.
+    ``RelayProtocol`` provides it; the HTTP server ends do not."""
+
+    def adopt_connection(early: EarlyConnection) -> None:  # noqa: N805 - zope: no self
+        """Use ``early`` (made, or being made) instead of dialling."""
+
+    def use_endpoint(endpoint: Endpoint) -> None:  # noqa: N805
+        """Dial ``endpoint`` rather than the balancer's pick."""
+
+    def upstream_failed(reason: Failure) -> None:  # noqa: N805
+        """The adopted connection's connect failed."""
+
+
+@implementer(IHalfCloseableProtocol, IAdoptsConnection)
 class RelayProtocol(Protocol):
     """The client side of a relayed connection."""
 
     transport: IStreamTransport
 
-    def __init__(self, conn: InboundConnection, target: Upstream | None = None) -> None:
+    def __init__(self, conn: InboundConnection, site: RelaySite,
+                 target: Upstream | None = None) -> None:
         self.conn = conn
+        self.site = site
         #: The service dialled: the listener's, or an SNI route's (tcp/sni.py).
-        self.target: Upstream = target if target is not None else conn.listener.upstream
+        self.target: Upstream = target if target is not None else site.backends
         self.routed = target is not None
         self.upstream: UpstreamProtocol | None = None
         self.endpoint: Endpoint | None = None
@@ -57,19 +118,19 @@ class RelayProtocol(Protocol):
         self.ended_by = "client closed"
         #: Connects retried on another endpoint after a connect failure.
         self.connect_retries = 0
-        #: An upstream connection made before the relay (adopt_upstream).
-        self.early = None
-        #: The upstream connection is an early one, adopted (adopt_upstream).
+        #: An upstream connection made before the relay (adopt_connection).
+        self.early: EarlyConnection | None = None
+        #: The upstream connection is an early one, adopted (adopt_connection).
         self.adopted = False
         #: The endpoint to dial instead of picking one (use_endpoint).
         self.chosen: Endpoint | None = None
         #: Set while the kernel moves the bytes (l5dproxy.net.splice).
         self.splice: splice.Splice | None = None
 
-    def adopt_upstream(self, early) -> None:
-        """Use ``early`` (``l5dproxy.detect.early.EarlyConnect``: an upstream
-        connection made, or being made, before the relay) instead of dialling;
-        closed instead when the relay dials another service (an SNI route)."""
+    def adopt_connection(self, early: EarlyConnection) -> None:
+        """Use ``early`` (an upstream connection made, or being made, before
+        the relay) instead of dialling; closed instead when the relay dials
+        another service (an SNI route)."""
         if self.routed:
             early.close()
             return
@@ -89,15 +150,15 @@ class RelayProtocol(Protocol):
                 self.adopted = True
                 return
             self.endpoint = None
-        upstream = self.target
-        endpoint, self.chosen = self.chosen or conn.pinned or upstream.pick_connection(), None
+        site = self.site
+        backends = self.target
+        endpoint, self.chosen = self.chosen or conn.pinned or backends.pick_connection(), None
         if endpoint is None:
-            conn.listener.metrics.connect_errors_total.labels(
-                upstream.name, "", "no_endpoints").inc()
+            site.metrics.connect_errors_total.labels(backends.name, "", "no_endpoints").inc()
             self.ended_by = "no endpoints"
             self.transport.loseConnection()
             return
-        upstream.deposit()  # an original connection earns the retry budget
+        backends.deposit()  # an original connection earns the retry budget
         self._dial(endpoint)
 
     def _dial(self, endpoint: Endpoint) -> None:
@@ -107,7 +168,7 @@ class RelayProtocol(Protocol):
         conn.endpoint = endpoint.label
         address = endpoint.address
         service = self.target.config
-        reactor = conn.listener.reactor
+        reactor = self.site.reactor
         if service.tls is not None:  # TLS origination (issue 13): never spliced
             from l5dproxy.tls.client import dial
             conn.upstream_tls = True
@@ -161,7 +222,7 @@ class RelayProtocol(Protocol):
             pending.insert(0, self.conn.proxy_header)
         if not self.client_eof and splice.can_splice(self.transport, upstream.transport):
             # Steady from here: the kernel moves the bytes (held ones first).
-            self.splice = splice.Splice(self, upstream, self.conn.listener.reactor)
+            self.splice = splice.Splice(self, upstream, self.site.reactor)
             self.splice.start()
             if pending:
                 upstream.write(b"".join(pending))
@@ -194,12 +255,12 @@ class RelayProtocol(Protocol):
 
     def upstream_failed(self, reason: Failure) -> None:
         conn = self.conn
-        upstream = self.target
+        backends = self.target
         errno = errno_name(reason) or "closed"
-        conn.listener.metrics.connect_errors_total.labels(
-            upstream.name, conn.endpoint, errno).inc()
+        self.site.metrics.connect_errors_total.labels(
+            backends.name, conn.endpoint, errno).inc()
         log.info("connect to {endpoint} for {service} failed: {reason}",
-                 endpoint=conn.endpoint, service=upstream.name,
+                 endpoint=conn.endpoint, service=backends.name,
                  reason=reason.getErrorMessage())
         failed = self.endpoint
         self._release_endpoint(success=False)
@@ -207,12 +268,12 @@ class RelayProtocol(Protocol):
             return
         # Nothing has reached the client yet: another endpoint may serve it,
         # within the service's retry limit and budget.
-        if self.connect_retries < upstream.config.retry_limit:
-            retry = upstream.pick_connection(avoid=failed)
-            if retry is not None and retry is not failed and upstream.retry_allowed():
+        if self.connect_retries < backends.config.retry_limit:
+            retry = backends.pick_connection(avoid=failed)
+            if retry is not None and retry is not failed and backends.retry_allowed():
                 self.connect_retries += 1
                 log.info("retrying the connect for {service} on {endpoint}",
-                         service=upstream.name, endpoint=retry.label)
+                         service=backends.name, endpoint=retry.label)
                 self._dial(retry)
                 return
         self.ended_by = "connect failed"
@@ -257,12 +318,11 @@ class UpstreamProtocol(Protocol):
         self.write_closed = False
 
     def connectionMade(self) -> None:
-        conn = self.relay.conn
-        listener = conn.listener
+        conn, site = self.relay.conn, self.relay.site
         set_no_delay(self.transport)
-        self.connected_at = listener.clock.seconds()
-        self.dst = listener.metrics.tcp_side(
-            "dst", listener.name, conn.service, conn.protocol or "opaque", conn.endpoint)
+        self.connected_at = site.clock.seconds()
+        self.dst = site.metrics.tcp_side(
+            "dst", site.listener, conn.service, conn.protocol or "opaque", conn.endpoint)
         self.dst.opened()
         self.relay.upstream_connected(self)
 
@@ -284,8 +344,7 @@ class UpstreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.relay.splice is not None:  # closed under the splice (an abort)
             self.relay.splice.hand_back(gone=self.transport)
-        self.dst.closed(errno_name(reason), self.relay.conn.listener.clock.seconds()
-                        - self.connected_at)
+        self.dst.closed(errno_name(reason), self.relay.site.clock.seconds() - self.connected_at)
         self.relay.close()
 
     def write(self, data: bytes) -> None:
@@ -309,9 +368,9 @@ class _UpstreamFactory(ClientFactory):
     def __init__(self, relay: RelayProtocol) -> None:
         self.relay = relay
 
-    def buildProtocol(self, addr) -> UpstreamProtocol:
+    def buildProtocol(self, addr: object) -> UpstreamProtocol:
         return UpstreamProtocol(self.relay)
 
-    def clientConnectionFailed(self, connector, reason: Failure) -> None:
+    def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         self.relay.upstream_failed(reason)
 

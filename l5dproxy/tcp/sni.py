@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from l5dproxy.tcp.relay import RelayProtocol
+from l5dproxy.tcp.relay import RelayProtocol, RelaySite
 
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Upstream
@@ -32,13 +32,13 @@ def sni_glob(pattern: str) -> re.Pattern[str]:
 
 
 def sni_handler(routes: Sequence[tuple[str, str]], upstreams: Mapping[str, Upstream],
-                ) -> Callable[[InboundConnection], RelayProtocol]:
+                site: RelaySite) -> Callable[[InboundConnection], RelayProtocol]:
     """The ``tls`` verdict's handler for a listener with SNI routes.
 
     ``routes`` are ``(glob, service)`` in config order; ``upstreams`` the
     running services by name, looked up per connection (a reload updates
-    the map in place). The connection's ``service`` (its log line) becomes
-    the route's.
+    the map in place); ``site`` what the listener's relays share. The
+    connection's ``service`` (its log line) becomes the route's.
     """
     compiled = [(sni_glob(glob), service) for glob, service in routes]
 
@@ -50,7 +50,7 @@ def sni_handler(routes: Sequence[tuple[str, str]], upstreams: Mapping[str, Upstr
                     upstream = upstreams.get(service)
                     if upstream is not None:
                         conn.service = service
-                        return RelayProtocol(conn, upstream)
-        return RelayProtocol(conn)
+                        return RelayProtocol(conn, site, upstream)
+        return RelayProtocol(conn, site)
 
     return handler
