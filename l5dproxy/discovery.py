@@ -1,6 +1,7 @@
 """Where a service's endpoints come from: a static list, DNS A/AAAA, DNS SRV.
 
-A ``Discovery`` keeps one ``Upstream``'s endpoint set up to date:
+A ``Discovery`` keeps one service's endpoint set (an ``AddressSink``: the
+balancer's ``Upstream``) up to date:
 
 * ``endpoints = [...]``: IP literals are used as they are; names are looked
   up once at start (A and AAAA; /etc/hosts first). A name that does not
@@ -22,15 +23,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sized
+from typing import Any, Protocol
 
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.names import dns, hosts, resolve
 from twisted.names.error import DNSNameError
 
-from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DiscoveryConfig, HostPort, ServiceConfig
 from l5dproxy.net.dns import QuietResolver
 
@@ -109,10 +109,34 @@ def _family(lookup: Callable, name: str, timeout: float, rtype: int):
     return tuple(addresses), (min(ttls) if ttls else _NO_TTL)
 
 
+class AddressSink(Protocol):
+    """Where a ``Discovery`` puts what it finds: a service's endpoint set at
+    run time (``l5dproxy.balance.backends.Upstream``)."""
+
+    @property
+    def name(self) -> str:
+        """The service's name (log lines)."""
+
+    @property
+    def config(self) -> ServiceConfig:
+        """The service as configured now: where its endpoints come from."""
+
+    @property
+    def endpoints(self) -> Sized:
+        """The endpoints in use (their number is logged)."""
+
+    def set_addresses(self, addresses: Iterable[HostPort],
+                      weights: dict[HostPort, float] | None = None,
+                      ) -> tuple[list[HostPort], list[HostPort]]:
+        """Make ``addresses`` the endpoint set (with relative ``weights``, 1
+        by default); return (added, removed)."""
+
+
 class Discovery:
     """Keeps one upstream's endpoint set from its source."""
 
-    def __init__(self, upstream: Upstream, config: DiscoveryConfig, resolver, clock: Any) -> None:
+    def __init__(self, upstream: AddressSink, config: DiscoveryConfig, resolver,
+                 clock: Any) -> None:
         self.upstream = upstream
         self.config = config
         self.resolver = resolver

@@ -120,7 +120,6 @@ KNOWN_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset({
 
 #: Import edges (importer, imported) against ALLOWED (comment: folders [kinds]).
 KNOWN_ORDER_EDGES: frozenset[tuple[str, str]] = frozenset({
-    ("l5dproxy/discovery.py", "l5dproxy/balance/backends.py"),  # discovery -> balance [run]
     ("l5dproxy/http/h2/pool.py", "l5dproxy/route/dispatcher.py"),  # http -> route [run]
 })
 
