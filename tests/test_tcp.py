@@ -18,13 +18,22 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
+from zope.interface.verify import verifyClass
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.app.listeners import build_listener
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
+from l5dproxy.http.h1.server import H1Server
+from l5dproxy.http.h2.server import H2ServerProtocol
 from l5dproxy.net import splice
-from l5dproxy.tcp.relay import CONNECT_BUFFER_LIMIT, RelayProtocol, UpstreamProtocol
+from l5dproxy.net.connection import ListenerSite
+from l5dproxy.tcp.relay import (
+    CONNECT_BUFFER_LIMIT,
+    IAdoptsConnection,
+    RelayProtocol,
+    UpstreamProtocol,
+)
 from l5dproxy.telemetry import Metrics
 from tests.relayrig import start_opaque_relay
 from tests.support import metric_value, parse_metrics
@@ -316,6 +325,30 @@ class SpreadTests(RelayTestsMixin, SynchronousTestCase):
 
 
 # -- real sockets ---------------------------------------------------------------------
+
+class WiringTests(SynchronousTestCase):
+    """What the accept path is given instead of reaching into the listener."""
+
+    def test_the_relay_adopts_early_connections(self) -> None:
+        """The early connection of a silent client (l5dproxy.detect.early) is
+        handed to a protocol that declares IAdoptsConnection, with all of its
+        methods; the HTTP server ends do not, so theirs is closed."""
+        self.assertTrue(verifyClass(IAdoptsConnection, RelayProtocol))
+        self.assertFalse(IAdoptsConnection.implementedBy(H1Server))
+        self.assertFalse(IAdoptsConnection.implementedBy(H2ServerProtocol))
+
+    def test_a_listener_needs_an_opaque_handler(self) -> None:
+        """Verdicts without a handler of their own go to "opaque": a table
+        without one is refused when the listener is built, not at the first
+        TLS or opaque connection."""
+        clock = MemoryReactorClock()
+        config = ListenerConfig("in", "tcp:0", "app")
+        backends = Upstream(ServiceConfig("app", (HostPort("127.0.0.1", 8080),)), frozenset())
+        site = ListenerSite("in", "app", clock, Metrics(), False)
+        with self.assertRaises(ValueError):
+            Listener(config, site, DetectConfig(), backends, clock,
+                     {"http1": lambda conn: protocol.Protocol()})
+
 
 class _Collect(protocol.Protocol):
     """Collects what it receives; fires ``lost`` when the connection ends."""

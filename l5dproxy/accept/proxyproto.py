@@ -62,6 +62,8 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l5dproxy.net.transport import switch_protocol
+
 log = Logger()
 
 MODES = ("off", "required", "optional")
@@ -303,8 +305,7 @@ class ProxyHeaderProtocol(TwistedProtocol):
         protocol = self.then()
         transport = self.transport
         assert transport is not None
-        if getattr(transport, "protocol", None) is self:
-            transport.protocol = protocol    # type: ignore[attr-defined]
+        switch_protocol(transport, self, protocol)  # else: forward (dataReceived)
         self.next_protocol = protocol
         protocol.makeConnection(transport)
         if rest:

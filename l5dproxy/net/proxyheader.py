@@ -2,7 +2,7 @@
 
 ``[service.NAME] send_proxy_protocol = "v1" | "v2"``: every connection the
 TCP relay makes to the service (and the early connection of a client that
-is silent, l5dproxy.detect.serverfirst) first sends a header naming the
+is silent, l5dproxy.detect.early) first sends a header naming the
 client's address (the one a PROXY protocol header in gave, when there was
 one) and the address it connected to, so that an endpoint behind
 (HAProxy ``accept-proxy``, nginx ``listen ... proxy_protocol``, Postfix,
