@@ -243,7 +243,9 @@ class TimeoutTests(DetectTestsMixin, SynchronousTestCase):
         self.assertEqual(self.detected("opaque", "timeout"), 1)
 
     def test_undecided_bytes(self) -> None:
-        """Bytes that could still become TLS are handed over on the timeout."""
+        """Bytes that could still become TLS are handed over on the timeout,
+        as tls (a terminating listener's handshake_timeout then applies;
+        tests.test_tls_detect)."""
         transport = self.accept()
         transport.deliver(b"\x16\x03")
         self.clock.advance(0.3)
@@ -251,7 +253,7 @@ class TimeoutTests(DetectTestsMixin, SynchronousTestCase):
         self.assertEqual(recorder.data, b"\x16\x03")
         transport.deliver(b"\x01")
         self.assertEqual(recorder.data, b"\x16\x03\x01")
-        self.assertEqual(self.detected("opaque", "timeout"), 1)
+        self.assertEqual(self.detected("tls", "timeout"), 1)
         self.assertEqual(self.all_detected(), 1)
 
     def test_undecided_method_token(self) -> None:
@@ -287,14 +289,15 @@ class TimeoutTests(DetectTestsMixin, SynchronousTestCase):
 
 class EndOfDetectionTests(DetectTestsMixin, SynchronousTestCase):
     def test_eof_before_verdict(self) -> None:
-        """The client half-closes: what it sent is all there is, relayed opaque."""
+        """The client half-closes: what it sent is all there is, handed over
+        (a ClientHello's start: tls)."""
         transport = self.accept()
         transport.deliver(b"\x16\x03")
         transport.deliver_eof()
         (recorder,) = self.recorders
         self.assertEqual(recorder.data, b"\x16\x03")
         self.assertEqual(recorder.read_lost, 1, "the EOF is passed on")
-        self.assertEqual(self.detected("opaque", "eof"), 1)
+        self.assertEqual(self.detected("tls", "eof"), 1)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_eof_after_a_method_token(self) -> None:
@@ -320,7 +323,6 @@ class EndOfDetectionTests(DetectTestsMixin, SynchronousTestCase):
         listener = self.make_listener()
         listener.handlers["opaque"] = lambda conn: Protocol()
         transport = self.accept(listener)
-        transport.deliver(b"\x16")
         transport.deliver_eof()
         self.assertIsInstance(transport.protocol, Protocol)
         self.assertTrue(transport.disconnecting)

@@ -502,7 +502,7 @@ class EarlyConnectTests(SynchronousTestCase):
         self.assertIsInstance(client.protocol, DetectProtocol)
         self.reactor.advance(0.1)
         self.assertIsInstance(client.protocol, RelayProtocol)
-        self.assertEqual(self.detections(listener), {("opaque", "timeout"): 1.0})
+        self.assertEqual(self.detections(listener), {("tls", "timeout"): 1.0})
 
     def test_server_speaking_after_a_quiet_detect_timeout(self) -> None:
         client = self.accept()

@@ -421,18 +421,41 @@ class TimedOutTests(SynchronousTestCase):
 
     def test_timed_out(self) -> None:
         """Opaque/timeout, unless the bytes could start an HTTP/1 request: the
-        HTTP/1 end then times the head out (408) as for any later request."""
-        for data in (b"", HELLO_SNI[:100], b"\x16\x03"):
+        HTTP/1 end then times the head out (408) as for any later request;
+        or a ClientHello record: tls, so that a terminating listener's
+        handshake_timeout applies to a ClientHello sent slowly."""
+        for data in (b"", b"\x17\x03\x03", b"\x16\x02", b"\x16\x03\x01\x00\x00"):
             self.assertEqual(timed_out(data), TIMEOUT, data)
         for data in (b"GET /", b"GET", H2_PREFACE[:5], b"\r\n"):
             self.assertEqual(timed_out(data), Verdict("http1", "timeout"), data)
+        for n in range(1, len(HELLO_SNI)):
+            self.assertEqual(timed_out(HELLO_SNI[:n]), Verdict("tls", "timeout"), n)
 
     def test_ended(self) -> None:
-        """The same on the client's EOF: a cut-short head is the HTTP/1 end's."""
-        for data in (b"", HELLO_SNI[:100], b"\x16\x03"):
+        """The same on the client's EOF: a cut-short head is the HTTP/1 end's,
+        a cut-short ClientHello the TLS end's."""
+        for data in (b"", b"\x17\x03\x03", b"\x16\x02"):
             self.assertEqual(ended(data), EOF, data)
         for data in (b"GET /", b"GET", H2_PREFACE[:5]):
             self.assertEqual(ended(data), Verdict("http1", "eof"), data)
+        for data in (b"\x16", b"\x16\x03", HELLO_SNI[:5], HELLO_SNI[:100]):
+            self.assertEqual(ended(data), Verdict("tls", "eof"), data)
+
+    def test_undecided_tls_agrees_with_sniff(self) -> None:
+        """Whatever sniff still waits on as a possible ClientHello (every
+        1- and 2-byte input, and each prefix of a ClientHello) is tls when
+        detection ends, as it is at the peek limit: the timeout and EOF
+        verdicts never call opaque what sniff held back as TLS."""
+        inputs = [bytes([a]) for a in range(256)]
+        inputs += [bytes([a, b]) for a in range(256) for b in range(256)]
+        inputs += [HELLO_SNI[:n] for n in range(1, len(HELLO_SNI))]
+        held_back = 0
+        for data in inputs:
+            if sniff(data) is None and starts_like_http1(data) is False:
+                held_back += 1
+                self.assertEqual(timed_out(data).protocol, "tls", data)
+                self.assertEqual(ended(data).protocol, "tls", data)
+        self.assertGreater(held_back, len(HELLO_SNI))
 
 
 class SplitInvarianceTests(SynchronousTestCase):

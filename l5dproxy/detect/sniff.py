@@ -79,8 +79,9 @@ class Verdict:
 
     protocol: str  # "h2", "http1", "tls" or "opaque"
     # "preface", "request_line", "client_hello", "not_http", "peek_limit",
-    # "timeout" or "eof" (http1 as well as opaque: bytes that start like an
-    # HTTP/1 request are http1 however detection ends)
+    # "timeout" or "eof" (http1 and tls as well as opaque: bytes that start
+    # like an HTTP/1 request or a ClientHello record are http1 or tls however
+    # detection ends)
     reason: str
     sni: str | None = None  # host_name from the ClientHello, if any
 
@@ -151,11 +152,17 @@ def timed_out(data: bytes) -> Verdict:
     """The verdict when the detect timeout expires with ``data`` buffered.
 
     A client that stalls before completing a preface or ClientHello is
-    either slow or waiting for the server to speak first; relaying opaquely
-    is the only safe choice, even with no bytes. Bytes that are, or could
-    still be, the start of an HTTP/1 request go to the HTTP/1 server end,
-    whose request-header timeout answers them as it would any later request
-    (a client that sends ``GET`` and waits is not let through as TCP).
+    either slow or waiting for the server to speak first; with no bytes (or
+    bytes that are none of the below) the connection is opaque. Bytes that
+    are, or could still be, the start of an HTTP/1 request go to the HTTP/1
+    server end, whose request-header timeout answers them as it would any
+    later request (a client that sends ``GET`` and waits is not let through
+    as TCP). Bytes that are, or could still be, the start of a ClientHello
+    record (``0x16``, a valid record header, part of the record) are
+    ``tls``, as at the peek limit: a terminating listener answers them and
+    its ``handshake_timeout`` applies (a ClientHello sent slowly is not let
+    through as plaintext); a listener that does not terminate relays a
+    ``tls`` verdict as opaque TCP all the same.
     """
     return _undecided(data, _TIMEOUT)
 
@@ -164,14 +171,21 @@ def ended(data: bytes) -> Verdict:
     """The verdict when the client half-closes before one was reached.
 
     As :func:`timed_out`: bytes that could start an HTTP/1 request are
-    http1 (the server end drops a head cut short), anything else is opaque.
+    http1 (the server end drops a head cut short), bytes that could start a
+    ClientHello are tls (a terminating listener's handshake fails on them),
+    anything else is opaque.
     """
     return _undecided(data, _EOF)
 
 
 def _undecided(data: bytes, opaque: Verdict) -> Verdict:
-    if data and starts_like_http1(data) is not False:
+    """The verdict for ``data`` when no more bytes will decide it."""
+    if not data:
+        return opaque
+    if starts_like_http1(data) is not False:
         return Verdict("http1", opaque.reason)
+    if _tls_chance(data) is not _Chance.NO:
+        return Verdict("tls", opaque.reason)
     return opaque
 
 
