@@ -123,6 +123,10 @@ class Metrics:
             "authz_denied", "TLS client connections refused: the client's identity"
             " matches no [listener.tls] allow pattern (HTTP: each request 403)",
             ("listener", "protocol"), registry=r)
+        self.tls_handshake_errors_total = Counter(
+            "tls_handshake_errors", "TLS handshakes a terminating listener did not"
+            " complete, by reason (timeout, protocol_version, no_client_certificate,"
+            " bad_certificate, closed, other)", ("listener", "reason"), registry=r)
         self.config_reload_total = Counter(
             "config_reload", "Config reloads (SIGHUP or file change)", ("result",), registry=r)
         #: Callables giving ``(listener, service, name, not_after)`` for each

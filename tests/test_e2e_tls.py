@@ -201,6 +201,9 @@ class TerminationTests(unittest.TestCase):
         self.assertNotIn("BEGIN CERTIFICATE", output)
         self.assertRegex(output, r"alert protocol version|no protocols available|"
                                  r"unsupported protocol")
+        wait_for(lambda: self.proxy.metric_value(
+            "tls_handshake_errors_total", listener="in", reason="protocol_version") == 1,
+            10, "tls_handshake_errors_total{reason=protocol_version} 1")
         for version in ("-tls1_2", "-tls1_3"):
             session = os.path.join(self.dir, f"session{version}")
             first = s_client(self.port, version, "-servername", "a.example.com",
@@ -258,6 +261,9 @@ class HandshakeTimeoutTests(unittest.TestCase):
         self.assertEqual(received[:1], b"\x16")  # a handshake record: the ServerHello
         self.assertLess(time.monotonic() - started, 8)
         proxy.wait_log(r"closed listener=in .* end=tls handshake timeout \(0\.5 s\)")
+        self.assertEqual(proxy.metric_value("tls_handshake_errors_total", listener="in",
+                                            reason="timeout"), 1)
+        self.assertEqual(proxy.metric_value("tls_handshake_errors_total"), 1)
 
 
 class MutualTlsTests(unittest.TestCase):
@@ -329,6 +335,8 @@ class MutualTlsTests(unittest.TestCase):
         code, _, _ = curl(self.port, "a.example.com", cafile=self.certs.ca_path)
         self.assertNotEqual(code, 0)
         self.proxy.wait_log(r"end=tls handshake failed: .*certificate")
+        self.assertEqual(self.proxy.metric_value(
+            "tls_handshake_errors_total", listener="in", reason="no_client_certificate"), 1)
 
     def test_grpc_identity_refused_is_permission_denied(self) -> None:
         grpc = _grpc()

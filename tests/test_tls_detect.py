@@ -14,8 +14,10 @@ import shutil
 import tempfile
 
 import trustme
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.listeners import build_listener
@@ -30,6 +32,7 @@ from l5dproxy.config.model import (
     ServiceConfig,
 )
 from l5dproxy.telemetry import Metrics
+from l5dproxy.tls.server import HANDSHAKE_ERROR_REASONS
 from tests.support import metric_value
 from tests.test_detect import Recorder, SwitchableTransport, samples_of
 from tests.test_sniff import HELLO_SNI
@@ -94,6 +97,16 @@ class _ListenerMixin:
         protocol.makeConnection(transport)
         return transport
 
+    def handshake_errors(self) -> dict[str, float]:
+        """``tls_handshake_errors_total{listener="inbound"}`` by reason (non-zero)."""
+        found: dict[str, float] = {}
+        for reason in HANDSHAKE_ERROR_REASONS:
+            value = metric_value(samples_of(self.metrics), "tls_handshake_errors_total",
+                                 listener="inbound", reason=reason)
+            if value:
+                found[reason] = value
+        return found
+
     def detected(self, protocol: str, reason: str) -> float:
         return metric_value(samples_of(self.metrics), "protocol_detect_total",
                             listener="inbound", protocol=protocol, reason=reason)
@@ -116,8 +129,10 @@ class TerminatingDetectTests(_ListenerMixin, SynchronousTestCase):
         self.assertFalse(transport.disconnected, name)
         self.clock.advance(0.01)
         self.assertTrue(transport.disconnected, f"{name}: handshake_timeout applies")
+        transport.deliver_lost(Failure(ConnectionAborted()))
         self.assertEqual(self.recorders, [], name)
         self.assertEqual(self.clock.getDelayedCalls(), [], name)
+        self.assertEqual(self.handshake_errors(), {"timeout": 1}, name)
 
     def test_slow_client_hello_meets_the_handshake_timeout(self) -> None:
         """Bytes of a ClientHello, then silence: at the detect timeout they go
@@ -158,6 +173,8 @@ class TerminatingDetectTests(_ListenerMixin, SynchronousTestCase):
             self.assertIsInstance(transport.protocol, TLSMemoryBIOProtocol, name)
             self.assertEqual(self.detected("tls", "eof"), 1, name)
             self.assertTrue(transport.disconnecting or transport.disconnected, name)
+            transport.deliver_lost()
+            self.assertEqual(self.handshake_errors(), {"closed": 1}, name)
 
     def test_other_bytes_are_still_relayed(self) -> None:
         """Bytes that cannot start a ClientHello record (a TLS record of

@@ -18,7 +18,9 @@ verified identity (``conn.client_id``, mTLS) and whether ``allow`` admits it
 client 403 / PERMISSION_DENIED, and a refused opaque connection is closed;
 each refused connection counts once in ``authz_denied_total{listener,
 protocol}``. A failed handshake or one not
-done within ``handshake_timeout`` ends the connection, logged with why.
+done within ``handshake_timeout`` ends the connection, logged with why and
+counted in ``tls_handshake_errors_total{listener, reason}`` (reasons:
+l5dproxy.tls.server.HANDSHAKE_ERROR_REASONS).
 Terminated connections are never spliced (the proxy reads the plaintext).
 """
 
@@ -75,7 +77,8 @@ def tls_handler(contexts: ServerContexts, handlers: Mapping[str, Handler],
         def _speak(conn: InboundConnection, protocol: str) -> IProtocol:
             return _speak_or_refuse(conn, protocol, handlers, metrics, listener)
 
-        def on_lost(reason: Failure, how: str) -> None:
+        def on_lost(reason: Failure, how: str, kind: str) -> None:
+            metrics.tls_handshake_errors_total.labels(listener, kind).inc()
             conn.closed(reason, how)
 
         return terminate(factory, on_handshake, on_lost, clock, handshake_timeout)

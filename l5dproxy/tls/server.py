@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from cryptography import x509
 from OpenSSL import SSL, crypto
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
@@ -244,14 +245,15 @@ class Handshake(Protocol):
 
     ``on_handshake(info, tls)`` gives the protocol that speaks the plaintext;
     this one puts it in its place (``tls.wrappedProtocol``, Twisted's
-    ``ProtocolWrapper`` attribute) and connects it. ``on_lost(reason, how)``
-    is called if the connection ends first (a failed handshake, the client
-    leaving, the handshake timeout). No application data can arrive before
-    the handshake completes.
+    ``ProtocolWrapper`` attribute) and connects it. ``on_lost(reason, how,
+    kind)`` is called if the connection ends first (a failed handshake, the
+    client leaving, the handshake timeout): ``how`` for the log line,
+    ``kind`` one of :data:`HANDSHAKE_ERROR_REASONS` for the metric. No
+    application data can arrive before the handshake completes.
     """
 
     def __init__(self, on_handshake: Callable[[TlsInfo, TLSMemoryBIOProtocol], IProtocol],
-                 on_lost: Callable[[Failure, str], None], clock: IReactorTime,
+                 on_lost: Callable[[Failure, str, str], None], clock: IReactorTime,
                  timeout: float) -> None:
         self.on_handshake = on_handshake
         self.on_lost = on_lost
@@ -294,22 +296,64 @@ class Handshake(Protocol):
             return
         if self.timed_out:
             how = f"tls handshake timeout ({self.timeout:g} s)"
+            kind = "timeout"
         else:
             how = "tls handshake failed: " + describe_tls_error(reason)
-        self.on_lost(reason, how)
+            kind = classify_tls_error(reason)
+        self.on_lost(reason, how, kind)
+
+
+#: The ``reason`` label values of ``tls_handshake_errors_total`` (a closed
+#: set, so the metric's cardinality is bounded): the handshake timeout, a
+#: client offering no TLS version the listener accepts, an mTLS client
+#: sending no certificate, a certificate not verified (the client's by
+#: ``client_ca``, or the proxy's refused by the client's alert), the client
+#: closing or resetting before the handshake was done, anything else.
+HANDSHAKE_ERROR_REASONS = ("timeout", "protocol_version", "no_client_certificate",
+                           "bad_certificate", "closed", "other")
+
+
+def _openssl_reasons(reason: Failure) -> list[str]:
+    """OpenSSL's reason strings in a failed handshake's error, in order."""
+    exc = reason.value
+    if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
+        found = [entry[-1] for entry in exc.args[0] if entry and entry[-1]]
+        return [r for r in dict.fromkeys(found) if isinstance(r, str)]
+    return []
 
 
 def describe_tls_error(reason: Failure) -> str:
     """A short reason for a failed handshake, for the connection's log line:
     OpenSSL's reason strings (``certificate verify failed``, ``no shared
     cipher``, ``unsupported protocol``), else the exception's text."""
+    reasons = _openssl_reasons(reason)
+    if reasons:
+        return ", ".join(reasons)
     exc = reason.value
-    if isinstance(exc, SSL.Error) and exc.args and isinstance(exc.args[0], list):
-        reasons = [entry[-1] for entry in exc.args[0] if entry and entry[-1]]
-        if reasons:
-            return ", ".join(dict.fromkeys(reasons))
     text = str(exc) or type(exc).__name__
     return "client closed" if "Connection was closed cleanly" in text else text
+
+
+def classify_tls_error(reason: Failure) -> str:
+    """The :data:`HANDSHAKE_ERROR_REASONS` entry for a handshake that failed
+    with ``reason`` (the timeout is the caller's to know). OpenSSL's reason
+    strings decide: ``unsupported protocol``, ``wrong version number``, an
+    alert ``protocol version`` -> protocol_version; ``peer did not return a
+    certificate`` -> no_client_certificate; any other naming a certificate
+    or an unknown CA (``certificate verify failed``, ``tlsv1 alert unknown
+    ca``) -> bad_certificate. A connection lost without an OpenSSL error
+    (ConnectionDone, ConnectionLost) -> closed."""
+    reasons = " ".join(_openssl_reasons(reason)).lower()
+    if not reasons:
+        return "closed" if reason.check(ConnectionDone, ConnectionLost) else "other"
+    if any(s in reasons for s in ("unsupported protocol", "wrong version number",
+                                  "protocol version", "version too low")):
+        return "protocol_version"
+    if "did not return a certificate" in reasons:
+        return "no_client_certificate"
+    if "certificate" in reasons or "unknown ca" in reasons:
+        return "bad_certificate"
+    return "other"
 
 
 def handshake_info(tls: TLSMemoryBIOProtocol) -> TlsInfo:
@@ -330,7 +374,7 @@ def handshake_info(tls: TLSMemoryBIOProtocol) -> TlsInfo:
 
 def terminate(factory: TLSMemoryBIOFactory,
               on_handshake: Callable[[TlsInfo, TLSMemoryBIOProtocol], IProtocol],
-              on_lost: Callable[[Failure, str], None], clock: IReactorTime,
+              on_lost: Callable[[Failure, str, str], None], clock: IReactorTime,
               handshake_timeout: float) -> TLSMemoryBIOProtocol:
     """The protocol for a connection whose ClientHello is to be answered:
     give it the transport, then the ClientHello bytes already read."""
