@@ -338,6 +338,29 @@ class MutualTlsTests(unittest.TestCase):
         self.assertEqual(self.proxy.metric_value(
             "tls_handshake_errors_total", listener="in", reason="no_client_certificate"), 1)
 
+    def test_a_certificate_from_another_ca_is_a_bad_certificate(self) -> None:
+        """A client certificate client_ca does not verify fails the handshake,
+        counted as bad_certificate; so does a client refusing the proxy's
+        certificate (its alert: unknown ca)."""
+        cert, key = issue_uri_cert(trustme.CA(), WEB_ID)
+        foreign = (os.path.join(self.dir, "foreign.crt"), os.path.join(self.dir, "foreign.key"))
+        for path, data in zip(foreign, (cert, key), strict=True):
+            with open(path, "wb") as f:
+                f.write(data)
+        code, _, _ = self._curl(foreign)
+        self.assertNotEqual(code, 0)
+        self.proxy.wait_log(r"end=tls handshake failed: .*certificate")
+        self.assertEqual(self.proxy.metric_value(
+            "tls_handshake_errors_total", listener="in", reason="bad_certificate"), 1)
+        other_ca = write_ca(trustme.CA(), self.dir, "other")
+        code, _, _ = curl(self.port, "a.example.com", "--cert", self.certs.web[0],
+                          "--key", self.certs.web[1], cafile=other_ca)
+        self.assertNotEqual(code, 0)
+        wait_for(lambda: self.proxy.metric_value(
+            "tls_handshake_errors_total", listener="in", reason="bad_certificate") == 2,
+            10, "tls_handshake_errors_total{reason=bad_certificate} 2")
+        self.assertEqual(self.proxy.metric_value("tls_handshake_errors_total"), 2)
+
     def test_grpc_identity_refused_is_permission_denied(self) -> None:
         grpc = _grpc()
         server_port = _grpc_server(self, grpc)
