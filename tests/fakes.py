@@ -35,8 +35,8 @@ from l5dproxy.config.model import (
     ServiceConfig,
     Target,
 )
-from l5dproxy.exchange.contracts import HttpSite
-from l5dproxy.exchange.message import Body, Request, RequestContext, RequestHead, Response
+from l5dproxy.exchange.contracts import HttpSite, RequestContext
+from l5dproxy.exchange.message import Body, Request, RequestHead, Response
 from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.net.connection import ListenerSite
 from l5dproxy.telemetry import Metrics

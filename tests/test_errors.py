@@ -11,11 +11,12 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from l5dproxy.app.sites import http_site
+from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,
-    RequestContext,
     RequestHead,
     accepts_text,
     error_response,
@@ -122,7 +123,7 @@ class DispatchedErrorTests(SynchronousTestCase):
 
         request = Request(RequestHead(b"GET", target, b"web.example", list(headers)),
                           Body.empty())
-        context = RequestContext(self.listener, FakeConnection(), "http1")
+        context = RequestContext(http_site(self.listener), FakeConnection(), "http1")
         self.proxy.dispatch_to(request, context, Waiter(), "t")
         return answers
 

@@ -39,14 +39,15 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.listeners import build_listener
+from l5dproxy.app.sites import http_site
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import DetectConfig, H2Config, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
+from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,
-    RequestContext,
     RequestHead,
     Response,
     ResponseHead,
@@ -1560,7 +1561,7 @@ class DispatcherGrpcTests(SynchronousTestCase):
     def call(self, headers=()):
         head = RequestHead(b"POST", b"/pkg.Svc/M", b"svc", [
             (b"content-type", b"application/grpc"), *headers], version="2")
-        context = RequestContext(self.listener, self.connection, "h2")
+        context = RequestContext(http_site(self.listener), self.connection, "h2")
         return dispatch(self.proxy, Request(head, Body.empty()), context)
 
     def answered(self, trailers, head_headers=()):

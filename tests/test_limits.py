@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept.listener import ConnectionLimits, Listener
 from l5dproxy.app.listeners import build_listener
+from l5dproxy.app.sites import http_site
 from l5dproxy.balance.backends import Endpoint as BalancerEndpoint
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
@@ -36,11 +37,11 @@ from l5dproxy.config.model import (
 )
 from l5dproxy.config.parse import ConfigError, parse
 from l5dproxy.detect.sniff import H2_PREFACE, Verdict
+from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,
-    RequestContext,
     RequestHead,
     error_response,
 )
@@ -208,7 +209,8 @@ class LoadShedTests(SynchronousTestCase):
     def dispatch(self, grpc: bool = False):
         headers = [(b"content-type", b"application/grpc")] if grpc else []
         head = RequestHead(b"POST" if grpc else b"GET", b"/", b"app.test", headers)
-        context = RequestContext(self.listener, FakeConnection(), "h2" if grpc else "http1")
+        context = RequestContext(http_site(self.listener), FakeConnection(),
+                                 "h2" if grpc else "http1")
         return fakes.dispatch(self.proxy, Request(head, Body.empty()), context)
 
     def shed(self) -> float:
@@ -400,7 +402,7 @@ class H2PoolTests(H2ClientRig, SynchronousTestCase):
             frozenset(), clock=clock)
         proxy = HttpProxy({"app": upstream}, Metrics(), clock, {"h2": self.client})
         listener = FakeListener(config=ListenerConfig("in", "tcp:0", "app"))
-        context = RequestContext(listener, FakeConnection(), "h2")
+        context = RequestContext(http_site(listener), FakeConnection(), "h2")
 
         def dispatch():
             head = RequestHead(b"GET", b"/", b"app.test")

@@ -9,19 +9,21 @@ from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from l5dproxy.app.sites import http_site
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import HostPort, ListenerConfig, RouteConfig, ServiceConfig
+from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,
-    RequestContext,
     RequestHead,
     Response,
     ResponseHead,
+    as_proxy_error,
 )
 from l5dproxy.route import dispatcher
-from l5dproxy.route.dispatcher import HttpProxy, as_proxy_error
+from l5dproxy.route.dispatcher import HttpProxy
 from l5dproxy.route.labels import MAX_CACHED_CHILDREN, NO_TLS
 from l5dproxy.telemetry import Metrics
 from tests.fakes import FakeClient, FakeConnection, FakeListener, dispatch
@@ -61,7 +63,7 @@ class DispatcherTests(SynchronousTestCase):
 
     def dispatch(self, authority=b"web.example", target=b"/", method=b"GET", headers=()):
         request = Request(RequestHead(method, target, authority, list(headers)), Body.empty())
-        context = RequestContext(self.listener, FakeConnection(), "http1")
+        context = RequestContext(http_site(self.listener), FakeConnection(), "http1")
         return request, dispatch(self.proxy, request, context)
 
     def value(self, name, **labels):

@@ -11,6 +11,7 @@ from twisted.internet import error
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from l5dproxy.app.sites import http_site
 from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
     FailureAccrualConfig,
@@ -18,11 +19,11 @@ from l5dproxy.config.model import (
     RouteConfig,
     ServiceConfig,
 )
+from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
     Body,
     ProxyError,
     Request,
-    RequestContext,
     RequestHead,
     Response,
     ResponseHead,
@@ -49,7 +50,7 @@ class RetryTests(SynchronousTestCase):
 
     def dispatch(self, method=b"GET", body: Body | None = None, target=b"/", listener=None):
         request = Request(RequestHead(method, target, b"app"), body or Body.empty())
-        return dispatch(self.proxy, request, RequestContext(listener or FakeListener(),
+        return dispatch(self.proxy, request, RequestContext(http_site(listener or FakeListener()),
                                                             FakeConnection(), "http1"))
 
     def answer(self, index: int, status: int) -> Body:

@@ -24,9 +24,11 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.service import ProxyService
+from l5dproxy.app.sites import http_site
 from l5dproxy.config.model import ListenerConfig, RouteConfig
 from l5dproxy.config.parse import load
-from l5dproxy.exchange.message import Body, Request, RequestContext, RequestHead
+from l5dproxy.exchange.contracts import RequestContext
+from l5dproxy.exchange.message import Body, Request, RequestHead
 from tests.fakes import FakeConnection, FakeListener, Transport, dispatch
 from tests.support import build_config, write_config
 
@@ -68,7 +70,7 @@ class TargetRig(SynchronousTestCase):
 
     def get(self, host: bytes):
         head = RequestHead(b"GET", b"/", host, [], version="2" if self.protocol == "h2" else "1.1")
-        context = RequestContext(self.listener, FakeConnection(), self.protocol)
+        context = RequestContext(http_site(self.listener), FakeConnection(), self.protocol)
         return dispatch(self.service.http, Request(head, Body.empty()), context)
 
     def dial_timeouts(self) -> list[float]:

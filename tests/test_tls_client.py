@@ -312,10 +312,10 @@ class LoadTests(unittest.TestCase):
 
 
 class AnswerTests(unittest.TestCase):
-    """What the dispatcher answers for a TlsError (route.errors.as_proxy_error)."""
+    """What the dispatcher answers for a TlsError (exchange.message.as_proxy_error)."""
 
     def test_reason_is_the_label_and_detail_the_header(self) -> None:
-        from l5dproxy.route.errors import as_proxy_error
+        from l5dproxy.exchange.message import as_proxy_error
 
         err = as_proxy_error(Failure(TlsError("tls: certificate verify failed",
                                               "certificate has expired")))

@@ -32,7 +32,7 @@ def http_site(listener: Any) -> HttpSite:
         listener=name, clock=listener.clock,
         allow_connect=bool(config.allow_connect),
         upgrades=frozenset(u.lower().encode("ascii") for u in config.upgrades),
-        count_error=count_error, count_abuse=count_abuse)
+        count_error=count_error, count_abuse=count_abuse, config=config)
 
 
 class HttpSites:

@@ -144,7 +144,7 @@ class TapHub:
             "method": _text(head.method),
             "authority": _text(head.authority),
             "path": _text(head.target),
-            "listener": context.listener.name,
+            "listener": context.site.listener,
             "service": labels.labels[2] if labels is not None else "",
             "endpoint": endpoint.label if endpoint is not None else "",
             "protocol": context.protocol,

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 if TYPE_CHECKING:
     from twisted.python.failure import Failure
 
-    from l5dproxy.config.model import HostPort, Target
-    from l5dproxy.exchange.message import Request, RequestContext, Response
+    from l5dproxy.config.model import HostPort, ListenerConfig, Target
+    from l5dproxy.exchange.message import Request, Response
 
 T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
@@ -131,7 +131,7 @@ class ClientEnd(Protocol):
 
 # -- what a server end is given of its listener ---------------------------------
 
-@dataclass(frozen=True, slots=True, eq=False)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class HttpSite:
     """One listener as its HTTP server ends see it (built once per listener;
     a reload's new listener gets a new one)."""
@@ -148,7 +148,21 @@ class HttpSite:
     count_error: Callable[[str], None]
     #: Counts ``h2_abuse_total{kind}``.
     count_abuse: Callable[[str], None]
+    #: The listener's config as the dispatcher reads it: ``routes``,
+    #: ``access_log``, ``forwarded``/``trusted_proxies``, ``tls``.
+    config: ListenerConfig
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """What the dispatcher knows of where a request came from: one per
+    inbound HTTP connection, built by its server end."""
+
+    site: HttpSite                  # the listener, as the ends and the middle see it
+    connection: object              # l5dproxy.net.connection.InboundConnection
+    protocol: str                   # "http1" or "h2": what the client speaks
+    routes: object = None           # the dispatcher's route table, kept per connection
 
 
 __all__ = ["Attempt", "AttemptWaiter", "ClientEnd", "Dialable", "Dispatched", "Dispatcher",
-           "HttpSite", "ResponseWaiter"]
+           "HttpSite", "RequestContext", "ResponseWaiter"]

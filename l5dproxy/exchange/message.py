@@ -24,10 +24,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from l5dproxy.config.model import ListenerConfig
+from twisted.internet import defer, error
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from l5dproxy.tls.errors import TlsError
+
+_log = Logger()
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -478,6 +483,32 @@ class ProxyError(Exception):
         return cls(403, reason, GRPC_PERMISSION_DENIED)
 
 
+def as_proxy_error(failure: Failure) -> ProxyError:
+    """What the client sees for an upstream failure, as Linkerd maps them."""
+    exc = failure.value
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, TlsError):  # its reason is the label, its detail the header
+        err = ProxyError(exc.status, exc.reason,
+                         GRPC_DEADLINE_EXCEEDED if exc.status == 504 else GRPC_UNAVAILABLE)
+        err.detail = exc.detail
+        return err
+    if isinstance(exc, error.TimeoutError | error.TCPTimedOutError):
+        return ProxyError.timeout("connect timeout")
+    if isinstance(exc, error.ConnectionRefusedError):
+        return ProxyError.bad_gateway("connection refused")
+    if isinstance(exc, error.DNSLookupError):
+        return ProxyError.bad_gateway("dns lookup failed")
+    if isinstance(exc, error.ConnectError):
+        return ProxyError.bad_gateway("connect failed")
+    if isinstance(exc, error.ConnectionDone | error.ConnectionLost | ConnectionError):
+        return ProxyError.bad_gateway("connection closed by upstream")
+    if isinstance(exc, defer.CancelledError):
+        return ProxyError.bad_gateway("cancelled")
+    _log.failure("unexpected upstream error", failure)
+    return ProxyError.bad_gateway("upstream error")
+
+
 class NotPlacedError(ProxyError):
     """The proxy itself could not place the request on the endpoint it was
     given: the endpoint accepts no streams, its connection limit is reached
@@ -546,27 +577,6 @@ def error_response(error: ProxyError, grpc: bool = False, text: bool = False) ->
             (PROXY_ERROR_HEADER, reason),
         ])
     return Response(head, Body.empty(), error)
-
-
-class ListenerView(Protocol):
-    """What the dispatcher reads of the listener a request came in on
-    (``l5dproxy.accept.listener.Listener``)."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def config(self) -> ListenerConfig: ...
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """What the dispatcher knows of where a request came from."""
-
-    listener: ListenerView          # l5dproxy.accept.listener.Listener
-    connection: object              # l5dproxy.net.connection.InboundConnection
-    protocol: str                   # "http1" or "h2": what the client speaks
-    routes: object = None           # the dispatcher's route table, kept per connection
 
 
 def _first(headers: Headers, name: bytes) -> bytes | None:

@@ -53,21 +53,22 @@ from typing import TYPE_CHECKING, Any
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from l5dproxy.exchange.contracts import HttpSite, RequestContext
 from l5dproxy.exchange.message import (
     UNDERSCORE_FIELD_REASON,
     Headers,
     NotPlacedError,
     ProxyError,
     Request,
-    RequestContext,
     Response,
     accepts_text,
+    as_proxy_error,
     drop_underscore_fields,
     error_response,
     identify_client,
 )
 from l5dproxy.route import classify as grpc
-from l5dproxy.route.errors import LOAD_SHED, as_proxy_error, name_error, note_health
+from l5dproxy.route.errors import LOAD_SHED, name_error, note_health
 from l5dproxy.route.forwarded import ForwardedRule
 from l5dproxy.route.labels import NO_TLS, OTHER, Labels, tls_labels
 from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
@@ -122,10 +123,11 @@ class HttpProxy:
         exchange.start()
         return exchange
 
-    def route_table(self, listener) -> _RouteTable:
-        table = self._routes.get(listener)
+    def route_table(self, site: HttpSite) -> _RouteTable:
+        """``site``'s listener's routes, compiled once per listener."""
+        table = self._routes.get(site)
         if table is None:
-            table = self._routes[listener] = _RouteTable(listener.config)
+            table = self._routes[site] = _RouteTable(site.config)
         return table
 
     def labels(self, listener: str, service: str, authority: str, protocol: str,
@@ -249,15 +251,15 @@ class _Exchange:
         proxy = self.proxy
         head = self.request.head
         context = self.context
-        listener = context.listener
-        listener_name = listener.name
+        site = context.site
+        listener_name = site.listener
         dropped = drop_underscore_fields(head)
         if dropped:   # one rule for every request, whatever protocol it came in
             proxy.metrics.http_errors_total.labels(
                 DIRECTION, listener_name, UNDERSCORE_FIELD_REASON).inc(dropped)
         table: Any = context.routes   # RequestContext types it object (exchange/ cannot name it)
         if table is None:   # once per connection (its listener's routes)
-            table = context.routes = proxy.route_table(listener)
+            table = context.routes = proxy.route_table(site)
         table.forwarded.apply_to(head, context.connection)  # the client's address (one rule)
         service, route = table.match_route(head.authority, head.target)
         labels = self.labels = proxy.labels(listener_name, service,
@@ -431,7 +433,7 @@ class _Exchange:
             tap.ended(self, status, grpc_status, error)
         self._release(self.head_latency, endpoint_ok)
         self._leave()
-        if self.context.listener.config.access_log:
+        if self.context.site.config.access_log:
             self._log_access(status)
 
     def _upstream_failed(self, failure: Failure) -> None:
@@ -481,7 +483,7 @@ class _Exchange:
                       str(err.grpc_status) if self.grpc else "", err.reason)
         self._release(None, False)
         self._leave()
-        if self.context.listener.config.access_log:
+        if self.context.site.config.access_log:
             self._log_access(err.status, err.reason)
         if err.status >= 500 and self.waiter is not None:
             self._deliver(error_response(err, self.grpc, accepts_text(self.request.head)), None)
@@ -540,7 +542,7 @@ class _Exchange:
         access_log.info(
             "{method} {authority} {path} {status} req_bytes={req_bytes} resp_bytes={resp_bytes}"
             " duration_ms={duration_ms:.1f} endpoint={endpoint} client={client}{error}",
-            listener=self.context.listener.name,
+            listener=self.context.site.listener,
             method=head.method.decode("latin-1"), authority=head.authority.decode("latin-1")
             or "-", path=head.target.decode("latin-1"), status=status,
             req_bytes=self.request.body.received,

@@ -4,8 +4,8 @@
 (``service app: 127.0.0.1:8080: connection refused``: the
 ``l5d-proxy-error`` value and the text body of
 ``exchange.message.error_response``), so whoever runs ``curl`` through the
-proxy sees which service and endpoint failed and why. ``as_proxy_error``
-maps a client end's failure to the status Linkerd answers. ``note_health``
+proxy sees which service and endpoint failed and why. (A client end's failure becomes a status in
+``exchange.message.as_proxy_error``.) ``note_health``
 logs, at warn level, when a service starts failing and when it recovers, at most
 once per service per ``HEALTH_LOG_INTERVAL`` (as Envoy's outlier-detection
 event log, without one line per request).
@@ -15,12 +15,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from twisted.internet import defer, error
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from l5dproxy.exchange.message import GRPC_DEADLINE_EXCEEDED, GRPC_UNAVAILABLE, ProxyError
-from l5dproxy.tls.errors import TlsError
+from l5dproxy.exchange.message import ProxyError
 
 if TYPE_CHECKING:
     from l5dproxy.balance.backends import Endpoint, Upstream
@@ -63,29 +60,3 @@ def note_health(upstream: Upstream, failing: bool, message: str, now: float) -> 
                  cause=message)
     else:
         log.warn("service {service} recovered", service=upstream.name)
-
-
-def as_proxy_error(failure: Failure) -> ProxyError:
-    """What the client sees for an upstream failure, as Linkerd maps them."""
-    exc = failure.value
-    if isinstance(exc, ProxyError):
-        return exc
-    if isinstance(exc, TlsError):  # its reason is the label, its detail the header
-        err = ProxyError(exc.status, exc.reason,
-                         GRPC_DEADLINE_EXCEEDED if exc.status == 504 else GRPC_UNAVAILABLE)
-        err.detail = exc.detail
-        return err
-    if isinstance(exc, error.TimeoutError | error.TCPTimedOutError):
-        return ProxyError.timeout("connect timeout")
-    if isinstance(exc, error.ConnectionRefusedError):
-        return ProxyError.bad_gateway("connection refused")
-    if isinstance(exc, error.DNSLookupError):
-        return ProxyError.bad_gateway("dns lookup failed")
-    if isinstance(exc, error.ConnectError):
-        return ProxyError.bad_gateway("connect failed")
-    if isinstance(exc, error.ConnectionDone | error.ConnectionLost | ConnectionError):
-        return ProxyError.bad_gateway("connection closed by upstream")
-    if isinstance(exc, defer.CancelledError):
-        return ProxyError.bad_gateway("cancelled")
-    log.failure("unexpected upstream error", failure)
-    return ProxyError.bad_gateway("upstream error")

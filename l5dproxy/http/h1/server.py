@@ -38,11 +38,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
     Body,
     Headers,
     ProxyError,
-    RequestContext,
     Response,
 )
 from l5dproxy.http.h1.framing import (
@@ -95,7 +95,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         self.dispatcher = dispatcher
         self.limits = limits
         self.site = site
-        self.context = RequestContext(conn.listener, conn, "http1")
+        self.context = RequestContext(self.site, conn, "http1")
         self.parser: HttpRequestParser | None = None
         self.queue: deque[_Message] = deque()   # answered in order; [0] is current
         self._reading: _Message | None = None    # the message whose body is being read

@@ -26,11 +26,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l5dproxy.config.model import H2Config
-from l5dproxy.exchange.message import ProxyError, Request, Response
+from l5dproxy.exchange.message import ProxyError, Request, Response, as_proxy_error
 from l5dproxy.http.h2.client import H2ClientProtocol
 from l5dproxy.http.h2.stream import Stream
 from l5dproxy.net.connection import errno_name
-from l5dproxy.route.dispatcher import as_proxy_error
 from l5dproxy.tls.errors import TlsError
 
 if TYPE_CHECKING:

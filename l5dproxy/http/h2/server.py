@@ -25,12 +25,12 @@ from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
     Body,
     BodyLengthError,
     ProxyError,
     Request,
-    RequestContext,
     Response,
     error_response,
 )
@@ -92,7 +92,7 @@ class H2ServerProtocol(H2Protocol):
         self.dispatcher = dispatcher
         self.settings = settings
         self.site = site
-        self.context = RequestContext(conn.listener, conn, "h2")
+        self.context = RequestContext(self.site, conn, "h2")
         self.draining = False
         self._last_stream_id = 0
         self._how = "client closed"
