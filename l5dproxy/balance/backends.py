@@ -407,16 +407,14 @@ class Upstream:
 
 
 def _accrual_of(config: ServiceConfig) -> Accrual:
-    fa = getattr(config, "failure_accrual", None)
-    if fa is None:
-        return Accrual()
+    fa = config.failure_accrual
     return Accrual(fa.consecutive_failures, fa.min_backoff, fa.max_backoff, fa.jitter)
 
 
 def _budget_of(config: ServiceConfig, clock: Any) -> RetryBudget:
     return RetryBudget(
         clock,
-        ratio=getattr(config, "retry_budget_ratio", 0.2),
-        min_per_second=getattr(config, "retry_budget_min_per_second", 10.0),
-        ttl=getattr(config, "retry_budget_ttl", 10.0),
+        ratio=config.retry_budget_ratio,
+        min_per_second=config.retry_budget_min_per_second,
+        ttl=config.retry_budget_ttl,
     )

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
     from l5dproxy.balance.backends import Endpoint, Upstream
-    from l5dproxy.config.model import RouteConfig
+    from l5dproxy.config.model import ListenerConfig, RouteConfig
     from l5dproxy.exchange.contracts import Attempt, ClientEnd
     from l5dproxy.telemetry import Metrics
 
@@ -152,14 +152,14 @@ class _RouteTable:
 
     __slots__ = ("default", "forwarded", "hosts", "routes")
 
-    def __init__(self, config) -> None:
+    def __init__(self, config: ListenerConfig) -> None:
         self.default: str = config.service
         self.forwarded = ForwardedRule.from_config(config.forwarded, config.trusted_proxies)
         self.routes: list[tuple[bytes | None, bytes | None, str, RouteConfig]] = [
             (route.host.lower().encode("idna") if route.host else None,
              route.path_prefix.encode() if route.path_prefix else None,
              route.service, route)
-            for route in getattr(config, "routes", ()) if getattr(route, "sni", None) is None
+            for route in config.routes if route.sni is None
         ]
         #: The routes' hosts (as matched) -> their ``authority`` label.
         self.hosts: dict[bytes, str] = {
@@ -306,7 +306,7 @@ class _Exchange:
         if config.retry_limit and retryable(self.request, config.retry_max_body,
                                             route is not None and route.retryable):
             self.replay = replay_for(self.request, config.retry_max_body)
-        timeout = getattr(config, "response_timeout", None)
+        timeout = config.response_timeout
         if route is not None and route.timeout is not None:
             timeout = route.timeout  # a route's request timeout overrides the service's
         if self.grpc:  # a gRPC deadline bounds the request too
