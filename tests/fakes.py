@@ -67,9 +67,16 @@ class FakeListener:
 
 
 class FakeConnection:
-    """The dispatcher's view of an inbound connection: no endpoint known."""
+    """The dispatcher's view of an inbound connection (every attribute of
+    exchange.contracts.ClientConnection, with InboundConnection's defaults):
+    plaintext, not pinned, no endpoint known."""
 
+    peer = "192.0.2.10:40000"
     endpoint = ""
+    pinned = None
+    tls = None
+    client_id: str | None = None
+    authorized = True
     client_host = "192.0.2.10"   # the client's address (InboundConnection.client_host)
     secure = False
 

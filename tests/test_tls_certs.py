@@ -20,6 +20,7 @@ from l5dproxy.tls.certs import (
     name_matches,
 )
 from l5dproxy.tls.identity import allowed, compile_patterns, peer_identity
+from tests.fakes import FakeConnection
 from tests.tlsfixtures import issue_uri_cert, write_pair
 
 
@@ -244,10 +245,10 @@ class ClientIdTests(unittest.TestCase):
     def test_forged_fields_removed_whatever_their_case(self) -> None:
         from l5dproxy.exchange.message import identify_client
 
-        class Plain:  # a plaintext connection: no client_id, authorized
+        class Plain(FakeConnection):  # a plaintext connection: no client_id, authorized
             pass
 
-        class Mtls:
+        class Mtls(FakeConnection):
             client_id = "spiffe://example.org/ns/web/sa/x"
             authorized = True
 
@@ -286,14 +287,14 @@ class ClientIdTests(unittest.TestCase):
             if finished_first:
                 body.write(b"hi")
                 body.finish(list(forged))
-            self.assertIsNone(identify_client(self._head(), object(), body))
+            self.assertIsNone(identify_client(self._head(), FakeConnection(), body))
             body.consume(sink)
             if not finished_first:
                 body.write(b"hi")
                 body.finish(list(forged))
             self.assertEqual(sink.trailers, [(b"grpc-status", b"0")], finished_first)
         body, sink = Body(), Sink()   # no trailer section: none made up
-        identify_client(self._head(), object(), body)
+        identify_client(self._head(), FakeConnection(), body)
         body.consume(sink)
         body.finish(None)
         self.assertIsNone(sink.trailers)
@@ -301,7 +302,7 @@ class ClientIdTests(unittest.TestCase):
     def test_refused_client_gets_403_permission_denied(self) -> None:
         from l5dproxy.exchange.message import identify_client
 
-        class Refused:
+        class Refused(FakeConnection):
             client_id = "spiffe://example.org/ns/db/sa/x"
             authorized = False
 

@@ -148,7 +148,7 @@ class TapHub:
             "service": labels.labels[2] if labels is not None else "",
             "endpoint": endpoint.label if endpoint is not None else "",
             "protocol": context.protocol,
-            "client": getattr(context.connection, "peer", "") or "",
+            "client": context.connection.peer,
         }
 
     def started(self, exchange) -> None:

@@ -153,16 +153,46 @@ class HttpSite:
     config: ListenerConfig
 
 
+class ClientConnection(Protocol):
+    """What the middle (dispatcher, forwarded rule, labels, tap) reads of an
+    inbound connection: ``l5dproxy.net.connection.InboundConnection``
+    provides it (tests.fakes.FakeConnection in unit tests)."""
+
+    #: The client's address as text ("host:port"; after a PROXY header, the
+    #: client it names): the access log's and tap's ``client``.
+    peer: str
+    #: The label of the endpoint the request went to ("" before one is
+    #: picked); the dispatcher sets it, the access log reads it.
+    endpoint: str
+    #: A transparent listener's Endpoint at the original destination (every
+    #: request goes there), else None. Typed Any: balance/ is above exchange/.
+    pinned: Any
+    #: TLS the proxy terminated (l5dproxy.tls), else None: plaintext.
+    tls: Any
+    #: The verified client certificate's identity (mTLS), else None.
+    client_id: str | None
+    #: False when ``[listener.tls] allow`` refused the client (403).
+    authorized: bool
+
+    @property
+    def client_host(self) -> str | None:
+        """The client's IP address (no port), None for a non-IP connection."""
+
+    @property
+    def secure(self) -> bool:
+        """Whether the client's bytes reach the proxy over TLS."""
+
+
 @dataclass(slots=True)
 class RequestContext:
     """What the dispatcher knows of where a request came from: one per
     inbound HTTP connection, built by its server end."""
 
     site: HttpSite                  # the listener, as the ends and the middle see it
-    connection: object              # l5dproxy.net.connection.InboundConnection
+    connection: ClientConnection    # l5dproxy.net.connection.InboundConnection
     protocol: str                   # "http1" or "h2": what the client speaks
     routes: object = None           # the dispatcher's route table, kept per connection
 
 
-__all__ = ["Attempt", "AttemptWaiter", "ClientEnd", "Dialable", "Dispatched", "Dispatcher",
-           "HttpSite", "RequestContext", "ResponseWaiter"]
+__all__ = ["Attempt", "AttemptWaiter", "ClientConnection", "ClientEnd", "Dialable", "Dispatched",
+           "Dispatcher", "HttpSite", "RequestContext", "ResponseWaiter"]

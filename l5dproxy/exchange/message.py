@@ -117,7 +117,17 @@ CLIENT_ID = b"l5d-client-id"
 UNAUTHORIZED = "unauthorized"
 
 
-def identify_client(head: RequestHead, connection: object,
+class ClientIdentity(Protocol):
+    """What :func:`identify_client` reads of a client connection (part of
+    exchange.contracts.ClientConnection, which InboundConnection provides)."""
+
+    #: The verified client certificate's identity (mTLS), else None.
+    client_id: str | None
+    #: False when ``[listener.tls] allow`` refused the client.
+    authorized: bool
+
+
+def identify_client(head: RequestHead, connection: ClientIdentity,
                     body: Body | None = None) -> ProxyError | None:
     """The one rule for the client's TLS identity, applied by the dispatcher
     to every request: ``l5d-client-id`` set from the connection's verified
@@ -127,11 +137,11 @@ def identify_client(head: RequestHead, connection: object,
     one), and the 403 to answer when
     ``[listener.tls] allow`` refused the client (``connection.authorized``
     false; l5dproxy.detect.terminate). ``connection`` is the
-    InboundConnection (anything without those attributes: plaintext)."""
-    set_client_id(head, getattr(connection, "client_id", None))
+    InboundConnection (``client_id`` None: plaintext or no certificate)."""
+    set_client_id(head, connection.client_id)
     if body is not None:
         body.rule_trailers(without_client_id)
-    if getattr(connection, "authorized", True):
+    if connection.authorized:
         return None
     return ProxyError.forbidden(UNAUTHORIZED)
 

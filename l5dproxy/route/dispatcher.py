@@ -287,7 +287,7 @@ class _Exchange:
         upstream.pending += 1
         self.pending = True
         # A transparent listener's connection to original_dst brings its endpoint.
-        endpoint = getattr(context.connection, "pinned", None) or upstream.pick()
+        endpoint = context.connection.pinned or upstream.pick()
         if endpoint is None:
             reason, detail = upstream.why_unavailable()
             err = ProxyError.unavailable(reason)
@@ -322,9 +322,7 @@ class _Exchange:
         """One attempt (the first, or a retry) to ``endpoint``."""
         self.endpoint = endpoint
         endpoint.begin()
-        connection: Any = self.context.connection
-        if connection is not None:
-            connection.endpoint = endpoint.label
+        self.context.connection.endpoint = endpoint.label
         request = self.request
         if self.replay is not None:
             request = self.replay.request_for_attempt(request, self.retries)
@@ -548,7 +546,7 @@ class _Exchange:
             req_bytes=self.request.body.received,
             resp_bytes=response.body.received if response is not None else 0,
             duration_ms=(self.proxy.reactor.seconds() - self.started) * 1000.0,
-            endpoint=getattr(self.context.connection, "endpoint", "") or "-",
-            client=getattr(self.context.connection, "peer", "") or "-",
+            endpoint=self.context.connection.endpoint or "-",
+            client=self.context.connection.peer or "-",
             error=f' error="{error}"' if error else "",
         )

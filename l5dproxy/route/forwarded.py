@@ -39,20 +39,13 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import TYPE_CHECKING
 
 from l5dproxy.config.checks import IPNetwork, parse_networks
 from l5dproxy.exchange.message import Headers, RequestHead
 
-
-class ClientSide(Protocol):
-    """What the rule reads of a client connection
-    (``l5dproxy.net.connection.InboundConnection``)."""
-
-    @property
-    def client_host(self) -> str | None: ...
-    @property
-    def secure(self) -> bool: ...
+if TYPE_CHECKING:
+    from l5dproxy.exchange.contracts import ClientConnection
 
 
 MODES = ("append", "replace", "off")
@@ -109,12 +102,11 @@ class ForwardedRule:
             address = address.ipv4_mapped
         return any(address in network for network in self.trusted)
 
-    def apply_to(self, head: RequestHead, connection: object) -> None:
+    def apply_to(self, head: RequestHead, connection: ClientConnection) -> None:
         """``apply`` for a request that came in on ``connection`` (its
-        ``client_host``; ``https`` when ``secure``); nothing without one."""
-        if connection is not None and self.mode != "off":
-            side = cast(ClientSide, connection)   # RequestContext.connection is untyped
-            self.apply(head, side.client_host, b"https" if side.secure else b"http")
+        ``client_host``; ``https`` when ``secure``)."""
+        if self.mode != "off":
+            self.apply(head, connection.client_host, b"https" if connection.secure else b"http")
 
     def apply(self, head: RequestHead, client_host: str | None, proto: bytes) -> None:
         """Set the forwarding fields of ``head`` for a request from

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from l5dproxy.telemetry import LATENCY_MS_BUCKETS, PendingCount, PendingHistogram
 
 if TYPE_CHECKING:
+    from l5dproxy.exchange.contracts import ClientConnection
     from l5dproxy.telemetry import Metrics
 
 #: Response and latency children cached per label set, keyed by the raw
@@ -33,15 +34,15 @@ OTHER = "other"
 NO_TLS = ("no_identity", "", "no_tls_from_remote")
 
 
-def tls_labels(connection: object) -> tuple[str, str, str]:
+def tls_labels(connection: ClientConnection) -> tuple[str, str, str]:
     """``(tls, client_id, no_tls_reason)`` of a request's connection: TLS
     terminated by the proxy (``connection.tls``, l5dproxy.detect.terminate)
     gives ``("true", IDENTITY or "", "")``, anything else ``NO_TLS``. The
     identity is a verified certificate's, so its values are bounded by the
     identities a CA issued and ``allow`` admits."""
-    if getattr(connection, "tls", None) is None:
+    if connection.tls is None:
         return NO_TLS
-    return ("true", getattr(connection, "client_id", None) or "", "")
+    return ("true", connection.client_id or "", "")
 
 
 def status_label(status: int) -> str:
