@@ -121,10 +121,8 @@ class ClientIdentity(Protocol):
     """What :func:`identify_client` reads of a client connection (part of
     exchange.contracts.ClientConnection, which InboundConnection provides)."""
 
-    #: The verified client certificate's identity (mTLS), else None.
-    client_id: str | None
-    #: False when ``[listener.tls] allow`` refused the client.
-    authorized: bool
+    client_id: str | None   # the verified client certificate's identity, else None
+    authorized: bool        # false: ``[listener.tls] allow`` refused the client
 
 
 def identify_client(head: RequestHead, connection: ClientIdentity,
@@ -428,6 +426,9 @@ class Request:
     #: (the server end writes them to its client, as 103 Early Hints), if
     #: anywhere; the client end calls it with each 1xx head but 100 and 101.
     interim: Callable[[ResponseHead], None] | None = None
+    #: ``Upgrade``'s value (``b"CONNECT"``: a CONNECT) of an h1 UpgradeRequest,
+    #: else None; such a request is never retried and goes to an HTTP/1 client.
+    upgrade: bytes | None = None
 
 
 @dataclass(slots=True)

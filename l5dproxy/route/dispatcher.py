@@ -295,7 +295,7 @@ class _Exchange:
             self._fail(err)
             return
         protocol = config.protocol or context.protocol
-        if getattr(self.request, "upgrade", None) is not None and config.protocol != "h2":
+        if self.request.upgrade is not None and config.protocol != "h2":
             protocol = "http1"  # Upgrade and CONNECT tunnels are HTTP/1 only
         client = proxy.clients.get(protocol)
         if client is None:

@@ -33,7 +33,7 @@ def retryable(request: Request, max_body: int, route_retryable: bool = False) ->
     head = request.head
     if head.method not in IDEMPOTENT_METHODS and not route_retryable:
         return False
-    if getattr(request, "upgrade", None) is not None:
+    if request.upgrade is not None:
         return False
     length = request.body.length
     return length is None or length <= max_body

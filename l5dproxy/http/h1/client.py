@@ -200,7 +200,7 @@ class H1ClientConnection(TwistedProtocol):
         body = request.body
         method = head.method
         self._method = method
-        self._upgrade = getattr(request, "upgrade", None)
+        self._upgrade = request.upgrade
         self._response_started = False
         self._response_done = False
         self._interim = False

@@ -13,6 +13,7 @@ from http import HTTPStatus
 from typing import NamedTuple
 
 from l5dproxy.exchange.message import PROXY_ERROR_HEADER, Body, Headers, Request, ResponseHead
+from l5dproxy.http.h1.upgrade import UpgradeRequest
 from l5dproxy.http.headers import HOP_BY_HOP
 
 #: Methods whose request carries ``content-length: 0`` when it has no body.
@@ -135,7 +136,8 @@ def request_head(request: Request, upgrade: bytes | None) -> tuple[bytes, bool]:
         parts.append(b"transfer-encoding: chunked\r\n")
         chunked = True
     if upgrade is not None and upgrade != b"CONNECT":
-        tokens = b"".join(b", " + t for t in getattr(request, "connection", ()))
+        named = request.connection if isinstance(request, UpgradeRequest) else ()
+        tokens = b"".join(b", " + t for t in named)
         if te:
             tokens += b", te"
         parts += (b"connection: upgrade", tokens, b"\r\nupgrade: ", upgrade, b"\r\n")

@@ -61,7 +61,7 @@ from l5dproxy.http.h1.request import (
     _parser_reason,
     _RejectError,
 )
-from l5dproxy.http.h1.upgrade import ServerTunnel, UpgradeRequest
+from l5dproxy.http.h1.upgrade import ServerTunnel, TunnelResponse, UpgradeRequest
 from l5dproxy.http.headers import HOP_BY_HOP
 from l5dproxy.net.batchsend import BatchSender
 from l5dproxy.net.deadline import Deadline
@@ -357,7 +357,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
         head = response.head
         status = head.status
         body = response.body
-        tunnel = getattr(response, "tunnel", None)
+        tunnel = response.tunnel if isinstance(response, TunnelResponse) else None
         if tunnel is not None and isinstance(msg.request, UpgradeRequest):
             data, self._out_chunked, _ = response_head(head, status, msg.version, False, body,
                                                        upgrade=msg.request.upgrade)

@@ -44,12 +44,11 @@ class UpgradeRequest(Request):
     ``Connection`` named stay in ``head.headers`` and in ``connection``.
     """
 
-    __slots__ = ("connection", "upgrade")
+    __slots__ = ("connection",)
 
     def __init__(self, head: RequestHead, body: Body, upgrade: bytes,
                  connection: tuple[bytes, ...] = ()) -> None:
-        super().__init__(head, body)
-        self.upgrade = upgrade
+        super().__init__(head, body, upgrade=upgrade)
         #: Headers the client's Connection named (kept for the upgrade, as
         #: h2c's HTTP2-Settings): named again in the forwarded Connection.
         self.connection = connection
