@@ -136,7 +136,6 @@ class TapHub:
     def _base(self, exchange, kind: str) -> dict[str, Any]:
         head = exchange.request.head
         context = exchange.context
-        labels = getattr(exchange, "labels", None)
         endpoint = exchange.endpoint
         return {
             "type": kind,
@@ -145,7 +144,7 @@ class TapHub:
             "authority": _text(head.authority),
             "path": _text(head.target),
             "listener": context.site.listener,
-            "service": labels.labels[2] if labels is not None else "",
+            "service": exchange.labels.labels[2],   # set by the dispatcher before any event
             "endpoint": endpoint.label if endpoint is not None else "",
             "protocol": context.protocol,
             "client": context.connection.peer,
