@@ -1,7 +1,7 @@
 """Where a service's endpoints come from: a static list, DNS A/AAAA, DNS SRV.
 
 A ``Discovery`` keeps one service's endpoint set (an ``AddressSink``: the
-balancer's ``Upstream``) up to date:
+balancer's ``BackendSet``) up to date:
 
 * ``endpoints = [...]``: IP literals are used as they are; names are looked
   up once at start (A and AAAA; /etc/hosts first). A name that does not
@@ -15,7 +15,7 @@ balancer's ``Upstream``) up to date:
 A lookup that fails (timeout, SERVFAIL, refused) keeps the last good set and
 is tried again after ``retry_interval``; NXDOMAIN or an empty answer is an
 answer: no endpoints (requests then fail fast with 503). A change applies to
-new picks at once: ``Upstream.set_addresses`` drops departed endpoints from
+new picks at once: ``BackendSet.set_addresses`` drops departed endpoints from
 the balancer while whatever is in flight to them holds its own reference.
 """
 
@@ -111,7 +111,7 @@ def _family(lookup: Callable, name: str, timeout: float, rtype: int):
 
 class AddressSink(Protocol):
     """Where a ``Discovery`` puts what it finds: a service's endpoint set at
-    run time (``l5dproxy.balance.backends.Upstream``)."""
+    run time (``l5dproxy.balance.backends.BackendSet``)."""
 
     @property
     def name(self) -> str:
@@ -135,9 +135,9 @@ class AddressSink(Protocol):
 class Discovery:
     """Keeps one upstream's endpoint set from its source."""
 
-    def __init__(self, upstream: AddressSink, config: DiscoveryConfig, resolver,
+    def __init__(self, backends: AddressSink, config: DiscoveryConfig, resolver,
                  clock: Any) -> None:
-        self.upstream = upstream
+        self.backends = backends
         self.config = config
         self.resolver = resolver
         self.clock = clock
@@ -152,7 +152,7 @@ class Discovery:
 
     @property
     def service(self) -> ServiceConfig:
-        return self.upstream.config
+        return self.backends.config
 
     def start(self) -> defer.Deferred:
         """Begin; the Deferred fires once the first lookup has finished."""
@@ -186,7 +186,7 @@ class Discovery:
         d.addCallbacks(self._resolved, self._failed, callbackArgs=(generation,),
                        errbackArgs=(generation,))
         d.addErrback(lambda f: log.failure("discovery for {service}", f,
-                                           service=self.upstream.name))
+                                           service=self.backends.name))
         #: The lookup under way (tests wait on it).
         self.pending = d
 
@@ -195,11 +195,11 @@ class Discovery:
             return
         weighted, ttl = result
         self.lookups["success"] += 1
-        added, removed = self.upstream.set_addresses(
+        added, removed = self.backends.set_addresses(
             [a for a, _ in weighted], {a: w for a, w in weighted})
         if added or removed:
             log.info("service {service}: endpoints {endpoints} (added {added}, removed "
-                     "{removed})", service=self.upstream.name,
+                     "{removed})", service=self.backends.name,
                      endpoints=" ".join(str(a) for a, _ in weighted) or "none",
                      added=len(added), removed=len(removed))
         if ttl is not None:
@@ -211,9 +211,9 @@ class Discovery:
             return
         self.lookups["failure"] += 1
         log.warn("service {service}: lookup failed ({reason}); keeping {n} endpoints, "
-                 "retrying in {retry} s", service=self.upstream.name,
+                 "retrying in {retry} s", service=self.backends.name,
                  reason=failure.getErrorMessage() or failure.type.__name__,
-                 n=len(self.upstream.endpoints), retry=self.config.retry_interval)
+                 n=len(self.backends.endpoints), retry=self.config.retry_interval)
         self._schedule(generation, self.config.retry_interval)
         self._fire_first()
 
@@ -270,7 +270,7 @@ class Discovery:
                 addresses, _ = yield self._addresses(endpoint.host, endpoint.port, endpoint)
             except Exception as e:  # any failure: keep the name
                 log.info("service {service}: {name} does not resolve ({reason}); "
-                         "it is resolved per connection", service=self.upstream.name,
+                         "it is resolved per connection", service=self.backends.name,
                          name=endpoint.host, reason=str(e) or type(e).__name__)
                 addresses = []
             if addresses:

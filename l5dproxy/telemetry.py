@@ -151,11 +151,11 @@ class Metrics:
         for flusher in tuple(self.flushers):
             flusher.flush()
 
-    def watch_services(self, upstreams: Callable[[], Iterable], discoveries:
+    def watch_services(self, backends: Callable[[], Iterable], discoveries:
                        Callable[[], dict] | None = None) -> None:
         """Export per-service and per-endpoint state (balancer, accrual,
         retries, discovery), read from the live objects at scrape time."""
-        self.registry.register(ServicesCollector(upstreams, discoveries))
+        self.registry.register(ServicesCollector(backends, discoveries))
 
     def tcp_side(self, peer: str, listener: str, service: str, protocol: str,
                  target_addr: str) -> TcpSideMetrics:
@@ -326,9 +326,9 @@ class ServicesCollector:
     budget), ``retry_budget_balance``, ``discovery_lookups_total{result}``.
     """
 
-    def __init__(self, upstreams: Callable[[], Iterable],
+    def __init__(self, backends: Callable[[], Iterable],
                  discoveries: Callable[[], dict] | None = None) -> None:
-        self.upstreams = upstreams
+        self.backends = backends
         self.discoveries = discoveries
 
     def collect(self):
@@ -353,11 +353,11 @@ class ServicesCollector:
             "retry_budget_balance", "Retries the budget allows now", labels=("service",))
         lookups = CounterMetricFamily(
             "discovery_lookups", "Endpoint lookups", labels=("service", "result"))
-        for upstream in self.upstreams():
-            name = upstream.name
-            now = upstream.clock.seconds()
+        for backends in self.backends():
+            name = backends.name
+            now = backends.clock.seconds()
             states = {"ready": 0, "ejected": 0, "probation": 0}
-            for e in upstream.endpoints:
+            for e in backends.endpoints:
                 e.available(now)
                 states[e.state] = states.get(e.state, 0) + 1
                 labels = (name, e.label)
@@ -367,9 +367,9 @@ class ServicesCollector:
                 ejections.add_metric(labels, e.ejections)
             for state, n in states.items():
                 endpoints.add_metric((name, state), n)
-            retries.add_metric((name,), upstream.retries)
-            overflow.add_metric((name,), upstream.retry_overflows)
-            balance.add_metric((name,), upstream.budget.balance())
+            retries.add_metric((name,), backends.retries)
+            overflow.add_metric((name,), backends.retry_overflows)
+            balance.add_metric((name,), backends.budget.balance())
         if self.discoveries is not None:
             for name, discovery in self.discoveries().items():
                 for result, n in discovery.lookups.items():

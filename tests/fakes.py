@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from l5dproxy.accept.listener import Listener
 from l5dproxy.app.listeners import build_listener
 from l5dproxy.app.sites import http_site
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import (
     DetectConfig,
     H2Config,
@@ -85,9 +85,9 @@ def make_listener(clock) -> Listener:
     """A real ``Listener`` (``inbound``, service ``app`` at 127.0.0.1:8080)."""
     service = ServiceConfig("app", (HostPort("127.0.0.1", 8080),))
     detect = DetectConfig()
-    upstreams = {"app": Upstream(service, detect.opaque_ports, clock=clock)}
+    backends = {"app": BackendSet(service, detect.opaque_ports, clock=clock)}
     config = ListenerConfig("inbound", "tcp:0", "app")
-    return build_listener(config, detect, upstreams, Metrics(), clock, log_connections=False)
+    return build_listener(config, detect, backends, Metrics(), clock, log_connections=False)
 
 
 def site(listener: Any, **changes: Any) -> HttpSite:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import protocol, reactor
 
 from l5dproxy.app.listeners import build_listener
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.telemetry import Metrics
 
@@ -36,7 +36,7 @@ def start_opaque_relay(testcase, server_protocol, server_tls=None, tls=None) -> 
                             tls=tls)
     detect = DetectConfig()
     testcase.listener = build_listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
-                                       {"app": Upstream(service, detect.opaque_ports)},
+                                       {"app": BackendSet(service, detect.opaque_ports)},
                                        testcase.metrics, reactor, log_connections=False)
     proxy_port = reactor.listenTCP(0, testcase.listener, interface="127.0.0.1")
     testcase.addCleanup(proxy_port.stopListening)

@@ -15,9 +15,9 @@ from l5dproxy.balance.backends import (
     PROBATION,
     READY,
     Accrual,
+    BackendSet,
     Endpoint,
     RetryBudget,
-    Upstream,
     outstanding_cost,
     peak_ewma_cost,
 )
@@ -28,12 +28,12 @@ def hp(i: int) -> HostPort:
     return HostPort("127.0.0.1", 8000 + i)
 
 
-def upstream(n: int, clock: Clock, seed: int = 1) -> Upstream:
+def upstream(n: int, clock: Clock, seed: int = 1) -> BackendSet:
     config = ServiceConfig(name="app", endpoints=tuple(hp(i) for i in range(n)))
-    return Upstream(config, frozenset(), clock=clock, rng=random.Random(seed))
+    return BackendSet(config, frozenset(), clock=clock, rng=random.Random(seed))
 
 
-def simulate(up: Upstream, clock: Clock, latency: dict[str, float], requests: int,
+def simulate(up: BackendSet, clock: Clock, latency: dict[str, float], requests: int,
              interval: float) -> Counter:
     """Requests every ``interval`` s, each answered after its endpoint's latency."""
     share: Counter = Counter()

@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.app.listeners import build_listener
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.protocol import DetectProtocol
 from l5dproxy.detect.sniff import H2_PREFACE
@@ -108,7 +108,7 @@ class DetectTestsMixin:
                       opaque_service: bool = False) -> Listener:
         service = ServiceConfig("app", (HostPort("127.0.0.1", port),), opaque=opaque_service)
         detect = DetectConfig(timeout=self.timeout, peek_limit=self.peek_limit)
-        upstreams = {"app": Upstream(service, detect.opaque_ports)}
+        backends = {"app": BackendSet(service, detect.opaque_ports)}
         config = ListenerConfig("inbound", "tcp:0", "app", opaque=opaque_listener)
 
         def record(conn) -> Recorder:
@@ -117,7 +117,7 @@ class DetectTestsMixin:
             return recorder
 
         handlers = dict.fromkeys(("h2", "http1", "tls", "opaque"), record)
-        return build_listener(config, detect, upstreams, self.metrics, self.clock,
+        return build_listener(config, detect, backends, self.metrics, self.clock,
                               handlers=handlers)
 
     def accept(self, listener: Listener | None = None) -> SwitchableTransport:

@@ -24,7 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.listeners import build_listener
 from l5dproxy.app.sites import HttpSites
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import DetectConfig, HostPort, HttpConfig, ListenerConfig, ServiceConfig
 from l5dproxy.exchange.message import Body, ProxyError, Response, ResponseHead
 from l5dproxy.http.h1.server import h1_handler
@@ -116,8 +116,9 @@ class Run:
         handlers["http1"] = h1_handler(
             self.endpoint, HttpConfig(max_request_line=MAX_REQUEST_LINE,
                                       max_header_bytes=MAX_HEADER_BYTES), HttpSites())
-        self.listener = build_listener(config, detect, {"app": Upstream(service, ())}, self.metrics,
-                                       self.clock, log_connections=False, handlers=handlers)
+        self.listener = build_listener(config, detect, {"app": BackendSet(service, ())},
+                                       self.metrics, self.clock, log_connections=False,
+                                       handlers=handlers)
         self.transport = SwitchableTransport()
         protocol = self.listener.buildProtocol(self.transport.getPeer())
         self.transport.protocol = protocol

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import DiscoveryConfig, HostPort, ServiceConfig
 from l5dproxy.discovery import Discovery, make_resolver
 from l5dproxy.net.dns import stop_resolver
@@ -47,7 +47,7 @@ class DiscoveryTests(TestCase):
 
     def discovery(self, **service) -> Discovery:
         config = ServiceConfig(name="app", endpoints=service.pop("endpoints", ()), **service)
-        self.upstream = Upstream(config, frozenset(), clock=self.clock, rng=random.Random(1))
+        self.upstream = BackendSet(config, frozenset(), clock=self.clock, rng=random.Random(1))
         d = Discovery(self.upstream, self.config, self.resolver, self.clock)
         self.addCleanup(d.stop)
         return d

@@ -148,7 +148,7 @@ class DispatchedErrorTests(SynchronousTestCase):
                                     classification="failure", error="connection refused"), 1)
 
     def test_ejected_is_not_no_endpoints(self) -> None:
-        [endpoint] = self.upstreams["app"].endpoints
+        [endpoint] = self.backends["app"].endpoints
         for _ in range(7):   # the default consecutive_failures
             self.answer()
             self.h1.calls[-1][2].errback(Failure(error.ConnectionRefusedError()))

@@ -32,7 +32,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import HostPort, ServiceConfig
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.route.dispatcher import HttpProxy
@@ -256,7 +256,7 @@ class Rig:
             "app", tuple(HostPort("127.0.0.1", 8000 + i) for i in range(case.endpoints)),
             protocol="http1", connect_timeout=CONNECT_TIMEOUT, retry_limit=case.retry_limit,
             retry_max_body=case.retry_max_body, response_timeout=case.response_timeout)
-        self.upstream = Upstream(config, frozenset(), clock=self.clock, rng=random.Random(0))
+        self.backends = BackendSet(config, frozenset(), clock=self.clock, rng=random.Random(0))
         self.proxy = HttpProxy({"app": self.upstream}, listener.metrics, self.clock)
         self.proxy.clients["http1"] = H1Client(self.clock, listener.metrics)
         self.metrics = listener.metrics

@@ -1063,13 +1063,13 @@ class PipelineGarbageTests(SynchronousTestCase):
     def test_no_cyclic_garbage_per_request(self) -> None:
         import gc
 
-        from l5dproxy.balance.backends import Upstream
+        from l5dproxy.balance.backends import BackendSet
         from l5dproxy.route.dispatcher import HttpProxy
 
         clock = MemoryReactorClock()
         listener = FakeListener(clock)
         config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="http1")
-        proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=clock)},
+        proxy = HttpProxy({"app": BackendSet(config, frozenset(), clock=clock)},
                           listener.metrics, clock)
         proxy.clients["http1"] = H1Client(clock, listener.metrics)
         transport = StringTransport(peerAddress=None)

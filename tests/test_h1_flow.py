@@ -20,7 +20,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import HostPort, HttpConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.message import Body, Response, ResponseHead
@@ -120,11 +120,11 @@ class BothEndsTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.listener = FakeListener(self.clock)
         config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="http1")
-        self.proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=self.clock)},
+        self.proxy = HttpProxy({"app": BackendSet(config, frozenset(), clock=self.clock)},
                                self.listener.metrics, self.clock)
         self.client = H1Client(self.clock, self.listener.metrics)
         self.proxy.clients["http1"] = self.client
-        self.upstreams: list = []
+        self.backends: list = []
 
     def serve(self) -> tuple[H1Server, StringTransport]:
         transport = StringTransport(peerAddress=None)
@@ -132,12 +132,12 @@ class BothEndsTests(SynchronousTestCase):
 
     def upstream(self, n: int):
         """The n-th upstream connection opened (connected on first use)."""
-        while len(self.upstreams) <= n:
-            protocol = self.clock.tcpClients[len(self.upstreams)][2].buildProtocol(None)
+        while len(self.backends) <= n:
+            protocol = self.clock.tcpClients[len(self.backends)][2].buildProtocol(None)
             transport = StringTransport()
             protocol.makeConnection(transport)
-            self.upstreams.append((protocol, transport))
-        return self.upstreams[n]
+            self.backends.append((protocol, transport))
+        return self.backends[n]
 
     def idle(self) -> list:
         return [conn for pool in self.client.pools.values() for conn in pool.idle]
@@ -275,7 +275,7 @@ class BothEndsTests(SynchronousTestCase):
                     len(body), body)
                 self.assertEqual(transport.value().lower(), expected.lower(), splits)
             self.assertFalse(transport.disconnecting)
-            for up, _ in self.upstreams:
+            for up, _ in self.backends:
                 self.assertIsNone(up.call)
 
     def test_underscore_field_names_dropped_and_counted(self) -> None:

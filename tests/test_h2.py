@@ -40,7 +40,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.listeners import build_listener
 from l5dproxy.app.sites import http_site
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import DetectConfig, H2Config, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.detect.sniff import Verdict
 from l5dproxy.exchange.contracts import RequestContext
@@ -1553,7 +1553,7 @@ class DispatcherGrpcTests(SynchronousTestCase):
         self.metrics = Metrics()
         config = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="h2")
         self.h2 = FakeClient()
-        self.proxy = HttpProxy({"app": Upstream(config, frozenset(), clock=self.clock)},
+        self.proxy = HttpProxy({"app": BackendSet(config, frozenset(), clock=self.clock)},
                                self.metrics, self.clock, {"h2": self.h2})
         self.listener = FakeListener(config=ListenerConfig("in", "tcp:0", "app"))
         self.connection = FakeConnection()
@@ -1796,11 +1796,11 @@ class H2ToH1:
         self.clock = MemoryReactorClock()
         service = ServiceConfig("app", (HostPort("127.0.0.1", 8080),), protocol="http1",
                                 retry_limit=0)
-        upstreams = {"app": Upstream(service, frozenset(), clock=self.clock)}
+        backends = {"app": BackendSet(service, frozenset(), clock=self.clock)}
         metrics = Metrics()
         self.listener = build_listener(ListenerConfig("inbound", "tcp:0", "app"), DetectConfig(),
-                                       upstreams, metrics, self.clock, log_connections=False)
-        proxy = HttpProxy(upstreams, metrics, self.clock)
+                                       backends, metrics, self.clock, log_connections=False)
+        proxy = HttpProxy(backends, metrics, self.clock)
         proxy.clients["http1"] = H1Client(self.clock, metrics)
         self.transport = Transport()
         conn = InboundConnection(self.listener.site, self.transport, 0.0, self.listener)

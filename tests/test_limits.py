@@ -25,8 +25,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from l5dproxy.accept.listener import ConnectionLimits, Listener
 from l5dproxy.app.listeners import build_listener
 from l5dproxy.app.sites import http_site
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.balance.backends import Endpoint as BalancerEndpoint
-from l5dproxy.balance.backends import Upstream
 from l5dproxy.config.model import (
     DetectConfig,
     FailureAccrualConfig,
@@ -109,13 +109,13 @@ class Refusing(SynchronousTestCase):
         self.proxy_max = 0
         self.all: list[Listener] = []
         self.limits = ConnectionLimits(lambda: self.proxy_max, lambda: self.all)
-        self.upstreams = {"app": Upstream(
+        self.backends = {"app": BackendSet(
             ServiceConfig("app", (HostPort("127.0.0.1", 8080),)), frozenset())}
 
     def listener(self, name: str, max_connections: int = 0) -> Listener:
         listener = build_listener(ListenerConfig(name, "tcp:0", "app",
                                                  max_connections=max_connections),
-                                  DetectConfig(), self.upstreams, self.metrics, self.clock,
+                                  DetectConfig(), self.backends, self.metrics, self.clock,
                                   log_connections=False, limits=self.limits)
         self.all.append(listener)
         return listener
@@ -199,10 +199,10 @@ class LoadShedTests(SynchronousTestCase):
         self.clock = MemoryReactorClock()
         self.metrics = Metrics()
         self.client = FakeClient()
-        self.upstreams = {"app": Upstream(ServiceConfig(
+        self.backends = {"app": BackendSet(ServiceConfig(
             "app", (HostPort("127.0.0.1", 8080),), retry_limit=0, max_pending_requests=2),
             frozenset())}
-        self.proxy = HttpProxy(self.upstreams, self.metrics, self.clock,
+        self.proxy = HttpProxy(self.backends, self.metrics, self.clock,
                                {"http1": self.client, "h2": self.client})
         self.listener = FakeListener(config=ListenerConfig("in", "tcp:0", "app"))
 
@@ -225,7 +225,7 @@ class LoadShedTests(SynchronousTestCase):
         self.assertEqual((err.status, err.reason), (503, "service unavailable: load shed"))
         self.assertEqual(len(self.client.calls), 2)   # the third never left
         self.assertEqual(self.shed(), 1)
-        self.assertEqual(self.upstreams["app"].pending, 2)
+        self.assertEqual(self.backends["app"].pending, 2)
 
     def test_grpc_is_answered_unavailable_trailers_only(self) -> None:
         self.dispatch(grpc=True)
@@ -249,7 +249,7 @@ class LoadShedTests(SynchronousTestCase):
         self.successResultOf(first)
         self.failureResultOf(self.dispatch(), ProxyError)
         body.finish()
-        self.assertEqual(self.upstreams["app"].pending, 1)
+        self.assertEqual(self.backends["app"].pending, 1)
         third = self.dispatch()            # the room the first left
         self.failureResultOf(self.dispatch(), ProxyError)
         second.cancel()                    # the client went away
@@ -257,12 +257,12 @@ class LoadShedTests(SynchronousTestCase):
         third_call = self.client.calls[2][2]
         third_call.errback(ProxyError.bad_gateway("connection refused"))
         self.failureResultOf(third, ProxyError)
-        self.assertEqual(self.upstreams["app"].pending, 0)
+        self.assertEqual(self.backends["app"].pending, 0)
         self.assertEqual(self.shed(), 3)
 
     def test_a_lowered_limit_applies_at_once(self) -> None:
         import dataclasses
-        upstream = self.upstreams["app"]
+        upstream = self.backends["app"]
         self.dispatch()
         upstream.reconfigure(dataclasses.replace(upstream.config, max_pending_requests=1),
                              frozenset())     # what a reload does
@@ -270,7 +270,7 @@ class LoadShedTests(SynchronousTestCase):
 
     def test_zero_means_no_limit(self) -> None:
         import dataclasses
-        upstream = self.upstreams["app"]
+        upstream = self.backends["app"]
         upstream.config = dataclasses.replace(upstream.config, max_pending_requests=0)
         for _ in range(20):
             self.dispatch()
@@ -396,7 +396,7 @@ class H2PoolTests(H2ClientRig, SynchronousTestCase):
         """Through the dispatcher: each request the endpoint cannot take is
         a failure for accrual, and enough of them eject the endpoint."""
         clock = self.reactor
-        upstream = Upstream(ServiceConfig(
+        upstream = BackendSet(ServiceConfig(
             "app", (HostPort("127.0.0.1", 9000),), retry_limit=0,
             failure_accrual=FailureAccrualConfig(consecutive_failures=2)),
             frozenset(), clock=clock)

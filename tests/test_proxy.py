@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.sites import http_site
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import HostPort, ListenerConfig, RouteConfig, ServiceConfig
 from l5dproxy.exchange.contracts import RequestContext
 from l5dproxy.exchange.message import (
@@ -49,10 +49,10 @@ class DispatcherTests(SynchronousTestCase):
             "slow": service("slow", 7070, response_timeout=2.0)
             if "response_timeout" in ServiceConfig.__dataclass_fields__ else service("slow", 7070),
         }
-        self.upstreams = {n: Upstream(c, frozenset()) for n, c in self.services.items()}
+        self.backends = {n: BackendSet(c, frozenset()) for n, c in self.services.items()}
         self.h1 = FakeClient()
         self.h2 = FakeClient()
-        self.proxy = HttpProxy(self.upstreams, self.metrics, self.clock,
+        self.proxy = HttpProxy(self.backends, self.metrics, self.clock,
                                {"http1": self.h1, "h2": self.h2})
         self.listener = FakeListener(config=ListenerConfig(
             "in", "tcp:0", "app", routes=(

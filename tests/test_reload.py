@@ -111,7 +111,7 @@ class ReloadTests(TestCase):
         self.write(self.config([{"name": "two", "service": "other"}], {"other": [self.a]}))
         self.assertTrue(self.service.reload())
         self.assertNotIn("one", self.service.ports)
-        self.assertNotIn("app", self.service.upstreams)
+        self.assertNotIn("app", self.service.backends)
         self.assertEqual((yield self.roundtrip(after, b"v")), b"B:v")
         # Every listener replaced while it had connections stays until they end.
         self.assertEqual(sorted(lst.name for lst in self.service.retired), ["one", "one", "two"])

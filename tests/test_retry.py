@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.sites import http_site
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import (
     FailureAccrualConfig,
     HostPort,
@@ -40,7 +40,7 @@ class RetryTests(SynchronousTestCase):
         self.clock = Clock()
         config = ServiceConfig("app", tuple(HostPort("127.0.0.1", 8000 + i) for i in range(n)),
                                **kw)
-        self.upstream = Upstream(config, frozenset(), clock=self.clock, rng=random.Random(0))
+        self.backends = BackendSet(config, frozenset(), clock=self.clock, rng=random.Random(0))
         self.client = FakeClient(consume_bodies=True)
         self.proxy = HttpProxy({"app": self.upstream}, Metrics(), self.clock,
                                {"http1": self.client})
@@ -68,7 +68,7 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d).head.status, 200)
         self.assertEqual((first.active, second.active), (0, 0))
         self.assertEqual(first.failures, 1)
-        self.assertEqual(self.upstream.retries, 1)
+        self.assertEqual(self.backends.retries, 1)
 
     def test_reset_before_headers_retried(self):
         d = self.dispatch()
@@ -258,10 +258,10 @@ class RetryTests(SynchronousTestCase):
             self.clock.advance(0.01)
         for d in results:
             self.failureResultOf(d, ProxyError)
-        print(f"\n100 requests, every endpoint failing: {self.upstream.retries} retries, "
-              f"{self.upstream.retry_overflows} refused by the budget")
-        self.assertEqual(self.upstream.retries, 20)  # 0.2 of 100 requests, not 200
-        self.assertGreaterEqual(self.upstream.retry_overflows, 80)
+        print(f"\n100 requests, every endpoint failing: {self.backends.retries} retries, "
+              f"{self.backends.retry_overflows} refused by the budget")
+        self.assertEqual(self.backends.retries, 20)  # 0.2 of 100 requests, not 200
+        self.assertGreaterEqual(self.backends.retry_overflows, 80)
 
     def test_response_timeout_spans_the_retries(self):
         self.make(n=2, response_timeout=1.0)
@@ -310,7 +310,7 @@ class RetryTests(SynchronousTestCase):
         self.assertEqual((failure.value.status, failure.value.reason),
                          (503, "endpoint 127.0.0.1:8000 accepts no streams"))
         self.assertEqual(len(self.client.calls), 1)
-        self.assertEqual(self.upstream.retries, 0)
+        self.assertEqual(self.backends.retries, 0)
 
     def test_not_placed_at_once_is_retried_on_another_endpoint_only(self):
         self.make(n=2, connect_timeout=5.0)

@@ -18,7 +18,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from l5dproxy.accept.listener import Listener
 from l5dproxy.app.admin import OpaqueResource
 from l5dproxy.app.listeners import build_listener
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.checks import parse_host_port
 from l5dproxy.config.model import DetectConfig, ListenerConfig, ServiceConfig
 from l5dproxy.config.parse import ConfigError, parse
@@ -139,7 +139,7 @@ class ConfigTests(SynchronousTestCase):
 
 
 class _Handled(Protocol):
-    """A stand-in for a protocol with its own upstreams (the HTTP server end)."""
+    """A stand-in for a protocol with its own backends (the HTTP server end)."""
 
     def __init__(self, conn) -> None:
         self.conn = conn
@@ -161,7 +161,7 @@ class EarlyConnectTests(SynchronousTestCase):
                       endpoints=("127.0.0.1:2525",)) -> Listener:
         service = ServiceConfig("mail", tuple(parse_host_port(e) for e in endpoints))
         detect = DetectConfig(timeout=10.0, client_silence=silence)
-        self.upstream = Upstream(service, detect.opaque_ports)
+        self.upstream = BackendSet(service, detect.opaque_ports)
         metrics = Metrics()
         self.server_first = ServerFirst(
             self.memory, silence,
@@ -336,7 +336,7 @@ class EarlyConnectTests(SynchronousTestCase):
         self.reactor.advance(SILENCE)
         self.connect_upstream().protocol.dataReceived(BANNER)
         self.assertIsInstance(self.accept().protocol, RelayProtocol)
-        # A reload changes the service in place (Upstream.reconfigure).
+        # A reload changes the service in place (BackendSet.reconfigure).
         changed = ServiceConfig("mail", self.upstream.config.endpoints, connect_timeout=2.0)
         self.upstream.reconfigure(changed, DetectConfig().opaque_ports)
         self.assertIsInstance(self.accept().protocol, DetectProtocol)

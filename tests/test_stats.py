@@ -121,8 +121,8 @@ class StatsJsonTests(TestCase):
 
     @defer.inlineCallbacks
     def test_ejected_endpoint(self):
-        endpoint = self.service.upstreams["app"].endpoints[0]
-        for _ in range(self.service.upstreams["app"].config.failure_accrual
+        endpoint = self.service.backends["app"].endpoints[0]
+        for _ in range(self.service.backends["app"].config.failure_accrual
                        .consecutive_failures):
             endpoint.begin()
             endpoint.end(None, False)

@@ -139,7 +139,7 @@ class TapTests(TestCase):
         yield watcher.closed   # limit=2 ends the stream
         first, second = watcher.events()
         port = self.service.port_of("in")
-        backend = str(self.service.upstreams["app"].endpoints[0].address)
+        backend = str(self.service.backends["app"].endpoints[0].address)
         self.assertEqual(first["type"], "end")
         self.assertEqual({k: first[k] for k in (
             "method", "authority", "path", "listener", "service", "endpoint", "protocol",

@@ -22,7 +22,7 @@ from zope.interface.verify import verifyClass
 
 from l5dproxy.accept.listener import Listener
 from l5dproxy.app.listeners import build_listener
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import DetectConfig, HostPort, ListenerConfig, ServiceConfig
 from l5dproxy.http.h1.server import H1Server
 from l5dproxy.http.h2.server import H2ServerProtocol
@@ -74,9 +74,9 @@ class RelayTestsMixin:
     def make_listener(self, endpoints) -> Listener:
         service = ServiceConfig("app", tuple(endpoints), connect_timeout=self.connect_timeout)
         detect = DetectConfig()
-        upstreams = {"app": Upstream(service, detect.opaque_ports)}
+        backends = {"app": BackendSet(service, detect.opaque_ports)}
         config = ListenerConfig("in", "tcp:0", "app", opaque=True)
-        return build_listener(config, detect, upstreams, self.metrics, self.clock)
+        return build_listener(config, detect, backends, self.metrics, self.clock)
 
     def accept(self, client_port: int = 50000) -> tuple[HalfCloseTransport, RelayProtocol]:
         transport = HalfCloseTransport(client_port)
@@ -90,11 +90,11 @@ class RelayTestsMixin:
     def connect_upstream(self, index: int = -1) -> tuple[HalfCloseTransport, UpstreamProtocol]:
         """Complete the upstream connection the relay asked the reactor for."""
         host, port, factory, _timeout, _ = self.clock.tcpClients[index]
-        upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
+        backends = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = HalfCloseTransport(port)
-        transport.protocol = upstream
-        upstream.makeConnection(transport)
-        return transport, upstream
+        transport.protocol = backends
+        backends.makeConnection(transport)
+        return transport, backends
 
     def fail_upstream(self, reason: Exception, index: int = -1) -> None:
         factory = self.clock.tcpClients[index][2]
@@ -116,19 +116,19 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
         client, relay = self.accept()
         relay.dataReceived(b"early ")
         relay.dataReceived(b"bytes")
-        server, upstream = self.connect_upstream()
+        server, backends = self.connect_upstream()
         self.assertEqual(server.value(), b"early bytes", "held until connected, in order")
         relay.dataReceived(b" later")
         self.assertEqual(server.value(), b"early bytes later")
-        upstream.dataReceived(b"answer")
-        upstream.dataReceived(b"!")
+        backends.dataReceived(b"answer")
+        backends.dataReceived(b"!")
         self.assertEqual(client.value(), b"answer!")
 
     def test_counted(self) -> None:
         _client, relay = self.accept()
         relay.dataReceived(b"12345")
-        _server, upstream = self.connect_upstream()
-        upstream.dataReceived(b"abc")
+        _server, backends = self.connect_upstream()
+        backends.dataReceived(b"abc")
         m = self.metric
         self.assertEqual(m("tcp_read_bytes_total", peer="src", listener="in"), 5)
         self.assertEqual(m("tcp_write_bytes_total", peer="src"), 3)
@@ -141,7 +141,7 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
         self.assertEqual(m("tcp_open_connections", peer="src"), 1)
         self.assertEqual(m("tcp_open_connections", peer="dst"), 1)
         relay.connectionLost(Failure(error.ConnectionDone()))
-        upstream.connectionLost(Failure(error.ConnectionDone()))
+        backends.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(m("tcp_open_connections"), 0)
         self.assertEqual(m("tcp_close_total", peer="src", errno=""), 1)
         self.assertEqual(m("tcp_close_total", peer="dst", errno=""), 1)
@@ -149,8 +149,8 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
 
     def test_closed_by_error_has_errno(self) -> None:
         _, relay = self.accept()
-        _, upstream = self.connect_upstream()
-        upstream.connectionLost(Failure(error.ConnectionLost()))
+        _, backends = self.connect_upstream()
+        backends.connectionLost(Failure(error.ConnectionLost()))
         relay.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.metric("tcp_close_total", peer="dst", errno="ECONNRESET"), 1)
 
@@ -182,26 +182,26 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
     def test_client_half_close(self) -> None:
         """The client's EOF reaches the server as EOF; the server still answers."""
         client, relay = self.accept()
-        server, upstream = self.connect_upstream()
+        server, backends = self.connect_upstream()
         relay.dataReceived(b"question")
         relay.readConnectionLost()
         self.assertTrue(server.write_closed)
         self.assertIsNone(server.producer, "unregistered, or the half-close would wait")
         self.assertFalse(client.disconnecting)
-        upstream.dataReceived(b"answer")
+        backends.dataReceived(b"answer")
         self.assertEqual(client.value(), b"answer")
-        upstream.readConnectionLost()
+        backends.readConnectionLost()
         self.assertTrue(client.write_closed)
         relay.writeConnectionLost()
         self.assertTrue(client.disconnecting, "both directions done: closed")
-        upstream.writeConnectionLost()
+        backends.writeConnectionLost()
         self.assertTrue(server.disconnecting)
 
     def test_server_half_close(self) -> None:
         client, relay = self.accept()
-        server, upstream = self.connect_upstream()
-        upstream.dataReceived(b"bye")
-        upstream.readConnectionLost()
+        server, backends = self.connect_upstream()
+        backends.dataReceived(b"bye")
+        backends.readConnectionLost()
         self.assertTrue(client.write_closed)
         self.assertFalse(server.disconnecting)
         relay.dataReceived(b"still talking")
@@ -224,14 +224,14 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
         relay.connectionLost(Failure(error.ConnectionDone()))
         server, _ = self.connect_upstream()
         self.assertTrue(server.disconnecting)
-        endpoint = self.listener.upstream.endpoints[0]
+        endpoint = self.listener.backends.endpoints[0]
         self.assertEqual(endpoint.active, 0)
 
     def test_server_closes(self) -> None:
         client, _relay = self.accept()
-        _server, upstream = self.connect_upstream()
-        upstream.dataReceived(b"last words")
-        upstream.connectionLost(Failure(error.ConnectionDone()))
+        _server, backends = self.connect_upstream()
+        backends.dataReceived(b"last words")
+        backends.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(client.value(), b"last words")
         self.assertTrue(client.disconnecting)
         self.assertIsNone(client.producer)
@@ -241,7 +241,7 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
         server, _upstream = self.connect_upstream()
         relay.connectionLost(Failure(error.ConnectionDone()))
         self.assertTrue(server.disconnecting)
-        self.assertEqual(self.listener.upstream.endpoints[0].active, 0)
+        self.assertEqual(self.listener.backends.endpoints[0].active, 0)
 
 
 class ConnectErrorTests(RelayTestsMixin, SynchronousTestCase):
@@ -253,7 +253,7 @@ class ConnectErrorTests(RelayTestsMixin, SynchronousTestCase):
         self.assertEqual(client.value(), b"")
         self.assertEqual(self.metric("endpoint_connect_errors_total", service="app",
                                      target_addr="127.0.0.1:8080", reason=errno), 1)
-        self.assertEqual(self.listener.upstream.endpoints[0].active, 0)
+        self.assertEqual(self.listener.backends.endpoints[0].active, 0)
         relay.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.metric("tcp_close_total", peer="src"), 1)
         self.assertEqual(self.metric("tcp_open_total", peer="dst"), 0)
@@ -272,7 +272,7 @@ class ConnectErrorTests(RelayTestsMixin, SynchronousTestCase):
         relay.connectionLost(Failure(error.ConnectionDone()))
         self.fail_upstream(error.ConnectionRefusedError())
         self.assertEqual(self.metric("endpoint_connect_errors_total"), 1)
-        self.assertEqual(self.listener.upstream.endpoints[0].active, 0)
+        self.assertEqual(self.listener.backends.endpoints[0].active, 0)
 
     def test_no_endpoints(self) -> None:
         self.listener = self.make_listener(())
@@ -306,7 +306,7 @@ class SpreadTests(RelayTestsMixin, SynchronousTestCase):
         self.accept(50010)
         self.accept(50011)
         self.assertEqual(self.ports_connected()[-2:], [8002, 8002])
-        self.assertEqual([e.active for e in self.listener.upstream.endpoints], [2, 2])
+        self.assertEqual([e.active for e in self.listener.backends.endpoints], [2, 2])
 
     def test_failed_connects_release_the_endpoint(self) -> None:
         transport, _ = self.accept()
@@ -316,11 +316,11 @@ class SpreadTests(RelayTestsMixin, SynchronousTestCase):
         ports = self.ports_connected()
         self.assertEqual(len(ports), 2)
         self.assertNotEqual(ports[0], ports[1])
-        self.assertEqual(sorted(e.active for e in self.listener.upstream.endpoints), [0, 1])
+        self.assertEqual(sorted(e.active for e in self.listener.backends.endpoints), [0, 1])
         self.fail_upstream(error.ConnectionRefusedError())
         self.fail_upstream(error.ConnectionRefusedError())
         self.assertEqual(len(self.ports_connected()), 3)
-        self.assertEqual([e.active for e in self.listener.upstream.endpoints], [0, 0])
+        self.assertEqual([e.active for e in self.listener.backends.endpoints], [0, 0])
         self.assertTrue(transport.disconnecting)
 
 
@@ -343,7 +343,7 @@ class WiringTests(SynchronousTestCase):
         TLS or opaque connection."""
         clock = MemoryReactorClock()
         config = ListenerConfig("in", "tcp:0", "app")
-        backends = Upstream(ServiceConfig("app", (HostPort("127.0.0.1", 8080),)), frozenset())
+        backends = BackendSet(ServiceConfig("app", (HostPort("127.0.0.1", 8080),)), frozenset())
         site = ListenerSite("in", "app", clock, Metrics(), False)
         with self.assertRaises(ValueError):
             Listener(config, site, DetectConfig(), backends, clock,
@@ -501,7 +501,7 @@ class LoopbackTests(TestCase):
         relay = self.relay_of(client)
         yield poll(lambda: relay.transport.producerPaused,
                    what="the client side to pause the server side")
-        self.assertNotIn(relay.upstream.transport, reactor.getReaders(),
+        self.assertNotIn(relay.backends.transport, reactor.getReaders(),
                          "the proxy no longer reads from the server")
         server = self.servers[0]
         yield poll(lambda: server.paused, what="the server to be paused")
@@ -520,8 +520,8 @@ class LoopbackTests(TestCase):
         server = self.servers[1]
         server.transport.pauseProducing()  # the server stops reading
         relay = self.relay_of(flood)
-        yield poll(lambda: relay.upstream is not None
-                   and relay.upstream.transport.producerPaused,
+        yield poll(lambda: relay.backends is not None
+                   and relay.backends.transport.producerPaused,
                    what="the server side to pause the client side")
         self.assertNotIn(relay.transport, reactor.getReaders(),
                          "the proxy no longer reads from the client")
@@ -539,7 +539,7 @@ class LoopbackTests(TestCase):
         service = ServiceConfig("app", (HostPort("127.0.0.1", _refused_port()),))
         detect = DetectConfig()
         self.listener = build_listener(ListenerConfig("in", "tcp:0", "app", opaque=True), detect,
-                                       {"app": Upstream(service, detect.opaque_ports)},
+                                       {"app": BackendSet(service, detect.opaque_ports)},
                                        self.metrics, reactor, log_connections=False)
         port = reactor.listenTCP(0, self.listener, interface="127.0.0.1")
         self.addCleanup(port.stopListening)

@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.app.listeners import build_listener
 from l5dproxy.app.tlsterm import Terminations
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import (
     CertificateConfig,
     DetectConfig,
@@ -71,7 +71,7 @@ class _ListenerMixin:
     def listener(self, terminating: bool = True):
         service = ServiceConfig("app", (HostPort("127.0.0.1", 8080),))
         detect = DetectConfig(timeout=DETECT_TIMEOUT)
-        upstreams = {"app": Upstream(service, detect.opaque_ports)}
+        backends = {"app": BackendSet(service, detect.opaque_ports)}
         lc = ListenerConfig("inbound", "tcp:0", "app",
                             tls=self.tls if terminating else None)
 
@@ -86,7 +86,7 @@ class _ListenerMixin:
             contexts = terminations.prepare((lc,))
             terminations.commit((lc,), contexts)
             handlers = terminations.handlers(lc, detect, handlers, contexts["inbound"])
-        return build_listener(lc, detect, upstreams, self.metrics, self.clock,
+        return build_listener(lc, detect, backends, self.metrics, self.clock,
                               handlers=handlers)
 
     def accept(self, terminating: bool = True) -> SwitchableTransport:

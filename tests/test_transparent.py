@@ -14,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from l5dproxy.accept import transparent
 from l5dproxy.accept.transparent import OriginalDestinations
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import HostPort, ServiceConfig
 from l5dproxy.net import origdst
 
@@ -86,7 +86,7 @@ class Transport:
 class OriginalDestinationsTests(SynchronousTestCase):
     def make(self, dst, connect_there: bool = True) -> tuple[OriginalDestinations, list[str]]:
         counted: list[str] = []
-        upstream = Upstream(ServiceConfig("original_dst", ()), frozenset(), clock=Clock())
+        upstream = BackendSet(ServiceConfig("original_dst", ()), frozenset(), clock=Clock())
         return OriginalDestinations(upstream, connect_there, counted.append,
                                     read=lambda transport: dst), counted
 

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from l5dproxy.accept.proxyproto import ProxyHeaderProtocol
 from l5dproxy.accept.transparent import OriginalDestinations, Refused
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import ORIGINAL_DST, DetectConfig, ListenerConfig
 from l5dproxy.detect.early import Detecting, EarlyConnect, ServerFirst
 from l5dproxy.detect.protocol import DetectProtocol, DetectSite
@@ -48,7 +48,7 @@ class Listener(Factory):
     noisy = False
 
     def __init__(self, config: ListenerConfig, site: ListenerSite, detect: DetectConfig,
-                 backends: Upstream, reactor: Any, handlers: Mapping[str, Handler], *,
+                 backends: BackendSet, reactor: Any, handlers: Mapping[str, Handler], *,
                  server_first: ServerFirst | None = None,
                  watch: Callable[[Detecting], EarlyConnect | None] | None = None,
                  limits: ConnectionLimits | None = None) -> None:
@@ -60,7 +60,7 @@ class Listener(Factory):
         self.config = config
         self.name = config.name
         self.detect = detect
-        self.upstream = backends
+        self.backends = backends
         self.metrics = site.metrics
         #: ``reactor`` provides both (Twisted's reactors do; zope interfaces
         #: have no intersection type, so the parameter is Any).
@@ -83,14 +83,14 @@ class Listener(Factory):
         self.limits = limits
         #: A transparent listener's original destinations (l5dproxy.accept.transparent).
         self.transparent = OriginalDestinations(
-            self.upstream, config.service == ORIGINAL_DST,
+            self.backends, config.service == ORIGINAL_DST,
             lambda reason: site.metrics.original_dst_refused_total.labels(self.name, reason).inc(),
         ) if config.transparent else None
 
     def _skip_detection_verdict(self) -> Verdict | None:
         if self.config.opaque:
             return OPAQUE_LISTENER
-        if self.upstream.opaque:
+        if self.backends.opaque:
             return OPAQUE_PORT
         return None
 
@@ -122,7 +122,7 @@ class Listener(Factory):
 
     def _after_accept(self, conn: InboundConnection) -> IProtocol:
         """Skip detection on opaque targets, else detect."""
-        version = self.upstream.config.send_proxy_protocol
+        version = self.backends.config.send_proxy_protocol
         if version is not None:   # the client is known now, PROXY header in or not
             conn.proxy_header = proxyheader.encode(version, conn.client, conn.destination)
         if self._opaque_verdict is not None:
@@ -130,7 +130,7 @@ class Listener(Factory):
         if conn.pinned is not None and conn.pinned.address.port in self.detect.opaque_ports:
             return self.protocol_for(conn, OPAQUE_PORT)   # its original destination's port
         if self.server_first is not None:
-            learned = self.server_first.learned_protocol(self.upstream, conn, self.protocol_for)
+            learned = self.server_first.learned_protocol(self.backends, conn, self.protocol_for)
             if learned is not None:
                 return learned
         return DetectProtocol(conn, self.detect_site)

@@ -30,7 +30,7 @@ from twisted.internet.protocol import Protocol as TwistedProtocol
 from twisted.internet.protocol import connectionDone
 from twisted.python.failure import Failure
 
-from l5dproxy.balance.backends import Endpoint, Upstream
+from l5dproxy.balance.backends import BackendSet, Endpoint
 from l5dproxy.config.model import HostPort
 from l5dproxy.net import origdst
 
@@ -53,17 +53,17 @@ class TransparentRecord(Protocol):
 class OriginalDestinations:
     """One transparent listener's view of where its connections were going.
 
-    ``upstream`` is the listener's service; ``connect_there`` (service
+    ``backends`` is the listener's service; ``connect_there`` (service
     ``original_dst``) pins each connection to an endpoint for its original
     destination; ``count_refused(reason)`` counts a refused connection.
     """
 
-    def __init__(self, upstream: Upstream, connect_there: bool,
+    def __init__(self, backends: BackendSet, connect_there: bool,
                  count_refused: Callable[[str], None],
                  read: Callable[[object], IPv4Address | IPv6Address | None] | None = None,
                  is_own: Callable[[IPv4Address | IPv6Address, IAddress], bool] | None = None,
                  ) -> None:
-        self.upstream = upstream
+        self.backends = backends
         self.connect_there = connect_there
         self.count_refused = count_refused
         self._read = read or _read_original
@@ -89,8 +89,8 @@ class OriginalDestinations:
         endpoints = self._endpoints
         endpoint = endpoints.get(address)
         if endpoint is None:
-            upstream = self.upstream
-            endpoint = Endpoint(address, upstream.clock, upstream.rng, upstream.accrual)
+            backends = self.backends
+            endpoint = Endpoint(address, backends.clock, backends.rng, backends.accrual)
             endpoints[address] = endpoint
             if len(endpoints) > MAX_DESTINATIONS:
                 endpoints.popitem(last=False)

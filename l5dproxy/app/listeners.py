@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from l5dproxy.accept.listener import ConnectionLimits, Handler, Listener
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import DetectConfig, ListenerConfig
 from l5dproxy.detect.early import Detecting, EarlyConnect, ServerFirst
 from l5dproxy.net.connection import ListenerSite
@@ -21,31 +21,31 @@ from l5dproxy.tcp.relay import RelaySite, relay_handler
 from l5dproxy.telemetry import Metrics
 
 
-def relay_site(config: ListenerConfig, upstreams: Mapping[str, Upstream], metrics: Metrics,
+def relay_site(config: ListenerConfig, backends: Mapping[str, BackendSet], metrics: Metrics,
                reactor: Any) -> RelaySite:
     """What the TCP relays of listener ``config`` share (its handlers that
     relay, the SNI routes' and TLS termination's, are built with it)."""
-    return RelaySite(config.name, upstreams[config.service], reactor, reactor, metrics)
+    return RelaySite(config.name, backends[config.service], reactor, reactor, metrics)
 
 
 def build_listener(config: ListenerConfig, detect: DetectConfig,
-                   upstreams: Mapping[str, Upstream], metrics: Metrics, reactor: Any,
+                   services: Mapping[str, BackendSet], metrics: Metrics, reactor: Any,
                    log_connections: bool = True, handlers: Mapping[str, Handler] | None = None,
                    server_first: ServerFirst | None = None,
                    limits: ConnectionLimits | None = None,
                    relay: RelaySite | None = None) -> Listener:
-    """The ``Listener`` of ``config`` sending to ``upstreams[config.service]``.
+    """The ``Listener`` of ``config`` sending to ``services[config.service]``.
 
     ``reactor`` is the clock and the dialler (IReactorTime and IReactorTCP);
     ``handlers`` are the listener's protocols by verdict ("http1", "h2"): an
     "opaque" one given here replaces the TCP relay (tests record with it).
     ``relay`` is the listener's ``relay_site`` when its handlers were built
-    with it. Raises KeyError when the service is not in ``upstreams``.
+    with it. Raises KeyError when the service is not in ``services``.
     """
-    backends = upstreams[config.service]
+    backends = services[config.service]
     site = ListenerSite(config.name, config.service, reactor, metrics, log_connections)
     if relay is None:
-        relay = relay_site(config, upstreams, metrics, reactor)
+        relay = relay_site(config, services, metrics, reactor)
     table: dict[str, Handler] = {"opaque": relay_handler(relay), **(handlers or {})}
     watch: Callable[[Detecting], EarlyConnect | None] | None = None
     if server_first is not None:

@@ -34,7 +34,7 @@ from l5dproxy.app.listeners import build_listener, relay_site
 from l5dproxy.app.sites import HttpSites
 from l5dproxy.app.stats import Stats
 from l5dproxy.app.tap import TapHub
-from l5dproxy.balance.backends import Upstream
+from l5dproxy.balance.backends import BackendSet
 from l5dproxy.config.model import Config, ListenerConfig
 from l5dproxy.config.parse import ConfigError, load
 from l5dproxy.detect.early import ServerFirst
@@ -72,8 +72,8 @@ class ProxyService(Service):
         self.worker = worker
         self.reactor = reactor
         self.metrics = Metrics()
-        self.upstreams = {
-            name: Upstream(service, config.detect.opaque_ports, clock=reactor)
+        self.backends = {
+            name: BackendSet(service, config.detect.opaque_ports, clock=reactor)
             for name, service in config.services.items()
         }
         self.server_first = ServerFirst(
@@ -81,7 +81,7 @@ class ProxyService(Service):
             config.detect.client_silence,
             lambda listener: self.metrics.early_connect_limit_total.labels(listener).inc())
         # HTTP: one dispatcher for every listener; codec ends register here.
-        self.http = HttpProxy(self.upstreams, self.metrics, reactor)
+        self.http = HttpProxy(self.backends, self.metrics, reactor)
         sites = HttpSites()
         self.http.clients["h2"] = H2Client(reactor, settings=config.h2, metrics=self.metrics)
         self.handlers: dict[str, Handler] = {"h2": h2_handler(self.http, config.h2, sites)}
@@ -112,11 +112,11 @@ class ProxyService(Service):
         self._previous_sighup: Callable[[int, FrameType | None], Any] | int | None = None
         self._watch: LoopingCall | None = None
         self._watched: tuple | None = None
-        self.metrics.watch_services(lambda: list(self.upstreams.values()),
+        self.metrics.watch_services(lambda: list(self.backends.values()),
                                     lambda: self.discoveries)
         self.metrics.certificate_sources.append(lambda: client_certificates(self.config))
         self.tap = TapHub(self.http, reactor)
-        self.stats = Stats(self.metrics.registry, reactor, lambda: self.upstreams,
+        self.stats = Stats(self.metrics.registry, reactor, lambda: self.backends,
                            self._listener_rows, self.server_first.memory.entries,
                            __version__)
 
@@ -143,8 +143,8 @@ class ProxyService(Service):
     def _build_listener(self, lc: ListenerConfig, config: Config,
                         tls_contexts: dict[str, Any]) -> Listener:
         """The listener of ``lc`` (at start and at each reload: new records)."""
-        relay = relay_site(lc, self.upstreams, self.metrics, self.reactor)
-        return build_listener(lc, config.detect, self.upstreams, self.metrics, self.reactor,
+        relay = relay_site(lc, self.backends, self.metrics, self.reactor)
+        return build_listener(lc, config.detect, self.backends, self.metrics, self.reactor,
                               log_connections=config.proxy.log_connections,
                               server_first=self.server_first,
                               handlers=self._handlers_for(lc, config, tls_contexts, relay),
@@ -159,7 +159,7 @@ class ProxyService(Service):
             sni = [(r.sni, r.service) for r in lc.routes if r.sni is not None]
             if not sni:
                 return self.handlers
-            return {**self.handlers, "tls": sni_handler(sni, self.upstreams, relay)}
+            return {**self.handlers, "tls": sni_handler(sni, self.backends, relay)}
         return self.terminations.handlers(
             lc, config.detect, {**self.handlers, "opaque": relay_handler(relay)},
             tls_contexts[lc.name])
@@ -182,7 +182,7 @@ class ProxyService(Service):
             self.bind()
         super().startService()
         self.resolver = make_resolver(self.config.discovery, self.reactor)
-        for name in self.upstreams:
+        for name in self.backends:
             self._start_discovery(name)
         self._install_sighup()
         self._set_watch(self.config)
@@ -190,7 +190,7 @@ class ProxyService(Service):
     # -- discovery --
 
     def _start_discovery(self, name: str) -> None:
-        discovery = Discovery(self.upstreams[name], self.config.discovery, self.resolver,
+        discovery = Discovery(self.backends[name], self.config.discovery, self.resolver,
                               self.reactor)
         self.discoveries[name] = discovery
         discovery.start()
@@ -283,10 +283,10 @@ class ProxyService(Service):
         to_bind = [lc for lc in new.listeners
                    if lc.name not in current or current[lc.name].config.listen != lc.listen]
         bound: dict[str, IListeningPort] = {}
-        upstreams = dict(self.upstreams)
+        new_sets = dict(self.backends)
         for name, service in new.services.items():
-            if name not in upstreams:
-                upstreams[name] = Upstream(service, opaque_ports, clock=self.reactor)
+            if name not in new_sets:
+                new_sets[name] = BackendSet(service, opaque_ports, clock=self.reactor)
         try:
             tls_contexts = self._prepare_tls(new)
             for lc in to_bind:
@@ -299,23 +299,23 @@ class ProxyService(Service):
         resolvers_changed = new.discovery != old.discovery
         self.config = new
         for name, service in new.services.items():
-            upstream = upstreams[name]
-            if name in self.upstreams:
-                source_changed = (upstream.config.endpoints, upstream.config.dns,
-                                  upstream.config.srv) != (service.endpoints, service.dns,
+            backends = new_sets[name]
+            if name in self.backends:
+                source_changed = (backends.config.endpoints, backends.config.dns,
+                                  backends.config.srv) != (service.endpoints, service.dns,
                                                            service.srv)
-                upstream.reconfigure(service, opaque_ports)
+                backends.reconfigure(service, opaque_ports)
                 if source_changed and not (service.dns or service.srv):
-                    upstream.set_addresses(service.endpoints)
+                    backends.set_addresses(service.endpoints)
                 if (source_changed or resolvers_changed) and name in self.discoveries:
                     self.discoveries[name].stop()
                     del self.discoveries[name]
-            self.upstreams[name] = upstream
+            self.backends[name] = backends
         if resolvers_changed and self.resolver is not None:
             stop_resolver(self.resolver)
             self.resolver = make_resolver(new.discovery, self.reactor)
-        for name in [n for n in self.upstreams if n not in new.services]:
-            del self.upstreams[name]  # its listeners go below; connections keep their own
+        for name in [n for n in self.backends if n not in new.services]:
+            del self.backends[name]  # its listeners go below; connections keep their own
             discovery = self.discoveries.pop(name, None)
             if discovery is not None:
                 discovery.stop()

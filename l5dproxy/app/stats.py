@@ -81,12 +81,12 @@ def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
 class Stats:
     """Builds ``/stats.json``; keeps the counters of recent calls for rates."""
 
-    def __init__(self, registry: CollectorRegistry, clock, upstreams: Callable[[], dict],
+    def __init__(self, registry: CollectorRegistry, clock, backends: Callable[[], dict],
                  listeners: Callable[[], Iterable[tuple[str, str, str]]],
                  opaque: Callable[[], list] = list, version: str = "") -> None:
         self.registry = registry
         self.clock = clock
-        self.upstreams = upstreams
+        self.backends = backends
         #: (name, address, service) of each listener.
         self.listeners = listeners
         self.opaque = opaque
@@ -185,9 +185,9 @@ class Stats:
                 **figures(("l", name)),
             })
         services = []
-        for name, upstream in sorted(self.upstreams().items()):
+        for name, backends in sorted(self.backends().items()):
             endpoints = []
-            for e in upstream.endpoints:
+            for e in backends.endpoints:
                 e.available(now)
                 endpoints.append({
                     "address": e.label, "state": e.state,
@@ -195,7 +195,7 @@ class Stats:
                     "in_flight": e.active, "weight": e.weight, "ejections": e.ejections,
                 })
             services.append({
-                "name": name, "pending": upstream.pending,
+                "name": name, "pending": backends.pending,
                 "open_connections": int(open_dst.get(name, 0)),
                 **figures(("s", name)), "endpoints": endpoints,
             })

@@ -295,7 +295,7 @@ class RetryBudget:
         return True
 
 
-class Upstream:
+class BackendSet:
     """A service at run time: its config, its endpoints and their balancers.
 
     ``pick()`` chooses for an HTTP request (P2C over peak-EWMA),
@@ -332,7 +332,7 @@ class Upstream:
         self.set_addresses(config.endpoints)
 
     def __repr__(self) -> str:
-        return f"<Upstream {self.name} {self.endpoints!r}>"
+        return f"<BackendSet {self.name} {self.endpoints!r}>"
 
     def pick(self, avoid: Endpoint | None = None) -> Endpoint | None:
         """The endpoint for an HTTP request, or None: answer 503 at once."""

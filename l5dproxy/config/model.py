@@ -294,7 +294,7 @@ class HttpConfig:
     request_header_timeout: float = 10.0
     #: A client keep-alive connection idle this long is closed; 0: never.
     idle_timeout: float = 60.0
-    #: Upstream HTTP/1 connections to one endpoint at most; requests past them wait.
+    #: BackendSet HTTP/1 connections to one endpoint at most; requests past them wait.
     max_connections_per_endpoint: int = 1024
 
 

@@ -54,7 +54,7 @@ from l5dproxy.net.transport import IStreamTransport, switch_protocol
 from l5dproxy.tcp.relay import IAdoptsConnection
 
 if TYPE_CHECKING:
-    from l5dproxy.balance.backends import Endpoint, Upstream
+    from l5dproxy.balance.backends import BackendSet, Endpoint
     from l5dproxy.net.connection import InboundConnection
     from l5dproxy.tcp.relay import RelaySite
 
@@ -101,7 +101,7 @@ class ServerFirst:
         self.on_limit = on_limit
 
     def learned_protocol(
-            self, backends: Upstream, conn: InboundConnection,
+            self, backends: BackendSet, conn: InboundConnection,
             protocol_for: Callable[[InboundConnection, Verdict], IProtocol],
     ) -> IProtocol | None:
         """The relay (``protocol_for`` the verdict ``learned_opaque``) for a

@@ -77,7 +77,7 @@ from l5dproxy.telemetry import DIRECTION
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
-    from l5dproxy.balance.backends import Endpoint, Upstream
+    from l5dproxy.balance.backends import BackendSet, Endpoint
     from l5dproxy.config.model import ListenerConfig, RouteConfig
     from l5dproxy.exchange.contracts import Attempt, ClientEnd
     from l5dproxy.telemetry import Metrics
@@ -94,9 +94,9 @@ MAX_CACHED_LABEL_SETS = 10_000
 class HttpProxy:
     """Route, balance, time out and count every HTTP request."""
 
-    def __init__(self, upstreams: dict[str, Upstream], metrics: Metrics, reactor,
+    def __init__(self, backends: dict[str, BackendSet], metrics: Metrics, reactor,
                  clients: dict[str, ClientEnd] | None = None) -> None:
-        self.upstreams = upstreams
+        self.backends = backends
         self.metrics = metrics
         self.reactor = reactor
         #: Client ends by protocol name ("http1", "h2"); codecs register theirs.
@@ -208,15 +208,15 @@ class _Exchange:
     """One request through the middle, from its head to the end of its response."""
 
     __slots__ = (
-        "attempt", "client", "context", "delivered", "endpoint", "grpc", "head_latency",
+        "attempt", "backends", "client", "context", "delivered", "endpoint", "grpc", "head_latency",
         "labels", "latency_seen", "pending", "place_by", "proxy", "replay", "request", "response",
-        "retries", "settled", "started", "status", "timer", "token", "upstream", "waiter",
+        "retries", "settled", "started", "status", "timer", "token", "waiter",
     )
 
     #: The routed service, and the client end speaking its protocol: set by
     #: ``start`` before anything reads them (an exchange that fails before
     #: they are known never does).
-    upstream: Upstream
+    backends: BackendSet
     client: ClientEnd
 
     def __init__(self, proxy: HttpProxy, request: Request, context: RequestContext,
@@ -242,7 +242,7 @@ class _Exchange:
         self.replay: Replay | EmptyReplay | None = None
         self.retries = 0
         self.grpc = False
-        #: Counted in ``upstream.pending`` (until the exchange is over).
+        #: Counted in ``backends.pending`` (until the exchange is over).
         self.pending = False
         #: After this, a request not placed is not tried elsewhere (_retry).
         self.place_by = self.started
@@ -269,27 +269,27 @@ class _Exchange:
         self.grpc = head.is_grpc
         refused = identify_client(head, context.connection,  # mTLS: l5d-client-id, allow
                                   self.request.body)
-        upstream = proxy.upstreams.get(service) if refused is None else None
+        backends = proxy.backends.get(service) if refused is None else None
         if proxy.tap_start is not None:
             proxy.tap_start.started(self)
-        if upstream is None:  # refused (config validation names every service)
+        if backends is None:  # refused (config validation names every service)
             self._fail(refused or ProxyError.unavailable("unknown service"), named=False)
             return
-        self.upstream = upstream
-        config = upstream.config
+        self.backends = backends
+        config = backends.config
         limit = config.max_pending_requests
-        if limit and upstream.pending >= limit:
+        if limit and backends.pending >= limit:
             # Linkerd's load shedding: past the concurrency limit a request
             # is refused at once rather than queued behind the others.
             proxy.metrics.load_shed_total.labels(service).inc()
             self._fail(ProxyError.unavailable(LOAD_SHED))
             return
-        upstream.pending += 1
+        backends.pending += 1
         self.pending = True
         # A transparent listener's connection to original_dst brings its endpoint.
-        endpoint = context.connection.pinned or upstream.pick()
+        endpoint = context.connection.pinned or backends.pick()
         if endpoint is None:
-            reason, detail = upstream.why_unavailable()
+            reason, detail = backends.why_unavailable()
             err = ProxyError.unavailable(reason)
             err.detail = detail
             self._fail(err)
@@ -302,7 +302,7 @@ class _Exchange:
             self._fail(ProxyError.bad_gateway(f"no {protocol} client"))
             return
         self.client = client
-        upstream.deposit()  # an original request earns the retry budget
+        backends.deposit()  # an original request earns the retry budget
         if config.retry_limit and retryable(self.request, config.retry_max_body,
                                             route is not None and route.retryable):
             self.replay = replay_for(self.request, config.retry_max_body)
@@ -331,7 +331,7 @@ class _Exchange:
         try:
             # The service's current target: its connect and idle timeouts
             # and name (the pool key, with the endpoint).
-            attempt = self.client.send(self.upstream.config.target, endpoint, request, self)
+            attempt = self.client.send(self.backends.config.target, endpoint, request, self)
         except Exception as e:  # a client end bug must not hang the request
             log.failure("client end failed", Failure(e))
             self._upstream_failed(Failure(e))
@@ -346,18 +346,18 @@ class _Exchange:
         ``not_placed`` (``NotPlacedError``): only to a different endpoint
         (the same one would refuse it again) and only before ``place_by``."""
         replay = self.replay
-        upstream = self.upstream
+        backends = self.backends
         if (replay is None or not replay.replayable or self.settled
-                or self.retries >= upstream.config.retry_limit):
+                or self.retries >= backends.config.retry_limit):
             return False
         failed = self.endpoint
-        endpoint = upstream.pick(avoid=failed)
+        endpoint = backends.pick(avoid=failed)
         if endpoint is None:
             return False
         if not_placed and (endpoint is failed
                            or self.proxy.reactor.seconds() >= self.place_by):
             return False
-        if not upstream.retry_allowed():
+        if not backends.retry_allowed():
             return False
         self.retries += 1
         self._release(latency, False)
@@ -383,7 +383,7 @@ class _Exchange:
             self._cancel_timer()
             response.body.cancel()
             return
-        if (response.head.status in self.upstream.config.retry_statuses
+        if (response.head.status in self.backends.config.retry_statuses
                 and self._retry(self.proxy.reactor.seconds() - self.started)):
             response.body.cancel()
             return
@@ -395,8 +395,8 @@ class _Exchange:
         self.head_latency = now - self.started
         self.response = response
         self.status = response.head.status
-        if self.status < 500 and self.upstream.failing:
-            note_health(self.upstream, False, "", now)
+        if self.status < 500 and self.backends.failing:
+            note_health(self.backends, False, "", now)
         body = response.body
         body.on_first_data(self._first_byte)
         self._deliver(response, None)
@@ -462,10 +462,10 @@ class _Exchange:
         request fault (4xx) as a failure with ``err`` (the codec end may
         close the connection)."""
         if named:
-            upstream = self.upstream
-            name_error(err, upstream, self.endpoint)
+            backends = self.backends
+            name_error(err, backends, self.endpoint)
             if err.status >= 500 and err.reason != LOAD_SHED:
-                note_health(upstream, True, err.message, self.proxy.reactor.seconds())
+                note_health(backends, True, err.message, self.proxy.reactor.seconds())
         self.settled = True
         self._cancel_timer()
         self.status = err.status
@@ -522,7 +522,7 @@ class _Exchange:
         ``max_pending_requests``."""
         if self.pending:
             self.pending = False
-            self.upstream.pending -= 1
+            self.backends.pending -= 1
 
     def _release(self, latency: float | None, success: bool) -> None:
         endpoint, self.endpoint = self.endpoint, None

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from l5dproxy.exchange.message import ProxyError
 
 if TYPE_CHECKING:
-    from l5dproxy.balance.backends import Endpoint, Upstream
+    from l5dproxy.balance.backends import BackendSet, Endpoint
 
 log = Logger()
 
@@ -31,32 +31,32 @@ HEALTH_LOG_INTERVAL = 10.0
 LOAD_SHED = "service unavailable: load shed"
 
 
-def name_error(err: ProxyError, upstream: Upstream, endpoint: Endpoint | None) -> None:
+def name_error(err: ProxyError, backends: BackendSet, endpoint: Endpoint | None) -> None:
     """Set ``err.where`` to ``service NAME`` and the endpoint's address,
     unless the cause names it already (a client end's own wording)."""
     if err.where:
         return
     if endpoint is not None and endpoint.label not in err.reason:
-        err.where = f"service {upstream.name}: {endpoint.label}"
+        err.where = f"service {backends.name}: {endpoint.label}"
     else:
-        err.where = f"service {upstream.name}"
+        err.where = f"service {backends.name}"
 
 
-def note_health(upstream: Upstream, failing: bool, message: str, now: float) -> None:
-    """``upstream`` answered a request with an upstream failure (``failing``,
+def note_health(backends: BackendSet, failing: bool, message: str, now: float) -> None:
+    """``backends`` answered a request with an upstream failure (``failing``,
     ``message`` saying what) or a response below 500: log the change, if it
     is one and the last line for the service is ``HEALTH_LOG_INTERVAL`` old.
     A change inside the interval is not logged nor kept: the next request
     after the interval says the state then."""
-    if upstream.failing == failing:
+    if backends.failing == failing:
         return
-    last = upstream.health_logged
+    last = backends.health_logged
     if last is not None and now - last < HEALTH_LOG_INTERVAL:
         return
-    upstream.failing = failing
-    upstream.health_logged = now
+    backends.failing = failing
+    backends.health_logged = now
     if failing:
-        log.warn("service {service} is failing: {cause}", service=upstream.name,
+        log.warn("service {service} is failing: {cause}", service=backends.name,
                  cause=message)
     else:
-        log.warn("service {service} recovered", service=upstream.name)
+        log.warn("service {service} recovered", service=backends.name)

@@ -17,7 +17,7 @@ incomplete). And the original body's flow control is always the current
 attempt's: a pause left by an attempt that was replaced is lifted.
 
 Whether a retry happens at all is the service's: ``retry_limit`` per
-request, and its retry budget across requests (``Upstream.retry_allowed``).
+request, and its retry budget across requests (``BackendSet.retry_allowed``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from l5dproxy.net.connection import errno_name, set_no_delay
 from l5dproxy.net.transport import IStreamTransport, close, close_write
 
 if TYPE_CHECKING:
-    from l5dproxy.balance.backends import Endpoint, Upstream
+    from l5dproxy.balance.backends import BackendSet, Endpoint
     from l5dproxy.net.connection import InboundConnection
     from l5dproxy.telemetry import Metrics, TcpSideMetrics
 
@@ -50,7 +50,7 @@ class RelaySite:
     #: The listener's name: the ``listener`` label of the dst-side metrics.
     listener: str
     #: The listener's service at run time: endpoints, balancer, retry budget.
-    backends: Upstream
+    backends: BackendSet
     reactor: IReactorTCP
     clock: IReactorTime
     metrics: Metrics
@@ -102,11 +102,11 @@ class RelayProtocol(Protocol):
     transport: IStreamTransport
 
     def __init__(self, conn: InboundConnection, site: RelaySite,
-                 target: Upstream | None = None) -> None:
+                 target: BackendSet | None = None) -> None:
         self.conn = conn
         self.site = site
         #: The service dialled: the listener's, or an SNI route's (tcp/sni.py).
-        self.target: Upstream = target if target is not None else site.backends
+        self.target: BackendSet = target if target is not None else site.backends
         self.routed = target is not None
         self.upstream: UpstreamProtocol | None = None
         self.endpoint: Endpoint | None = None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from l5dproxy.tcp.relay import RelayProtocol, RelaySite
 
 if TYPE_CHECKING:
-    from l5dproxy.balance.backends import Upstream
+    from l5dproxy.balance.backends import BackendSet
     from l5dproxy.net.connection import InboundConnection
 
 
@@ -31,11 +31,11 @@ def sni_glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(parts), re.IGNORECASE | re.DOTALL)
 
 
-def sni_handler(routes: Sequence[tuple[str, str]], upstreams: Mapping[str, Upstream],
+def sni_handler(routes: Sequence[tuple[str, str]], backends: Mapping[str, BackendSet],
                 site: RelaySite) -> Callable[[InboundConnection], RelayProtocol]:
     """The ``tls`` verdict's handler for a listener with SNI routes.
 
-    ``routes`` are ``(glob, service)`` in config order; ``upstreams`` the
+    ``routes`` are ``(glob, service)`` in config order; ``backends`` the
     running services by name, looked up per connection (a reload updates
     the map in place); ``site`` what the listener's relays share. The
     connection's ``service`` (its log line) becomes the route's.
@@ -47,7 +47,7 @@ def sni_handler(routes: Sequence[tuple[str, str]], upstreams: Mapping[str, Upstr
         if name:
             for pattern, service in compiled:
                 if pattern.fullmatch(name):
-                    upstream = upstreams.get(service)
+                    upstream = backends.get(service)
                     if upstream is not None:
                         conn.service = service
                         return RelayProtocol(conn, site, upstream)
