@@ -257,7 +257,7 @@ class Rig:
             protocol="http1", connect_timeout=CONNECT_TIMEOUT, retry_limit=case.retry_limit,
             retry_max_body=case.retry_max_body, response_timeout=case.response_timeout)
         self.backends = BackendSet(config, frozenset(), clock=self.clock, rng=random.Random(0))
-        self.proxy = HttpProxy({"app": self.upstream}, listener.metrics, self.clock)
+        self.proxy = HttpProxy({"app": self.backends}, listener.metrics, self.clock)
         self.proxy.clients["http1"] = H1Client(self.clock, listener.metrics)
         self.metrics = listener.metrics
         self.transport = StringTransport(peerAddress=None)

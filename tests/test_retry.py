@@ -42,7 +42,7 @@ class RetryTests(SynchronousTestCase):
                                **kw)
         self.backends = BackendSet(config, frozenset(), clock=self.clock, rng=random.Random(0))
         self.client = FakeClient(consume_bodies=True)
-        self.proxy = HttpProxy({"app": self.upstream}, Metrics(), self.clock,
+        self.proxy = HttpProxy({"app": self.backends}, Metrics(), self.clock,
                                {"http1": self.client})
 
     def setUp(self) -> None:

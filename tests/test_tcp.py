@@ -90,11 +90,11 @@ class RelayTestsMixin:
     def connect_upstream(self, index: int = -1) -> tuple[HalfCloseTransport, UpstreamProtocol]:
         """Complete the upstream connection the relay asked the reactor for."""
         host, port, factory, _timeout, _ = self.clock.tcpClients[index]
-        backends = factory.buildProtocol(IPv4Address("TCP", host, port))
+        upstream = factory.buildProtocol(IPv4Address("TCP", host, port))
         transport = HalfCloseTransport(port)
-        transport.protocol = backends
-        backends.makeConnection(transport)
-        return transport, backends
+        transport.protocol = upstream
+        upstream.makeConnection(transport)
+        return transport, upstream
 
     def fail_upstream(self, reason: Exception, index: int = -1) -> None:
         factory = self.clock.tcpClients[index][2]
@@ -116,19 +116,19 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
         client, relay = self.accept()
         relay.dataReceived(b"early ")
         relay.dataReceived(b"bytes")
-        server, backends = self.connect_upstream()
+        server, upstream = self.connect_upstream()
         self.assertEqual(server.value(), b"early bytes", "held until connected, in order")
         relay.dataReceived(b" later")
         self.assertEqual(server.value(), b"early bytes later")
-        backends.dataReceived(b"answer")
-        backends.dataReceived(b"!")
+        upstream.dataReceived(b"answer")
+        upstream.dataReceived(b"!")
         self.assertEqual(client.value(), b"answer!")
 
     def test_counted(self) -> None:
         _client, relay = self.accept()
         relay.dataReceived(b"12345")
-        _server, backends = self.connect_upstream()
-        backends.dataReceived(b"abc")
+        _server, upstream = self.connect_upstream()
+        upstream.dataReceived(b"abc")
         m = self.metric
         self.assertEqual(m("tcp_read_bytes_total", peer="src", listener="in"), 5)
         self.assertEqual(m("tcp_write_bytes_total", peer="src"), 3)
@@ -141,7 +141,7 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
         self.assertEqual(m("tcp_open_connections", peer="src"), 1)
         self.assertEqual(m("tcp_open_connections", peer="dst"), 1)
         relay.connectionLost(Failure(error.ConnectionDone()))
-        backends.connectionLost(Failure(error.ConnectionDone()))
+        upstream.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(m("tcp_open_connections"), 0)
         self.assertEqual(m("tcp_close_total", peer="src", errno=""), 1)
         self.assertEqual(m("tcp_close_total", peer="dst", errno=""), 1)
@@ -149,8 +149,8 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
 
     def test_closed_by_error_has_errno(self) -> None:
         _, relay = self.accept()
-        _, backends = self.connect_upstream()
-        backends.connectionLost(Failure(error.ConnectionLost()))
+        _, upstream = self.connect_upstream()
+        upstream.connectionLost(Failure(error.ConnectionLost()))
         relay.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.metric("tcp_close_total", peer="dst", errno="ECONNRESET"), 1)
 
@@ -182,26 +182,26 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
     def test_client_half_close(self) -> None:
         """The client's EOF reaches the server as EOF; the server still answers."""
         client, relay = self.accept()
-        server, backends = self.connect_upstream()
+        server, upstream = self.connect_upstream()
         relay.dataReceived(b"question")
         relay.readConnectionLost()
         self.assertTrue(server.write_closed)
         self.assertIsNone(server.producer, "unregistered, or the half-close would wait")
         self.assertFalse(client.disconnecting)
-        backends.dataReceived(b"answer")
+        upstream.dataReceived(b"answer")
         self.assertEqual(client.value(), b"answer")
-        backends.readConnectionLost()
+        upstream.readConnectionLost()
         self.assertTrue(client.write_closed)
         relay.writeConnectionLost()
         self.assertTrue(client.disconnecting, "both directions done: closed")
-        backends.writeConnectionLost()
+        upstream.writeConnectionLost()
         self.assertTrue(server.disconnecting)
 
     def test_server_half_close(self) -> None:
         client, relay = self.accept()
-        server, backends = self.connect_upstream()
-        backends.dataReceived(b"bye")
-        backends.readConnectionLost()
+        server, upstream = self.connect_upstream()
+        upstream.dataReceived(b"bye")
+        upstream.readConnectionLost()
         self.assertTrue(client.write_closed)
         self.assertFalse(server.disconnecting)
         relay.dataReceived(b"still talking")
@@ -229,9 +229,9 @@ class RelayTests(RelayTestsMixin, SynchronousTestCase):
 
     def test_server_closes(self) -> None:
         client, _relay = self.accept()
-        _server, backends = self.connect_upstream()
-        backends.dataReceived(b"last words")
-        backends.connectionLost(Failure(error.ConnectionDone()))
+        _server, upstream = self.connect_upstream()
+        upstream.dataReceived(b"last words")
+        upstream.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(client.value(), b"last words")
         self.assertTrue(client.disconnecting)
         self.assertIsNone(client.producer)
@@ -501,7 +501,7 @@ class LoopbackTests(TestCase):
         relay = self.relay_of(client)
         yield poll(lambda: relay.transport.producerPaused,
                    what="the client side to pause the server side")
-        self.assertNotIn(relay.backends.transport, reactor.getReaders(),
+        self.assertNotIn(relay.upstream.transport, reactor.getReaders(),
                          "the proxy no longer reads from the server")
         server = self.servers[0]
         yield poll(lambda: server.paused, what="the server to be paused")
@@ -520,8 +520,8 @@ class LoopbackTests(TestCase):
         server = self.servers[1]
         server.transport.pauseProducing()  # the server stops reading
         relay = self.relay_of(flood)
-        yield poll(lambda: relay.backends is not None
-                   and relay.backends.transport.producerPaused,
+        yield poll(lambda: relay.upstream is not None
+                   and relay.upstream.transport.producerPaused,
                    what="the server side to pause the client side")
         self.assertNotIn(relay.transport, reactor.getReaders(),
                          "the proxy no longer reads from the client")

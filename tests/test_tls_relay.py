@@ -85,7 +85,7 @@ class RelayOriginationTests(TestCase):
         samples = samples_of(self.metrics)
         self.assertEqual(metric_value(samples, "endpoint_connect_errors_total",
                                       reason="tls"), 1)
-        (endpoint,) = self.listener.upstream.endpoints
+        (endpoint,) = self.listener.backends.endpoints
         self.assertEqual(endpoint.failures, 1, "not counted for failure accrual")
 
     @defer.inlineCallbacks
