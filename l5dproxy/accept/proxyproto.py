@@ -62,7 +62,7 @@ from twisted.protocols.haproxy._v2parser import V2Parser
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from l5dproxy.net.transport import switch_protocol
+from l5dproxy.net.transport import forward_read_closed, forward_write_closed, switch_protocol
 
 log = Logger()
 
@@ -250,17 +250,10 @@ class ProxyHeaderProtocol(TwistedProtocol):
             assert self.transport is not None
             self.transport.loseConnection()
             return
-        half_closeable = IHalfCloseableProtocol(self.next_protocol, None)
-        if half_closeable is not None:
-            half_closeable.readConnectionLost()
-        else:
-            assert self.transport is not None
-            self.transport.loseConnection()
+        forward_read_closed(self.next_protocol, self.transport)
 
     def writeConnectionLost(self) -> None:
-        half_closeable = IHalfCloseableProtocol(self.next_protocol, None)
-        if half_closeable is not None:
-            half_closeable.writeConnectionLost()
+        forward_write_closed(self.next_protocol)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.next_protocol is not None:

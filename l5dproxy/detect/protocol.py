@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from l5dproxy.detect.sniff import Verdict, ended, sniff, timed_out
-from l5dproxy.net.transport import switch_protocol
+from l5dproxy.net.transport import forward_read_closed, forward_write_closed, switch_protocol
 
 if TYPE_CHECKING:
     from l5dproxy.detect.early import Detecting, EarlyConnect
@@ -86,17 +86,10 @@ class DetectProtocol(Protocol):
         if self.next_protocol is None:
             # The client half-closed: what it sent is all there is.
             self._switch(ended(self.buffer))
-        half_closeable = IHalfCloseableProtocol(self.next_protocol, None)
-        if half_closeable is not None:
-            half_closeable.readConnectionLost()
-        else:
-            assert self.transport is not None  # connected
-            self.transport.loseConnection()
+        forward_read_closed(self.next_protocol, self.transport)
 
     def writeConnectionLost(self) -> None:
-        half_closeable = IHalfCloseableProtocol(self.next_protocol, None)
-        if half_closeable is not None:
-            half_closeable.writeConnectionLost()
+        forward_write_closed(self.next_protocol)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.next_protocol is not None:

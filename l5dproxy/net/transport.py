@@ -10,7 +10,15 @@ ending a connection, or its write side, with a producer still registered.
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IConsumer, IProtocol, IPushProducer, ITCPTransport
+from typing import Any
+
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IProtocol,
+    IPushProducer,
+    ITCPTransport,
+)
 from zope.interface import Attribute
 
 
@@ -56,3 +64,22 @@ def close(transport: IStreamTransport) -> None:
     """Close once what is buffered is written, producer or not."""
     transport.unregisterProducer()
     transport.loseConnection()
+
+
+def forward_read_closed(next_protocol: object, transport: Any) -> None:
+    """The client's EOF, after a protocol switch, told to the protocol now
+    speaking (``next_protocol``): its ``readConnectionLost`` if it takes a
+    half-close (``IHalfCloseableProtocol``), else ``transport`` is closed."""
+    half_closeable = IHalfCloseableProtocol(next_protocol, None)
+    if half_closeable is not None:
+        half_closeable.readConnectionLost()
+    else:
+        transport.loseConnection()
+
+
+def forward_write_closed(next_protocol: object) -> None:
+    """The peer stopped reading: ``next_protocol.writeConnectionLost()`` if
+    it takes a half-close, else nothing (as Twisted does)."""
+    half_closeable = IHalfCloseableProtocol(next_protocol, None)
+    if half_closeable is not None:
+        half_closeable.writeConnectionLost()
