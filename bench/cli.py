@@ -27,6 +27,7 @@ from bench.h2ceiling import h2_round_trips
 from bench.memory import hold_connections, long_h2_connection, stream_body
 from bench.procs import (
     CpuMeter,
+    CpuWindow,
     StartError,
     Supervisor,
     free_port,
@@ -38,7 +39,14 @@ from bench.procs import (
     which,
 )
 from bench.report import TARGETS, Report, Section
-from bench.scenarios import SCENARIOS, MetricSpec, Sample, Settings
+from bench.scenarios import (
+    CPU_PER_REQUEST,
+    SCENARIOS,
+    MetricSpec,
+    Sample,
+    Settings,
+    add_cpu_per_request,
+)
 from bench.tools import log_exceptions, prometheus_samples
 from bench.workers import WorkersSection, measure, missing_tools, worker_counts
 
@@ -248,8 +256,9 @@ class Harness:
         b = Backends(h1=0, h2c=0, iperf=0, big_bytes=self.s.big_bytes)
         direct = Target("direct")
         try:
-            _, b.h1, b.h2c = backends.start_nginx(sup, self.s.big_bytes)
+            nginx, b.h1, b.h2c = backends.start_nginx(sup, self.s.big_bytes)
             direct.h1, direct.h2c = b.h1, b.h2c
+            direct.children.append(nginx)  # "direct" costs nginx's CPU (master and worker)
             log(f"nginx up: h1 :{b.h1}, h2c :{b.h2c}")
         except StartError as exc:
             log(f"nginx failed, no HTTP scenarios: {exc}")
@@ -357,6 +366,11 @@ class Harness:
             if not t.available or not port:
                 sec.skipped[t.name] = t.why_unavailable() if not t.available else "no listener"
                 continue
+            # The target's own CPU (every process it is made of) over what the tool counts.
+            cpu = CpuWindow([c.pid for c in t.children]) if t.children and (
+                CPU_PER_REQUEST in sc.metrics) else None
+            if cpu is not None:
+                cpu.start(delay=sc.measured_after(self.s))
             meter = CpuMeter(self.sup)
             meter.start()
             try:
@@ -366,6 +380,12 @@ class Harness:
             # Not a table row: tells (in the JSON and under the table) whether something
             # outside the benchmark was using the CPUs during this run.
             sample.metrics["other_cpu_pct"] = meter.other_pct()
+            if cpu is not None:
+                add_cpu_per_request(sample, cpu.stop())
+                if cpu.before and not cpu.same_processes:
+                    sample.notes.append(
+                        f"{t.name}: processes {sorted(cpu.before)} before the run, "
+                        f"{sorted(cpu.after)} after: CPU counts only those there throughout")
             if not t.available:
                 sample.notes.append(f"{t.name} died during the run: {t.why_unavailable()}")
             sec.add(t.name, sample)

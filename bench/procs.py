@@ -17,10 +17,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,11 +96,12 @@ def free_port_block(count: int, avoid: frozenset[int] = frozenset(), tries: int 
     raise StartError(f"found no {count} consecutive free ports in {tries} tries")
 
 
-def session_processes(sid: int) -> dict[int, int]:
-    """Every live process of session ``sid`` -> its CPU ticks (utime + stime) so far.
+def session_processes(*sids: int) -> dict[int, int]:
+    """Every live process of the sessions ``sids`` -> its CPU ticks (utime + stime) so far.
 
     A child the Supervisor starts is a session leader, and whatever it forks without
-    ``setsid`` (``l5dproxy --workers N`` spawns workers 1..N-1 that way) stays in it."""
+    ``setsid`` (``l5dproxy --workers N`` spawns workers 1..N-1 that way, nginx and
+    HAProxy their workers) stays in it."""
     found: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -109,9 +111,63 @@ def session_processes(sid: int) -> dict[int, int]:
             s, ticks = pid_stat_session_ticks(text)
         except (OSError, ValueError, IndexError):
             continue
-        if s == sid and text.rsplit(")", 1)[1].split()[0] != "Z":
+        if s in sids and text.rsplit(")", 1)[1].split()[0] != "Z":
             found[int(entry.name)] = ticks
     return found
+
+
+def clock_ticks_per_second() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_between(before: dict[int, int], after: dict[int, int],
+                        hz: int | None = None) -> float:
+    """CPU seconds (utime + stime) used between two :func:`session_processes` readings
+    (pid -> clock ticks) by the processes present in both; ``hz`` ticks per second
+    (default: the kernel's ``SC_CLK_TCK``). A process gone by ``after`` loses what it
+    used since ``before``, one that appeared after ``before`` is not counted: callers
+    compare the two pid sets to tell whether that happened."""
+    ticks = sum(after[pid] - t for pid, t in before.items() if pid in after)
+    return ticks / (hz or clock_ticks_per_second())
+
+
+class CpuWindow:
+    """The CPU the processes of some sessions (a target's every process: l5dproxy and
+    its ``--workers`` children, HAProxy, nginx's master and worker) use from ``start``
+    (or ``delay`` seconds after it, e.g. past a load tool's warm-up) until ``stop``."""
+
+    def __init__(self, sids: Collection[int]) -> None:
+        self.sids = tuple(sids)
+        self.before: dict[int, int] = {}
+        self.after: dict[int, int] = {}
+        self._timer: threading.Timer | None = None
+
+    def _snap(self) -> None:
+        self.before = session_processes(*self.sids)
+
+    def start(self, delay: float = 0.0) -> None:
+        if delay > 0:
+            self._timer = threading.Timer(delay, self._snap)
+            self._timer.daemon = True
+            self._timer.start()
+        else:
+            self._snap()
+
+    def stop(self) -> float | None:
+        """CPU seconds used in the window; None if it never began (the run ended before
+        ``delay``) or no process was found."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        self.after = session_processes(*self.sids)
+        if not self.before:
+            return None
+        return cpu_seconds_between(self.before, self.after)
+
+    @property
+    def same_processes(self) -> bool:
+        """Whether the same processes ran from start to stop (none died or was added)."""
+        return set(self.before) == set(self.after)
 
 
 def raise_nofile(wanted: int = NOFILE_WANTED) -> int:

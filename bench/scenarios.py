@@ -74,6 +74,28 @@ class Scenario:
     needs: tuple[str, ...]
     run: Callable[[Supervisor, int, Settings], Sample]
     metrics: tuple[MetricSpec, ...]
+    # Seconds from the tool's start to the start of what it counts (its warm-up): the
+    # target's CPU is read from then on, so CPU per request divides like by like.
+    measured_after: Callable[[Settings], float] = lambda s: 0.0
+
+
+# The headline figure of the h1, h2c and latency scenarios (issue 16): the target's
+# own CPU (every process of it) per request completed. Less noisy than req/s on a
+# shared machine, and comparable between a saturated run and a paced one.
+CPU_PER_REQUEST = MetricSpec("cpu_us_per_req", "CPU µs/request (lower is better)", "{:.1f}",
+                             higher_is_better=False)
+
+
+def add_cpu_per_request(sample: Sample, cpu_s: float | None) -> None:
+    """Record ``cpu_s`` (CPU seconds the target used during the run) in ``sample`` as
+    ``cpu_s`` and, given the requests the tool completed (``requests``), as
+    ``cpu_us_per_req`` = 1e6 * cpu_s / requests. Nothing when either is unknown."""
+    if cpu_s is None:
+        return
+    sample.metrics["cpu_s"] = cpu_s
+    requests = sample.metrics.get("requests")
+    if requests:
+        sample.metrics["cpu_us_per_req"] = 1e6 * cpu_s / requests
 
 
 _counter = itertools.count()
@@ -125,6 +147,7 @@ def run_h2load(sup: Supervisor, port: int, s: Settings) -> Sample:
         "succeeded": float(r.succeeded),
         "failed": float(r.failed),
         "non_2xx": float(non2xx),
+        "requests": float(r.done),
     })
     if r.failed or non2xx or r.succeeded == 0:
         sample.notes.append(
@@ -149,10 +172,12 @@ def run_iperf(sup: Supervisor, port: int, s: Settings, reverse: bool = False) ->
     return Sample(metrics={"gbits": r.gbits})
 
 
-def _run_paced(sup: Supervisor, port: int, s: Settings, h1: bool) -> Sample:
-    """h2load at a fixed total rate (``--rps`` is per client); latency from --log-file."""
+def _run_paced(sup: Supervisor, port: int, s: Settings, h1: bool,
+               rate: int | None = None) -> Sample:
+    """h2load at a fixed total rate (``rate``, default ``s.latency_rate``; ``--rps`` is per
+    client); latency from --log-file. Requests of the warm-up are not counted."""
     log = sup.workdir / f"latency-{next(_counter)}.tsv"
-    per_client = max(1, s.latency_rate // s.latency_clients)
+    per_client = max(1, (rate or s.latency_rate) // s.latency_clients)
     argv = [str(which("h2load")), "-c", str(s.latency_clients), "-m", "1",
             "--rps", str(per_client), "-D", f"{s.latency_seconds:g}",
             "--warm-up-time", f"{round(s.latency_warmup * 1000)}ms", "--log-file", str(log),
@@ -176,6 +201,7 @@ def _run_paced(sup: Supervisor, port: int, s: Settings, h1: bool) -> Sample:
         "p999_ms": percentile(d, 99.9),
         "rps": summary.requests_per_sec,
         "failed": float(summary.failed),
+        "requests": float(summary.done),
     })
     if summary.failed:
         sample.notes.append(f"h2load paced: {summary.failed} failed of {summary.total}")
@@ -186,11 +212,22 @@ def run_latency_h1(sup: Supervisor, port: int, s: Settings) -> Sample:
     return _run_paced(sup, port, s, h1=True)
 
 
+def run_latency_h1_3k(sup: Supervisor, port: int, s: Settings) -> Sample:
+    return _run_paced(sup, port, s, h1=True, rate=LATENCY_RATE_3K)
+
+
 def run_latency_h2c(sup: Supervisor, port: int, s: Settings) -> Sample:
     return _run_paced(sup, port, s, h1=False)
 
 
+def _latency_warmup(s: Settings) -> float:
+    return s.latency_warmup
+
+
+LATENCY_RATE_3K = 3000  # total req/s of latency_h1_3k (issue 16's second latency row)
+
 _LAT = (
+    CPU_PER_REQUEST,
     MetricSpec("p50_ms", "p50 ms", "{:.3f}", higher_is_better=False),
     MetricSpec("p99_ms", "p99 ms", "{:.3f}", higher_is_better=False),
     MetricSpec("p50_added_ms", "p50 added ms", "{:+.3f}", ratio=False, higher_is_better=False),
@@ -205,6 +242,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "h1", "HTTP/1.1 keep-alive GET (wrk -t1 -c50)", "h1", ("wrk",), run_wrk,
             (
+                CPU_PER_REQUEST,
                 MetricSpec("rps", "req/s"),
                 MetricSpec("p50_ms", "p50 ms", "{:.3f}", higher_is_better=False),
                 MetricSpec("p99_ms", "p99 ms", "{:.3f}", higher_is_better=False),
@@ -216,6 +254,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "h2c", "h2c GET multiplexed (h2load -c10 -m10)", "h2c", ("h2load",), run_h2load,
             (
+                CPU_PER_REQUEST,
                 MetricSpec("rps", "req/s"),
                 MetricSpec("succeeded", "succeeded", ratio=False),
                 MetricSpec("failed", "failed", ratio=False, higher_is_better=False),
@@ -227,11 +266,15 @@ SCENARIOS: dict[str, Scenario] = {
         ),
         Scenario(
             "latency_h1", "HTTP/1.1 at a fixed rate (h2load --h1 --rps)", "h1", ("h2load",),
-            run_latency_h1, _LAT,
+            run_latency_h1, _LAT, _latency_warmup,
+        ),
+        Scenario(
+            "latency_h1_3k", f"HTTP/1.1 at {LATENCY_RATE_3K:,} req/s (h2load --h1 --rps)",
+            "h1", ("h2load",), run_latency_h1_3k, _LAT, _latency_warmup,
         ),
         Scenario(
             "latency_h2c", "h2c at a fixed rate (h2load --rps)", "h2c", ("h2load",),
-            run_latency_h2c, _LAT,
+            run_latency_h2c, _LAT, _latency_warmup,
         ),
     )
 }

@@ -12,14 +12,20 @@ listener. The table shows the median per N and the ratio to N=1.
 from __future__ import annotations
 
 import math
-import os
 import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bench.procs import CpuMeter, Supervisor, session_processes, which
-from bench.scenarios import MetricSpec, Sample, Settings, run_iperf, run_wrk
+from bench.procs import CpuMeter, CpuWindow, Supervisor, which
+from bench.scenarios import (
+    MetricSpec,
+    Sample,
+    Settings,
+    add_cpu_per_request,
+    run_iperf,
+    run_wrk,
+)
 
 
 def worker_counts(cpus: int | None, quick: bool = False) -> tuple[int, ...]:
@@ -155,7 +161,8 @@ def _short(msg: str, limit: int = 300) -> str:
 def measure(sup: Supervisor, ws: Any, run: str, s: Settings) -> Sample:
     """One wrk (``h1``) or ``iperf3 -R`` (``tcp_r``) run against worker set ``ws``, with
     the CPU its processes used and a check that all N workers ran throughout."""
-    before = session_processes(ws.child.pid)
+    cpu = CpuWindow([ws.child.pid])
+    cpu.start()
     meter = CpuMeter(sup)
     meter.start()
     try:
@@ -164,22 +171,14 @@ def measure(sup: Supervisor, ws: Any, run: str, s: Settings) -> Sample:
     except Exception as exc:  # a harness bug must not lose the other runs
         sample = Sample(error=f"{type(exc).__name__}: {exc}")
     sample.metrics["other_cpu_pct"] = meter.other_pct()
-    after = session_processes(ws.child.pid)
-    if len(before) != ws.n or len(after) != ws.n or set(before) != set(after):
-        sample.notes.append(f"{len(before)} processes before the run, {len(after)} after "
-                            f"(expected {ws.n} workers, same pids): a worker died or restarted")
-    ticks = sum(after.get(pid, 0) - t for pid, t in before.items() if pid in after)
-    sample.metrics["cpu_s"] = ticks / _clock_ticks()
-    if sample.metrics.get("requests"):
-        sample.metrics["cpu_us_per_req"] = 1e6 * sample.metrics["cpu_s"] / sample.metrics[
-            "requests"]
+    add_cpu_per_request(sample, cpu.stop())
+    if len(cpu.before) != ws.n or len(cpu.after) != ws.n or not cpu.same_processes:
+        sample.notes.append(f"{len(cpu.before)} processes before the run, {len(cpu.after)} "
+                            f"after (expected {ws.n} workers, same pids): a worker died or "
+                            "restarted")
     if not ws.available:
         sample.notes.append(f"--workers {ws.n} died during the run: {ws.why_unavailable()}")
     return sample
-
-
-def _clock_ticks() -> int:
-    return os.sysconf("SC_CLK_TCK")
 
 
 def missing_tools() -> dict[str, str]:
