@@ -12,6 +12,7 @@ import datetime
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import abuse, backends, tls
+from bench import pyspy as pyspy_mod
 from bench.backends import Backends, Target, WorkerSet, pid_for
 from bench.h2ceiling import h2_round_trips
 from bench.memory import hold_connections, long_h2_connection, stream_body
@@ -35,7 +37,9 @@ from bench.procs import (
     missing_programs,
     raise_nofile,
     rss_kib,
+    session_processes,
     twistd_path,
+    wait_until,
     which,
 )
 from bench.report import TARGETS, Report, Section
@@ -44,14 +48,17 @@ from bench.scenarios import (
     SCENARIOS,
     MetricSpec,
     Sample,
+    Scenario,
     Settings,
     add_cpu_per_request,
 )
-from bench.tools import log_exceptions, prometheus_samples
+from bench.tools import ParseError, log_exceptions, prometheus_samples
 from bench.workers import WorkersSection, measure, missing_tools, worker_counts
 
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_JSON = BENCH_DIR / "results" / "latest.json"
+PROFILE_DIR = BENCH_DIR / "results"  # --profile's raw folded stacks
+PROFILED = ("h1", "h2c")  # the scenarios --profile records l5dproxy under
 EXTRA_SECTIONS = ("memory", "ceiling", "workers", "tls", "abuse", "soak")
 ALL_SECTIONS = (*SCENARIOS, *EXTRA_SECTIONS)
 # Run only when named with --only: an attacked proxy and a 10-minute soak are not part
@@ -108,6 +115,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds to wait for l5dproxy's /ready")
     p.add_argument("--keep-tmp", action="store_true",
                    help="keep the temp dir (configs and server logs) and print its path")
+    p.add_argument("--profile", action="store_true",
+                   help="in round 1, one more h1 and h2c run against l5dproxy recorded with "
+                   f"py-spy (not counted in the table); raw stacks kept in {PROFILE_DIR}, "
+                   "a summary printed and in the JSON")
     return p.parse_args(argv)
 
 
@@ -226,8 +237,11 @@ def memory_metrics(s: Settings) -> tuple[MetricSpec, ...]:
 
 class Harness:
     def __init__(self, sup: Supervisor, settings: Settings, selected: list[str],
-                 skip_targets: list[str], ready_timeout: float) -> None:
+                 skip_targets: list[str], ready_timeout: float,
+                 pyspy: str | None = None) -> None:
         self.sup = sup
+        self.pyspy = pyspy  # --profile: the py-spy to record l5dproxy with
+        self.profiles: list[pyspy_mod.ProfileSummary] = []
         self.s = settings
         self.selected = selected
         self.skip_targets = skip_targets
@@ -392,6 +406,62 @@ class Harness:
             shown = ", ".join(f"{k}={v:,.3f}" for k, v in sample.metrics.items())
             log(f"round {r + 1}/{self.s.rounds} {sec.name:<11} {t.name:<11} "
                 f"{shown or 'ERROR: ' + str(sample.error)}")
+        if self.pyspy is not None and r == 0 and sc.name in PROFILED:
+            self.profiles.append(self._profile(sc))
+
+    def _profile(self, sc: Scenario) -> pyspy_mod.ProfileSummary:
+        """One more run of ``sc`` against l5dproxy, recorded by py-spy (its pauses cost the
+        proxy CPU, so the run is not one of the samples); the summary of where it went."""
+        assert self.pyspy is not None
+        t = self.targets.get("l5dproxy")
+        port = self._port(t, sc.kind) if t is not None else None
+        failed = pyspy_mod.ProfileSummary(sc.name, "", 0, [], [], [])
+        if t is None or not t.available or not port or t.pid is None:
+            failed.error = ("l5dproxy is not running: " + t.why_unavailable() if t is not None
+                            else "l5dproxy was not started")
+            return failed
+        if any(which(p) is None for p in sc.needs):
+            failed.error = f"missing {', '.join(sc.needs)}"
+            return failed
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = PROFILE_DIR / f"profile-{sc.name}-{stamp}.txt"
+        processes = session_processes(*(c.pid for c in t.children))
+        argv = pyspy_mod.record_argv(self.pyspy, t.pid, self.s.duration + 10, out,
+                                     subprocesses=len(processes) > 1)
+        spy = self.sup.start(f"py-spy-{sc.name}", argv)
+        try:
+            wait_until(lambda: "Sampling process" in _read(spy.log_path), spy, 15.0,
+                       "py-spy to attach")
+        except StartError as exc:
+            self.sup.stop(spy)
+            failed.error = f"py-spy did not start: {exc}\n{pyspy_mod.PTRACE_HELP}"
+            return failed
+        cpu = CpuWindow([c.pid for c in t.children])
+        cpu.start()
+        try:
+            sample = sc.run(self.sup, port, self.s)
+        except Exception as exc:
+            sample = Sample(error=f"{type(exc).__name__}: {exc}")
+        add_cpu_per_request(sample, cpu.stop())
+        # py-spy writes what it has sampled on SIGINT (its Ctrl-C) and exits.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(spy.pid, signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.proc.wait(timeout=30)
+        self.sup.stop(spy)
+        try:
+            summary = pyspy_mod.summarise(pyspy_mod.parse_folded(out.read_text()), sc.name,
+                                          str(out))
+        except (OSError, ParseError) as exc:
+            failed.error = f"no profile from py-spy ({exc}): {spy.log_tail(5)}"
+            return failed
+        summary.run = {k: sample.metrics[k] for k in ("rps", "cpu_us_per_req")
+                       if k in sample.metrics}
+        if sample.error:
+            summary.error = f"the profiled run failed: {sample.error}"
+        log(f"profile of l5dproxy under {sc.name}: {summary.samples:,} samples in {out}")
+        return summary
 
     def _run_workers(self, r: int) -> None:
         """wrk, then iperf3 -R, against every --workers N, the order of N rotated."""
@@ -570,7 +640,14 @@ class Harness:
         return Report(meta=meta, settings=dataclasses.asdict(self.s), targets=targets,
                       sections=self.sections, ceiling=self.ceiling, health=self.health,
                       workers=self.workers, abuse=self.abuse, abuse_each=self.abuse_each,
-                      soak=self.soak, tls=self.tls)
+                      soak=self.soak, tls=self.tls, profiles=self.profiles)
+
+
+def _read(path: Path | None) -> str:
+    try:
+        return path.read_text(errors="replace") if path is not None else ""
+    except OSError:
+        return ""
 
 
 def _health(child: Any, admin_ports: list[int]) -> dict[str, Any]:
@@ -608,6 +685,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = make_settings(args)
     selected = list(args.only or DEFAULT_SECTIONS)
+    pyspy: str | None = None
+    if args.profile:
+        if not any(name in selected for name in PROFILED):
+            log(f"--profile records l5dproxy under {' and '.join(PROFILED)}: add one of them "
+                "to --only")
+            return 2
+        try:
+            pyspy = pyspy_mod.require_pyspy()
+        except pyspy_mod.ProfileError as exc:
+            log(str(exc))
+            return 2
+        log(f"--profile: {pyspy}")
+
     install_exit_signals()
     nofile = raise_nofile()
 
@@ -625,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     interrupted = False
     try:
         with Supervisor(workdir) as sup:
-            h = Harness(sup, settings, selected, args.skip_target, args.ready_timeout)
+            h = Harness(sup, settings, selected, args.skip_target, args.ready_timeout,
+                        pyspy)
             try:
                 h.start()
                 h.warmup()
@@ -655,6 +746,9 @@ def main(argv: list[str] | None = None) -> int:
         if extra is not None:
             print()
             print(extra.table())
+    for prof in report.profiles:
+        print()
+        print(prof.table())
     footer = report.footer()
     if footer:
         print()

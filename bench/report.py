@@ -67,6 +67,7 @@ class Report:
     abuse_each: Any = None  # bench.abuse.AbuseEach: every attacker alone
     soak: Any = None  # bench.abuse.SoakResult
     tls: Any = None  # bench.tls.TlsResult: the tls scenario (its own table)
+    profiles: list[Any] = field(default_factory=list)  # bench.pyspy.ProfileSummary
 
     def ceiling_median(self, key: str = "m10") -> float | None:
         values = self.ceiling.get(key)
@@ -225,6 +226,7 @@ class Report:
             "tls": self.tls.to_json() if self.tls is not None else None,
             "abuse_each": self.abuse_each.to_json() if self.abuse_each is not None else None,
             "soak": self.soak.to_json() if self.soak is not None else None,
+            "profiles": [p.to_json() for p in self.profiles],
             "table": [
                 {"scenario": r.section, "metric": r.key, "label": r.label,
                  "values": r.values, "l5dproxy_over": r.ratios}
