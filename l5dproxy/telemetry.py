@@ -376,3 +376,87 @@ class ServicesCollector:
                     lookups.add_metric((name, result), n)
         return [endpoints, outstanding, ewma, weight, ejections, retries, overflow, balance,
                 lookups]
+
+
+#: How a gauge combines over the workers of ``--workers N`` (``merge_families``)
+#: when summing would state something false. Every other gauge is summed:
+#: ``tcp_open_connections``, ``endpoint_outstanding`` and
+#: ``retry_budget_balance`` count things each worker holds, so the group
+#: holds their sum.
+#:
+#: * ``build_info``: always 1 per version; ``max`` says which versions run.
+#: * ``tls_certificate_expiry_timestamp_seconds``: ``min``, the soonest
+#:   expiry any worker has loaded (one that has not reloaded a rotated
+#:   certificate yet still serves the old one: that is what to alert on).
+#: * ``balancer_endpoints``, ``endpoint_latency_ewma_ms``, ``endpoint_weight``:
+#:   each worker's own view of the same endpoints; ``max``, the most
+#:   endpoints any worker sees in a state (an ejection in any worker shows),
+#:   the slowest estimate, the weight (the same in every worker).
+GAUGE_MERGE: dict[str, str] = {
+    "build_info": "max",
+    "tls_certificate_expiry_timestamp_seconds": "min",
+    "balancer_endpoints": "max",
+    "endpoint_latency_ewma_ms": "max",
+    "endpoint_weight": "max",
+}
+
+#: Families kept per worker (a ``worker`` label added) instead of combined:
+#: facts about one process (memory, file descriptors, start time, CPU).
+PER_WORKER_PREFIX = "process_"
+
+_COMBINE: dict[str, Callable[[float, float], float]] = {
+    "sum": lambda a, b: a + b, "max": max, "min": min}
+
+
+def merge_families(workers: Iterable[tuple[str, Iterable]]) -> list:
+    """The metric families of several workers as one process group's.
+
+    ``workers`` gives ``(worker label, families)`` for each worker, the
+    families as ``registry.collect()`` or
+    ``prometheus_client.parser.text_string_to_metric_families`` yields them
+    (``prometheus_client.Metric``). Samples of the same family, sample name
+    and labels are combined, in the order they first appear:
+
+    * counters: summed; histograms: each ``_bucket``, ``_sum`` and ``_count``
+      summed (a worker's cumulative buckets added to another's are the
+      group's cumulative buckets); any other non-gauge type likewise (the
+      proxy exports no summary, whose quantiles would not add up);
+    * gauges: summed, or as ``GAUGE_MERGE`` says (min or max);
+    * ``process_*`` families: not combined; each sample gets a ``worker``
+      label. This is what prometheus-client's multiprocess mode does with a
+      gauge by default (``multiprocess_mode="all"``, a ``pid`` label); the
+      worker index stays the same when a worker is started again, a pid does
+      not. The group's CPU is ``sum without (worker)
+      (rate(process_cpu_seconds_total[1m]))``.
+
+    Timestamps and exemplars are dropped. Returns new ``Metric`` objects,
+    ready for ``generate_latest`` (an object with ``collect()``).
+    """
+    from prometheus_client import Metric
+
+    merged: dict[str, Metric] = {}
+    index: dict[str, dict[tuple, int]] = {}
+    for worker, families in workers:
+        for family in families:
+            name = family.name
+            out = merged.get(name)
+            if out is None:
+                out = merged[name] = Metric(name, family.documentation, family.type,
+                                            family.unit)
+                index[name] = {}
+            per_worker = name.startswith(PER_WORKER_PREFIX)
+            combine = _COMBINE[GAUGE_MERGE.get(name, "sum") if family.type == "gauge"
+                               else "sum"]
+            where = index[name]
+            for sample in family.samples:
+                labels = ({**sample.labels, "worker": worker} if per_worker
+                          else dict(sample.labels))
+                key = (sample.name, tuple(sorted(labels.items())))
+                at = where.get(key)
+                if at is None:
+                    where[key] = len(out.samples)
+                    out.add_sample(sample.name, labels, sample.value)
+                else:
+                    old = out.samples[at]
+                    out.samples[at] = old._replace(value=combine(old.value, sample.value))
+    return list(merged.values())

@@ -1,5 +1,7 @@
 """Pending (batched) metric increments: every scrape and every close sees them."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.exposition import generate_latest
 from twisted.trial.unittest import SynchronousTestCase
@@ -78,3 +80,181 @@ class PendingTests(SynchronousTestCase):
         self.assertTrue(pending.direct)
         pending.observe(3.0)
         self.assertEqual(child.seen, [3.0])
+
+
+WORKER_0 = """\
+# HELP request_total HTTP requests received
+# TYPE request_total counter
+request_total{listener="in",service="app"} 3.0
+# HELP response_latency_ms Request head to first byte of the response body
+# TYPE response_latency_ms histogram
+response_latency_ms_bucket{le="1.0",service="app"} 1.0
+response_latency_ms_bucket{le="10.0",service="app"} 2.0
+response_latency_ms_bucket{le="+Inf",service="app"} 3.0
+response_latency_ms_sum{service="app"} 120.5
+response_latency_ms_count{service="app"} 3.0
+# HELP tcp_open_connections Connections currently open
+# TYPE tcp_open_connections gauge
+tcp_open_connections{peer="src"} 4.0
+# HELP tls_certificate_expiry_timestamp_seconds When a loaded TLS certificate expires
+# TYPE tls_certificate_expiry_timestamp_seconds gauge
+tls_certificate_expiry_timestamp_seconds{name="a"} 2000.0
+# HELP build_info The running l5dproxy: always 1
+# TYPE build_info gauge
+build_info{version="1.0"} 1.0
+# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 1.5
+# HELP process_resident_memory_bytes Resident memory size in bytes.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 1000.0
+"""
+
+WORKER_1 = """\
+# HELP request_total HTTP requests received
+# TYPE request_total counter
+request_total{listener="in",service="app"} 5.0
+request_total{listener="in",service="other"} 2.0
+# HELP response_latency_ms Request head to first byte of the response body
+# TYPE response_latency_ms histogram
+response_latency_ms_bucket{le="1.0",service="app"} 0.0
+response_latency_ms_bucket{le="10.0",service="app"} 4.0
+response_latency_ms_bucket{le="+Inf",service="app"} 5.0
+response_latency_ms_sum{service="app"} 36.25
+response_latency_ms_count{service="app"} 5.0
+# HELP tcp_open_connections Connections currently open
+# TYPE tcp_open_connections gauge
+tcp_open_connections{peer="src"} 6.0
+# HELP tls_certificate_expiry_timestamp_seconds When a loaded TLS certificate expires
+# TYPE tls_certificate_expiry_timestamp_seconds gauge
+tls_certificate_expiry_timestamp_seconds{name="a"} 1000.0
+# HELP build_info The running l5dproxy: always 1
+# TYPE build_info gauge
+build_info{version="1.0"} 1.0
+# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total 2.25
+# HELP process_resident_memory_bytes Resident memory size in bytes.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes 3000.0
+"""
+
+WORKER_2 = """\
+# HELP request_total HTTP requests received
+# TYPE request_total counter
+request_total{listener="in",service="app"} 1.0
+# HELP tcp_open_connections Connections currently open
+# TYPE tcp_open_connections gauge
+tcp_open_connections{peer="src"} 0.0
+tcp_open_connections{peer="dst"} 2.0
+# HELP endpoint_latency_ewma_ms Peak-EWMA response latency estimate
+# TYPE endpoint_latency_ewma_ms gauge
+endpoint_latency_ewma_ms{target_addr="10.0.0.1:80"} 7.5
+"""
+
+MERGED = """\
+# HELP request_total HTTP requests received
+# TYPE request_total counter
+request_total{listener="in",service="app"} 9.0
+request_total{listener="in",service="other"} 2.0
+# HELP response_latency_ms Request head to first byte of the response body
+# TYPE response_latency_ms histogram
+response_latency_ms_bucket{le="1.0",service="app"} 1.0
+response_latency_ms_bucket{le="10.0",service="app"} 6.0
+response_latency_ms_bucket{le="+Inf",service="app"} 8.0
+response_latency_ms_sum{service="app"} 156.75
+response_latency_ms_count{service="app"} 8.0
+# HELP tcp_open_connections Connections currently open
+# TYPE tcp_open_connections gauge
+tcp_open_connections{peer="src"} 10.0
+tcp_open_connections{peer="dst"} 2.0
+# HELP tls_certificate_expiry_timestamp_seconds When a loaded TLS certificate expires
+# TYPE tls_certificate_expiry_timestamp_seconds gauge
+tls_certificate_expiry_timestamp_seconds{name="a"} 1000.0
+# HELP build_info The running l5dproxy: always 1
+# TYPE build_info gauge
+build_info{version="1.0"} 1.0
+# HELP process_cpu_seconds_total Total user and system CPU time spent in seconds.
+# TYPE process_cpu_seconds_total counter
+process_cpu_seconds_total{worker="0"} 1.5
+process_cpu_seconds_total{worker="1"} 2.25
+# HELP process_resident_memory_bytes Resident memory size in bytes.
+# TYPE process_resident_memory_bytes gauge
+process_resident_memory_bytes{worker="0"} 1000.0
+process_resident_memory_bytes{worker="1"} 3000.0
+# HELP endpoint_latency_ewma_ms Peak-EWMA response latency estimate
+# TYPE endpoint_latency_ewma_ms gauge
+endpoint_latency_ewma_ms{target_addr="10.0.0.1:80"} 7.5
+"""
+
+
+class _Families:
+    def __init__(self, families) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+class MergeTests(SynchronousTestCase):
+    """``merge_families``: the workers of --workers N as one process group."""
+
+    def test_canned_expositions(self) -> None:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from l5dproxy.telemetry import merge_families
+        merged = merge_families(
+            (str(i), text_string_to_metric_families(text))
+            for i, text in enumerate((WORKER_0, WORKER_1, WORKER_2)))
+        self.assertEqual(generate_latest(_Families(merged)).decode(), MERGED)
+
+    def test_one_worker_is_itself(self) -> None:
+        """A group of one: the same samples, process_* labelled worker 0."""
+        from l5dproxy.telemetry import merge_families
+        metrics = Metrics()
+        metrics.request_total.labels("inbound", "in", "app", "a", "http1", "", "", "").inc(3)
+        before = {(s.name, frozenset(s.labels.items())): s.value
+                  for f in metrics.registry.collect() for s in f.samples
+                  if not s.name.startswith("process_")}
+        merged = merge_families([("0", metrics.registry.collect())])
+        after = {(s.name, frozenset(s.labels.items())): s.value
+                 for f in merged for s in f.samples}
+        for key, value in before.items():
+            self.assertEqual(after[key], value, key)
+        process = [s for f in merged for s in f.samples if s.name.startswith("process_")]
+        self.assertTrue(process)
+        self.assertTrue(all(s.labels["worker"] == "0" for s in process))
+
+    @settings(max_examples=60, derandomize=True, deadline=None)
+    @given(st.lists(st.lists(st.floats(0, 60000, allow_nan=False), max_size=20),
+                    min_size=1, max_size=4))
+    def test_histograms_merge_as_one(self, observations) -> None:
+        """Differential: each worker's histogram and counter, merged, equal
+        one process's that saw every observation (through the exposition
+        text and back, as the admin gathers them)."""
+        from prometheus_client import Counter
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from l5dproxy.telemetry import merge_families
+
+        def registry(values):
+            r = CollectorRegistry()
+            h = Histogram("response_latency_ms", "latency", ("service",),
+                          buckets=LATENCY_MS_BUCKETS, registry=r)
+            c = Counter("request", "requests", ("service",), registry=r)
+            for v in values:
+                h.labels("app").observe(v)
+                c.labels("app").inc()
+            return r
+
+        texts = [generate_latest(registry(values)).decode() for values in observations]
+        merged = merge_families((str(i), text_string_to_metric_families(t))
+                                for i, t in enumerate(texts))
+        whole = registry([v for values in observations for v in values])
+        expected = {(s.name, frozenset(s.labels.items())): s.value
+                    for f in text_string_to_metric_families(generate_latest(whole).decode())
+                    for s in f.samples}
+        got = {(s.name, frozenset(s.labels.items())): s.value for f in merged for s in f.samples}
+        self.assertEqual(got.keys(), expected.keys())
+        for key, value in expected.items():
+            self.assertAlmostEqual(got[key], value, places=6, msg=str(key))
