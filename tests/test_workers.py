@@ -1,6 +1,7 @@
-"""--workers N: SO_REUSEPORT listening, admin ports per worker, and the real
-twistd with two workers (both serve, a killed worker comes back, SIGTERM
-stops them all)."""
+"""--workers N: SO_REUSEPORT listening, admin ports per worker, the merged
+/metrics of worker 0 (gathered from the others over loopback), and the real
+twistd with two workers (both serve, the admin port counts every request, a
+killed worker comes back, SIGTERM stops them all)."""
 
 from __future__ import annotations
 
@@ -9,31 +10,31 @@ import re
 import signal
 import socket
 
-from twisted.internet import error, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from l5dproxy.app import workers
-from tests.support import ProxyProcess, build_config, echo_server, require_tool, wait_for
+from tests.support import (
+    HttpServer,
+    ProxyProcess,
+    build_config,
+    connect,
+    echo_server,
+    metric_value,
+    parse_metrics,
+    read_response,
+    refused_port,
+    require_tool,
+    wait_for,
+)
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _free_ports() -> tuple[int, int]:
-    """Two free ports, the first followed by a free one (worker 1's admin)."""
-    while True:
-        with socket.socket() as a, socket.socket() as b, socket.socket() as c:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            try:
-                b.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-            c.bind(("127.0.0.1", 0))
-            return port, c.getsockname()[1]
 
 
 class EndpointTests(SynchronousTestCase):
@@ -80,32 +81,140 @@ class ReusePortTests(TestCase):
                               f"tcp:{port}:interface=127.0.0.1", factory)
 
 
+class _Answer(Resource):
+    """A worker's admin server as the gatherer sees it: counts requests,
+    answers ``status`` with ``body``."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes, status: int = 200) -> None:
+        super().__init__()
+        self.body = body
+        self.status = status
+        self.requests: list[bytes] = []
+
+    def render_GET(self, request) -> bytes:
+        self.requests.append(request.uri)
+        request.setResponseCode(self.status)
+        return self.body
+
+
+class _Silent(protocol.Protocol):
+    """Accepts and never answers (a stuck worker)."""
+
+    connections: list[protocol.Protocol] = []
+
+    def connectionMade(self) -> None:
+        self.connections.append(self)
+
+
+WORKER_TEXT = b"""\
+# HELP request_total HTTP requests received
+# TYPE request_total counter
+request_total{service="app"} 2.0
+# HELP tcp_open_connections Connections currently open
+# TYPE tcp_open_connections gauge
+tcp_open_connections{peer="src"} 5.0
+"""
+
+
+class GatherTests(TestCase):
+    """``MetricsGatherer`` against loopback servers standing in for workers:
+    what answers is merged, what does not is left out and counted, and the
+    gather ends within its timeout."""
+
+    def listen(self, factory) -> int:
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        return port.getHost().port
+
+    def setUp(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        Counter("request", "HTTP requests received", ("service",),
+                registry=self.registry).labels("app").inc()
+        Gauge("tcp_open_connections", "Connections currently open", ("peer",),
+              registry=self.registry).labels("src").set(1)
+        self.good = _Answer(WORKER_TEXT)
+        _Silent.connections = []
+        self.addCleanup(lambda: [p.transport.abortConnection() for p in _Silent.connections])
+        self.gatherer = workers.MetricsGatherer(reactor, 8, self.registry.collect,
+                                                timeout=1.0, max_bytes=1000)
+        servers = {
+            1: Site(self.good),
+            2: protocol.Factory.forProtocol(_Silent),
+            4: Site(_Answer(b"oops", status=500)),
+            5: Site(_Answer(b"# " + b"x" * 5000 + b"\n")),
+            6: Site(_Answer(b"this is not { prometheus\n")),
+            7: Site(self.good),
+        }
+        for index, factory in servers.items():
+            self.gatherer.admin_bound(index, "127.0.0.1", self.listen(factory))
+        self.gatherer.admin_bound(3, "0.0.0.0", refused_port())
+        # Worker 7 went away after reporting; 0.0.0.0 is asked on 127.0.0.1.
+        self.gatherer.worker_ended(7)
+
+    @defer.inlineCallbacks
+    def test_gather(self):
+        from prometheus_client.exposition import generate_latest
+
+        first, second = self.gatherer.gather(), self.gatherer.gather()
+        families = yield first
+        self.assertIs((yield second), families)  # one round for both scrapes
+        self.assertEqual(self.good.requests, [b"/metrics?local"])
+        samples = parse_metrics(generate_latest(_Collect(families)).decode())
+        self.assertEqual(metric_value(samples, "request_total", service="app"), 3)
+        self.assertEqual(metric_value(samples, "tcp_open_connections", peer="src"), 6)
+        self.assertEqual(metric_value(samples, "workers_expected"), 8)
+        self.assertEqual(metric_value(samples, "workers_scraped"), 2)
+        failures = {dict(labels)["worker"]: dict(labels)["reason"]
+                    for (name, labels), value in samples.items()
+                    if name == "worker_scrape_failures_total" and value == 1}
+        self.assertEqual(failures, {"2": "timeout", "3": "refused", "4": "status",
+                                    "5": "too_large", "6": "invalid", "7": "down"})
+        # The next scrape asks again, and counts again.
+        families = yield self.gatherer.gather()
+        samples = parse_metrics(generate_latest(_Collect(families)).decode())
+        self.assertEqual(metric_value(samples, "worker_scrape_failures_total", worker="2"), 2)
+        self.assertEqual(len(self.good.requests), 2)
+
+
+class _Collect:
+    def __init__(self, families) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
 class TwoWorkersTests(SynchronousTestCase):
     """The real twistd l5dproxy --workers 2."""
 
     def test_two_workers(self) -> None:
         echo = echo_server(self)
-        admin, listen = _free_ports()
+        listen = _free_port()
         config = build_config(
             [{"name": "in", "service": "echo", "opaque": True,
               "listen": f"tcp:{listen}:interface=127.0.0.1"}],
             {"echo": {"endpoints": [echo.address]}},
             proxy={"drain_timeout": 1, "log_connections": False},
-            admin_listen=f"tcp:{admin}:interface=127.0.0.1")
+            admin_listen="tcp:0:interface=127.0.0.1")
         proxy = ProxyProcess(self, config, extra_args=["--workers", "2"])
         worker_pid = int(proxy.wait_log(r"worker 1 started \(pid (\d+)\)")[1])
-        second = ProxyProcess.__new__(ProxyProcess)
-        second.admin_port = admin + 1
-        wait_for(lambda: _ready(second), 30, "worker 1's admin to answer")
+        second = _second_worker(proxy)
 
         # Connections are spread over both processes.
         for i in range(40):
             with socket.create_connection(("127.0.0.1", listen), timeout=10) as c:
                 c.sendall(b"ping %d" % i)
                 self.assertEqual(c.recv(100), b"ping %d" % i)
-        opened = [p.metric_value("tcp_open_total", peer="src") for p in (proxy, second)]
+        opened = [_local(p, "tcp_open_total", peer="src") for p in (proxy, second)]
         self.assertEqual(sum(opened), 40)
         self.assertTrue(all(opened), f"both workers served: {opened}")
+        wait_for(lambda: proxy.metric_value("workers_scraped") == 2, 30,
+                 "worker 0 to gather worker 1")
+        self.assertEqual(proxy.metric_value("tcp_open_total", peer="src"), 40)
 
         # A worker that dies is started again.
         os.kill(worker_pid, signal.SIGKILL)
@@ -113,11 +222,85 @@ class TwoWorkersTests(SynchronousTestCase):
         match = wait_for(lambda: re.findall(r"worker 1 started \(pid (\d+)\)", proxy.log_text())
                          [1:], 30, "worker 1 to start again")
         new_pid = int(match[0])
-        wait_for(lambda: _ready(second), 30, "worker 1's admin to answer again")
+        # The new worker 1 reports its admin server (a new port) to worker 0.
+        wait_for(lambda: proxy.metric_value("workers_scraped") == 2, 30,
+                 "worker 0 to gather worker 1 again")
+        self.assertEqual(proxy.metric_value("tcp_open_total", peer="src"), opened[0])
 
         # SIGTERM stops them all.
         self.assertIn(proxy.stop(), (0, -signal.SIGTERM))
         wait_for(lambda: not _alive(new_pid), 15, "worker 1 to exit")
+
+
+class MergedMetricsTests(SynchronousTestCase):
+    """The real twistd l5dproxy --workers 2: the admin port's /metrics is
+    the group's, each worker's own port (and ``?local``) its own."""
+
+    def test_requests_over_both_workers_are_counted_once(self) -> None:
+        app = HttpServer(self)
+        listen = _free_port()
+        config = build_config(
+            [{"name": "in", "service": "app",
+              "listen": f"tcp:{listen}:interface=127.0.0.1"}],
+            {"app": {"endpoints": [app.address]}},
+            proxy={"drain_timeout": 1, "log_connections": False},
+            admin_listen="tcp:0:interface=127.0.0.1")
+        proxy = ProxyProcess(self, config, extra_args=["--workers", "2"])
+        second = _second_worker(proxy)
+        wait_for(lambda: proxy.metric_value("workers_scraped") == 2, 30,
+                 "worker 0 to gather worker 1")
+
+        sent = 60
+        for _ in range(sent):  # a connection each: the kernel spreads connections
+            with connect(listen) as c:
+                c.sendall(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+                self.assertEqual(read_response(c)[0], 200)
+
+        own = [_local(p, "request_total") for p in (proxy, second)]
+        self.assertEqual(sum(own), sent)
+        self.assertTrue(all(own), f"both workers served: {own}")
+        self.assertEqual(_local(second, "request_total"),
+                         metric_value(parse_metrics(second.metrics_text()), "request_total"))
+        merged = proxy.metrics()
+        self.assertEqual(metric_value(merged, "request_total"), sent)
+        self.assertEqual(metric_value(merged, "response_total", status_code="200"), sent)
+        self.assertEqual(metric_value(merged, "response_latency_ms_count"), sent)
+        self.assertEqual(metric_value(merged, "response_latency_ms_bucket", le="+Inf"), sent)
+        self.assertEqual(metric_value(merged, "tcp_open_total", peer="src"), sent)
+        self.assertEqual(metric_value(merged, "workers_expected"), 2)
+        self.assertEqual(metric_value(merged, "workers_scraped"), 2)
+        self.assertEqual(metric_value(merged, "build_info"), 1)
+        self.assertEqual({labels for (name, labels) in merged
+                          if name == "process_resident_memory_bytes"},
+                         {frozenset({("worker", "0")}), frozenset({("worker", "1")})})
+        # The dashboard's numbers are the group's too.
+        status, body = proxy.admin_get("/stats.json")
+        self.assertEqual(status, 200)
+        import json
+        listener = json.loads(body)["listeners"][0]
+        self.assertEqual(listener["requests_total"], sent)
+
+
+def _second_worker(proxy: ProxyProcess) -> ProxyProcess:
+    """Worker 1's admin server (its own port: the second "admin on" line),
+    once it answers /ready."""
+    def found() -> ProxyProcess | None:
+        ports = [int(p) for p in re.findall(r"admin on [^\s]+:(\d+)", proxy.log_text())]
+        others = [p for p in ports if p != proxy.admin_port]
+        if not others:
+            return None
+        second = ProxyProcess.__new__(ProxyProcess)
+        second.admin_port = others[0]
+        return second if _ready(second) else None
+
+    return wait_for(found, 30, "worker 1's admin to answer")
+
+
+def _local(proxy: ProxyProcess, name: str, **labels: str) -> float:
+    """A metric of the process ``proxy`` stands for alone (``?local``)."""
+    status, body = proxy.admin_get("/metrics?local")
+    assert status == 200, status
+    return metric_value(parse_metrics(body.decode()), name, **labels)
 
 
 def _ready(proxy: ProxyProcess) -> bool:

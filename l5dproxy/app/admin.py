@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -34,7 +35,8 @@ ENDPOINTS = (
     ("/stats.json", "GET", "the numbers the dashboard shows (JSON)"),
     ("/tap", "GET", "live requests, one JSON object a line (or SSE); filters service, "
                     "authority, path_prefix, method, status; limit, seconds, start=1"),
-    ("/metrics", "GET", "Prometheus metrics"),
+    ("/metrics", "GET", "Prometheus metrics (with --workers: the whole group on the admin"
+                        " port; ?local for this process alone)"),
     ("/ready", "GET", "200 once every listener is bound, 503 while starting or stopping"),
     ("/live", "GET", "200 while the process runs"),
     ("/config.json", "GET", "the effective configuration (JSON)"),
@@ -100,6 +102,54 @@ class _Text(_Resource):
         request.setResponseCode(status)
         request.setHeader(b"content-type", content_type.encode())
         return body
+
+
+class _Gathered(_Resource):
+    """A resource rendered from the whole worker group's metric families
+    (``gather`` fires with them, later), or from this process's alone
+    (``local``) when the request has ``?local``."""
+
+    def __init__(self, gather: Callable[[], Deferred],
+                 render: Callable[[Any], tuple[int, bytes, str]],
+                 local: Callable[[], Any]) -> None:
+        super().__init__()
+        self.gather = gather
+        self._render = render
+        self.local = local
+
+    def render_GET(self, request) -> bytes | int:
+        query = request.uri.partition(b"?")[2]
+        # Not request.args: Twisted's parse_qs drops a name without "=".
+        if any(item.partition(b"=")[0] == b"local" for item in query.split(b"&")):
+            return self._write(request, self._render(self.local()))
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(finished.append)
+
+        def done(families) -> None:
+            if not finished:  # else the client has gone
+                request.write(self._write(request, self._render(families)))
+                request.finish()
+
+        self.gather().addCallback(done)
+        return NOT_DONE_YET
+
+    @staticmethod
+    def _write(request, rendered: tuple[int, bytes, str]) -> bytes:
+        status, body, content_type = rendered
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", content_type.encode())
+        request.setHeader(b"content-length", str(len(body)).encode())
+        return body
+
+
+class _Families:
+    """Metric families as ``generate_latest`` takes them (``collect()``)."""
+
+    def __init__(self, families) -> None:
+        self.families = families
+
+    def collect(self):
+        return self.families
 
 
 def _json(value: Any) -> bytes:
@@ -261,11 +311,18 @@ def admin_site(registry: CollectorRegistry, is_ready: Callable[[], bool],
                extra: dict[bytes, Resource] | None = None, *,
                config_json: Callable[[], Any] | None = None,
                version: Callable[[], dict] | None = None,
-               stats: Stats | None = None, tap: TapHub | None = None) -> Site:
-    """The admin site; ``extra`` adds resources (for example ``/opaque``)."""
+               stats: Stats | None = None, tap: TapHub | None = None,
+               gather: Callable[[], Deferred] | None = None) -> Site:
+    """The admin site; ``extra`` adds resources (for example ``/opaque``).
+    With ``gather`` (worker 0 of ``--workers N``: a Deferred of the group's
+    metric families), ``/metrics`` and ``/stats.json`` show the whole group
+    and ``?local`` this process alone."""
 
     def metrics() -> tuple[int, bytes, str]:
         return 200, generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
+
+    def group_metrics(families) -> tuple[int, bytes, str]:
+        return 200, generate_latest(_Families(families)), CONTENT_TYPE_PLAIN_0_0_4
 
     def ready() -> tuple[int, bytes, str]:
         return (200, b"ready\n", PLAIN) if is_ready() else (503, b"not ready\n", PLAIN)
@@ -274,15 +331,22 @@ def admin_site(registry: CollectorRegistry, is_ready: Callable[[], bool],
         return 200, b"live\n", PLAIN
 
     root = _Index()
-    root.putChild(b"metrics", _Text(metrics))
+    if gather is None:
+        root.putChild(b"metrics", _Text(metrics))
+    else:
+        root.putChild(b"metrics", _Gathered(gather, group_metrics, registry.collect))
     root.putChild(b"ready", _Text(ready))
     root.putChild(b"live", _Text(live))
     root.putChild(b"log-level", _LogLevel())
     root.putChild(b"version", _Text(lambda: (200, _json((version or version_info)()), JSON)))
     if config_json is not None:
         root.putChild(b"config.json", _Text(lambda: (200, _json(config_json()), JSON)))
-    if stats is not None:
+    if stats is not None and gather is None:
         root.putChild(b"stats.json", _Text(lambda: (200, _json(stats.snapshot()), JSON)))
+    elif stats is not None and gather is not None:
+        root.putChild(b"stats.json", _Gathered(
+            gather, lambda families: (200, _json(stats.snapshot(families)), JSON),
+            registry.collect))
     if tap is not None:
         root.putChild(b"tap", _Tap(tap))
     root.putChild(b"dashboard", _Static(DASHBOARD_FILES))

@@ -28,10 +28,12 @@ class Options(usage.Options):
     synopsis = "[--config PATH] [--check] [--workers N]"
     optParameters = [
         ["config", "c", None, "Config file (TOML). Default: the bundled l5dproxy.toml."],
-        ["workers", "w", 1, "Processes sharing the tcp: listeners (SO_REUSEPORT); worker I "
-         "serves the admin port + I.", int],
+        ["workers", "w", 1, "Processes sharing the tcp: listeners (SO_REUSEPORT); the admin "
+         "port's /metrics merges them all, worker I serves its own on the admin port + I.",
+         int],
         # Internal: set by worker 0 on the workers it spawns.
         ["worker-index", None, None, None, int],
+        ["report-fd", None, None, None, int],
     ]
     optFlags = [
         ["check", None, "Validate the config, print the result and exit."],
@@ -77,13 +79,21 @@ def make_service(options: Options):
     parent = _Root(logs.twistd_observer(getattr(options, "parent", None),
                                         config.proxy.log_format))
     service.setServiceParent(parent)
+    if index is None:
+        return parent
+    from l5dproxy.app import workers
+
     if index != 0:
+        if options["report-fd"] is not None:
+            workers.AdminReport(lambda: service.admin_port,
+                                options["report-fd"]).setServiceParent(parent)
         return parent
     from twisted.internet import reactor
 
-    from l5dproxy.app.workers import WorkerSupervisor
-
-    WorkerSupervisor(reactor, count, path, config.proxy.drain_timeout).setServiceParent(parent)
+    gatherer = workers.MetricsGatherer(reactor, count, service.metrics.registry.collect)
+    service.gather = gatherer.gather
+    workers.WorkerSupervisor(reactor, count, path, config.proxy.drain_timeout,
+                             gatherer).setServiceParent(parent)
     return parent
 
 

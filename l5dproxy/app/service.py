@@ -70,6 +70,10 @@ class ProxyService(Service):
         #: With --workers: this process's index; its tcp: listeners bind with
         #: SO_REUSEPORT and its admin port is offset by it (l5dproxy.app.workers).
         self.worker = worker
+        #: With --workers, worker 0's: fires with the whole group's metric
+        #: families (``workers.MetricsGatherer.gather``), which the admin
+        #: port's /metrics and /stats.json show.
+        self.gather: Callable[[], defer.Deferred] | None = None
         self.reactor = reactor
         self.metrics = Metrics()
         self.backends = {
@@ -370,7 +374,7 @@ class ProxyService(Service):
             site = admin_site(self.metrics.registry, lambda: self.ready,
                               {b"opaque": OpaqueResource(self.server_first)},
                               config_json=lambda: config_document(self.config),
-                              stats=self.stats, tap=self.tap)
+                              stats=self.stats, tap=self.tap, gather=self.gather)
             admin_listen: str | None = self.config.admin.listen
             if self.worker is not None:
                 admin_listen = workers.admin_listen(self.config.admin.listen, self.worker)

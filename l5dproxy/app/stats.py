@@ -94,13 +94,13 @@ class Stats:
         self.started = clock.seconds()
         self._history: deque[tuple[float, dict]] = deque()
 
-    def _collect(self) -> tuple[dict, dict, dict, dict, dict]:
+    def _collect(self, families: Iterable | None = None) -> tuple[dict, dict, dict, dict, dict]:
         by_listener: dict[str, _Counts] = {}
         by_service: dict[str, _Counts] = {}
         open_src: dict[str, float] = {}
         open_dst: dict[str, float] = {}
         detect: dict[str, dict[str, float]] = {}
-        for family in self.registry.collect():
+        for family in self.registry.collect() if families is None else families:
             name = family.name
             if name == "request":
                 for s in family.samples:
@@ -143,10 +143,12 @@ class Stats:
                         mix[proto] = mix.get(proto, 0.0) + s.value
         return by_listener, by_service, open_src, open_dst, detect
 
-    def snapshot(self) -> dict[str, Any]:
-        """The ``/stats.json`` document (see the module docstring)."""
+    def snapshot(self, families: Iterable | None = None) -> dict[str, Any]:
+        """The ``/stats.json`` document (see the module docstring), from
+        ``families`` (the metric families of a whole ``--workers`` group,
+        ``l5dproxy.telemetry.merge_families``) or else the registry's."""
         now = self.clock.seconds()
-        by_listener, by_service, open_src, open_dst, detect = self._collect()
+        by_listener, by_service, open_src, open_dst, detect = self._collect(families)
         current = {("l", k): v for k, v in by_listener.items()}
         current.update({("s", k): v for k, v in by_service.items()})
         history = self._history

@@ -26,19 +26,22 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.interfaces import IProcessTransport
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 log = Logger()
 
 _TCP = re.compile(r"^tcp:")
+#: The worker's end of the pipe it reports its admin address on.
+REPORT_FD = 3
 _SPLIT = re.compile(r"(?<!\\):")
 
 
@@ -122,6 +125,19 @@ class _Worker(ProcessProtocol):
         self.supervisor = supervisor
         self.index = index
         self.ended: defer.Deferred = defer.Deferred()
+        self.report = b""
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        """fd 3: the worker's ``admin HOST PORT`` line (``AdminReport``)."""
+        if childFD != REPORT_FD or len(self.report) > 512:
+            return
+        self.report += data
+        line, newline, _ = self.report.partition(b"\n")
+        gatherer = self.supervisor.gatherer
+        if newline and gatherer is not None:
+            fields = line.decode("ascii", "replace").split()
+            if len(fields) == 3 and fields[0] == "admin" and fields[2].isdigit():
+                gatherer.admin_bound(self.index, fields[1], int(fields[2]))
 
     def processEnded(self, reason) -> None:
         self.ended.callback(None)
@@ -131,8 +147,11 @@ class _Worker(ProcessProtocol):
 class WorkerSupervisor(Service):
     """Worker 0's side: spawns workers 1..N-1 and keeps them running."""
 
-    def __init__(self, reactor, count: int, config_path: str, drain_timeout: float) -> None:
+    def __init__(self, reactor, count: int, config_path: str, drain_timeout: float,
+                 gatherer: MetricsGatherer | None = None) -> None:
         self.reactor = reactor
+        #: Told where each worker's admin server is (and when it is gone).
+        self.gatherer = gatherer
         self.count = count
         self.config_path = config_path
         self.drain_timeout = drain_timeout
@@ -146,7 +165,7 @@ class WorkerSupervisor(Service):
         """twistd, by the interpreter running this one, however it was started."""
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "l5dproxy", "--config", self.config_path,
-                "--worker-index", str(index)]
+                "--worker-index", str(index), "--report-fd", str(REPORT_FD)]
 
     def startService(self) -> None:
         super().startService()
@@ -160,12 +179,14 @@ class WorkerSupervisor(Service):
         worker = _Worker(self, index)
         args = self.command(index)
         process = self.reactor.spawnProcess(worker, args[0], args, env=os.environ.copy(),
-                                            childFDs={0: "w", 1: 1, 2: 2})
+                                            childFDs={0: "w", 1: 1, 2: 2, REPORT_FD: "r"})
         self.workers[index] = (worker, process)
         log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
 
     def ended(self, worker: _Worker, reason) -> None:
         self.workers.pop(worker.index, None)
+        if self.gatherer is not None:
+            self.gatherer.worker_ended(worker.index)
         if self.stopping:
             return
         failures = self.failures.get(worker.index, 0) + 1
@@ -213,3 +234,251 @@ class WorkerSupervisor(Service):
         yield defer.DeferredList(waiting)
         if timer.active():
             timer.cancel()
+
+
+#: How long worker 0 waits for another worker's ``/metrics`` (seconds, from
+#: connecting to the last byte); a worker slower than this is left out of
+#: that scrape.
+GATHER_TIMEOUT = 2.0
+#: The most bytes of one worker's ``/metrics`` worker 0 reads; a bigger
+#: answer is left out of the scrape (reason ``too_large``).
+GATHER_MAX_BYTES = 32 * 1024 * 1024
+
+_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+
+
+class _LeftOutError(Exception):
+    """Why a worker is left out of a scrape (``worker_scrape_failures_total``'s reason)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _CappedBody(Protocol):
+    """Collects a response body of at most ``limit`` bytes."""
+
+    def __init__(self, done: defer.Deferred, limit: int) -> None:
+        self.done = done
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.done.errback(_LeftOutError("too_large"))
+            _stop(self)
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        from twisted.web.client import ResponseDone
+        from twisted.web.http import PotentialDataLoss
+
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)
+
+
+class MetricsGatherer:
+    """Worker 0's merged ``/metrics``: its own registry and every other
+    worker's ``/metrics`` (gathered over loopback), as one process group.
+
+    Workers report the address their admin server is bound to (``AdminReport``,
+    a pipe to worker 0); ``gather`` asks each at once (HTTP/1.1, Twisted's
+    Agent, no connection kept), waits at most ``timeout`` seconds, reads at
+    most ``max_bytes`` of each, and merges what came
+    (``l5dproxy.telemetry.merge_families``). A worker that is down, refuses,
+    is too slow or answers something else is left out of that scrape and
+    counted, so the scrape still answers in bounded time:
+
+    * ``workers_expected``: N of ``--workers N``;
+    * ``workers_scraped``: how many are in this scrape (worker 0 included);
+    * ``worker_scrape_failures_total{worker, reason}``: reasons ``down`` (not
+      running or its admin not bound yet), ``timeout``, ``refused``,
+      ``status`` (not 200), ``too_large``, ``invalid`` (not Prometheus text),
+      ``error`` (anything else).
+
+    Scrapes that arrive while one is gathering share its result, so any
+    number of scrapers cost one round of N-1 requests at a time. Why this
+    and not prometheus-client's multiprocess mode: that mode carries only
+    the library's own metric classes (not the collectors that read the
+    balancer, discovery and certificates at scrape time), and it writes
+    every increment to a memory-mapped file, a cost per request that this
+    way (nothing happens until a scrape) does not have.
+    """
+
+    def __init__(self, reactor, count: int, local: Callable[[], Iterable], *,
+                 timeout: float = GATHER_TIMEOUT, max_bytes: int = GATHER_MAX_BYTES) -> None:
+        self.reactor = reactor
+        self.count = count
+        #: Worker 0's own families (``registry.collect``).
+        self.local = local
+        self.timeout = timeout
+        self.max_bytes = max_bytes
+        #: Worker index -> (host, port) of its admin server, as reported.
+        self.addresses: dict[int, tuple[str, int]] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self._waiting: list[defer.Deferred] | None = None
+        self._agent: Any = None
+
+    def admin_bound(self, index: int, host: str, port: int) -> None:
+        self.addresses[index] = (_LOOPBACK.get(host, host), port)
+
+    def worker_ended(self, index: int) -> None:
+        self.addresses.pop(index, None)
+
+    def gather(self) -> defer.Deferred:
+        """Fires with the group's metric families (a list of
+        ``prometheus_client.Metric``); never fails."""
+        mine: defer.Deferred = defer.Deferred()
+        if self._waiting is not None:
+            self._waiting.append(mine)
+            return mine
+        self._waiting = [mine]
+        indexes = range(1, self.count)
+        fetches = [self._fetch(i) for i in indexes]
+        defer.DeferredList(fetches, consumeErrors=True).addCallback(
+            self._merge, list(indexes)).addErrback(self._failed)
+        return mine
+
+    def _failed(self, failure: Failure) -> None:
+        """A fault of the merge itself (never expected): this scrape shows
+        worker 0 alone rather than never answering."""
+        log.failure("merging the workers' metrics failed", failure)
+        waiting, self._waiting = self._waiting or [], None
+        families = list(self.local())
+        for d in waiting:
+            d.callback(families)
+
+    def _fetch(self, index: int) -> defer.Deferred:
+        address = self.addresses.get(index)
+        if address is None:
+            return defer.fail(_LeftOutError("down"))
+        host, port = address
+        if self._agent is None:
+            from twisted.web.client import Agent, HTTPConnectionPool
+
+            self._agent = Agent(self.reactor, connectTimeout=self.timeout,
+                                pool=HTTPConnectionPool(self.reactor, persistent=False))
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{port}/metrics?local".encode()
+        d = self._agent.request(b"GET", url)
+        d.addCallback(self._read)
+        late: list[bool] = []
+
+        def cancel() -> None:
+            late.append(True)
+            d.cancel()
+
+        timer = self.reactor.callLater(self.timeout, cancel)
+
+        def ended(result):
+            if timer.active():
+                timer.cancel()
+            if late and isinstance(result, Failure):
+                # The Agent wraps the cancellation (ResponseNeverReceived, ...).
+                raise _LeftOutError("timeout")
+            return result
+
+        return d.addBoth(ended)
+
+    def _read(self, response) -> defer.Deferred:
+        if response.code != 200:
+            response.deliverBody(_Discard())
+            raise _LeftOutError("status")
+        body: _CappedBody
+        done: defer.Deferred = defer.Deferred(lambda _: _stop(body))
+        body = _CappedBody(done, self.max_bytes)
+        response.deliverBody(body)
+        return done
+
+    def _merge(self, results, indexes: list[int]) -> None:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from l5dproxy.telemetry import merge_families
+
+        groups = [("0", list(self.local()))]
+        for index, (ok, value) in zip(indexes, results, strict=True):
+            reason = None
+            if ok:
+                try:
+                    groups.append((str(index), list(text_string_to_metric_families(
+                        value.decode("utf-8")))))
+                except Exception:  # ValueError, UnicodeDecodeError, ...
+                    reason = "invalid"
+            else:
+                reason = _reason(value)
+            if reason is not None:
+                key = (str(index), reason)
+                self.failures[key] = self.failures.get(key, 0) + 1
+                log.debug("worker {index}'s /metrics left out: {reason}", index=index,
+                          reason=reason)
+        families = merge_families(groups)
+        expected = GaugeMetricFamily("workers_expected", "Workers of --workers N")
+        expected.add_metric((), self.count)
+        scraped = GaugeMetricFamily(
+            "workers_scraped", "Workers whose metrics this scrape merges (worker 0 included)")
+        scraped.add_metric((), len(groups))
+        failures = CounterMetricFamily(
+            "worker_scrape_failures", "Workers left out of a merged scrape, by reason",
+            labels=("worker", "reason"))
+        for key, n in sorted(self.failures.items()):
+            failures.add_metric(key, n)
+        families += [expected, scraped, failures]
+        waiting, self._waiting = self._waiting or [], None
+        for d in waiting:
+            d.callback(families)
+
+
+class _Discard(Protocol):
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        pass
+
+
+def _stop(body: Protocol) -> None:
+    transport: Any = body.transport  # the Agent's producer proxy
+    if transport is not None:
+        transport.stopProducing()
+
+
+def _reason(failure: Failure) -> str:
+    if isinstance(failure.value, _LeftOutError):
+        return failure.value.reason
+    if failure.check(error.TimeoutError):  # connecting took too long
+        return "timeout"
+    if failure.check(error.ConnectionRefusedError):
+        return "refused"
+    return "error"
+
+
+class AdminReport(Service):
+    """Worker I's side: once the proxy service has bound its admin server,
+    write ``admin HOST PORT`` on ``fd`` (a pipe worker 0 reads, see
+    ``WorkerSupervisor``) and close it. Started after the proxy service
+    (``MultiService`` starts its children in order)."""
+
+    def __init__(self, admin_port: Callable[[], Any], fd: int) -> None:
+        self.admin_port = admin_port
+        self.fd = fd
+
+    def startService(self) -> None:
+        super().startService()
+        port = self.admin_port()
+        try:
+            if port is not None:
+                host = port.getHost()
+                if hasattr(host, "port"):
+                    os.write(self.fd, f"admin {host.host} {host.port}\n".encode())
+        except OSError as e:  # worker 0 is gone: PR_SET_PDEATHSIG ends us
+            log.warn("cannot report the admin address to worker 0: {e}", e=e)
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
