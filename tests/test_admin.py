@@ -6,6 +6,7 @@ import json
 
 from prometheus_client import Counter
 from twisted.internet import defer, reactor
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, readBody
 
@@ -302,3 +303,74 @@ class OperatorEndpointTests(TestCase):
             self.assertGreater(len(body), 100)
         response, _ = yield self.call("/dashboard/nope.js")
         self.assertEqual(response.code, 404)
+
+
+class GatheredAdminTests(TestCase):
+    """admin_site with ``gather`` (worker 0 of --workers N): /metrics and
+    /stats.json answer when the group's families arrive; ``?local`` at once
+    from this process; HEAD as GET without the body."""
+
+    def setUp(self) -> None:
+        from prometheus_client.core import CounterMetricFamily
+        from twisted.internet.task import Clock
+
+        from l5dproxy.app.stats import Stats
+
+        self.metrics = Metrics()
+        self.metrics.request_total.labels("inbound", "in", "app", "a", "http1", "", "",
+                                          "").inc(2)
+        group = CounterMetricFamily("request", "HTTP requests received",
+                                    labels=("listener", "service"))
+        group.add_metric(("in", "app"), 7)
+        self.group = [group]
+        self.gathered = 0
+
+        def gather() -> defer.Deferred:
+            self.gathered += 1
+            return deferLater(reactor, 0, lambda: self.group)  # later, as over the wire
+
+        stats = Stats(self.metrics.registry, Clock(), dict,
+                      lambda: [("in", "127.0.0.1:4143", "app")])
+        site = admin_site(self.metrics.registry, lambda: True, stats=stats, gather=gather)
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.base = f"http://127.0.0.1:{port.getHost().port}"
+        self.agent = Agent(reactor)
+
+    @defer.inlineCallbacks
+    def get(self, path: str, method: bytes = b"GET"):
+        response = yield self.agent.request(method, (self.base + path).encode())
+        body = yield readBody(response)
+        return response, body
+
+    @defer.inlineCallbacks
+    def test_metrics_are_the_groups(self):
+        response, body = yield self.get("/metrics")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.gathered, 1)
+        self.assertEqual(body, b'# HELP request_total HTTP requests received\n'
+                               b'# TYPE request_total counter\n'
+                               b'request_total{listener="in",service="app"} 7.0\n')
+
+    @defer.inlineCallbacks
+    def test_local_is_this_process(self):
+        response, body = yield self.get("/metrics?local")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(metric_value(parse_metrics(body.decode()), "request_total"), 2)
+        self.assertEqual(self.gathered, 0)
+
+    @defer.inlineCallbacks
+    def test_stats_json_reads_the_group(self):
+        response, body = yield self.get("/stats.json")
+        self.assertEqual(response.code, 200)
+        self.assertEqual(json.loads(body)["listeners"][0]["requests_total"], 7)
+        _, body = yield self.get("/stats.json?local")
+        self.assertEqual(json.loads(body)["listeners"][0]["requests_total"], 2)
+
+    @defer.inlineCallbacks
+    def test_head(self):
+        _, body = yield self.get("/metrics")
+        response, empty = yield self.get("/metrics", method=b"HEAD")
+        self.assertEqual((response.code, empty), (200, b""))
+        self.assertEqual(response.headers.getRawHeaders(b"content-length"),
+                         [str(len(body)).encode()])
