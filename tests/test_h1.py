@@ -1177,3 +1177,22 @@ class HostTests(SynchronousTestCase):
         mutated = host[:at] + bad + host[at:]
         self.dispatcher.requests.clear()
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: " + mutated + b"\r\n\r\n")
+
+    @settings(max_examples=200, derandomize=True, deadline=None, database=None)
+    @given(st.lists(st.binary(max_size=24) | st.from_regex(
+        rb"\A[a-z0-9.\-%\[\]:]{1,24}\Z", fullmatch=True), min_size=1, max_size=12))
+    def test_remembered_verdicts_are_the_patterns(self, values: list[bytes]) -> None:
+        """``valid_authority`` remembers its verdicts (a connection sends
+        one Host again and again): asked twice, in any order, each value
+        gets the pattern's own verdict, and the memory stays bounded."""
+        from l5dproxy.http import headers
+
+        for value in values + values[::-1]:
+            self.assertEqual(headers.valid_authority(value),
+                             headers._AUTHORITY(value) is not None, value)
+        self.patch(headers, "_SEEN_LIMIT", 4)
+        for n in range(20):
+            headers.valid_authority(b"h%d" % n)
+        self.assertLessEqual(len(headers._seen), 4)
+        self.assertFalse(headers.valid_authority(b"h1@x"))
+        self.assertFalse(headers.valid_authority(b"x" * 300 + b"/"))

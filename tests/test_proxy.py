@@ -277,6 +277,23 @@ class LabelBoundTests(SynchronousTestCase):
             self.assertEqual(self.value("request_total", listener="in", service="app",
                                         authority="other", protocol=protocol), 1)
 
+    def test_connections_keep_their_label_sets_across_a_cache_start_over(self) -> None:
+        """The dispatcher keeps a connection's last label set with the
+        connection; when the proxy's cache starts over (here at every new
+        set), what each connection counts afterwards still reaches the
+        registry: two connections, each with its own service, taking turns."""
+        self.patch(dispatcher, "MAX_CACHED_LABEL_SETS", 1)
+        site = http_site(self.listener)
+        contexts = [RequestContext(site, FakeConnection(), "http1") for _ in range(2)]
+        for _ in range(3):
+            for context, authority in zip(contexts, (b"web.example", b"api.example"),
+                                          strict=True):
+                request = Request(RequestHead(b"GET", b"/", authority, []), Body.empty())
+                dispatch(self.proxy, request, context)
+        self.assertEqual(self.value("request_total", service="app", authority="other"), 3)
+        self.assertEqual(self.value("request_total", service="api", authority="api.example"),
+                         3)
+
     def test_20000_hosts_leave_one_label_set(self) -> None:
         for n in range(20000):
             self.dispatch(authority=b"h%d.example" % n)

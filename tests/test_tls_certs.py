@@ -235,7 +235,7 @@ class IdentityTests(unittest.TestCase):
 
 
 class ClientIdTests(unittest.TestCase):
-    """exchange.message.identify_client: the one rule for l5d-client-id."""
+    """exchange.identity.identify_client: the one rule for l5d-client-id."""
 
     def _head(self, *headers: tuple[bytes, bytes]):
         from l5dproxy.exchange.message import RequestHead
@@ -243,7 +243,7 @@ class ClientIdTests(unittest.TestCase):
         return RequestHead(b"GET", b"/", b"a", list(headers))
 
     def test_forged_fields_removed_whatever_their_case(self) -> None:
-        from l5dproxy.exchange.message import identify_client
+        from l5dproxy.exchange.identity import identify_client
 
         class Plain(FakeConnection):  # a plaintext connection: no client_id, authorized
             pass
@@ -266,7 +266,8 @@ class ClientIdTests(unittest.TestCase):
         # request's trailer section or an h2 request's trailing HEADERS
         # reached the endpoint. Both orders: trailers received before the
         # dispatcher runs (a small request in one read) and after.
-        from l5dproxy.exchange.message import Body, identify_client
+        from l5dproxy.exchange.identity import identify_client
+        from l5dproxy.exchange.message import Body
 
         class Sink:
             trailers = None
@@ -300,7 +301,7 @@ class ClientIdTests(unittest.TestCase):
         self.assertIsNone(sink.trailers)
 
     def test_refused_client_gets_403_permission_denied(self) -> None:
-        from l5dproxy.exchange.message import identify_client
+        from l5dproxy.exchange.identity import identify_client
 
         class Refused(FakeConnection):
             client_id = "spiffe://example.org/ns/db/sa/x"
@@ -312,7 +313,7 @@ class ClientIdTests(unittest.TestCase):
                          (403, "unauthorized", 7))
 
     def test_identity_with_control_characters_is_not_sent(self) -> None:
-        from l5dproxy.exchange.message import set_client_id
+        from l5dproxy.exchange.identity import set_client_id
 
         for bad in ("a\r\nx: y", "a b", "caf\u00e9"):
             head = self._head()

@@ -191,7 +191,9 @@ class RequestContext:
     site: HttpSite                  # the listener, as the ends and the middle see it
     connection: ClientConnection    # l5dproxy.net.connection.InboundConnection
     protocol: str                   # "http1" or "h2": what the client speaks
-    routes: object = None           # the dispatcher's route table, kept per connection
+    #: The dispatcher's state kept per connection (its route table, the
+    #: rules' view of the connection), made at its first request.
+    routes: object = None
 
 
 __all__ = ["Attempt", "AttemptWaiter", "ClientConnection", "ClientEnd", "Dialable", "Dispatched",

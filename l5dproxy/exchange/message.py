@@ -112,59 +112,6 @@ def drop_underscore_fields(head: RequestHead) -> int:
     return len(headers) - len(kept)
 
 
-CLIENT_ID = b"l5d-client-id"
-#: The ``l5d-proxy-error`` of a request refused by ``[listener.tls] allow``.
-UNAUTHORIZED = "unauthorized"
-
-
-class ClientIdentity(Protocol):
-    """What :func:`identify_client` reads of a client connection (part of
-    exchange.contracts.ClientConnection, which InboundConnection provides)."""
-
-    client_id: str | None   # the verified client certificate's identity, else None
-    authorized: bool        # false: ``[listener.tls] allow`` refused the client
-
-
-def identify_client(head: RequestHead, connection: ClientIdentity,
-                    body: Body | None = None) -> ProxyError | None:
-    """The one rule for the client's TLS identity, applied by the dispatcher
-    to every request: ``l5d-client-id`` set from the connection's verified
-    client certificate (:func:`set_client_id`), every ``l5d-client-id`` the
-    client sent in the trailer section of ``body`` removed (an application
-    that merges trailers into the header section must not see a forged
-    one), and the 403 to answer when
-    ``[listener.tls] allow`` refused the client (``connection.authorized``
-    false; l5dproxy.detect.terminate). ``connection`` is the
-    InboundConnection (``client_id`` None: plaintext or no certificate)."""
-    set_client_id(head, connection.client_id)
-    if body is not None:
-        body.rule_trailers(without_client_id)
-    if connection.authorized:
-        return None
-    return ProxyError.forbidden(UNAUTHORIZED)
-
-
-def without_client_id(fields: Headers) -> Headers:
-    """``fields`` without any ``l5d-client-id`` (any case); ``fields``
-    itself when it has none."""
-    if any(name.lower() == CLIENT_ID for name, _ in fields):
-        return [(n, v) for n, v in fields if n.lower() != CLIENT_ID]
-    return fields
-
-
-def set_client_id(head: RequestHead, client_id: str | None) -> None:
-    """Remove every ``l5d-client-id`` field the client sent and, when the
-    connection's client certificate was verified (mTLS), add one with its
-    identity (``l5d-client-id: spiffe://...``), as Linkerd's inbound proxy
-    does (an identity that is not visible ASCII is not sent). Applied by
-    the dispatcher to every request, HTTP/1 and h2 alike, so an endpoint can
-    trust the field: only the proxy sets it."""
-    headers = head.headers = without_client_id(head.headers)
-    if client_id is not None and client_id.isascii() and client_id.isprintable() \
-            and " " not in client_id:
-        headers.append((CLIENT_ID, client_id.encode("ascii")))
-
-
 @dataclass(slots=True)
 class ResponseHead:
     """A response as both protocols can say it; the same invariant as

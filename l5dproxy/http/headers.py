@@ -27,8 +27,26 @@ def valid_authority(value: bytes) -> bool:
     (RFC 9110 4.2.4 calls a sender's userinfo an error), no path, ``/``,
     ``@``, whitespace or control byte. An empty value is not valid (the
     HTTP/1 end allows an empty ``Host`` before calling this, RFC 9112 3.2).
+
+    A client sends the same Host on every request of a connection: values
+    up to ``_SEEN_LENGTH`` bytes are remembered (at most ``_SEEN_LIMIT``,
+    then the memory starts over), so the pattern runs once per value.
     """
-    return _AUTHORITY(value) is not None
+    seen = _seen.get(value)
+    if seen is None:
+        seen = _AUTHORITY(value) is not None
+        if len(value) <= _SEEN_LENGTH:
+            if len(_seen) >= _SEEN_LIMIT:
+                _seen.clear()
+            _seen[value] = seen
+    return seen
+
+
+#: ``valid_authority``'s memory of values checked: at most this many, each
+#: at most ``_SEEN_LENGTH`` bytes (a DNS name is at most 253), ~0.3 MiB.
+_SEEN_LIMIT = 1024
+_SEEN_LENGTH = 262
+_seen: dict[bytes, bool] = {}
 
 
 __all__ = ["HOP_BY_HOP", "valid_authority"]

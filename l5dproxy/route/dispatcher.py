@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l5dproxy.exchange.contracts import HttpSite, RequestContext
+from l5dproxy.exchange.identity import ConnectionIdentity
 from l5dproxy.exchange.message import (
     UNDERSCORE_FIELD_REASON,
     Headers,
@@ -65,11 +66,10 @@ from l5dproxy.exchange.message import (
     as_proxy_error,
     drop_underscore_fields,
     error_response,
-    identify_client,
 )
 from l5dproxy.route import classify as grpc
 from l5dproxy.route.errors import LOAD_SHED, name_error, note_health
-from l5dproxy.route.forwarded import ForwardedRule
+from l5dproxy.route.forwarded import ClientForwarding, ForwardedRule
 from l5dproxy.route.labels import NO_TLS, OTHER, Labels, tls_labels
 from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
 from l5dproxy.telemetry import DIRECTION
@@ -104,6 +104,9 @@ class HttpProxy:
         #: Compiled routes by listener; weak, so listeners a reload replaced go.
         self._routes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._labels: dict[tuple[str, ...], Labels] = {}
+        #: Bumped when ``_labels`` starts over: a connection's cached
+        #: ``Labels`` (``_Inbound``) from before are looked up again.
+        self.labels_generation = 0
         #: The tap (l5dproxy.app.tap.TapHub) while anyone watches, else None;
         #: ``tap_start`` while anyone wants request-start events too.
         self.tap = None
@@ -142,9 +145,34 @@ class HttpProxy:
                     dropped.flush()
                     self.metrics.flushers.discard(dropped)
                 self._labels.clear()
+                self.labels_generation += 1
             labels = self._labels[key] = Labels(self.metrics, (DIRECTION, *key))
             self.metrics.flushers.add(labels)
         return labels
+
+
+class _Inbound:
+    """What the dispatcher keeps per client connection (``RequestContext.routes``):
+    its listener's route table and what the rules read of the connection,
+    read once (its client and TLS are settled before its first request): the
+    forwarded rule for its client, its identity, its TLS labels; and the
+    Labels of its last label set (most connections keep to one)."""
+
+    __slots__ = ("authority", "forwarding", "generation", "identity", "labels", "service",
+                 "table", "tls")
+
+    def __init__(self, table: _RouteTable, context: RequestContext) -> None:
+        connection = context.connection
+        self.table = table
+        self.forwarding: ClientForwarding | None = table.forwarded.for_connection(connection)
+        self.identity = ConnectionIdentity(connection)
+        self.tls = tls_labels(connection)
+        #: The last (service, authority label) and their Labels, while the
+        #: proxy's cache is at ``generation``.
+        self.service = ""
+        self.authority = ""
+        self.labels: Labels | None = None
+        self.generation = -1
 
 
 class _RouteTable:
@@ -257,18 +285,31 @@ class _Exchange:
         if dropped:   # one rule for every request, whatever protocol it came in
             proxy.metrics.http_errors_total.labels(
                 DIRECTION, listener_name, UNDERSCORE_FIELD_REASON).inc(dropped)
-        table: Any = context.routes   # RequestContext types it object (exchange/ cannot name it)
-        if table is None:   # once per connection (its listener's routes)
-            table = context.routes = proxy.route_table(site)
-        table.forwarded.apply_to(head, context.connection)  # the client's address (one rule)
-        service, route = table.match_route(head.authority, head.target)
-        labels = self.labels = proxy.labels(listener_name, service,
-                                            table.authority_label(head.authority),
-                                            context.protocol, tls_labels(context.connection))
+        inbound: Any = context.routes   # RequestContext types it object (exchange/ cannot name it)
+        if inbound is None:   # once per connection
+            inbound = context.routes = _Inbound(proxy.route_table(site), context)
+        forwarding = inbound.forwarding
+        if forwarding is not None:
+            forwarding.apply(head)   # the client's address (one rule)
+        table = inbound.table
+        if table.routes:
+            service, route = table.match_route(head.authority, head.target)
+            authority = table.authority_label(head.authority)
+        else:
+            service, route, authority = table.default, None, OTHER
+        labels = inbound.labels
+        if (labels is None or inbound.service is not service or inbound.authority is not authority
+                or inbound.generation != proxy.labels_generation):
+            labels = inbound.labels = proxy.labels(listener_name, service, authority,
+                                                   context.protocol, inbound.tls)
+            inbound.service = service
+            inbound.authority = authority
+            inbound.generation = proxy.labels_generation
+        self.labels = labels
         labels.requests.n += 1
         self.grpc = head.is_grpc
-        refused = identify_client(head, context.connection,  # mTLS: l5d-client-id, allow
-                                  self.request.body)
+        # mTLS: l5d-client-id, allow
+        refused = inbound.identity.apply(head, self.request.body)
         backends = proxy.backends.get(service) if refused is None else None
         if proxy.tap_start is not None:
             proxy.tap_start.started(self)

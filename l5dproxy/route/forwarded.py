@@ -102,30 +102,59 @@ class ForwardedRule:
             address = address.ipv4_mapped
         return any(address in network for network in self.trusted)
 
-    def apply_to(self, head: RequestHead, connection: ClientConnection) -> None:
-        """``apply`` for a request that came in on ``connection`` (its
-        ``client_host``; ``https`` when ``secure``)."""
-        if self.mode != "off":
-            self.apply(head, connection.client_host, b"https" if connection.secure else b"http")
+    def for_connection(self, connection: ClientConnection) -> ClientForwarding | None:
+        """This rule for every request of ``connection``, its ``client_host``
+        and scheme (``https`` when ``secure``) read once: a connection's
+        client (a PROXY protocol header) and its TLS are settled before its
+        first request. None when the mode is ``off``."""
+        if self.mode == "off":
+            return None
+        return ClientForwarding(self, connection.client_host,
+                                b"https" if connection.secure else b"http")
 
     def apply(self, head: RequestHead, client_host: str | None, proto: bytes) -> None:
         """Set the forwarding fields of ``head`` for a request from
         ``client_host`` (the connection's client address, after any PROXY
         protocol header; None: not an IP connection) that came in over
-        ``proto`` (``b"http"`` or ``b"https"``). ``head.headers`` is
-        replaced, never changed in place."""
-        if self.mode == "off":
-            return
-        node = _node(client_host)
+        ``proto`` (``b"http"`` or ``b"https"``); see ``ClientForwarding.apply``."""
+        if self.mode != "off":
+            ClientForwarding(self, client_host, proto).apply(head)
+
+
+class ClientForwarding:
+    """A ``ForwardedRule`` for one client (address and scheme): what it
+    adds worked out once, applied to each of the client's requests."""
+
+    __slots__ = ("added", "client_host", "node", "proto", "rule", "trusted")
+
+    def __init__(self, rule: ForwardedRule, client_host: str | None, proto: bytes) -> None:
+        self.rule = rule
+        self.client_host = client_host
+        self.proto = proto
+        self.node = _node(client_host)
+        #: The fields a request with none of them gets, in order.
+        self.added = ((XFF, self.node), (XFP, proto))
+        #: Whether the fields the client sent are kept (``append`` from a
+        #: trusted peer); None until a request has any.
+        self.trusted: bool | None = None
+
+    def apply(self, head: RequestHead) -> None:
+        """Set the forwarding fields of ``head`` by the rule (the module
+        docstring). ``head.headers`` is replaced, never changed in place."""
         headers = head.headers
         for name, _ in headers:   # per request: lengths first
             n = len(name)
             if (n == 15 or n == 17 or n == 9) and name.lower() in _FIELDS:
                 break
         else:   # the common case: none of the fields, nothing to keep or drop
-            head.headers = [*headers, (XFF, node), (XFP, proto)]
+            head.headers = [*headers, *self.added]
             return
-        keep = self.mode == "append" and self.trusts(client_host)
+        keep = self.trusted
+        if keep is None:
+            rule = self.rule
+            keep = self.trusted = rule.mode == "append" and rule.trusts(self.client_host)
+        node = self.node
+        proto = self.proto
         kept: Headers = []
         xff: list[bytes] = []
         xfp: list[bytes] = []
@@ -149,7 +178,7 @@ class ForwardedRule:
         kept.append((XFF, b", ".join(v for v in (x.strip() for x in xff) if v)))
         kept.append((XFP, b", ".join(xfp) if xfp else proto))
         if had_forwarded:
-            element = b"for=" + _forwarded_node(client_host, node) + b";proto=" + proto
+            element = b"for=" + _forwarded_node(self.client_host, node) + b";proto=" + proto
             forwarded.append(element)
             kept.append((FORWARDED, b", ".join(v for v in (f.strip() for f in forwarded) if v)))
         head.headers = kept
