@@ -25,9 +25,11 @@ Users today:
   ``_GenericHTTPChannelProtocol`` does), ``app/service.py`` (a reload swaps a
   listening port's ``factory``, which ``IListeningPort`` does not declare).
 * h2: ``l5dproxy/http/h2/connection.py`` (overrides ``H2Connection._begin_new_stream``,
-  ``_receive_frame`` and ``_receive_goaway_frame``, and
-  ``H2Stream._initialize_content_length``;
-  calls ``_inbound_flow_control_window_manager`` and ``_prepare_for_sending``;
+  ``_receive_frame``, ``_receive_goaway_frame``, ``_open_streams`` and
+  ``_get_or_create_stream``, and ``H2Stream._initialize_content_length`` and
+  ``_build_hdr_validation_flags``; calls ``_inbound_flow_control_window_manager``,
+  ``_prepare_for_sending``, ``_frame_dispatch_table``, ``_stream_is_closed_by_reset``
+  and ``_end``; reads ``StreamClosedError._events`` and ``H2Stream.state_machine``;
   sizes ``_closed_streams`` by setting ``MAX_CLOSED_STREAMS`` on the instance);
   ``l5dproxy/http/h2/protocol.py`` (reads ``state_machine.state`` and
   ``h2.connection.ConnectionState``); ``l5dproxy/http/h2/translate.py`` (uses
@@ -549,6 +551,67 @@ class H2InternalsTests(_Canary):
         conn.send_headers(conn.get_next_available_stream_id(), get)  # h2 drops the closed
         self.require(len(conn._closed_streams) == 8, "h2", qualname, self.user,
                      f"holds {len(conn._closed_streams)} of 50 closed streams, not the last 8")
+
+    def test_methods_ours_repeat_are_unchanged(self) -> None:
+        """``ProxyH2Connection`` does the work of h2's ``_receive_frame``,
+        ``_open_streams`` and ``_get_or_create_stream`` itself (the same
+        steps, less Python per frame and stream; tests/test_h2_shortcuts.py
+        compares them frame by frame with the installed h2's), and drops
+        ``H2Stream._build_hdr_validation_flags`` when no header check is on.
+        A new h2 whose versions of these differ from 4.4.1's is to be read
+        and the copies brought in line before this fingerprint is updated."""
+        import hashlib
+
+        from h2.stream import H2Stream
+
+        pinned = {
+            (H2Connection, "_receive_frame"): "39b2e16b4fd74ed0",
+            (H2Connection, "_open_streams"): "28d9501144f0cee7",
+            (H2Connection, "_get_or_create_stream"): "71d2c402157f2d50",
+            (H2Stream, "_build_hdr_validation_flags"): "311e1970b3aa3e66",
+        }
+        for (owner, name), digest in pinned.items():
+            qualname = f"{owner.__module__}.{owner.__name__}.{name}"
+            method = getattr(owner, name, None)
+            self.require(method is not None, "h2", qualname, self.user, "is gone")
+            source = inspect.getsource(method).encode()
+            got = hashlib.sha256(source).hexdigest()[:16]
+            self.require(got == digest, "h2", qualname, self.user,
+                         f"changed (source sha256 {got}, 4.4.1's {digest}): re-check the copy")
+
+    def test_names_the_shortcuts_use(self) -> None:
+        """What ``ProxyH2Connection._receive_frame`` and ``_open_streams``
+        read: the frame dispatch table, how a stream was closed, the events a
+        StreamClosedError carries, each stream's state as a ``StreamState``
+        (an IntEnum 0-6)."""
+        from h2.exceptions import StreamClosedError
+        from h2.stream import StreamState
+        from hyperframe.frame import HeadersFrame
+
+        client, server = self._pair(H2Connection)
+        table = getattr(server, "_frame_dispatch_table", None)
+        self.require(isinstance(table, dict) and HeadersFrame in table, "h2",
+                     "h2.connection.H2Connection._frame_dispatch_table", self.user,
+                     f"is not a dict of frame classes to handlers: {table!r}")
+        for name in ("_stream_is_closed_by_reset", "_stream_is_closed_by_end"):
+            self.require_params(getattr(H2Connection, name, None), ["self", "stream_id"],
+                                "h2", f"h2.connection.H2Connection.{name}", self.user)
+        self.require(getattr(StreamClosedError(1), "_events", None) == [], "h2",
+                     "h2.exceptions.StreamClosedError._events", self.user, "is not a list")
+        self.require(sorted(StreamState) == list(range(7)), "h2", "h2.stream.StreamState",
+                     self.user, f"is not 0-6: {sorted(StreamState)!r}")
+        client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                                (b":authority", b"a")], end_stream=True)
+        server.receive_data(client.data_to_send())
+        stream = server.streams[1]
+        self.require(stream.state_machine.state is StreamState.HALF_CLOSED_REMOTE
+                     and stream.open, "h2", "h2.stream.H2Stream.state_machine.state",
+                     self.user, f"is {stream.state_machine.state!r} for a request received")
+        server.reset_stream(1)
+        self.require(stream.state_machine.state is StreamState.CLOSED and stream.closed
+                     and server._stream_is_closed_by_reset(1), "h2",
+                     "h2.stream.H2Stream.state_machine.state", self.user,
+                     f"is {stream.state_machine.state!r} for a stream reset")
 
     def test_undocumented_names(self) -> None:
         import h2.connection
