@@ -10,7 +10,7 @@ well-behaved peer would never send.
 from __future__ import annotations
 
 from h2.config import H2Configuration
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -23,6 +23,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
+from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import (
     DataFrame,
@@ -96,6 +97,25 @@ GRPC = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/pkg.Svc/Call
 
 
 # -- doubles ------------------------------------------------------------------
+
+class ClosedCodec:
+    """A codec end as it is once closed on this side (its GOAWAY sent, the
+    transport not gone yet): whatever would send a frame refuses with
+    ``ProtocolError`` (``codec.H2Codec``); the rest is the wrapped codec's."""
+
+    closed = True
+
+    def __init__(self, codec) -> None:
+        self._codec = codec
+
+    def _refuse(self, *args, **kwargs) -> None:
+        raise ProtocolError("connection closed")
+
+    send_headers = send_data = end_stream = reset_stream = close_connection = _refuse
+
+    def __getattr__(self, name: str):
+        return getattr(self._codec, name)
+
 
 def send_chunks(conn: H2Connection, sid: int, data: bytes, end: bool = False) -> None:
     """Send ``data`` in frames of the largest allowed size."""
@@ -593,7 +613,8 @@ class ServerTests(ServerHarness):
         dataReceived) sees no exception, the other stream is untouched."""
         s1 = self.request()
         s3 = self.request()
-        self.server.h2.state_machine.state = ConnectionState.CLOSED
+        codec = self.server.h2
+        self.server.h2 = ClosedCodec(codec)
         body = Body()
         source = Source(body)
         self.respond(0, 200, [], body)
@@ -601,7 +622,7 @@ class ServerTests(ServerHarness):
         self.assertEqual(source.stopped, 1)
         self.assertNotIn(s1, self.server.streams)
         self.assertIn(s3, self.server.streams)
-        self.server.h2.state_machine.state = ConnectionState.SERVER_OPEN
+        self.server.h2 = codec
         self.respond(1)
         events = self.flush()
         self.assertEqual([e.stream_id for e in self.of(ResponseReceived, events)], [s3])
@@ -842,10 +863,10 @@ class H2BoundedStateTests(SynchronousTestCase):
         self.exchange(1000)
         kept = closed_streams_kept(self.settings)
         self.assertEqual(kept, 128)
-        self.assertLessEqual(len(self.server.h2._closed_streams), kept)
+        self.assertLessEqual(self.server.h2.closed_streams_recorded(), kept)
         self.assertEqual(self.server.streams, {})
         self.request()
-        self.assertEqual(len(self.server.h2.streams), 1)
+        self.assertEqual(self.server.h2.streams_held(), 1)
         self.assertFalse(self.transport.disconnecting)
 
     def test_frames_for_closed_streams_keep_the_connection(self) -> None:
@@ -913,7 +934,7 @@ class H2BoundedStateTests(SynchronousTestCase):
         self.assertEqual([dict(e.headers)[b"x-n"][:4] for e in self.of(ResponseReceived)][-1],
                          b"199-")
         self.assertLessEqual(self.client.decoder.header_table_size, ENCODER_TABLE_SIZE)
-        self.assertLessEqual(self.server.h2.encoder.header_table_size, ENCODER_TABLE_SIZE)
+        self.assertLessEqual(self.server.h2.encoder_table_size, ENCODER_TABLE_SIZE)
 
 
 class ClientTests(H2ClientRig, SynchronousTestCase):
@@ -1274,8 +1295,9 @@ class H2ClientBoundedStateTests(SynchronousTestCase):
         self.pump()
         self.exchange(server, 1000)
         self.assertEqual(len(self.reactor.tcpClients), 1)   # all on one connection
-        self.assertLessEqual(len(protocol.h2._closed_streams), closed_streams_kept(self.settings))
-        self.assertLessEqual(len(protocol.h2.streams), 1)
+        self.assertLessEqual(protocol.h2.closed_streams_recorded(),
+                             closed_streams_kept(self.settings))
+        self.assertLessEqual(protocol.h2.streams_held(), 1)
         self.assertEqual(protocol.streams, {})
 
     def test_encoder_table_bounded_whatever_the_endpoint_allows(self) -> None:
@@ -1291,7 +1313,7 @@ class H2ClientBoundedStateTests(SynchronousTestCase):
         self.assertEqual(server.decoder.max_allowed_table_size, 1 << 20)
         self.exchange(server, 200)
         self.assertLessEqual(server.decoder.header_table_size, ENCODER_TABLE_SIZE)
-        self.assertLessEqual(protocol.h2.encoder.header_table_size, ENCODER_TABLE_SIZE)
+        self.assertLessEqual(protocol.h2.encoder_table_size, ENCODER_TABLE_SIZE)
 
 
 class DirectForwarder:
@@ -1484,7 +1506,7 @@ class WiredTests(SynchronousTestCase):
         for sid in (up_a, up_b):
             h2.send_headers(sid, [(b":status", b"200")])
         self.pump()
-        a["server"].h2.state_machine.state = ConnectionState.CLOSED
+        a["server"].h2 = ClosedCodec(a["server"].h2)
         h2.send_data(up_a, b"lost")
         h2.send_data(up_b, b"kept", end_stream=True)
         self.pump()

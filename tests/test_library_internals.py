@@ -30,9 +30,9 @@ Users today:
   ``_build_hdr_validation_flags``; calls ``_inbound_flow_control_window_manager``,
   ``_prepare_for_sending``, ``_frame_dispatch_table``, ``_stream_is_closed_by_reset``
   and ``_end``; reads ``StreamClosedError._events`` and ``H2Stream.state_machine``;
-  sizes ``_closed_streams`` by setting ``MAX_CLOSED_STREAMS`` on the instance);
-  ``l5dproxy/http/h2/protocol.py`` (reads ``state_machine.state`` and
-  ``h2.connection.ConnectionState``); ``l5dproxy/http/h2/translate.py`` (uses
+  sizes ``_closed_streams`` by setting ``MAX_CLOSED_STREAMS`` on the instance;
+  reads ``state_machine.state`` and ``h2.connection.ConnectionState``);
+  ``l5dproxy/http/h2/translate.py`` (uses
   ``h2.utilities.CONNECTION_HEADERS``).
 * Twisted: ``l5dproxy/accept/proxyproto.py`` (the PROXY protocol parsers
   ``twisted.protocols.haproxy._v1parser.V1Parser.parse``,
@@ -617,7 +617,7 @@ class H2InternalsTests(_Canary):
         import h2.connection
         import h2.utilities
 
-        state_user = "l5dproxy/http/h2/protocol.py"
+        state_user = "l5dproxy/http/h2/connection.py"
         headers_user = "l5dproxy/http/h2/translate.py"
         for module, name, user in ((h2.connection, "ConnectionState", state_user),
                                    (h2.utilities, "CONNECTION_HEADERS", headers_user)):

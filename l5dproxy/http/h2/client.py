@@ -23,23 +23,15 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, Protocol
 
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, RemoteSettingsChanged, ResponseReceived
 from h2.exceptions import NoAvailableStreamIDError, ProtocolError
-from h2.settings import SettingCodes, Settings
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from l5dproxy.exchange.message import Body, BodyLengthError, ProxyError, Request, Response
-from l5dproxy.http.h2.connection import (
-    _H2_CONFIG,
-    _MAX_STREAM_ID,
-    ProxyH2Connection,
-    StreamResetError,
-    _code,
-    closed_streams_kept,
-)
+from l5dproxy.http.h2.codec import client_codec
+from l5dproxy.http.h2.connection import _MAX_STREAM_ID, StreamResetError, _code
 from l5dproxy.http.h2.protocol import H2Protocol
 from l5dproxy.http.h2.stream import Stream
 from l5dproxy.http.h2.translate import (
@@ -126,18 +118,7 @@ class H2ClientProtocol(H2Protocol):
 
     def connectionMade(self) -> None:
         s = self.pool.client.settings
-        checks: dict[str, Any] = _H2_CONFIG   # h2's own header checks: off (translate.py)
-        h2 = ProxyH2Connection(H2Configuration(
-            client_side=True, header_encoding=None, **checks), closed_streams_kept(s))
-        h2.local_settings = Settings(client=True, initial_values={
-            SettingCodes.ENABLE_PUSH: 0,
-            SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
-            SettingCodes.MAX_HEADER_LIST_SIZE: max(s.max_header_list_size, 64 * 1024),
-        })
-        h2.initiate_connection()
-        if s.connection_window_size > 65535:
-            h2.increment_flow_control_window(s.connection_window_size - 65535)
-        self.h2 = h2
+        self.h2 = client_codec(s)
         client = self.pool.client
         self._new_budget(s, client.reactor)
         if client.metrics is not None:
@@ -185,7 +166,7 @@ class H2ClientProtocol(H2Protocol):
     def capacity(self) -> int:
         if not self.settings_received or self.goaway or self._lost:
             return 0
-        return self.h2.remote_settings.max_concurrent_streams - len(self.streams)
+        return self.h2.remote_max_concurrent_streams - len(self.streams)
 
     def _settings_changed(self, event: RemoteSettingsChanged) -> None:
         if not self.settings_received:

@@ -1,4 +1,5 @@
-"""h2's ``H2Connection`` as the proxy needs it, and h2's error codes.
+"""h2's ``H2Connection`` as the proxy needs it (the ``h2`` engine of
+``codec.H2Codec``), and h2's error codes.
 
 ``ProxyH2Connection`` is the one place that uses h2's private names (listed
 in its docstring; ``tests/test_library_internals.py`` fails loudly if one
@@ -10,13 +11,14 @@ their connections with ``[h2]`` (``config.model.H2Config``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import ConnectionTerminated, Event
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from h2.settings import SettingCodes, Settings
 from h2.stream import H2Stream, StreamState
 from hyperframe.frame import (
     DataFrame,
@@ -108,6 +110,19 @@ ENCODER_TABLE_SIZE = 4096
 MIN_CLOSED_STREAMS_KEPT = 128
 
 
+def server_header_list_cap(settings: H2Config) -> int:
+    """The largest request header list a server-side codec decodes, in
+    bytes (RFC 9113 6.5.2's size): 4 times ``max_header_list_size``, at least
+    256 KiB. Between the advertised size and this the server end answers
+    431; past it the codec ends the connection (an HPACK bomb)."""
+    return max(4 * settings.max_header_list_size, 256 * 1024)
+
+
+def client_header_list_size(settings: H2Config) -> int:
+    """SETTINGS_MAX_HEADER_LIST_SIZE a client-side codec advertises."""
+    return max(settings.max_header_list_size, 64 * 1024)
+
+
 def closed_streams_kept(settings: H2Config) -> int:
     """How many closed streams one connection remembers how they ended.
 
@@ -154,13 +169,16 @@ class ProxyH2Connection(H2Connection):
     budget is told of each frame there), ``_receive_goaway_frame``,
     ``_inbound_flow_control_window_manager``, ``_prepare_for_sending``,
     ``MAX_CLOSED_STREAMS``, ``_closed_streams``, ``H2Stream.acknowledge_received_data``
-    (through h2's ``streams`` map), and
-    ``H2Stream._initialize_content_length``; for CPU per stream only
+    (through h2's ``streams`` map), ``H2Stream._initialize_content_length``
+    and ``state_machine.state`` (``closed``); for CPU per stream only
     (h2's work, done the same way with less Python): ``_open_streams``,
     ``_get_or_create_stream``, ``_frame_dispatch_table``,
     ``_stream_is_closed_by_reset``, ``_stream_is_closed_by_end``,
     ``StreamClosedError._events``, ``H2Stream.state_machine`` and
     ``_build_hdr_validation_flags``.
+
+    It is the ``h2`` engine of ``codec.H2Codec``: the ends use only what
+    that names.
 
     State bounded per connection, whatever it carries over its life:
 
@@ -185,6 +203,72 @@ class ProxyH2Connection(H2Connection):
         checks = (config.validate_outbound_headers or config.normalize_outbound_headers
                   or config.validate_inbound_headers or config.normalize_inbound_headers)
         self.stream_class = _LengthBlindStream if checks else _UncheckedStream
+
+    @classmethod
+    def for_server(cls, s: H2Config) -> ProxyH2Connection:
+        """``codec.server_codec`` on h2."""
+        checks: dict[str, Any] = _H2_CONFIG   # h2's own header checks: off (translate.py)
+        h2 = cls(H2Configuration(client_side=False, header_encoding=None, **checks),
+                 closed_streams_kept(s))
+        advertised = {
+            SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
+            SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
+        }
+        h2.local_settings = Settings(client=False, initial_values=advertised)
+        h2.initiate_connection()
+        if s.connection_window_size > 65535:
+            h2.increment_flow_control_window(s.connection_window_size - 65535)
+        # h2 would answer a stream over the limit with a connection-killing
+        # GOAWAY; the server end answers REFUSED_STREAM itself, so h2's own
+        # check gets a ceiling it never reaches. Headers past the advertised
+        # size get a 431 rather than a GOAWAY, up to a hard cap.
+        h2.local_settings = Settings(client=False, initial_values={
+            **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAM_ID})
+        h2.decoder.max_header_list_size = server_header_list_cap(s)
+        return h2
+
+    @classmethod
+    def for_client(cls, s: H2Config) -> ProxyH2Connection:
+        """``codec.client_codec`` on h2."""
+        checks: dict[str, Any] = _H2_CONFIG   # h2's own header checks: off (translate.py)
+        h2 = cls(H2Configuration(client_side=True, header_encoding=None, **checks),
+                 closed_streams_kept(s))
+        h2.local_settings = Settings(client=True, initial_values={
+            SettingCodes.ENABLE_PUSH: 0,
+            SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
+            SettingCodes.MAX_HEADER_LIST_SIZE: client_header_list_size(s),
+        })
+        h2.initiate_connection()
+        if s.connection_window_size > 65535:
+            h2.increment_flow_control_window(s.connection_window_size - 65535)
+        return h2
+
+    # -- codec.H2Codec's queries beyond h2's own API --
+
+    @property
+    def closed(self) -> bool:
+        return self.state_machine.state is ConnectionState.CLOSED
+
+    @property
+    def remote_max_concurrent_streams(self) -> int:
+        return self.remote_settings.max_concurrent_streams
+
+    @property
+    def encoder_table_size(self) -> int:
+        return self.encoder.header_table_size
+
+    def closed_streams_recorded(self) -> int:
+        return len(self._closed_streams)
+
+    def streams_held(self) -> int:
+        return len(self.streams)
+
+    def send_goaway(self, last_stream_id: int, error_code: int = 0) -> None:
+        """A raw GOAWAY frame: h2's ``close_connection`` would move the
+        connection to CLOSED, refusing the frames of the streams it spares."""
+        self._prepare_for_sending([GoAwayFrame(0, last_stream_id=last_stream_id,
+                                               error_code=error_code)])
 
     def receive_data(self, data: Buffer) -> list[Event]:
         events = super().receive_data(data)

@@ -224,7 +224,7 @@ class _EndpointPool:
         """Whether the endpoint's SETTINGS allow no stream at all: another
         connection would say the same, so none is dialled."""
         return any(conn.settings_received and not conn.goaway
-                   and conn.h2.remote_settings.max_concurrent_streams == 0
+                   and conn.h2.remote_max_concurrent_streams == 0
                    for conn in self.connections)
 
     def _maybe_connect(self) -> None:

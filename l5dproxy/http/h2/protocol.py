@@ -38,7 +38,6 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import TYPE_CHECKING
 
-from h2.connection import ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -57,7 +56,7 @@ from zope.interface import implementer
 
 from l5dproxy.exchange.message import Body, BodyLengthError, Headers, ProxyError
 from l5dproxy.http.h2.abuse import AbuseBudget
-from l5dproxy.http.h2.connection import ProxyH2Connection, StreamResetError
+from l5dproxy.http.h2.connection import StreamResetError
 from l5dproxy.http.h2.stream import OUT_LOW_WATER, Stream
 from l5dproxy.http.h2.translate import MalformedError, h2_trailers, trailers_from_h2
 from l5dproxy.net.batchsend import BatchSender
@@ -66,6 +65,7 @@ from l5dproxy.net.writebound import WriteBound
 
 if TYPE_CHECKING:
     from l5dproxy.config.model import H2Config
+    from l5dproxy.http.h2.codec import H2Codec
 
 log = Logger()
 
@@ -80,7 +80,7 @@ class H2Protocol(Protocol):
     """What the server and client ends share: the h2 connection, writing,
     sending bodies within the windows, acknowledging what was consumed."""
 
-    h2: ProxyH2Connection
+    h2: H2Codec
     transport: IStreamTransport
     #: What we have queued for a peer that does not read (set at connectionMade).
     _bound: WriteBound
@@ -252,7 +252,7 @@ class H2Protocol(Protocol):
         alone ends, locally; nothing is raised into whoever was sending."""
         if stream.reset:
             return
-        closed = self._lost or self.h2.state_machine.state is ConnectionState.CLOSED
+        closed = self._lost or self.h2.closed
         if isinstance(error, FlowControlError):   # ours to fix, not the peer's doing
             log.warn("h2 stream {sid} to {peer} refused: {error}", sid=stream.sid,
                      peer=self._peer(), error=error)

@@ -14,12 +14,9 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.events import RemoteSettingsChanged, RequestReceived
 from h2.exceptions import ProtocolError
-from h2.settings import SettingCodes, Settings
-from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
@@ -34,13 +31,8 @@ from l5dproxy.exchange.message import (
     Response,
     error_response,
 )
-from l5dproxy.http.h2.connection import (
-    _H2_CONFIG,
-    _MAX_STREAM_ID,
-    ProxyH2Connection,
-    StreamResetError,
-    closed_streams_kept,
-)
+from l5dproxy.http.h2.codec import server_codec
+from l5dproxy.http.h2.connection import StreamResetError
 from l5dproxy.http.h2.protocol import H2Protocol
 from l5dproxy.http.h2.stream import Stream
 from l5dproxy.http.h2.translate import (
@@ -112,26 +104,10 @@ class H2ServerProtocol(H2Protocol):
         if s.idle_timeout:
             self._idle_since = clock.seconds()
             self._idle_timer = clock.callLater(s.idle_timeout, self._idle_check)
-        checks: dict[str, Any] = _H2_CONFIG   # h2's own header checks: off (translate.py)
-        h2 = ProxyH2Connection(H2Configuration(
-            client_side=False, header_encoding=None, **checks), closed_streams_kept(s))
-        advertised = {
-            SettingCodes.MAX_CONCURRENT_STREAMS: s.max_concurrent_streams,
-            SettingCodes.MAX_HEADER_LIST_SIZE: s.max_header_list_size,
-            SettingCodes.INITIAL_WINDOW_SIZE: s.initial_window_size,
-        }
-        h2.local_settings = Settings(client=False, initial_values=advertised)
-        h2.initiate_connection()
-        if s.connection_window_size > 65535:
-            h2.increment_flow_control_window(s.connection_window_size - 65535)
-        # h2 would answer a stream over the limit with a connection-killing
-        # GOAWAY; we answer REFUSED_STREAM ourselves, so its own check gets
-        # a ceiling it never reaches. Headers past the advertised size get
-        # a 431 rather than a GOAWAY, up to a hard cap.
-        h2.local_settings = Settings(client=False, initial_values={
-            **advertised, SettingCodes.MAX_CONCURRENT_STREAMS: _MAX_STREAM_ID})
-        h2.decoder.max_header_list_size = max(4 * s.max_header_list_size, 256 * 1024)
-        self.h2 = h2
+        # Streams past max_concurrent_streams are refused here
+        # (REFUSED_STREAM), not by the codec; header lists past the
+        # advertised size get a 431, up to the codec's hard cap.
+        self.h2 = server_codec(s)
         self._new_budget(s, clock)
         set_no_delay(self.transport)
         self.transport.registerProducer(self, True)
@@ -398,12 +374,8 @@ class H2ServerProtocol(H2Protocol):
         if not self.streams:
             self._close()
             return
-        frame = GoAwayFrame(0, last_stream_id=self._last_stream_id,
-                            error_code=ErrorCodes.NO_ERROR)
+        self.h2.send_goaway(self._last_stream_id, ErrorCodes.NO_ERROR)
         self._flush_now()
-        data = frame.serialize()
-        self._count_written(len(data))
-        self.transport.write(data)
 
     def _close(self) -> None:
         if self._lost:
