@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 
 from twisted.internet import defer, error, protocol, reactor
+from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -57,6 +59,25 @@ class EndpointTests(SynchronousTestCase):
         self.assertEqual(workers.admin_listen("tcp:port=4191", 1), "tcp:port=4192")
         self.assertIsNone(workers.admin_listen("unix:/run/admin.sock", 1))
         self.assertEqual(workers.admin_listen("unix:/run/admin.sock", 0), "unix:/run/admin.sock")
+        self.assertEqual(workers.admin_listen("tcp:0:interface=127.0.0.1", 2),
+                         "tcp:0:interface=127.0.0.1")
+        # Another kind: a socket of its own in worker 0's private directory.
+        self.assertEqual(workers.admin_listen("systemd:domain=INET:index=1", 2, "/tmp/a:b"),
+                         r"unix:/tmp/a\:b/worker-2.sock:lockfile=1")
+        self.assertEqual(workers.admin_listen("unix:/run/admin.sock", 0, "/tmp/x"),
+                         "unix:/run/admin.sock")
+
+    def test_report_lines(self) -> None:
+        from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+        for address in (IPv4Address("TCP", "127.0.0.1", 4192),
+                        IPv6Address("TCP", "::1", 4193), UNIXAddress("/tmp/d/worker-1.sock")):
+            line = workers.report_line(address)
+            self.assertEqual(workers.parse_report(line.rstrip(b"\n")), address)
+        self.assertIsNone(workers.report_line(UNIXAddress(None)))
+        for line in (b"", b"admin", b"admin tcp 127.0.0.1", b"admin tcp 127.0.0.1 x",
+                     b"admin tcp 127.0.0.1 70000", b"admin udp 1.2.3.4 5", b"tcp 1.2.3.4 5",
+                     b"admin unix "):
+            self.assertIsNone(workers.parse_report(line), line)
 
 
 class ReusePortTests(TestCase):
@@ -139,7 +160,7 @@ class GatherTests(TestCase):
         self.good = _Answer(WORKER_TEXT)
         _Silent.connections = []
         self.addCleanup(lambda: [p.transport.abortConnection() for p in _Silent.connections])
-        self.gatherer = workers.MetricsGatherer(reactor, 8, self.registry.collect,
+        self.gatherer = workers.MetricsGatherer(reactor, 9, self.registry.collect,
                                                 timeout=1.0, max_bytes=1000)
         servers = {
             1: Site(self.good),
@@ -150,9 +171,17 @@ class GatherTests(TestCase):
             7: Site(self.good),
         }
         for index, factory in servers.items():
-            self.gatherer.admin_bound(index, "127.0.0.1", self.listen(factory))
-        self.gatherer.admin_bound(3, "0.0.0.0", refused_port())
-        # Worker 7 went away after reporting; 0.0.0.0 is asked on 127.0.0.1.
+            self.gatherer.admin_bound(index, IPv4Address("TCP", "127.0.0.1",
+                                                         self.listen(factory)))
+        # 0.0.0.0 is asked on 127.0.0.1 (where nothing listens here).
+        self.gatherer.admin_bound(3, IPv4Address("TCP", "0.0.0.0", refused_port()))
+        # Worker 8: a UNIX socket (a non-tcp: admin endpoint).
+        path = os.path.join(self.mktemp() + ".d", "worker-8.sock")
+        os.makedirs(os.path.dirname(path))
+        port = reactor.listenUNIX(path, Site(self.good))
+        self.addCleanup(port.stopListening)
+        self.gatherer.admin_bound(8, UNIXAddress(path))
+        # Worker 7 went away after reporting.
         self.gatherer.worker_ended(7)
 
     @defer.inlineCallbacks
@@ -162,12 +191,12 @@ class GatherTests(TestCase):
         first, second = self.gatherer.gather(), self.gatherer.gather()
         families = yield first
         self.assertIs((yield second), families)  # one round for both scrapes
-        self.assertEqual(self.good.requests, [b"/metrics?local"])
+        self.assertEqual(self.good.requests, [b"/metrics?local"] * 2)  # workers 1 and 8
         samples = parse_metrics(generate_latest(_Collect(families)).decode())
-        self.assertEqual(metric_value(samples, "request_total", service="app"), 3)
-        self.assertEqual(metric_value(samples, "tcp_open_connections", peer="src"), 6)
-        self.assertEqual(metric_value(samples, "workers_expected"), 8)
-        self.assertEqual(metric_value(samples, "workers_scraped"), 2)
+        self.assertEqual(metric_value(samples, "request_total", service="app"), 5)
+        self.assertEqual(metric_value(samples, "tcp_open_connections", peer="src"), 11)
+        self.assertEqual(metric_value(samples, "workers_expected"), 9)
+        self.assertEqual(metric_value(samples, "workers_scraped"), 3)
         failures = {dict(labels)["worker"]: dict(labels)["reason"]
                     for (name, labels), value in samples.items()
                     if name == "worker_scrape_failures_total" and value == 1}
@@ -177,7 +206,7 @@ class GatherTests(TestCase):
         families = yield self.gatherer.gather()
         samples = parse_metrics(generate_latest(_Collect(families)).decode())
         self.assertEqual(metric_value(samples, "worker_scrape_failures_total", worker="2"), 2)
-        self.assertEqual(len(self.good.requests), 2)
+        self.assertEqual(len(self.good.requests), 4)
 
 
 class _Collect:
@@ -279,6 +308,73 @@ class MergedMetricsTests(SynchronousTestCase):
         import json
         listener = json.loads(body)["listeners"][0]
         self.assertEqual(listener["requests_total"], sent)
+
+
+class UnixAdminTests(SynchronousTestCase):
+    """--workers 2 with a UNIX socket admin endpoint: worker 1 serves its
+    admin on a socket in worker 0's private directory, and the configured
+    socket's /metrics is the group's."""
+
+    def test_unix_admin_gathers_every_worker(self) -> None:
+        import tempfile
+
+        app = HttpServer(self)
+        listen = _free_port()
+        directory = tempfile.mkdtemp(prefix="l5d-test-")
+        self.addCleanup(shutil.rmtree, directory, True)
+        admin = os.path.join(directory, "admin.sock")
+        config = build_config(
+            [{"name": "in", "service": "app",
+              "listen": f"tcp:{listen}:interface=127.0.0.1"}],
+            {"app": {"endpoints": [app.address]}},
+            proxy={"drain_timeout": 1, "log_connections": False},
+            admin_listen=f"unix:{admin}")
+        proxy = ProxyProcess(self, config, extra_args=["--workers", "2"], start=False)
+        proxy.start(wait=False)
+
+        def merged() -> dict:
+            try:
+                return parse_metrics(_unix_get(admin, "/metrics").decode())
+            except OSError:
+                return {}
+
+        wait_for(lambda: metric_value(merged(), "workers_scraped") == 2, 30,
+                 "worker 0 to gather worker 1 over its socket")
+        private = re.search(r"admin on .*?(/[^\s']*l5dproxy-admin-[^/\s']+)/worker-1\.sock",
+                            proxy.log_text())
+        self.assertIsNotNone(private, proxy.log_text())
+        self.assertEqual(os.stat(private[1]).st_mode & 0o777, 0o700)
+        for _ in range(20):
+            with connect(listen) as c:
+                c.sendall(b"GET / HTTP/1.1\r\nhost: app\r\n\r\n")
+                self.assertEqual(read_response(c)[0], 200)
+        samples = merged()
+        self.assertEqual(metric_value(samples, "request_total"), 20)
+        self.assertEqual(metric_value(samples, "workers_scraped"), 2)
+        self.assertIn(proxy.stop(), (0, -signal.SIGTERM))
+        self.assertFalse(os.path.exists(private[1]), "worker 0 removed its directory")
+
+
+def _unix_get(path: str, target: str) -> bytes:
+    """GET ``target`` over the UNIX socket ``path``: the body of a 200."""
+    import http.client
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(10)
+            self.sock.connect(path)
+
+    c = Connection("localhost")
+    try:
+        c.request("GET", target)
+        response = c.getresponse()
+        body = response.read()
+        if response.status != 200:
+            raise OSError(f"{target}: {response.status}")
+        return body
+    finally:
+        c.close()
 
 
 def _second_worker(proxy: ProxyProcess) -> ProxyProcess:

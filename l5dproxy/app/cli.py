@@ -33,7 +33,8 @@ class Options(usage.Options):
          int],
         # Internal: set by worker 0 on the workers it spawns.
         ["worker-index", None, None, None, int],
-        ["report-fd", None, None, None, int],
+        ["report-fd", None, None, None, int],  # where to report the admin address
+        ["admin-dir", None, None, None, str],  # for the admin socket (non-tcp: admin)
     ]
     optFlags = [
         ["check", None, "Validate the config, print the result and exit."],
@@ -84,6 +85,7 @@ def make_service(options: Options):
     from l5dproxy.app import workers
 
     if index != 0:
+        service.private_admin_dir = options["admin-dir"]
         if options["report-fd"] is not None:
             workers.AdminReport(lambda: service.admin_port,
                                 options["report-fd"]).setServiceParent(parent)
@@ -92,8 +94,10 @@ def make_service(options: Options):
 
     gatherer = workers.MetricsGatherer(reactor, count, service.metrics.registry.collect)
     service.gather = gatherer.gather
+    admin_dir = (None if workers.shareable(config.admin.listen)
+                 else workers.private_admin_dir(reactor))
     workers.WorkerSupervisor(reactor, count, path, config.proxy.drain_timeout,
-                             gatherer).setServiceParent(parent)
+                             gatherer, admin_dir).setServiceParent(parent)
     return parent
 
 

@@ -70,10 +70,11 @@ class ProxyService(Service):
         #: With --workers: this process's index; its tcp: listeners bind with
         #: SO_REUSEPORT and its admin port is offset by it (l5dproxy.app.workers).
         self.worker = worker
-        #: With --workers, worker 0's: fires with the whole group's metric
-        #: families (``workers.MetricsGatherer.gather``), which the admin
-        #: port's /metrics and /stats.json show.
+        #: With --workers, worker 0's: the group's metric families for the
+        #: admin's /metrics and /stats.json (workers.MetricsGatherer.gather).
         self.gather: Callable[[], defer.Deferred] | None = None
+        #: Past worker 0, a non-tcp: admin's socket directory (workers.admin_listen).
+        self.private_admin_dir: str | None = None
         self.reactor = reactor
         self.metrics = Metrics()
         self.backends = {
@@ -375,9 +376,8 @@ class ProxyService(Service):
                               {b"opaque": OpaqueResource(self.server_first)},
                               config_json=lambda: config_document(self.config),
                               stats=self.stats, tap=self.tap, gather=self.gather)
-            admin_listen: str | None = self.config.admin.listen
-            if self.worker is not None:
-                admin_listen = workers.admin_listen(self.config.admin.listen, self.worker)
+            admin_listen = workers.admin_listen(self.config.admin.listen, self.worker or 0,
+                                                self.private_admin_dir)
             if admin_listen is not None:
                 self.admin_port = self._listen("admin", admin_listen, site)
                 log.info("admin on {address}", address=_port_address(self.admin_port))

@@ -13,9 +13,11 @@ parent dies exits (``PR_SET_PDEATHSIG``).
 
 Only ``tcp:`` listeners are shared; any other endpoint (``unix:``,
 ``systemd:``) is served by worker 0 alone. The admin server is per worker:
-worker I serves it on the admin port + I (``tcp:`` admin endpoints; other
-kinds are served by worker 0 only), so each worker's metrics are scraped as
-a target of its own.
+worker I serves it on the admin port + I (``tcp:`` admin endpoints; with
+another kind, on ``worker-I.sock`` in a directory only this user can enter,
+which worker 0 makes and removes) and reports where on a pipe, so worker
+0's admin server can gather every worker's metrics (``MetricsGatherer``)
+and show the whole group.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, UNIXClientEndpoint
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol, Protocol, connectionDone
 from twisted.logger import Logger
@@ -94,19 +98,36 @@ def listen_reuseport(reactor, description: str, factory):
         sock.close()  # the reactor holds its own duplicate
 
 
-def admin_listen(description: str, index: int) -> str | None:
-    """Worker ``index``'s admin endpoint: the port + index for ``tcp:``;
-    None (no admin server) for another kind of endpoint past worker 0."""
+def admin_listen(description: str, index: int, private_dir: str | None = None) -> str | None:
+    """Worker ``index``'s admin endpoint: the port + index for ``tcp:``
+    (port 0 stays 0: the worker picks one and reports it); for another kind
+    of endpoint past worker 0, a UNIX socket in ``private_dir`` (see
+    ``private_admin_dir``), or None (no admin server) without one."""
     if index == 0:
         return description
     args = _tcp_args(description)
     if args is None:
-        return None
+        if private_dir is None:
+            return None
+        path = os.path.join(private_dir, f"worker-{index}.sock").replace(":", "\\:")
+        return f"unix:{path}:lockfile=1"  # a stale socket of a killed worker is replaced
     port = int(args["port"])
     if port == 0:
         return description
     return re.sub(r"^tcp:(port=)?\d+", lambda m: f"tcp:{m.group(1) or ''}{port + index}",
                   description)
+
+
+def private_admin_dir(reactor) -> str:
+    """A new directory (mode 0700) for workers' admin sockets when the
+    configured admin endpoint is not ``tcp:``; removed when worker 0's
+    reactor shuts down."""
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="l5dproxy-admin-")
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, path, True)
+    return path
 
 
 def die_with_parent() -> None:
@@ -135,9 +156,9 @@ class _Worker(ProcessProtocol):
         line, newline, _ = self.report.partition(b"\n")
         gatherer = self.supervisor.gatherer
         if newline and gatherer is not None:
-            fields = line.decode("ascii", "replace").split()
-            if len(fields) == 3 and fields[0] == "admin" and fields[2].isdigit():
-                gatherer.admin_bound(self.index, fields[1], int(fields[2]))
+            address = parse_report(line)
+            if address is not None:
+                gatherer.admin_bound(self.index, address)
 
     def processEnded(self, reason) -> None:
         self.ended.callback(None)
@@ -148,8 +169,11 @@ class WorkerSupervisor(Service):
     """Worker 0's side: spawns workers 1..N-1 and keeps them running."""
 
     def __init__(self, reactor, count: int, config_path: str, drain_timeout: float,
-                 gatherer: MetricsGatherer | None = None) -> None:
+                 gatherer: MetricsGatherer | None = None,
+                 admin_dir: str | None = None) -> None:
         self.reactor = reactor
+        #: Where workers put their admin sockets (``private_admin_dir``), or None.
+        self.admin_dir = admin_dir
         #: Told where each worker's admin server is (and when it is gone).
         self.gatherer = gatherer
         self.count = count
@@ -165,7 +189,8 @@ class WorkerSupervisor(Service):
         """twistd, by the interpreter running this one, however it was started."""
         return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
                 "-n", "--pidfile=", "l5dproxy", "--config", self.config_path,
-                "--worker-index", str(index), "--report-fd", str(REPORT_FD)]
+                "--worker-index", str(index), "--report-fd", str(REPORT_FD),
+                *(["--admin-dir", self.admin_dir] if self.admin_dir else [])]
 
     def startService(self) -> None:
         super().startService()
@@ -322,14 +347,30 @@ class MetricsGatherer:
         self.local = local
         self.timeout = timeout
         self.max_bytes = max_bytes
-        #: Worker index -> (host, port) of its admin server, as reported.
-        self.addresses: dict[int, tuple[str, int]] = {}
+        #: Worker index -> its admin server's address, as reported.
+        self.addresses: dict[int, IPv4Address | IPv6Address | UNIXAddress] = {}
         self.failures: dict[tuple[str, str], int] = {}
         self._waiting: list[defer.Deferred] | None = None
         self._agent: Any = None
 
-    def admin_bound(self, index: int, host: str, port: int) -> None:
-        self.addresses[index] = (_LOOPBACK.get(host, host), port)
+    def admin_bound(self, index: int, address: IPv4Address | IPv6Address | UNIXAddress,
+                    ) -> None:
+        """Worker ``index``'s admin server is at ``address`` (a wildcard
+        host is asked on loopback)."""
+        if not isinstance(address, UNIXAddress) and address.host in _LOOPBACK:
+            address = type(address)("TCP", _LOOPBACK[address.host], address.port)
+        self.addresses[index] = address
+
+    def endpointForURI(self, uri):
+        """``http://worker-I/...``: the endpoint of worker I's admin server
+        (``Agent.usingEndpointFactory``)."""
+        address = self.addresses.get(int(uri.host.split(b"-")[1]))
+        if address is None:
+            raise _LeftOutError("down")
+        if isinstance(address, UNIXAddress):
+            return UNIXClientEndpoint(self.reactor, address.name, timeout=self.timeout)
+        kind = TCP6ClientEndpoint if isinstance(address, IPv6Address) else TCP4ClientEndpoint
+        return kind(self.reactor, address.host, address.port, timeout=self.timeout)
 
     def worker_ended(self, index: int) -> None:
         self.addresses.pop(index, None)
@@ -358,18 +399,14 @@ class MetricsGatherer:
             d.callback(families)
 
     def _fetch(self, index: int) -> defer.Deferred:
-        address = self.addresses.get(index)
-        if address is None:
+        if index not in self.addresses:
             return defer.fail(_LeftOutError("down"))
-        host, port = address
         if self._agent is None:
             from twisted.web.client import Agent, HTTPConnectionPool
 
-            self._agent = Agent(self.reactor, connectTimeout=self.timeout,
-                                pool=HTTPConnectionPool(self.reactor, persistent=False))
-        shown = f"[{host}]" if ":" in host else host
-        url = f"http://{shown}:{port}/metrics?local".encode()
-        d = self._agent.request(b"GET", url)
+            self._agent = Agent.usingEndpointFactory(
+                self.reactor, self, pool=HTTPConnectionPool(self.reactor, persistent=False))
+        d = self._agent.request(b"GET", f"http://worker-{index}/metrics?local".encode())
         d.addCallback(self._read)
         late: list[bool] = []
 
@@ -474,11 +511,39 @@ class AdminReport(Service):
         port = self.admin_port()
         try:
             if port is not None:
-                host = port.getHost()
-                if hasattr(host, "port"):
-                    os.write(self.fd, f"admin {host.host} {host.port}\n".encode())
+                line = report_line(port.getHost())
+                if line is not None:
+                    os.write(self.fd, line)
         except OSError as e:  # worker 0 is gone: PR_SET_PDEATHSIG ends us
             log.warn("cannot report the admin address to worker 0: {e}", e=e)
         finally:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
+
+
+def report_line(address) -> bytes | None:
+    """``AdminReport``'s line for an admin server's address: ``admin tcp
+    HOST PORT``, ``admin tcp6 HOST PORT`` or ``admin unix PATH``; None for
+    another kind (no way to reach it)."""
+    if isinstance(address, IPv6Address | IPv4Address):
+        kind = "tcp6" if isinstance(address, IPv6Address) else "tcp"
+        return f"admin {kind} {address.host} {address.port}\n".encode()
+    if isinstance(address, UNIXAddress) and isinstance(address.name, bytes | str):
+        name = os.fsdecode(address.name)
+        if name and "\n" not in name:
+            return f"admin unix {name}\n".encode()
+    return None
+
+
+def parse_report(line: bytes) -> IPv4Address | IPv6Address | UNIXAddress | None:
+    """The address in a ``report_line`` (without its newline); None if it is not one."""
+    text = line.decode("utf-8", "replace")
+    if not text.startswith("admin "):
+        return None
+    kind, _, rest = text.removeprefix("admin ").partition(" ")
+    if kind == "unix" and rest:
+        return UNIXAddress(rest)
+    host, _, port = rest.partition(" ")
+    if kind in ("tcp", "tcp6") and host and port.isdigit() and int(port) < 65536:
+        return (IPv6Address if kind == "tcp6" else IPv4Address)("TCP", host, int(port))
+    return None
