@@ -242,8 +242,9 @@ class Body:
     def finish(self, trailers: Headers | None = None) -> None:
         """The body is whole; BodyLengthError (nothing changed) if it is
         short of its declared length."""
-        if self.length is not None:
-            self.check_complete()
+        length = self.length
+        if length is not None and self.received != length:
+            self.check_complete()   # raises
         self._ended = True
         # An ended body has no use for its source, and a source that points
         # back at its body would leave both to the cyclic GC (per request).
@@ -292,8 +293,17 @@ class Body:
         return self._error
 
     @property
+    def trailers(self) -> Headers | None:
+        """The trailer section, once the body has ended with one (as the
+        trailer rule left it), else None."""
+        return self._trailers
+
+    @property
     def is_empty(self) -> bool:
-        return self._ended and self.received == 0 and self._error is None
+        """Ended with nothing in it: no data, no trailer section, no error
+        (an end with trailers must still be sent, e.g. as an HTTP/1 last
+        chunk, so such a body is not empty)."""
+        return self._ended and self.received == 0 and self._error is None and not self._trailers
 
     def on_first_data(self, hook: Callable[[], None]) -> None:
         """Call ``hook`` once, when the first byte is written (for latency)."""

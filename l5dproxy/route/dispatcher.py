@@ -40,7 +40,7 @@ when it has none). Labelled children are looked up once per
 (listener, service, authority, protocol) and kept.
 
 Every label value comes from configuration or from a small fixed set, never
-straight from what a peer sent (``_RouteTable.authority_label``, and
+straight from what a peer sent (``RouteTable.authority_label``, and
 ``l5dproxy.route.labels``); the access log (per request, no state) keeps
 each request's real authority.
 """
@@ -69,16 +69,16 @@ from l5dproxy.exchange.message import (
 )
 from l5dproxy.route import classify as grpc
 from l5dproxy.route.errors import LOAD_SHED, name_error, note_health
-from l5dproxy.route.forwarded import ClientForwarding, ForwardedRule
+from l5dproxy.route.forwarded import ClientForwarding
 from l5dproxy.route.labels import NO_TLS, OTHER, Labels, tls_labels
 from l5dproxy.route.retry import EmptyReplay, Replay, replay_for, retryable
+from l5dproxy.route.table import RouteTable
 from l5dproxy.telemetry import DIRECTION
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IDelayedCall
 
     from l5dproxy.balance.backends import BackendSet, Endpoint
-    from l5dproxy.config.model import ListenerConfig, RouteConfig
     from l5dproxy.exchange.contracts import Attempt, ClientEnd
     from l5dproxy.telemetry import Metrics
 
@@ -126,17 +126,17 @@ class HttpProxy:
         exchange.start()
         return exchange
 
-    def route_table(self, site: HttpSite) -> _RouteTable:
+    def route_table(self, site: HttpSite) -> RouteTable:
         """``site``'s listener's routes, compiled once per listener."""
         table = self._routes.get(site)
         if table is None:
-            table = self._routes[site] = _RouteTable(site.config)
+            table = self._routes[site] = RouteTable(site.config)
         return table
 
     def labels(self, listener: str, service: str, authority: str, protocol: str,
                tls: tuple[str, str, str] = NO_TLS) -> Labels:
         """The children of one label set; ``authority`` is already a label
-        value (``_RouteTable.authority_label``), never a raw authority."""
+        value (``RouteTable.authority_label``), never a raw authority."""
         key = (listener, service, authority, protocol, *tls)
         labels = self._labels.get(key)
         if labels is None:
@@ -161,7 +161,7 @@ class _Inbound:
     __slots__ = ("authority", "forwarding", "generation", "identity", "labels", "service",
                  "table", "tls")
 
-    def __init__(self, table: _RouteTable, context: RequestContext) -> None:
+    def __init__(self, table: RouteTable, context: RequestContext) -> None:
         connection = context.connection
         self.table = table
         self.forwarding: ClientForwarding | None = table.forwarded.for_connection(connection)
@@ -173,63 +173,6 @@ class _Inbound:
         self.authority = ""
         self.labels: Labels | None = None
         self.generation = -1
-
-
-class _RouteTable:
-    """A listener's routes, compiled: (host, path prefix, service), first match wins."""
-
-    __slots__ = ("default", "forwarded", "hosts", "routes")
-
-    def __init__(self, config: ListenerConfig) -> None:
-        self.default: str = config.service
-        self.forwarded = ForwardedRule.from_config(config.forwarded, config.trusted_proxies)
-        self.routes: list[tuple[bytes | None, bytes | None, str, RouteConfig]] = [
-            (route.host.lower().encode("idna") if route.host else None,
-             route.path_prefix.encode() if route.path_prefix else None,
-             route.service, route)
-            for route in config.routes if route.sni is None
-        ]
-        #: The routes' hosts (as matched) -> their ``authority`` label.
-        self.hosts: dict[bytes, str] = {
-            want_host: want_host.decode("ascii")
-            for want_host, _prefix, _service, _route in self.routes if want_host is not None}
-
-    def authority_label(self, authority: bytes) -> str:
-        """The ``authority`` label of a request: the ``host`` of a route of
-        this listener that the authority matches (with or without its port,
-        in any case, as routing matches it), else ``other``. The set of
-        values is the listener's configured hosts plus one, whatever Host or
-        ``:authority`` clients send (issue 18)."""
-        hosts = self.hosts
-        if not hosts:
-            return OTHER
-        authority = authority.lower()
-        label = hosts.get(authority)
-        if label is None:
-            label = hosts.get(_host_of(authority), OTHER)
-        return label
-
-    def match_route(self, authority: bytes, target: bytes) -> tuple[str, RouteConfig | None]:
-        if not self.routes:
-            return self.default, None
-        authority = authority.lower()
-        host = _host_of(authority)
-        for want_host, prefix, service, route in self.routes:
-            if want_host is not None and want_host != host and want_host != authority:
-                continue
-            if prefix is not None and not target.startswith(prefix):
-                continue
-            return service, route
-        return self.default, None
-
-
-def _host_of(authority: bytes) -> bytes:
-    """``host`` of ``host:port`` / ``[v6]:port``."""
-    if authority.startswith(b"["):
-        end = authority.find(b"]")
-        return authority[:end + 1] if end > 0 else authority
-    host, _, _ = authority.partition(b":")
-    return host
 
 
 class _Exchange:
@@ -412,45 +355,56 @@ class _Exchange:
 
     def attempt_responded(self, response: Response) -> None:
         """The attempt's response head (``contracts.AttemptWaiter``)."""
-        self._responded(response)
-
-    def attempt_failed(self, failure: Failure) -> None:
-        """The attempt failed without a response (``contracts.AttemptWaiter``)."""
-        self._upstream_failed(failure)
-
-    def _responded(self, response: Response) -> None:
         self.attempt = None
         if self.settled:  # timed out or cancelled meanwhile
             self._cancel_timer()
             response.body.cancel()
             return
-        if (response.head.status in self.backends.config.retry_statuses
+        status = response.head.status
+        if (status in self.backends.config.retry_statuses
                 and self._retry(self.proxy.reactor.seconds() - self.started)):
             response.body.cancel()
             return
-        self._cancel_timer()
+        if self.timer is not None:
+            self._cancel_timer()
         if self.replay is not None:
             self.replay.release()
         self.settled = True
         now = self.proxy.reactor.seconds()
         self.head_latency = now - self.started
         self.response = response
-        self.status = response.head.status
-        if self.status < 500 and self.backends.failing:
+        self.status = status
+        if status < 500 and self.backends.failing:
             note_health(self.backends, False, "", now)
         body = response.body
+        if body.ended:
+            # The common case: the whole response came with its head (a
+            # small one in one read). Its first byte is now, and its end is
+            # counted as soon as it is handed on: no hooks on the body.
+            self._first_byte(now)
+            self._deliver(response, None)
+            self._ended(body.trailers, body.error)
+            return
         body.on_first_data(self._first_byte)
         self._deliver(response, None)
         body.on_end(self._ended)
 
-    def _first_byte(self) -> None:
+    def attempt_failed(self, failure: Failure) -> None:
+        """The attempt failed without a response (``contracts.AttemptWaiter``)."""
+        self._upstream_failed(failure)
+
+    def _first_byte(self, now: float | None = None) -> None:
+        """The response's first byte (or its end, when it has none): its
+        latency is counted, once."""
         if not self.latency_seen:
             self.latency_seen = True
-            elapsed = self.proxy.reactor.seconds() - self.started
-            self.labels.latency(self.status).observe(elapsed * 1000.0)
+            if now is None:
+                now = self.proxy.reactor.seconds()
+            self.labels.latency(self.status).observe((now - self.started) * 1000.0)
 
     def _ended(self, trailers: Headers | None, reason: Exception | None) -> None:
-        self._first_byte()
+        if not self.latency_seen:
+            self._first_byte()
         response = self.response
         status = self.status
         headers = response.head.headers if response is not None else []

@@ -393,7 +393,8 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
             msg.close_after = True
         self._batch = [data]
         body.consume(self)
-        self._flush_batch()
+        if self._batch is not None:   # not ended yet: what it had goes now
+            self._flush_batch()
 
     def _flush_batch(self) -> None:
         batch, self._batch = self._batch, None
@@ -488,7 +489,7 @@ class H1Server(RequestReader, ServerTunnel, Protocol):
             self._ended_by = "drained"
             close_transport(self.transport)
             return
-        if len(self.queue) <= PIPELINE_DEPTH:
+        if self._pauses and len(self.queue) <= PIPELINE_DEPTH:
             self._resume_reading("pipeline")
         if self.queue:
             self._kick()
