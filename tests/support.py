@@ -552,3 +552,20 @@ def refused_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+def reserved_port(testcase, host: str = "127.0.0.1") -> int:
+    """A port on ``host`` held for the test: bound (not listening) with
+    ``SO_REUSEPORT`` until the test's cleanup. Sockets of this user that set
+    ``SO_REUSEPORT`` too (``--workers``' listeners) may bind and listen on
+    it; nothing else can take it meanwhile, not even as the ephemeral port of
+    some process's outgoing connection (Linux skips a port with a bound
+    socket when it picks one), which is the race a port bound and released
+    at once (``refused_port``) loses on a busy machine. Connections go only to
+    the listening sockets."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.bind((host, 0))
+    testcase.addCleanup(s.close)
+    return s.getsockname()[1]

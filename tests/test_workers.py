@@ -29,14 +29,9 @@ from tests.support import (
     read_response,
     refused_port,
     require_tool,
+    reserved_port,
     wait_for,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EndpointTests(SynchronousTestCase):
@@ -82,7 +77,7 @@ class EndpointTests(SynchronousTestCase):
 
 class ReusePortTests(TestCase):
     def test_two_listen_on_one_port(self):
-        port = _free_port()
+        port = reserved_port(self)
         factory = protocol.Factory.forProtocol(protocol.Protocol)
         description = f"tcp:{port}:interface=127.0.0.1"
         first = workers.listen_reuseport(reactor, description, factory)
@@ -222,7 +217,7 @@ class TwoWorkersTests(SynchronousTestCase):
 
     def test_two_workers(self) -> None:
         echo = echo_server(self)
-        listen = _free_port()
+        listen = reserved_port(self)
         config = build_config(
             [{"name": "in", "service": "echo", "opaque": True,
               "listen": f"tcp:{listen}:interface=127.0.0.1"}],
@@ -267,7 +262,7 @@ class MergedMetricsTests(SynchronousTestCase):
 
     def test_requests_over_both_workers_are_counted_once(self) -> None:
         app = HttpServer(self)
-        listen = _free_port()
+        listen = reserved_port(self)
         config = build_config(
             [{"name": "in", "service": "app",
               "listen": f"tcp:{listen}:interface=127.0.0.1"}],
@@ -319,7 +314,7 @@ class UnixAdminTests(SynchronousTestCase):
         import tempfile
 
         app = HttpServer(self)
-        listen = _free_port()
+        listen = reserved_port(self)
         directory = tempfile.mkdtemp(prefix="l5d-test-")
         self.addCleanup(shutil.rmtree, directory, True)
         admin = os.path.join(directory, "admin.sock")
