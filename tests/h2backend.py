@@ -7,6 +7,8 @@ proxy, so it checks the proxy against an independent peer. Paths:
 * ``/bytes/N``: N bytes of body, sent as the client's windows allow;
 * ``/echo``: the request body back, and a ``x-echo-trailer`` trailer;
 * ``/hang``: headers, then nothing until the client resets the stream;
+* ``/silent``: nothing at all (not even headers) until the client resets
+  the stream, printed as ``SILENT <stream>`` when the request has come;
 * anything else: ``ok``.
 
 Every stream reset by the client is printed as ``RESET <stream> <code>``.
@@ -116,6 +118,8 @@ class Connection:
         elif path == b"/hang":
             self.h2.send_headers(sid, [(b":status", b"200")])
             print(f"HANG {sid}", flush=True)
+        elif path == b"/silent":
+            print(f"SILENT {sid}", flush=True)
         else:
             self.h2.send_headers(sid, [(b":status", b"200"), (b"content-length", b"3")])
             self.h2.send_data(sid, b"ok\n", end_stream=True)
