@@ -18,6 +18,13 @@ from twisted.trial.unittest import TestCase
 from tests.support import ProxyProcess, ThreadedServer, build_config, connect, wait_for
 from tests.test_e2e_h2 import H2SocketClient, proxy_to, start_h2_backend
 
+#: No early connection: a client slower than ``[detect] client_silence`` to
+#: send its first bytes (25 ms by default, often the case on a loaded
+#: machine) makes the proxy dial the endpoint before it knows the protocol
+#: (detect/early.py), one more upstream connection than the counts of
+#: connections and requests at the endpoint below expect.
+NO_EARLY_CONNECT = {"client_silence": 0}
+
 
 def closed_by_peer(sock: socket.socket) -> bool:
     """Whether the peer has closed ``sock`` (EOF or reset), without blocking."""
@@ -107,7 +114,8 @@ class LoadShedEndToEndTests(TestCase):
         if protocol:
             service["protocol"] = protocol
         return ProxyProcess(self, listeners=[{"name": "in", "service": "app"}],
-                            services={"app": service}, proxy={"log_connections": False})
+                            services={"app": service}, detect=NO_EARLY_CONNECT,
+                            proxy={"log_connections": False})
 
     def test_http1(self) -> None:
         backend = ThreadedServer(self, hold_requests)
@@ -237,7 +245,7 @@ class EndpointAcceptsNoStreamsEndToEndTests(TestCase):
             self, listeners=[{"name": "in", "service": "app"}],
             services={"app": {"endpoints": [e.address for e in endpoints],
                               "connect_timeout": self.CONNECT_TIMEOUT}},
-            proxy={"log_connections": False})
+            detect=NO_EARLY_CONNECT, proxy={"log_connections": False})
 
     def request(self, proxy: ProxyProcess) -> tuple[float, dict]:
         client = H2SocketClient(proxy.port("in"))
@@ -374,7 +382,7 @@ class LimitsReloadEndToEndTests(TestCase):
                 [{"name": "in", "service": "app", "max_connections": max_connections}],
                 {"app": {"endpoints": [backend.address], "retry_limit": 0,
                          "max_pending_requests": max_pending}},
-                proxy={"log_connections": False})
+                detect=NO_EARLY_CONNECT, proxy={"log_connections": False})
 
         proxy = ProxyProcess(self, config(2, 10))
         port = proxy.port("in")
@@ -441,7 +449,7 @@ class H1PoolLimitEndToEndTests(TestCase):
         backend = ThreadedServer(self, endpoint)
         config = build_config([{"name": "in", "service": "app"}],
                               {"app": {"endpoints": [backend.address], "retry_limit": 0}},
-                              proxy={"log_connections": False})
+                              detect=NO_EARLY_CONNECT, proxy={"log_connections": False})
         proxy = ProxyProcess(self, config + "\n[http]\nmax_connections_per_endpoint = 1\n")
         port = proxy.port("in")
         clients = {}
