@@ -43,6 +43,7 @@ class Settings:
     slow_seconds: float = 5.0
     ceiling_seconds: float = 3.0
     long_conn_streams: int = 100_000  # streams over one h2 connection (memory scenario)
+    handshake_rate: int = 4000  # new TLS connections/s offered (tls scenario)
     abuse_seconds: float = 30.0  # how long the attackers of the abuse scenario run
     abuse_attacks: tuple[str, ...] = ()  # only these attackers (default: all)
     abuse_proxy: str = "l5dproxy"  # or "haproxy", as a reference

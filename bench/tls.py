@@ -308,7 +308,7 @@ def _round(sup: Supervisor, t: TlsTarget, s: Settings, result: TlsResult, log: A
         if plain.error is None and tls.error is None and plain.metrics.get("rps"):
             result.add(t.name, "plain_rps", plain.metrics["rps"])
             result.add(t.name, "tls_of_plain", tls.metrics["rps"] / plain.metrics["rps"])
-    hs = run_handshakes(sup, t.tls, s.duration)
+    hs = run_handshakes(sup, t.tls, s.duration, s.handshake_rate)
     _record(result, t.name, hs)
     log(f"round {r + 1}/{s.rounds} tls {t.name:<9} {tls.metrics or tls.error} "
         f"{hs.metrics or hs.error}")
