@@ -337,9 +337,9 @@ class H2ServerTimeoutsEndToEndTests(TestCase):
 
     def test_a_connection_that_never_sends_settings_is_closed(self) -> None:
         from hyperframe.frame import GoAwayFrame
+        started = time.monotonic()   # before the proxy can have accepted it
         sock = connect(self.proxy.port("in"))
         self.addCleanup(sock.close)
-        started = time.monotonic()
         sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")   # the magic, no SETTINGS
         frames = self.read_frames_until_eof(sock)
         elapsed = time.monotonic() - started
