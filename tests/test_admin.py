@@ -374,3 +374,16 @@ class GatheredAdminTests(TestCase):
         self.assertEqual((response.code, empty), (200, b""))
         self.assertEqual(response.headers.getRawHeaders(b"content-length"),
                          [str(len(body)).encode()])
+
+    @defer.inlineCallbacks
+    def test_metrics_as_json(self):
+        from l5dproxy.telemetry import families_from_json
+        response, body = yield self.get("/metrics?format=json")
+        self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
+        [family] = families_from_json(body)
+        self.assertEqual([(s.name, s.value) for s in family.samples], [("request_total", 7)])
+        _, body = yield self.get("/metrics?local&format=json")
+        samples = [s for f in families_from_json(body) for s in f.samples
+                   if s.name == "request_total"]
+        self.assertEqual([s.value for s in samples], [2])
+        self.assertEqual(self.gathered, 1)

@@ -258,3 +258,34 @@ class MergeTests(SynchronousTestCase):
         self.assertEqual(got.keys(), expected.keys())
         for key, value in expected.items():
             self.assertAlmostEqual(got[key], value, places=6, msg=str(key))
+
+
+class FamiliesJsonTests(SynchronousTestCase):
+    """The JSON form worker 0 gathers the other workers' metrics in."""
+
+    def test_round_trip_is_the_same_exposition(self) -> None:
+        from l5dproxy.telemetry import families_from_json, families_to_json
+        metrics = Metrics()
+        metrics.request_total.labels("inbound", "in", "app", "a", "http1", "", "", "").inc(3)
+        child = metrics.response_latency_ms.labels("inbound", "in", "app", "a", "http1", "",
+                                                   "", "", "200")
+        for value in (0.5, 7, 7000, 90000):
+            child.observe(value)
+        metrics.tcp_side("src", "in", "app", "http1", "127.0.0.1:1").opened()
+        families = list(metrics.registry.collect())
+        back = families_from_json(families_to_json(families))
+        self.assertEqual(generate_latest(_Families(back)), generate_latest(_Families(families)))
+
+    def test_not_families_is_a_value_error(self) -> None:
+        from l5dproxy.telemetry import families_from_json
+        for data in (b"", b"not json", b"[]", b'{"families": 1}',
+                     b'{"families": [{"name": "x"}]}',
+                     b'{"families": [{"name": "x", "help": "", "type": "nope", "unit": "",'
+                     b' "samples": []}]}',
+                     b'{"families": [{"name": "x", "help": "", "type": "gauge", "unit": "",'
+                     b' "samples": [["x", [], 1]]}]}',
+                     b'{"families": [{"name": "x", "help": "", "type": "gauge", "unit": "",'
+                     b' "samples": [["x", {}, "one"]]}]}',
+                     b'{"families": [{"name": "x", "help": "", "type": "gauge", "unit": "",'
+                     b' "samples": [["x", {}]]}]}'):
+            self.assertRaises(ValueError, families_from_json, data)

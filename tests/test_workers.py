@@ -152,7 +152,13 @@ class GatherTests(TestCase):
                 registry=self.registry).labels("app").inc()
         Gauge("tcp_open_connections", "Connections currently open", ("peer",),
               registry=self.registry).labels("src").set(1)
-        self.good = _Answer(WORKER_TEXT)
+        from prometheus_client.parser import text_string_to_metric_families
+
+        from l5dproxy.telemetry import families_to_json
+
+        # What a worker's /metrics?local&format=json answers.
+        self.good = _Answer(families_to_json(text_string_to_metric_families(
+            WORKER_TEXT.decode())))
         _Silent.connections = []
         self.addCleanup(lambda: [p.transport.abortConnection() for p in _Silent.connections])
         self.gatherer = workers.MetricsGatherer(reactor, 9, self.registry.collect,
@@ -186,7 +192,7 @@ class GatherTests(TestCase):
         first, second = self.gatherer.gather(), self.gatherer.gather()
         families = yield first
         self.assertIs((yield second), families)  # one round for both scrapes
-        self.assertEqual(self.good.requests, [b"/metrics?local"] * 2)  # workers 1 and 8
+        self.assertEqual(self.good.requests, [b"/metrics?local&format=json"] * 2)  # 1 and 8
         samples = parse_metrics(generate_latest(_Collect(families)).decode())
         self.assertEqual(metric_value(samples, "request_total", service="app"), 5)
         self.assertEqual(metric_value(samples, "tcp_open_connections", peer="src"), 11)

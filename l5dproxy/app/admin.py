@@ -14,12 +14,15 @@ import json
 from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
+
+from l5dproxy.telemetry import families_to_json
 
 if TYPE_CHECKING:
     from l5dproxy.app.stats import Stats
@@ -36,7 +39,7 @@ ENDPOINTS = (
     ("/tap", "GET", "live requests, one JSON object a line (or SSE); filters service, "
                     "authority, path_prefix, method, status; limit, seconds, start=1"),
     ("/metrics", "GET", "Prometheus metrics (with --workers: the whole group on the admin"
-                        " port; ?local for this process alone)"),
+                        " port; ?local for this process alone; ?format=json as JSON)"),
     ("/ready", "GET", "200 once every listener is bound, 503 while starting or stopping"),
     ("/live", "GET", "200 while the process runs"),
     ("/config.json", "GET", "the effective configuration (JSON)"),
@@ -105,12 +108,13 @@ class _Text(_Resource):
 
 
 class _Gathered(_Resource):
-    """A resource rendered from the whole worker group's metric families
-    (``gather`` fires with them, later), or from this process's alone
-    (``local``) when the request has ``?local``."""
+    """A resource rendered from metric families: the whole worker group's
+    (``gather`` fires with them, later) or, without ``gather`` or when the
+    request has ``?local``, this process's (``local``). ``render`` gets the
+    families and the query (``{name: [value, ...]}``)."""
 
-    def __init__(self, gather: Callable[[], Deferred],
-                 render: Callable[[Any], tuple[int, bytes, str]],
+    def __init__(self, gather: Callable[[], Deferred] | None,
+                 render: Callable[[Any, dict[str, list[str]]], tuple[int, bytes, str]],
                  local: Callable[[], Any]) -> None:
         super().__init__()
         self.gather = gather
@@ -118,16 +122,17 @@ class _Gathered(_Resource):
         self.local = local
 
     def render_GET(self, request) -> bytes | int:
-        query = request.uri.partition(b"?")[2]
         # Not request.args: Twisted's parse_qs drops a name without "=".
-        if any(item.partition(b"=")[0] == b"local" for item in query.split(b"&")):
-            return self._write(request, self._render(self.local()))
+        query = parse_qs(request.uri.partition(b"?")[2].decode("latin-1"),
+                         keep_blank_values=True)
+        if self.gather is None or "local" in query:
+            return self._write(request, self._render(self.local(), query))
         finished: list[bool] = []
         request.notifyFinish().addBoth(finished.append)
 
         def done(families) -> None:
             if not finished:  # else the client has gone
-                request.write(self._write(request, self._render(families)))
+                request.write(self._write(request, self._render(families, query)))
                 request.finish()
 
         self.gather().addCallback(done)
@@ -316,12 +321,13 @@ def admin_site(registry: CollectorRegistry, is_ready: Callable[[], bool],
     """The admin site; ``extra`` adds resources (for example ``/opaque``).
     With ``gather`` (worker 0 of ``--workers N``: a Deferred of the group's
     metric families), ``/metrics`` and ``/stats.json`` show the whole group
-    and ``?local`` this process alone."""
+    and ``?local`` this process alone. ``/metrics?format=json`` gives the
+    same families as JSON (``telemetry.families_to_json``: the form worker 0
+    gathers the others' in)."""
 
-    def metrics() -> tuple[int, bytes, str]:
-        return 200, generate_latest(registry), CONTENT_TYPE_PLAIN_0_0_4
-
-    def group_metrics(families) -> tuple[int, bytes, str]:
+    def metrics(families, query: dict[str, list[str]]) -> tuple[int, bytes, str]:
+        if query.get("format") == ["json"]:
+            return 200, families_to_json(families), JSON
         return 200, generate_latest(_Families(families)), CONTENT_TYPE_PLAIN_0_0_4
 
     def ready() -> tuple[int, bytes, str]:
@@ -331,21 +337,16 @@ def admin_site(registry: CollectorRegistry, is_ready: Callable[[], bool],
         return 200, b"live\n", PLAIN
 
     root = _Index()
-    if gather is None:
-        root.putChild(b"metrics", _Text(metrics))
-    else:
-        root.putChild(b"metrics", _Gathered(gather, group_metrics, registry.collect))
+    root.putChild(b"metrics", _Gathered(gather, metrics, registry.collect))
     root.putChild(b"ready", _Text(ready))
     root.putChild(b"live", _Text(live))
     root.putChild(b"log-level", _LogLevel())
     root.putChild(b"version", _Text(lambda: (200, _json((version or version_info)()), JSON)))
     if config_json is not None:
         root.putChild(b"config.json", _Text(lambda: (200, _json(config_json()), JSON)))
-    if stats is not None and gather is None:
-        root.putChild(b"stats.json", _Text(lambda: (200, _json(stats.snapshot()), JSON)))
-    elif stats is not None and gather is not None:
+    if stats is not None:
         root.putChild(b"stats.json", _Gathered(
-            gather, lambda families: (200, _json(stats.snapshot(families)), JSON),
+            gather, lambda families, _: (200, _json(stats.snapshot(families)), JSON),
             registry.collect))
     if tap is not None:
         root.putChild(b"tap", _Tap(tap))
