@@ -268,3 +268,91 @@ class ShortcutsAreH2Tests(SynchronousTestCase):
             config = H2Configuration(client_side=False, header_encoding=None,
                                      **{**_H2_CONFIG, option: True})
             self.assertIs(ProxyH2Connection(config).stream_class, _LengthBlindStream, option)
+
+
+def _check_field_before(name: bytes, value: bytes) -> None:
+    """``translate._check_field`` as it was before its shortcuts (one
+    regular expression per value, no remembered names): the reference."""
+    import re
+
+    from h2.utilities import CONNECTION_HEADERS
+
+    from l5dproxy.http.h2.translate import MalformedError
+
+    if re.fullmatch(rb"[!#$%&'*+\-.^_`|~0-9a-z]+", name) is None:
+        raise MalformedError("invalid field name")
+    if value and re.search(rb"[\x00-\x08\x0a-\x1f\x7f]|\A[ \t]|[ \t]\Z", value) is not None:
+        raise MalformedError("invalid field value")
+    if name in CONNECTION_HEADERS:
+        raise MalformedError("connection-specific field")
+    if name == b"te" and value.lower() != b"trailers":
+        raise MalformedError("te other than trailers")
+
+
+def _verdict(check, name: bytes, value: bytes) -> str:
+    from l5dproxy.http.h2.translate import MalformedError
+
+    try:
+        check(name, value)
+    except MalformedError as e:
+        return e.reason
+    return "ok"
+
+
+#: Bytes that matter to the rules: token characters, uppercase, SP, HTAB,
+#: the CTLs, DEL, 8-bit.
+_field_bytes = st.binary(max_size=12) | st.lists(
+    st.sampled_from(b"aZ-_: \t\x00\x01\x08\x09\x0a\x0d\x1f\x7f\x80\xff"), max_size=8).map(bytes)
+_ends = st.sampled_from([b"", b"", b" ", b"\t", b"\r", b"\x00"])
+#: Values: bytes as above, and visible text with something (or nothing) at its ends.
+_values = _field_bytes | st.builds(
+    lambda a, text, b: a + text.encode() + b, _ends,
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7e), max_size=8), _ends)
+_names = _field_bytes | st.sampled_from(
+    [b"te", b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"x-a",
+     b"proxy-connection", b"host", b"content-length", b"TE"])
+
+
+class CheckFieldTests(SynchronousTestCase):
+    """``translate._check_field`` with remembered names and the value check
+    split in three gives every field the verdict, and the reason, that the
+    rules gave before, the first time a name is seen and every time after."""
+
+    def setUp(self) -> None:
+        from l5dproxy.http.h2 import translate
+
+        self.translate = translate
+        saved = set(translate._known_names)
+        translate._known_names.clear()
+
+        def restore() -> None:
+            translate._known_names.clear()
+            translate._known_names.update(saved)
+
+        self.addCleanup(restore)
+
+    @settings(max_examples=500, derandomize=True, database=None, deadline=None)
+    @given(st.lists(st.tuples(_names, _values), min_size=1, max_size=6))
+    def test_same_verdicts_as_before(self, fields) -> None:
+        check = self.translate._check_field
+        for name, value in fields:
+            self.assertEqual(_verdict(check, name, value),
+                             _verdict(_check_field_before, name, value), (name, value))
+        for name, _ in fields:
+            _verdict(check, name, b"v")   # a well-formed field: its name is remembered
+        for name, value in fields:
+            self.assertEqual(_verdict(check, name, value),
+                             _verdict(_check_field_before, name, value), (name, value))
+
+    def test_remembered_names_are_bounded(self) -> None:
+        translate = self.translate
+        for i in range(translate._KNOWN_NAMES_MAX + 100):
+            translate._check_field(b"x-%d" % i, b"v")
+        translate._check_field(b"y" * (translate._KNOWN_NAME_LENGTH + 1), b"v")
+        translate._check_field(b"te", b"trailers")
+        self.assertEqual(len(translate._known_names), translate._KNOWN_NAMES_MAX)
+        self.assertNotIn(b"te", translate._known_names)
+        # a remembered name still has its values checked
+        self.assertEqual(_verdict(translate._check_field, b"x-1", b"a\r\nb"),
+                         "invalid field value")
+        self.assertEqual(_verdict(translate._check_field, b"x-1", b" a"), "invalid field value")
