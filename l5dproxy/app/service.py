@@ -42,6 +42,7 @@ from l5dproxy.detect.memory import OpaqueMemory
 from l5dproxy.discovery import Discovery, make_resolver
 from l5dproxy.http.h1.pool import H1Client
 from l5dproxy.http.h1.server import h1_handler
+from l5dproxy.http.h2.codec import describe_engine, engine_at_start
 from l5dproxy.http.h2.pool import H2Client
 from l5dproxy.http.h2.server import h2_handler
 from l5dproxy.net.dns import stop_resolver
@@ -88,6 +89,7 @@ class ProxyService(Service):
         # HTTP: one dispatcher for every listener; codec ends register here.
         self.http = HttpProxy(self.backends, self.metrics, reactor)
         sites = HttpSites()
+        self.h2_engine = engine_at_start(config.h2.engine, config.source)
         self.http.clients["h2"] = H2Client(reactor, settings=config.h2, metrics=self.metrics)
         self.handlers: dict[str, Handler] = {"h2": h2_handler(self.http, config.h2, sites)}
         self.http.clients["http1"] = H1Client(reactor, self.metrics,
@@ -183,6 +185,7 @@ class ProxyService(Service):
     def startService(self) -> None:
         log.info("l5dproxy {version} starting, config {path}", version=__version__,
                  path=self.config.source)
+        log.info("h2 engine: {engine}", engine=describe_engine(self.h2_engine))
         if not self.ports and self.listeners:
             self.bind()
         super().startService()

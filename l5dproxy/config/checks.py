@@ -71,6 +71,13 @@ def check_duration(value: float) -> str | None:
     return "must be a duration in seconds, not negative" if value < 0 else None
 
 
+def check_h2_engine(value: str) -> str | None:
+    """``[h2] engine``: a name; whether libnghttp2 loads is checked at start
+    (``http.h2.codec.resolve_engine``)."""
+    engines = ("auto", "nghttp2", "h2")
+    return None if value in engines else f"must be one of {', '.join(engines)}"
+
+
 def check_positive_duration(value: float) -> str | None:
     return "must be a duration in seconds, greater than 0" if value <= 0 else None
 

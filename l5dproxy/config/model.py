@@ -319,3 +319,6 @@ class H2Config:
     preface_timeout: float = 10.0
     #: Seconds with no stream open before a graceful GOAWAY and close; 0: never.
     idle_timeout: float = 60.0
+    #: The HTTP/2 codec: "h2" (the pure-Python library), "nghttp2" (libnghttp2
+    #: through cffi), or "auto" (nghttp2 if it loads, else h2).
+    engine: str = "h2"

@@ -18,6 +18,7 @@ from l5dproxy.config.checks import (
     check_duration,
     check_endpoint,
     check_forwarded,
+    check_h2_engine,
     check_host_port,
     check_learned_max,
     check_log_format,
@@ -204,6 +205,7 @@ def _parse_h2(t: Table) -> H2Config:
                                     check_duration)),
         idle_timeout=float(t.get("idle_timeout", (int, float), _H2_DEFAULTS.idle_timeout,
                                  check_duration)),
+        engine=t.get("engine", str, _H2_DEFAULTS.engine, check_h2_engine),
     )
     t.finish()
     return h2

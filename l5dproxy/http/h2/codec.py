@@ -16,6 +16,7 @@ name). The ``h2``-based codec is ``connection.ProxyH2Connection``.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -157,13 +158,77 @@ class H2Codec(Protocol):
         ...
 
 
+#: ``[h2] engine``'s values.
+ENGINES = ("auto", "nghttp2", "h2")
+
+#: The environment variable that overrides ``[h2] engine`` (README: how CI
+#: runs the HTTP/2 tests on both engines; an operator trying one without
+#: editing the config).
+ENGINE_ENV = "L5DPROXY_H2_ENGINE"
+
+_resolved: dict[str, str] = {}
+
+
+def resolve_engine(name: str) -> str:
+    """The engine ``name`` (``[h2] engine``, or ``$L5DPROXY_H2_ENGINE`` when
+    set) means here: ``"h2"`` or ``"nghttp2"``; ``"auto"`` is nghttp2 when
+    libnghttp2 loads, else h2. Raises ``ValueError`` for an unknown name and
+    ``nghttp2_abi.Nghttp2UnavailableError`` (saying what is missing) for
+    ``"nghttp2"`` where it does not load."""
+    name = os.environ.get(ENGINE_ENV) or name
+    engine = _resolved.get(name)
+    if engine is not None:
+        return engine
+    if name not in ENGINES:
+        raise ValueError(f"unknown h2 engine {name!r} (one of {', '.join(ENGINES)})")
+    engine = "h2"
+    if name != "h2":
+        from l5dproxy.http.h2.nghttp2_abi import Nghttp2UnavailableError, load
+
+        try:
+            load()
+            engine = "nghttp2"
+        except Nghttp2UnavailableError:
+            if name == "nghttp2":
+                raise
+    _resolved[name] = engine
+    return engine
+
+
+def engine_at_start(name: str, source: str) -> str:
+    """``resolve_engine`` for a proxy starting with the config file
+    ``source``: a name that cannot be used here ends the start with one line
+    naming the file, the key and why (``SystemExit``, as
+    ``app.service.StartupError`` does)."""
+    try:
+        return resolve_engine(name)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"l5dproxy: {source}: [h2] engine: {e}") from None
+
+
+def describe_engine(engine: str) -> str:
+    """``engine`` with its library's version, for the start-up log line."""
+    if engine == "nghttp2":
+        from l5dproxy.http.h2.nghttp2_abi import version
+
+        return f"nghttp2 (libnghttp2 {version()} through cffi)"
+    import h2
+
+    return f"h2 ({h2.__version__}, pure Python)"
+
+
 def server_codec(settings: H2Config) -> H2Codec:
     """A server-side codec advertising ``settings``' limits (SETTINGS queued:
     ``data_to_send`` has them), its connection window opened to
-    ``connection_window_size``. It never refuses a stream for
-    MAX_CONCURRENT_STREAMS itself (the server end answers REFUSED_STREAM),
-    and takes header lists up to 4 times ``max_header_list_size`` (at least
-    256 KiB) so the end can answer 431 below that."""
+    ``connection_window_size``, on the engine ``settings.engine`` resolves
+    to. It never refuses a stream for MAX_CONCURRENT_STREAMS itself (the
+    server end answers REFUSED_STREAM), and takes header lists up to
+    ``connection.server_header_list_cap`` so the end can answer 431 below
+    that."""
+    if resolve_engine(settings.engine) == "nghttp2":
+        from l5dproxy.http.h2.nghttp2 import Nghttp2Codec
+
+        return Nghttp2Codec.for_server(settings)
     from l5dproxy.http.h2.connection import ProxyH2Connection
 
     return ProxyH2Connection.for_server(settings)
@@ -172,7 +237,10 @@ def server_codec(settings: H2Config) -> H2Codec:
 def client_codec(settings: H2Config) -> H2Codec:
     """A client-side codec (push disabled, ``settings``' windows, a
     MAX_HEADER_LIST_SIZE of at least 64 KiB), SETTINGS queued."""
+    if resolve_engine(settings.engine) == "nghttp2":
+        from l5dproxy.http.h2.nghttp2 import Nghttp2Codec
+
+        return Nghttp2Codec.for_client(settings)
     from l5dproxy.http.h2.connection import ProxyH2Connection
 
     return ProxyH2Connection.for_client(settings)
-
