@@ -39,6 +39,9 @@ Users today:
   ``_v2parser.V2Parser.parse`` and ``_exceptions.InvalidProxyHeader``: the
   package's one public name, ``proxyEndpoint``, wraps a whole listening
   endpoint and cannot do ``optional``, a timeout or protocol switching).
+* Twisted: ``l5dproxy/net/eventloop.py`` (replaces ``EPollReactor.doPoll`` on
+  the running reactor with a copy of its loop that calls ``_doReadOrWrite``
+  without ``log.callWithLogger``; reads ``_poller`` and ``_selectables``).
 * prometheus-client: ``l5dproxy/telemetry.py`` (``PendingHistogram`` adds to a
   histogram child's ``_buckets`` and ``_sum``).
 """
@@ -661,3 +664,111 @@ class PrometheusHistogramInternalsTests(_Canary):
                      and samples.get(("canary_ms_sum", None)) == 7.5,
                      "prometheus_client", "prometheus_client.Histogram._buckets/_sum",
                      self.user, f"are not what is exposed (samples {samples})")
+
+
+class EPollReactorInternalsTests(_Canary):
+    """``twisted.internet.epollreactor.EPollReactor`` as net/eventloop.py uses it."""
+
+    USER = "l5dproxy/net/eventloop.py"
+    #: sha256 of ``inspect.getsource(EPollReactor.doPoll)`` in Twisted 26.10:
+    #: the loop ``eventloop._do_poll`` copies (without callWithLogger).
+    DO_POLL_SHA256 = "09b62ae68ef01b4bc5eaa170827e2baf0a2a5098e7e7ce7b5e1c80cda187c827"
+
+    def _reactor(self):
+        from twisted.internet.epollreactor import EPollReactor
+
+        reactor = EPollReactor()
+
+        def close() -> None:   # closing the epoll fd drops every registration
+            reactor.waker.connectionLost(None)
+            reactor._poller.close()
+        self.addCleanup(close)
+        return reactor
+
+    def test_do_poll_is_the_loop_ours_copies(self) -> None:
+        from twisted.internet.epollreactor import EPollReactor
+
+        source = inspect.getsource(EPollReactor.doPoll)
+        import hashlib
+        self.require(hashlib.sha256(source.encode()).hexdigest() == self.DO_POLL_SHA256,
+                     "twisted", "EPollReactor.doPoll", self.USER,
+                     "changed: compare it with eventloop._do_poll, carry the change over "
+                     "(or drop lighten) and update DO_POLL_SHA256")
+
+    def test_private_names(self) -> None:
+        reactor = self._reactor()
+        for attr in ("_poller", "_selectables", "_doReadOrWrite"):
+            self.require_attr(reactor, attr, "twisted", f"EPollReactor.{attr}", self.USER)
+        self.require(isinstance(reactor._selectables, dict), "twisted",
+                     "EPollReactor._selectables", self.USER, "is no longer a dict by fd")
+        self.require_params(reactor._doReadOrWrite, ["selectable", "fd", "event"], "twisted",
+                            "EPollReactor._doReadOrWrite", self.USER)
+        from twisted.internet.epollreactor import EPollReactor
+        self.require(EPollReactor.doIteration is EPollReactor.doPoll, "twisted",
+                     "EPollReactor.doIteration", self.USER,
+                     "is no longer the alias of doPoll that lighten replaces with it")
+
+    def _reader(self, fail_read: bool = False, fail_lost: bool = False):
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        peer.send(b"x")
+
+        class Reader:
+            reads = 0
+            lost = 0
+
+            def fileno(self) -> int:
+                return ours.fileno()
+
+            def logPrefix(self) -> str:
+                return "Reader"
+
+            def doRead(self):
+                self.reads += 1
+                ours.recv(10)
+                if fail_read:
+                    raise ValueError("read failed")
+
+            def connectionLost(self, reason) -> None:
+                self.lost += 1
+                if fail_lost:
+                    raise ValueError("connectionLost failed")
+        return Reader()
+
+    def test_lightened_reactor_dispatches_without_call_with_logger(self) -> None:
+        from twisted.python import log as legacy
+
+        from l5dproxy.net import eventloop
+
+        reactor = self._reactor()
+        self.assertFalse(eventloop.lighten(MemoryReactor()))
+        self.assertTrue(eventloop.lighten(reactor))
+        reader = self._reader()
+        reactor.addReader(reader)
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("callWithLogger called")
+        self.patch(legacy, "callWithLogger", refuse)
+        reactor.iterate(0)   # what the reactor's loop calls (doIteration)
+        self.assertEqual((reader.reads, reader.lost), (1, 0))
+
+    def test_an_escaping_exception_is_logged_and_the_next_event_handled(self) -> None:
+        """A read that fails is the reactor's as before (the selectable is
+        disconnected); a failure escaping ``_doReadOrWrite`` (here from
+        ``connectionLost``) is logged and the other ready reader still read."""
+        from l5dproxy.net import eventloop
+
+        reactor = self._reactor()
+        eventloop.lighten(reactor)
+        broken = self._reader(fail_read=True, fail_lost=True)
+        fine = self._reader()
+        reactor.addReader(broken)
+        reactor.addReader(fine)
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        reactor.iterate(0)
+        self.assertEqual((broken.reads, broken.lost, fine.reads), (1, 1, 1))
+        self.assertTrue(any("handling an event of" in formatEvent(e) for e in events), events)
+        self.flushLoggedErrors(ValueError)

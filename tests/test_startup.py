@@ -51,3 +51,36 @@ class RelativeConfigTests(TestCase):
         self.assertIn(f"l5dproxy {__version__} starting, config {expected}",
                       [formatEvent(e) for e in events])
         self.assertTrue(service.reload())   # the same file, found from /
+
+
+class EventLoopTests(TestCase):
+    """Under twistd (the plugin's options have twistd's as parent) the
+    reactor's events are dispatched without the per-event log context
+    (``net/eventloop.lighten``); a test calling ``make_service`` directly
+    leaves its own reactor as it is."""
+
+    def _options(self, under_twistd: bool) -> Options:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(CONFIG)
+        if not under_twistd:
+            options = Options()
+            options.parseOptions(["--config", path])
+            return options
+        from twisted.scripts.twistd import ServerOptions
+
+        server = ServerOptions()
+        server.parseOptions(["-n", "l5dproxy", "--config", path])
+        return server.subOptions
+
+    def test_twistd_reactor_lightened_a_tests_not(self) -> None:
+        from twisted.internet import reactor
+
+        from l5dproxy.net import eventloop
+
+        calls: list = []
+        self.patch(eventloop, "lighten", calls.append)
+        make_service(self._options(under_twistd=False))
+        self.assertEqual(calls, [])
+        make_service(self._options(under_twistd=True))
+        self.assertEqual(calls, [reactor])

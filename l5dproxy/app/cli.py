@@ -72,6 +72,11 @@ def make_service(options: Options):
     config = dataclasses.replace(config, source=path)
     from l5dproxy.app import logs
     logs.set_level(config.proxy.log_level)
+    if getattr(options, "parent", None) is not None:   # under twistd (not a test's reactor)
+        from twisted.internet import reactor
+
+        from l5dproxy.net import eventloop
+        eventloop.lighten(reactor)   # no per-event log context (net/eventloop.py)
     index = options["worker-index"]
     count = options["workers"]
     if index is None and count > 1:
