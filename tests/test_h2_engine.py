@@ -51,8 +51,8 @@ class EngineKeyTests(SynchronousTestCase):
         self.addCleanup(env.stop)
         os.environ.pop(codec.ENGINE_ENV, None)
 
-    def test_key_parsed_default_h2(self) -> None:
-        self.assertEqual(parse(tomllib.loads(BASE), "f.toml").h2.engine, "h2")
+    def test_key_parsed_default_auto(self) -> None:
+        self.assertEqual(parse(tomllib.loads(BASE), "f.toml").h2.engine, "auto")
         for name in ("auto", "nghttp2", "h2"):
             config = parse(tomllib.loads(BASE + f'[h2]\nengine = "{name}"\n'), "f.toml")
             self.assertEqual(config.h2.engine, name)

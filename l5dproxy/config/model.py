@@ -321,4 +321,4 @@ class H2Config:
     idle_timeout: float = 60.0
     #: The HTTP/2 codec: "h2" (the pure-Python library), "nghttp2" (libnghttp2
     #: through cffi), or "auto" (nghttp2 if it loads, else h2).
-    engine: str = "h2"
+    engine: str = "auto"
