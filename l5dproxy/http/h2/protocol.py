@@ -405,6 +405,11 @@ class H2Protocol(Protocol):
             if self.budget is not None:
                 self.budget.earn()   # a completed stream
             self._stream_gone(stream)
+            # Its bodies and its attempt point back at it (source, sink,
+            # ``H2Attempt.stream``): without these edges they go by reference
+            # counting once the exchange lets go, not at the cyclic garbage
+            # collector's next pass (about 16 objects per request otherwise).
+            stream.in_body = stream.out_body = stream.pending = None
 
     def _handle(self, events) -> None:
         try:
