@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import traceback
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -29,7 +30,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import StreamClosedError
+from h2.exceptions import ProtocolError
 
 CHUNK = 16384
 ZEROS = b"\0" * (1 << 20)
@@ -43,6 +44,9 @@ class Connection:
         self.requests: dict[int, dict] = {}
         self.window_open = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
+        self.peer = writer.get_extra_info("peername")
+        self.gone: set[int] = set()   # streams reset in the current read
+        self.goaway = False           # a GOAWAY came: h2 sends nothing more
 
     def spawn(self, coroutine) -> None:
         task = asyncio.ensure_future(coroutine)
@@ -56,15 +60,43 @@ class Connection:
             while True:
                 data = await self.reader.read(65536)
                 if not data:
+                    print(f"EOF {self.peer}", flush=True)
                     break
-                for event in self.h2.receive_data(data):
-                    self.handle(event)
+                try:
+                    events = self.h2.receive_data(data)
+                except ProtocolError as e:
+                    # A connection error of the proxy's: h2 has queued its
+                    # GOAWAY. Say why, with the read that broke the
+                    # connection, and send the GOAWAY.
+                    print(f"ERROR {self.peer} {e!r} in {data[:200].hex()}", flush=True)
+                    await self.flush()
+                    return
+                self.handle_read(events)
                 await self.flush()
         except Exception as e:  # a test peer: report, never raise
             if not isinstance(e, ConnectionError):
-                print(f"ERROR {e!r}", flush=True)
+                print(f"ERROR {self.peer} {e!r}", flush=True)
+                traceback.print_exc(file=sys.stdout)
+                sys.stdout.flush()
         finally:
             self.writer.close()
+
+    def received(self, data: bytes) -> None:
+        """One read (``run``'s, without its error report)."""
+        self.handle_read(self.h2.receive_data(data))
+
+    def handle_read(self, events: list) -> None:
+        """One read's events, handled in order. h2 has read the
+        whole of it first, so a request may already be gone when its
+        event is handled: reset later in the read (and forgotten by h2 if
+        a newer stream opened: answering it would raise
+        ``StreamIDTooLowError``), or the connection closed by a GOAWAY (h2
+        sends nothing after one). Those requests are not answered."""
+        self.gone = {e.stream_id for e in events if isinstance(e, StreamReset)}
+        if any(isinstance(e, ConnectionTerminated) for e in events):
+            self.goaway = True
+        for event in events:
+            self.handle(event)
 
     async def flush(self) -> None:
         data = self.h2.data_to_send()
@@ -91,16 +123,19 @@ class Connection:
             print(f"RESET {event.stream_id} {int(event.error_code)}", flush=True)
             self.requests.pop(event.stream_id, None)
             self.window_open.set()
-        elif isinstance(event, WindowUpdated | ConnectionTerminated):
+        elif isinstance(event, ConnectionTerminated):
+            # The code as a number: "NO_ERROR" would read as an ERROR line.
+            print(f"GOAWAY {self.peer} {int(event.error_code)} {event.additional_data!r}",
+                  flush=True)
+            self.window_open.set()
+        elif isinstance(event, WindowUpdated):
             self.window_open.set()
 
     def respond(self, sid: int) -> None:
-        try:
-            self._respond(sid)
-        except StreamClosedError:
-            # The client reset the stream in the same read (its RST_STREAM
-            # event is next): nothing to answer, the connection carries on.
+        if sid in self.gone or self.goaway:   # see ``handle_read``
             self.requests.pop(sid, None)
+            return
+        self._respond(sid)
 
     def _respond(self, sid: int) -> None:
         request = self.requests[sid]

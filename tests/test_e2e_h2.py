@@ -210,8 +210,11 @@ class H2EndToEndTests(TestCase):
             self.assertIsNotNone(match, out)
             total, succeeded, failed, errored = map(int, match.groups())
             self.assertGreater(succeeded, 0, out)
+            with open(self.backend_log) as f:
+                backend = [line for line in f if not line.startswith("RESET")]
             self.assertEqual((succeeded, failed, errored), (total, 0, 0),
-                             f"{out}\nproxy log:\n{self.proxy.log_text()[-4000:]}")
+                             f"{out}\nproxy log:\n{self.proxy.log_text()[-4000:]}"
+                             f"\nbackend log:\n{''.join(backend[-40:])}")
         with open(self.backend_log) as f:
             self.assertNotIn("ERROR", f.read())   # the backend kept its connections
         log = self.proxy.log_text()
@@ -674,3 +677,74 @@ class GrpcThroughHttp1Tests(TestCase):
                                                  protocol="http1"), 1)
         self.assertEqual(self.inner.metric_value("response_total", protocol="http1",
                                                  grpc_status="7"), 1)
+
+
+class H2BackendTests(TestCase):
+    """tests/h2backend.py itself: a strict peer that must never end a
+    connection for what a proxy may rightly send, or the e2e tests above
+    fail on the harness (the flake of test_clients_leaving_mid_flight_break_nothing:
+    ``StreamIDTooLowError`` answering a request the proxy had reset)."""
+
+    def backend(self):
+        from tests.h2backend import Connection
+
+        class Writer:
+            def get_extra_info(self, name):
+                return ("127.0.0.1", 1)
+
+        backend = Connection(None, Writer())   # type: ignore[arg-type]
+        client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        client.initiate_connection()
+        backend.h2.initiate_connection()
+        backend.received(client.data_to_send())
+        client.receive_data(backend.h2.data_to_send())
+        backend.received(client.data_to_send())
+        return backend, client
+
+    def answered(self, backend, client) -> dict:
+        out: dict = {}
+        for event in client.receive_data(backend.h2.data_to_send()):
+            if isinstance(event, ResponseReceived):
+                out[event.stream_id] = dict(event.headers)[b":status"]
+        return out
+
+    def test_request_reset_in_the_same_read_is_not_answered(self) -> None:
+        """A request, its RST_STREAM and a later request in one read (the
+        proxy cancels an upstream stream as its client leaves, and opens
+        the next): the reset one gets nothing, the next its answer, and the
+        connection carries on. h2 forgets the reset stream when the later
+        one opens, so answering it raised StreamIDTooLowError and the
+        backend closed the connection, failing every stream on it."""
+        from hyperframe.frame import RstStreamFrame
+
+        for later in (False, True):
+            backend, client = self.backend()
+            get = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"),
+                   (b":authority", b"app.test")]
+            client.send_headers(1, get, end_stream=True)
+            if later:
+                client.send_headers(3, get, end_stream=True)
+                data = client.data_to_send()
+                # RST_STREAM(1) between the two HEADERS, as the proxy writes them
+                # when the reset comes before the next request.
+                first = 9 + int.from_bytes(data[:3], "big")
+                data = data[:first] + RstStreamFrame(1, error_code=8).serialize() + data[first:]
+            else:
+                client.reset_stream(1, 8)
+                data = client.data_to_send()
+            backend.received(data)
+            self.assertEqual(self.answered(backend, client), {3: b"200"} if later else {})
+            client.send_headers(5, get, end_stream=True)
+            backend.received(client.data_to_send())
+            self.assertEqual(self.answered(backend, client), {5: b"200"})
+
+    def test_request_with_goaway_in_the_same_read_is_not_answered(self) -> None:
+        """A request and the proxy's GOAWAY in one read (the proxy drains
+        the connection as it stops): h2 refuses to send after a GOAWAY, so
+        the request goes unanswered rather than failing the connection."""
+        backend, client = self.backend()
+        client.send_headers(1, [(b":method", b"GET"), (b":scheme", b"http"),
+                                (b":path", b"/"), (b":authority", b"app.test")],
+                            end_stream=True)
+        backend.received(client.data_to_send() + GoAwayFrame(0, last_stream_id=0).serialize())
+        self.assertEqual(self.answered(backend, client), {})
