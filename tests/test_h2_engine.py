@@ -18,7 +18,17 @@ from unittest import mock
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, ResponseReceived, StreamEnded, TrailersReceived
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from h2.exceptions import ProtocolError, StreamClosedError
+from h2.settings import SettingCodes, Settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock
@@ -261,3 +271,119 @@ class CodecOrderTests(SynchronousTestCase):
             self.assertEqual([type(e).__name__ for e in events],
                              ["ResponseReceived", "StreamEnded", "StreamReset"], engine)
             self.assertEqual(events[-1].error_code, ErrorCodes.NO_ERROR)
+
+
+# -- a strict peer: the client codec's resets mid-flight never break it ------
+
+#: (what, a number picking a stream or a size): the client codec opens
+#: requests (bodiless, or with a body it may not finish), resets them, and
+#: its bytes reach the peer whole or cut anywhere; the peer answers, resets,
+#: and its bytes come back; each side's output may lag the other's.
+peer_ops = st.lists(st.tuples(
+    st.sampled_from(["open", "open", "open_body", "finish", "reset", "reset", "to_peer",
+                     "to_peer_part", "from_peer", "answer", "answer", "peer_reset"]),
+    st.integers(0, 60)), max_size=120)
+
+
+def strict_peer_run(engine: str, program, limit: int) -> str | None:
+    """``program`` between a client codec on ``engine`` (used as the
+    client end uses it: streams up to the peer's MAX_CONCURRENT_STREAMS,
+    received DATA acknowledged) and an h2 server allowing ``limit``
+    streams. The first connection error either side sees, or None."""
+    c = codec.client_codec(H2Config(engine=engine))
+    s = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+    s.local_settings = Settings(client=False,
+                                initial_values={SettingCodes.MAX_CONCURRENT_STREAMS: limit})
+    s.initiate_connection()
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    s.receive_data(c.data_to_send())
+    c.receive_data(s.data_to_send())
+    to_peer = bytearray()
+    from_peer = bytearray()
+    held: list[int] = []        # streams the client end holds
+    unfinished: list[int] = []  # of those, requests whose body goes on
+    asked: list[int] = []       # requests the peer has not answered
+
+    def forget(sid: int) -> None:
+        for group in (held, unfinished):
+            if sid in group:
+                group.remove(sid)
+
+    for op, k in program:
+        to_peer += c.data_to_send()
+        if op in ("open", "open_body"):
+            if c.remote_max_concurrent_streams - len(held) > 0:
+                sid = c.get_next_available_stream_id()
+                c.send_headers(sid, GET, end_stream=op == "open")
+                held.append(sid)
+                if op == "open_body":
+                    c.send_data(sid, b"x" * (k * 50))
+                    unfinished.append(sid)
+        elif op == "finish" and unfinished:
+            sid = unfinished.pop(k % len(unfinished))
+            c.send_data(sid, b"y" * k, end_stream=True)
+        elif op == "reset" and held:
+            sid = held[k % len(held)]
+            forget(sid)
+            c.reset_stream(sid, ErrorCodes.CANCEL)
+        elif op in ("to_peer", "to_peer_part"):
+            n = len(to_peer) if op == "to_peer" else min(len(to_peer), k * 7)
+            data = bytes(to_peer[:n])
+            del to_peer[:n]
+            try:
+                events = s.receive_data(data)
+            except ProtocolError as e:
+                return f"peer: {e!r}"
+            for e in events:
+                if isinstance(e, ConnectionTerminated):
+                    return f"peer got {e}"
+                if isinstance(e, RequestReceived):
+                    asked.append(e.stream_id)
+                elif isinstance(e, StreamReset) and e.stream_id in asked:
+                    asked.remove(e.stream_id)
+                elif isinstance(e, DataReceived):
+                    s.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+            from_peer += s.data_to_send()
+        elif op == "from_peer":
+            data = bytes(from_peer)
+            from_peer.clear()
+            try:
+                events = c.receive_data(data)
+            except ProtocolError as e:
+                return f"client: {e!r}"
+            for e in events:
+                if isinstance(e, ConnectionTerminated):
+                    return f"client got {e}"
+                if isinstance(e, DataReceived):
+                    c.acknowledge_received_data(e.flow_controlled_length, e.stream_id)
+                elif isinstance(e, StreamReset) or (
+                        isinstance(e, StreamEnded) and e.stream_id not in unfinished):
+                    forget(e.stream_id)
+        elif op in ("answer", "peer_reset") and asked:
+            sid = asked.pop(k % len(asked))
+            try:
+                if op == "answer":
+                    s.send_headers(sid, [(b":status", b"200")])
+                    s.send_data(sid, b"z" * (k * 40), end_stream=True)
+                else:
+                    s.reset_stream(sid, ErrorCodes.REFUSED_STREAM)
+            except StreamClosedError:   # reset by the client meanwhile
+                pass
+            from_peer += s.data_to_send()
+    return None
+
+
+class StrictPeerTests(SynchronousTestCase):
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(peer_ops, st.sampled_from([1, 2, 100]))
+    def test_resets_mid_flight_never_break_a_strict_peer(self, program, limit) -> None:
+        """The client codec resets streams at any point (before the peer
+        saw the request, while its answer is on the way, with the request
+        body unfinished), reads arrive cut anywhere and late: h2 as the
+        peer (it ends the connection on a frame for a stream it holds closed,
+        an idle stream, a stream over its limit) never sees a connection
+        error, nor does the codec, on either engine."""
+        for engine in ("h2", "nghttp2"):
+            self.assertIsNone(strict_peer_run(engine, program, limit), engine)
