@@ -4,7 +4,8 @@ loopback ports, stopped at cleanup.
 
 Neither takes port 0, so a free port is found by binding port 0 and
 closing it (``free_port``); the short race with another process taking it
-is the usual price, and a start that fails says so with the peer's stderr.
+is the usual price: ``on_free_ports`` picks again when the peer could not
+bind one, and any other failed start says so with the peer's stderr.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Callable
+from typing import TypeVar
 
 from tests.support import require_tool, wait_for
 
@@ -45,6 +48,30 @@ def _connectable(host: str, port: int) -> bool:
     return True
 
 
+P = TypeVar("P")
+
+
+class PortTakenError(AssertionError):
+    """The peer exited because a port picked free for it was taken before it
+    bound it (another process got it between ``free_port`` and the bind)."""
+
+
+def on_free_ports(start: Callable[[list[int]], P], count: int, attempts: int = 5,
+                  ) -> tuple[P, list[int]]:
+    """``start(ports)`` with ``count`` ports picked free, picked again when
+    the peer could not bind one (``PortTakenError``): a port bound and
+    released is only likely to stay free, and on a busy machine another
+    process may take it first. Returns the peer and its ports."""
+    for attempt in range(attempts):
+        ports = [free_port() for _ in range(count)]
+        try:
+            return start(ports), ports
+        except PortTakenError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 class _Peer:
     name = ""
 
@@ -70,8 +97,9 @@ class _Peer:
             wait_for(lambda p=port: ready(host, p) or self.process.poll() is not None,
                      timeout=20, message=f"{self.name} listening on {port}")
             if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited {self.process.returncode}:"
-                                     f" {self.stderr()}")
+                error = PortTakenError if "Address already in use" in self.stderr() \
+                    else AssertionError
+                raise error(f"{self.name} exited {self.process.returncode}: {self.stderr()}")
 
     def stderr(self) -> str:
         with open(self.stderr_path, errors="replace") as f:

@@ -15,7 +15,7 @@ import tempfile
 
 from twisted.trial.unittest import TestCase
 
-from tests.peers import HAProxy, Nginx, free_port
+from tests.peers import HAProxy, Nginx, on_free_ports
 from tests.support import (
     ProxyProcess,
     build_config,
@@ -50,11 +50,10 @@ class App:
     """nginx: an echo server and a PROXY-protocol echo server."""
 
     def __init__(self, testcase) -> None:
-        self.port, self.pp_port = free_port(), free_port()
-        self.nginx = Nginx(testcase, (
-            f"  server {{ listen 127.0.0.1:{self.port}; location / {{ {ECHO} }} }}\n"
-            f"  server {{ listen 127.0.0.1:{self.pp_port} proxy_protocol;"
-            f" location / {{ {PP_ECHO} }} }}\n"), [self.port, self.pp_port])
+        self.nginx, (self.port, self.pp_port) = on_free_ports(lambda p: Nginx(testcase, (
+            f"  server {{ listen 127.0.0.1:{p[0]}; location / {{ {ECHO} }} }}\n"
+            f"  server {{ listen 127.0.0.1:{p[1]} proxy_protocol;"
+            f" location / {{ {PP_ECHO} }} }}\n"), p), 2)
         self.address = f"127.0.0.1:{self.port}"
         self.pp_address = f"127.0.0.1:{self.pp_port}"
 
@@ -135,14 +134,13 @@ class ProxyProtocolInEndToEnd(TestCase):
                        {"name": "ppo", "service": "app", "proxy_protocol": "optional"}],
             services={"app": {"endpoints": [self.app.address], "protocol": "http1"}})
         pp, ppo = self.proxy.port("pp"), self.proxy.port("ppo")
-        self.v1, self.v2, self.v2o = free_port(), free_port(), free_port()
-        self.haproxy = HAProxy(self, (
-            f"listen v1\n  mode tcp\n  bind 127.0.0.1:{self.v1}\n"
+        self.haproxy, (self.v1, self.v2, self.v2o) = on_free_ports(lambda p: HAProxy(self, (
+            f"listen v1\n  mode tcp\n  bind 127.0.0.1:{p[0]}\n"
             f"  server proxy 127.0.0.1:{pp} send-proxy\n\n"
-            f"listen v2\n  mode tcp\n  bind 127.0.0.1:{self.v2}\n"
+            f"listen v2\n  mode tcp\n  bind 127.0.0.1:{p[1]}\n"
             f"  server proxy 127.0.0.1:{pp} send-proxy-v2 check inter 1s\n\n"
-            f"listen v2o\n  mode tcp\n  bind 127.0.0.1:{self.v2o}\n"
-            f"  server proxy 127.0.0.1:{ppo} send-proxy-v2\n"), [self.v1, self.v2, self.v2o])
+            f"listen v2o\n  mode tcp\n  bind 127.0.0.1:{p[2]}\n"
+            f"  server proxy 127.0.0.1:{ppo} send-proxy-v2\n"), p), 3)
 
     def counted(self, result: str, listener: str = "pp") -> float:
         return self.proxy.metric_value("proxy_protocol_total", listener=listener,
@@ -197,11 +195,10 @@ class ProxyProtocolOutEndToEnd(TestCase):
 
     def setUp(self) -> None:
         self.app = App(self)
-        self.behind = free_port()
-        self.haproxy_behind = HAProxy(self, (
-            f"frontend behind\n  mode http\n  bind 127.0.0.1:{self.behind} accept-proxy\n"
+        self.haproxy_behind, (self.behind,) = on_free_ports(lambda p: HAProxy(self, (
+            f"frontend behind\n  mode http\n  bind 127.0.0.1:{p[0]} accept-proxy\n"
             '  http-request return status 200 content-type text/plain'
-            ' lf-string "src=%[src] dst=%[dst]:%[dst_port]\\n"\n'), [self.behind])
+            ' lf-string "src=%[src] dst=%[dst]:%[dst_port]\\n"\n'), p), 1)
         self.proxy = ProxyProcess(
             self,
             listeners=[{"name": "v1", "service": "nginx_v1", "opaque": True},
@@ -228,10 +225,10 @@ class ProxyProtocolOutEndToEnd(TestCase):
     def test_a_chain_keeps_the_first_client(self) -> None:
         """HAProxy (send-proxy-v2) -> l5dproxy (required) -> relay (v2) ->
         nginx: nginx sees curl's address, two balancers away."""
-        front = free_port()
-        HAProxy(self, f"listen front\n  mode tcp\n  bind 127.0.0.1:{front}\n"
-                      f"  server proxy 127.0.0.1:{self.proxy.port('chain')} send-proxy-v2\n",
-                [front])
+        chain = self.proxy.port("chain")
+        _, (front,) = on_free_ports(lambda p: HAProxy(
+            self, f"listen front\n  mode tcp\n  bind 127.0.0.1:{p[0]}\n"
+                  f"  server proxy 127.0.0.1:{chain} send-proxy-v2\n", p), 1)
         body = curl(f"http://127.0.0.1:{front}/")
         self.assertRegex(body, rf"^pp={re.escape(CLIENT)}:\d+ dst=127\.0\.0\.1:{front}\n$")
 
