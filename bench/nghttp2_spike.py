@@ -30,10 +30,9 @@ What is here:
   per request: parse and emit one request and one response, once on each
   side).
 
-Only the parts of nghttp2's API named above are declared (nghttp2 1.52's
-``nghttp2.h``; the structs are public ABI, stable since 1.0). The library is
-found with ``ctypes.util.find_library``; without it, or without cffi,
-``load`` raises ``Nghttp2UnavailableError`` naming what is missing. See
+The declarations and the loading are the proxy's engine's
+(``l5dproxy.http.h2.nghttp2_abi``): without libnghttp2 or cffi, ``load``
+raises ``Nghttp2UnavailableError`` naming what is missing. See
 "Round N: HTTP/2 C codec spike" in bench/RESULTS.md for the figures and the
 decision.
 """
@@ -41,151 +40,11 @@ decision.
 from __future__ import annotations
 
 import argparse
-import ctypes.util
 import os
 import statistics
 import time
-from typing import Any
 
-#: nghttp2.h, the declarations used (ABI mode: no compiler, no headers).
-#: ``uint8_t *`` pointers to octets are declared ``char *`` (the same ABI) so
-#: cffi reads and writes them as ``bytes``.
-_CDEF = """
-typedef struct nghttp2_session nghttp2_session;
-typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
-typedef struct nghttp2_option nghttp2_option;
-
-typedef struct {
-  size_t length;
-  int32_t stream_id;
-  uint8_t type;
-  uint8_t flags;
-  uint8_t reserved;
-} nghttp2_frame_hd;
-
-typedef struct {
-  int32_t stream_id;
-  int32_t weight;
-  uint8_t exclusive;
-} nghttp2_priority_spec;
-
-typedef struct {
-  char *name;
-  char *value;
-  size_t namelen;
-  size_t valuelen;
-  uint8_t flags;
-} nghttp2_nv;
-
-typedef enum {
-  NGHTTP2_HCAT_REQUEST = 0,
-  NGHTTP2_HCAT_RESPONSE = 1,
-  NGHTTP2_HCAT_PUSH_RESPONSE = 2,
-  NGHTTP2_HCAT_HEADERS = 3
-} nghttp2_headers_category;
-
-typedef struct {
-  nghttp2_frame_hd hd;
-  size_t padlen;
-  nghttp2_priority_spec pri_spec;
-  nghttp2_nv *nva;
-  size_t nvlen;
-  nghttp2_headers_category cat;
-} nghttp2_headers;
-
-typedef union {
-  nghttp2_frame_hd hd;
-  nghttp2_headers headers;
-} nghttp2_frame;
-
-typedef struct {
-  int32_t settings_id;
-  uint32_t value;
-} nghttp2_settings_entry;
-
-typedef union {
-  int fd;
-  void *ptr;
-} nghttp2_data_source;
-
-typedef ssize_t (*nghttp2_data_source_read_callback)(
-    nghttp2_session *session, int32_t stream_id, char *buf, size_t length,
-    uint32_t *data_flags, nghttp2_data_source *source, void *user_data);
-
-typedef struct {
-  nghttp2_data_source source;
-  nghttp2_data_source_read_callback read_callback;
-} nghttp2_data_provider;
-
-typedef struct {
-  int age;
-  int version_num;
-  const char *version_str;
-  const char *proto_str;
-} nghttp2_info;
-
-typedef int (*nghttp2_on_begin_headers_callback)(
-    nghttp2_session *session, const nghttp2_frame *frame, void *user_data);
-typedef int (*nghttp2_on_header_callback)(
-    nghttp2_session *session, const nghttp2_frame *frame, const char *name,
-    size_t namelen, const char *value, size_t valuelen, uint8_t flags,
-    void *user_data);
-typedef int (*nghttp2_on_frame_recv_callback)(
-    nghttp2_session *session, const nghttp2_frame *frame, void *user_data);
-typedef int (*nghttp2_on_data_chunk_recv_callback)(
-    nghttp2_session *session, uint8_t flags, int32_t stream_id,
-    const char *data, size_t len, void *user_data);
-typedef int (*nghttp2_on_stream_close_callback)(
-    nghttp2_session *session, int32_t stream_id, uint32_t error_code,
-    void *user_data);
-
-nghttp2_info *nghttp2_version(int least_version);
-const char *nghttp2_strerror(int lib_error_code);
-
-int nghttp2_session_callbacks_new(nghttp2_session_callbacks **callbacks_ptr);
-void nghttp2_session_callbacks_del(nghttp2_session_callbacks *callbacks);
-void nghttp2_session_callbacks_set_on_begin_headers_callback(
-    nghttp2_session_callbacks *cbs, nghttp2_on_begin_headers_callback cb);
-void nghttp2_session_callbacks_set_on_header_callback(
-    nghttp2_session_callbacks *cbs, nghttp2_on_header_callback cb);
-void nghttp2_session_callbacks_set_on_frame_recv_callback(
-    nghttp2_session_callbacks *cbs, nghttp2_on_frame_recv_callback cb);
-void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(
-    nghttp2_session_callbacks *cbs, nghttp2_on_data_chunk_recv_callback cb);
-void nghttp2_session_callbacks_set_on_stream_close_callback(
-    nghttp2_session_callbacks *cbs, nghttp2_on_stream_close_callback cb);
-
-int nghttp2_option_new(nghttp2_option **option_ptr);
-void nghttp2_option_del(nghttp2_option *option);
-void nghttp2_option_set_no_auto_window_update(nghttp2_option *option, int val);
-
-int nghttp2_session_server_new2(nghttp2_session **session_ptr,
-    const nghttp2_session_callbacks *callbacks, void *user_data,
-    const nghttp2_option *option);
-int nghttp2_session_client_new2(nghttp2_session **session_ptr,
-    const nghttp2_session_callbacks *callbacks, void *user_data,
-    const nghttp2_option *option);
-void nghttp2_session_del(nghttp2_session *session);
-
-int nghttp2_submit_settings(nghttp2_session *session, uint8_t flags,
-    const nghttp2_settings_entry *iv, size_t niv);
-int32_t nghttp2_submit_request(nghttp2_session *session,
-    const nghttp2_priority_spec *pri_spec, const nghttp2_nv *nva, size_t nvlen,
-    const nghttp2_data_provider *data_prd, void *stream_user_data);
-int nghttp2_submit_response(nghttp2_session *session, int32_t stream_id,
-    const nghttp2_nv *nva, size_t nvlen, const nghttp2_data_provider *data_prd);
-int nghttp2_submit_rst_stream(nghttp2_session *session, uint8_t flags,
-    int32_t stream_id, uint32_t error_code);
-
-ssize_t nghttp2_session_mem_recv(nghttp2_session *session, const char *in,
-    size_t inlen);
-ssize_t nghttp2_session_mem_send(nghttp2_session *session,
-    const char **data_ptr);
-int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id,
-    size_t size);
-int nghttp2_session_want_read(nghttp2_session *session);
-int nghttp2_session_want_write(nghttp2_session *session);
-"""
+from l5dproxy.http.h2.nghttp2_abi import load, version
 
 # nghttp2.h constants.
 _ERR_CALLBACK_FAILURE = -902
@@ -194,49 +53,6 @@ _FLAG_END_STREAM = 0x01
 _DATA = 0x0
 _HEADERS = 0x1
 _HCAT_HEADERS = 3
-#: The oldest libnghttp2 whose ABI the declarations above were checked against
-#: (Debian 12's libnghttp2-14 is 1.52.0).
-MIN_VERSION = 0x013400
-
-
-class Nghttp2UnavailableError(RuntimeError):
-    """cffi or libnghttp2 (at least ``MIN_VERSION``) cannot be loaded here."""
-
-
-_loaded: tuple[Any, Any] | None = None
-
-
-def load() -> tuple[Any, Any]:
-    """``(ffi, lib)``: cffi's FFI with the declarations above and the opened
-    libnghttp2. Raises ``Nghttp2UnavailableError`` saying what is missing."""
-    global _loaded
-    if _loaded is not None:
-        return _loaded
-    try:
-        import cffi
-    except ImportError as e:
-        raise Nghttp2UnavailableError(f"cffi is not installed ({e})") from e
-    path = ctypes.util.find_library("nghttp2")
-    if path is None:
-        raise Nghttp2UnavailableError(
-            "libnghttp2 not found (Debian: apt-get install libnghttp2-14)")
-    ffi = cffi.FFI()
-    ffi.cdef(_CDEF)
-    try:
-        lib = ffi.dlopen(path)
-    except OSError as e:
-        raise Nghttp2UnavailableError(f"cannot open {path}: {e}") from e
-    if lib.nghttp2_version(MIN_VERSION) == ffi.NULL:
-        found = ffi.string(lib.nghttp2_version(0).version_str).decode()
-        raise Nghttp2UnavailableError(f"libnghttp2 {found} is older than 1.52.0")
-    _loaded = ffi, lib
-    return _loaded
-
-
-def version() -> str:
-    """The loaded libnghttp2's version, e.g. ``"1.52.0"``."""
-    ffi, lib = load()
-    return ffi.string(lib.nghttp2_version(0).version_str).decode()
 
 
 class Nghttp2Error(Exception):

@@ -23,12 +23,13 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from bench import nghttp2_spike
 from bench.nghttp2_spike import BODY, REQUEST, RESPONSE, Nghttp2Error, Session
+from l5dproxy.http.h2.nghttp2_abi import Nghttp2UnavailableError
 
 
 def require_nghttp2() -> None:
     try:
         nghttp2_spike.load()
-    except nghttp2_spike.Nghttp2UnavailableError as e:
+    except Nghttp2UnavailableError as e:
         if "cffi" not in str(e) and os.environ.get("CI") == "true":
             raise AssertionError(f"libnghttp2 is required under CI: {e}") from e
         raise SkipTest(str(e)) from e

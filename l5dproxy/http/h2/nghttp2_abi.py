@@ -133,6 +133,7 @@ int nghttp2_session_consume(nghttp2_session *session, int32_t stream_id, size_t 
 int nghttp2_session_consume_connection(nghttp2_session *session, size_t size);
 int nghttp2_session_consume_stream(nghttp2_session *session, int32_t stream_id, size_t size);
 int nghttp2_session_want_read(nghttp2_session *session);
+int nghttp2_session_want_write(nghttp2_session *session);
 int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *session,
     int32_t stream_id);
 int32_t nghttp2_session_get_remote_window_size(nghttp2_session *session);
