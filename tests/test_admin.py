@@ -19,11 +19,10 @@ from tests.support import metric_value, parse_metrics
 LISTEN = "tcp:0:interface=127.0.0.1"
 
 
-class AdminSiteTests(TestCase):
-    def setUp(self) -> None:
-        self.metrics = Metrics()
-        self.ready = False
-        site = admin_site(self.metrics.registry, lambda: self.ready)
+class _ServedSite(TestCase):
+    """An admin site on a loopback port picked by the kernel, and ``get``."""
+
+    def serve(self, site) -> None:
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.base = f"http://127.0.0.1:{port.getHost().port}"
@@ -34,6 +33,13 @@ class AdminSiteTests(TestCase):
         response = yield self.agent.request(method, (self.base + path).encode())
         body = yield readBody(response)
         return response, body
+
+
+class AdminSiteTests(_ServedSite):
+    def setUp(self) -> None:
+        self.metrics = Metrics()
+        self.ready = False
+        self.serve(admin_site(self.metrics.registry, lambda: self.ready))
 
     @defer.inlineCallbacks
     def test_live(self):
@@ -305,7 +311,7 @@ class OperatorEndpointTests(TestCase):
         self.assertEqual(response.code, 404)
 
 
-class GatheredAdminTests(TestCase):
+class GatheredAdminTests(_ServedSite):
     """admin_site with ``gather`` (worker 0 of --workers N): /metrics and
     /stats.json answer when the group's families arrive; ``?local`` at once
     from this process; HEAD as GET without the body."""
@@ -331,17 +337,8 @@ class GatheredAdminTests(TestCase):
 
         stats = Stats(self.metrics.registry, Clock(), dict,
                       lambda: [("in", "127.0.0.1:4143", "app")])
-        site = admin_site(self.metrics.registry, lambda: True, stats=stats, gather=gather)
-        port = reactor.listenTCP(0, site, interface="127.0.0.1")
-        self.addCleanup(port.stopListening)
-        self.base = f"http://127.0.0.1:{port.getHost().port}"
-        self.agent = Agent(reactor)
-
-    @defer.inlineCallbacks
-    def get(self, path: str, method: bytes = b"GET"):
-        response = yield self.agent.request(method, (self.base + path).encode())
-        body = yield readBody(response)
-        return response, body
+        self.serve(admin_site(self.metrics.registry, lambda: True, stats=stats,
+                              gather=gather))
 
     @defer.inlineCallbacks
     def test_metrics_are_the_groups(self):
